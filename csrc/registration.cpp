@@ -1,0 +1,15 @@
+// The one place where dsattn's compiled ops are declared (schemas). Implementations register per backend:
+// csrc/cpu/*.cpp with TORCH_LIBRARY_IMPL(dsattn, CPU, m), csrc/cuda/*.cu with TORCH_LIBRARY_IMPL(dsattn, CUDA, m).
+// Declaring them through TORCH_LIBRARY makes them torch.ops.dsattn.* and visible to torch.compile.
+// Lean includes on purpose: <torch/extension.h> costs ~50 s per translation unit.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(dsattn, m) {
+  // int4: qweight int32 [N, K/8], element (n, 8*j + i) in bits [4i, 4i+4) of qweight[n, j].
+  m.def("int4_unpack(Tensor qweight) -> Tensor");
+}
+
+// A Python module so that `import dsattn._C` loads the library and runs the registrations above.
+static PyModuleDef dsattn_c_module = {PyModuleDef_HEAD_INIT, "_C", "dsattn compiled CPU ops", -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&dsattn_c_module); }

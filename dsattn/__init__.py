@@ -1,0 +1,37 @@
+"""dsattn: fused kernels for DeepSeek-style attention and 4-bit GEMM, patched into transformers in one line.
+
+    import dsattn
+    dsattn.patch(model, attention="sparse", quantize="int4")
+"""
+
+__version__ = "0.1.0"
+
+from dsattn import reference
+from dsattn.ops.hybrid_attention import hybrid_attention
+from dsattn.ops.int4_matmul import int4_matmul
+from dsattn.ops.lightning_indexer import lightning_indexer_topk
+from dsattn.ops.linear_attention import linear_attention
+from dsattn.ops.sliding_window import sliding_window_attention, sliding_window_attention_varlen
+from dsattn.ops.sparse_attention import sparse_attention
+from dsattn.ops.topk_sparse_attention import topk_sparse_attention
+from dsattn.quant.int4 import Int4Weight, quantize_int4
+from dsattn import nn, registry
+from dsattn.patching import patch, unpatch
+
+__all__ = [
+    "Int4Weight",
+    "hybrid_attention",
+    "int4_matmul",
+    "lightning_indexer_topk",
+    "linear_attention",
+    "nn",
+    "patch",
+    "quantize_int4",
+    "reference",
+    "registry",
+    "sliding_window_attention",
+    "sliding_window_attention_varlen",
+    "sparse_attention",
+    "topk_sparse_attention",
+    "unpatch",
+]

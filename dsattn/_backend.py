@@ -1,0 +1,97 @@
+"""Backend selection shared by every functional op.
+
+Backends: "triton" (Triton kernels; on CPU tensors only under TRITON_INTERPRET=1), "cuda" (compiled CUDA
+kernels), "cpp" (compiled CPU kernels), "torch" (the PyTorch reference in dsattn.reference). "auto" (or the
+env DSATTN_BACKEND) picks the fastest one the op implements for the tensors' device.
+"""
+
+import importlib.util
+import os
+from collections.abc import Sequence
+
+import torch
+
+from dsattn import _ext
+
+BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
+ENV_VAR = "DSATTN_BACKEND"
+# Default "auto" preference per device type; an op may pass its own (e.g. CUDA GEMV before Triton for decode).
+AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
+def unusable_reason(backend: str, device: torch.device, kernel: str | None = None) -> str | None:
+    """None when `backend` can run on `device`, else why not. `kernel` names the compiled op for cuda/cpp."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if not triton_installed():
+            return "triton is not installed (pip install triton)"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpret():
+            return None
+        return f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got device {device}"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors, got device {device}"
+        if not _ext.cuda_loaded():
+            return "the CUDA extension dsattn._C_cuda is not built or failed to load (see `python -m dsattn info`)"
+        if kernel is not None and not _ext.has_kernel(kernel, "CUDA"):
+            return f"this build of dsattn._C_cuda has no kernel for {kernel}"
+        return None
+    if backend == "cpp":
+        if device.type != "cpu":
+            return f"the cpp backend needs CPU tensors, got device {device}"
+        if not _ext.cpp_loaded():
+            return "the CPU extension dsattn._C is not built or failed to load (see `python -m dsattn info`)"
+        if kernel is not None and not _ext.has_kernel(kernel, "CPU"):
+            return f"this build of dsattn._C has no kernel for {kernel}"
+        return None
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def select_backend(
+    op: str,
+    backend: str,
+    device: torch.device,
+    implemented: Sequence[str],
+    *,
+    kernels: dict[str, str] | None = None,
+    auto_order: Sequence[str] | None = None,
+) -> str:
+    """Resolve `backend` for `op` on `device` to one of `implemented`.
+
+    kernels: compiled op name per compiled backend ({"cpp": "int4_matmul", "cuda": "int4_gemv"}).
+    An explicit backend that the op lacks or that cannot run here is a ValueError naming it.
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"dsattn.{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    source = "backend"
+    if backend == "auto":
+        env = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+        if env not in BACKENDS:
+            raise ValueError(f"dsattn.{op}: env {ENV_VAR} must be one of {BACKENDS}, got {env!r}")
+        backend, source = env, f"env {ENV_VAR}"
+    kernels = kernels or {}
+    if backend != "auto":
+        if backend not in implemented:
+            raise ValueError(
+                f"dsattn.{op}: {source}={backend!r} is not implemented for this op; it has {tuple(implemented)}"
+            )
+        reason = unusable_reason(backend, device, kernels.get(backend))
+        if reason is not None:
+            raise ValueError(f"dsattn.{op}: {source}={backend!r} cannot run here: {reason}")
+        return backend
+    order = auto_order or AUTO_ORDER.get(device.type, ("torch",))
+    for candidate in order:
+        if candidate in implemented and unusable_reason(candidate, device, kernels.get(candidate)) is None:
+            return candidate
+    return "torch"

@@ -1,0 +1,87 @@
+"""Input validation shared by the functional ops. Every check runs before any kernel launch and raises a
+TypeError (wrong type/dtype) or ValueError (wrong shape/value/device) that names the argument."""
+
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_tensor(op: str, name: str, t, *, ndim: int | None = None, dtypes=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"dsattn.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"dsattn.{op}: {name} must be {ndim}-D, got {t.dim()}-D with shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"dsattn.{op}: {name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+
+
+def check_same_device(op: str, **tensors) -> None:
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"dsattn.{op}: {name} is on {t.device} but {first_name} is on {first.device}")
+
+
+def check_same_dtype(op: str, **tensors) -> None:
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(f"dsattn.{op}: {name} has dtype {t.dtype} but {first_name} has {first.dtype}")
+
+
+def check_int(op: str, name: str, value, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"dsattn.{op}: {name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"dsattn.{op}: {name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_scale(op: str, scale, default: float) -> float:
+    if scale is None:
+        return default
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"dsattn.{op}: scale must be a float or None, got {type(scale).__name__}")
+    return float(scale)
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seq_q: int
+    seq_k: int
+    dim_qk: int
+    dim_v: int
+
+    @property
+    def groups(self) -> int:
+        return self.heads_q // self.heads_kv
+
+
+def check_qkv(op: str, q, k, v) -> AttentionShape:
+    """q [B, Hq, Sq, Dqk], k [B, Hkv, Sk, Dqk], v [B, Hkv, Sk, Dv]; one float dtype, one device, Hq % Hkv == 0."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(op, name, t, ndim=4, dtypes=FLOAT_DTYPES)
+    check_same_device(op, q=q, k=k, v=v)
+    check_same_dtype(op, q=q, k=k, v=v)
+    b, hq, sq, dqk = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"dsattn.{op}: batch sizes differ: q {b}, k {k.shape[0]}, v {v.shape[0]}")
+    hkv, sk = k.shape[1], k.shape[2]
+    if v.shape[1] != hkv or v.shape[2] != sk:
+        raise ValueError(
+            f"dsattn.{op}: k and v must agree on heads and length, got k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
+    if k.shape[3] != dqk:
+        raise ValueError(f"dsattn.{op}: k head dim {k.shape[3]} must equal q head dim {dqk}")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"dsattn.{op}: q heads ({hq}) must be a multiple of k/v heads ({hkv}) (GQA)")
+    return AttentionShape(b, hq, hkv, sq, sk, dqk, v.shape[3])

@@ -1,0 +1,1 @@
+"""Placeholder: the patching work replaces this file."""

@@ -1,0 +1,170 @@
+"""Helpers for dsattn's tests and benchmarks: tolerances, comparison, poisoned outputs, and the
+ahead-of-time Triton compile check (step 3 of SPEC's verification ladder)."""
+
+import dataclasses
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+# Relative (norm-wise) tolerances by precision.
+TOLERANCE = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    "tf32": 3e-4,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1e-2,
+}
+# Shared memory per block an sm_XX kernel may use (opt-in maximum): A100 163 KB, H100 227 KB.
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+def tolerance(dtype, *, tf32: bool = False) -> float:
+    if dtype == torch.float32 and tf32:
+        return TOLERANCE["tf32"]
+    return TOLERANCE[dtype]
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / max(||expected||, tiny), in float64. NaN/inf anywhere gives inf."""
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    if a.shape != e.shape:
+        raise AssertionError(f"shape mismatch: {tuple(a.shape)} vs {tuple(e.shape)}")
+    if not torch.isfinite(a).all() or not torch.isfinite(e).all():
+        return float("inf")
+    denom = max(e.norm().item(), 1e-30)
+    return (a - e).norm().item() / denom
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float | None = None, *, name: str = "output"):
+    """Norm-wise relative comparison; NaN never passes. rtol defaults to the tolerance of actual's dtype."""
+    if rtol is None:
+        rtol = tolerance(actual.dtype)
+    err = relative_error(actual, expected)
+    if not err <= rtol:
+        a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+        diff = (a - e).abs().nan_to_num(float("inf"))
+        worst = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape)) if diff.numel() else ()
+        raise AssertionError(
+            f"{name}: relative error {err:.3e} > {rtol:.1e}; worst element {worst}: "
+            f"{a[worst].item() if worst else None} vs {e[worst].item() if worst else None}"
+        )
+    return err
+
+
+def poisoned(shape, dtype, device) -> torch.Tensor:
+    """A tensor full of NaN (or -1 for integers): an output buffer any unwritten element of which shows."""
+    if dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.full(shape, -1, dtype=dtype, device=device)
+
+
+def non_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """Same values, transposed storage ([B, S, H, D] memory seen as [B, H, S, D]) for 4-D tensors, else a
+    strided slice: what a caller passes without a copy."""
+    if t.dim() == 4:
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    wide = torch.empty(*t.shape[:-1], t.shape[-1] * 2, dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+# ----------------------------------------------------------------------------------------- AOT compile
+@dataclasses.dataclass
+class AOTReport:
+    name: str
+    capability: int
+    registers: int
+    shared_bytes: int
+    stack_bytes: int
+    local_bytes: int
+
+    @property
+    def spills(self) -> bool:
+        return self.stack_bytes > 0 or self.local_bytes > 0
+
+    def __str__(self):
+        return (
+            f"{self.name} sm_{self.capability}: REG {self.registers} SHARED {self.shared_bytes} "
+            f"STACK {self.stack_bytes} LOCAL {self.local_bytes}"
+        )
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def aot_compile(spec, capability: int) -> AOTReport:
+    """Compile one triton_kernels AOTSpec for sm_<capability> without a GPU and read its resource usage."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = dict(spec.signature)
+    for name in spec.constexprs:
+        signature.setdefault(name, "constexpr")
+    src = ASTSource(fn=spec.kernel, signature=signature, constexprs=dict(spec.constexprs))
+    compiled = triton.compile(
+        src,
+        target=GPUTarget("cuda", capability, 32),
+        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+    )
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
+    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out.stdout))
+    # Dynamic shared memory (the pipelined tiles) is in the metadata, not in the cubin's static count.
+    shared = max(int(fields.get("SHARED", 0)), int(getattr(compiled.metadata, "shared", 0) or 0))
+    return AOTReport(
+        name=spec.name,
+        capability=capability,
+        registers=int(fields.get("REG", 0)),
+        shared_bytes=shared,
+        stack_bytes=int(fields.get("STACK", 0)),
+        local_bytes=int(fields.get("LOCAL", 0)),
+    )
+
+
+def aot_compile_modules(module_names, capabilities=(80, 90)) -> dict[tuple[str, str, int], AOTReport]:
+    """Compile every spec of the given dsattn.triton_kernels modules, in a child process without
+    TRITON_INTERPRET (under the interpreter triton.jit yields functions that cannot be compiled).
+    Returns {(module, spec name, capability): AOTReport}."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    args = [sys.executable, "-m", "dsattn.testing", ",".join(module_names), ",".join(map(str, capabilities))]
+    out = subprocess.run(args, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"AOT compile failed:\n{out.stderr[-6000:]}")
+    reports = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("AOT "):
+            row = json.loads(line[4:])
+            module = row.pop("module")
+            report = AOTReport(**row)
+            reports[(module, report.name, report.capability)] = report
+    return reports
+
+
+def _aot_main(module_csv: str, caps_csv: str) -> None:
+    for module_name in module_csv.split(","):
+        module = importlib.import_module(f"dsattn.triton_kernels.{module_name}")
+        for spec in module.aot_specs():
+            for cap in map(int, caps_csv.split(",")):
+                try:
+                    report = aot_compile(spec, cap)
+                except Exception as exc:
+                    raise RuntimeError(f"{module_name}:{spec.name} sm_{cap} failed to compile") from exc
+                print("AOT " + json.dumps({"module": module_name, **dataclasses.asdict(report)}), flush=True)
+
+
+if __name__ == "__main__":
+    _aot_main(sys.argv[1], sys.argv[2])

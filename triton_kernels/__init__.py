@@ -1,0 +1,11 @@
+"""dsattn's Triton kernels, installed as `dsattn.triton_kernels` (never as top-level `triton_kernels`: that
+import name belongs to the Triton project).
+
+One module per op. Each exposes a launcher called by dsattn.ops.<op> and `aot_specs()`, the list of every
+kernel config it can launch, which tests compile ahead of time for sm_80 and sm_90 (no spills, shared memory
+within the device limit).
+"""
+
+KERNEL_MODULES = (
+    "int4_unpack",
+)

@@ -1,0 +1,42 @@
+"""Shared pieces for the Triton kernels: interpreter detection, dtype names, and the AOT spec record."""
+
+import dataclasses
+import os
+from typing import Any
+
+import torch
+
+TRITON_DTYPE = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.uint8: "u8",
+    torch.int8: "i8",
+}
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1. Kernels use it to upcast bf16 tl.dot operands (the interpreter
+    multiplies bf16 bit patterns) and to pick one config instead of autotuning (which needs a driver)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
+def ptr(dtype: torch.dtype) -> str:
+    """AOT signature string of a pointer to dtype, e.g. '*bf16'."""
+    return "*" + TRITON_DTYPE[dtype]
+
+
+@dataclasses.dataclass
+class AOTSpec:
+    """One launchable kernel config: what `triton.compile(ASTSource(kernel, signature, constexprs))` needs."""
+
+    name: str
+    kernel: Any
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    num_warps: int = 4
+    num_stages: int = 2
+    hot: bool = True  # a config used on the fast path: must not spill
