@@ -80,7 +80,8 @@ def _extensions():
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG"]
+    # No -std flag: torch.utils.cpp_extension picks the standard its headers need (C++20 from torch 2.14 on).
+    cxx_flags = ["-O3", "-fopenmp", "-DNDEBUG"]
     cpu_sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
     exts = [
         CppExtension(
@@ -115,8 +116,8 @@ def _extensions():
                     cuda_sources,
                     include_dirs=[os.path.join(ROOT, "csrc")] + _nvidia_wheel_includes(),
                     extra_compile_args={
-                        "cxx": ["-O3", "-std=c++17", "-DNDEBUG"],
-                        "nvcc": ["-O3", "-std=c++17", "-DNDEBUG", "--use_fast_math", "-lineinfo"],
+                        "cxx": ["-O3", "-DNDEBUG"],
+                        "nvcc": ["-O3", "-DNDEBUG", "--use_fast_math", "-lineinfo"],
                     },
                 )
             )
