@@ -33,15 +33,16 @@ PACKAGE_DIR = {"dsattn.triton_kernels": "triton_kernels"}
 
 
 def _find_cuda_home():
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return home
+    """A toolkit root holds bin/nvcc and include/cuda_runtime.h (a bare /usr/local/bin/nvcc wrapper is no root)."""
+
+    def is_root(path):
+        return bool(path) and all(os.path.exists(os.path.join(path, p)) for p in ("bin/nvcc", "include/cuda_runtime.h"))
+
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
     nvcc = shutil.which("nvcc")
     if nvcc:
-        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    if os.path.exists("/usr/local/cuda/bin/nvcc"):
-        return "/usr/local/cuda"
-    return None
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    return next((c for c in candidates if is_root(c)), None)
 
 
 def _nvidia_wheel_includes():
