@@ -8,4 +8,5 @@ within the device limit).
 
 KERNEL_MODULES = (
     "int4_unpack",
+    "sparse_attention",
 )

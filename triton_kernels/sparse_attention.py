@@ -1,0 +1,279 @@
+"""Index-driven sparse attention (DeepSeek-V3.2 DSA) in Triton.
+
+One program owns one query row, one KV head, a block of that KV head's q heads (BLOCK_H of the GQA group)
+and a BLOCK_DV slice of the output. It walks the row's topk list BLOCK_N entries at a time, gathers each
+listed K/V row once and uses it for every q head of the block (indices are shared by the group, as in
+FlashMLA's sparse kernels), and runs an fp32 online softmax. Entries that are -1, out of [0, Sk) or (causal)
+after the query's position are masked: their loads never touch memory and they get no weight.
+
+Dqk is walked in BLOCK_DK chunks (any Dqk: 128, 192, 576 ...); Dv is split over programs in BLOCK_DV slices
+(each slice recomputes the scores, the price of keeping the accumulator in registers for MLA's Dv=512).
+
+Decode (few programs, long topk): the topk list is split over NUM_SPLITS programs, each writing a
+normalized fp32 partial output plus its log-sum-exp; `sparse_attention_combine_kernel` merges them. This is
+flash-decoding's split-K, so one sequence fills the GPU.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import AOTSpec, TRITON_DTYPE, interpreting, ptr
+
+BLOCK_N = 32  # gathered K/V rows per step
+BLOCK_DK = 64  # Dqk chunk per tl.dot
+BLOCK_HS = (16, 32, 64)  # q heads per program (tl.dot needs >= 16 rows; smaller groups are masked)
+BLOCK_DVS = (64, 128)
+MAX_SPLITS = 64  # decode split-K fan-out (also the combine kernel's tile)
+COMBINE_BLOCK_DV = 128
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def sparse_attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ib, stride_ih, stride_im, stride_it,
+    HKV, GROUPS, SQ, SK, TOPK, DQK, DV,
+    HEAD_BLOCKS, DV_BLOCKS, NUM_SPLITS, TOPK_PER_SPLIT,
+    scale_log2, last_key_shift,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_row = tl.program_id(0)  # query row x split
+    pid_head = tl.program_id(1)  # batch x kv head x head block x dv block
+    m = pid_row // NUM_SPLITS
+    split = pid_row % NUM_SPLITS
+    dv_block = pid_head % DV_BLOCKS
+    rest = pid_head // DV_BLOCKS
+    head_block = rest % HEAD_BLOCKS
+    rest = rest // HEAD_BLOCKS
+    hkv = rest % HKV
+    b = rest // HKV
+
+    offs_g = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
+    head_mask = offs_g < GROUPS
+    offs_hq = (hkv * GROUPS + offs_g).to(tl.int64)
+    offs_dv = dv_block * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    dv_mask = offs_dv < DV
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, BLOCK_DK)
+
+    b64 = b.to(tl.int64)
+    q_rows = q_ptr + b64 * stride_qb + m.to(tl.int64) * stride_qm + offs_hq * stride_qh  # [BLOCK_H]
+    k_base = k_ptr + b64 * stride_kb + hkv.to(tl.int64) * stride_kh
+    v_base = v_ptr + b64 * stride_vb + hkv.to(tl.int64) * stride_vh
+    idx_row = idx_ptr + b64 * stride_ib + hkv.to(tl.int64) * stride_ih + m.to(tl.int64) * stride_im
+    last_key = m + last_key_shift  # query position i + Sk - Sq when causal, else past every key
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
+    t_start = split * TOPK_PER_SPLIT
+    t_stop = tl.minimum(t_start + TOPK_PER_SPLIT, TOPK)
+    for t0 in range(t_start, t_stop, BLOCK_N):
+        offs_t = t0 + offs_n
+        key = tl.load(idx_row + offs_t * stride_it, mask=offs_t < t_stop, other=-1)
+        valid = (key >= 0) & (key < SK) & (key <= last_key)
+        key64 = tl.where(valid, key, 0).to(tl.int64)
+
+        scores = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
+        for d0 in range(0, DQK, BLOCK_DK):
+            d = d0 + offs_dk
+            d_mask = d < DQK
+            q_chunk = tl.load(q_rows[:, None] + d[None, :] * stride_qd, mask=head_mask[:, None] & d_mask[None, :], other=0.0)
+            k_chunk = tl.load(k_base + key64[None, :] * stride_kn + d[:, None] * stride_kd,
+                              mask=valid[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_DK, BLOCK_N]
+            if UPCAST:  # the interpreter's bf16 tl.dot is wrong
+                q_chunk = q_chunk.to(tl.float32)
+                k_chunk = k_chunk.to(tl.float32)
+            scores = tl.dot(q_chunk, k_chunk, scores, out_dtype=tl.float32)
+        scores = tl.where(valid[None, :], scores * scale_log2, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing valid yet stays at zero weight
+        p = tl.exp2(scores - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_chunk = tl.load(v_base + key64[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                          mask=valid[:, None] & dv_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_DV]
+        if UPCAST:
+            pv = tl.dot(p, v_chunk.to(tl.float32), out_dtype=tl.float32)
+        else:
+            pv = tl.dot(p.to(v_chunk.dtype), v_chunk, out_dtype=tl.float32)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    has_key = l_i > 0
+    o = acc / tl.where(has_key, l_i, 1.0)[:, None]  # rows with no valid key: 0 / 1 = 0
+    # Output (and split workspace) rows are contiguous: ((b*Hq + hq) * Sq + m) * NUM_SPLITS + split.
+    out_rows = ((b64 * HKV * GROUPS + offs_hq) * SQ + m) * NUM_SPLITS + split  # [BLOCK_H]
+    store_mask = head_mask[:, None] & dv_mask[None, :]
+    if SPLIT:
+        tl.store(out_ptr + out_rows[:, None] * DV + offs_dv[None, :], o, mask=store_mask)
+        lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("-inf"))  # base 2
+        tl.store(lse_ptr + out_rows, lse, mask=head_mask & (dv_block == 0))
+    else:
+        tl.store(out_ptr + out_rows[:, None] * DV + offs_dv[None, :], o.to(out_ptr.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit
+def sparse_attention_combine_kernel(
+    part_ptr, lse_ptr, out_ptr, NUM_SPLITS, DV,
+    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Merge NUM_SPLITS normalized partial outputs of one row by their base-2 log-sum-exps."""
+    row = tl.program_id(0).to(tl.int64)
+    offs_dv = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    offs_s = tl.arange(0, BLOCK_S)
+    s_mask = offs_s < NUM_SPLITS
+    lse = tl.load(lse_ptr + row * NUM_SPLITS + offs_s, mask=s_mask, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    weight = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))  # empty splits weigh 0
+    total = tl.sum(weight, 0)
+    part = tl.load(part_ptr + (row * NUM_SPLITS + offs_s)[:, None] * DV + offs_dv[None, :],
+                   mask=s_mask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    o = tl.sum(part * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + row * DV + offs_dv, o.to(out_ptr.dtype.element_ty), mask=offs_dv < DV)
+
+
+# ------------------------------------------------------------------------------------------- launcher
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def block_config(groups: int, dv: int) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_DV, num_warps): the whole GQA group in one program up to 64 heads; a 64-head block
+    keeps a 64 x 128 fp32 accumulator (8 warps), smaller ones 64 x 128 at most with 4 warps."""
+    block_h = min(max(_next_pow2(groups), BLOCK_HS[0]), BLOCK_HS[-1])
+    block_dv = BLOCK_DVS[0] if dv <= BLOCK_DVS[0] else BLOCK_DVS[1]
+    num_warps = 8 if block_h == 64 else 4
+    return block_h, block_dv, num_warps
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def num_splits(programs: int, topk: int, device: torch.device) -> int:
+    """Split the topk list only when the row/head programs alone leave SMs idle (decode): aim at ~2 waves,
+    at least one BLOCK_N block per split, at most MAX_SPLITS."""
+    sms = _sm_count(device)
+    if programs >= sms:
+        return 1
+    return max(1, min(MAX_SPLITS, triton.cdiv(topk, BLOCK_N), triton.cdiv(2 * sms, programs)))
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """Launcher; inputs already validated by dsattn.ops.sparse_attention. indices: int32, [B, Sq, T] or
+    [B, Hkv, Sq, T], any strides. `splits` overrides the decode split-K heuristic (tests)."""
+    b, hq, sq, dqk = q.shape
+    hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
+    groups = hq // hkv
+    topk = indices.shape[-1]
+    out = torch.empty((b, hq, sq, dv), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    if indices.dim() == 3:
+        stride_ib, stride_im, stride_it = indices.stride()
+        stride_ih = 0  # one list per query, shared by every head (DSA / MQA)
+    else:
+        stride_ib, stride_ih, stride_im, stride_it = indices.stride()
+
+    block_h, block_dv, num_warps = block_config(groups, dv)
+    head_blocks = triton.cdiv(groups, block_h)
+    dv_blocks = triton.cdiv(dv, block_dv)
+    programs = b * hkv * head_blocks * dv_blocks * sq
+    if splits is None:
+        splits = num_splits(programs, topk, q.device)
+    splits = max(1, min(splits, MAX_SPLITS, max(1, triton.cdiv(topk, BLOCK_N))))
+    topk_per_split = triton.cdiv(triton.cdiv(topk, BLOCK_N), splits) * BLOCK_N
+    splits = max(1, triton.cdiv(topk, topk_per_split))
+
+    if splits > 1:
+        partial = torch.empty((b, hq, sq, splits, dv), dtype=torch.float32, device=q.device)
+        lse = torch.empty((b, hq, sq, splits), dtype=torch.float32, device=q.device)
+        target = partial
+    else:
+        lse = out  # unused when SPLIT is off
+        target = out
+    grid = (sq * splits, b * hkv * head_blocks * dv_blocks)
+    sparse_attention_fwd_kernel[grid](
+        q, k, v, indices, target, lse,
+        *q.stride(), *k.stride(), *v.stride(),
+        stride_ib, stride_ih, stride_im, stride_it,
+        hkv, groups, sq, sk, topk, dqk, dv,
+        head_blocks, dv_blocks, splits, topk_per_split,
+        scale * LOG2E, (sk - sq) if causal else sk,
+        BLOCK_H=block_h, BLOCK_N=BLOCK_N, BLOCK_DK=BLOCK_DK, BLOCK_DV=block_dv,
+        SPLIT=splits > 1, UPCAST=interpreting() and q.dtype == torch.bfloat16,
+        num_warps=num_warps, num_stages=2,
+    )
+    if splits > 1:
+        sparse_attention_combine_kernel[(b * hq * sq, triton.cdiv(dv, COMBINE_BLOCK_DV))](
+            partial, lse, out, splits, dv, BLOCK_S=MAX_SPLITS, BLOCK_DV=COMBINE_BLOCK_DV, num_warps=4,
+        )
+    return out
+
+
+
+# ------------------------------------------------------------------------------------------------ AOT
+def _fwd_signature(dtype: torch.dtype, split: bool) -> dict[str, str]:
+    sig = {
+        "q_ptr": ptr(dtype), "k_ptr": ptr(dtype), "v_ptr": ptr(dtype), "idx_ptr": "*i32",
+        "out_ptr": "*fp32" if split else ptr(dtype), "lse_ptr": "*fp32" if split else ptr(dtype),
+    }
+    for name in ("q", "k", "v"):
+        for axis in ("b", "h", ("m" if name == "q" else "n"), "d"):
+            sig[f"stride_{name}{axis}"] = "i32"
+    for axis in ("b", "h", "m", "t"):
+        sig[f"stride_i{axis}"] = "i32"
+    for name in ("HKV", "GROUPS", "SQ", "SK", "TOPK", "DQK", "DV", "HEAD_BLOCKS", "DV_BLOCKS", "NUM_SPLITS",
+                 "TOPK_PER_SPLIT"):
+        sig[name] = "i32"
+    sig["scale_log2"] = "fp32"
+    sig["last_key_shift"] = "i32"
+    return sig
+
+
+def aot_specs() -> list[AOTSpec]:
+    specs = []
+    for dtype in DTYPES:
+        for block_h in BLOCK_HS:
+            for block_dv in BLOCK_DVS:
+                _, _, num_warps = block_config(block_h, block_dv)
+                for split in (False, True):
+                    specs.append(AOTSpec(
+                        name=f"fwd_{TRITON_DTYPE[dtype]}_h{block_h}_dv{block_dv}{'_split' if split else ''}",
+                        kernel=sparse_attention_fwd_kernel,
+                        signature=_fwd_signature(dtype, split),
+                        constexprs={"BLOCK_H": block_h, "BLOCK_N": BLOCK_N, "BLOCK_DK": BLOCK_DK,
+                                    "BLOCK_DV": block_dv, "SPLIT": split, "UPCAST": False},
+                        num_warps=num_warps,
+                        num_stages=2,
+                    ))
+        specs.append(AOTSpec(
+            name=f"combine_{TRITON_DTYPE[dtype]}",
+            kernel=sparse_attention_combine_kernel,
+            signature={"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": ptr(dtype), "NUM_SPLITS": "i32",
+                       "DV": "i32"},
+            constexprs={"BLOCK_S": MAX_SPLITS, "BLOCK_DV": COMBINE_BLOCK_DV},
+            num_warps=4,
+            num_stages=1,
+        ))
+    return specs
+
