@@ -1,9 +1,127 @@
-"""Placeholder: the sliding-window work replaces this file."""
+"""sliding_window_attention[_varlen]: validate, pick a backend, dispatch (Triton kernels or the reference)."""
+
+import torch
+
+from dsattn import _backend, _checks
+from dsattn.reference import sliding_window as _reference
+
+OP = "sliding_window_attention"
+OP_VARLEN = "sliding_window_attention_varlen"
+IMPLEMENTED = ("torch", "triton")
+AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
 
 
-def sliding_window_attention(*args, **kwargs):
-    raise NotImplementedError("dsattn.sliding_window_attention is not implemented yet")
+def _check_window_and_flags(op: str, window, causal) -> int:
+    window = _checks.check_int(op, "window", window, minimum=1)
+    if not isinstance(causal, bool):
+        raise TypeError(f"dsattn.{op}: causal must be a bool, got {type(causal).__name__}")
+    return window
 
 
-def sliding_window_attention_varlen(*args, **kwargs):
-    raise NotImplementedError("dsattn.sliding_window_attention_varlen is not implemented yet")
+def _check_sinks(op: str, sinks, heads_q: int, q: torch.Tensor):
+    if sinks is None:
+        return None
+    _checks.check_tensor(op, "sinks", sinks, ndim=1, dtypes=_checks.FLOAT_DTYPES)
+    if sinks.shape[0] != heads_q:
+        raise ValueError(f"dsattn.{op}: sinks must have shape [{heads_q}] (one logit per q head), got {tuple(sinks.shape)}")
+    _checks.check_same_device(op, q=q, sinks=sinks)
+    return sinks
+
+
+def _select(op: str, backend: str, device: torch.device) -> str:
+    return _backend.select_backend(op, backend, device, IMPLEMENTED, auto_order=AUTO_ORDER.get(device.type))
+
+
+def sliding_window_attention(q, k, v, window, *, causal=True, scale=None, sinks=None, backend="auto"):
+    """Sliding-window softmax attention.
+
+    q [B, Hq, Sq, Dqk], k [B, Hkv, Sk, Dqk], v [B, Hkv, Sk, Dv] (any strides, Hq % Hkv == 0) -> [B, Hq, Sq, Dv]
+    in q's dtype. Query i sits at position p = i + Sk - Sq. causal=True: key j is visible iff
+    p - window < j <= p (window >= Sk is full causal attention). causal=False: the symmetric window
+    |p - j| < window. scale defaults to Dqk ** -0.5. sinks: optional [Hq] logits (gpt-oss / DeepSeek-V4
+    `s_aux`) added to every row's softmax denominator as e^(sink - m), with no value. A row that sees no key
+    (only possible when Sq > Sk) outputs zeros. The Triton kernels take head dims up to 256.
+    """
+    window = _check_window_and_flags(OP, window, causal)
+    shape = _checks.check_qkv(OP, q, k, v)
+    scale = _checks.check_scale(OP, scale, shape.dim_qk**-0.5)
+    sinks = _check_sinks(OP, sinks, shape.heads_q, q)
+    chosen = _select(OP, backend, q.device)
+    if chosen == "torch":
+        return _reference.sliding_window_attention(q, k, v, window, causal=causal, scale=scale, sinks=sinks)
+    from dsattn.triton_kernels import sliding_window as _triton
+
+    if q.dtype == torch.float64:
+        raise TypeError(f"dsattn.{OP}: the Triton kernels take float16/bfloat16/float32 q/k/v, got float64")
+    sinks = None if sinks is None else sinks.to(torch.float32).contiguous()
+    return _triton.sliding_window_attention(q, k, v, window, causal, scale, sinks)
+
+
+def _check_cu_seqlens(op: str, name: str, cu, device, total: int) -> None:
+    _checks.check_tensor(op, name, cu, ndim=1, dtypes=(torch.int32,))
+    if cu.device != device:
+        raise ValueError(f"dsattn.{op}: {name} is on {cu.device} but q is on {device}")
+    if cu.shape[0] < 1:
+        raise ValueError(f"dsattn.{op}: {name} must hold at least one offset (0)")
+    values = cu.cpu()  # one small sync: bad offsets would make the kernel read out of bounds
+    if values[0].item() != 0 or values[-1].item() != total:
+        raise ValueError(f"dsattn.{op}: {name} must start at 0 and end at the token count {total}, "
+                         f"got {values[0].item()} .. {values[-1].item()}")
+    if (values[1:] < values[:-1]).any():
+        raise ValueError(f"dsattn.{op}: {name} must be non-decreasing")
+
+
+def sliding_window_attention_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window, *,
+    causal=True, scale=None, sinks=None, backend="auto",
+):
+    """Sliding-window attention over packed sequences (no padding).
+
+    q [total_q, Hq, Dqk], k [total_k, Hkv, Dqk], v [total_k, Hkv, Dv]; cu_seqlens_q / cu_seqlens_k int32
+    [num_seqs + 1] prefix offsets (sequence s owns q rows cu_seqlens_q[s]:cu_seqlens_q[s+1] and the matching
+    k/v rows); max_seqlen_q / max_seqlen_k must be >= every sequence's length (they size the kernel grid).
+    Within a sequence the semantics are sliding_window_attention's (its queries at the end of its keys);
+    sequences never see each other. A query row of a sequence with no visible key (e.g. no keys) outputs
+    zeros. Returns [total_q, Hq, Dv] in q's dtype.
+    """
+    op = OP_VARLEN
+    window = _check_window_and_flags(op, window, causal)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _checks.check_tensor(op, name, t, ndim=3, dtypes=_checks.FLOAT_DTYPES)
+    _checks.check_same_device(op, q=q, k=k, v=v)
+    _checks.check_same_dtype(op, q=q, k=k, v=v)
+    total_q, hq, dqk = q.shape
+    total_k, hkv = k.shape[0], k.shape[1]
+    if v.shape[0] != total_k or v.shape[1] != hkv:
+        raise ValueError(f"dsattn.{op}: k and v must agree on tokens and heads, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if k.shape[2] != dqk:
+        raise ValueError(f"dsattn.{op}: k head dim {k.shape[2]} must equal q head dim {dqk}")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"dsattn.{op}: q heads ({hq}) must be a multiple of k/v heads ({hkv}) (GQA)")
+    _check_cu_seqlens(op, "cu_seqlens_q", cu_seqlens_q, q.device, total_q)
+    _check_cu_seqlens(op, "cu_seqlens_k", cu_seqlens_k, q.device, total_k)
+    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
+        raise ValueError(f"dsattn.{op}: cu_seqlens_q and cu_seqlens_k must have the same length (one offset per "
+                         f"sequence + 1), got {cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
+    max_seqlen_q = _checks.check_int(op, "max_seqlen_q", max_seqlen_q, minimum=0)
+    max_seqlen_k = _checks.check_int(op, "max_seqlen_k", max_seqlen_k, minimum=0)
+    for name, cu, bound in (("max_seqlen_q", cu_seqlens_q, max_seqlen_q), ("max_seqlen_k", cu_seqlens_k, max_seqlen_k)):
+        longest = int((cu[1:] - cu[:-1]).max().item()) if cu.shape[0] > 1 else 0
+        if longest > bound:
+            raise ValueError(f"dsattn.{op}: {name}={bound} is shorter than the longest sequence ({longest})")
+    scale = _checks.check_scale(op, scale, dqk**-0.5)
+    sinks = _check_sinks(op, sinks, hq, q)
+    chosen = _select(op, backend, q.device)
+    if chosen == "torch":
+        return _reference.sliding_window_attention_varlen(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window,
+            causal=causal, scale=scale, sinks=sinks,
+        )
+    from dsattn.triton_kernels import sliding_window as _triton
+
+    if q.dtype == torch.float64:
+        raise TypeError(f"dsattn.{op}: the Triton kernels take float16/bfloat16/float32 q/k/v, got float64")
+    sinks = None if sinks is None else sinks.to(torch.float32).contiguous()
+    return _triton.sliding_window_attention_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, window, causal, scale, sinks
+    )

@@ -1,0 +1,416 @@
+"""Sliding-window attention (flash-attention style) for dsattn.sliding_window_attention[_varlen].
+
+Three kernels share one inner loop (`_attend_key_range`: online softmax in base 2 over a key range):
+- `swa_fwd_kernel` (prefill, chunked prefill, varlen): one program per (query block, query head); the key
+  loop runs over [lo, hi), the keys the block's window can reach, so the cost is O(Sq x window), not
+  O(Sq x Sk). GQA reads kv head h // groups (K/V are never repeated). Varlen packs sequences along the
+  token dim and finds each sequence's bounds in cu_seqlens.
+- `swa_decode_split_kernel` + `swa_decode_combine_kernel` (decode, Sq * groups small): flash-decoding. One
+  program per (key split, kv head) handles all the kv head's query heads and rows at once (rows = groups x
+  Sq), over its slice of the window's key range only, so the cost does not grow with the cache beyond the
+  window; the combine kernel merges the splits' (output, log-sum-exp) pairs and the sink.
+Head dims are padded to powers of two with masks (up to 256); any strides; fp16/bf16/fp32 (fp32 dots in
+IEEE precision). Visibility is SPEC's: query i at p = i + Sk - Sq sees p - window < j <= p (causal) or
+|p - j| < window (causal=False); `sinks` add e^(sink - m) to the denominator; rows with no key output 0.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import AOTSpec, interpreting, ptr
+
+MAX_HEAD_DIM = 256
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_key_range(
+    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+    q_pos, row_valid, lo, hi, seqlen_k, window, qk_scale_log2,
+    offs_dqk, offs_dv, DQK, DV,
+    CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Online softmax (base 2) of the rows' scores over keys [lo, hi) into (acc, l_i, m_i)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < hi
+        k = tl.load(k_base + cols[None, :] * stride_kn + offs_dqk[:, None] * stride_kd,
+                    mask=col_ok[None, :] & (offs_dqk[:, None] < DQK), other=0.0)
+        if UPCAST:  # the interpreter's tl.dot is wrong on bf16 operands
+            k = k.to(tl.float32)
+        if IEEE:
+            s = tl.dot(q, k, input_precision="ieee", out_dtype=tl.float32)
+        else:
+            s = tl.dot(q, k, out_dtype=tl.float32)
+        s = s * qk_scale_log2
+        visible = (cols[None, :] > q_pos[:, None] - window) & col_ok[None, :] & row_valid[:, None]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= q_pos[:, None])
+        else:
+            visible = visible & (cols[None, :] < q_pos[:, None] + window)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None]
+        if IEEE:
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee", out_dtype=tl.float32)
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc, out_dtype=tl.float32)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _finish_rows(acc, l_i, m_i, sink_log2, HAS_SINKS: tl.constexpr):
+    """acc / (l + e^(sink - m)); rows with an empty denominator give 0."""
+    if HAS_SINKS:
+        m_fin = tl.maximum(m_i, sink_log2)
+        rescale = tl.exp2(m_i - m_fin)  # m_i = -inf (no key) -> 0
+        acc = acc * rescale[:, None]
+        l_i = l_i * rescale + tl.exp2(sink_log2 - m_fin)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    return acc / l_safe[:, None]
+
+
+@triton.jit
+def swa_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, sinks_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    HQ, GROUPS, SEQ_Q, SEQ_K, DQK, DV, window, qk_scale_log2,
+    CAUSAL: tl.constexpr, HAS_SINKS: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // HQ
+    head = pid_bh % HQ
+    kv_head = head // GROUPS
+    if IS_VARLEN:  # batch = sequence; tokens start at cu_seqlens[batch]; batch strides are 0
+        q_start = tl.load(cu_seqlens_q_ptr + batch)
+        seqlen_q = tl.load(cu_seqlens_q_ptr + batch + 1) - q_start
+        k_start = tl.load(cu_seqlens_k_ptr + batch)
+        seqlen_k = tl.load(cu_seqlens_k_ptr + batch + 1) - k_start
+        q_start = q_start.to(tl.int64)
+        k_start = k_start.to(tl.int64)
+    else:
+        q_start = 0
+        seqlen_q = SEQ_Q
+        k_start = 0
+        seqlen_k = SEQ_K
+    m_first = pid_m * BLOCK_M
+    offs_m = m_first + tl.arange(0, BLOCK_M)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_valid = offs_m < seqlen_q
+    q_pos = offs_m + (seqlen_k - seqlen_q)
+    q_base = q_ptr + batch.to(tl.int64) * stride_qb + head * stride_qh + q_start * stride_qs
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_dqk[None, :] * stride_qd,
+                mask=row_valid[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    # Keys the block's window can reach, aligned down to BLOCK_N (positions of rows m_first..m_last).
+    m_last = tl.minimum(m_first + BLOCK_M, seqlen_q) - 1
+    lo = tl.maximum(m_first + (seqlen_k - seqlen_q) - window + 1, 0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        hi = tl.minimum(m_last + (seqlen_k - seqlen_q) + 1, seqlen_k)
+    else:
+        hi = tl.minimum(m_last + (seqlen_k - seqlen_q) + window, seqlen_k)
+    hi = tl.where(m_first < seqlen_q, hi, lo)  # varlen grids cover the longest sequence: idle blocks
+    k_base = k_ptr + batch.to(tl.int64) * stride_kb + kv_head * stride_kh + k_start * stride_ks
+    v_base = v_ptr + batch.to(tl.int64) * stride_vb + kv_head * stride_vh + k_start * stride_vs
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = _attend_key_range(
+        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+        q_pos, row_valid, lo, hi, seqlen_k, window, qk_scale_log2, offs_dqk, offs_dv, DQK, DV,
+        CAUSAL, BLOCK_N, UPCAST, IEEE,
+    )
+    sink_log2 = 0.0
+    if HAS_SINKS:
+        sink_log2 = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
+    out = _finish_rows(acc, l_i, m_i, sink_log2, HAS_SINKS)
+    o_base = o_ptr + batch.to(tl.int64) * stride_ob + head * stride_oh + q_start * stride_os
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_dv[None, :] * stride_od,
+             out.to(o_ptr.dtype.element_ty), mask=row_valid[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def swa_decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, o_part_ptr, lse_part_ptr,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    HKV, GROUPS, SEQ_Q, SEQ_K, DQK, DV, window, qk_scale_log2, key_lo, keys_per_split, NUM_SPLITS,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Partial attention of the rows (query head g, query i) of one kv head over one split of the window's
+    key range. Partials: o_part [B, HQ, SEQ_Q, NUM_SPLITS, BLOCK_DV] (normalized), lse_part [B, HQ, SEQ_Q,
+    NUM_SPLITS] (base 2, -inf for a split that saw nothing), both fp32 and contiguous."""
+    split = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // HKV
+    kv_head = pid_bh % HKV
+    rows = tl.arange(0, BLOCK_M)
+    row_valid = rows < GROUPS * SEQ_Q
+    head = kv_head * GROUPS + rows // SEQ_Q  # query head of each row
+    qi = rows % SEQ_Q
+    q_pos = qi + (SEQ_K - SEQ_Q)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_rows = q_ptr + batch.to(tl.int64) * stride_qb + head * stride_qh + qi * stride_qs
+    q = tl.load(q_rows[:, None] + offs_dqk[None, :] * stride_qd,
+                mask=row_valid[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    lo = key_lo + split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, SEQ_K)
+    k_base = k_ptr + batch.to(tl.int64) * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + batch.to(tl.int64) * stride_vb + kv_head * stride_vh
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = _attend_key_range(
+        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+        q_pos, row_valid, lo, hi, SEQ_K, window, qk_scale_log2, offs_dqk, offs_dv, DQK, DV,
+        CAUSAL, BLOCK_N, UPCAST, IEEE,
+    )
+    has_key = l_i > 0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("-inf"))
+    part_row = ((batch * (HKV * GROUPS) + head) * SEQ_Q + qi).to(tl.int64) * NUM_SPLITS + split
+    tl.store(o_part_ptr + part_row[:, None] * BLOCK_DV + offs_dv[None, :], out, mask=row_valid[:, None])
+    tl.store(lse_part_ptr + part_row, lse, mask=row_valid)
+
+
+@triton.jit
+def swa_decode_combine_kernel(
+    o_part_ptr, lse_part_ptr, o_ptr, sinks_ptr,
+    stride_ob, stride_oh, stride_os, stride_od,
+    HQ, SEQ_Q, DV, NUM_SPLITS,
+    HAS_SINKS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """out = sum_s 2^(lse_s - lse) o_s with lse = log2(sum_s 2^lse_s + 2^sink): one program per row."""
+    row = tl.program_id(0)  # (batch * HQ + head) * SEQ_Q + qi
+    qi = row % SEQ_Q
+    head = (row // SEQ_Q) % HQ
+    batch = row // (SEQ_Q * HQ)
+    splits = tl.arange(0, BLOCK_SPLITS)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    split_ok = splits < NUM_SPLITS
+    lse = tl.load(lse_part_ptr + row.to(tl.int64) * NUM_SPLITS + splits, mask=split_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    if HAS_SINKS:
+        sink_log2 = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
+        m = tl.maximum(m, sink_log2)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    weights = tl.exp2(lse - m_safe)
+    denom = tl.sum(weights, 0)
+    if HAS_SINKS:
+        denom += tl.exp2(sink_log2 - m_safe)
+    parts = tl.load(o_part_ptr + (row.to(tl.int64) * NUM_SPLITS + splits[:, None]) * BLOCK_DV + offs_dv[None, :],
+                    mask=split_ok[:, None], other=0.0)
+    out = tl.sum(parts * weights[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+    o = o_ptr + batch.to(tl.int64) * stride_ob + head * stride_oh + qi * stride_os
+    tl.store(o + offs_dv * stride_od, out.to(o_ptr.dtype.element_ty), mask=offs_dv < DV)
+
+
+# ----------------------------------------------------------------------------------------- configs
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def fwd_config(block_dqk: int, block_dv: int, dtype: torch.dtype) -> dict:
+    """Prefill tile heuristic (FlashAttention-2's choices for A100/H100): 128 x 64 tiles for head dims up
+    to 128 in 16 bit, halved for 256 and for fp32 (twice the registers and shared memory per element)."""
+    widest = max(block_dqk, block_dv)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=32 if widest > 64 else 64, num_warps=4, num_stages=1 if widest > 128 else 2)
+    if widest <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    if widest <= 128:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+
+
+def decode_config(block_dqk: int, block_dv: int, dtype: torch.dtype) -> dict:
+    """Decode tiles: few rows (groups x Sq <= DECODE_MAX_ROWS), wide key blocks to stream K/V."""
+    widest = max(block_dqk, block_dv)
+    if dtype == torch.float32 or widest > 128:
+        return dict(BLOCK_N=32, num_warps=4, num_stages=2)
+    return dict(BLOCK_N=64, num_warps=4, num_stages=3)
+
+
+DECODE_MAX_ROWS = 16  # groups x Sq at most this takes the split-K path (one row tile of 16)
+DECODE_ROWS = 16
+MIN_KEYS_PER_SPLIT = 256
+MAX_SPLITS = 64
+
+
+def _num_splits(keys: int, programs: int, device: torch.device, block_n: int) -> int:
+    """Enough splits to give every SM about two programs, each with >= MIN_KEYS_PER_SPLIT keys."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    want = max(1, (2 * sms) // max(1, programs))
+    most = max(1, keys // MIN_KEYS_PER_SPLIT)
+    return int(min(want, most, MAX_SPLITS))
+
+
+def check_head_dims(dim_qk: int, dim_v: int) -> None:
+    if dim_qk > MAX_HEAD_DIM or dim_v > MAX_HEAD_DIM:
+        raise ValueError(
+            f"dsattn.sliding_window_attention: the Triton kernels support head dims up to {MAX_HEAD_DIM} "
+            f"(got q/k {dim_qk}, v {dim_v}); use backend='torch' for wider heads (e.g. MLA 576/512)"
+        )
+
+
+# ----------------------------------------------------------------------------------------- launchers
+def _fwd(q, k, v, out, sinks, cu_q, cu_k, strides, shape, window, causal, scale):
+    """strides: (q, k, v, out) each (b, h, s, d); shape: (batch, HQ, groups, SEQ_Q, SEQ_K, max_seqlen_q)."""
+    batch, hq, groups, seq_q, seq_k, max_q = shape
+    dqk, dv = q.shape[-1], v.shape[-1]
+    block_dqk, block_dv = _pow2(dqk), _pow2(dv)
+    cfg = fwd_config(block_dqk, block_dv, q.dtype)
+    grid = (triton.cdiv(max_q, cfg["BLOCK_M"]), batch * hq)
+    swa_fwd_kernel[grid](
+        q, k, v, out, sinks, cu_q, cu_k, *strides[0], *strides[1], *strides[2], *strides[3],
+        hq, groups, seq_q, seq_k, dqk, dv, window, scale * LOG2E,
+        CAUSAL=causal, HAS_SINKS=sinks is not None, IS_VARLEN=cu_q is not None,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+        UPCAST=interpreting() and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+def _decode(q, k, v, out, sinks, window, causal, scale):
+    batch, hq, seq_q, dqk = q.shape
+    hkv, seq_k, dv = k.shape[1], k.shape[2], v.shape[3]
+    groups = hq // hkv
+    block_dqk, block_dv = _pow2(dqk), _pow2(dv)
+    cfg = decode_config(block_dqk, block_dv, q.dtype)
+    # Every row's window lies in [key_lo, seq_k): rows sit at the end of the cache.
+    key_lo = max(0, seq_k - seq_q - window + 1)
+    keys = seq_k - key_lo
+    num_splits = _num_splits(keys, batch * hkv, q.device, cfg["BLOCK_N"])
+    keys_per_split = triton.cdiv(triton.cdiv(keys, num_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    num_splits = triton.cdiv(keys, keys_per_split)
+    o_part = torch.empty(batch, hq, seq_q, num_splits, block_dv, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(batch, hq, seq_q, num_splits, dtype=torch.float32, device=q.device)
+    swa_decode_split_kernel[(num_splits, batch * hkv)](
+        q, k, v, o_part, lse_part, *q.stride(), *k.stride(), *v.stride(),
+        hkv, groups, seq_q, seq_k, dqk, dv, window, scale * LOG2E, key_lo, keys_per_split, num_splits,
+        CAUSAL=causal, BLOCK_M=DECODE_ROWS, BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+        UPCAST=interpreting() and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    swa_decode_combine_kernel[(batch * hq * seq_q,)](
+        o_part, lse_part, out, sinks, *out.stride(), hq, seq_q, dv, num_splits,
+        HAS_SINKS=sinks is not None, BLOCK_SPLITS=MAX_SPLITS, BLOCK_DV=block_dv,
+        num_warps=4 if block_dv >= 128 else 2,
+    )
+    return out
+
+
+def sliding_window_attention(q, k, v, window, causal, scale, sinks):
+    """q [B, Hq, Sq, Dqk], k [B, Hkv, Sk, Dqk], v [B, Hkv, Sk, Dv] (validated, any strides) -> [B, Hq, Sq, Dv]."""
+    batch, hq, seq_q, dqk = q.shape
+    hkv, seq_k, dv = k.shape[1], k.shape[2], v.shape[3]
+    check_head_dims(dqk, dv)
+    out = torch.empty(batch, hq, seq_q, dv, dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    if seq_k == 0:
+        return out.zero_()
+    window = min(window, seq_k + seq_q)  # keeps int32 arithmetic in range; larger windows see the same keys
+    if (hq // hkv) * seq_q <= DECODE_MAX_ROWS and seq_q <= seq_k:
+        return _decode(q, k, v, out, sinks, window, causal, scale)
+    strides = (q.stride(), k.stride(), v.stride(), out.stride())
+    return _fwd(q, k, v, out, sinks, None, None, strides, (batch, hq, hq // hkv, seq_q, seq_k, seq_q),
+                window, causal, scale)
+
+
+def sliding_window_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, window, causal, scale, sinks):
+    """q [total_q, Hq, Dqk], k [total_k, Hkv, Dqk], v [total_k, Hkv, Dv], cu_seqlens int32 [n + 1]."""
+    total_q, hq, dqk = q.shape
+    hkv, dv = k.shape[1], v.shape[2]
+    check_head_dims(dqk, dv)
+    out = torch.empty(total_q, hq, dv, dtype=q.dtype, device=q.device)
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    if out.numel() == 0 or num_seqs == 0 or max_seqlen_q == 0:
+        return out
+    window = min(window, 2**30)
+    # Token-major [T, H, D]: the batch stride is 0 and the token stride is the sequence stride.
+    strides = tuple((0, t.stride(1), t.stride(0), t.stride(2)) for t in (q, k, v, out))
+    return _fwd(q, k, v, out, sinks, cu_seqlens_q, cu_seqlens_k, strides,
+                (num_seqs, hq, hq // hkv, 0, 0, max_seqlen_q), window, causal, scale)
+
+
+# ----------------------------------------------------------------------------------------- AOT
+# Head-dim buckets the heuristics distinguish, compiled at their widest (64, 128, MLA 192/128, 256).
+HEAD_DIM_BUCKETS = ((64, 64), (128, 128), (256, 128), (256, 256))
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _strides(prefix: str, names=("b", "h", "s", "d")) -> dict:
+    return {f"stride_{prefix}{n}": "i32" for n in names}
+
+
+def aot_specs() -> list[AOTSpec]:
+    specs = []
+    for dtype in DTYPES:
+        p = ptr(dtype)
+        for block_dqk, block_dv in HEAD_DIM_BUCKETS:
+            tag = f"{str(dtype).replace('torch.', '')}_d{block_dqk}x{block_dv}"
+            cfg = fwd_config(block_dqk, block_dv, dtype)
+            for varlen in (False, True):
+                signature = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "o_ptr": p, "sinks_ptr": "*fp32",
+                             "cu_seqlens_q_ptr": "*i32", "cu_seqlens_k_ptr": "*i32",
+                             **_strides("q"), **_strides("k"), **_strides("v"), **_strides("o"),
+                             "HQ": "i32", "GROUPS": "i32", "SEQ_Q": "i32", "SEQ_K": "i32", "DQK": "i32",
+                             "DV": "i32", "window": "i32", "qk_scale_log2": "fp32"}
+                specs.append(AOTSpec(
+                    name=f"fwd{'_varlen' if varlen else ''}_{tag}", kernel=swa_fwd_kernel, signature=signature,
+                    constexprs=dict(CAUSAL=True, HAS_SINKS=True, IS_VARLEN=varlen, BLOCK_M=cfg["BLOCK_M"],
+                                    BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+                                    UPCAST=False, IEEE=dtype == torch.float32),
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                ))
+            cfg = decode_config(block_dqk, block_dv, dtype)
+            signature = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32",
+                         **_strides("q"), **_strides("k"), **_strides("v"),
+                         "HKV": "i32", "GROUPS": "i32", "SEQ_Q": "i32", "SEQ_K": "i32", "DQK": "i32", "DV": "i32",
+                         "window": "i32", "qk_scale_log2": "fp32", "key_lo": "i32", "keys_per_split": "i32",
+                         "NUM_SPLITS": "i32"}
+            specs.append(AOTSpec(
+                name=f"decode_split_{tag}", kernel=swa_decode_split_kernel, signature=signature,
+                constexprs=dict(CAUSAL=True, BLOCK_M=DECODE_ROWS, BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk,
+                                BLOCK_DV=block_dv, UPCAST=False, IEEE=dtype == torch.float32),
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            ))
+        for block_dv in sorted({dv for _, dv in HEAD_DIM_BUCKETS}):
+            specs.append(AOTSpec(
+                name=f"decode_combine_{str(dtype).replace('torch.', '')}_dv{block_dv}",
+                kernel=swa_decode_combine_kernel,
+                signature={"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "o_ptr": p, "sinks_ptr": "*fp32",
+                           **_strides("o"), "HQ": "i32", "SEQ_Q": "i32", "DV": "i32", "NUM_SPLITS": "i32"},
+                constexprs=dict(HAS_SINKS=True, BLOCK_SPLITS=MAX_SPLITS, BLOCK_DV=block_dv),
+                num_warps=4 if block_dv >= 128 else 2, num_stages=1,
+            ))
+    return specs
