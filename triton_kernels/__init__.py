@@ -8,5 +8,6 @@ within the device limit).
 
 KERNEL_MODULES = (
     "int4_unpack",
+    "sliding_window",
     "sparse_attention",
 )
