@@ -54,19 +54,21 @@ def sparse_attention_fwd_kernel(
     hkv = rest % HKV
     b = rest // HKV
 
-    offs_g = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_g = head_block * BLOCK_H + tl.arange(0, BLOCK_H)  # q heads of this block, within the group
     head_mask = offs_g < GROUPS
-    offs_hq = (hkv * GROUPS + offs_g).to(tl.int64)
     offs_dv = dv_block * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dv_mask = offs_dv < DV
     offs_n = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
 
+    # 64-bit scalar bases, 32-bit offsets within one (batch, head) slice (the launcher checks they fit):
+    # the gathered pointer tiles then cost half the registers.
     b64 = b.to(tl.int64)
-    q_rows = q_ptr + b64 * stride_qb + m.to(tl.int64) * stride_qm + offs_hq * stride_qh  # [BLOCK_H]
-    k_base = k_ptr + b64 * stride_kb + hkv.to(tl.int64) * stride_kh
-    v_base = v_ptr + b64 * stride_vb + hkv.to(tl.int64) * stride_vh
-    idx_row = idx_ptr + b64 * stride_ib + hkv.to(tl.int64) * stride_ih + m.to(tl.int64) * stride_im
+    hkv64 = hkv.to(tl.int64)
+    q_base = q_ptr + b64 * stride_qb + m.to(tl.int64) * stride_qm + (hkv64 * GROUPS) * stride_qh
+    k_base = k_ptr + b64 * stride_kb + hkv64 * stride_kh
+    v_base = v_ptr + b64 * stride_vb + hkv64 * stride_vh
+    idx_row = idx_ptr + b64 * stride_ib + hkv64 * stride_ih + m.to(tl.int64) * stride_im
     last_key = m + last_key_shift  # query position i + Sk - Sq when causal, else past every key
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
@@ -78,14 +80,15 @@ def sparse_attention_fwd_kernel(
         offs_t = t0 + offs_n
         key = tl.load(idx_row + offs_t * stride_it, mask=offs_t < t_stop, other=-1)
         valid = (key >= 0) & (key < SK) & (key <= last_key)
-        key64 = tl.where(valid, key, 0).to(tl.int64)
+        key = tl.where(valid, key, 0)
 
         scores = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
         for d0 in range(0, DQK, BLOCK_DK):
             d = d0 + offs_dk
             d_mask = d < DQK
-            q_chunk = tl.load(q_rows[:, None] + d[None, :] * stride_qd, mask=head_mask[:, None] & d_mask[None, :], other=0.0)
-            k_chunk = tl.load(k_base + key64[None, :] * stride_kn + d[:, None] * stride_kd,
+            q_chunk = tl.load(q_base + offs_g[:, None] * stride_qh + d[None, :] * stride_qd,
+                              mask=head_mask[:, None] & d_mask[None, :], other=0.0)
+            k_chunk = tl.load(k_base + key[None, :] * stride_kn + d[:, None] * stride_kd,
                               mask=valid[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_DK, BLOCK_N]
             if UPCAST:  # the interpreter's bf16 tl.dot is wrong
                 q_chunk = q_chunk.to(tl.float32)
@@ -98,7 +101,7 @@ def sparse_attention_fwd_kernel(
         p = tl.exp2(scores - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_chunk = tl.load(v_base + key64[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+        v_chunk = tl.load(v_base + key[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                           mask=valid[:, None] & dv_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_DV]
         if UPCAST:
             pv = tl.dot(p, v_chunk.to(tl.float32), out_dtype=tl.float32)
@@ -110,12 +113,12 @@ def sparse_attention_fwd_kernel(
     has_key = l_i > 0
     o = acc / tl.where(has_key, l_i, 1.0)[:, None]  # rows with no valid key: 0 / 1 = 0
     # Output (and split workspace) rows are contiguous: ((b*Hq + hq) * Sq + m) * NUM_SPLITS + split.
-    out_rows = ((b64 * HKV * GROUPS + offs_hq) * SQ + m) * NUM_SPLITS + split  # [BLOCK_H]
+    out_rows = ((b64 * HKV * GROUPS + hkv64 * GROUPS + offs_g) * SQ + m) * NUM_SPLITS + split  # [BLOCK_H]
     store_mask = head_mask[:, None] & dv_mask[None, :]
     if SPLIT:
         tl.store(out_ptr + out_rows[:, None] * DV + offs_dv[None, :], o, mask=store_mask)
         lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("-inf"))  # base 2
-        tl.store(lse_ptr + out_rows, lse, mask=head_mask & (dv_block == 0))
+        tl.store(lse_ptr + out_rows, lse, mask=head_mask)  # every Dv slice writes the same value
     else:
         tl.store(out_ptr + out_rows[:, None] * DV + offs_dv[None, :], o.to(out_ptr.dtype.element_ty), mask=store_mask)
 
@@ -145,13 +148,19 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def block_config(groups: int, dv: int) -> tuple[int, int, int]:
-    """(BLOCK_H, BLOCK_DV, num_warps): the whole GQA group in one program up to 64 heads; a 64-head block
-    keeps a 64 x 128 fp32 accumulator (8 warps), smaller ones 64 x 128 at most with 4 warps."""
+def block_config(groups: int, dv: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_DV, num_warps): the whole GQA group in one program up to 64 q heads (more go to
+    further head blocks), Dv in 64/128 slices. 8 warps except for the smallest 16-bit tile: the 32/64-head
+    and fp32 tiles spill at 4 warps (measured with the AOT compile, sm_80 and sm_90)."""
     block_h = min(max(_next_pow2(groups), BLOCK_HS[0]), BLOCK_HS[-1])
     block_dv = BLOCK_DVS[0] if dv <= BLOCK_DVS[0] else BLOCK_DVS[1]
-    num_warps = 8 if block_h == 64 else 4
+    num_warps = 4 if block_h == BLOCK_HS[0] and dtype != torch.float32 else 8
     return block_h, block_dv, num_warps
+
+
+def _span(t: torch.Tensor) -> int:
+    """Elements between the first and the last element of t (its memory extent)."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0) + 1
 
 
 def _sm_count(device: torch.device) -> int:
@@ -178,14 +187,17 @@ def sparse_attention(
     causal: bool,
     scale: float,
     splits: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launcher; inputs already validated by dsattn.ops.sparse_attention. indices: int32, [B, Sq, T] or
-    [B, Hkv, Sq, T], any strides. `splits` overrides the decode split-K heuristic (tests)."""
+    [B, Hkv, Sq, T], any strides. `splits` overrides the decode split-K heuristic and `out` (contiguous
+    [B, Hq, Sq, Dv]) the output buffer: both for tests."""
     b, hq, sq, dqk = q.shape
     hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
     groups = hq // hkv
     topk = indices.shape[-1]
-    out = torch.empty((b, hq, sq, dv), dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty((b, hq, sq, dv), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
     if indices.dim() == 3:
@@ -194,7 +206,11 @@ def sparse_attention(
     else:
         stride_ib, stride_ih, stride_im, stride_it = indices.stride()
 
-    block_h, block_dv, num_warps = block_config(groups, dv)
+    for name, t in (("q", q[0, :groups, 0]), ("k", k[0, 0]), ("v", v[0, 0])):
+        if _span(t) >= 2**31:  # the kernel offsets within one (batch, head) slice in int32
+            raise ValueError(f"dsattn.sparse_attention: one head of {name} spans >= 2**31 elements; not supported")
+
+    block_h, block_dv, num_warps = block_config(groups, dv, q.dtype)
     head_blocks = triton.cdiv(groups, block_h)
     dv_blocks = triton.cdiv(dv, block_dv)
     programs = b * hkv * head_blocks * dv_blocks * sq
@@ -255,7 +271,7 @@ def aot_specs() -> list[AOTSpec]:
     for dtype in DTYPES:
         for block_h in BLOCK_HS:
             for block_dv in BLOCK_DVS:
-                _, _, num_warps = block_config(block_h, block_dv)
+                _, _, num_warps = block_config(block_h, block_dv, dtype)
                 for split in (False, True):
                     specs.append(AOTSpec(
                         name=f"fwd_{TRITON_DTYPE[dtype]}_h{block_h}_dv{block_dv}{'_split' if split else ''}",
