@@ -111,7 +111,9 @@ def aot_compile(spec, capability: int) -> AOTReport:
     signature = dict(spec.signature)
     for name in spec.constexprs:
         signature.setdefault(name, "constexpr")
-    src = ASTSource(fn=spec.kernel, signature=signature, constexprs=dict(spec.constexprs))
+    attrs = {(spec.kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+             for name in getattr(spec, "divisible_by_16", ())}
+    src = ASTSource(fn=spec.kernel, signature=signature, constexprs=dict(spec.constexprs), attrs=attrs)
     compiled = triton.compile(
         src,
         target=GPUTarget("cuda", capability, 32),

@@ -40,3 +40,7 @@ class AOTSpec:
     num_warps: int = 4
     num_stages: int = 2
     hot: bool = True  # a config used on the fast path: must not spill
+    # Arguments the JIT would see as multiples of 16 (pointers, strides of 16-aligned rows): it specializes
+    # them (tt.divisibility), which is what lets loads vectorize; an AOT compile without this overstates
+    # registers.
+    divisible_by_16: tuple[str, ...] = ()
