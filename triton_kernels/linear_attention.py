@@ -1,0 +1,352 @@
+"""Linear (kernelized) attention in Triton: chunked causal, fused recurrent (decode) and non-causal forms.
+
+    o_i = phi(q_i) S_i / (phi(q_i) . z_i + eps),   S_i = sum_{j<=i} phi(k_j)^T v_j,   z_i = sum_{j<=i} phi(k_j)
+
+One program owns one (batch, q head) and a BLOCK_DV slice of v/o; it holds its slice of the state
+S [Dk, BLOCK_DV] and z [Dk] in fp32 registers and walks the sequence in order (fla's fused-chunk scheme):
+
+- CAUSAL: per chunk of BLOCK_T rows, o = phi(Q) S + tril(phi(Q) phi(K)^T) V (the normalizer likewise from z
+  and the masked scores' row sums), then S += phi(K)^T V, z += colsum phi(K). No [S, S] tensor; the
+  per-chunk states are never written out, so memory is O(state).
+- REDUCE: state only (the non-causal form's first pass, and keys before the first query when Sq < Sk).
+- APPLY: o = phi(Q) S / (phi(Q) . z + eps) with a fixed state (the non-causal form's second pass).
+- `linear_attention_recurrent_kernel`: one token at a time, O(Dk x Dv) per token, no tl.dot (decode).
+
+The whole Dk sits in one tile (BLOCK_DK = next_pow2(Dk) <= 256): the "exp" feature map needs the row's max
+over the head dim, and the scores need the full dot product. GQA: program (b, hq) reads k/v head hq // G in
+place. Inputs of any strides; o and the state are contiguous. Dot operands are the input dtype (fp16/bf16;
+fp32 inputs use tf32 on the GPU) with fp32 accumulation, the state is carried in fp32.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import AOTSpec, TRITON_DTYPE, interpreting, ptr
+
+FEATURE_MAP_IDS = {"elu": 0, "relu": 1, "exp": 2, "identity": 3}
+MODE_CAUSAL, MODE_REDUCE, MODE_APPLY = 0, 1, 2
+MODES = {"causal": MODE_CAUSAL, "reduce": MODE_REDUCE, "apply": MODE_APPLY}
+MAX_DK = 256
+BLOCK_DKS = (16, 32, 64, 128, 256)
+BLOCK_DVS = (32, 64)
+RECURRENT_MAX_SQ = 16  # causal calls with at most this many queries take the recurrent (decode) kernel
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _feature_map(x, mask, FEATURE_MAP: tl.constexpr):
+    """phi over the last axis of fp32 x; 0 wherever mask is off (padding must not reach the state)."""
+    if FEATURE_MAP == 0:  # elu(x) + 1
+        y = tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
+    elif FEATURE_MAP == 1:  # relu
+        y = tl.maximum(x, 0.0)
+    elif FEATURE_MAP == 2:  # exp(x - max over the head dim): in (0, 1], depends on the row only
+        row_max = tl.max(tl.where(mask, x, float("-inf")), axis=-1, keep_dims=True)
+        row_max = tl.where(row_max == float("-inf"), 0.0, row_max)  # all-padding rows
+        y = tl.exp(tl.where(mask, x - row_max, 0.0))
+    else:
+        y = x
+    return tl.where(mask, y, 0.0)
+
+
+@triton.jit
+def linear_attention_chunk_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, s_in_ptr, z_in_ptr, s_out_ptr, z_out_ptr,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    HQ, GROUPS, T, DK, DV, eps,
+    FEATURE_MAP: tl.constexpr, MODE: tl.constexpr, NORMALIZE: tl.constexpr,
+    HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    dv_block = tl.program_id(0)
+    bh = tl.program_id(1)  # b * HQ + hq
+    b = bh // HQ
+    hq = bh % HQ
+    hkv = hq // GROUPS
+    b64 = b.to(tl.int64)
+    bh64 = bh.to(tl.int64)
+
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = dv_block * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    dk_mask = offs_dk < DK
+    dv_mask = offs_dv < DV
+    q_base = q_ptr + b64 * stride_qb + hq.to(tl.int64) * stride_qh
+    k_base = k_ptr + b64 * stride_kb + hkv.to(tl.int64) * stride_kh
+    v_base = v_ptr + b64 * stride_vb + hkv.to(tl.int64) * stride_vh
+    o_base = o_ptr + bh64 * T * DV  # o: contiguous [B, HQ, T, DV]
+    state_offs = offs_dk[:, None] * DV + offs_dv[None, :]
+    state_mask = dk_mask[:, None] & dv_mask[None, :]
+
+    if HAS_INITIAL:
+        S = tl.load(s_in_ptr + bh64 * DK * DV + state_offs, mask=state_mask, other=0.0)
+        z = tl.load(z_in_ptr + bh64 * DK + offs_dk, mask=dk_mask, other=0.0)
+    else:
+        S = tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32)
+        z = tl.zeros([BLOCK_DK], dtype=tl.float32)
+    causal_mask = offs_t[:, None] >= offs_t[None, :]
+
+    for t0 in range(0, T, BLOCK_T):
+        rows = t0 + offs_t
+        row_mask = rows < T
+        rows64 = rows.to(tl.int64)
+        if MODE != 1:  # queries: CAUSAL and APPLY
+            qk_mask = row_mask[:, None] & dk_mask[None, :]
+            q = tl.load(q_base + rows64[:, None] * stride_qm + offs_dk[None, :] * stride_qd, mask=qk_mask, other=0.0)
+            fq = _feature_map(q.to(tl.float32), qk_mask, FEATURE_MAP)
+            if DOT_FP32:
+                fq_dot = fq
+                S_dot = S
+            else:
+                fq_dot = fq.to(q.dtype)
+                S_dot = S.to(q.dtype)
+            num = tl.dot(fq_dot, S_dot, out_dtype=tl.float32)  # [BLOCK_T, BLOCK_DV]
+            den = tl.sum(fq * z[None, :], axis=1)
+        if MODE != 2:  # keys: CAUSAL and REDUCE
+            kk_mask = row_mask[:, None] & dk_mask[None, :]
+            k = tl.load(k_base + rows64[:, None] * stride_kn + offs_dk[None, :] * stride_kd, mask=kk_mask, other=0.0)
+            v = tl.load(v_base + rows64[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                        mask=row_mask[:, None] & dv_mask[None, :], other=0.0)
+            fk = _feature_map(k.to(tl.float32), kk_mask, FEATURE_MAP)
+            if DOT_FP32:
+                fk_dot = fk
+                v_dot = v.to(tl.float32)
+            else:
+                fk_dot = fk.to(v.dtype)
+                v_dot = v
+        if MODE == 0:
+            scores = tl.dot(fq_dot, tl.trans(fk_dot), out_dtype=tl.float32)  # [BLOCK_T, BLOCK_T]
+            scores = tl.where(causal_mask, scores, 0.0)
+            if DOT_FP32:
+                num = tl.dot(scores, v_dot, num, out_dtype=tl.float32)
+            else:
+                num = tl.dot(scores.to(v.dtype), v_dot, num, out_dtype=tl.float32)
+            den += tl.sum(scores, axis=1)
+        if MODE != 1:
+            if NORMALIZE:
+                num = num / (den + eps)[:, None]
+            tl.store(o_base + rows64[:, None] * DV + offs_dv[None, :], num.to(o_ptr.dtype.element_ty),
+                     mask=row_mask[:, None] & dv_mask[None, :])
+        if MODE != 2:
+            S = tl.dot(tl.trans(fk_dot), v_dot, S, out_dtype=tl.float32)
+            z += tl.sum(fk, axis=0)
+
+    if STORE_FINAL:
+        tl.store(s_out_ptr + bh64 * DK * DV + state_offs, S, mask=state_mask)
+        tl.store(z_out_ptr + bh64 * DK + offs_dk, z, mask=dk_mask & (offs_dk * 0 + dv_block == 0))  # one writer of z
+
+
+@triton.jit
+def linear_attention_recurrent_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, s_in_ptr, z_in_ptr, s_out_ptr, z_out_ptr,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    HQ, GROUPS, T, DK, DV, eps,
+    FEATURE_MAP: tl.constexpr, NORMALIZE: tl.constexpr, HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Causal, one token at a time: S += phi(k_t)^T v_t, z += phi(k_t), o_t = phi(q_t) S / (phi(q_t).z + eps)."""
+    dv_block = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HQ
+    hq = bh % HQ
+    hkv = hq // GROUPS
+    b64 = b.to(tl.int64)
+    bh64 = bh.to(tl.int64)
+
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = dv_block * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    dk_mask = offs_dk < DK
+    dv_mask = offs_dv < DV
+    q_base = q_ptr + b64 * stride_qb + hq.to(tl.int64) * stride_qh
+    k_base = k_ptr + b64 * stride_kb + hkv.to(tl.int64) * stride_kh
+    v_base = v_ptr + b64 * stride_vb + hkv.to(tl.int64) * stride_vh
+    o_base = o_ptr + bh64 * T * DV
+    state_offs = offs_dk[:, None] * DV + offs_dv[None, :]
+    state_mask = dk_mask[:, None] & dv_mask[None, :]
+
+    if HAS_INITIAL:
+        S = tl.load(s_in_ptr + bh64 * DK * DV + state_offs, mask=state_mask, other=0.0)
+        z = tl.load(z_in_ptr + bh64 * DK + offs_dk, mask=dk_mask, other=0.0)
+    else:
+        S = tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32)
+        z = tl.zeros([BLOCK_DK], dtype=tl.float32)
+
+    for _ in range(0, T):  # the row pointers advance one token per step
+        q = tl.load(q_base + offs_dk * stride_qd, mask=dk_mask, other=0.0).to(tl.float32)
+        k = tl.load(k_base + offs_dk * stride_kd, mask=dk_mask, other=0.0).to(tl.float32)
+        v = tl.load(v_base + offs_dv * stride_vd, mask=dv_mask, other=0.0).to(tl.float32)
+        fq = _feature_map(q, dk_mask, FEATURE_MAP)
+        fk = _feature_map(k, dk_mask, FEATURE_MAP)
+        S += fk[:, None] * v[None, :]
+        z += fk
+        num = tl.sum(fq[:, None] * S, axis=0)  # [BLOCK_DV]
+        if NORMALIZE:
+            num = num / (tl.sum(fq * z, axis=0) + eps)
+        tl.store(o_base + offs_dv, num.to(o_ptr.dtype.element_ty), mask=dv_mask)
+        q_base += stride_qm
+        k_base += stride_kn
+        v_base += stride_vn
+        o_base += DV
+
+    if STORE_FINAL:
+        tl.store(s_out_ptr + bh64 * DK * DV + state_offs, S, mask=state_mask)
+        tl.store(z_out_ptr + bh64 * DK + offs_dk, z, mask=dk_mask & (offs_dk * 0 + dv_block == 0))  # one writer of z
+
+
+# ------------------------------------------------------------------------------------------- launcher
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def chunk_config(dk: int, programs_per_dv_block: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_DK, BLOCK_DV, num_warps). The chunk and the state slice live in registers: BLOCK_T 64
+    up to Dk 128, 32 beyond. Dv is split in 32-wide slices when (batch x heads) alone would leave SMs idle
+    (the sequence loop is serial, so parallelism comes from programs), else 64."""
+    block_dk = max(16, _next_pow2(dk))
+    block_t = 64 if block_dk <= 128 else 32
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    block_dv = 32 if programs_per_dv_block * 2 < 2 * sms else 64
+    num_warps = 4 if block_dk <= 64 else 8
+    return block_t, block_dk, block_dv, num_warps
+
+
+def recurrent_config(dk: int) -> tuple[int, int, int]:
+    """(BLOCK_DK, BLOCK_DV, num_warps) for the decode kernel: a [BLOCK_DK, 32] fp32 state slice."""
+    block_dk = max(16, _next_pow2(dk))
+    return block_dk, 32, 4 if block_dk <= 128 else 8
+
+
+def _state_buffers(b, hq, dk, dv, device):
+    return (torch.empty((b, hq, dk, dv), dtype=torch.float32, device=device),
+            torch.empty((b, hq, dk), dtype=torch.float32, device=device))
+
+
+def _launch(mode: str, q, k, v, out, state_in, state_out, *, feature_map: str, normalize: bool, eps: float):
+    """One pass of the chunk kernel (mode "causal" | "reduce" | "apply") or the recurrent one ("recurrent").
+    q/k/v are views (any strides); out contiguous [B, Hq, T, Dv] (unused by "reduce"); state_in/state_out
+    (S, z) fp32 contiguous, or None."""
+    b, hq = q.shape[0], q.shape[1]
+    hkv = k.shape[1]
+    dk, dv = q.shape[3], v.shape[3]
+    t = k.shape[2] if mode == "reduce" else q.shape[2]
+    s_in, z_in = state_in if state_in is not None else (out, out)
+    s_out, z_out = state_out if state_out is not None else (out, out)
+    common = dict(FEATURE_MAP=FEATURE_MAP_IDS[feature_map], NORMALIZE=normalize, HAS_INITIAL=state_in is not None,
+                  STORE_FINAL=state_out is not None)
+    args = (q, k, v, out, s_in, z_in, s_out, z_out, *q.stride(), *k.stride(), *v.stride(),
+            hq, hq // hkv, t, dk, dv, eps)
+    if mode == "recurrent":
+        block_dk, block_dv, num_warps = recurrent_config(dk)
+        grid = (triton.cdiv(dv, block_dv), b * hq)
+        linear_attention_recurrent_kernel[grid](*args, **common, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
+                                                num_warps=num_warps, num_stages=1)
+        return
+    block_t, block_dk, block_dv, num_warps = chunk_config(dk, b * hq * triton.cdiv(dv, 64), q.device)
+    grid = (triton.cdiv(dv, block_dv), b * hq)
+    dot_fp32 = q.dtype == torch.float32 or (interpreting() and q.dtype == torch.bfloat16)
+    linear_attention_chunk_kernel[grid](*args, **common, MODE=MODES[mode], DOT_FP32=dot_fp32, BLOCK_T=block_t,
+                                        BLOCK_DK=block_dk, BLOCK_DV=block_dv, num_warps=num_warps, num_stages=1)
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    feature_map: str,
+    causal: bool,
+    normalize: bool,
+    eps: float,
+    initial_state=None,
+    output_final_state: bool = False,
+    kernel: str | None = None,
+    out: torch.Tensor | None = None,
+):
+    """Launcher; inputs validated by dsattn.ops.linear_attention. initial_state: (S, z) fp32 or None.
+    Returns (o, (S, z) or None). `kernel` ("chunk" | "recurrent") overrides the causal path choice and `out`
+    (contiguous [B, Hq, Sq, Dv]) the output buffer: both for tests."""
+    b, hq, sq, dk = q.shape
+    sk, dv = k.shape[2], v.shape[3]
+    if out is None:
+        out = torch.empty((b, hq, sq, dv), dtype=q.dtype, device=q.device)
+    state = None
+    if initial_state is not None:
+        state = tuple(s.contiguous() for s in initial_state)
+    opts = dict(feature_map=feature_map, normalize=normalize, eps=eps)
+
+    # Keys that no query reads through the causal mask (non-causal: all of them; causal with Sq < Sk: the
+    # first Sk - Sq) are first reduced into the state.
+    reduce_len = sk if not causal else sk - sq
+    if reduce_len > 0:
+        reduced = _state_buffers(b, hq, dk, dv, q.device)
+        _launch("reduce", q, k[:, :, :reduce_len], v[:, :, :reduce_len], out, state, reduced, **opts)
+        state = reduced
+    final = None
+    if causal and sq > 0:
+        if output_final_state:
+            final = _state_buffers(b, hq, dk, dv, q.device)
+        if kernel is None:
+            kernel = "recurrent" if sq <= RECURRENT_MAX_SQ else "chunk"
+        _launch("recurrent" if kernel == "recurrent" else "causal", q, k[:, :, reduce_len:], v[:, :, reduce_len:],
+                out, state, final, **opts)
+    else:
+        if sq > 0:
+            _launch("apply", q, k, v, out, state, None, **opts)
+        if output_final_state:
+            if state is None:  # no keys and no initial state
+                final = (torch.zeros((b, hq, dk, dv), dtype=torch.float32, device=q.device),
+                         torch.zeros((b, hq, dk), dtype=torch.float32, device=q.device))
+            else:
+                final = state if reduce_len > 0 else tuple(s.clone() for s in state)  # never alias the caller's
+    return out, final
+
+
+# ------------------------------------------------------------------------------------------------ AOT
+def _signature(dtype: torch.dtype) -> dict[str, str]:
+    sig = {"q_ptr": ptr(dtype), "k_ptr": ptr(dtype), "v_ptr": ptr(dtype), "o_ptr": ptr(dtype),
+           "s_in_ptr": "*fp32", "z_in_ptr": "*fp32", "s_out_ptr": "*fp32", "z_out_ptr": "*fp32"}
+    for name, axes in (("q", "bhmd"), ("k", "bhnd"), ("v", "bhnd")):
+        for axis in axes:
+            sig[f"stride_{name}{axis}"] = "i32"
+    for name in ("HQ", "GROUPS", "T", "DK", "DV"):
+        sig[name] = "i32"
+    sig["eps"] = "fp32"
+    return sig
+
+
+def aot_specs() -> list[AOTSpec]:
+    """Every config the launcher can pick: per dtype, BLOCK_DK x BLOCK_DV x mode for the chunk kernel (the
+    feature map and flags do not change the tile shapes: the hot ones are compiled with "exp", the
+    costliest map, normalized, with initial and final state), and BLOCK_DK for the recurrent kernel."""
+    specs = []
+    for dtype in DTYPES:
+        for block_dk in BLOCK_DKS:
+            block_t, _, _, num_warps = chunk_config(block_dk, 1 << 30, torch.device("cpu"))
+            for block_dv in BLOCK_DVS:
+                for mode_name, mode in MODES.items():
+                    specs.append(AOTSpec(
+                        name=f"chunk_{mode_name}_{TRITON_DTYPE[dtype]}_dk{block_dk}_dv{block_dv}",
+                        kernel=linear_attention_chunk_kernel,
+                        signature=_signature(dtype),
+                        constexprs={"FEATURE_MAP": FEATURE_MAP_IDS["exp"], "MODE": mode, "NORMALIZE": True,
+                                    "HAS_INITIAL": True, "STORE_FINAL": True, "DOT_FP32": dtype == torch.float32,
+                                    "BLOCK_T": block_t, "BLOCK_DK": block_dk, "BLOCK_DV": block_dv},
+                        num_warps=num_warps,
+                        num_stages=1,
+                    ))
+            rec_dk, rec_dv, rec_warps = recurrent_config(block_dk)
+            specs.append(AOTSpec(
+                name=f"recurrent_{TRITON_DTYPE[dtype]}_dk{rec_dk}_dv{rec_dv}",
+                kernel=linear_attention_recurrent_kernel,
+                signature=_signature(dtype),
+                constexprs={"FEATURE_MAP": FEATURE_MAP_IDS["exp"], "NORMALIZE": True, "HAS_INITIAL": True,
+                            "STORE_FINAL": True, "BLOCK_DK": rec_dk, "BLOCK_DV": rec_dv},
+                num_warps=rec_warps,
+                num_stages=1,
+            ))
+    return specs
