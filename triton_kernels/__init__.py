@@ -8,6 +8,7 @@ within the device limit).
 
 KERNEL_MODULES = (
     "int4_unpack",
+    "linear_attention",
     "sliding_window",
     "sparse_attention",
 )
