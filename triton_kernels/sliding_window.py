@@ -328,12 +328,14 @@ def _decode(q, k, v, out, sinks, window, causal, scale):
     return out
 
 
-def sliding_window_attention(q, k, v, window, causal, scale, sinks):
-    """q [B, Hq, Sq, Dqk], k [B, Hkv, Sk, Dqk], v [B, Hkv, Sk, Dv] (validated, any strides) -> [B, Hq, Sq, Dv]."""
+def sliding_window_attention(q, k, v, window, causal, scale, sinks, out=None):
+    """q [B, Hq, Sq, Dqk], k [B, Hkv, Sk, Dqk], v [B, Hkv, Sk, Dv] (validated, any strides) -> [B, Hq, Sq, Dv].
+    out: optional [B, Hq, Sq, Dv] buffer (any strides) the kernels write every element of."""
     batch, hq, seq_q, dqk = q.shape
     hkv, seq_k, dv = k.shape[1], k.shape[2], v.shape[3]
     check_head_dims(dqk, dv)
-    out = torch.empty(batch, hq, seq_q, dv, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(batch, hq, seq_q, dv, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
     if seq_k == 0:
@@ -346,12 +348,15 @@ def sliding_window_attention(q, k, v, window, causal, scale, sinks):
                 window, causal, scale)
 
 
-def sliding_window_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, window, causal, scale, sinks):
+def sliding_window_attention_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, window, causal, scale, sinks, out=None
+):
     """q [total_q, Hq, Dqk], k [total_k, Hkv, Dqk], v [total_k, Hkv, Dv], cu_seqlens int32 [n + 1]."""
     total_q, hq, dqk = q.shape
     hkv, dv = k.shape[1], v.shape[2]
     check_head_dims(dqk, dv)
-    out = torch.empty(total_q, hq, dv, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(total_q, hq, dv, dtype=q.dtype, device=q.device)
     num_seqs = cu_seqlens_q.shape[0] - 1
     if out.numel() == 0 or num_seqs == 0 or max_seqlen_q == 0:
         return out
@@ -368,8 +373,19 @@ HEAD_DIM_BUCKETS = ((64, 64), (128, 128), (256, 128), (256, 256))
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _strides(prefix: str, names=("b", "h", "s", "d")) -> dict:
+def _strides(prefix: str, names=("b", "h", "s")) -> dict:
     return {f"stride_{prefix}{n}": "i32" for n in names}
+
+
+# The JIT specializes an int argument equal to 1 into a constant: a contiguous head dim (the hot path, and
+# what transformers passes) compiles with stride_*d == 1, which lets the loads vectorize.
+def _unit_head_strides(*prefixes) -> dict:
+    return {f"stride_{p}d": 1 for p in prefixes}
+
+
+def _aligned(signature: dict) -> tuple[str, ...]:
+    """Pointers and strides: multiples of 16 for the usual head dims, as the JIT sees them on the hot path."""
+    return tuple(n for n, t in signature.items() if t.startswith("*") or n.startswith("stride_"))
 
 
 def aot_specs() -> list[AOTSpec]:
@@ -387,10 +403,11 @@ def aot_specs() -> list[AOTSpec]:
                              "DV": "i32", "window": "i32", "qk_scale_log2": "fp32"}
                 specs.append(AOTSpec(
                     name=f"fwd{'_varlen' if varlen else ''}_{tag}", kernel=swa_fwd_kernel, signature=signature,
-                    constexprs=dict(CAUSAL=True, HAS_SINKS=True, IS_VARLEN=varlen, BLOCK_M=cfg["BLOCK_M"],
+                    constexprs=dict(**_unit_head_strides("q", "k", "v", "o"), CAUSAL=True, HAS_SINKS=True,
+                                    IS_VARLEN=varlen, BLOCK_M=cfg["BLOCK_M"],
                                     BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
                                     UPCAST=False, IEEE=dtype == torch.float32),
-                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], divisible_by_16=_aligned(signature),
                 ))
             cfg = decode_config(block_dqk, block_dv, dtype)
             signature = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32",
@@ -400,17 +417,17 @@ def aot_specs() -> list[AOTSpec]:
                          "NUM_SPLITS": "i32"}
             specs.append(AOTSpec(
                 name=f"decode_split_{tag}", kernel=swa_decode_split_kernel, signature=signature,
-                constexprs=dict(CAUSAL=True, BLOCK_M=DECODE_ROWS, BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk,
+                constexprs=dict(**_unit_head_strides("q", "k", "v"), CAUSAL=True, BLOCK_M=DECODE_ROWS, BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk,
                                 BLOCK_DV=block_dv, UPCAST=False, IEEE=dtype == torch.float32),
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], divisible_by_16=_aligned(signature),
             ))
         for block_dv in sorted({dv for _, dv in HEAD_DIM_BUCKETS}):
+            signature = {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "o_ptr": p, "sinks_ptr": "*fp32",
+                         **_strides("o"), "HQ": "i32", "SEQ_Q": "i32", "DV": "i32", "NUM_SPLITS": "i32"}
             specs.append(AOTSpec(
                 name=f"decode_combine_{str(dtype).replace('torch.', '')}_dv{block_dv}",
-                kernel=swa_decode_combine_kernel,
-                signature={"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "o_ptr": p, "sinks_ptr": "*fp32",
-                           **_strides("o"), "HQ": "i32", "SEQ_Q": "i32", "DV": "i32", "NUM_SPLITS": "i32"},
-                constexprs=dict(HAS_SINKS=True, BLOCK_SPLITS=MAX_SPLITS, BLOCK_DV=block_dv),
+                kernel=swa_decode_combine_kernel, signature=signature, divisible_by_16=_aligned(signature),
+                constexprs=dict(**_unit_head_strides("o"), HAS_SINKS=True, BLOCK_SPLITS=MAX_SPLITS, BLOCK_DV=block_dv),
                 num_warps=4 if block_dv >= 128 else 2, num_stages=1,
             ))
     return specs

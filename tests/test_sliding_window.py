@@ -1,0 +1,284 @@
+"""Sliding-window attention: the reference against brute force in float64, the Triton kernels (prefill,
+split-K decode, varlen; the interpreter on CPU) against the reference, and bad input."""
+
+import pytest
+import torch
+
+import dsattn
+from dsattn.reference.sliding_window import sliding_window_attention as reference
+from dsattn.reference.sliding_window import sliding_window_attention_varlen as reference_varlen
+from dsattn.testing import assert_close, non_contiguous, poisoned, tolerance
+
+swa = dsattn.sliding_window_attention
+swa_varlen = dsattn.sliding_window_attention_varlen
+
+
+def brute_force(q, k, v, window, causal, scale, sinks):
+    """One row at a time, straight from SPEC's visibility rule, with the sink as an extra softmax logit."""
+    b, hq, sq, _ = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    out = torch.zeros(b, hq, sq, v.shape[3], dtype=torch.float64)
+    for bi in range(b):
+        for h in range(hq):
+            kv = h // (hq // hkv)
+            for i in range(sq):
+                p = i + sk - sq
+                keys = [j for j in range(sk) if (p - window < j <= p if causal else abs(p - j) < window)]
+                if not keys:
+                    continue
+                logits = torch.stack([q[bi, h, i].double() @ k[bi, kv, j].double() * scale for j in keys])
+                if sinks is not None:
+                    logits = torch.cat([logits, sinks[h : h + 1].double()])
+                weights = torch.softmax(logits, 0)[: len(keys)]
+                out[bi, h, i] = sum(w * v[bi, kv, j].double() for w, j in zip(weights, keys))
+    return out
+
+
+def make_qkv(b, hq, hkv, sq, sk, dqk, dv, dtype=torch.float32, device="cpu"):
+    q = torch.randn(b, hq, sq, dqk, dtype=dtype, device=device)
+    k = torch.randn(b, hkv, sk, dqk, dtype=dtype, device=device)
+    v = torch.randn(b, hkv, sk, dv, dtype=dtype, device=device)
+    return q, k, v
+
+
+# ----------------------------------------------------------------------------------------- reference
+@pytest.mark.parametrize(
+    "b,hq,hkv,sq,sk,dqk,dv,window,causal,with_sinks",
+    [
+        (1, 4, 2, 9, 9, 8, 4, 3, True, True),  # GQA, Dqk != Dv, sinks
+        (2, 2, 1, 7, 7, 4, 4, 1, True, False),  # window 1: the diagonal only
+        (1, 2, 2, 3, 11, 4, 6, 4, True, True),  # Sq < Sk (chunked prefill)
+        (1, 2, 1, 6, 3, 4, 4, 2, True, True),  # Sq > Sk: leading rows see nothing -> zeros
+        (1, 3, 1, 8, 8, 4, 4, 20, True, False),  # window >= Sk: full causal
+        (2, 2, 2, 7, 7, 4, 4, 3, False, True),  # symmetric window
+    ],
+)
+@pytest.mark.parametrize("chunk_size", [2, None])
+def test_reference_matches_brute_force(b, hq, hkv, sq, sk, dqk, dv, window, causal, with_sinks, chunk_size):
+    q, k, v = make_qkv(b, hq, hkv, sq, sk, dqk, dv, torch.float64)
+    sinks = torch.randn(hq, dtype=torch.float64) if with_sinks else None
+    out = reference(q, k, v, window, causal=causal, scale=0.4, sinks=sinks, chunk_size=chunk_size)
+    assert_close(out, brute_force(q, k, v, window, causal, 0.4, sinks), 1e-12)
+    if sq > sk:
+        assert torch.all(out[:, :, : sq - sk] == 0)
+
+
+def test_reference_full_window_equals_sdpa_causal():
+    q, k, v = make_qkv(1, 4, 4, 33, 33, 16, 16, torch.float64)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert_close(reference(q, k, v, 10**9), expected, 1e-12)
+
+
+def test_varlen_reference_matches_brute_force():
+    lens_q, lens_k = [3, 0, 5, 2], [3, 4, 7, 0]
+    q = torch.randn(sum(lens_q), 4, 8, dtype=torch.float64)
+    k = torch.randn(sum(lens_k), 2, 8, dtype=torch.float64)
+    v = torch.randn(sum(lens_k), 2, 6, dtype=torch.float64)
+    sinks = torch.randn(4, dtype=torch.float64)
+    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    out = reference_varlen(q, k, v, cu_q, cu_k, 5, 7, 3, sinks=sinks)
+    for s in range(len(lens_q)):
+        q0, q1, k0, k1 = cu_q[s].item(), cu_q[s + 1].item(), cu_k[s].item(), cu_k[s + 1].item()
+        seq = [t[a:z].transpose(0, 1)[None] for t, a, z in ((q, q0, q1), (k, k0, k1), (v, k0, k1))]
+        expected = brute_force(*seq, 3, True, 8**-0.5, sinks)[0].transpose(0, 1)
+        assert_close(out[q0:q1], expected, 1e-12) if q1 > q0 else None
+    assert torch.all(out[cu_q[3] : cu_q[4]] == 0)  # a sequence without keys outputs zeros
+
+
+# ----------------------------------------------------------------------------------------- triton
+def _cu(lengths, device="cpu"):
+    return torch.tensor([0] + lengths, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
+
+
+def _run_triton(q, k, v, window, causal=True, scale=None, sinks=None):
+    """The kernels through the launcher with a NaN-poisoned output buffer: every element must be written."""
+    from dsattn.triton_kernels import sliding_window as kernels
+
+    out = poisoned((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), q.dtype, q.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    kernels.sliding_window_attention(q, k, v, window, causal, scale, None if sinks is None else sinks.float(), out=out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "hq,hkv,sq,sk,dqk,dv,window,causal,with_sinks,dtype",
+    [
+        (4, 1, 17, 17, 64, 64, 7, True, True, torch.float32),  # GQA 4, sinks
+        (8, 1, 129, 129, 32, 16, 64, True, False, torch.bfloat16),  # GQA 8, Dqk != Dv
+        (2, 2, 129, 129, 64, 64, 200, True, True, torch.float16),  # window >= S: full causal
+        (2, 2, 33, 100, 24, 40, 1, True, False, torch.float32),  # chunked prefill, window 1, odd dims
+        (2, 1, 40, 20, 16, 16, 5, True, True, torch.float32),  # Sq > Sk: rows with no key -> 0
+        (2, 1, 45, 45, 16, 16, 7, False, True, torch.float32),  # symmetric window
+        (1, 1, 1000, 1000, 16, 16, 64, True, False, torch.float32),  # long-ish: only the window's blocks
+    ],
+)
+def test_triton_prefill_matches_reference(triton_device, hq, hkv, sq, sk, dqk, dv, window, causal, with_sinks, dtype):
+    q, k, v = make_qkv(1, hq, hkv, sq, sk, dqk, dv, dtype, triton_device)
+    sinks = torch.randn(hq, device=triton_device) if with_sinks else None
+    out = _run_triton(q, k, v, window, causal, sinks=sinks)
+    expected = reference(q, k, v, window, causal=causal, sinks=sinks)
+    assert_close(out, expected, tolerance(dtype, tf32=False))
+
+
+def test_triton_non_contiguous_inputs(triton_device):
+    # [B, S, H, D] memory seen as [B, H, S, D] (what transformers hands over), and a strided head-dim slice.
+    q, k, v = make_qkv(2, 4, 2, 37, 37, 32, 32, torch.float32, triton_device)
+    sinks = torch.randn(4, device=triton_device)
+    expected = reference(q, k, v, 9, sinks=sinks)
+    q_nc, k_nc, v_nc = non_contiguous(q), non_contiguous(k), torch.cat([v, v], -1)[..., ::2]
+    assert not (q_nc.is_contiguous() or k_nc.is_contiguous())
+    v_nc.copy_(v)
+    assert_close(swa(q_nc, k_nc, v_nc, 9, sinks=sinks, backend="triton"), expected)
+    # Decode through the same strided views.
+    assert_close(swa(q_nc[:, :, -1:], k_nc, v_nc, 9, sinks=sinks, backend="triton"), expected[:, :, -1:])
+
+
+@pytest.mark.parametrize(
+    "hq,hkv,sq,sk,window,with_sinks,dtype",
+    [
+        (8, 1, 1, 300, 64, True, torch.float32),  # Sq = 1, GQA 8
+        (4, 4, 1, 257, 1000, False, torch.bfloat16),  # window >= cache
+        (4, 1, 3, 211, 7, True, torch.float16),  # a few rows at once (chunked decode)
+        (2, 2, 1, 1, 1, True, torch.float32),  # a one-token cache
+    ],
+)
+def test_triton_decode_matches_reference(triton_device, monkeypatch, hq, hkv, sq, sk, window, with_sinks, dtype):
+    from dsattn.triton_kernels import sliding_window as kernels
+
+    monkeypatch.setattr(kernels, "MIN_KEYS_PER_SPLIT", 32)  # several splits even on these short caches
+    q, k, v = make_qkv(2, hq, hkv, sq, sk, 32, 16, dtype, triton_device)
+    sinks = torch.randn(hq, device=triton_device) if with_sinks else None
+    out = _run_triton(q, k, v, window, sinks=sinks)
+    assert_close(out, reference(q, k, v, window, sinks=sinks), tolerance(dtype))
+
+
+def test_decode_splits_only_cover_the_window(triton_device, monkeypatch):
+    """Decode reads the window's keys only: poisoning the cache before the window changes nothing."""
+    from dsattn.triton_kernels import sliding_window as kernels
+
+    monkeypatch.setattr(kernels, "MIN_KEYS_PER_SPLIT", 32)
+    q, k, v = make_qkv(1, 4, 1, 1, 500, 32, 32, torch.float32, triton_device)
+    expected = reference(q, k, v, 100)
+    k[:, :, :400] = float("nan")
+    v[:, :, :400] = float("nan")
+    assert_close(_run_triton(q, k, v, 100), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_varlen_matches_reference(triton_device, dtype):
+    from dsattn.triton_kernels import sliding_window as kernels
+
+    lens_q, lens_k = [17, 1, 0, 70, 5], [17, 90, 3, 70, 0]  # uneven, decode-like, empty q, empty k
+    hq, hkv = 4, 2
+    q = torch.randn(sum(lens_q), hq, 32, dtype=dtype, device=triton_device)
+    k = torch.randn(sum(lens_k), hkv, 32, dtype=dtype, device=triton_device)
+    v = torch.randn(sum(lens_k), hkv, 24, dtype=dtype, device=triton_device)
+    sinks = torch.randn(hq, device=triton_device)
+    cu_q, cu_k = _cu(lens_q, triton_device), _cu(lens_k, triton_device)
+    expected = reference_varlen(q, k, v, cu_q, cu_k, 70, 90, 13, sinks=sinks)
+    out = poisoned((sum(lens_q), hq, 24), dtype, triton_device)
+    kernels.sliding_window_attention_varlen(q, k, v, cu_q, cu_k, 70, 13, True, 32**-0.5, sinks, out=out)
+    assert_close(out, expected, tolerance(dtype))
+    assert torch.all(out[cu_q[4] : cu_q[5]] == 0)
+    # The public entry, with strided (non-contiguous) token-major inputs.
+    q_nc = q.transpose(0, 1).contiguous().transpose(0, 1)  # head-major memory
+    v_nc = non_contiguous(v)  # a strided head dim
+    assert not (q_nc.is_contiguous() or v_nc.is_contiguous())
+    got = swa_varlen(q_nc, k, v_nc, cu_q, cu_k, 70, 90, 13, sinks=sinks, backend="triton")
+    assert_close(got, expected, tolerance(dtype))
+
+
+def test_torch_backend_and_auto(device):
+    q, k, v = make_qkv(1, 2, 1, 20, 20, 16, 16, torch.float32, device)
+    expected = reference(q, k, v, 5)
+    assert_close(swa(q, k, v, 5, backend="torch"), expected)
+    assert_close(swa(q, k, v, 5), expected, 3e-4)  # auto: triton on CUDA (tf32-free fp32), torch on CPU
+
+
+def test_triton_head_dim_limit(triton_device):
+    q, k, v = make_qkv(1, 1, 1, 4, 4, 576, 512, torch.float32, triton_device)
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        swa(q, k, v, 4, backend="triton")
+    assert swa(q, k, v, 4, backend="torch").shape == (1, 1, 4, 512)  # the reference takes any width
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_long_prefill_and_decode(dtype):
+    q, k, v = make_qkv(1, 8, 2, 4096, 4096, 128, 128, dtype, "cuda")
+    sinks = torch.randn(8, device="cuda")
+    assert_close(swa(q, k, v, 1024, sinks=sinks), reference(q, k, v, 1024, sinks=sinks), tolerance(dtype))
+    assert_close(swa(q[:, :, -1:], k, v, 1024, sinks=sinks), reference(q[:, :, -1:], k, v, 1024, sinks=sinks),
+                 tolerance(dtype))
+
+
+# ----------------------------------------------------------------------------------------- bad input
+def test_bad_input_is_named():
+    q, k, v = make_qkv(1, 4, 2, 5, 5, 8, 8)
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        swa(q, k, v, 0)
+    with pytest.raises(TypeError, match="window must be an int"):
+        swa(q, k, v, 2.0)
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        swa(q, k, v, 2, causal=1)
+    with pytest.raises(ValueError, match="q must be 4-D"):
+        swa(q[0], k, v, 2)
+    with pytest.raises(ValueError, match="multiple of k/v heads"):
+        swa(q[:, :3], k, v, 2)
+    with pytest.raises(ValueError, match="k head dim"):
+        swa(q, k[..., :4], v, 2)
+    with pytest.raises(TypeError, match="v has dtype"):
+        swa(q, k, v.half(), 2)
+    with pytest.raises(TypeError, match="q must have dtype"):
+        swa(q.int(), k.int(), v.int(), 2)
+    with pytest.raises(ValueError, match=r"sinks must have shape \[4\]"):
+        swa(q, k, v, 2, sinks=torch.zeros(2))
+    with pytest.raises(ValueError, match="sinks must be 1-D"):
+        swa(q, k, v, 2, sinks=torch.zeros(1, 4))
+    with pytest.raises(TypeError, match="sinks must have dtype"):
+        swa(q, k, v, 2, sinks=torch.zeros(4, dtype=torch.int32))
+    with pytest.raises(TypeError, match="scale must be a float"):
+        swa(q, k, v, 2, scale="x")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        swa(q, k, v, 2, backend="nope")
+    with pytest.raises(ValueError, match="'cpp' is not implemented"):
+        swa(q, k, v, 2, backend="cpp")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="k is on"):
+            swa(q, k.cuda(), v, 2)
+        with pytest.raises(ValueError, match="sinks is on"):
+            swa(q, k, v, 2, sinks=torch.zeros(4, device="cuda"))
+
+
+def test_varlen_bad_input_is_named():
+    q, k, v = torch.randn(6, 4, 8), torch.randn(9, 2, 8), torch.randn(9, 2, 8)
+    cu_q, cu_k = _cu([2, 4]), _cu([4, 5])
+    assert swa_varlen(q, k, v, cu_q, cu_k, 4, 5, 3).shape == (6, 4, 8)
+    with pytest.raises(ValueError, match="q must be 3-D"):
+        swa_varlen(q[None], k, v, cu_q, cu_k, 4, 5, 3)
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        swa_varlen(q, k, v, cu_q, cu_k, 4, 5, 0)
+    with pytest.raises(ValueError, match="k and v must agree"):
+        swa_varlen(q, k, v[:8], cu_q, cu_k, 4, 5, 3)
+    with pytest.raises(ValueError, match="multiple of k/v heads"):
+        swa_varlen(q[:, :3], k, v, cu_q, cu_k, 4, 5, 3)
+    with pytest.raises(TypeError, match="cu_seqlens_q must have dtype"):
+        swa_varlen(q, k, v, cu_q.long(), cu_k, 4, 5, 3)
+    with pytest.raises(ValueError, match="cu_seqlens_k must start at 0 and end at the token count 9"):
+        swa_varlen(q, k, v, cu_q, _cu([4, 4]), 4, 5, 3)
+    with pytest.raises(ValueError, match="cu_seqlens_q must be non-decreasing"):
+        swa_varlen(q, k, v, torch.tensor([0, 7, 6], dtype=torch.int32), cu_k, 7, 5, 3)
+    with pytest.raises(ValueError, match="same length"):
+        swa_varlen(q, k, v, cu_q, _cu([4, 5, 0]), 4, 5, 3)
+    with pytest.raises(ValueError, match="max_seqlen_q=3 is shorter"):
+        swa_varlen(q, k, v, cu_q, cu_k, 3, 5, 3)
+    with pytest.raises(TypeError, match="max_seqlen_k must be an int"):
+        swa_varlen(q, k, v, cu_q, cu_k, 4, 5.0, 3)
+    with pytest.raises(ValueError, match=r"sinks must have shape \[4\]"):
+        swa_varlen(q, k, v, cu_q, cu_k, 4, 5, 3, sinks=torch.zeros(3))
+
+
+def test_triton_rejects_float64(triton_device):
+    q, k, v = make_qkv(1, 2, 1, 5, 5, 8, 8, torch.float64, triton_device)
+    with pytest.raises(TypeError, match="float16/bfloat16/float32"):
+        swa(q, k, v, 2, backend="triton")
