@@ -160,6 +160,14 @@ def test_int64_indices_equal_int32(triton_device):
         )
 
 
+def test_empty_topk_gives_zeros(triton_device):
+    q, k, v = _inputs(1, 2, 1, 3, 8, 16, 16, device=triton_device)
+    indices = torch.empty(1, 3, 0, dtype=torch.int32, device=triton_device)
+    for backend in ("torch", "triton"):
+        out = sparse_attention(q, k, v, indices, backend=backend)
+        assert out.shape == (1, 2, 3, 16) and torch.equal(out, torch.zeros_like(out)), backend
+
+
 def test_auto_backend_runs(device):
     q, k, v = _inputs(1, 2, 2, 3, 8, 16, 16, device=device)
     indices = _random_indices((1, 3), 4, 8, device=device)
@@ -232,3 +240,17 @@ def test_bad_qkv_and_options():
         sparse_attention(q, k, v, idx, backend="cpp")
     with pytest.raises(TypeError, match="backend='triton' supports"):
         sparse_attention(q.double(), k.double(), v.double(), idx, backend="triton")
+
+
+def test_every_launch_config_is_compiled_ahead_of_time():
+    """Every (BLOCK_H, BLOCK_DV, num_warps) the launcher can pick is in aot_specs(), split and not."""
+    from dsattn.triton_kernels import sparse_attention as kernels
+
+    specs = {(s.name, s.num_warps) for s in kernels.aot_specs()}
+    for dtype in kernels.DTYPES:
+        for groups in (1, 3, 16, 17, 32, 33, 64, 128):
+            for dv in (16, 64, 65, 128, 512):
+                block_h, block_dv, num_warps = kernels.block_config(groups, dv, dtype)
+                for split in ("", "_split"):
+                    name = f"fwd_{kernels.TRITON_DTYPE[dtype]}_h{block_h}_dv{block_dv}{split}"
+                    assert (name, num_warps) in specs, name

@@ -217,7 +217,7 @@ def sparse_attention(
     if splits is None:
         splits = num_splits(programs, topk, q.device)
     splits = max(1, min(splits, MAX_SPLITS, max(1, triton.cdiv(topk, BLOCK_N))))
-    topk_per_split = triton.cdiv(triton.cdiv(topk, BLOCK_N), splits) * BLOCK_N
+    topk_per_split = max(1, triton.cdiv(triton.cdiv(topk, BLOCK_N), splits)) * BLOCK_N
     splits = max(1, triton.cdiv(topk, topk_per_split))
 
     if splits > 1:
@@ -248,6 +248,14 @@ def sparse_attention(
 
 
 # ------------------------------------------------------------------------------------------------ AOT
+# What the JIT sees on the hot path: contiguous head dims and index rows (strides == 1, which it turns into
+# constants) and 16-aligned pointers, row strides and sizes (tt.divisibility), so loads vectorize.
+UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_it")
+ALIGNED = ("q_ptr", "k_ptr", "v_ptr", "idx_ptr", "out_ptr", "lse_ptr", "stride_qb", "stride_qh", "stride_qm",
+           "stride_kb", "stride_kh", "stride_kn", "stride_vb", "stride_vh", "stride_vn", "stride_ib", "stride_im",
+           "DQK", "DV", "TOPK", "TOPK_PER_SPLIT")
+
+
 def _fwd_signature(dtype: torch.dtype, split: bool) -> dict[str, str]:
     sig = {
         "q_ptr": ptr(dtype), "k_ptr": ptr(dtype), "v_ptr": ptr(dtype), "idx_ptr": "*i32",
@@ -263,6 +271,8 @@ def _fwd_signature(dtype: torch.dtype, split: bool) -> dict[str, str]:
         sig[name] = "i32"
     sig["scale_log2"] = "fp32"
     sig["last_key_shift"] = "i32"
+    for name in UNIT_STRIDES:
+        sig[name] = "constexpr"
     return sig
 
 
@@ -278,15 +288,29 @@ def aot_specs() -> list[AOTSpec]:
                         kernel=sparse_attention_fwd_kernel,
                         signature=_fwd_signature(dtype, split),
                         constexprs={"BLOCK_H": block_h, "BLOCK_N": BLOCK_N, "BLOCK_DK": BLOCK_DK,
-                                    "BLOCK_DV": block_dv, "SPLIT": split, "UPCAST": False},
+                                    "BLOCK_DV": block_dv, "SPLIT": split, "UPCAST": False,
+                                    **{name: 1 for name in UNIT_STRIDES}},
+                        divisible_by_16=ALIGNED,
                         num_warps=num_warps,
                         num_stages=2,
                     ))
+        # Strided head dims (a caller's odd view): the JIT compiles this unspecialized variant.
+        specs.append(AOTSpec(
+            name=f"fwd_{TRITON_DTYPE[dtype]}_h64_dv128_any_strides",
+            kernel=sparse_attention_fwd_kernel,
+            signature={**_fwd_signature(dtype, False), **{name: "i32" for name in UNIT_STRIDES}},
+            constexprs={"BLOCK_H": 64, "BLOCK_N": BLOCK_N, "BLOCK_DK": BLOCK_DK, "BLOCK_DV": 128, "SPLIT": False,
+                        "UPCAST": False},
+            num_warps=8,
+            num_stages=2,
+            hot=False,
+        ))
         specs.append(AOTSpec(
             name=f"combine_{TRITON_DTYPE[dtype]}",
             kernel=sparse_attention_combine_kernel,
             signature={"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": ptr(dtype), "NUM_SPLITS": "i32",
                        "DV": "i32"},
+            divisible_by_16=("part_ptr", "lse_ptr", "out_ptr", "DV"),
             constexprs={"BLOCK_S": MAX_SPLITS, "BLOCK_DV": COMBINE_BLOCK_DV},
             num_warps=4,
             num_stages=1,
