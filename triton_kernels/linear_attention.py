@@ -28,7 +28,7 @@ FEATURE_MAP_IDS = {"elu": 0, "relu": 1, "exp": 2, "identity": 3}
 MODE_CAUSAL, MODE_REDUCE, MODE_APPLY = 0, 1, 2
 MODES = {"causal": MODE_CAUSAL, "reduce": MODE_REDUCE, "apply": MODE_APPLY}
 MAX_DK = 256
-BLOCK_DKS = (16, 32, 64, 128, 256)
+BLOCK_DKS = (32, 64, 128, 256)  # Dk < 32 is padded to 32
 BLOCK_DVS = (32, 64)
 RECURRENT_MAX_SQ = 16  # causal calls with at most this many queries take the recurrent (decode) kernel
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -207,7 +207,7 @@ def chunk_config(dk: int, programs_per_dv_block: int, device: torch.device) -> t
     """(BLOCK_T, BLOCK_DK, BLOCK_DV, num_warps). The chunk and the state slice live in registers: BLOCK_T 64
     up to Dk 128, 32 beyond. Dv is split in 32-wide slices when (batch x heads) alone would leave SMs idle
     (the sequence loop is serial, so parallelism comes from programs), else 64."""
-    block_dk = max(16, _next_pow2(dk))
+    block_dk = max(BLOCK_DKS[0], _next_pow2(dk))
     block_t = 64 if block_dk <= 128 else 32
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     block_dv = 32 if programs_per_dv_block * 2 < 2 * sms else 64
@@ -217,7 +217,7 @@ def chunk_config(dk: int, programs_per_dv_block: int, device: torch.device) -> t
 
 def recurrent_config(dk: int) -> tuple[int, int, int]:
     """(BLOCK_DK, BLOCK_DV, num_warps) for the decode kernel: a [BLOCK_DK, 32] fp32 state slice."""
-    block_dk = max(16, _next_pow2(dk))
+    block_dk = max(BLOCK_DKS[0], _next_pow2(dk))
     return block_dk, 32, 4 if block_dk <= 128 else 8
 
 

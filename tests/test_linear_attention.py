@@ -1,0 +1,323 @@
+"""linear_attention: the reference against a brute-force loop (float64); the Triton chunked and recurrent
+kernels against the reference (interpreter on CPU); state round trips; bad input; the generation cache."""
+
+import pytest
+import torch
+
+import dsattn
+from dsattn import testing
+from dsattn.cache import LinearAttentionCache
+from dsattn.reference.linear_attention import FEATURE_MAPS, LinearAttentionState, feature_map
+from dsattn.reference.linear_attention import linear_attention as reference
+
+OP_KW = dict(eps=1e-6)
+
+
+def brute_force(q, k, v, fmap, causal, normalize, eps=1e-6, state=None):
+    """Per query position: sum the visible keys one by one, straight from SPEC's formula (float64)."""
+    b, hq, sq, dk = q.shape
+    hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
+    g = hq // hkv
+    out = torch.zeros(b, hq, sq, dv, dtype=torch.float64)
+    for bi in range(b):
+        for h in range(hq):
+            fk = feature_map(k[bi, h // g].double(), fmap)
+            vv = v[bi, h // g].double()
+            for i in range(sq):
+                last = i + sk - sq if causal else sk - 1
+                fq = feature_map(q[bi, h, i].double(), fmap)
+                S = sum((torch.outer(fk[j], vv[j]) for j in range(last + 1)), torch.zeros(dk, dv, dtype=torch.float64))
+                z = fk[: last + 1].sum(0)
+                if state is not None:
+                    S, z = S + state.S[bi, h].double(), z + state.z[bi, h].double()
+                num = fq @ S
+                out[bi, h, i] = num / (fq @ z + eps) if normalize else num
+    return out
+
+
+def make_inputs(b, hq, hkv, sq, sk, dk, dv, dtype=torch.float32, device="cpu", positive=False):
+    def rand(*shape):
+        t = torch.rand(*shape) + 0.1 if positive else torch.randn(*shape)
+        return t.to(dtype=dtype, device=device)
+
+    return rand(b, hq, sq, dk), rand(b, hkv, sk, dk), rand(b, hkv, sk, dv)
+
+
+def as_double_reference(q, k, v, **kw):
+    """The reference on the same (rounded) inputs, in float64: the expected value for any dtype."""
+    state = kw.pop("initial_state", None)
+    if state is not None:
+        state = LinearAttentionState(state.S.double().cpu(), state.z.double().cpu())
+    return reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), initial_state=state, **kw)
+
+
+def fp32_tol(device):
+    return testing.tolerance(torch.float32, tf32=device == "cuda")
+
+
+# ------------------------------------------------------------------------------------------ reference
+@pytest.mark.parametrize("fmap", FEATURE_MAPS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_matches_brute_force(fmap, causal):
+    positive = fmap == "identity"  # keeps the normalizer away from 0 (ill-conditioned otherwise)
+    q, k, v = make_inputs(1, 4, 2, 9, 9, 3, 5, torch.float64, positive=positive)
+    for normalize in (True, False):
+        got = reference(q, k, v, feature_map=fmap, causal=causal, normalize=normalize, **OP_KW)
+        testing.assert_close(got, brute_force(q, k, v, fmap, causal, normalize), 1e-10)
+
+
+def test_reference_across_chunks_with_state_and_offset():
+    """Longer than the reference's chunk, an initial state, and causal Sq < Sk (query i at i + Sk - Sq)."""
+    q, k, v = make_inputs(1, 2, 1, 70, 75, 4, 3, torch.float64)
+    state = LinearAttentionState(torch.rand(1, 2, 4, 3, dtype=torch.float64), torch.rand(1, 2, 4, dtype=torch.float64))
+    got = reference(q, k, v, feature_map="elu", causal=True, initial_state=state)
+    testing.assert_close(got, brute_force(q, k, v, "elu", True, True, state=state), 1e-10)
+
+
+def test_exp_feature_map_is_stable():
+    x = torch.tensor([[1000.0, 999.0, -1000.0]])
+    y = feature_map(x, "exp")
+    assert torch.isfinite(y).all() and y.max() == 1.0
+    q, k, v = make_inputs(1, 2, 2, 33, 33, 8, 8)
+    o = dsattn.linear_attention(q * 300, k * 300, v, feature_map="exp", backend="torch")
+    assert torch.isfinite(o).all()
+
+
+# ------------------------------------------------------------------------------------------- triton
+def run_triton(q, k, v, *, kernel=None, out=None, **kw):
+    from dsattn.triton_kernels.linear_attention import linear_attention as triton_linear_attention
+
+    kw.setdefault("eps", 1e-6)
+    state = kw.pop("initial_state", None)
+    return triton_linear_attention(q, k, v, initial_state=state, kernel=kernel, out=out, **kw)
+
+
+@pytest.mark.parametrize("fmap", FEATURE_MAPS)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_triton_chunk_matches_reference(triton_device, fmap, causal, normalize):
+    q, k, v = make_inputs(1, 2, 1, 67, 67, 24, 40, device=triton_device, positive=fmap == "identity")
+    kw = dict(feature_map=fmap, causal=causal, normalize=normalize, output_final_state=True)
+    (o, (S, z)) = run_triton(q, k, v, kernel="chunk", **kw)
+    o_ref, state_ref = as_double_reference(q, k, v, **kw)
+    tol = fp32_tol(triton_device)
+    testing.assert_close(o, o_ref, tol)
+    testing.assert_close(S, state_ref.S, tol, name="S")
+    testing.assert_close(z, state_ref.z, tol, name="z")
+
+
+@pytest.mark.parametrize("seq", [1, 17, 63, 64, 65, 200])
+def test_triton_lengths(triton_device, seq):
+    """Odd lengths and the chunk boundary (64) exactly and +-1; the recurrent kernel on the short ones."""
+    q, k, v = make_inputs(1, 2, 2, seq, seq, 32, 32, device=triton_device)
+    expected = as_double_reference(q, k, v, feature_map="elu")
+    testing.assert_close(run_triton(q, k, v, feature_map="elu", causal=True, normalize=True, kernel="chunk")[0],
+                         expected, fp32_tol(triton_device))
+    if seq <= 17:
+        testing.assert_close(run_triton(q, k, v, feature_map="elu", causal=True, normalize=True,
+                                        kernel="recurrent")[0], expected, fp32_tol(triton_device), name="recurrent")
+
+
+@pytest.mark.parametrize("fmap", FEATURE_MAPS)
+def test_triton_recurrent_equals_chunk(triton_device, fmap):
+    q, k, v = make_inputs(1, 2, 1, 11, 11, 24, 40, device=triton_device, positive=fmap == "identity")
+    state = LinearAttentionState(torch.rand(1, 2, 24, 40, device=triton_device),
+                                 torch.rand(1, 2, 24, device=triton_device))
+    for normalize in (True, False):
+        kw = dict(feature_map=fmap, causal=True, normalize=normalize, initial_state=state, output_final_state=True)
+        o_rec, (S_rec, z_rec) = run_triton(q, k, v, kernel="recurrent", **kw)
+        o_chunk, (S_chunk, z_chunk) = run_triton(q, k, v, kernel="chunk", **kw)
+        o_ref = as_double_reference(q, k, v, **{**kw, "output_final_state": False})
+        testing.assert_close(o_rec, o_ref, fp32_tol(triton_device), name="recurrent")
+        testing.assert_close(o_chunk, o_ref, fp32_tol(triton_device), name="chunk")
+        testing.assert_close(S_rec, S_chunk, 1e-5, name="S")
+        testing.assert_close(z_rec, z_chunk, 1e-5, name="z")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_two_halves_equal_the_whole(device, backend):
+    if backend == "triton":
+        from conftest import requires_backend
+
+        requires_backend("triton", device)
+    q, k, v = make_inputs(1, 4, 2, 81, 81, 24, 40, device=device)
+    kw = dict(feature_map="exp", backend=backend)
+    whole, whole_state = dsattn.linear_attention(q, k, v, output_final_state=True, **kw)
+    cut = 70  # the second half (11 tokens) takes the recurrent path on triton
+    first, state = dsattn.linear_attention(q[:, :, :cut], k[:, :, :cut], v[:, :, :cut], output_final_state=True, **kw)
+    second, final = dsattn.linear_attention(q[:, :, cut:], k[:, :, cut:], v[:, :, cut:], initial_state=state,
+                                            output_final_state=True, **kw)
+    assert isinstance(final, LinearAttentionState) and final.S.dtype == torch.float32
+    testing.assert_close(torch.cat([first, second], dim=2), whole, 1e-5)
+    testing.assert_close(final.S, whole_state.S, 1e-5, name="S")
+    testing.assert_close(final.z, whole_state.z, 1e-5, name="z")
+    # Non-causal: the state of the two halves is the state of the whole.
+    _, s1 = dsattn.linear_attention(q, k[:, :, :cut], v[:, :, :cut], causal=False, output_final_state=True, **kw)
+    o2, s2 = dsattn.linear_attention(q, k[:, :, cut:], v[:, :, cut:], causal=False, initial_state=s1,
+                                     output_final_state=True, **kw)
+    o_all, s_all = dsattn.linear_attention(q, k, v, causal=False, output_final_state=True, **kw)
+    testing.assert_close(o2, o_all, 1e-5, name="non-causal o")
+    testing.assert_close(s2.S, s_all.S, 1e-5, name="non-causal S")
+
+
+def test_triton_gqa_noncontiguous_offset_and_poison(triton_device):
+    """GQA (k/v read in place), Dk != Dv, [B, S, H, D] memory viewed as [B, H, S, D], causal Sq < Sk, an
+    initial state, and a NaN-filled output buffer: every element must be written."""
+    q, k, v = make_inputs(2, 6, 2, 37, 45, 40, 72, device=triton_device)
+    q, k, v = (testing.non_contiguous(t) for t in (q, k, v))
+    assert not q.is_contiguous()
+    state = LinearAttentionState(torch.rand(2, 6, 40, 72, device=triton_device), torch.rand(2, 6, 40, device=triton_device))
+    kw = dict(feature_map="relu", causal=True, normalize=True, initial_state=state, output_final_state=True)
+    o_ref, state_ref = as_double_reference(q, k, v, **kw)
+    for kernel in ("chunk", "recurrent"):
+        out = testing.poisoned((2, 6, 37, 72), torch.float32, triton_device)
+        o, (S, z) = run_triton(q, k, v, kernel=kernel, out=out, **kw)
+        assert o.data_ptr() == out.data_ptr()
+        testing.assert_close(o, o_ref, fp32_tol(triton_device), name=kernel)
+        testing.assert_close(S, state_ref.S, fp32_tol(triton_device), name="S")
+        testing.assert_close(z, state_ref.z, fp32_tol(triton_device), name="z")
+    # Non-causal with a poisoned buffer too.
+    out = testing.poisoned((2, 6, 37, 72), torch.float32, triton_device)
+    o, _ = run_triton(q, k, v, out=out, **{**kw, "causal": False})
+    testing.assert_close(o, as_double_reference(q, k, v, **{**kw, "causal": False, "output_final_state": False}),
+                         fp32_tol(triton_device), name="non-causal")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_triton_half_precision(triton_device, dtype, causal):
+    q, k, v = make_inputs(1, 4, 2, 70, 70, 32, 48, dtype=dtype, device=triton_device)
+    o, (S, z) = dsattn.linear_attention(q, k, v, causal=causal, feature_map="elu", output_final_state=True,
+                                        backend="triton")
+    assert o.dtype == dtype and S.dtype == torch.float32 and z.dtype == torch.float32
+    o_ref, state_ref = as_double_reference(q, k, v, causal=causal, feature_map="elu", output_final_state=True)
+    testing.assert_close(o, o_ref, testing.tolerance(torch.bfloat16))
+    testing.assert_close(S, state_ref.S, testing.tolerance(torch.bfloat16), name="S")
+
+
+def test_decode_one_token_at_a_time(triton_device):
+    """Prefill with the chunk kernel, then decode token by token (recurrent kernel) == one whole call."""
+    q, k, v = make_inputs(1, 2, 1, 70, 70, 32, 32, device=triton_device)
+    whole = as_double_reference(q, k, v, feature_map="elu")
+    o, state = dsattn.linear_attention(q[:, :, :67], k[:, :, :67], v[:, :, :67], output_final_state=True,
+                                       backend="triton")
+    outs = [o]
+    for t in range(67, 70):
+        o, state = dsattn.linear_attention(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1],
+                                           initial_state=state, output_final_state=True, backend="triton")
+        outs.append(o)
+    testing.assert_close(torch.cat(outs, dim=2), whole, fp32_tol(triton_device))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq", [4096, 8191])
+def test_triton_long_bf16_gpu(seq):
+    q, k, v = make_inputs(1, 8, 2, seq, seq, 128, 128, dtype=torch.bfloat16, device="cuda")
+    o, state = dsattn.linear_attention(q, k, v, feature_map="elu", output_final_state=True, backend="triton")
+    o_ref, state_ref = reference(q.float(), k.float(), v.float(), feature_map="elu", output_final_state=True)
+    testing.assert_close(o, o_ref, testing.tolerance(torch.bfloat16))
+    testing.assert_close(state.S, state_ref.S, 1e-3, name="S")
+
+
+# ----------------------------------------------------------------------------------------- dispatch
+def test_auto_backend_and_float64(device):
+    q, k, v = make_inputs(1, 2, 2, 20, 20, 8, 8, torch.float64, device=device)
+    o = dsattn.linear_attention(q, k, v)
+    assert o.dtype == torch.float64
+    testing.assert_close(o, reference(q, k, v), 1e-12)
+    with pytest.raises(ValueError, match="backend='triton'"):
+        dsattn.linear_attention(q, k, v, backend="triton")
+
+
+def test_empty_keys_and_queries(device):
+    q, k, v = make_inputs(1, 2, 2, 0, 0, 8, 8, device=device)
+    o, state = dsattn.linear_attention(q, k, v, output_final_state=True, backend="torch")
+    assert o.shape == (1, 2, 0, 8) and state.S.abs().sum() == 0
+
+
+# -------------------------------------------------------------------------------------------- bad input
+def _qkv():
+    return make_inputs(1, 4, 2, 5, 5, 8, 6)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(feature_map="softmax"), ValueError, "feature_map"),
+        (dict(feature_map=None), ValueError, "feature_map"),
+        (dict(causal=1), TypeError, "causal"),
+        (dict(normalize="yes"), TypeError, "normalize"),
+        (dict(output_final_state=None), TypeError, "output_final_state"),
+        (dict(eps="1e-6"), TypeError, "eps"),
+        (dict(eps=-1.0), ValueError, "eps"),
+        (dict(initial_state=torch.zeros(1)), TypeError, "initial_state"),
+        (dict(initial_state=(torch.zeros(1, 4, 8, 6), torch.zeros(1, 4, 6))), ValueError, r"initial_state\.z"),
+        (dict(initial_state=(torch.zeros(1, 2, 8, 6), torch.zeros(1, 4, 8))), ValueError, r"initial_state\.S"),
+        (dict(initial_state=(torch.zeros(1, 4, 8, 6, dtype=torch.float16), torch.zeros(1, 4, 8))), TypeError,
+         r"initial_state\.S"),
+        (dict(backend="cuda-ish"), ValueError, "backend"),
+    ],
+)
+def test_bad_arguments(kwargs, exc, match):
+    q, k, v = _qkv()
+    with pytest.raises(exc, match=match):
+        dsattn.linear_attention(q, k, v, **kwargs)
+
+
+def test_bad_shapes():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="Sq <= Sk"):
+        dsattn.linear_attention(q, k[:, :, :3], v[:, :, :3])
+    dsattn.linear_attention(q, k[:, :, :3], v[:, :, :3], causal=False)  # fine without the causal mask
+    with pytest.raises(ValueError, match="multiple"):
+        dsattn.linear_attention(q[:, :3], k, v)
+    with pytest.raises(ValueError, match="head dim"):
+        dsattn.linear_attention(q, k[..., :4], v)
+    with pytest.raises(ValueError, match="4-D"):
+        dsattn.linear_attention(q[0], k, v)
+    with pytest.raises(TypeError, match="dtype"):
+        dsattn.linear_attention(q, k.half(), v)
+
+
+def test_triton_rejects_huge_head_dim(triton_device):
+    q, k, v = make_inputs(1, 1, 1, 2, 2, 300, 8, device=triton_device)
+    with pytest.raises(ValueError, match="Dk <= 256"):
+        dsattn.linear_attention(q, k, v, backend="triton")
+
+
+# ------------------------------------------------------------------------------------------------ cache
+def test_cache_prefill_then_decode_equals_whole(device):
+    q, k, v = make_inputs(2, 4, 2, 12, 12, 8, 6, device=device)
+    cache = LinearAttentionCache()
+    assert cache.get_state(0) is None and cache.seen_tokens(0) == 0 and 0 not in cache
+    outs = [cache.attend(0, q[:, :, :9], k[:, :, :9], v[:, :, :9], feature_map="exp", backend="torch")]
+    for t in range(9, 12):
+        outs.append(cache.attend(0, q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], feature_map="exp",
+                                 backend="torch"))
+    cache.attend(3, q, k, v, backend="torch")  # another layer, independent
+    whole, state = reference(q, k, v, feature_map="exp", output_final_state=True)
+    testing.assert_close(torch.cat(outs, dim=2), whole, 1e-5)
+    testing.assert_close(cache.get_state(0).S, state.S, 1e-5)
+    assert cache.seen_tokens(0) == 12 and cache.get_seq_length(3) == 12 and len(cache) == 2
+
+    S_before = cache.get_state(0).S.clone()
+    cache.reorder(torch.tensor([1, 1]))
+    assert torch.equal(cache.get_state(0).S[0], S_before[1])
+
+    cache.reset(3)
+    assert 3 not in cache and 0 in cache and cache.seen_tokens(3) == 0
+    cache.reset()
+    assert len(cache) == 0 and cache.seen_tokens(0) == 0
+
+
+def test_cache_bad_input():
+    cache = LinearAttentionCache()
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="causal"):
+        cache.attend(0, q, k, v, causal=False)
+    with pytest.raises(ValueError, match="layer_idx"):
+        cache.update(-1, (torch.zeros(1), torch.zeros(1)), 1)
+    with pytest.raises(ValueError, match="num_new_tokens"):
+        cache.update(0, (torch.zeros(1), torch.zeros(1)), -2)
+    with pytest.raises(TypeError, match="state"):
+        cache.update(0, torch.zeros(1), 1)
