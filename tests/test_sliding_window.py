@@ -109,7 +109,10 @@ def _run_triton(q, k, v, window, causal=True, scale=None, sinks=None):
         (2, 2, 33, 100, 24, 40, 1, True, False, torch.float32),  # chunked prefill, window 1, odd dims
         (2, 1, 40, 20, 16, 16, 5, True, True, torch.float32),  # Sq > Sk: rows with no key -> 0
         (2, 1, 45, 45, 16, 16, 7, False, True, torch.float32),  # symmetric window
+        (1, 1, 300, 300, 16, 16, 100, False, False, torch.float32),  # symmetric, unmasked interior blocks
+        (2, 1, 300, 300, 32, 32, 200, True, True, torch.bfloat16),  # unmasked interior blocks
         (1, 1, 1000, 1000, 16, 16, 64, True, False, torch.float32),  # long-ish: only the window's blocks
+        (1, 1, 1000, 1000, 16, 16, 333, True, False, torch.float16),
     ],
 )
 def test_triton_prefill_matches_reference(triton_device, hq, hkv, sq, sk, dqk, dv, window, causal, with_sinks, dtype):

@@ -9,8 +9,8 @@ Three kernels share one inner loop (`_attend_key_range`: online softmax in base 
   program per (key split, kv head) handles all the kv head's query heads and rows at once (rows = groups x
   Sq), over its slice of the window's key range only, so the cost does not grow with the cache beyond the
   window; the combine kernel merges the splits' (output, log-sum-exp) pairs and the sink.
-Head dims are padded to powers of two with masks (up to 256); any strides; fp16/bf16/fp32 (fp32 dots in
-IEEE precision). Visibility is SPEC's: query i at p = i + Sk - Sq sees p - window < j <= p (causal) or
+Head dims are padded to powers of two with masks (up to 256); any strides; fp16/bf16/fp32 (fp32 dots as
+tf32x3: fp32-accurate on tensor cores). Visibility is SPEC's: query i at p = i + Sk - Sq sees p - window < j <= p (causal) or
 |p - j| < window (causal=False); `sinks` add e^(sink - m) to the denominator; rows with no key output 0.
 """
 
@@ -29,42 +29,53 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _attend_key_range(
     acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-    q_pos, row_valid, lo, hi, seqlen_k, window, qk_scale_log2,
-    offs_dqk, offs_dv, DQK, DV,
-    CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    q_pos, row_valid, lo, hi, window, qk_scale_log2, offs_dqk, offs_dv, DQK, DV,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, TF32X3: tl.constexpr,
 ):
-    """Online softmax (base 2) of the rows' scores over keys [lo, hi) into (acc, l_i, m_i)."""
+    """Online softmax (base 2) of the rows' scores over keys [lo, hi) (hi <= the sequence's length) into
+    (acc, l_i, m_i). MASKED=False is for blocks every row sees completely (the window's interior): no
+    visibility mask, no bounds on the key loads."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < hi
-        k = tl.load(k_base + cols[None, :] * stride_kn + offs_dqk[:, None] * stride_kd,
-                    mask=col_ok[None, :] & (offs_dqk[:, None] < DQK), other=0.0)
+        k_ptrs = k_base + cols[None, :] * stride_kn + offs_dqk[:, None] * stride_kd
+        v_ptrs = v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+        if MASKED:
+            k = tl.load(k_ptrs, mask=col_ok[None, :] & (offs_dqk[:, None] < DQK), other=0.0)
+        else:
+            k = tl.load(k_ptrs, mask=offs_dqk[:, None] < DQK, other=0.0)
         if UPCAST:  # the interpreter's tl.dot is wrong on bf16 operands
             k = k.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q, k, input_precision="ieee", out_dtype=tl.float32)
+        if TF32X3:
+            s = tl.dot(q, k, input_precision="tf32x3", out_dtype=tl.float32)
         else:
             s = tl.dot(q, k, out_dtype=tl.float32)
         s = s * qk_scale_log2
-        visible = (cols[None, :] > q_pos[:, None] - window) & col_ok[None, :] & row_valid[:, None]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= q_pos[:, None])
-        else:
-            visible = visible & (cols[None, :] < q_pos[:, None] + window)
-        s = tl.where(visible, s, float("-inf"))
+        if MASKED:
+            visible = (cols[None, :] > q_pos[:, None] - window) & col_ok[None, :] & row_valid[:, None]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= q_pos[:, None])
+            else:
+                visible = visible & (cols[None, :] < q_pos[:, None] + window)
+            s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        if MASKED:
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        else:
+            m_safe = m_new
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        else:
+            v = tl.load(v_ptrs, mask=offs_dv[None, :] < DV, other=0.0)
         if UPCAST:
             v = v.to(tl.float32)
         acc = acc * alpha[:, None]
-        if IEEE:
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee", out_dtype=tl.float32)
+        if TF32X3:
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="tf32x3", out_dtype=tl.float32)
         else:
             acc = tl.dot(p.to(v.dtype), v, acc, out_dtype=tl.float32)
         m_i = m_new
@@ -93,7 +104,7 @@ def swa_fwd_kernel(
     HQ, GROUPS, SEQ_Q, SEQ_K, DQK, DV, window, qk_scale_log2,
     CAUSAL: tl.constexpr, HAS_SINKS: tl.constexpr, IS_VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, TF32X3: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -137,10 +148,33 @@ def swa_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    # Key blocks every row of the block sees completely run without masks: [full_lo, full_hi). The edges of
+    # the window ([lo, full_lo): its trailing edge; [full_hi, hi): the diagonal / sequence end) run masked.
+    p_first = m_first + (seqlen_k - seqlen_q)
+    p_last = m_first + BLOCK_M - 1 + (seqlen_k - seqlen_q)
+    full_lo = tl.maximum(lo, tl.cdiv(tl.maximum(p_last - window + 1, 0), BLOCK_N) * BLOCK_N)
+    if CAUSAL:
+        full_hi = tl.minimum(p_first + 1, seqlen_k)
+    else:
+        full_hi = tl.minimum(p_first + window, seqlen_k)
+    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    no_full = (full_hi <= full_lo) | (m_first + BLOCK_M > seqlen_q) | (p_first < 0)
+    full_lo = tl.where(no_full, hi, full_lo)
+    full_hi = tl.where(no_full, hi, full_hi)
     acc, l_i, m_i = _attend_key_range(
         acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
-        q_pos, row_valid, lo, hi, seqlen_k, window, qk_scale_log2, offs_dqk, offs_dv, DQK, DV,
-        CAUSAL, BLOCK_N, UPCAST, IEEE,
+        q_pos, row_valid, lo, full_lo, window, qk_scale_log2, offs_dqk, offs_dv, DQK, DV,
+        CAUSAL, True, BLOCK_N, UPCAST, TF32X3,
+    )
+    acc, l_i, m_i = _attend_key_range(
+        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+        q_pos, row_valid, full_lo, full_hi, window, qk_scale_log2, offs_dqk, offs_dv, DQK, DV,
+        CAUSAL, False, BLOCK_N, UPCAST, TF32X3,
+    )
+    acc, l_i, m_i = _attend_key_range(
+        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+        q_pos, row_valid, full_hi, hi, window, qk_scale_log2, offs_dqk, offs_dv, DQK, DV,
+        CAUSAL, True, BLOCK_N, UPCAST, TF32X3,
     )
     sink_log2 = 0.0
     if HAS_SINKS:
@@ -159,7 +193,7 @@ def swa_decode_split_kernel(
     stride_vb, stride_vh, stride_vs, stride_vd,
     HKV, GROUPS, SEQ_Q, SEQ_K, DQK, DV, window, qk_scale_log2, key_lo, keys_per_split, NUM_SPLITS,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, TF32X3: tl.constexpr,
 ):
     """Partial attention of the rows (query head g, query i) of one kv head over one split of the window's
     key range. Partials: o_part [B, HQ, SEQ_Q, NUM_SPLITS, BLOCK_DV] (normalized), lse_part [B, HQ, SEQ_Q,
@@ -189,8 +223,8 @@ def swa_decode_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     acc, l_i, m_i = _attend_key_range(
         acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
-        q_pos, row_valid, lo, hi, SEQ_K, window, qk_scale_log2, offs_dqk, offs_dv, DQK, DV,
-        CAUSAL, BLOCK_N, UPCAST, IEEE,
+        q_pos, row_valid, lo, hi, window, qk_scale_log2, offs_dqk, offs_dv, DQK, DV,
+        CAUSAL, True, BLOCK_N, UPCAST, TF32X3,
     )
     has_key = l_i > 0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
@@ -241,19 +275,23 @@ def fwd_config(block_dqk: int, block_dv: int, dtype: torch.dtype) -> dict:
     """Prefill tile heuristic (FlashAttention-2's choices for A100/H100): 128 x 64 tiles for head dims up
     to 128 in 16 bit, halved for 256 and for fp32 (twice the registers and shared memory per element)."""
     widest = max(block_dqk, block_dv)
-    if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=32 if widest > 64 else 64, num_warps=4, num_stages=1 if widest > 128 else 2)
+    if dtype == torch.float32:  # tf32x3 dots: fp32-accurate on tensor cores, twice the bytes per tile
+        if widest <= 64:
+            return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)
     if widest <= 64:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
     if widest <= 128:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4 if block_dv <= 128 else 8, num_stages=2)
 
 
 def decode_config(block_dqk: int, block_dv: int, dtype: torch.dtype) -> dict:
     """Decode tiles: few rows (groups x Sq <= DECODE_MAX_ROWS), wide key blocks to stream K/V."""
     widest = max(block_dqk, block_dv)
-    if dtype == torch.float32 or widest > 128:
+    if dtype == torch.float32:
+        return dict(BLOCK_N=32, num_warps=4 if widest <= 64 else 8, num_stages=1)
+    if widest > 128:
         return dict(BLOCK_N=32, num_warps=4, num_stages=2)
     return dict(BLOCK_N=64, num_warps=4, num_stages=3)
 
@@ -293,7 +331,7 @@ def _fwd(q, k, v, out, sinks, cu_q, cu_k, strides, shape, window, causal, scale)
         hq, groups, seq_q, seq_k, dqk, dv, window, scale * LOG2E,
         CAUSAL=causal, HAS_SINKS=sinks is not None, IS_VARLEN=cu_q is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
-        UPCAST=interpreting() and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32,
+        UPCAST=interpreting() and q.dtype == torch.bfloat16, TF32X3=q.dtype == torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
@@ -317,7 +355,7 @@ def _decode(q, k, v, out, sinks, window, causal, scale):
         q, k, v, o_part, lse_part, *q.stride(), *k.stride(), *v.stride(),
         hkv, groups, seq_q, seq_k, dqk, dv, window, scale * LOG2E, key_lo, keys_per_split, num_splits,
         CAUSAL=causal, BLOCK_M=DECODE_ROWS, BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
-        UPCAST=interpreting() and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32,
+        UPCAST=interpreting() and q.dtype == torch.bfloat16, TF32X3=q.dtype == torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     swa_decode_combine_kernel[(batch * hq * seq_q,)](
@@ -369,6 +407,8 @@ def sliding_window_attention_varlen(
 
 # ----------------------------------------------------------------------------------------- AOT
 # Head-dim buckets the heuristics distinguish, compiled at their widest (64, 128, MLA 192/128, 256).
+# fp32 configs are not hot (hot=False: may spill): fp32 dots run as tf32x3 (three tensor-core passes for
+# fp32 accuracy), whose split operands do not fit the registers at these tiles; 16-bit is the fast path.
 HEAD_DIM_BUCKETS = ((64, 64), (128, 128), (256, 128), (256, 256))
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -406,8 +446,9 @@ def aot_specs() -> list[AOTSpec]:
                     constexprs=dict(**_unit_head_strides("q", "k", "v", "o"), CAUSAL=True, HAS_SINKS=True,
                                     IS_VARLEN=varlen, BLOCK_M=cfg["BLOCK_M"],
                                     BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
-                                    UPCAST=False, IEEE=dtype == torch.float32),
+                                    UPCAST=False, TF32X3=dtype == torch.float32),
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], divisible_by_16=_aligned(signature),
+                    hot=dtype != torch.float32,
                 ))
             cfg = decode_config(block_dqk, block_dv, dtype)
             signature = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32",
@@ -418,8 +459,9 @@ def aot_specs() -> list[AOTSpec]:
             specs.append(AOTSpec(
                 name=f"decode_split_{tag}", kernel=swa_decode_split_kernel, signature=signature,
                 constexprs=dict(**_unit_head_strides("q", "k", "v"), CAUSAL=True, BLOCK_M=DECODE_ROWS, BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk,
-                                BLOCK_DV=block_dv, UPCAST=False, IEEE=dtype == torch.float32),
+                                BLOCK_DV=block_dv, UPCAST=False, TF32X3=dtype == torch.float32),
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], divisible_by_16=_aligned(signature),
+                    hot=dtype != torch.float32,
             ))
         for block_dv in sorted({dv for _, dv in HEAD_DIM_BUCKETS}):
             signature = {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "o_ptr": p, "sinks_ptr": "*fp32",
