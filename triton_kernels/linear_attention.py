@@ -12,6 +12,11 @@ S [Dk, BLOCK_DV] and z [Dk] in fp32 registers and walks the sequence in order (f
 - APPLY: o = phi(Q) S / (phi(Q) . z + eps) with a fixed state (the non-causal form's second pass).
 - `linear_attention_recurrent_kernel`: one token at a time, O(Dk x Dv) per token, no tl.dot (decode).
 
+The walk is serial, so B x Hq x Dv/BLOCK_DV programs may leave SMs idle (B=1, H=32: 64 programs). Then the
+sequence is cut into segments (grid axis 2, fla's chunk scheme at a coarser grain): REDUCE writes each
+segment's own state, a prefix sum in torch gives each segment its initial state, and CAUSAL runs every
+segment at once; extra memory is one state per segment.
+
 The whole Dk sits in one tile (BLOCK_DK = next_pow2(Dk) <= 256): the "exp" feature map needs the row's max
 over the head dim, and the scores need the full dot product. GQA: program (b, hq) reads k/v head hq // G in
 place. Inputs of any strides; o and the state are contiguous. Dot operands are the input dtype (fp16/bf16;
@@ -30,6 +35,7 @@ MODES = {"causal": MODE_CAUSAL, "reduce": MODE_REDUCE, "apply": MODE_APPLY}
 MAX_DK = 256
 BLOCK_DKS = (32, 64, 128, 256)  # Dk < 32 is padded to 32
 BLOCK_DVS = (32, 64)
+MIN_SEG_LEN = 512  # shortest sequence segment worth its own program (see chunk_config)
 RECURRENT_MAX_SQ = 16  # causal calls with at most this many queries take the recurrent (decode) kernel
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -56,18 +62,22 @@ def linear_attention_chunk_kernel(
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    HQ, GROUPS, T, DK, DV, eps,
+    HQ, GROUPS, T, DK, DV, SEG_LEN, STATE_SEGS, eps,
     FEATURE_MAP: tl.constexpr, MODE: tl.constexpr, NORMALIZE: tl.constexpr,
     HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     dv_block = tl.program_id(0)
     bh = tl.program_id(1)  # b * HQ + hq
+    seg = tl.program_id(2)  # sequence segment [seg * SEG_LEN, (seg + 1) * SEG_LEN)
     b = bh // HQ
     hq = bh % HQ
     hkv = hq // GROUPS
     b64 = b.to(tl.int64)
     bh64 = bh.to(tl.int64)
+    state_idx = bh64 * STATE_SEGS + seg % STATE_SEGS  # states: [B * HQ, STATE_SEGS, ...] (1: one shared)
+    seg_start = seg * SEG_LEN
+    seg_end = tl.minimum(seg_start + SEG_LEN, T)
 
     offs_t = tl.arange(0, BLOCK_T)
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -82,16 +92,16 @@ def linear_attention_chunk_kernel(
     state_mask = dk_mask[:, None] & dv_mask[None, :]
 
     if HAS_INITIAL:
-        S = tl.load(s_in_ptr + bh64 * DK * DV + state_offs, mask=state_mask, other=0.0)
-        z = tl.load(z_in_ptr + bh64 * DK + offs_dk, mask=dk_mask, other=0.0)
+        S = tl.load(s_in_ptr + state_idx * DK * DV + state_offs, mask=state_mask, other=0.0)
+        z = tl.load(z_in_ptr + state_idx * DK + offs_dk, mask=dk_mask, other=0.0)
     else:
         S = tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32)
         z = tl.zeros([BLOCK_DK], dtype=tl.float32)
     causal_mask = offs_t[:, None] >= offs_t[None, :]
 
-    for t0 in range(0, T, BLOCK_T):
+    for t0 in range(seg_start, seg_end, BLOCK_T):
         rows = t0 + offs_t
-        row_mask = rows < T
+        row_mask = rows < seg_end
         rows64 = rows.to(tl.int64)
         if MODE != 1:  # queries: CAUSAL and APPLY
             qk_mask = row_mask[:, None] & dk_mask[None, :]
@@ -135,8 +145,8 @@ def linear_attention_chunk_kernel(
             z += tl.sum(fk, axis=0)
 
     if STORE_FINAL:
-        tl.store(s_out_ptr + bh64 * DK * DV + state_offs, S, mask=state_mask)
-        tl.store(z_out_ptr + bh64 * DK + offs_dk, z, mask=dk_mask & (offs_dk * 0 + dv_block == 0))  # one writer of z
+        tl.store(s_out_ptr + state_idx * DK * DV + state_offs, S, mask=state_mask)
+        tl.store(z_out_ptr + state_idx * DK + offs_dk, z, mask=dk_mask & (offs_dk * 0 + dv_block == 0))  # one writer of z
 
 
 @triton.jit
@@ -203,16 +213,29 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def chunk_config(dk: int, programs_per_dv_block: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_T, BLOCK_DK, BLOCK_DV, num_warps). The chunk and the state slice live in registers: BLOCK_T 64
-    up to Dk 128, 32 beyond. Dv is split in 32-wide slices when (batch x heads) alone would leave SMs idle
-    (the sequence loop is serial, so parallelism comes from programs), else 64."""
+def tile_config(block_dk: int) -> tuple[int, int]:
+    """(BLOCK_T, num_warps) of the chunk kernel for a head-dim tile."""
+    return (64 if block_dk <= 128 else 32), (4 if block_dk <= 64 else 8)
+
+
+def chunk_config(dk: int, dv: int, heads: int, seq: int, device: torch.device, segments: int | None = None):
+    """(BLOCK_T, BLOCK_DK, BLOCK_DV, num_warps, segments, seg_len) for `heads` = B x Hq sequences of `seq`.
+
+    The chunk and the state slice live in registers: BLOCK_T 64 up to Dk 128, 32 beyond. The walk over a
+    sequence is serial, so when (B x Hq x Dv/64) programs leave SMs idle the sequence is cut into segments
+    (>= MIN_SEG_LEN long, up to ~8 programs per SM): a first pass reduces each segment to its state, a
+    prefix sum gives each segment its initial state, and the segments then run in parallel. Too short to
+    cut: Dv in 32-wide slices instead."""
     block_dk = max(BLOCK_DKS[0], _next_pow2(dk))
-    block_t = 64 if block_dk <= 128 else 32
+    block_t, num_warps = tile_config(block_dk)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    block_dv = 32 if programs_per_dv_block * 2 < 2 * sms else 64
-    num_warps = 4 if block_dk <= 64 else 8
-    return block_t, block_dk, block_dv, num_warps
+    wide = heads * triton.cdiv(dv, 64)
+    if segments is None:
+        segments = 1 if wide >= 2 * sms else max(1, min(triton.cdiv(seq, MIN_SEG_LEN), triton.cdiv(8 * sms, wide)))
+    seg_len = max(block_t, triton.cdiv(triton.cdiv(max(seq, 1), segments), block_t) * block_t)
+    segments = max(1, triton.cdiv(seq, seg_len))
+    block_dv = 64 if segments > 1 or wide >= 2 * sms else 32
+    return block_t, block_dk, block_dv, num_warps, segments, seg_len
 
 
 def recurrent_config(dk: int) -> tuple[int, int, int]:
@@ -221,36 +244,96 @@ def recurrent_config(dk: int) -> tuple[int, int, int]:
     return block_dk, 32, 4 if block_dk <= 128 else 8
 
 
-def _state_buffers(b, hq, dk, dv, device):
-    return (torch.empty((b, hq, dk, dv), dtype=torch.float32, device=device),
-            torch.empty((b, hq, dk), dtype=torch.float32, device=device))
+def _zero_state(rows: int, segs: int, dk: int, dv: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.zeros((rows, segs, dk, dv), dtype=torch.float32, device=device),
+            torch.zeros((rows, segs, dk), dtype=torch.float32, device=device))
 
 
-def _launch(mode: str, q, k, v, out, state_in, state_out, *, feature_map: str, normalize: bool, eps: float):
-    """One pass of the chunk kernel (mode "causal" | "reduce" | "apply") or the recurrent one ("recurrent").
-    q/k/v are views (any strides); out contiguous [B, Hq, T, Dv] (unused by "reduce"); state_in/state_out
-    (S, z) fp32 contiguous, or None."""
-    b, hq = q.shape[0], q.shape[1]
-    hkv = k.shape[1]
-    dk, dv = q.shape[3], v.shape[3]
-    t = k.shape[2] if mode == "reduce" else q.shape[2]
-    s_in, z_in = state_in if state_in is not None else (out, out)
-    s_out, z_out = state_out if state_out is not None else (out, out)
-    common = dict(FEATURE_MAP=FEATURE_MAP_IDS[feature_map], NORMALIZE=normalize, HAS_INITIAL=state_in is not None,
-                  STORE_FINAL=state_out is not None)
-    args = (q, k, v, out, s_in, z_in, s_out, z_out, *q.stride(), *k.stride(), *v.stride(),
-            hq, hq // hkv, t, dk, dv, eps)
-    if mode == "recurrent":
-        block_dk, block_dv, num_warps = recurrent_config(dk)
-        grid = (triton.cdiv(dv, block_dv), b * hq)
-        linear_attention_recurrent_kernel[grid](*args, **common, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-                                                num_warps=num_warps, num_stages=1)
-        return
-    block_t, block_dk, block_dv, num_warps = chunk_config(dk, b * hq * triton.cdiv(dv, 64), q.device)
-    grid = (triton.cdiv(dv, block_dv), b * hq)
-    dot_fp32 = q.dtype == torch.float32 or (interpreting() and q.dtype == torch.bfloat16)
-    linear_attention_chunk_kernel[grid](*args, **common, MODE=MODES[mode], DOT_FP32=dot_fp32, BLOCK_T=block_t,
-                                        BLOCK_DK=block_dk, BLOCK_DV=block_dv, num_warps=num_warps, num_stages=1)
+def _empty_state(rows: int, segs: int, dk: int, dv: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.empty((rows, segs, dk, dv), dtype=torch.float32, device=device),
+            torch.empty((rows, segs, dk), dtype=torch.float32, device=device))
+
+
+class _Pass:
+    """What every launch of one call shares: tensors' shapes and the feature-map/normalize options."""
+
+    def __init__(self, q, k, v, out, feature_map, normalize, eps, segments):
+        self.q, self.out = q, out
+        self.b, self.hq, self.dk, self.dv = q.shape[0], q.shape[1], q.shape[3], v.shape[3]
+        self.groups = self.hq // k.shape[1]
+        self.flags = dict(FEATURE_MAP=FEATURE_MAP_IDS[feature_map], NORMALIZE=normalize)
+        self.eps = eps
+        self.segments = segments
+        self.dot_fp32 = q.dtype == torch.float32 or (interpreting() and q.dtype == torch.bfloat16)
+
+    def chunk(self, mode, q, k, v, t, state_in, state_out, *, segments=None, state_segs=None):
+        """Chunk kernel over t rows (of q for causal/apply, of k/v for reduce). States are (S, z) shaped
+        [B*Hq, state_segs, ...]; returns the number of segments used."""
+        block_t, block_dk, block_dv, num_warps, segs, seg_len = chunk_config(
+            self.dk, self.dv, self.b * self.hq, t, self.q.device, self.segments if segments is None else segments)
+        if state_segs is None:
+            state_segs = segs
+        s_in, z_in = state_in if state_in is not None else (self.out, self.out)
+        s_out, z_out = state_out if state_out is not None else (self.out, self.out)
+        grid = (triton.cdiv(self.dv, block_dv), self.b * self.hq, segs)
+        linear_attention_chunk_kernel[grid](
+            q, k, v, self.out, s_in, z_in, s_out, z_out, *q.stride(), *k.stride(), *v.stride(),
+            self.hq, self.groups, t, self.dk, self.dv, seg_len, state_segs, self.eps,
+            **self.flags, MODE=MODES[mode], HAS_INITIAL=state_in is not None, STORE_FINAL=state_out is not None,
+            DOT_FP32=self.dot_fp32, BLOCK_T=block_t, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
+            num_warps=num_warps, num_stages=1,
+        )
+        return segs
+
+    def segments_for(self, t):
+        return chunk_config(self.dk, self.dv, self.b * self.hq, t, self.q.device, self.segments)[4]
+
+    def reduce(self, k, v, state):
+        """state (or zeros) + every key of k/v, as a new [B*Hq, 1, ...] state; segmented when it pays."""
+        t = k.shape[2]
+        segs = self.segments_for(t)
+        if segs == 1:
+            final = _empty_state(self.b * self.hq, 1, self.dk, self.dv, self.q.device)
+            self.chunk("reduce", self.q, k, v, t, state, final, segments=1)
+            return final
+        partial = _empty_state(self.b * self.hq, segs, self.dk, self.dv, self.q.device)
+        self.chunk("reduce", self.q, k, v, t, None, partial)
+        S, z = (p.sum(dim=1, keepdim=True) for p in partial)
+        if state is not None:
+            S, z = S + state[0], z + state[1]
+        return S, z
+
+    def causal(self, q, k, v, state, want_final, kernel):
+        """Causal outputs of q over k/v (same length) from state; returns the final state if wanted."""
+        t = q.shape[2]
+        rows = self.b * self.hq
+        if kernel == "recurrent":
+            final = _empty_state(rows, 1, self.dk, self.dv, q.device) if want_final else None
+            block_dk, block_dv, num_warps = recurrent_config(self.dk)
+            s_in, z_in = state if state is not None else (self.out, self.out)
+            s_out, z_out = final if final is not None else (self.out, self.out)
+            linear_attention_recurrent_kernel[(triton.cdiv(self.dv, block_dv), rows)](
+                q, k, v, self.out, s_in, z_in, s_out, z_out, *q.stride(), *k.stride(), *v.stride(),
+                self.hq, self.groups, t, self.dk, self.dv, self.eps, **self.flags,
+                HAS_INITIAL=state is not None, STORE_FINAL=final is not None,
+                BLOCK_DK=block_dk, BLOCK_DV=block_dv, num_warps=num_warps, num_stages=1,
+            )
+            return final
+        segs = self.segments_for(t)
+        if segs == 1:
+            final = _empty_state(rows, 1, self.dk, self.dv, q.device) if want_final else None
+            self.chunk("causal", q, k, v, t, state, final, segments=1)
+            return final
+        # Segments: reduce each, exclusive prefix sum (plus the initial state), then all segments at once.
+        partial = _empty_state(rows, segs, self.dk, self.dv, q.device)
+        self.chunk("reduce", q, k, v, t, None, partial)
+        inclusive = [p.cumsum(dim=1) for p in partial]
+        if state is not None:
+            inclusive = [c + s for c, s in zip(inclusive, state)]
+        start = state if state is not None else _zero_state(rows, 1, self.dk, self.dv, q.device)
+        prefix = tuple(torch.cat([s0, c[:, :-1]], dim=1).contiguous() for s0, c in zip(start, inclusive))
+        self.chunk("causal", q, k, v, t, prefix, None)
+        return tuple(c[:, -1:].contiguous() for c in inclusive) if want_final else None
 
 
 def linear_attention(
@@ -265,55 +348,55 @@ def linear_attention(
     initial_state=None,
     output_final_state: bool = False,
     kernel: str | None = None,
+    segments: int | None = None,
     out: torch.Tensor | None = None,
 ):
     """Launcher; inputs validated by dsattn.ops.linear_attention. initial_state: (S, z) fp32 or None.
-    Returns (o, (S, z) or None). `kernel` ("chunk" | "recurrent") overrides the causal path choice and `out`
-    (contiguous [B, Hq, Sq, Dv]) the output buffer: both for tests."""
+    Returns (o, (S [B, Hq, Dk, Dv], z [B, Hq, Dk]) or None). For tests: `kernel` ("chunk" | "recurrent")
+    overrides the causal path choice, `segments` the sequence split, `out` (contiguous [B, Hq, Sq, Dv]) the
+    output buffer."""
     b, hq, sq, dk = q.shape
     sk, dv = k.shape[2], v.shape[3]
     if out is None:
         out = torch.empty((b, hq, sq, dv), dtype=q.dtype, device=q.device)
-    state = None
+    run = _Pass(q, k, v, out, feature_map, normalize, eps, segments)
+    state = None  # kernel layout [B*Hq, 1, ...]
     if initial_state is not None:
-        state = tuple(s.contiguous() for s in initial_state)
-    opts = dict(feature_map=feature_map, normalize=normalize, eps=eps)
+        state = (initial_state[0].reshape(b * hq, 1, dk, dv).contiguous(),
+                 initial_state[1].reshape(b * hq, 1, dk).contiguous())
 
-    # Keys that no query reads through the causal mask (non-causal: all of them; causal with Sq < Sk: the
+    # Keys no query reads through the causal mask (non-causal: all of them; causal with Sq < Sk: the
     # first Sk - Sq) are first reduced into the state.
     reduce_len = sk if not causal else sk - sq
     if reduce_len > 0:
-        reduced = _state_buffers(b, hq, dk, dv, q.device)
-        _launch("reduce", q, k[:, :, :reduce_len], v[:, :, :reduce_len], out, state, reduced, **opts)
-        state = reduced
+        state = run.reduce(k[:, :, :reduce_len], v[:, :, :reduce_len], state)
     final = None
     if causal and sq > 0:
-        if output_final_state:
-            final = _state_buffers(b, hq, dk, dv, q.device)
         if kernel is None:
             kernel = "recurrent" if sq <= RECURRENT_MAX_SQ else "chunk"
-        _launch("recurrent" if kernel == "recurrent" else "causal", q, k[:, :, reduce_len:], v[:, :, reduce_len:],
-                out, state, final, **opts)
+        final = run.causal(q, k[:, :, reduce_len:], v[:, :, reduce_len:], state, output_final_state, kernel)
     else:
         if sq > 0:
-            _launch("apply", q, k, v, out, state, None, **opts)
+            segs = run.segments_for(sq)
+            run.chunk("apply", q, k, v, sq, state, None, segments=segs, state_segs=1)
         if output_final_state:
             if state is None:  # no keys and no initial state
-                final = (torch.zeros((b, hq, dk, dv), dtype=torch.float32, device=q.device),
-                         torch.zeros((b, hq, dk), dtype=torch.float32, device=q.device))
+                final = _zero_state(b * hq, 1, dk, dv, q.device)
             else:
-                final = state if reduce_len > 0 else tuple(s.clone() for s in state)  # never alias the caller's
+                final = state if reduce_len > 0 else tuple(t.clone() for t in state)  # never alias the caller's
+    if final is not None:
+        final = (final[0].reshape(b, hq, dk, dv), final[1].reshape(b, hq, dk))
     return out, final
 
 
 # ------------------------------------------------------------------------------------------------ AOT
-def _signature(dtype: torch.dtype) -> dict[str, str]:
+def _signature(dtype: torch.dtype, chunk: bool) -> dict[str, str]:
     sig = {"q_ptr": ptr(dtype), "k_ptr": ptr(dtype), "v_ptr": ptr(dtype), "o_ptr": ptr(dtype),
            "s_in_ptr": "*fp32", "z_in_ptr": "*fp32", "s_out_ptr": "*fp32", "z_out_ptr": "*fp32"}
     for name, axes in (("q", "bhmd"), ("k", "bhnd"), ("v", "bhnd")):
         for axis in axes:
             sig[f"stride_{name}{axis}"] = "i32"
-    for name in ("HQ", "GROUPS", "T", "DK", "DV"):
+    for name in ("HQ", "GROUPS", "T", "DK", "DV") + (("SEG_LEN", "STATE_SEGS") if chunk else ()):
         sig[name] = "i32"
     sig["eps"] = "fp32"
     return sig
@@ -326,13 +409,13 @@ def aot_specs() -> list[AOTSpec]:
     specs = []
     for dtype in DTYPES:
         for block_dk in BLOCK_DKS:
-            block_t, _, _, num_warps = chunk_config(block_dk, 1 << 30, torch.device("cpu"))
+            block_t, num_warps = tile_config(block_dk)
             for block_dv in BLOCK_DVS:
                 for mode_name, mode in MODES.items():
                     specs.append(AOTSpec(
                         name=f"chunk_{mode_name}_{TRITON_DTYPE[dtype]}_dk{block_dk}_dv{block_dv}",
                         kernel=linear_attention_chunk_kernel,
-                        signature=_signature(dtype),
+                        signature=_signature(dtype, chunk=True),
                         constexprs={"FEATURE_MAP": FEATURE_MAP_IDS["exp"], "MODE": mode, "NORMALIZE": True,
                                     "HAS_INITIAL": True, "STORE_FINAL": True, "DOT_FP32": dtype == torch.float32,
                                     "BLOCK_T": block_t, "BLOCK_DK": block_dk, "BLOCK_DV": block_dv},
@@ -343,7 +426,7 @@ def aot_specs() -> list[AOTSpec]:
             specs.append(AOTSpec(
                 name=f"recurrent_{TRITON_DTYPE[dtype]}_dk{rec_dk}_dv{rec_dv}",
                 kernel=linear_attention_recurrent_kernel,
-                signature=_signature(dtype),
+                signature=_signature(dtype, chunk=False),
                 constexprs={"FEATURE_MAP": FEATURE_MAP_IDS["exp"], "NORMALIZE": True, "HAS_INITIAL": True,
                             "STORE_FINAL": True, "BLOCK_DK": rec_dk, "BLOCK_DV": rec_dv},
                 num_warps=rec_warps,
