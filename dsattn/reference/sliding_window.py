@@ -12,8 +12,9 @@ O(chunk x (chunk + window)) per head, never O(Sq x Sk) for a window much shorter
 
 import torch
 
-# Scores held per chunk (elements of [B, Hq, chunk, span]), ~64 MiB in fp32.
+# Scores held per chunk (elements of [B, Hq, chunk, span]), ~64 MiB in fp32; rows per chunk at most.
 CHUNK_ELEMENTS = 1 << 24
+MIN_CHUNK, MAX_CHUNK = 64, 512
 
 
 def visible_key_range(first: int, last: int, seq_q: int, seq_k: int, window: int, causal: bool) -> tuple[int, int]:
@@ -48,31 +49,36 @@ def sliding_window_attention(
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     sink_logits = None if sinks is None else sinks.to(compute).view(1, hkv, groups, 1, 1)
     if chunk_size is None:
-        chunk_size = max(1, CHUNK_ELEMENTS // max(1, b * hq * (min(sk, 2 * window) + 1)))
-        chunk_size = min(chunk_size, max(1, window))  # keeps the key span <= 2 * window
+        # About one window of rows per chunk (a chunk's key span is at most chunk + 2 * window: the work is
+        # O(S x window), not O(S x S)), within the score budget.
+        chunk_size = min(MAX_CHUNK, max(MIN_CHUNK, window))
+        chunk_size = max(1, min(chunk_size, CHUNK_ELEMENTS // max(1, b * hq * min(sk, chunk_size + 2 * window))))
     for start in range(0, sq, chunk_size):
         stop = min(start + chunk_size, sq)
+        rows = stop - start
         lo, hi = visible_key_range(start, stop - 1, sq, sk, window, causal)
         if hi <= lo:
             continue  # no key visible to any row of the chunk: zeros (already there)
-        q_rows = q[:, :, start:stop].reshape(b, hkv, groups, stop - start, dqk).to(compute)
+        # GQA without repeating K/V: the groups' rows of one kv head form one [groups * rows, D] matrix.
+        q_rows = q[:, :, start:stop].reshape(b, hkv, groups * rows, dqk).to(compute)
         k_span = k[:, :, lo:hi].to(compute)
         v_span = v[:, :, lo:hi].to(compute)
-        scores = torch.einsum("bhgcd,bhtd->bhgct", q_rows, k_span) * scale
+        scores = torch.matmul(q_rows, k_span.transpose(-1, -2)).mul_(scale).view(b, hkv, groups, rows, hi - lo)
         position = torch.arange(start, stop, device=q.device)[:, None] + (sk - sq)
         key = torch.arange(lo, hi, device=q.device)[None, :]
         visible = (key > position - window) & ((key <= position) if causal else (key < position + window))
-        scores = scores.masked_fill(~visible, float("-inf"))
+        scores.masked_fill_(~visible, float("-inf"))
         row_max = scores.amax(dim=-1, keepdim=True)
         if sink_logits is not None:
             row_max = torch.maximum(row_max, sink_logits)
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # rows with no key
-        probs = torch.exp(scores - row_max)
+        probs = scores.sub_(row_max).exp_()
         denom = probs.sum(dim=-1, keepdim=True)
         if sink_logits is not None:
             denom = denom + torch.exp(sink_logits - row_max)
-        o = torch.einsum("bhgct,bhtv->bhgcv", probs, v_span) / torch.where(denom > 0, denom, torch.ones_like(denom))
-        out[:, :, start:stop] = o.reshape(b, hq, stop - start, dv).to(q.dtype)
+        probs.div_(torch.where(denom > 0, denom, torch.ones_like(denom)))
+        o = torch.matmul(probs.view(b, hkv, groups * rows, hi - lo), v_span)
+        out[:, :, start:stop] = o.view(b, hq, rows, dv).to(q.dtype)
     return out
 
 
