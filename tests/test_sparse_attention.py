@@ -243,14 +243,14 @@ def test_bad_qkv_and_options():
 
 
 def test_every_launch_config_is_compiled_ahead_of_time():
-    """Every (BLOCK_H, BLOCK_DV, num_warps) the launcher can pick is in aot_specs(), split and not."""
+    """Every (BLOCK_H, BLOCK_DV, num_warps, num_stages) the launcher can pick is in aot_specs(), split and not."""
     from dsattn.triton_kernels import sparse_attention as kernels
 
-    specs = {(s.name, s.num_warps) for s in kernels.aot_specs()}
+    specs = {(s.name, s.num_warps, s.num_stages) for s in kernels.aot_specs()}
     for dtype in kernels.DTYPES:
         for groups in (1, 3, 16, 17, 32, 33, 64, 128):
-            for dv in (16, 64, 65, 128, 512):
-                block_h, block_dv, num_warps = kernels.block_config(groups, dv, dtype)
+            for dv in (16, 64, 65, 128, 192, 512):
+                block_h, block_dv, num_warps, num_stages = kernels.block_config(groups, dv)
                 for split in ("", "_split"):
                     name = f"fwd_{kernels.TRITON_DTYPE[dtype]}_h{block_h}_dv{block_dv}{split}"
-                    assert (name, num_warps) in specs, name
+                    assert (name, num_warps, num_stages) in specs, name

@@ -23,7 +23,7 @@ from ._common import AOTSpec, TRITON_DTYPE, interpreting, ptr
 BLOCK_N = 32  # gathered K/V rows per step
 BLOCK_DK = 64  # Dqk chunk per tl.dot
 BLOCK_HS = (16, 32, 64)  # q heads per program (tl.dot needs >= 16 rows; smaller groups are masked)
-BLOCK_DVS = (64, 128)
+BLOCK_DVS = (64, 128, 256)
 MAX_SPLITS = 64  # decode split-K fan-out (also the combine kernel's tile)
 COMBINE_BLOCK_DV = 128
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -111,7 +111,7 @@ def sparse_attention_fwd_kernel(
         m_i = m_new
 
     has_key = l_i > 0
-    o = acc / tl.where(has_key, l_i, 1.0)[:, None]  # rows with no valid key: 0 / 1 = 0
+    o = acc * (1.0 / tl.where(has_key, l_i, 1.0))[:, None]  # no valid key: 0 * 1 = 0; one divide per row
     # Output (and split workspace) rows are contiguous: ((b*Hq + hq) * Sq + m) * NUM_SPLITS + split.
     out_rows = ((b64 * HKV * GROUPS + hkv64 * GROUPS + offs_g) * SQ + m) * NUM_SPLITS + split  # [BLOCK_H]
     store_mask = head_mask[:, None] & dv_mask[None, :]
@@ -148,14 +148,17 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def block_config(groups: int, dv: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_H, BLOCK_DV, num_warps): the whole GQA group in one program up to 64 q heads (more go to
-    further head blocks), Dv in 64/128 slices. 8 warps except for the smallest 16-bit tile: the 32/64-head
-    and fp32 tiles spill at 4 warps (measured with the AOT compile, sm_80 and sm_90)."""
+def block_config(groups: int, dv: int) -> tuple[int, int, int, int]:
+    """(BLOCK_H, BLOCK_DV, num_warps, num_stages): the whole GQA group in one program up to 64 q heads (more
+    go to further head blocks), Dv in slices of up to 256 (MLA's 512: two slices, each gathers K and
+    recomputes the scores once more; a 512-wide fp32 accumulator needs 16 warps, which spill on sm_80).
+    Warps and stages as measured with the AOT compile (no stack frame on sm_80/sm_90): 4 warps for 16-head
+    tiles, 8 above; the 32 x 256 tile leaves a stack frame on sm_90 when pipelined, so it runs one stage."""
     block_h = min(max(_next_pow2(groups), BLOCK_HS[0]), BLOCK_HS[-1])
-    block_dv = BLOCK_DVS[0] if dv <= BLOCK_DVS[0] else BLOCK_DVS[1]
-    num_warps = 4 if block_h == BLOCK_HS[0] and dtype != torch.float32 else 8
-    return block_h, block_dv, num_warps
+    block_dv = next((size for size in BLOCK_DVS if dv <= size), BLOCK_DVS[-1])
+    num_warps = 4 if block_h == BLOCK_HS[0] else 8
+    num_stages = 1 if (block_h, block_dv) == (32, 256) else 2
+    return block_h, block_dv, num_warps, num_stages
 
 
 def _span(t: torch.Tensor) -> int:
@@ -210,7 +213,7 @@ def sparse_attention(
         if _span(t) >= 2**31:  # the kernel offsets within one (batch, head) slice in int32
             raise ValueError(f"dsattn.sparse_attention: one head of {name} spans >= 2**31 elements; not supported")
 
-    block_h, block_dv, num_warps = block_config(groups, dv, q.dtype)
+    block_h, block_dv, num_warps, num_stages = block_config(groups, dv)
     head_blocks = triton.cdiv(groups, block_h)
     dv_blocks = triton.cdiv(dv, block_dv)
     programs = b * hkv * head_blocks * dv_blocks * sq
@@ -237,7 +240,7 @@ def sparse_attention(
         scale * LOG2E, (sk - sq) if causal else sk,
         BLOCK_H=block_h, BLOCK_N=BLOCK_N, BLOCK_DK=BLOCK_DK, BLOCK_DV=block_dv,
         SPLIT=splits > 1, UPCAST=interpreting() and q.dtype == torch.bfloat16,
-        num_warps=num_warps, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if splits > 1:
         sparse_attention_combine_kernel[(b * hq * sq, triton.cdiv(dv, COMBINE_BLOCK_DV))](
@@ -281,7 +284,7 @@ def aot_specs() -> list[AOTSpec]:
     for dtype in DTYPES:
         for block_h in BLOCK_HS:
             for block_dv in BLOCK_DVS:
-                _, _, num_warps = block_config(block_h, block_dv, dtype)
+                _, _, num_warps, num_stages = block_config(block_h, block_dv)
                 for split in (False, True):
                     specs.append(AOTSpec(
                         name=f"fwd_{TRITON_DTYPE[dtype]}_h{block_h}_dv{block_dv}{'_split' if split else ''}",
@@ -292,7 +295,7 @@ def aot_specs() -> list[AOTSpec]:
                                     **{name: 1 for name in UNIT_STRIDES}},
                         divisible_by_16=ALIGNED,
                         num_warps=num_warps,
-                        num_stages=2,
+                        num_stages=num_stages,
                     ))
         # Strided head dims (a caller's odd view): the JIT compiles this unspecialized variant.
         specs.append(AOTSpec(
