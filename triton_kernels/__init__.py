@@ -7,6 +7,7 @@ within the device limit).
 """
 
 KERNEL_MODULES = (
+    "hybrid_attention",
     "int4_unpack",
     "linear_attention",
     "sliding_window",

@@ -1,0 +1,47 @@
+"""hybrid_attention: causal torch SDPA (baseline) vs dsattn's fused Triton kernel on a GPU (B=1, H=32, D=128,
+bf16, S 4096..65536, SPEC's default prefix=2048 with and without a 512-key window); small CPU cases time the
+PyTorch reference against SDPA."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsattn.ops.hybrid_attention import hybrid_attention
+
+GPU_LENGTHS = [4096, 8192, 16384, 32768, 65536]
+CPU_LENGTHS = [512, 1024]
+PREFIX = 2048
+
+
+def _qkv(s, h, d, dtype, device):
+    return [torch.randn(1, h, s, d, dtype=dtype, device=device) for _ in range(3)]
+
+
+def _shape(s, h, d, window, prefix=PREFIX):
+    return {"B": 1, "H": h, "S": s, "D": d, "prefix": prefix, "window": window}
+
+
+@pytest.mark.gpu_only
+@pytest.mark.parametrize("window", [0, 512])
+@pytest.mark.parametrize("s", GPU_LENGTHS)
+@pytest.mark.parametrize("provider", ["torch-sdpa", "dsattn-triton"])
+def test_hybrid_attention_gpu(run_bench, provider, s, window):
+    q, k, v = _qkv(s, 32, 128, torch.bfloat16, "cuda")
+    if provider == "torch-sdpa":
+        fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    else:
+        fn = lambda: hybrid_attention(q, k, v, prefix=PREFIX, window=window, backend="triton")  # noqa: E731
+    run_bench(fn, op="hybrid_attention", provider=provider, shape=_shape(s, 32, 128, window), device="cuda",
+              dtype=torch.bfloat16, baseline=provider == "torch-sdpa")
+
+
+@pytest.mark.parametrize("s", CPU_LENGTHS)
+@pytest.mark.parametrize("provider", ["torch-sdpa", "dsattn-torch"])
+def test_hybrid_attention_cpu(run_bench, provider, s):
+    q, k, v = _qkv(s, 4, 64, torch.float32, "cpu")
+    if provider == "torch-sdpa":
+        fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    else:
+        fn = lambda: hybrid_attention(q, k, v, prefix=256, window=128, backend="torch")  # noqa: E731
+    run_bench(fn, op="hybrid_attention", provider=provider, shape=_shape(s, 4, 64, 128, prefix=256), device="cpu",
+              dtype=torch.float32, baseline=provider == "torch-sdpa")
