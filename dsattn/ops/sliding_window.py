@@ -28,8 +28,25 @@ def _check_sinks(op: str, sinks, heads_q: int, q: torch.Tensor):
     return sinks
 
 
-def _select(op: str, backend: str, device: torch.device) -> str:
-    return _backend.select_backend(op, backend, device, IMPLEMENTED, auto_order=AUTO_ORDER.get(device.type))
+MAX_TRITON_HEAD_DIM = 256  # dsattn.triton_kernels.sliding_window.MAX_HEAD_DIM (not imported: Triton is optional)
+
+
+def _select(op: str, backend: str, q: torch.Tensor, dim_qk: int, dim_v: int) -> str:
+    """The backend; "auto" leaves out Triton for what its kernels do not take (float64, head dims > 256),
+    an explicit backend="triton" gets a clear error for those instead."""
+    unsupported = None
+    if q.dtype == torch.float64:
+        unsupported = TypeError(f"dsattn.{op}: the Triton kernels take float16/bfloat16/float32 q/k/v, got float64")
+    elif max(dim_qk, dim_v) > MAX_TRITON_HEAD_DIM:
+        unsupported = ValueError(
+            f"dsattn.{op}: the Triton kernels support head dims up to {MAX_TRITON_HEAD_DIM} (got q/k {dim_qk}, "
+            f"v {dim_v}); use backend='torch' for wider heads (e.g. MLA 576/512)"
+        )
+    implemented = ("torch",) if unsupported is not None and backend == "auto" else IMPLEMENTED
+    chosen = _backend.select_backend(op, backend, q.device, implemented, auto_order=AUTO_ORDER.get(q.device.type))
+    if chosen == "triton" and unsupported is not None:
+        raise unsupported
+    return chosen
 
 
 def sliding_window_attention(q, k, v, window, *, causal=True, scale=None, sinks=None, backend="auto"):
@@ -40,19 +57,21 @@ def sliding_window_attention(q, k, v, window, *, causal=True, scale=None, sinks=
     p - window < j <= p (window >= Sk is full causal attention). causal=False: the symmetric window
     |p - j| < window. scale defaults to Dqk ** -0.5. sinks: optional [Hq] logits (gpt-oss / DeepSeek-V4
     `s_aux`) added to every row's softmax denominator as e^(sink - m), with no value. A row that sees no key
-    (only possible when Sq > Sk) outputs zeros. The Triton kernels take head dims up to 256.
+    (only possible when Sq > Sk) outputs zeros.
+
+    Backends: "triton" (CUDA; fp16/bf16/fp32, head dims up to 256, flash-decoding split-K when
+    groups x Sq <= 16), "torch" (the chunked reference, O(S x window) memory). "auto": Triton on CUDA, the
+    reference on CPU and for what the kernels do not take (float64, wider heads such as MLA 576/512).
     """
     window = _check_window_and_flags(OP, window, causal)
     shape = _checks.check_qkv(OP, q, k, v)
     scale = _checks.check_scale(OP, scale, shape.dim_qk**-0.5)
     sinks = _check_sinks(OP, sinks, shape.heads_q, q)
-    chosen = _select(OP, backend, q.device)
+    chosen = _select(OP, backend, q, shape.dim_qk, shape.dim_v)
     if chosen == "torch":
         return _reference.sliding_window_attention(q, k, v, window, causal=causal, scale=scale, sinks=sinks)
     from dsattn.triton_kernels import sliding_window as _triton
 
-    if q.dtype == torch.float64:
-        raise TypeError(f"dsattn.{OP}: the Triton kernels take float16/bfloat16/float32 q/k/v, got float64")
     sinks = None if sinks is None else sinks.to(torch.float32).contiguous()
     return _triton.sliding_window_attention(q, k, v, window, causal, scale, sinks)
 
@@ -111,7 +130,7 @@ def sliding_window_attention_varlen(
             raise ValueError(f"dsattn.{op}: {name}={bound} is shorter than the longest sequence ({longest})")
     scale = _checks.check_scale(op, scale, dqk**-0.5)
     sinks = _check_sinks(op, sinks, hq, q)
-    chosen = _select(op, backend, q.device)
+    chosen = _select(op, backend, q, dqk, v.shape[2])
     if chosen == "torch":
         return _reference.sliding_window_attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window,
@@ -119,8 +138,6 @@ def sliding_window_attention_varlen(
         )
     from dsattn.triton_kernels import sliding_window as _triton
 
-    if q.dtype == torch.float64:
-        raise TypeError(f"dsattn.{op}: the Triton kernels take float16/bfloat16/float32 q/k/v, got float64")
     sinks = None if sinks is None else sinks.to(torch.float32).contiguous()
     return _triton.sliding_window_attention_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, window, causal, scale, sinks
