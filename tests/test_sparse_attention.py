@@ -184,6 +184,23 @@ def test_gpu_dsa_shapes(sq, sk, topk):
     assert_close(sparse_attention(q, k, v, indices, causal=True, backend="triton"), expected, 2e-2)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_gpu_long_prefill_memory_is_linear(backend):
+    """S = 32768, topk = 2048: beyond the inputs and the output, the kernel (and the chunked reference) hold
+    far less than one [S, S] score matrix (2 GiB in bf16)."""
+    s, topk = 32768, 2048
+    q, k, v = _inputs(1, 16, 1, s, s, 128, 128, torch.bfloat16, "cuda")
+    indices = torch.randint(0, s, (1, s, topk), dtype=torch.int32, device="cuda")  # causal skips the future ones
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = sparse_attention(q, k, v, indices, causal=True, backend=backend)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before - out.numel() * out.element_size()
+    assert extra < 2**30, f"{backend}: {extra / 2**20:.0f} MiB beyond inputs and output"
+
+
 # ----------------------------------------------------------------------------------------- bad input
 def _good():
     q, k, v = _inputs(1, 4, 2, 3, 8, 16, 12)

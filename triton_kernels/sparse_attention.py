@@ -6,8 +6,10 @@ listed K/V row once and uses it for every q head of the block (indices are share
 FlashMLA's sparse kernels), and runs an fp32 online softmax. Entries that are -1, out of [0, Sk) or (causal)
 after the query's position are masked: their loads never touch memory and they get no weight.
 
-Dqk is walked in BLOCK_DK chunks (any Dqk: 128, 192, 576 ...); Dv is split over programs in BLOCK_DV slices
-(each slice recomputes the scores, the price of keeping the accumulator in registers for MLA's Dv=512).
+Dqk is walked in BLOCK_DK chunks (any Dqk: 128, 192, 576 ...); Dv is split over programs in slices of up to
+256 (each slice recomputes the scores: the price of keeping the accumulator in registers; MLA's Dv=512 takes
+two slices). Sizes are not limited beyond that: each (batch, head) slice of q/k/v must span < 2**31
+elements (int32 offsets inside it).
 
 Decode (few programs, long topk): the topk list is split over NUM_SPLITS programs, each writing a
 normalized fp32 partial output plus its log-sum-exp; `sparse_attention_combine_kernel` merges them. This is
