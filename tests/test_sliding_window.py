@@ -108,6 +108,7 @@ def _run_triton(q, k, v, window, causal=True, scale=None, sinks=None):
         (2, 2, 129, 129, 64, 64, 200, True, True, torch.float16),  # window >= S: full causal
         (2, 2, 33, 100, 24, 40, 1, True, False, torch.float32),  # chunked prefill, window 1, odd dims
         (2, 1, 40, 20, 16, 16, 5, True, True, torch.float32),  # Sq > Sk: rows with no key -> 0
+        (32, 1, 1, 50, 16, 16, 7, True, True, torch.float32),  # Sq = 1 with 32 groups: the prefill kernel
         (2, 1, 45, 45, 16, 16, 7, False, True, torch.float32),  # symmetric window
         (1, 1, 300, 300, 16, 16, 100, False, False, torch.float32),  # symmetric, unmasked interior blocks
         (2, 1, 300, 300, 32, 32, 200, True, True, torch.bfloat16),  # unmasked interior blocks

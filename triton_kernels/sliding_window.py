@@ -129,7 +129,7 @@ def swa_fwd_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     row_valid = offs_m < seqlen_q
     q_pos = offs_m + (seqlen_k - seqlen_q)
-    q_base = q_ptr + batch.to(tl.int64) * stride_qb + head * stride_qh + q_start * stride_qs
+    q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + q_start * stride_qs
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_dqk[None, :] * stride_qd,
                 mask=row_valid[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
     if UPCAST:
@@ -143,8 +143,8 @@ def swa_fwd_kernel(
     else:
         hi = tl.minimum(m_last + (seqlen_k - seqlen_q) + window, seqlen_k)
     hi = tl.where(m_first < seqlen_q, hi, lo)  # varlen grids cover the longest sequence: idle blocks
-    k_base = k_ptr + batch.to(tl.int64) * stride_kb + kv_head * stride_kh + k_start * stride_ks
-    v_base = v_ptr + batch.to(tl.int64) * stride_vb + kv_head * stride_vh + k_start * stride_vs
+    k_base = k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh + k_start * stride_ks
+    v_base = v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh + k_start * stride_vs
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -180,7 +180,7 @@ def swa_fwd_kernel(
     if HAS_SINKS:
         sink_log2 = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
     out = _finish_rows(acc, l_i, m_i, sink_log2, HAS_SINKS)
-    o_base = o_ptr + batch.to(tl.int64) * stride_ob + head * stride_oh + q_start * stride_os
+    o_base = o_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + q_start * stride_os
     tl.store(o_base + offs_m[:, None] * stride_os + offs_dv[None, :] * stride_od,
              out.to(o_ptr.dtype.element_ty), mask=row_valid[:, None] & (offs_dv[None, :] < DV))
 
@@ -209,15 +209,15 @@ def swa_decode_split_kernel(
     q_pos = qi + (SEQ_K - SEQ_Q)
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q_rows = q_ptr + batch.to(tl.int64) * stride_qb + head * stride_qh + qi * stride_qs
+    q_rows = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + qi * stride_qs
     q = tl.load(q_rows[:, None] + offs_dqk[None, :] * stride_qd,
                 mask=row_valid[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     lo = key_lo + split * keys_per_split
     hi = tl.minimum(lo + keys_per_split, SEQ_K)
-    k_base = k_ptr + batch.to(tl.int64) * stride_kb + kv_head * stride_kh
-    v_base = v_ptr + batch.to(tl.int64) * stride_vb + kv_head * stride_vh
+    k_base = k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -262,7 +262,7 @@ def swa_decode_combine_kernel(
     parts = tl.load(o_part_ptr + (row.to(tl.int64) * NUM_SPLITS + splits[:, None]) * BLOCK_DV + offs_dv[None, :],
                     mask=split_ok[:, None], other=0.0)
     out = tl.sum(parts * weights[:, None], 0) / tl.where(denom > 0, denom, 1.0)
-    o = o_ptr + batch.to(tl.int64) * stride_ob + head * stride_oh + qi * stride_os
+    o = o_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + qi * stride_os
     tl.store(o + offs_dv * stride_od, out.to(o_ptr.dtype.element_ty), mask=offs_dv < DV)
 
 
