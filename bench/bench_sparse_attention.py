@@ -76,7 +76,8 @@ def test_decode_gpu(run_bench, provider, context):
     b, topk, dtype = 1, 2048, torch.bfloat16
     q, k, v = _inputs(b, DSA["hq"], DSA["hkv"], 1, context, DSA["dqk"], DSA["dv"], dtype, "cuda")
     indices = _causal_indices(b, 1, context, topk, "cuda")
-    shape = {"B": b, "Hq": DSA["hq"], "Hkv": DSA["hkv"], "Sk": context, "topk": topk, "Dqk": DSA["dqk"], "Dv": DSA["dv"]}
+    shape = {"B": b, "Hq": DSA["hq"], "Hkv": DSA["hkv"], "Sk": context, "topk": topk,
+             "Dqk": DSA["dqk"], "Dv": DSA["dv"]}
     _run(run_bench, provider, q, k, v, indices, True, "cuda", shape, dtype)
 
 

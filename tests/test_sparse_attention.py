@@ -155,9 +155,8 @@ def test_int64_indices_equal_int32(triton_device):
     q, k, v = _inputs(1, 2, 1, 5, 12, 16, 16, device=triton_device)
     indices = _random_indices((1, 5), 6, 12, device=triton_device)
     for backend in ("torch", "triton"):
-        assert torch.equal(
-            sparse_attention(q, k, v, indices.long(), backend=backend), sparse_attention(q, k, v, indices, backend=backend)
-        )
+        as_int64 = sparse_attention(q, k, v, indices.long(), backend=backend)
+        assert torch.equal(as_int64, sparse_attention(q, k, v, indices, backend=backend))
 
 
 def test_empty_topk_gives_zeros(triton_device):
