@@ -183,6 +183,18 @@ def test_triton_gqa_noncontiguous_offset_and_poison(triton_device):
                          fp32_tol(triton_device), name="non-causal")
 
 
+@pytest.mark.parametrize("dk", [80, 192])
+def test_triton_large_head_dims(triton_device, dk):
+    """The Dk=128 tile (BLOCK_T 32, BLOCK_DV 32) and the Dk=256 one (BLOCK_T 16; MLA's 192), both masked."""
+    q, k, v = make_inputs(1, 2, 1, 45, 45, dk, 40, device=triton_device)
+    for causal in (True, False):
+        kw = dict(feature_map="exp", causal=causal, normalize=True, output_final_state=True)
+        o, (S, _) = run_triton(q, k, v, kernel="chunk", **kw)
+        o_ref, state_ref = as_double_reference(q, k, v, **kw)
+        testing.assert_close(o, o_ref, fp32_tol(triton_device), name=f"causal={causal}")
+        testing.assert_close(S, state_ref.S, fp32_tol(triton_device), name="S")
+
+
 @pytest.mark.parametrize("segments", [2, 4])
 def test_triton_sequence_segments(triton_device, segments):
     """The sequence cut into segments (reduce, prefix sum, parallel causal; segmented reduce/apply when

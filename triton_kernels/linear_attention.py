@@ -34,7 +34,6 @@ MODE_CAUSAL, MODE_REDUCE, MODE_APPLY = 0, 1, 2
 MODES = {"causal": MODE_CAUSAL, "reduce": MODE_REDUCE, "apply": MODE_APPLY}
 MAX_DK = 256
 BLOCK_DKS = (32, 64, 128, 256)  # Dk < 32 is padded to 32
-BLOCK_DVS = (32, 64)
 MIN_SEG_LEN = 512  # shortest sequence segment worth its own program (see chunk_config)
 RECURRENT_MAX_SQ = 16  # causal calls with at most this many queries take the recurrent (decode) kernel
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -90,6 +89,17 @@ def linear_attention_chunk_kernel(
     o_base = o_ptr + bh64 * T * DV  # o: contiguous [B, HQ, T, DV]
     state_offs = offs_dk[:, None] * DV + offs_dv[None, :]
     state_mask = dk_mask[:, None] & dv_mask[None, :]
+    # Per-chunk 64-bit base pointers that advance BLOCK_T rows per step, and 32-bit in-tile offsets: a tile
+    # of 64-bit pointers per operand would cost two registers per element.
+    start64 = seg_start.to(tl.int64)
+    q_chunk = q_base + start64 * stride_qm
+    k_chunk = k_base + start64 * stride_kn
+    v_chunk = v_base + start64 * stride_vn
+    o_chunk = o_base + start64 * DV
+    q_offs = offs_t[:, None] * stride_qm + offs_dk[None, :] * stride_qd
+    k_offs = offs_t[:, None] * stride_kn + offs_dk[None, :] * stride_kd
+    v_offs = offs_t[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    o_offs = offs_t[:, None] * DV + offs_dv[None, :]
 
     if HAS_INITIAL:
         S = tl.load(s_in_ptr + state_idx * DK * DV + state_offs, mask=state_mask, other=0.0)
@@ -102,10 +112,9 @@ def linear_attention_chunk_kernel(
     for t0 in range(seg_start, seg_end, BLOCK_T):
         rows = t0 + offs_t
         row_mask = rows < seg_end
-        rows64 = rows.to(tl.int64)
         if MODE != 1:  # queries: CAUSAL and APPLY
             qk_mask = row_mask[:, None] & dk_mask[None, :]
-            q = tl.load(q_base + rows64[:, None] * stride_qm + offs_dk[None, :] * stride_qd, mask=qk_mask, other=0.0)
+            q = tl.load(q_chunk + q_offs, mask=qk_mask, other=0.0)
             fq = _feature_map(q.to(tl.float32), qk_mask, FEATURE_MAP)
             if DOT_FP32:
                 fq_dot = fq
@@ -117,9 +126,8 @@ def linear_attention_chunk_kernel(
             den = tl.sum(fq * z[None, :], axis=1)
         if MODE != 2:  # keys: CAUSAL and REDUCE
             kk_mask = row_mask[:, None] & dk_mask[None, :]
-            k = tl.load(k_base + rows64[:, None] * stride_kn + offs_dk[None, :] * stride_kd, mask=kk_mask, other=0.0)
-            v = tl.load(v_base + rows64[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                        mask=row_mask[:, None] & dv_mask[None, :], other=0.0)
+            k = tl.load(k_chunk + k_offs, mask=kk_mask, other=0.0)
+            v = tl.load(v_chunk + v_offs, mask=row_mask[:, None] & dv_mask[None, :], other=0.0)
             fk = _feature_map(k.to(tl.float32), kk_mask, FEATURE_MAP)
             if DOT_FP32:
                 fk_dot = fk
@@ -138,11 +146,14 @@ def linear_attention_chunk_kernel(
         if MODE != 1:
             if NORMALIZE:
                 num = num / (den + eps)[:, None]
-            tl.store(o_base + rows64[:, None] * DV + offs_dv[None, :], num.to(o_ptr.dtype.element_ty),
-                     mask=row_mask[:, None] & dv_mask[None, :])
+            tl.store(o_chunk + o_offs, num.to(o_ptr.dtype.element_ty), mask=row_mask[:, None] & dv_mask[None, :])
         if MODE != 2:
             S = tl.dot(tl.trans(fk_dot), v_dot, S, out_dtype=tl.float32)
             z += tl.sum(fk, axis=0)
+        q_chunk += BLOCK_T * stride_qm
+        k_chunk += BLOCK_T * stride_kn
+        v_chunk += BLOCK_T * stride_vn
+        o_chunk += BLOCK_T * DV
 
     if STORE_FINAL:
         tl.store(s_out_ptr + state_idx * DK * DV + state_offs, S, mask=state_mask)
@@ -213,28 +224,33 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def tile_config(block_dk: int) -> tuple[int, int]:
-    """(BLOCK_T, num_warps) of the chunk kernel for a head-dim tile."""
-    return (64 if block_dk <= 128 else 32), (4 if block_dk <= 64 else 8)
+def tile_config(block_dk: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_DV, num_warps) of the chunk kernel for a head-dim tile. The chunk's q/k tiles, the
+    scores and the state slice all live in registers; these are the largest that compile without spills
+    on sm_80/sm_90 (tests/test_aot_compile.py): the Dk=256 tile (Dk 129..256, e.g. MLA's 192) is the
+    exception, compiled but allowed to spill."""
+    if block_dk <= 64:
+        return 64, 64, 8
+    if block_dk <= 128:
+        return 32, 32, 8
+    return 16, 32, 8
 
 
 def chunk_config(dk: int, dv: int, heads: int, seq: int, device: torch.device, segments: int | None = None):
     """(BLOCK_T, BLOCK_DK, BLOCK_DV, num_warps, segments, seg_len) for `heads` = B x Hq sequences of `seq`.
 
-    The chunk and the state slice live in registers: BLOCK_T 64 up to Dk 128, 32 beyond. The walk over a
-    sequence is serial, so when (B x Hq x Dv/64) programs leave SMs idle the sequence is cut into segments
-    (>= MIN_SEG_LEN long, up to ~8 programs per SM): a first pass reduces each segment to its state, a
-    prefix sum gives each segment its initial state, and the segments then run in parallel. Too short to
-    cut: Dv in 32-wide slices instead."""
+    The walk over a sequence is serial, so when the B x Hq x Dv/BLOCK_DV programs leave SMs idle the
+    sequence is cut into segments (>= MIN_SEG_LEN long, up to ~8 programs per SM): a first pass reduces each
+    segment to its state, a prefix sum gives each segment its initial state, and the segments then run in
+    parallel."""
     block_dk = max(BLOCK_DKS[0], _next_pow2(dk))
-    block_t, num_warps = tile_config(block_dk)
+    block_t, block_dv, num_warps = tile_config(block_dk)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    wide = heads * triton.cdiv(dv, 64)
+    wide = heads * triton.cdiv(dv, block_dv)
     if segments is None:
         segments = 1 if wide >= 2 * sms else max(1, min(triton.cdiv(seq, MIN_SEG_LEN), triton.cdiv(8 * sms, wide)))
     seg_len = max(block_t, triton.cdiv(triton.cdiv(max(seq, 1), segments), block_t) * block_t)
     segments = max(1, triton.cdiv(seq, seg_len))
-    block_dv = 64 if segments > 1 or wide >= 2 * sms else 32
     return block_t, block_dk, block_dv, num_warps, segments, seg_len
 
 
@@ -403,25 +419,25 @@ def _signature(dtype: torch.dtype, chunk: bool) -> dict[str, str]:
 
 
 def aot_specs() -> list[AOTSpec]:
-    """Every config the launcher can pick: per dtype, BLOCK_DK x BLOCK_DV x mode for the chunk kernel (the
-    feature map and flags do not change the tile shapes: the hot ones are compiled with "exp", the
+    """Every config the launcher can pick: per dtype, BLOCK_DK (which fixes the tile) x mode for the chunk
+    kernel (the feature map and flags do not change the tile shapes: they are compiled with "exp", the
     costliest map, normalized, with initial and final state), and BLOCK_DK for the recurrent kernel."""
     specs = []
     for dtype in DTYPES:
         for block_dk in BLOCK_DKS:
-            block_t, num_warps = tile_config(block_dk)
-            for block_dv in BLOCK_DVS:
-                for mode_name, mode in MODES.items():
-                    specs.append(AOTSpec(
-                        name=f"chunk_{mode_name}_{TRITON_DTYPE[dtype]}_dk{block_dk}_dv{block_dv}",
-                        kernel=linear_attention_chunk_kernel,
-                        signature=_signature(dtype, chunk=True),
-                        constexprs={"FEATURE_MAP": FEATURE_MAP_IDS["exp"], "MODE": mode, "NORMALIZE": True,
-                                    "HAS_INITIAL": True, "STORE_FINAL": True, "DOT_FP32": dtype == torch.float32,
-                                    "BLOCK_T": block_t, "BLOCK_DK": block_dk, "BLOCK_DV": block_dv},
-                        num_warps=num_warps,
-                        num_stages=1,
-                    ))
+            block_t, block_dv, num_warps = tile_config(block_dk)
+            for mode_name, mode in MODES.items():
+                specs.append(AOTSpec(
+                    name=f"chunk_{mode_name}_{TRITON_DTYPE[dtype]}_dk{block_dk}_dv{block_dv}",
+                    kernel=linear_attention_chunk_kernel,
+                    signature=_signature(dtype, chunk=True),
+                    constexprs={"FEATURE_MAP": FEATURE_MAP_IDS["exp"], "MODE": mode, "NORMALIZE": True,
+                                "HAS_INITIAL": True, "STORE_FINAL": True, "DOT_FP32": dtype == torch.float32,
+                                "BLOCK_T": block_t, "BLOCK_DK": block_dk, "BLOCK_DV": block_dv},
+                    num_warps=num_warps,
+                    num_stages=1,
+                    hot=block_dk <= 128,
+                ))
             rec_dk, rec_dv, rec_warps = recurrent_config(block_dk)
             specs.append(AOTSpec(
                 name=f"recurrent_{TRITON_DTYPE[dtype]}_dk{rec_dk}_dv{rec_dv}",
