@@ -156,16 +156,29 @@ def aot_compile_modules(module_names, capabilities=(80, 90)) -> dict[tuple[str, 
     return reports
 
 
+def _aot_one(job):
+    module_name, index, cap = job
+    spec = importlib.import_module(f"dsattn.triton_kernels.{module_name}").aot_specs()[index]
+    try:
+        report = aot_compile(spec, cap)
+    except Exception as exc:
+        raise RuntimeError(f"{module_name}:{spec.name} sm_{cap} failed to compile: {exc}") from exc
+    return {"module": module_name, **dataclasses.asdict(report)}
+
+
 def _aot_main(module_csv: str, caps_csv: str) -> None:
-    for module_name in module_csv.split(","):
-        module = importlib.import_module(f"dsattn.triton_kernels.{module_name}")
-        for spec in module.aot_specs():
-            for cap in map(int, caps_csv.split(",")):
-                try:
-                    report = aot_compile(spec, cap)
-                except Exception as exc:
-                    raise RuntimeError(f"{module_name}:{spec.name} sm_{cap} failed to compile") from exc
-                print("AOT " + json.dumps({"module": module_name, **dataclasses.asdict(report)}), flush=True)
+    """Compile every (module, spec, capability) on all cores: CI compiles a few hundred configs."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [
+        (module_name, index, cap)
+        for module_name in module_csv.split(",")
+        for index in range(len(importlib.import_module(f"dsattn.triton_kernels.{module_name}").aot_specs()))
+        for cap in map(int, caps_csv.split(","))
+    ]
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for row in pool.map(_aot_one, jobs, chunksize=4):
+            print("AOT " + json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
