@@ -278,7 +278,9 @@ def fwd_config(block_dqk: int, block_dv: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float32:  # tf32x3 dots: fp32-accurate on tensor cores, twice the bytes per tile
         if widest <= 64:
             return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)
+        if widest <= 128:
+            return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)
+        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
     if widest <= 64:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
     if widest <= 128:
