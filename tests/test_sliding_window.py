@@ -69,6 +69,19 @@ def test_reference_full_window_equals_sdpa_causal():
     assert_close(reference(q, k, v, 10**9), expected, 1e-12)
 
 
+def test_reference_memory_is_o_s_times_window(monkeypatch):
+    """No [Sq, Sk] tensor: every score block the reference builds spans at most chunk + 2 * window keys."""
+    from dsattn.reference import sliding_window as module
+
+    widest = []
+    matmul = torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda a, b: widest.append(matmul(a, b).shape[-1]) or matmul(a, b))
+    q, k, v = make_qkv(1, 2, 1, 2048, 2048, 8, 8)
+    out = module.sliding_window_attention(q, k, v, 16)
+    assert widest and max(widest) <= module.MIN_CHUNK + 2 * 16
+    assert_close(out[:, :, -64:], reference(q[:, :, -64:], k, v, 16), 1e-6)
+
+
 def test_varlen_reference_matches_brute_force():
     lens_q, lens_k = [3, 0, 5, 2], [3, 4, 7, 0]
     q = torch.randn(sum(lens_q), 4, 8, dtype=torch.float64)
