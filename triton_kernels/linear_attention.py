@@ -87,8 +87,6 @@ def linear_attention_chunk_kernel(
     k_base = k_ptr + b64 * stride_kb + hkv.to(tl.int64) * stride_kh
     v_base = v_ptr + b64 * stride_vb + hkv.to(tl.int64) * stride_vh
     o_base = o_ptr + bh64 * T * DV  # o: contiguous [B, HQ, T, DV]
-    state_offs = offs_dk[:, None] * DV + offs_dv[None, :]
-    state_mask = dk_mask[:, None] & dv_mask[None, :]
     # Per-chunk 64-bit base pointers that advance BLOCK_T rows per step, and 32-bit in-tile offsets: a tile
     # of 64-bit pointers per operand would cost two registers per element.
     start64 = seg_start.to(tl.int64)
@@ -102,7 +100,8 @@ def linear_attention_chunk_kernel(
     o_offs = offs_t[:, None] * DV + offs_dv[None, :]
 
     if HAS_INITIAL:
-        S = tl.load(s_in_ptr + state_idx * DK * DV + state_offs, mask=state_mask, other=0.0)
+        S = tl.load(s_in_ptr + state_idx * DK * DV + offs_dk[:, None] * DV + offs_dv[None, :],
+                    mask=dk_mask[:, None] & dv_mask[None, :], other=0.0)
         z = tl.load(z_in_ptr + state_idx * DK + offs_dk, mask=dk_mask, other=0.0)
     else:
         S = tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32)
@@ -155,9 +154,12 @@ def linear_attention_chunk_kernel(
         v_chunk += BLOCK_T * stride_vn
         o_chunk += BLOCK_T * DV
 
-    if STORE_FINAL:
-        tl.store(s_out_ptr + state_idx * DK * DV + state_offs, S, mask=state_mask)
-        tl.store(z_out_ptr + state_idx * DK + offs_dk, z, mask=dk_mask & (offs_dk * 0 + dv_block == 0))  # one writer of z
+    if STORE_FINAL:  # state tile offsets built here, not kept live across the loop
+        offs_sk = tl.arange(0, BLOCK_DK)
+        offs_sv = dv_block * BLOCK_DV + tl.arange(0, BLOCK_DV)
+        tl.store(s_out_ptr + state_idx * DK * DV + offs_sk[:, None] * DV + offs_sv[None, :], S,
+                 mask=(offs_sk[:, None] < DK) & (offs_sv[None, :] < DV))
+        tl.store(z_out_ptr + state_idx * DK + offs_sk, z, mask=(offs_sk < DK) & (offs_sk * 0 + dv_block == 0))
 
 
 @triton.jit
@@ -230,7 +232,7 @@ def tile_config(block_dk: int) -> tuple[int, int, int]:
     on sm_80/sm_90 (tests/test_aot_compile.py): the Dk=256 tile (Dk 129..256, e.g. MLA's 192) is the
     exception, compiled but allowed to spill."""
     if block_dk <= 64:
-        return 64, 64, 8
+        return 32, 64, 8
     if block_dk <= 128:
         return 32, 32, 8
     return 16, 32, 8
