@@ -108,6 +108,7 @@ def test_reference_rows_without_keys_and_linear_only_rows():
         (150, 150, 0, 7),
         (150, 150, 70, 0),
         (40, 300, 5, 7),  # Sq < Sk (chunked prefill); crosses a far-state chunk boundary
+        (1, 300, 5, 7),  # decode: one query after 299 keys
         (600, 600, 300, 40),  # several far-state chunks, prefix not on a chunk boundary
     ],
 )
@@ -130,12 +131,13 @@ def test_triton_feature_maps(triton_device, fmap):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_gqa_mla_dims_non_contiguous(triton_device, dtype):
-    q, k, v = _qkv(2, 6, 2, 45, 45, 24, 40, dtype, triton_device)  # Dqk != Dv, neither a power of two
+    # Dqk != Dv, neither a power of two; S > CHUNK so the chunk-state kernel runs on strided phi(k), v
+    q, k, v = _qkv(2, 6, 2, 300, 300, 24, 40, dtype, triton_device)
     q, k, v = non_contiguous(q), non_contiguous(k), non_contiguous(v)
     assert not q.is_contiguous()
     expected = hybrid_reference(q.double(), k.double(), v.double(), prefix=6, window=9, scale=0.3)
     actual = hybrid_attention(q, k, v, prefix=6, window=9, scale=0.3, backend="triton")
-    assert actual.dtype == dtype and actual.shape == (2, 6, 45, 40)
+    assert actual.dtype == dtype and actual.shape == (2, 6, 300, 40)
     assert_close(actual, expected, tolerance(dtype))
 
 

@@ -45,7 +45,7 @@ def hybrid_chunk_state_kernel(
     chunk = tl.program_id(0)
     bh = tl.program_id(1)
     pid_dv = tl.program_id(2)
-    b = bh // HKV
+    b = (bh // HKV).to(tl.int64)  # batch offsets can pass 2**31 elements
     h = bh % HKV
     rd = tl.arange(0, BLOCK_DQK)
     re = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
@@ -91,7 +91,7 @@ def hybrid_attention_fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // HQ
+    b = (bh // HQ).to(tl.int64)  # batch offsets can pass 2**31 elements
     hq = bh % HQ
     hk = hq // GROUP
     ri = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
