@@ -10,11 +10,11 @@ Three kernels share one inner loop (`_attend_key_range`: online softmax in base 
   Sq), over its slice of the window's key range only, so the cost does not grow with the cache beyond the
   window; the combine kernel merges the splits' (output, log-sum-exp) pairs and the sink.
 Head dims are padded to powers of two with masks (up to 256); any strides; fp16/bf16/fp32 (fp32 dots as
-tf32x3: fp32-accurate on tensor cores). Visibility is SPEC's: query i at p = i + Sk - Sq sees p - window < j <= p (causal) or
-|p - j| < window (causal=False); `sinks` add e^(sink - m) to the denominator; rows with no key output 0.
+tf32x3: fp32-accurate on tensor cores). Visibility is SPEC's: query i at p = i + Sk - Sq sees
+p - window < j <= p (causal) or |p - j| < window (causal=False); `sinks` add e^(sink - m) to the
+denominator; rows with no key output 0. Offsets within one head are int32: Sk x stride_k(seq) < 2^31.
 """
 
-import math
 
 import torch
 import triton
@@ -461,10 +461,11 @@ def aot_specs() -> list[AOTSpec]:
                          "NUM_SPLITS": "i32"}
             specs.append(AOTSpec(
                 name=f"decode_split_{tag}", kernel=swa_decode_split_kernel, signature=signature,
-                constexprs=dict(**_unit_head_strides("q", "k", "v"), CAUSAL=True, BLOCK_M=DECODE_ROWS, BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk,
+                constexprs=dict(**_unit_head_strides("q", "k", "v"), CAUSAL=True, BLOCK_M=DECODE_ROWS,
+                                BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk,
                                 BLOCK_DV=block_dv, UPCAST=False, TF32X3=dtype == torch.float32),
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], divisible_by_16=_aligned(signature),
-                    hot=dtype != torch.float32,
+                hot=dtype != torch.float32,
             ))
         for block_dv in sorted({dv for _, dv in HEAD_DIM_BUCKETS}):
             signature = {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "o_ptr": p, "sinks_ptr": "*fp32",

@@ -23,7 +23,9 @@ def _check_sinks(op: str, sinks, heads_q: int, q: torch.Tensor):
         return None
     _checks.check_tensor(op, "sinks", sinks, ndim=1, dtypes=_checks.FLOAT_DTYPES)
     if sinks.shape[0] != heads_q:
-        raise ValueError(f"dsattn.{op}: sinks must have shape [{heads_q}] (one logit per q head), got {tuple(sinks.shape)}")
+        raise ValueError(
+            f"dsattn.{op}: sinks must have shape [{heads_q}] (one logit per q head), got {tuple(sinks.shape)}"
+        )
     _checks.check_same_device(op, q=q, sinks=sinks)
     return sinks
 
@@ -112,7 +114,9 @@ def sliding_window_attention_varlen(
     total_q, hq, dqk = q.shape
     total_k, hkv = k.shape[0], k.shape[1]
     if v.shape[0] != total_k or v.shape[1] != hkv:
-        raise ValueError(f"dsattn.{op}: k and v must agree on tokens and heads, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+        raise ValueError(
+            f"dsattn.{op}: k and v must agree on tokens and heads, got k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
     if k.shape[2] != dqk:
         raise ValueError(f"dsattn.{op}: k head dim {k.shape[2]} must equal q head dim {dqk}")
     if hkv == 0 or hq % hkv != 0:
