@@ -30,9 +30,7 @@ import triton.language as tl
 from ._common import AOTSpec, TRITON_DTYPE, interpreting, ptr
 
 FEATURE_MAP_IDS = {"elu": 0, "relu": 1, "exp": 2, "identity": 3}
-MODE_CAUSAL, MODE_REDUCE, MODE_APPLY = 0, 1, 2
-MODES = {"causal": MODE_CAUSAL, "reduce": MODE_REDUCE, "apply": MODE_APPLY}
-MAX_DK = 256
+MODES = {"causal": 0, "reduce": 1, "apply": 2}  # the chunk kernel's MODE
 BLOCK_DKS = (32, 64, 128, 256)  # Dk < 32 is padded to 32
 MIN_SEG_LEN = 512  # shortest sequence segment worth its own program (see chunk_config)
 RECURRENT_MAX_SQ = 16  # causal calls with at most this many queries take the recurrent (decode) kernel
@@ -285,6 +283,7 @@ class _Pass:
         self.flags = dict(FEATURE_MAP=FEATURE_MAP_IDS[feature_map], NORMALIZE=normalize)
         self.eps = eps
         self.segments = segments
+        self.no_state = torch.empty(1, dtype=torch.float32, device=q.device)  # fp32 stand-in for absent states
         self.dot_fp32 = q.dtype == torch.float32 or (interpreting() and q.dtype == torch.bfloat16)
 
     def chunk(self, mode, q, k, v, t, state_in, state_out, *, segments=None, state_segs=None):
@@ -295,8 +294,8 @@ class _Pass:
             self.segments if segments is None else segments)
         if state_segs is None:
             state_segs = segs
-        s_in, z_in = state_in if state_in is not None else (self.out, self.out)
-        s_out, z_out = state_out if state_out is not None else (self.out, self.out)
+        s_in, z_in = state_in if state_in is not None else (self.no_state, self.no_state)
+        s_out, z_out = state_out if state_out is not None else (self.no_state, self.no_state)
         grid = (triton.cdiv(self.dv, block_dv), self.b * self.hq, segs)
         linear_attention_chunk_kernel[grid](
             q, k, v, self.out, s_in, z_in, s_out, z_out, *q.stride(), *k.stride(), *v.stride(),
@@ -332,8 +331,8 @@ class _Pass:
         if kernel == "recurrent":
             final = _empty_state(rows, 1, self.dk, self.dv, q.device) if want_final else None
             block_dk, block_dv, num_warps = recurrent_config(self.dk)
-            s_in, z_in = state if state is not None else (self.out, self.out)
-            s_out, z_out = final if final is not None else (self.out, self.out)
+            s_in, z_in = state if state is not None else (self.no_state, self.no_state)
+            s_out, z_out = final if final is not None else (self.no_state, self.no_state)
             linear_attention_recurrent_kernel[(triton.cdiv(self.dv, block_dv), rows)](
                 q, k, v, self.out, s_in, z_in, s_out, z_out, *q.stride(), *k.stride(), *v.stride(),
                 self.hq, self.groups, t, self.dk, self.dv, self.eps, **self.flags,
