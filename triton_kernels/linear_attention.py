@@ -224,22 +224,22 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def tile_config(block_dk: int, dtype: torch.dtype) -> tuple[int, int, int]:
+def tile_config(block_dk: int, dtype: torch.dtype, mode: str = "causal") -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_DV, num_warps) of the chunk kernel for a head-dim tile. The chunk's q/k tiles, the
     scores and the state slice all live in registers; these are the largest that compile without spills
     on sm_80/sm_90 (tests/test_aot_compile.py): the Dk=256 tile (Dk 129..256, e.g. MLA's 192) is the
     exception, compiled but allowed to spill. fp32 operands take twice the registers: half the chunk."""
     if block_dk <= 64:
         return (16 if dtype == torch.float32 and block_dk == 64 else 32), 64, 8
-    if dtype == torch.float32:
-        return 16, 32, 8
+    if dtype == torch.float32:  # (reduce/apply at 16 x 128 fp32 get a stack frame under 8 warps on sm_80)
+        return 16, 32, (8 if mode == "causal" else 4)
     if block_dk <= 128:
         return 32, 32, 8
     return 16, 32, 8
 
 
 def chunk_config(dk: int, dv: int, heads: int, seq: int, dtype: torch.dtype, device: torch.device,
-                 segments: int | None = None):
+                 segments: int | None = None, mode: str = "causal"):
     """(BLOCK_T, BLOCK_DK, BLOCK_DV, num_warps, segments, seg_len) for `heads` = B x Hq sequences of `seq`.
 
     The walk over a sequence is serial, so when the B x Hq x Dv/BLOCK_DV programs leave SMs idle the
@@ -247,7 +247,7 @@ def chunk_config(dk: int, dv: int, heads: int, seq: int, dtype: torch.dtype, dev
     segment to its state, a prefix sum gives each segment its initial state, and the segments then run in
     parallel."""
     block_dk = max(BLOCK_DKS[0], _next_pow2(dk))
-    block_t, block_dv, num_warps = tile_config(block_dk, dtype)
+    block_t, block_dv, num_warps = tile_config(block_dk, dtype, mode)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     wide = heads * triton.cdiv(dv, block_dv)
     if segments is None:
@@ -291,7 +291,7 @@ class _Pass:
         [B*Hq, state_segs, ...]; returns the number of segments used."""
         block_t, block_dk, block_dv, num_warps, segs, seg_len = chunk_config(
             self.dk, self.dv, self.b * self.hq, t, self.q.dtype, self.q.device,
-            self.segments if segments is None else segments)
+            self.segments if segments is None else segments, mode)
         if state_segs is None:
             state_segs = segs
         s_in, z_in = state_in if state_in is not None else (self.no_state, self.no_state)
@@ -430,8 +430,8 @@ def aot_specs() -> list[AOTSpec]:
     specs = []
     for dtype in DTYPES:
         for block_dk in BLOCK_DKS:
-            block_t, block_dv, num_warps = tile_config(block_dk, dtype)
             for mode_name, mode in MODES.items():
+                block_t, block_dv, num_warps = tile_config(block_dk, dtype, mode_name)
                 specs.append(AOTSpec(
                     name=f"chunk_{mode_name}_{TRITON_DTYPE[dtype]}_dk{block_dk}_dv{block_dv}",
                     kernel=linear_attention_chunk_kernel,
