@@ -123,7 +123,7 @@ def _run_triton(q, k, v, window, causal=True, scale=None, sinks=None):
         (2, 2, 129, 129, 64, 64, 200, True, True, torch.float16),  # window >= S: full causal
         (2, 2, 33, 100, 24, 40, 1, True, False, torch.float32),  # chunked prefill, window 1, odd dims
         (2, 1, 40, 20, 16, 16, 5, True, True, torch.float32),  # Sq > Sk: rows with no key -> 0
-        (32, 1, 1, 50, 16, 16, 7, True, True, torch.float32),  # Sq = 1 with 32 groups: the prefill kernel
+        (128, 1, 1, 50, 16, 16, 7, True, True, torch.float32),  # Sq = 1 with 128 groups: the prefill kernel
         (2, 1, 45, 45, 16, 16, 7, False, True, torch.float32),  # symmetric window
         (1, 1, 300, 300, 16, 16, 100, False, False, torch.float32),  # symmetric, unmasked interior blocks
         (2, 1, 300, 300, 32, 32, 200, True, True, torch.bfloat16),  # unmasked interior blocks
@@ -159,6 +159,8 @@ def test_triton_non_contiguous_inputs(triton_device):
         (4, 4, 1, 257, 1000, False, torch.bfloat16),  # window >= cache
         (4, 1, 3, 211, 7, True, torch.float16),  # a few rows at once (chunked decode)
         (2, 2, 1, 1, 1, True, torch.float32),  # a one-token cache
+        (32, 1, 1, 300, 64, True, torch.float16),  # MQA-like: the 64-row tile
+        (16, 1, 3, 150, 20, False, torch.bfloat16),  # 48 rows: the 64-row tile, chunked decode
     ],
 )
 def test_triton_decode_matches_reference(triton_device, monkeypatch, hq, hkv, sq, sk, window, with_sinks, dtype):

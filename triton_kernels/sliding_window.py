@@ -5,7 +5,7 @@ Three kernels share one inner loop (`_attend_key_range`: online softmax in base 
   loop runs over [lo, hi), the keys the block's window can reach, so the cost is O(Sq x window), not
   O(Sq x Sk). GQA reads kv head h // groups (K/V are never repeated). Varlen packs sequences along the
   token dim and finds each sequence's bounds in cu_seqlens.
-- `swa_decode_split_kernel` + `swa_decode_combine_kernel` (decode, Sq * groups small): flash-decoding. One
+- `swa_decode_split_kernel` + `swa_decode_combine_kernel` (decode, groups x Sq <= 64): flash-decoding. One
   program per (key split, kv head) handles all the kv head's query heads and rows at once (rows = groups x
   Sq), over its slice of the window's key range only, so the cost does not grow with the cache beyond the
   window; the combine kernel merges the splits' (output, log-sum-exp) pairs and the sink.
@@ -289,18 +289,23 @@ def fwd_config(block_dqk: int, block_dv: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4 if block_dv <= 128 else 8, num_stages=2)
 
 
-def decode_config(block_dqk: int, block_dv: int, dtype: torch.dtype) -> dict:
-    """Decode tiles: few rows (groups x Sq <= DECODE_MAX_ROWS), wide key blocks to stream K/V."""
+def decode_config(rows: int, block_dqk: int, block_dv: int, dtype: torch.dtype) -> dict:
+    """Decode tiles: one row tile holding all groups x Sq rows of a kv head (16, or 64 for MQA-like head
+    counts such as DeepSeek's), wide key blocks to stream K/V; 8 warps where the tile is wide."""
+    block_m = DECODE_ROW_TILES[0] if rows <= DECODE_ROW_TILES[0] else DECODE_ROW_TILES[1]
     widest = max(block_dqk, block_dv)
-    if dtype == torch.float32:
-        return dict(BLOCK_N=32, num_warps=4 if widest <= 64 else 8, num_stages=1)
-    if widest > 128:
-        return dict(BLOCK_N=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_N=64, num_warps=4, num_stages=3)
+    wide = widest > 64 if dtype == torch.float32 else (block_m > 16 and widest > 64)
+    block_n = 32 if dtype == torch.float32 or widest > 128 else 64
+    stages = 1 if dtype == torch.float32 else (2 if widest > 128 else 3)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if wide else 4, num_stages=stages)
 
 
-DECODE_MAX_ROWS = 16  # groups x Sq at most this takes the split-K path (one row tile of 16)
-DECODE_ROWS = 16
+DECODE_ROW_TILES = (16, 64)  # groups x Sq up to 64 (with Sq <= Sk) takes the split-K path
+
+
+def decode_row_tiles(dtype: torch.dtype) -> tuple[int, ...]:
+    """fp32 keeps to the 16-row tile (64 fp32 rows spill); more rows go to the prefill kernel."""
+    return DECODE_ROW_TILES[:1] if dtype == torch.float32 else DECODE_ROW_TILES
 MIN_KEYS_PER_SPLIT = 256
 MAX_SPLITS = 64
 
@@ -345,7 +350,7 @@ def _decode(q, k, v, out, sinks, window, causal, scale):
     hkv, seq_k, dv = k.shape[1], k.shape[2], v.shape[3]
     groups = hq // hkv
     block_dqk, block_dv = _pow2(dqk), _pow2(dv)
-    cfg = decode_config(block_dqk, block_dv, q.dtype)
+    cfg = decode_config(groups * seq_q, block_dqk, block_dv, q.dtype)
     # Every row's window lies in [key_lo, seq_k): rows sit at the end of the cache.
     key_lo = max(0, seq_k - seq_q - window + 1)
     keys = seq_k - key_lo
@@ -357,7 +362,7 @@ def _decode(q, k, v, out, sinks, window, causal, scale):
     swa_decode_split_kernel[(num_splits, batch * hkv)](
         q, k, v, o_part, lse_part, *q.stride(), *k.stride(), *v.stride(),
         hkv, groups, seq_q, seq_k, dqk, dv, window, scale * LOG2E, key_lo, keys_per_split, num_splits,
-        CAUSAL=causal, BLOCK_M=DECODE_ROWS, BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+        CAUSAL=causal, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
         UPCAST=interpreting() and q.dtype == torch.bfloat16, TF32X3=q.dtype == torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -382,7 +387,7 @@ def sliding_window_attention(q, k, v, window, causal, scale, sinks, out=None):
     if seq_k == 0:
         return out.zero_()
     window = min(window, seq_k + seq_q)  # keeps int32 arithmetic in range; larger windows see the same keys
-    if (hq // hkv) * seq_q <= DECODE_MAX_ROWS and seq_q <= seq_k:
+    if (hq // hkv) * seq_q <= decode_row_tiles(q.dtype)[-1] and seq_q <= seq_k:
         return _decode(q, k, v, out, sinks, window, causal, scale)
     strides = (q.stride(), k.stride(), v.stride(), out.stride())
     return _fwd(q, k, v, out, sinks, None, None, strides, (batch, hq, hq // hkv, seq_q, seq_k, seq_q),
@@ -453,20 +458,21 @@ def aot_specs() -> list[AOTSpec]:
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], divisible_by_16=_aligned(signature),
                     hot=dtype != torch.float32,
                 ))
-            cfg = decode_config(block_dqk, block_dv, dtype)
-            signature = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32",
-                         **_strides("q"), **_strides("k"), **_strides("v"),
-                         "HKV": "i32", "GROUPS": "i32", "SEQ_Q": "i32", "SEQ_K": "i32", "DQK": "i32", "DV": "i32",
-                         "window": "i32", "qk_scale_log2": "fp32", "key_lo": "i32", "keys_per_split": "i32",
-                         "NUM_SPLITS": "i32"}
-            specs.append(AOTSpec(
-                name=f"decode_split_{tag}", kernel=swa_decode_split_kernel, signature=signature,
-                constexprs=dict(**_unit_head_strides("q", "k", "v"), CAUSAL=True, BLOCK_M=DECODE_ROWS,
-                                BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk,
-                                BLOCK_DV=block_dv, UPCAST=False, TF32X3=dtype == torch.float32),
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], divisible_by_16=_aligned(signature),
-                hot=dtype != torch.float32,
-            ))
+            for rows in decode_row_tiles(dtype):
+                cfg = decode_config(rows, block_dqk, block_dv, dtype)
+                signature = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32",
+                             **_strides("q"), **_strides("k"), **_strides("v"),
+                             "HKV": "i32", "GROUPS": "i32", "SEQ_Q": "i32", "SEQ_K": "i32", "DQK": "i32",
+                             "DV": "i32", "window": "i32", "qk_scale_log2": "fp32", "key_lo": "i32",
+                             "keys_per_split": "i32", "NUM_SPLITS": "i32"}
+                specs.append(AOTSpec(
+                    name=f"decode_split_m{rows}_{tag}", kernel=swa_decode_split_kernel, signature=signature,
+                    constexprs=dict(**_unit_head_strides("q", "k", "v"), CAUSAL=True, BLOCK_M=cfg["BLOCK_M"],
+                                    BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, UPCAST=False,
+                                    TF32X3=dtype == torch.float32),
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], divisible_by_16=_aligned(signature),
+                    hot=dtype != torch.float32,
+                ))
         for block_dv in sorted({dv for _, dv in HEAD_DIM_BUCKETS}):
             signature = {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "o_ptr": p, "sinks_ptr": "*fp32",
                          **_strides("o"), "HQ": "i32", "SEQ_Q": "i32", "DV": "i32", "NUM_SPLITS": "i32"}
