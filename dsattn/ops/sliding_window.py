@@ -62,8 +62,8 @@ def sliding_window_attention(q, k, v, window, *, causal=True, scale=None, sinks=
     (only possible when Sq > Sk) outputs zeros.
 
     Backends: "triton" (CUDA; fp16/bf16/fp32, head dims up to 256, flash-decoding split-K when
-    groups x Sq <= 64, 16 in fp32), "torch" (the chunked reference, O(S x window) memory). "auto": Triton on CUDA, the
-    reference on CPU and for what the kernels do not take (float64, wider heads such as MLA 576/512).
+    groups x Sq <= 64, 16 in fp32), "torch" (the chunked reference, O(S x window) memory). "auto": Triton on
+    CUDA, the reference on CPU and for what the kernels do not take (float64, wider heads such as MLA 576/512).
     """
     window = _check_window_and_flags(OP, window, causal)
     shape = _checks.check_qkv(OP, q, k, v)
