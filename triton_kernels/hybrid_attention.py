@@ -28,7 +28,6 @@ STATE_BLOCK_DV = 64
 STATE_BLOCK_N = 64
 STATE_WARPS = 8
 STATE_BLOCK_D = 32  # Dqk slice of the phi(q) . state product in the main kernel
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
