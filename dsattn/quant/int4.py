@@ -1,10 +1,135 @@
-"""Placeholder: the int4 work replaces this file."""
+"""Group-wise 4-bit weights: the format (Int4Weight), the quantizer, and importers for AWQ / GPTQ checkpoints.
+
+Layout shared by every int4 kernel (dsattn.reference.int4): qweight int32 [N, K/8], element (n, 8j + i) in
+bits [4i, 4i+4) of qweight[n, j]; scales [N, K/g] (fp16/bf16/fp32); zeros uint8 [N, K/g] (8 for symmetric);
+w = (q - zero) * scale. With AWQ-style activation-aware scaling, W * s is quantized and input_scale = 1/s is
+applied to x at matmul time, so dequantize() still returns (an approximation of) W.
+"""
+
+import dataclasses
+
+import torch
+
+from dsattn.reference.int4 import dequantize_int4, pack_int4, unpack_int4
+
+OP = "quantize_int4"
+SYMMETRIC_ZERO = 8
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ GEMM: nibble i of a word holds column 8j + AWQ_ORDER[i]
 
 
-def quantize_int4(*args, **kwargs):
-    raise NotImplementedError("dsattn.quantize_int4 is not implemented yet")
+def check_group_size(op: str, group_size, k: int) -> int:
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"dsattn.{op}: group_size must be an int, got {type(group_size).__name__}")
+    if group_size < 8 or group_size % 8 != 0:
+        raise ValueError(f"dsattn.{op}: group_size must be a positive multiple of 8 (32..256 typical), got {group_size}")
+    if k % group_size != 0:
+        raise ValueError(f"dsattn.{op}: group_size ({group_size}) must divide the input dim K={k}")
+    return group_size
 
 
+@dataclasses.dataclass
 class Int4Weight:
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("dsattn Int4Weight is not implemented yet")
+    qweight: torch.Tensor  # int32 [N, K/8]
+    scales: torch.Tensor  # [N, K/g]
+    zeros: torch.Tensor  # uint8 [N, K/g]
+    group_size: int
+    symmetric: bool = False
+    input_scale: torch.Tensor | None = None  # [K], AWQ-style activation scaling
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qweight.shape[0], self.qweight.shape[1] * 8
+
+    def dequantize(self, dtype=None) -> torch.Tensor:
+        """[N, K] in scales' dtype (or dtype)."""
+        return dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size, self.input_scale, dtype)
+
+    def to(self, device) -> "Int4Weight":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return dataclasses.replace(self, qweight=move(self.qweight), scales=move(self.scales),
+                                   zeros=move(self.zeros), input_scale=move(self.input_scale))
+
+    @classmethod
+    def from_awq(cls, qweight, qzeros, scales, group_size) -> "Int4Weight":
+        """AutoAWQ GEMM layout: qweight int32 [K, N/8] and qzeros int32 [K/g, N/8], both packed along N in
+        AWQ's interleaved order (0, 2, 4, 6, 1, 3, 5, 7); scales [K/g, N]; w = (q - z) * s."""
+        order = torch.tensor(AWQ_ORDER, device=qweight.device)
+
+        def unpack_awq(packed):  # [R, N/8] -> [R, N]
+            nib = unpack_int4(packed).reshape(packed.shape[0], -1, 8)
+            out = torch.empty_like(nib)
+            out[:, :, order] = nib
+            return out.reshape(packed.shape[0], -1)
+
+        q = unpack_awq(qweight).T.contiguous()  # [N, K]
+        check_group_size("Int4Weight.from_awq", group_size, q.shape[1])
+        zeros = unpack_awq(qzeros).T.contiguous()  # [N, K/g]
+        return cls(pack_int4(q), scales.T.contiguous(), zeros.to(torch.uint8), group_size, symmetric=False)
+
+    @classmethod
+    def from_gptq(cls, qweight, qzeros, scales, group_size, g_idx=None) -> "Int4Weight":
+        """GPTQ (AutoGPTQ/GPTQModel v1 checkpoints): qweight int32 [K/8, N] packed along K; qzeros int32
+        [K/g, N/8] packed along N, storing zero - 1; scales [K/g, N]. Only the trivial g_idx (k // g, i.e.
+        desc_act=False or already reordered) is supported."""
+        q = unpack_int4(qweight.T.contiguous())  # [N, K]: unpacking along the packed K axis
+        k = q.shape[1]
+        check_group_size("Int4Weight.from_gptq", group_size, k)
+        if g_idx is not None:
+            trivial = torch.arange(k, device=g_idx.device) // group_size
+            if g_idx.shape != (k,) or not torch.equal(g_idx.to(torch.int64), trivial):
+                raise ValueError("dsattn.Int4Weight.from_gptq: g_idx must be the trivial k // group_size "
+                                 "(act-order checkpoints need their rows reordered first)")
+        zeros = ((unpack_int4(qzeros).to(torch.int16) + 1) & 0xF).T.contiguous()  # [N, K/g]
+        return cls(pack_int4(q), scales.T.contiguous(), zeros.to(torch.uint8), group_size, symmetric=False)
+
+
+def quantize_int4(weight, *, group_size=128, symmetric=False, act_scales=None, scale_dtype=None,
+                  awq_alpha: float = 0.5) -> Int4Weight:
+    """Round-to-nearest group-wise int4 over the input dim of weight [N, K].
+
+    asymmetric: scale = (max - min) / 15, zero = round(-min / scale); symmetric: scale = absmax / 7, zero 8.
+    Every element lands within half a step (scale / 2) of the original, measured with the stored scale.
+    act_scales [K] (mean |x| per input channel): AWQ-style s = act_scales ** awq_alpha (normalized), W * s is
+    quantized and 1/s is kept as input_scale. scale_dtype defaults to weight's dtype (fp16/bf16) or fp32.
+    """
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"dsattn.{OP}: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"dsattn.{OP}: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"dsattn.{OP}: weight must be floating point, got {weight.dtype}")
+    n, k = weight.shape
+    check_group_size(OP, group_size, k)
+    if scale_dtype is None:
+        scale_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    w = weight.detach().to(torch.float32)
+    input_scale = None
+    if act_scales is not None:
+        if not isinstance(act_scales, torch.Tensor) or act_scales.shape != (k,):
+            raise ValueError(f"dsattn.{OP}: act_scales must be a tensor of shape [K={k}]")
+        if act_scales.device != weight.device:
+            raise ValueError(f"dsattn.{OP}: act_scales is on {act_scales.device} but weight is on {weight.device}")
+        s = act_scales.detach().to(torch.float32).clamp(min=1e-5) ** awq_alpha
+        s = s / (s.max() * s.min()).sqrt()
+        w = w * s[None, :]
+        input_scale = (1.0 / s).to(scale_dtype)
+    groups = w.reshape(n, k // group_size, group_size)
+    # Enlarge the scale by one eps before rounding it to scale_dtype, so the stored scale is never smaller
+    # than the exact one: no element then falls outside the 16 levels (the half-step bound holds).
+    widen = 1 + torch.finfo(scale_dtype).eps
+    if symmetric:
+        scale = (groups.abs().amax(-1) / 7 * widen).clamp(min=1e-8).to(scale_dtype).to(torch.float32)
+        zero = torch.full_like(scale, SYMMETRIC_ZERO)
+    else:
+        lo, hi = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)  # 0 exactly representable
+        scale = ((hi - lo) / 15 * widen).clamp(min=1e-8).to(scale_dtype).to(torch.float32)
+        zero = torch.round(-lo / scale).clamp(0, 15)
+    q = torch.clamp(torch.round(groups / scale[..., None]) + zero[..., None], 0, 15).to(torch.uint8)
+    return Int4Weight(
+        qweight=pack_int4(q.reshape(n, k)),
+        scales=scale.to(scale_dtype),
+        zeros=zero.to(torch.uint8),
+        group_size=group_size,
+        symmetric=symmetric,
+        input_scale=input_scale,
+    )

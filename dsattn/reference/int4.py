@@ -22,3 +22,34 @@ def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
     shifts = torch.arange(0, 4 * NIBBLES_PER_WORD, 4, device=qweight.device, dtype=torch.int32)
     nib = (qweight.unsqueeze(-1) >> shifts) & 0xF  # arithmetic shift; the mask drops the sign bits
     return nib.reshape(qweight.shape[0], -1).to(torch.uint8)
+
+
+def dequantize_int4(qweight, scales, zeros, group_size, input_scale=None, dtype=None) -> torch.Tensor:
+    """[N, K] weight from the packed form: w[n, k] = (q[n, k] - zeros[n, k // g]) * scales[n, k // g],
+    divided by input_scale[k] when AWQ-style activation scaling was used."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    q = unpack_int4(qweight).to(compute)
+    z = zeros.to(compute).repeat_interleave(group_size, dim=1)
+    s = scales.to(compute).repeat_interleave(group_size, dim=1)
+    w = (q - z) * s
+    if input_scale is not None:
+        w = w * input_scale.to(compute)[None, :]
+    return w.to(dtype or scales.dtype)
+
+
+def int4_matmul(x, qweight, scales, zeros, group_size, input_scale=None, bias=None, *, rows_per_chunk=1024):
+    """x [..., K] @ dequantize().T (+ bias), dequantizing rows_per_chunk output rows at a time (never the
+    whole weight): the "torch" backend. Accumulates in float32 (float64 for float64 x)."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    n = qweight.shape[0]
+    x2 = x.reshape(-1, x.shape[-1]).to(compute)
+    if input_scale is not None:
+        x2 = x2 * input_scale.to(compute)
+    out = torch.empty(x2.shape[0], n, dtype=compute, device=x.device)
+    for start in range(0, n, rows_per_chunk):
+        stop = min(start + rows_per_chunk, n)
+        w = dequantize_int4(qweight[start:stop], scales[start:stop], zeros[start:stop], group_size, dtype=compute)
+        out[:, start:stop] = x2 @ w.T
+    if bias is not None:
+        out += bias.to(compute)
+    return out.to(x.dtype).reshape(*x.shape[:-1], n)
