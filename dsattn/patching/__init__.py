@@ -1,9 +1,6 @@
-"""Placeholder: the patching work replaces this file."""
+"""One-line patching of transformers models: dsattn.patch(model, attention=..., quantize=...) / unpatch."""
 
+from dsattn.patching import attention, deepseek_v32, families, quantize  # noqa: F401  (registrations)
+from dsattn.patching.core import patch, unpatch
 
-def patch(*args, **kwargs):
-    raise NotImplementedError("dsattn.patch is not implemented yet")
-
-
-def unpatch(*args, **kwargs):
-    raise NotImplementedError("dsattn.unpatch is not implemented yet")
+__all__ = ["patch", "unpatch"]

@@ -14,6 +14,7 @@ from dsattn.reference.int4 import dequantize_int4, pack_int4, unpack_int4
 
 OP = "quantize_int4"
 SYMMETRIC_ZERO = 8
+AWQ_ALPHA = 0.5  # AWQ's default grid point for s = act_scales ** alpha
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ GEMM: nibble i of a word holds column 8j + AWQ_ORDER[i]
 
 
@@ -83,14 +84,13 @@ class Int4Weight:
         return cls(pack_int4(q), scales.T.contiguous(), zeros.to(torch.uint8), group_size, symmetric=False)
 
 
-def quantize_int4(weight, *, group_size=128, symmetric=False, act_scales=None, scale_dtype=None,
-                  awq_alpha: float = 0.5) -> Int4Weight:
+def quantize_int4(weight, *, group_size=128, symmetric=False, act_scales=None) -> Int4Weight:
     """Round-to-nearest group-wise int4 over the input dim of weight [N, K].
 
     asymmetric: scale = (max - min) / 15, zero = round(-min / scale); symmetric: scale = absmax / 7, zero 8.
     Every element lands within half a step (scale / 2) of the original, measured with the stored scale.
-    act_scales [K] (mean |x| per input channel): AWQ-style s = act_scales ** awq_alpha (normalized), W * s is
-    quantized and 1/s is kept as input_scale. scale_dtype defaults to weight's dtype (fp16/bf16) or fp32.
+    act_scales [K] (mean |x| per input channel): AWQ-style s = act_scales ** AWQ_ALPHA (normalized), W * s is
+    quantized and 1/s is kept as input_scale. Scales are in weight's dtype (fp16/bf16), else fp32.
     """
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"dsattn.{OP}: weight must be a torch.Tensor, got {type(weight).__name__}")
@@ -100,8 +100,7 @@ def quantize_int4(weight, *, group_size=128, symmetric=False, act_scales=None, s
         raise TypeError(f"dsattn.{OP}: weight must be floating point, got {weight.dtype}")
     n, k = weight.shape
     check_group_size(OP, group_size, k)
-    if scale_dtype is None:
-        scale_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    scale_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float32
     w = weight.detach().to(torch.float32)
     input_scale = None
     if act_scales is not None:
@@ -109,7 +108,7 @@ def quantize_int4(weight, *, group_size=128, symmetric=False, act_scales=None, s
             raise ValueError(f"dsattn.{OP}: act_scales must be a tensor of shape [K={k}]")
         if act_scales.device != weight.device:
             raise ValueError(f"dsattn.{OP}: act_scales is on {act_scales.device} but weight is on {weight.device}")
-        s = act_scales.detach().to(torch.float32).clamp(min=1e-5) ** awq_alpha
+        s = act_scales.detach().to(torch.float32).clamp(min=1e-5) ** AWQ_ALPHA
         s = s / (s.max() * s.min()).sqrt()
         w = w * s[None, :]
         input_scale = (1.0 / s).to(scale_dtype)

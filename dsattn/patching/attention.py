@@ -1,0 +1,98 @@
+"""The attention modes dsattn patches into transformers, and the adapter from transformers' attention
+interface (mask, padding, GQA layout) to dsattn's ops."""
+
+import torch
+
+import dsattn
+from dsattn.registry import register_attention
+
+
+@register_attention("sliding_window")
+def sliding_window(window: int = 4096, **_):
+    dsattn._checks.check_int("patch", "window", window, minimum=1)
+
+    def fn(q, k, v, *, scale, sinks=None, indices=None, window_override=None):
+        return dsattn.sliding_window_attention(q, k, v, window_override or window, scale=scale, sinks=sinks)
+
+    return fn
+
+
+@register_attention("topk")
+def topk(top_k: int = 2048, **_):
+    dsattn._checks.check_int("patch", "top_k", top_k, minimum=1)
+
+    def fn(q, k, v, *, scale, sinks=None, indices=None, window_override=None):
+        return dsattn.topk_sparse_attention(q, k, v, top_k, scale=scale)
+
+    return fn
+
+
+@register_attention("sparse")
+def sparse(**_):
+    def fn(q, k, v, *, scale, sinks=None, indices=None, window_override=None):
+        if indices is None:
+            raise ValueError("dsattn: attention='sparse' needs the model's indexer indices (DeepSeek-V3.2 only)")
+        return dsattn.sparse_attention(q, k, v, indices, causal=True, scale=scale)
+
+    return fn
+
+
+@register_attention("linear")
+def linear(feature_map: str = "elu", **_):
+    def fn(q, k, v, *, scale, sinks=None, indices=None, window_override=None):
+        return dsattn.linear_attention(q, k, v, feature_map=feature_map)
+
+    return fn
+
+
+@register_attention("hybrid")
+def hybrid(prefix: int = 2048, window: int = 0, feature_map: str = "elu", **_):
+    def fn(q, k, v, *, scale, sinks=None, indices=None, window_override=None):
+        return dsattn.hybrid_attention(q, k, v, prefix=prefix, window=window, feature_map=feature_map, scale=scale)
+
+    return fn
+
+
+def left_padding(attention_mask, batch: int, seq_k: int) -> list[int]:
+    """Leading masked keys per batch row (left padding), read off the last query's mask row."""
+    if attention_mask is None:
+        return [0] * batch
+    allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    last = allowed[:, 0, -1, :seq_k] if allowed.dim() == 4 else allowed[:, -1, :seq_k]
+    first_valid = torch.where(last.any(-1), last.int().argmax(-1), torch.full_like(last[:, 0], seq_k, dtype=torch.long))
+    return [int(p) for p in first_valid]
+
+
+def run_with_padding(kernel, q, k, v, attention_mask, indices=None, **kw):
+    """Run kernel per batch row on the keys after its left padding (queries aligned at the end, SPEC's Sq < Sk
+    convention); padded query rows output zeros. Indices are shifted by the padding; padded keys become -1."""
+    b, _, sq, _ = q.shape
+    sk = k.shape[2]
+    pads = left_padding(attention_mask, b, sk)
+    if not any(pads):
+        return kernel(q, k, v, indices=indices, **kw)
+    out = q.new_zeros(b, q.shape[1], sq, v.shape[-1])
+    for i, p in enumerate(pads):
+        q_start = max(0, p - (sk - sq))
+        if q_start >= sq or p >= sk:
+            continue
+        idx = None
+        if indices is not None:
+            idx = indices[i:i + 1, ..., q_start:, :].long() - p
+            idx = torch.where(idx < 0, torch.full_like(idx, -1), idx).to(torch.int32)
+        out[i:i + 1, :, q_start:] = kernel(q[i:i + 1, :, q_start:], k[i:i + 1, :, p:], v[i:i + 1, :, p:],
+                                            indices=idx, **kw)
+    return out
+
+
+def transformers_attention(kernel):
+    """fn(module, query, key, value, attention_mask, scaling=, dropout=, **kw) -> (out [B, S, H, D], None)."""
+
+    def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        sinks = kwargs.get("s_aux")
+        sliding = kwargs.get("sliding_window")
+        out = run_with_padding(kernel, query, key, value, attention_mask, indices=kwargs.get("indices"),
+                               scale=scaling, sinks=sinks, window_override=sliding)
+        return out.transpose(1, 2).contiguous(), None
+
+    return attention_forward
