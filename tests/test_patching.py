@@ -8,27 +8,15 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import dsattn  # noqa: E402
+from dsattn.models import tiny_model  # noqa: E402
 
 MODEL_TYPES = ["llama", "qwen2", "deepseek_v3", "deepseek_v32"]
 SEQ, PAD, NEW = 40, 7, 5
 
 
-def tiny_config(model_type):
-    kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=100,
-              max_position_embeddings=512, num_key_value_heads=2)
-    if model_type.startswith("deepseek"):
-        kw.update(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
-                  v_head_dim=16, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
-                  topk_group=1, first_k_dense_replace=1, n_shared_experts=1)
-    if model_type == "deepseek_v32":
-        kw.update(index_topk=512, index_n_heads=2, index_head_dim=16)
-    return transformers.AutoConfig.for_model(model_type, **kw)
-
-
 @pytest.fixture(scope="module", params=MODEL_TYPES)
 def model(request, tmp_path_factory):
-    torch.manual_seed(0)
-    m = transformers.AutoModelForCausalLM.from_config(tiny_config(request.param), attn_implementation="eager")
+    m = tiny_model(request.param, index_topk=512)
     path = tmp_path_factory.mktemp(request.param)
     m.save_pretrained(path)
     return transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
