@@ -16,6 +16,12 @@ from dsattn import _backend  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 
 
+def pytest_configure(config):
+    # Also declared in pyproject.toml; repeated here for runs outside the source tree (the installed wheel in CI).
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "slow: long-running (deselect with -m 'not slow')")
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
