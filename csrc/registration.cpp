@@ -8,6 +8,8 @@
 TORCH_LIBRARY(dsattn, m) {
   // int4: qweight int32 [N, K/8], element (n, 8*j + i) in bits [4i, 4i+4) of qweight[n, j].
   m.def("int4_unpack(Tensor qweight) -> Tensor");
+  // x float32 [M, K] @ dequantized weight^T -> float32 [M, N]; scales float32 [N, K/g], zeros uint8 [N, K/g].
+  m.def("int4_matmul(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor");
 }
 
 // A Python module so that `import dsattn._C` loads the library and runs the registrations above.

@@ -135,3 +135,28 @@ def test_bad_input_is_named():
         dsattn.int4_matmul(torch.randn(2, 64), q, torch.randn(7))
     with pytest.raises(ValueError, match="backend='triton' is not implemented"):
         dsattn.int4_matmul(torch.randn(2, 64), q, backend="triton")
+
+
+@pytest.mark.parametrize("m,n,k,g", [(1, 40, 64, 32), (5, 17, 256, 128), (3, 64, 512, 64), (2, 8, 96, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_cpu_kernel_equals_dequantized_matmul(m, n, k, g, dtype):
+    from conftest import requires_backend
+
+    requires_backend("cpp", "cpu", "int4_matmul")
+    q = dsattn.quantize_int4(torch.randn(n, k), group_size=g, act_scales=torch.rand(k) + 0.5 if m == 5 else None)
+    x = non_contiguous(torch.randn(m, k).to(dtype))
+    bias = torch.randn(n)
+    got = dsattn.int4_matmul(x, q, bias, backend="cpp")
+    assert got.dtype == dtype and got.shape == (m, n)
+    expected = brute_force_matmul(x, q.dequantize(torch.float64), bias)
+    assert_close(got, expected, 1e-5 if dtype == torch.float32 else 1e-2)
+    x3 = torch.randn(2, m, k)  # leading dims
+    assert_close(dsattn.int4_matmul(x3, q, backend="cpp"), brute_force_matmul(x3, q.dequantize(torch.float64)), 1e-5)
+
+
+def test_float64_never_goes_to_the_float32_kernel():
+    q = dsattn.quantize_int4(torch.randn(8, 64), group_size=32)
+    x = torch.randn(2, 64, dtype=torch.float64)
+    assert_close(dsattn.int4_matmul(x, q), brute_force_matmul(x, q.dequantize(torch.float64)), 1e-10)
+    with pytest.raises(ValueError, match="backend='cpp' is not implemented"):
+        dsattn.int4_matmul(x, q, backend="cpp")
