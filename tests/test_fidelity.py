@@ -1,0 +1,73 @@
+"""The trained-model fidelity check (dsattn.fidelity) end to end at its quick size: it trains, every mode is
+reported, and the exact facts hold (unpatch restores dense bit for bit; a window covering the context is dense)."""
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from dsattn import fidelity  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fidelity")
+    # one thread: the model is tiny, and two OpenMP threads on a shared 2-core runner spin (3x slower, measured)
+    result = fidelity.run(quick=True, out_dir=str(out), cache_root=str(out / "cache"), threads=1)
+    return result, out
+
+
+def test_writes_json_and_markdown_with_every_mode(quick_result):
+    result, out = quick_result
+    on_disk = json.loads((out / "fidelity.json").read_text())
+    table = (out / "fidelity.md").read_text()
+    context = result["eval"]["context"]
+    expected = list(fidelity.modes(context))
+    assert list(on_disk["eval"]["rows"]) == expected
+    for label in expected:
+        assert f"| {label}" in table, (label, table)
+    for row in result["eval"]["rows"].values():
+        assert set(row) >= {"perplexity", "kl_mean", "kl_max", "top1_agreement"}
+        assert math.isfinite(row["perplexity"]) and 0 <= row["top1_agreement"] <= 1 and row["kl_mean"] >= 0
+
+
+def test_the_model_learned_something(quick_result):
+    result, _ = quick_result
+    training = result["training"]
+    assert training["steps_done"] == training["steps_planned"] and training["cache"] == "written"
+    assert training["final_loss"] < training["first_loss"] - 1.0, training
+    dense = result["eval"]["rows"]["dense"]["perplexity"]
+    assert math.isfinite(dense) and dense < fidelity.VOCAB / 4, dense  # uniform over the vocab would be 257
+
+
+def test_exact_facts(quick_result):
+    result, _ = quick_result
+    ev = result["eval"]
+    rows, context = ev["rows"], ev["context"]
+    assert ev["unpatch_restores_dense"] and ev["unpatch_max_abs_diff"] == 0.0
+    dense = rows["dense"]
+    assert dense["kl_mean"] == 0.0 and dense["top1_agreement"] == 1.0
+    full_window = rows[f"sliding_window w={context} (w>=S)"]
+    assert full_window["perplexity"] == pytest.approx(dense["perplexity"], rel=1e-6)
+    assert full_window["kl_max"] < 1e-8 and full_window["top1_agreement"] == 1.0
+
+
+def test_approximate_modes_really_change_the_model(quick_result):
+    result, _ = quick_result
+    rows = result["eval"]["rows"]
+    for label, row in rows.items():
+        if label == "dense" or "w>=S" in label:
+            continue
+        assert row["kl_mean"] > 1e-7 and row["max_abs_dlogits"] > 1e-5, (label, row)  # the patch took effect
+    for label in ("int4 g128 asym", "int4 g128 sym"):
+        assert rows[label]["quantized_fraction"] == 1.0
+        assert rows[label]["kl_mean"] < 0.05 and rows[label]["top1_agreement"] > 0.9, rows[label]
+
+
+def test_cached_model_is_reused(quick_result, tmp_path):
+    result, out = quick_result
+    again = fidelity.run(quick=True, out_dir=str(tmp_path), cache_root=str(out / "cache"), threads=1)
+    assert again["training"]["cache"] == "reused"
+    assert again["eval"]["rows"]["dense"]["perplexity"] == result["eval"]["rows"]["dense"]["perplexity"]
