@@ -4,7 +4,9 @@ import torch
 
 
 def tiny_config(model_type: str, *, hidden: int = 64, layers: int = 2, heads: int = 4, vocab: int = 100,
-                max_positions: int = 2048, index_topk: int = 2048):
+                max_positions: int = 2048, index_topk: int = 2048, **overrides):
+    """A small config of `model_type`; `overrides` are passed to the config last (e.g. sliding_window=,
+    layer_types= for DeepSeek-V4)."""
     import transformers
 
     kw = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
@@ -17,6 +19,7 @@ def tiny_config(model_type: str, *, hidden: int = 64, layers: int = 2, heads: in
                   n_shared_experts=1)
     if model_type == "deepseek_v32":
         kw.update(index_topk=index_topk, index_n_heads=2, index_head_dim=16)
+    kw.update(overrides)
     return transformers.AutoConfig.for_model(model_type, **kw)
 
 

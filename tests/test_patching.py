@@ -10,16 +10,28 @@ transformers = pytest.importorskip("transformers")
 import dsattn  # noqa: E402
 from dsattn.models import tiny_model  # noqa: E402
 
-MODEL_TYPES = ["llama", "qwen2", "deepseek_v3", "deepseek_v32"]
 SEQ, PAD, NEW = 40, 7, 5
+# DeepSeek-V4 with a window shorter than the sequence and one layer of each type (sliding, CSA, HCA), so its
+# window, its sinks and its compressed layers are all exercised.
+V4_KW = dict(layers=3, sliding_window=16, layer_types=["sliding_attention", "compressed_sparse_attention",
+                                                       "heavily_compressed_attention"],
+             compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16})
+MODEL_KW = {"llama": {}, "qwen2": {}, "deepseek_v2": {}, "deepseek_v3": {}, "deepseek_v32": {"index_topk": 512},
+            "deepseek_v4": V4_KW}
 
 
-@pytest.fixture(scope="module", params=MODEL_TYPES)
+@pytest.fixture(scope="module", params=list(MODEL_KW))
 def model(request, tmp_path_factory):
-    m = tiny_model(request.param, index_topk=512)
+    m = tiny_model(request.param, **MODEL_KW[request.param])
     path = tmp_path_factory.mktemp(request.param)
     m.save_pretrained(path)
     return transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+
+
+def skip_unless_supported(model, mode):
+    supported = dsattn.registry.lookup("model type", model.config.model_type).attention_modes
+    if mode not in supported:
+        pytest.skip(f"{model.config.model_type} supports {supported}")
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +51,13 @@ def run(model, batch):
     return logits, tokens
 
 
-EXACT = [("sliding_window", {"window": 4096}), ("topk", {"top_k": 4096}), ("hybrid", {"prefix": 4096})]
+# sliding_window without window=: 4096 >= SEQ, or the model's own window (DeepSeek-V4).
+EXACT = [("sliding_window", {}), ("topk", {"top_k": 4096}), ("hybrid", {"prefix": 4096})]
 
 
 @pytest.mark.parametrize("mode,options", EXACT + [("sparse", {})], ids=lambda x: x if isinstance(x, str) else "")
 def test_exact_modes_equal_the_unpatched_model(model, batch, mode, options):
-    if mode == "sparse" and model.config.model_type != "deepseek_v32":
-        pytest.skip("sparse is DeepSeek-V3.2's mode")
+    skip_unless_supported(model, mode)
     ref_logits, ref_tokens = run(model, batch)
     dsattn.patch(model, attention=mode, **options)
     try:
@@ -60,6 +72,7 @@ def test_exact_modes_equal_the_unpatched_model(model, batch, mode, options):
 @pytest.mark.parametrize("mode,options", [("sliding_window", {"window": 8}), ("topk", {"top_k": 8}),
                                           ("linear", {}), ("hybrid", {"prefix": 4, "window": 8})])
 def test_approximate_modes_generate(model, batch, mode, options):
+    skip_unless_supported(model, mode)
     ref_logits, _ = run(model, batch)
     dsattn.patch(model, attention=mode, **options)
     try:
@@ -105,6 +118,11 @@ def test_errors_list_what_is_supported(model):
     if model.config.model_type != "deepseek_v32":
         with pytest.raises(ValueError, match="not supported for"):
             dsattn.patch(model, attention="sparse")
+    if model.config.model_type == "deepseek_v4":
+        with pytest.raises(ValueError, match="attention='topk' is not supported for deepseek_v4.*sliding_window"):
+            dsattn.patch(model, attention="topk")
+        with pytest.raises(ValueError, match="window= must be <= 16"):
+            dsattn.patch(model, attention="sliding_window", window=32)
     assert not hasattr(model, "_dsattn_patch_state")
 
 
@@ -122,3 +140,48 @@ def test_registry_lists_kernels_quantizers_and_model_types():
         dsattn.registry.model_types())
     with pytest.raises(ValueError, match="already registered"):
         dsattn.registry.register_attention("topk")(lambda **_: None)
+
+
+@pytest.fixture(scope="module")
+def saved_v3(tmp_path_factory):
+    path = tmp_path_factory.mktemp("class_level")
+    tiny_model("deepseek_v3").save_pretrained(path)
+    return path
+
+
+def load(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("target", ["deepseek_v3", "DeepseekV3ForCausalLM"])
+def test_class_level_patch_applies_to_models_loaded_afterwards(saved_v3, batch, target):
+    target = getattr(transformers, target) if target[0].isupper() else target
+    ref_logits, ref_tokens = run(load(saved_v3), batch)
+    assert dsattn.patch(target, attention="topk", top_k=4096, quantize="int4", group_size=32,
+                        keep_first_last=False) is target
+    try:
+        patched = load(saved_v3)
+        from_config = transformers.AutoModelForCausalLM.from_config(patched.config)
+    finally:
+        dsattn.unpatch(target)
+    for m in (patched, from_config):
+        assert m._dsattn_patch_state.attention == "topk" and m._dsattn_patch_state.quantize == "int4"
+        assert m.config._attn_implementation.startswith("dsattn_topk")
+        assert any(type(mod).__name__ == "Int4Linear" for mod in m.modules())
+    logits, _ = run(patched, batch)  # weights were loaded before quantizing: close to the 16-bit model
+    assert 0 < (logits[0] - ref_logits[0]).abs().max() < 1.0
+    dsattn.unpatch(patched)
+    assert torch.equal(run(patched, batch)[1], ref_tokens)
+    after = load(saved_v3)  # class patch removed: loads as usual
+    assert not hasattr(after, "_dsattn_patch_state") and after.config._attn_implementation == "eager"
+    assert "from_pretrained" not in transformers.DeepseekV3ForCausalLM.__dict__
+
+
+def test_class_level_patch_validates_before_loading():
+    with pytest.raises(ValueError, match="unsupported model type 'gpt2'"):
+        dsattn.patch("gpt2", attention="topk")
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        dsattn.patch("deepseek_v3", attention="topk", top_k=0)
+    with pytest.raises(TypeError, match="not a transformers model class"):
+        dsattn.patch(int, attention="topk")
+    assert not dsattn.patching.core.CLASS_PATCHES

@@ -7,12 +7,19 @@ import dsattn
 from dsattn.registry import register_attention
 
 
-@register_attention("sliding_window")
-def sliding_window(window: int = 4096, **_):
-    dsattn._checks.check_int("patch", "window", window, minimum=1)
+DEFAULT_WINDOW = 4096
 
-    def fn(q, k, v, *, scale, sinks=None, indices=None, window_override=None):
-        return dsattn.sliding_window_attention(q, k, v, window_override or window, scale=scale, sinks=sinks)
+
+@register_attention("sliding_window")
+def sliding_window(window: int | None = None, **_):
+    """window= given: every layer uses it. Left out: a layer's own window when the model passes one
+    (DeepSeek-V4, Qwen2's sliding layers), else DEFAULT_WINDOW."""
+    if window is not None:
+        dsattn._checks.check_int("patch", "window", window, minimum=1)
+
+    def fn(q, k, v, *, scale, sinks=None, indices=None, model_window=None):
+        return dsattn.sliding_window_attention(q, k, v, window or model_window or DEFAULT_WINDOW, scale=scale,
+                                               sinks=sinks)
 
     return fn
 
@@ -21,7 +28,7 @@ def sliding_window(window: int = 4096, **_):
 def topk(top_k: int = 2048, **_):
     dsattn._checks.check_int("patch", "top_k", top_k, minimum=1)
 
-    def fn(q, k, v, *, scale, sinks=None, indices=None, window_override=None):
+    def fn(q, k, v, *, scale, sinks=None, indices=None, model_window=None):
         return dsattn.topk_sparse_attention(q, k, v, top_k, scale=scale)
 
     return fn
@@ -29,7 +36,7 @@ def topk(top_k: int = 2048, **_):
 
 @register_attention("sparse")
 def sparse(**_):
-    def fn(q, k, v, *, scale, sinks=None, indices=None, window_override=None):
+    def fn(q, k, v, *, scale, sinks=None, indices=None, model_window=None):
         if indices is None:
             raise ValueError("dsattn: attention='sparse' needs the model's indexer indices (DeepSeek-V3.2 only)")
         return dsattn.sparse_attention(q, k, v, indices, causal=True, scale=scale)
@@ -39,7 +46,7 @@ def sparse(**_):
 
 @register_attention("linear")
 def linear(feature_map: str = "elu", **_):
-    def fn(q, k, v, *, scale, sinks=None, indices=None, window_override=None):
+    def fn(q, k, v, *, scale, sinks=None, indices=None, model_window=None):
         return dsattn.linear_attention(q, k, v, feature_map=feature_map)
 
     return fn
@@ -47,19 +54,22 @@ def linear(feature_map: str = "elu", **_):
 
 @register_attention("hybrid")
 def hybrid(prefix: int = 2048, window: int = 0, feature_map: str = "elu", **_):
-    def fn(q, k, v, *, scale, sinks=None, indices=None, window_override=None):
+    def fn(q, k, v, *, scale, sinks=None, indices=None, model_window=None):
         return dsattn.hybrid_attention(q, k, v, prefix=prefix, window=window, feature_map=feature_map, scale=scale)
 
     return fn
 
 
 def left_padding(attention_mask, batch: int, seq_k: int) -> list[int]:
-    """Leading masked keys per batch row (left padding), read off the last query's mask row."""
+    """Leading keys that no query may see, per batch row (left padding). Read over every query row, not the
+    last one: under a sliding-window mask the last row also hides early keys that earlier rows see."""
     if attention_mask is None:
         return [0] * batch
     allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-    last = allowed[:, 0, -1, :seq_k] if allowed.dim() == 4 else allowed[:, -1, :seq_k]
-    first_valid = torch.where(last.any(-1), last.int().argmax(-1), torch.full_like(last[:, 0], seq_k, dtype=torch.long))
+    if allowed.dim() == 4:
+        allowed = allowed.any(1)
+    seen = allowed[..., :seq_k].any(-2)  # [B, Sk]: visible to some query
+    first_valid = torch.where(seen.any(-1), seen.int().argmax(-1), torch.full_like(seen[:, 0], seq_k, dtype=torch.long))
     return [int(p) for p in first_valid]
 
 
@@ -92,7 +102,7 @@ def transformers_attention(kernel):
         sinks = kwargs.get("s_aux")
         sliding = kwargs.get("sliding_window")
         out = run_with_padding(kernel, query, key, value, attention_mask, indices=kwargs.get("indices"),
-                               scale=scaling, sinks=sinks, window_override=sliding)
+                               scale=scaling, sinks=sinks, model_window=sliding)
         return out.transpose(1, 2).contiguous(), None
 
     return attention_forward

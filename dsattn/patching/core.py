@@ -1,11 +1,16 @@
-"""patch / unpatch: one line to run a loaded transformers model on dsattn's kernels.
+"""patch / unpatch: one line to run a transformers model on dsattn's kernels.
 
 Attention goes through transformers' own AttentionInterface (+ AttentionMaskInterface, without which the
 function would get no mask: wrong under padding, and DeepSeek-V3.2's indexer crashes); model-specific pieces
 (the V3.2 indexer) and quantization replace modules. Everything replaced is remembered so unpatch restores it.
+
+Before loading (class level, like Liger-Kernel's apply_liger_kernel_to_*): `patch("deepseek_v3", ...)` or
+`patch(DeepseekV3ForCausalLM, ...)` makes every model of that type created afterwards by `from_pretrained` /
+`from_config` (directly or through the Auto classes) come out patched; `unpatch` of the same target stops it.
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 from torch import nn
@@ -23,6 +28,12 @@ class ModelPatcher:
     model_type: str
     attention_modes: tuple = ("sliding_window", "topk", "linear", "hybrid")
     hooks: tuple[Callable, ...] = ()
+    # (attention_forward, model, state) -> attention_forward: for layers the kernels cannot take as they are.
+    wrap_attention: Callable | None = None
+    # (config, attention, options) -> None: model-specific option checks, before anything changes.
+    check_options: Callable | None = None
+    # transformers' mask builder registered with the attention: "sdpa" (boolean) or "eager" (additive float).
+    mask_function: str = "sdpa"
 
 
 @dataclasses.dataclass
@@ -39,18 +50,8 @@ def replace_module(state: PatchState, parent: nn.Module, name: str, new: nn.Modu
     setattr(parent, name, new)
 
 
-def patch(model, *, attention=None, quantize=None, **options):
-    """Patch `model` (a transformers PreTrainedModel) in place and return it.
-
-    attention: "sliding_window" (window=), "topk" (top_k=), "sparse" (DeepSeek-V3.2: its indexer runs on
-    dsattn.lightning_indexer_topk, its indices go to dsattn.sparse_attention), "linear" (feature_map=),
-    "hybrid" (prefix=, window=, feature_map=). quantize: "int4" (group_size=128, symmetric=False, skip=(),
-    keep_first_last=True). Patching again first undoes the previous patch.
-    """
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type is None:
-        raise TypeError(f"dsattn.patch: model must be a transformers model with a config, got {type(model).__name__}")
+def _resolve(model_type, attention, quantize, options):
+    """Validate a patch request for `model_type` before anything changes; returns (patcher, kernel, quantizer)."""
     patcher = registry.lookup("model type", model_type)
     if attention is None and quantize is None:
         raise ValueError("dsattn.patch: give attention= and/or quantize=; attention kernels: "
@@ -61,18 +62,45 @@ def patch(model, *, attention=None, quantize=None, **options):
                          f"supported: {list(patcher.attention_modes)}")
     quantizer = registry.lookup("quantize", quantize) if quantize is not None else None
     factory = registry.lookup("attention", attention) if attention is not None else None
-    kernel = factory(**options) if factory else None  # validates options before anything changes
+    kernel = factory(**options) if factory else None  # validates options
+    return patcher, kernel, quantizer
+
+
+def patch(model, *, attention=None, quantize=None, **options):
+    """Patch `model` (a transformers PreTrainedModel) in place and return it.
+
+    attention: "sliding_window" (window=), "topk" (top_k=), "sparse" (DeepSeek-V3.2: its indexer runs on
+    dsattn.lightning_indexer_topk, its indices go to dsattn.sparse_attention), "linear" (feature_map=),
+    "hybrid" (prefix=, window=, feature_map=). quantize: "int4" (group_size=128, symmetric=False, skip=(),
+    keep_first_last=True). Patching again first undoes the previous patch.
+
+    `model` may also be a model type ("deepseek_v3") or a model class (DeepseekV3ForCausalLM): then models
+    created afterwards with from_pretrained / from_config come out patched (see the module docstring).
+    """
+    if isinstance(model, (str, type)):
+        return patch_class(model, attention=attention, quantize=quantize, **options)
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        raise TypeError(f"dsattn.patch: model must be a transformers model with a config, a model type or a "
+                        f"model class, got {type(model).__name__}")
+    patcher, kernel, quantizer = _resolve(model_type, attention, quantize, options)
+    if patcher.check_options is not None:
+        patcher.check_options(config, attention, options)
     unpatch(model)
 
     state = PatchState(attention=attention, quantize=quantize)
     if kernel is not None:
         from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
         name = f"dsattn_{attention}_{id(model):x}"
-        AttentionInterface.register(name, transformers_attention(kernel))
-        AttentionMaskInterface.register(name, sdpa_mask)
         state.attn_implementation = config._attn_implementation
+        attention_forward = transformers_attention(kernel)
+        if patcher.wrap_attention is not None:
+            attention_forward = patcher.wrap_attention(attention_forward, model, state)
+        AttentionInterface.register(name, attention_forward)
+        AttentionMaskInterface.register(name, {"sdpa": sdpa_mask, "eager": eager_mask}[patcher.mask_function])
         model.set_attn_implementation(name)
         for hook in patcher.hooks:
             hook(model, state, attention, options)
@@ -83,7 +111,10 @@ def patch(model, *, attention=None, quantize=None, **options):
 
 
 def unpatch(model):
-    """Undo dsattn.patch on `model` (no-op if it is not patched) and return it."""
+    """Undo dsattn.patch on `model` (no-op if it is not patched) and return it. For a model type or class,
+    stop patching models created afterwards (models already created stay as they are)."""
+    if isinstance(model, (str, type)):
+        return unpatch_class(model)
     state = getattr(model, STATE_ATTR, None)
     if state is None:
         return model
@@ -95,3 +126,84 @@ def unpatch(model):
         model.set_attn_implementation(state.attn_implementation)
     delattr(model, STATE_ATTR)
     return model
+
+
+# Class-level patching. model class -> the patch() arguments its new instances get.
+CLASS_PATCHES: dict[type, dict] = {}
+LOADERS = ("from_pretrained", "_from_config")  # what transformers' Auto classes call on the model class
+ORIGINAL_LOADERS_ATTR = "_dsattn_original_loaders"
+
+
+def _model_classes(target) -> tuple[str, list[type]]:
+    """(model type, the transformers classes to patch) for a model type string or a model class."""
+    if isinstance(target, type):
+        config_class = getattr(target, "config_class", None)
+        model_type = getattr(config_class, "model_type", None)
+        if model_type is None or not hasattr(target, "from_pretrained"):
+            raise TypeError(f"dsattn.patch: {target.__name__} is not a transformers model class")
+        return model_type, [target]
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    registry.lookup("model type", target)  # unsupported -> error listing the supported ones
+    names = [mapping[target] for mapping in (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                             modeling_auto.MODEL_MAPPING_NAMES) if target in mapping]
+    classes = [getattr(transformers, name) for name in names if hasattr(transformers, name)]
+    if not classes:
+        raise ValueError(f"dsattn.patch: this transformers ({transformers.__version__}) has no model classes "
+                         f"for model type {target!r}")
+    return target, classes
+
+
+def _class_settings(cls: type) -> dict | None:
+    for klass in cls.__mro__:
+        if klass in CLASS_PATCHES:
+            return CLASS_PATCHES[klass]
+    return None
+
+
+def _install_loaders(cls: type) -> None:
+    if ORIGINAL_LOADERS_ATTR in cls.__dict__:
+        return
+    originals = {name: cls.__dict__.get(name) for name in LOADERS}
+    setattr(cls, ORIGINAL_LOADERS_ATTR, originals)
+    for name in LOADERS:
+        load = getattr(cls, name).__func__  # the classmethod's function, wherever in the MRO it lives
+
+        @functools.wraps(load)
+        def loader(klass, *args, _load=load, **kwargs):
+            model = _load(klass, *args, **kwargs)
+            settings = _class_settings(type(model))
+            return patch(model, **settings) if settings is not None else model
+
+        setattr(cls, name, classmethod(loader))
+
+
+def _remove_loaders(cls: type) -> None:
+    originals = cls.__dict__.get(ORIGINAL_LOADERS_ATTR)
+    if originals is None:
+        return
+    for name, original in originals.items():
+        if original is None:
+            delattr(cls, name)
+        else:
+            setattr(cls, name, original)
+    delattr(cls, ORIGINAL_LOADERS_ATTR)
+
+
+def patch_class(target, *, attention=None, quantize=None, **options):
+    """Class-level dsattn.patch: validated now, applied to every model of `target` created afterwards."""
+    model_type, classes = _model_classes(target)
+    _resolve(model_type, attention, quantize, options)
+    for cls in classes:
+        CLASS_PATCHES[cls] = dict(attention=attention, quantize=quantize, **options)
+        _install_loaders(cls)
+    return target
+
+
+def unpatch_class(target):
+    _, classes = _model_classes(target)
+    for cls in classes:
+        CLASS_PATCHES.pop(cls, None)
+        _remove_loaders(cls)
+    return target

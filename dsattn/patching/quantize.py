@@ -36,7 +36,8 @@ def quantize_int4_model(model, state, options):
             continue
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        if isinstance(module, nn.Linear) and module.in_features % group_size == 0:
+        # Exactly nn.Linear: subclasses (V4's grouped o_a_proj) reshape inputs in their own forward.
+        if type(module) is nn.Linear and module.in_features % group_size == 0:
             replace_module(state, parent, attr, Int4Linear.from_linear(module, group_size, symmetric=symmetric))
         elif hasattr(module, "gate_up_proj") and hasattr(module, "down_proj") and \
                 isinstance(getattr(module, "gate_up_proj"), nn.Parameter):
