@@ -185,3 +185,35 @@ def test_class_level_patch_validates_before_loading():
     with pytest.raises(TypeError, match="not a transformers model class"):
         dsattn.patch(int, attention="topk")
     assert not dsattn.patching.core.CLASS_PATCHES
+
+
+def test_linear_decode_carries_the_state_and_never_a_stale_one(monkeypatch):
+    m = tiny_model("llama")
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randint(0, 100, (2, 1, 30), generator=g)
+    dsattn.patch(m, attention="linear")
+    calls = []
+    linear_attention = dsattn.linear_attention
+
+    def spy(q, k, v, **kw):
+        calls.append((kw.get("initial_state") is not None, k.shape[2]))
+        return linear_attention(q, k, v, **kw)
+
+    monkeypatch.setattr(dsattn, "linear_attention", spy)
+    layers = m.config.num_hidden_layers
+    with torch.no_grad():
+        full_a = m(a).logits[:, -1]
+        cache_a = m(a[:, :-1], use_cache=True).past_key_values
+        calls.clear()
+        step = m(a[:, -1:], past_key_values=cache_a, use_cache=True).logits[:, -1]
+        assert calls == [(True, 1)] * layers  # only the new key went in, on top of the stored state
+        torch.testing.assert_close(step, full_a, rtol=1e-5, atol=1e-5)
+        # The stored state now belongs to prompt b: a decode step on a's cache must not use it.
+        cache_a = m(a[:, :-1], use_cache=True).past_key_values
+        m(b[:, :-1], use_cache=True)
+        calls.clear()
+        step = m(a[:, -1:], past_key_values=cache_a, use_cache=True).logits[:, -1]
+        assert calls == [(False, 30)] * layers
+        torch.testing.assert_close(step, full_a, rtol=1e-5, atol=1e-5)
+    dsattn.unpatch(m)
+    assert not any("_dsattn_layer_state" in mod.__dict__ for mod in m.modules())

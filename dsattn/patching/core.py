@@ -16,7 +16,7 @@ from collections.abc import Callable
 from torch import nn
 
 from dsattn import registry
-from dsattn.patching.attention import transformers_attention
+from dsattn.patching.attention import LAYER_STATE_ATTR, transformers_attention
 
 STATE_ATTR = "_dsattn_patch_state"
 
@@ -122,6 +122,8 @@ def unpatch(model):
         setattr(parent, name, original)
     for undo in reversed(state.restore):
         undo()
+    for module in model.modules():
+        module.__dict__.pop(LAYER_STATE_ATTR, None)
     if state.attn_implementation is not None:
         model.set_attn_implementation(state.attn_implementation)
     delattr(model, STATE_ATTR)
