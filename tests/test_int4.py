@@ -134,7 +134,7 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="bias must have N=8"):
         dsattn.int4_matmul(torch.randn(2, 64), q, torch.randn(7))
     with pytest.raises(ValueError, match="backend='triton' is not implemented"):
-        dsattn.int4_matmul(torch.randn(2, 64), q, backend="triton")
+        dsattn.int4_matmul(torch.randn(2, 64, dtype=torch.float64), q, backend="triton")
 
 
 @pytest.mark.parametrize("m,n,k,g", [(1, 40, 64, 32), (5, 17, 256, 128), (3, 64, 512, 64), (2, 8, 96, 32)])

@@ -1,13 +1,21 @@
-// CPU int4 GEMV / small GEMM: out[m, n] = sum_k x[m, k] * (q[n, k] - z[n, k/g]) * s[n, k/g].
-// Per group: s * (sum_k q x - z * sum_k x), so the inner loop is one FMA per weight: 8 nibbles of a word are
-// shifted into 8 int32 lanes, converted and multiplied with 8 x values (AVX2+FMA when the CPU has it).
-// Parallel over output rows; each 4-bit row is read once per call and reused for all M rows of x.
+// CPU int4 GEMV / small GEMM: out[m, n] = sum_k x[m, k] * (q[n, k] - z[n, k/g]) * s[n, k/g] (+ bias[n]).
+// Two paths (AVX2+FMA when the CPU has it, a portable scalar loop otherwise), parallel over output rows n:
+// - few rows of x (M < kBlockedMinRows, decode): per group s * (sum_k q x - z * sum_k x), one FMA per weight:
+//   8 nibbles of a word are shifted into 8 int32 lanes, converted and multiplied with 8 x values. Each row of x
+//   unpacks the words again, which is cheapest while M is small.
+// - more rows: blocks of kRowBlock weight rows; per K chunk (whole groups, ~kChunk values) the block is
+//   dequantized once into a small fp32 buffer ((q - z) * s, exactly the reference's weight) that stays in L1,
+//   and a 2 x 4 register tile (2 rows of x, 4 weight rows: 8 vector accumulators, 6 loads per 8 FMAs) runs
+//   over it for every pair of x rows. Vector partial sums live in a per-task buffer across chunks.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <immintrin.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
 
 namespace dsattn {
 namespace {
@@ -43,11 +51,96 @@ __attribute__((target("avx2,fma"))) float group_dot_avx2(const uint32_t* words, 
   return _mm_cvtss_f32(lo);
 }
 
+
+constexpr int64_t kBlockedMinRows = 4;  // measured: below this the unpack-per-row path is faster
+constexpr int64_t kRowBlock = 4;        // weight rows dequantized together (the register tile's width)
+constexpr int64_t kChunk = 512;         // K values per chunk: 4 x 512 fp32 weights = 8 KiB of L1
+
+// rows [0, rows) of the block, K range [k0, k0 + len): wbuf[j * len + i] = (q[n0 + j, k0 + i] - z) * s;
+// rows beyond `rows` are zero.
+__attribute__((target("avx2,fma"))) void dequant_block_avx2(const uint32_t* qp, const float* sp, const uint8_t* zp,
+                                                            int64_t n0, int64_t rows, int64_t k, int64_t k0,
+                                                            int64_t len, int64_t group_size, float* wbuf) {
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const __m256i mask = _mm256_set1_epi32(0xF);
+  const int64_t groups = k / group_size;
+  for (int64_t j = 0; j < kRowBlock; ++j) {
+    float* dst = wbuf + j * len;
+    if (j >= rows) {
+      std::fill(dst, dst + len, 0.f);
+      continue;
+    }
+    const int64_t row = n0 + j;
+    const uint32_t* words = qp + row * (k / 8) + k0 / 8;
+    for (int64_t g0 = 0; g0 < len; g0 += group_size) {
+      const int64_t g = (k0 + g0) / group_size;
+      const __m256 s = _mm256_set1_ps(sp[row * groups + g]);
+      const __m256 z = _mm256_set1_ps(static_cast<float>(zp[row * groups + g]));
+      for (int64_t i = g0; i < g0 + group_size; i += 8) {
+        const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(words[i / 8])), shifts), mask);
+        _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), z), s));
+      }
+    }
+  }
+}
+
+// acc[(r * kRowBlock + j) * 8 ..] += 8-lane partial sums of x[r, :len] . wbuf[j, :len] for R rows of x.
+template <int R>
+__attribute__((target("avx2,fma"))) void tile_avx2(const float* x, int64_t ldx, const float* wbuf, int64_t len,
+                                                   float* acc) {
+  __m256 a[R][kRowBlock];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < kRowBlock; ++j) a[r][j] = _mm256_loadu_ps(acc + (r * kRowBlock + j) * 8);
+  for (int64_t i = 0; i < len; i += 8) {
+    __m256 w[kRowBlock];
+    for (int j = 0; j < kRowBlock; ++j) w[j] = _mm256_loadu_ps(wbuf + j * len + i);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_loadu_ps(x + r * ldx + i);
+      for (int j = 0; j < kRowBlock; ++j) a[r][j] = _mm256_fmadd_ps(xv, w[j], a[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < kRowBlock; ++j) _mm256_storeu_ps(acc + (r * kRowBlock + j) * 8, a[r][j]);
+}
+
+__attribute__((target("avx2,fma"))) float hsum_avx2(const float* v) {
+  const __m256 acc = _mm256_loadu_ps(v);
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  lo = _mm_hadd_ps(lo, lo);
+  lo = _mm_hadd_ps(lo, lo);
+  return _mm_cvtss_f32(lo);
+}
+
+// Output rows [begin, end) for all M rows of x, by blocks of kRowBlock weight rows (see the file comment).
+__attribute__((target("avx2,fma"))) void blocked_rows_avx2(const float* xp, const uint32_t* qp, const float* sp,
+                                                           const uint8_t* zp, const float* bp, float* op, int64_t m,
+                                                           int64_t n, int64_t k, int64_t group_size, int64_t begin,
+                                                           int64_t end) {
+  const int64_t chunk = std::max<int64_t>(1, kChunk / group_size) * group_size;  // whole groups
+  std::vector<float> wbuf(kRowBlock * std::min(chunk, k));
+  std::vector<float> acc(m * kRowBlock * 8);
+  for (int64_t n0 = begin; n0 < end; n0 += kRowBlock) {
+    const int64_t rows = std::min(kRowBlock, end - n0);
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t k0 = 0; k0 < k; k0 += chunk) {
+      const int64_t len = std::min(chunk, k - k0);
+      dequant_block_avx2(qp, sp, zp, n0, rows, k, k0, len, group_size, wbuf.data());
+      int64_t r = 0;
+      for (; r + 2 <= m; r += 2) tile_avx2<2>(xp + r * k + k0, k, wbuf.data(), len, acc.data() + r * kRowBlock * 8);
+      if (r < m) tile_avx2<1>(xp + r * k + k0, k, wbuf.data(), len, acc.data() + r * kRowBlock * 8);
+    }
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t j = 0; j < rows; ++j)
+        op[r * n + n0 + j] = hsum_avx2(acc.data() + (r * kRowBlock + j) * 8) + (bp != nullptr ? bp[n0 + j] : 0.f);
+  }
+}
+
 }  // namespace
 
-// x float32 [M, K]; qweight int32 [N, K/8]; scales float32 [N, G]; zeros uint8 [N, G] -> float32 [M, N].
+// x float32 [M, K]; qweight int32 [N, K/8]; scales float32 [N, G]; zeros uint8 [N, G]; bias float32 [N] or
+// none -> float32 [M, N].
 at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                           const at::Tensor& zeros, int64_t group_size) {
+                           const at::Tensor& zeros, int64_t group_size, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "int4_matmul: x must be float32 [M, K]");
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kInt, "int4_matmul: qweight must be int32 [N, K/8]");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kByte,
@@ -60,9 +153,30 @@ at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const
               "int4_matmul: scales/zeros must be [N, K/group_size]");
   const at::Tensor xc = x.contiguous(), qc = qweight.contiguous(), sc = scales.contiguous(), zc = zeros.contiguous();
   at::Tensor out = at::empty({m, n}, x.options());
+  at::Tensor bc;
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == at::kFloat,
+                "int4_matmul: bias must be float32 [N]");
+    bc = bias->contiguous();
+    bp = bc.data_ptr<float>();
+  }
+  const uint32_t* qp = reinterpret_cast<const uint32_t*>(qc.data_ptr<int32_t>());
+  const float* sp = sc.data_ptr<float>();
+  const uint8_t* zp = zc.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  const float* xp = xc.data_ptr<float>();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2 && m >= kBlockedMinRows) {
+    // Tasks of whole row blocks (grain: 4 blocks).
+    const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
+    at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
+      blocked_rows_avx2(xp, qp, sp, zp, bp, op, m, n, k, group_size, b0 * kRowBlock, std::min(n, b1 * kRowBlock));
+    });
+    return out;
+  }
   // Per (row of x, group): sum of x, for the zero-point term.
   at::Tensor xsum = at::empty({m, groups}, x.options());
-  const float* xp = xc.data_ptr<float>();
   float* xs = xsum.data_ptr<float>();
   for (int64_t r = 0; r < m; ++r)
     for (int64_t g = 0; g < groups; ++g) {
@@ -70,11 +184,6 @@ at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const
       for (int64_t i = 0; i < group_size; ++i) acc += xp[r * k + g * group_size + i];
       xs[r * groups + g] = acc;
     }
-  const uint32_t* qp = reinterpret_cast<const uint32_t*>(qc.data_ptr<int32_t>());
-  const float* sp = sc.data_ptr<float>();
-  const uint8_t* zp = zc.data_ptr<uint8_t>();
-  float* op = out.data_ptr<float>();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const uint32_t* wrow = qp + row * (k / 8);
@@ -87,7 +196,7 @@ at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const
                                  : group_dot_scalar(words, xg, words_per_group);
           acc += sp[row * groups + g] * (dot - static_cast<float>(zp[row * groups + g]) * xs[r * groups + g]);
         }
-        op[r * n + row] = acc;
+        op[r * n + row] = acc + (bp != nullptr ? bp[row] : 0.f);
       }
     }
   });
