@@ -1,5 +1,11 @@
-"""int4_matmul vs the dense fp32/bf16 torch matmul on the same (dequantized) weight; dsattn's compiled CPU
-kernel on CPU. Goal (issue 7): CPU, M=1, 4096x4096, g128: >= 3x faster than torch fp32 matvec."""
+"""int4_matmul vs dense matmul on the same (dequantized) weight.
+
+CPU: dsattn's compiled kernel vs torch fp32 (baseline) / bf16, M=1 and 16, 4096x4096 g128. Goal (issue 7):
+M=1 >= 3x faster than torch fp32 matvec.
+GPU (gpu_only): dsattn's Triton and CUDA kernels vs torch fp16 matmul (baseline), torchao int4 weight-only
+(tinygemm, bf16) and gemlite A16W4 when importable, M in {1, 16, 128, 4096}, N=K=8192, g128, fp16 x. M=1 records
+the achieved weight-streaming bandwidth (packed weight + scales + zeros + x + out bytes / median) as gbps.
+"""
 
 import pytest
 import torch
@@ -7,17 +13,19 @@ import torch
 import dsattn
 from dsattn._backend import unusable_reason
 
-SHAPES = [(1, 4096, 4096), (16, 4096, 4096)]
+CPU_SHAPES = [(1, 4096, 4096), (16, 4096, 4096)]
+GPU_SHAPES = [(m, 8192, 8192) for m in (1, 16, 128, 4096)]
+GROUP = 128
 
 
-@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("m,n,k", CPU_SHAPES)
 @pytest.mark.parametrize("provider", ["torch-fp32", "torch-bf16", "dsattn-cpp", "dsattn-torch"])
 def test_int4_matmul(run_bench, bench_device, provider, m, n, k):
     if bench_device != "cpu" and provider.startswith("dsattn-"):
-        pytest.skip("no GPU int4 kernel yet")
+        pytest.skip("CPU providers; the GPU ones are in test_int4_matmul_gpu")
     if provider == "dsattn-cpp" and unusable_reason("cpp", torch.device("cpu"), "int4_matmul"):
         pytest.skip("compiled CPU kernel not built")
-    q = dsattn.quantize_int4(torch.randn(n, k, device=bench_device), group_size=128)
+    q = dsattn.quantize_int4(torch.randn(n, k, device=bench_device), group_size=GROUP)
     x = torch.randn(m, k, device=bench_device)
     if provider.startswith("torch-"):
         dtype = torch.float32 if provider == "torch-fp32" else torch.bfloat16
@@ -26,5 +34,77 @@ def test_int4_matmul(run_bench, bench_device, provider, m, n, k):
     else:
         backend = provider.split("-")[1]
         fn = lambda: dsattn.int4_matmul(x, q, backend=backend)  # noqa: E731
-    run_bench(fn, op="int4_matmul", provider=provider, shape={"M": m, "N": n, "K": k, "g": 128}, device=bench_device,
+    run_bench(fn, op="int4_matmul", provider=provider, shape={"M": m, "N": n, "K": k, "g": GROUP}, device=bench_device,
               dtype=torch.float32, baseline=provider == "torch-fp32")
+
+
+def _torchao_fn(weight, x):
+    """torchao's int4 weight-only linear (tinygemm; bf16 activations), or a skip when torchao is absent or
+    its API differs."""
+    torchao = pytest.importorskip("torchao")
+    try:
+        from torchao.quantization import quantize_
+
+        try:
+            from torchao.quantization import Int4WeightOnlyConfig
+
+            config = Int4WeightOnlyConfig(group_size=GROUP)
+        except ImportError:
+            from torchao.quantization import int4_weight_only
+
+            config = int4_weight_only(group_size=GROUP)
+        lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=torch.bfloat16, device=x.device)
+        lin.weight.data.copy_(weight.to(torch.bfloat16))
+        quantize_(lin, config)
+        xb = x.to(torch.bfloat16)
+        lin(xb)
+    except Exception as exc:  # noqa: BLE001 -- an anchor, not a dependency
+        pytest.skip(f"torchao {getattr(torchao, '__version__', '?')} int4 weight-only unavailable: {exc}")
+    return lambda: lin(xb)
+
+
+def _gemlite_fn(weight, x):
+    """gemlite's A16W4 Triton linear (fp16), or a skip when gemlite is absent or its API differs."""
+    pytest.importorskip("gemlite")
+    try:
+        from gemlite.helper import A16W4
+
+        lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=torch.float16, device=x.device)
+        lin.weight.data.copy_(weight.to(torch.float16))
+        glin = A16W4(device=str(x.device)).from_linear(lin)
+        glin(x)
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"gemlite A16W4 unavailable: {exc}")
+    return lambda: glin(x)
+
+
+@pytest.mark.gpu_only
+@pytest.mark.parametrize("m,n,k", GPU_SHAPES)
+@pytest.mark.parametrize("provider", ["torch-fp16", "dsattn-triton", "dsattn-cuda", "torchao", "gemlite"])
+def test_int4_matmul_gpu(run_bench, benchmark, provider, m, n, k):
+    device = "cuda"
+    if provider == "dsattn-cuda" and m > 16:
+        pytest.skip("the CUDA kernel is the decode GEMV (auto uses it for M <= 16); CUDA cores only")
+    if provider.startswith("dsattn-") and unusable_reason(provider.split("-")[1], torch.device(device), "int4_matmul"):
+        pytest.skip(unusable_reason(provider.split("-")[1], torch.device(device), "int4_matmul"))
+    weight = torch.randn(n, k, device=device, dtype=torch.float16)
+    q = dsattn.quantize_int4(weight, group_size=GROUP)
+    x = torch.randn(m, k, device=device, dtype=torch.float16)
+    if provider == "torch-fp16":
+        w = q.dequantize(torch.float16)
+        fn = lambda: x @ w.T  # noqa: E731
+    elif provider == "torchao":
+        fn = _torchao_fn(weight, x)
+    elif provider == "gemlite":
+        fn = _gemlite_fn(weight, x)
+    else:
+        backend = provider.split("-")[1]
+        fn = lambda: dsattn.int4_matmul(x, q, backend=backend)  # noqa: E731
+    run_bench(fn, op="int4_matmul", provider=provider, shape={"M": m, "N": n, "K": k, "g": GROUP}, device=device,
+              dtype=torch.float16, baseline=provider == "torch-fp16")
+    if m == 1:
+        packed = q.qweight.numel() * 4 + q.scales.numel() * q.scales.element_size() + q.zeros.numel()
+        moved = packed + (m * k + m * n) * x.element_size()
+        if provider == "torch-fp16":
+            moved = n * k * 2 + (m * k + m * n) * 2  # the dense fp16 weight
+        benchmark.extra_info["gbps"] = moved / benchmark.stats.stats.median / 1e9
