@@ -1,5 +1,6 @@
 """topk_sparse_attention: reference vs brute force (float64), dense equality when top_k >= Sk, the Triton path
-(interpreter) vs the reference, bad input."""
+(indexer kernel selection + sparse attention kernel; interpreter here) vs brute force and the reference, bad
+input."""
 
 import pytest
 import torch
@@ -54,6 +55,33 @@ def test_triton_path_equals_reference(triton_device, dtype):
     expected = dsattn.topk_sparse_attention(q, k, v, 7, backend="torch")
     got = dsattn.topk_sparse_attention(non_contiguous(q), non_contiguous(k), non_contiguous(v), 7, backend="triton")
     assert_close(got, expected, tolerance(dtype))
+
+
+@pytest.mark.parametrize("hq,hkv,sq,sk,top_k,causal", [(4, 2, 7, 15, 5, True), (2, 1, 6, 11, 4, False),
+                                                        (3, 3, 1, 40, 9, True), (2, 2, 9, 9, 50, True)])
+def test_triton_path_equals_brute_force(triton_device, hq, hkv, sq, sk, top_k, causal):
+    """GQA, non-causal, decode (Sq < Sk) and top_k >= Sk (dense) through the Triton selection, fp32."""
+    q = torch.randn(2, hq, sq, 16, device=triton_device)
+    k = torch.randn(2, hkv, sk, 16, device=triton_device)
+    v = torch.randn(2, hkv, sk, 8, device=triton_device)
+    got = dsattn.topk_sparse_attention(q, k, v, top_k, causal=causal, backend="triton")
+    assert_close(got, brute_force(q.cpu(), k.cpu(), v.cpu(), top_k, 16**-0.5, causal), tolerance(torch.float32))
+
+
+def test_triton_selection_is_the_indexer_kernel(triton_device, monkeypatch):
+    """backend="triton" selects with the Triton indexer kernel, not the torch streaming top-k."""
+    import sys
+
+    from dsattn.triton_kernels import lightning_indexer as kernel
+
+    calls = []
+    real = kernel.indexer_topk
+    monkeypatch.setattr(kernel, "indexer_topk", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(sys.modules["dsattn.ops.topk_sparse_attention"], "topk_indices",
+                        lambda *a, **kw: pytest.fail("torch selection used"))
+    q, k, v = (torch.randn(1, 2, 5, 16, device=triton_device) for _ in range(3))
+    dsattn.topk_sparse_attention(q, k, v, 3, backend="triton")
+    assert calls
 
 
 def test_bad_input_is_named():

@@ -1,0 +1,98 @@
+"""lightning_indexer_topk (DeepSeek-V3.2 indexer scores + top-k) against transformers' own indexer math.
+
+Baseline: what transformers' DeepseekV32Indexer.forward computes (models/deepseek_v32/modeling_deepseek_v32.py):
+fp32 scores [B, S, H, T] = relu(q @ k^T * softmax_scale), weighted sum over heads by a matmul -> [B, S, T],
+the causal mask, then torch.topk. It holds O(S^2 x H) memory (S=16384 at H=64: 64 GiB of scores alone), so it
+runs out of memory where dsattn's streaming kernel (no score tensor at all) keeps going; such cases skip with
+the reason. Peak memory is recorded in extra_info (CUDA: max_memory_allocated; CPU: growth of the process's
+peak RSS during the warm-up call, 0 when under an earlier peak).
+
+V3.2 sizes on the GPU: 64 index heads, head dim 128, top_k 2048, bf16 q/k, fp32 weights.
+"""
+
+import resource
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsattn._backend import unusable_reason
+from dsattn.ops.lightning_indexer import lightning_indexer_topk
+
+OP = "lightning_indexer_topk"
+
+
+def _inputs(b, s, heads, dim, dtype, device):
+    q = torch.randn(b, s, heads, dim, dtype=dtype, device=device)
+    k = torch.randn(b, s, dim, dtype=dtype, device=device)
+    weights = torch.randn(b, s, heads, dtype=torch.float32, device=device) * heads**-0.5
+    return q, k, weights
+
+
+def transformers_indexer(q, k, weights, top_k, scale, visible):
+    """DeepseekV32Indexer.forward after its projections and RoPE, line for line: [B,S,H,D] @ [B,1,D,T]."""
+    scores = torch.matmul(q.float(), k.transpose(-1, -2).float().unsqueeze(1)) * scale
+    scores = F.relu(scores)
+    index_scores = torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)
+    index_scores = index_scores.masked_fill(~visible, float("-inf"))
+    return index_scores.topk(min(top_k, index_scores.shape[-1]), dim=-1).indices.to(torch.int32)
+
+
+def _run(run_bench, provider, q, k, weights, top_k, device, shape):
+    scale = q.shape[-1] ** -0.5
+    if provider == "transformers":
+        s = k.shape[1]
+        visible = torch.ones(s, s, dtype=torch.bool, device=device).tril()
+        fn = lambda: transformers_indexer(q, k, weights, top_k, scale, visible)  # noqa: E731
+    else:
+        backend = provider.removeprefix("dsattn-")
+        reason = unusable_reason(backend, torch.device(device))
+        if reason:
+            pytest.skip(reason)
+        fn = lambda: lightning_indexer_topk(q, k, weights, top_k, scale=scale, backend=backend)  # noqa: E731
+    extra = {}
+    try:
+        if device == "cpu":
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            fn()
+            extra["peak_rss_growth_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        else:
+            torch.cuda.empty_cache()
+            fn()
+    except torch.cuda.OutOfMemoryError as exc:
+        pytest.skip(f"{provider} out of memory at {shape}: {str(exc).splitlines()[0]}")
+    run_bench(fn, op=OP, provider=provider, shape=shape, device=device, dtype=q.dtype,
+              baseline=provider == "transformers", **extra)
+
+
+@pytest.mark.gpu_only
+@pytest.mark.parametrize("s", [4096, 8192, 16384, 32768])
+@pytest.mark.parametrize("provider", ["transformers", "dsattn-torch", "dsattn-triton"])
+def test_prefill_gpu(run_bench, provider, s):
+    if provider == "dsattn-torch" and s > 8192:
+        pytest.skip("the torch streaming reference takes seconds per call beyond S=8192 (suite time budget)")
+    heads, dim, top_k, dtype = 64, 128, 2048, torch.bfloat16
+    q, k, weights = _inputs(1, s, heads, dim, dtype, "cuda")
+    shape = {"B": 1, "S": s, "Hi": heads, "D": dim, "top_k": top_k}
+    _run(run_bench, provider, q, k, weights, top_k, "cuda", shape)
+
+
+@pytest.mark.gpu_only
+@pytest.mark.parametrize("context", [8192, 131072])
+@pytest.mark.parametrize("provider", ["dsattn-torch", "dsattn-triton"])
+def test_decode_gpu(run_bench, provider, context):
+    """One new query over a long indexer key cache (Sq=1 < Sk): the per-token decode cost."""
+    heads, dim, top_k, dtype = 64, 128, 2048, torch.bfloat16
+    q, _, weights = _inputs(1, 1, heads, dim, dtype, "cuda")
+    k = torch.randn(1, context, dim, dtype=dtype, device="cuda")
+    shape = {"B": 1, "Sq": 1, "Sk": context, "Hi": heads, "D": dim, "top_k": top_k}
+    _run(run_bench, provider, q, k, weights, top_k, "cuda", shape)
+
+
+@pytest.mark.parametrize("provider", ["transformers", "dsattn-torch"])
+def test_small_cpu(run_bench, provider):
+    """A CPU-size case: the streaming reference (the CPU backend) against transformers' materialized math."""
+    s, heads, dim, top_k, dtype = 1024, 8, 32, 64, torch.float32
+    q, k, weights = _inputs(1, s, heads, dim, dtype, "cpu")
+    shape = {"B": 1, "S": s, "Hi": heads, "D": dim, "top_k": top_k}
+    _run(run_bench, provider, q, k, weights, top_k, "cpu", shape)
