@@ -117,11 +117,11 @@ def matmul_config(m: int, dtype: torch.dtype) -> dict:
     if m <= 16:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64 if fp32 else 128, num_warps=4,
                     num_stages=2 if fp32 else 4, programs_per_sm=4, split=True)
-    if m <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32 if fp32 else 64, num_warps=4,
+    if m <= 64:  # fp32 on 8 warps: 4 spill on sm_80 under Triton 3.8
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32 if fp32 else 64, num_warps=8 if fp32 else 4,
                     num_stages=2 if fp32 else 4, programs_per_sm=2, split=True)
     if fp32:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2, programs_per_sm=2, split=False)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2, programs_per_sm=2, split=False)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=4, programs_per_sm=2, split=False)
 
 
