@@ -1,0 +1,305 @@
+"""Whole-model benchmarks: a DeepSeek-V3 (and V3.2) from a config, dense vs every dsattn patch mode vs int4.
+
+- prefill: time and peak memory of one forward over S tokens (logits of the last position only), per mode,
+  over context lengths; next-token KL(dense || mode) and top-1 agreement with the dense model on the last
+  KL_POSITIONS positions go to extra_info (random-init model: these say "the patch changes this much", not
+  "the quality is this good"; for that see dsattn.fidelity, which uses a trained model).
+- decode: one token on a KV cache of L tokens (the cache is cropped back after each round), as tokens/s.
+
+Sizes. GPU (gpu_only): hidden 2048, 16 heads (MLA: qk 128+64, v 128, kv_lora 512), 2 layers (one dense MLP,
+one MoE with 8 experts of 1408), bf16, S = 1k .. 128k; a size that runs out of memory is skipped with the
+reason recorded. CPU: hidden 256, 2 layers, fp32, S = 1k, 2k by default, and the modes whose CPU path is the
+slow PyTorch reference (topk, V3.2 sparse: seconds per layer at 2k) only at 1k, so that the file finishes in
+about 2 minutes on 2 cores; DSATTN_BENCH_MODEL_CONTEXTS="1024,2048,4096,8192" runs every mode at those sizes
+(it also sets the GPU list). Few rounds per case (pytestmark below): one model call is 10 ms .. seconds.
+DSATTN_BENCH_MODEL_BUDGET_S (default 150 on GPU, none on CPU) skips the cases left once the file has run
+that long (pytest-benchmark writes its JSON only when the session ends, so an outer timeout must not fire).
+Skipped cases are appended to the JSON-lines file named by DSATTN_BENCH_SKIPS (the report lists them).
+
+Peak memory (peak_memory_mb). GPU: run_bench's torch.cuda.max_memory_allocated over the timed rounds (weights
+included); the call's own peak above what was allocated before it is extra_info["call_peak_mb"]. CPU: the
+resident-set high-water mark of one call above the RSS before it: glibc's free memory is handed back first
+(malloc_trim) so it cannot hide new allocations, then Linux's VmHWM is reset (write "5" to
+/proc/self/clear_refs) and read back from /proc/self/status after the call. (ru_maxrss never resets and
+tracemalloc does not see torch's allocator.) Where clear_refs is unavailable the CPU value is left empty.
+"""
+
+import ctypes
+import json
+import os
+import time
+
+import pytest
+import torch
+
+import dsattn
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+KL_POSITIONS = 64
+START = time.monotonic()
+pytestmark = pytest.mark.benchmark(min_rounds=3, max_time=0.5, warmup=False)
+BUDGET_S = float(os.environ.get("DSATTN_BENCH_MODEL_BUDGET_S", "150" if ON_GPU else "0")) or None
+
+
+def _contexts(default):
+    env = os.environ.get("DSATTN_BENCH_MODEL_CONTEXTS")
+    return [int(s) for s in env.split(",") if s.strip()] if env else default
+
+
+if ON_GPU:
+    SIZE = dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=1536,
+                kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                intermediate_size=8192, moe_intermediate_size=1408, n_routed_experts=8, num_experts_per_tok=2,
+                num_hidden_layers=2, vocab_size=32768, index_n_heads=64, index_head_dim=128, index_topk=2048)
+    CONTEXTS = _contexts([1024, 4096, 16384, 32768, 65536, 131072])
+    DECODE_CACHES = [1024, 16384, 65536]
+    WINDOW, TOP_K, PREFIX, HYBRID_WINDOW = 4096, 2048, 512, 4096
+    SLOW_ON_CPU_MAX_S = None
+else:
+    SIZE = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=128,
+                qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64, intermediate_size=512,
+                moe_intermediate_size=128, n_routed_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+                vocab_size=4096, index_n_heads=4, index_head_dim=32, index_topk=256)
+    CONTEXTS = _contexts([1024, 2048])
+    SLOW_ON_CPU_MAX_S = None if os.environ.get("DSATTN_BENCH_MODEL_CONTEXTS") else 1024
+    DECODE_CACHES = [256, 2048]
+    WINDOW, TOP_K, PREFIX, HYBRID_WINDOW = 512, 256, 64, 256
+
+# label -> dsattn.patch options (None: the unpatched model, transformers' SDPA attention: the baseline).
+# int4 covers every decoder layer (keep_first_last=False): a 2-layer model would otherwise keep all in 16 bit.
+MODES = {
+    "dense-sdpa": None,
+    f"sliding_window w={WINDOW}": dict(attention="sliding_window", window=WINDOW),
+    f"topk k={TOP_K}": dict(attention="topk", top_k=TOP_K),
+    "linear": dict(attention="linear"),
+    f"hybrid p={PREFIX} w={HYBRID_WINDOW}": dict(attention="hybrid", prefix=PREFIX, window=HYBRID_WINDOW),
+    "int4 g128": dict(quantize="int4", group_size=128, keep_first_last=False),
+}
+V32_MODES = {"dense-sdpa": None, "sparse": dict(attention="sparse")}
+
+
+def _config(model_type):
+    import transformers
+
+    kw = dict(SIZE, n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=1,
+              max_position_embeddings=max(CONTEXTS + DECODE_CACHES) + 16)
+    if model_type == "deepseek_v3":
+        for key in ("index_n_heads", "index_head_dim", "index_topk"):
+            kw.pop(key)
+        return transformers.DeepseekV3Config(**kw)
+    return transformers.DeepseekV32Config(**kw)
+
+
+_MODELS, _DENSE = {}, {}
+
+
+def _model(model_type):
+    if model_type not in _MODELS:
+        import transformers
+
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(_config(model_type), attn_implementation="sdpa",
+                                                              dtype=DTYPE)
+        _MODELS.clear()  # one model at a time (GPU memory)
+        _MODELS[model_type] = model.to(DEVICE).eval()
+    return _MODELS[model_type]
+
+
+def _ids(length, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, SIZE["vocab_size"], (1, length), generator=gen).to(DEVICE)
+
+
+def _record_skip(case: dict, reason: str):
+    path = os.environ.get("DSATTN_BENCH_SKIPS")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(dict(case, reason=reason, device=DEVICE)) + "\n")
+    pytest.skip(reason)
+
+
+def _check_budget(case):
+    if BUDGET_S is not None and time.monotonic() - START > BUDGET_S:
+        _record_skip(case, f"time budget: bench_model.py has run {time.monotonic() - START:.0f}s > "
+                           f"DSATTN_BENCH_MODEL_BUDGET_S={BUDGET_S:.0f}")
+
+
+# --- peak memory of one call ---------------------------------------------------------------------------------
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_call(fn):
+    """(result, peak MB of this call above the memory in use before it, or None if it cannot be measured)."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, (torch.cuda.max_memory_allocated() - before) / 2**20
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+    before = _status_kb("VmRSS")
+    ok = _reset_rss_peak()
+    out = fn()
+    peak = _status_kb("VmHWM")
+    return out, (peak - before) / 1024 if ok else None
+
+
+# --- fidelity vs the dense model ------------------------------------------------------------------------------
+
+def _agreement(logits, dense):
+    logp, dense_logp = (torch.log_softmax(x.double(), -1) for x in (logits, dense))
+    kl = (dense_logp.exp() * (dense_logp - logp)).sum(-1)
+    top1 = (logits.argmax(-1) == dense.argmax(-1)).double().mean().item()
+    return {"kl_vs_dense": kl.mean().item(), "kl_max_vs_dense": kl.max().item(), "top1_vs_dense": top1}
+
+
+def _dense_logits(model_type, model, length):
+    key = (model_type, length)
+    if key not in _DENSE:
+        with torch.no_grad():
+            _DENSE[key] = model(_ids(length), use_cache=False, logits_to_keep=KL_POSITIONS).logits.float().cpu()
+    return _DENSE[key]
+
+
+def _patched(model, options):
+    if options is not None:
+        dsattn.patch(model, **options)
+    return model
+
+
+def _oom_types():
+    return (torch.cuda.OutOfMemoryError,) if ON_GPU else (MemoryError,)
+
+
+def _free():
+    if ON_GPU:
+        torch.cuda.empty_cache()
+
+
+def _prefill(run_bench, model_type, modes, mode, length):
+    case = {"bench": f"prefill_{model_type}", "mode": mode, "S": length}
+    _check_budget(case)
+    model = _model(model_type)
+    options = modes[mode]
+    ids = _ids(length)
+    extra = {}
+    try:
+        _patched(model, options)
+        with torch.no_grad():
+            try:
+                logits, call_peak = measure_call(
+                    lambda: model(ids, use_cache=False, logits_to_keep=KL_POSITIONS).logits.float().cpu())
+            except _oom_types() as e:
+                _free()
+                _record_skip(case, f"out of memory at S={length}: {str(e).splitlines()[0][:200]}")
+            if options is None:
+                _DENSE[(model_type, length)] = logits
+            dense = _DENSE.get((model_type, length))
+            if dense is None:  # -k picked this mode without the dense one: compute the reference unpatched
+                dsattn.unpatch(model)
+                try:
+                    dense = _dense_logits(model_type, model, length)
+                except _oom_types():
+                    _free()
+                _patched(model, options)
+            extra.update(_agreement(logits, dense) if dense is not None else {"kl_vs_dense": None})
+            extra["call_peak_mb"] = call_peak
+            if DEVICE == "cpu":
+                extra["peak_memory_mb"] = call_peak
+            fn = lambda: model(ids, use_cache=False, logits_to_keep=1).logits  # noqa: E731
+            with torch.no_grad():
+                run_bench(fn, op=f"prefill_{model_type}", provider=mode, shape={"S": length, "hidden": SIZE["hidden_size"],
+                          "layers": SIZE["num_hidden_layers"]}, device=DEVICE, dtype=DTYPE, baseline=options is None,
+                          memory_method="cuda max_memory_allocated" if ON_GPU else "VmHWM-VmRSS (clear_refs)",
+                          **extra)
+    finally:
+        dsattn.unpatch(model)
+        _free()
+
+
+def _runs(mode, length):
+    slow = mode.startswith(("topk", "sparse"))
+    return not (slow and SLOW_ON_CPU_MAX_S is not None and length > SLOW_ON_CPU_MAX_S)
+
+
+# context outermost: the time budget cuts the long sizes first
+PREFILL_CASES = [(s, m) for s in CONTEXTS for m in MODES if _runs(m, s)]
+
+
+@pytest.mark.parametrize("length,mode", PREFILL_CASES, ids=[f"S{s}-{m.split()[0]}" for s, m in PREFILL_CASES])
+def test_prefill_v3(run_bench, length, mode):
+    _prefill(run_bench, "deepseek_v3", MODES, mode, length)
+
+
+V32_CASES = [(s, m) for s in CONTEXTS for m in V32_MODES if _runs(m, s) or m == "dense-sdpa" and _runs("sparse", s)]
+
+
+@pytest.mark.parametrize("length,mode", V32_CASES, ids=[f"S{s}-{m}" for s, m in V32_CASES])
+def test_prefill_v32(run_bench, length, mode):
+    _prefill(run_bench, "deepseek_v32", V32_MODES, mode, length)
+
+
+DECODE_CASES = [(c, m) for c in DECODE_CACHES for m in MODES]
+
+
+@pytest.mark.parametrize("cache_len,mode", DECODE_CASES, ids=[f"L{c}-{m.split()[0]}" for c, m in DECODE_CASES])
+def test_decode_v3(run_bench, cache_len, mode):
+    """One new token on a cache of cache_len tokens; the cache is cropped back by one after every call."""
+    case = {"bench": "decode_deepseek_v3", "mode": mode, "L": cache_len}
+    _check_budget(case)
+    model = _model("deepseek_v3")
+    options = MODES[mode]
+    ids = _ids(cache_len + 1)
+    try:
+        _patched(model, options)
+        with torch.no_grad():
+            try:
+                cache = model(ids[:, :cache_len], use_cache=True, logits_to_keep=1).past_key_values
+            except _oom_types() as e:
+                _free()
+                _record_skip(case, f"out of memory prefilling a cache of {cache_len}: {str(e).splitlines()[0][:200]}")
+            step = ids[:, cache_len:]
+
+            def decode_one():
+                out = model(step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+                cache.crop(-1)  # back to cache_len tokens (transformers 5.x: negative = tokens to drop)
+                return out
+
+            decode_one()
+            assert cache.get_seq_length() == cache_len
+            run_bench(decode_one, op="decode_deepseek_v3", provider=mode, shape={"L": cache_len,
+                      "hidden": SIZE["hidden_size"], "layers": SIZE["num_hidden_layers"]}, device=DEVICE,
+                      dtype=DTYPE, baseline=options is None, unit="ms per token")
+    finally:
+        dsattn.unpatch(model)
+        _free()
+
