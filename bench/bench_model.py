@@ -11,7 +11,7 @@ one MoE with 8 experts of 1408), bf16, S = 1k .. 128k; a size that runs out of m
 reason recorded. CPU: hidden 256, 2 layers, fp32, S = 1k, 2k by default, and the modes whose CPU path is the
 slow PyTorch reference (topk, V3.2 sparse: seconds per layer at 2k) only at 1k, so that the file finishes in
 about 2 minutes on 2 cores; DSATTN_BENCH_MODEL_CONTEXTS="1024,2048,4096,8192" runs every mode at those sizes
-(it also sets the GPU list). Few rounds per case (pytestmark below): one model call is 10 ms .. seconds.
+(it also sets the GPU list); DSATTN_BENCH_MODEL_DECODE="256,2048" sets the decode cache lengths. Few rounds per case (pytestmark below): one model call is 10 ms .. seconds.
 DSATTN_BENCH_MODEL_BUDGET_S (default 150 on GPU, none on CPU) skips the cases left once the file has run
 that long (pytest-benchmark writes its JSON only when the session ends, so an outer timeout must not fire).
 Skipped cases are appended to the JSON-lines file named by DSATTN_BENCH_SKIPS (the report lists them).
@@ -43,8 +43,8 @@ pytestmark = pytest.mark.benchmark(min_rounds=3, max_time=0.5, warmup=False)
 BUDGET_S = float(os.environ.get("DSATTN_BENCH_MODEL_BUDGET_S", "150" if ON_GPU else "0")) or None
 
 
-def _contexts(default):
-    env = os.environ.get("DSATTN_BENCH_MODEL_CONTEXTS")
+def _contexts(default, var="DSATTN_BENCH_MODEL_CONTEXTS"):
+    env = os.environ.get(var)
     return [int(s) for s in env.split(",") if s.strip()] if env else default
 
 
@@ -54,7 +54,7 @@ if ON_GPU:
                 intermediate_size=8192, moe_intermediate_size=1408, n_routed_experts=8, num_experts_per_tok=2,
                 num_hidden_layers=2, vocab_size=32768, index_n_heads=64, index_head_dim=128, index_topk=2048)
     CONTEXTS = _contexts([1024, 4096, 16384, 32768, 65536, 131072])
-    DECODE_CACHES = [1024, 16384, 65536]
+    DECODE_CACHES = _contexts([1024, 16384, 65536], "DSATTN_BENCH_MODEL_DECODE")
     WINDOW, TOP_K, PREFIX, HYBRID_WINDOW = 4096, 2048, 512, 4096
     SLOW_ON_CPU_MAX_S = None
 else:
@@ -64,7 +64,7 @@ else:
                 vocab_size=4096, index_n_heads=4, index_head_dim=32, index_topk=256)
     CONTEXTS = _contexts([1024, 2048])
     SLOW_ON_CPU_MAX_S = None if os.environ.get("DSATTN_BENCH_MODEL_CONTEXTS") else 1024
-    DECODE_CACHES = [256, 2048]
+    DECODE_CACHES = _contexts([256, 2048], "DSATTN_BENCH_MODEL_DECODE")
     WINDOW, TOP_K, PREFIX, HYBRID_WINDOW = 512, 256, 64, 256
 
 # label -> dsattn.patch options (None: the unpatched model, transformers' SDPA attention: the baseline).

@@ -1,15 +1,24 @@
-"""Turn pytest-benchmark JSON into a Markdown table (median, ratio vs the PyTorch baseline) and PNG plots.
+"""Turn pytest-benchmark JSON into a Markdown report (median, ratio vs the PyTorch baseline) and PNG plots.
 
-    python bench/report.py results.json [more.json ...] --out DIR   (or python -m dsattn.bench_report)
+    python bench/report.py results.json [more.json ...] --out DIR [--skipped skipped.jsonl]
+        [--fidelity fidelity.json] [--env env.json]          (or python -m dsattn.bench_report)
 
 Each benchmark carries extra_info from bench/conftest.py: op, provider, shape, device, dtype, baseline.
 Rows are grouped by (op, shape); ratio = baseline median / provider median (> 1 means faster than PyTorch).
+Model benchmarks (bench/bench_model.py) also carry KL / top-1 agreement vs the dense model; their rows get a
+second table (tokens/s for decode). Plots per op and device: time and memory vs the shape key that varies, and
+speedup vs the baseline over it (e.g. int4_matmul vs M). Everything is computed from the JSON given.
 """
 
 import argparse
 import json
+import math
 import os
 from collections import defaultdict
+
+MEMORY_NOTE = ("peak mem: on GPU torch.cuda.max_memory_allocated over the timed rounds (weights included); on CPU "
+               "kernel rows have none, model rows give the resident-set high-water mark of one call above the RSS "
+               "before it (VmHWM reset through /proc/self/clear_refs, malloc_trim first).")
 
 
 def load_rows(paths):
@@ -75,6 +84,77 @@ def markdown(rows, machine=None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _fmt(value, spec):
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def model_markdown(rows) -> str:
+    """Rows from bench/bench_model.py (they report kl_vs_dense): one line per op, length and mode."""
+    model_rows = [r for r in rows if "kl_vs_dense" in r["extra"] or r["op"].startswith("decode_")]
+    if not model_rows:
+        return ""
+    lines = ["| bench | length | device | mode | median (ms) | vs dense | tokens/s | peak mem (MB) | "
+             "KL(dense‖mode) | top-1 vs dense |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(model_rows, key=lambda r: (r["op"], r["device"], _length(r), not r["baseline"], r["provider"])):
+        ratio = "baseline" if r["baseline"] else (f"{r['ratio']:.2f}x" if r.get("ratio") else "n/a")
+        tokens_s = 1e3 / r["median_ms"] if r["op"].startswith("decode_") and r["median_ms"] > 0 else None
+        lines.append(f"| {r['op']} | {_length(r)} | {r['device']} | {r['provider']} | {r['median_ms']:.2f} | {ratio} | "
+                     f"{_fmt(tokens_s, '.1f')} | {_fmt(r['peak_memory_mb'], '.0f')} | "
+                     f"{_fmt(r['extra'].get('kl_vs_dense'), '.2e')} | {_fmt(r['extra'].get('top1_vs_dense'), '.3f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _length(r):
+    return next((v for k, v in r["shape"].items() if k in ("S", "L")), "")
+
+
+def load_skipped(path):
+    if not path or not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def skipped_markdown(skipped) -> str:
+    if not skipped:
+        return ""
+    lines = ["| bench | case | reason |", "|---|---|---|"]
+    for s in skipped:
+        case = " ".join(f"{k}={v}" for k, v in s.items() if k not in ("bench", "reason", "device"))
+        lines.append(f"| {s.get('bench', '?')} | {case} | {s['reason']} |")
+    return "\n".join(lines) + "\n"
+
+
+def env_line(path) -> str:
+    if not path or not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        env = json.load(f)
+    keys = ("date", "dsattn", "python", "torch", "triton", "transformers", "devices")
+    return "Versions: " + ", ".join(f"{k} {env[k]}" for k in keys if env.get(k) is not None) + "\n"
+
+
+def report_markdown(rows, machine=None, *, skipped=(), fidelity=None, env_path=None) -> str:
+    parts = []
+    env = env_line(env_path)
+    if env:
+        parts.append(env)
+    parts.append(markdown(rows, machine))
+    if any(r["peak_memory_mb"] is not None for r in rows):
+        parts.append(MEMORY_NOTE + "\n")
+    model = model_markdown(rows)
+    if model:
+        parts.append("## Model benchmarks (bench/bench_model.py; random-init models: KL and top-1 say how much a "
+                     "mode changes the output, see the fidelity section for quality)\n\n" + model)
+    if skipped:
+        parts.append("## Skipped cases\n\n" + skipped_markdown(skipped))
+    if fidelity:
+        from dsattn import fidelity as fidelity_module
+
+        parts.append("## Fidelity on a trained model (dsattn.fidelity)\n\n" + fidelity_module.markdown(fidelity))
+    return "\n".join(parts)
+
+
 def _x_key(rows):
     """The numeric shape key that varies within an op (sequence length, M, ...), if any."""
     keys = [k for k, v in rows[0]["shape"].items() if isinstance(v, (int, float))]
@@ -124,6 +204,28 @@ def plots(rows, out_dir) -> list[str]:
             fig.savefig(path, dpi=100)
             plt.close(fig)
             written.append(path)
+        speedup = defaultdict(list)  # provider -> (x, baseline median / provider median), same shape only
+        for r in with_ratios(list(op_rows)):
+            if not r["baseline"] and r.get("ratio"):
+                speedup[r["provider"]].append((r["shape"][key], r["ratio"]))
+        if speedup:
+            base = next((r["provider"] for r in op_rows if r["baseline"]), "baseline")
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for provider, points in sorted(speedup.items()):
+                points.sort()
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=provider)
+            ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(key)
+            ax.set_ylabel(f"speedup vs {base} (x)")
+            ax.set_title(f"{op} on {device}")
+            ax.legend()
+            fig.tight_layout()
+            path = os.path.join(out_dir, f"{op}_speedup_{device.replace(' ', '_')}.png")
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            written.append(path)
     return written
 
 
@@ -131,13 +233,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", nargs="+", help="pytest-benchmark --benchmark-json files")
     parser.add_argument("--out", default="bench/out", help="directory for report.md and the PNG plots")
+    parser.add_argument("--skipped", default=None, help="JSON lines of skipped cases (DSATTN_BENCH_SKIPS)")
+    parser.add_argument("--fidelity", default=None, help="fidelity.json from dsattn.fidelity")
+    parser.add_argument("--env", default=None, help="env.json (versions) to head the report")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    rows, machine = load_rows(args.json)
+    rows, machine = load_rows([p for p in args.json if os.path.exists(p)])
     if not rows:
         print("no dsattn benchmarks found in", args.json)
         return 1
-    table = markdown(with_ratios(rows), machine)
+    fidelity = None
+    if args.fidelity and os.path.exists(args.fidelity):
+        with open(args.fidelity) as f:
+            fidelity = json.load(f)
+    table = report_markdown(with_ratios(rows), machine, skipped=load_skipped(args.skipped), fidelity=fidelity,
+                            env_path=args.env)
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(table)
     print(table)

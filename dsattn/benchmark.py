@@ -1,10 +1,14 @@
 """`python -m dsattn bench`: run the benchmarks that fit this machine and write the report.
 
-    python -m dsattn bench --out bench/out [--quick] [-k EXPR] [--fidelity-minutes 3]
+    python -m dsattn bench --out bench/out [--quick] [-k EXPR] [--fidelity-minutes 3] [--no-model]
 
-Writes into --out: results.json (pytest-benchmark), report.md (median, ratio vs the PyTorch baseline),
-PNG plots, env.json (versions, devices) and, unless --no-fidelity, the trained-model fidelity report.
-Kernel benchmarks live in the checkout's bench/ folder (GPU-size cases run only on a GPU).
+Writes into --out: results.json (kernel benchmarks, pytest-benchmark), results_model.json (bench_model.py:
+whole DeepSeek models, dense vs each patch mode), skipped.jsonl (cases skipped with a reason, e.g. out of
+memory), report.md (median, ratio vs the PyTorch baseline, model table, skipped cases, fidelity), PNG plots,
+env.json (versions, devices) and, unless --no-fidelity, fidelity.json / fidelity.md (dsattn.fidelity: a
+trained tiny DeepSeek-V3, perplexity / KL / top-1 per mode). The kernel and model runs are separate pytest
+sessions with their own timeouts, so one running out of time does not lose the other's JSON.
+Benchmarks live in the checkout's bench/ folder (GPU-size cases run only on a GPU).
 """
 
 import argparse
@@ -30,18 +34,37 @@ def bench_dir() -> str:
     return path
 
 
-def run_kernel_benchmarks(out_dir: str, *, quick: bool, select: str | None, timeout_s: int) -> str:
-    results = os.path.join(out_dir, "results.json")
-    args = [sys.executable, "-m", "pytest", bench_dir(), "-q", "-p", "no:cacheprovider", f"--benchmark-json={results}"]
+MODEL_BENCH = "bench_model.py"
+
+
+def run_benchmarks(out_dir: str, *, quick: bool, select: str | None, timeout_s: int, model: bool) -> str | None:
+    """One pytest-benchmark session: the kernel files (model=False) or bench_model.py (model=True).
+    Returns the JSON path, or None when the session failed or ran out of time (reported, not fatal)."""
+    results = os.path.join(out_dir, "results_model.json" if model else "results.json")
+    if os.path.exists(results):
+        os.remove(results)
+    target = os.path.join(bench_dir(), MODEL_BENCH) if model else bench_dir()
+    args = [sys.executable, "-m", "pytest", target, "-q", "-p", "no:cacheprovider", f"--benchmark-json={results}"]
+    if not model:
+        args += [f"--ignore={os.path.join(bench_dir(), MODEL_BENCH)}"]
     if quick:
         args += ["--benchmark-min-rounds=3", "--benchmark-max-time=0.1", "--benchmark-warmup=off"]
     if select:
         args += ["-k", select]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter is not a benchmark
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run(args, env=env, timeout=timeout_s)
+    env["DSATTN_BENCH_SKIPS"] = os.path.abspath(os.path.join(out_dir, "skipped.jsonl"))
+    if model:  # stop starting new cases well before the outer timeout, so that pytest still writes its JSON
+        env.setdefault("DSATTN_BENCH_MODEL_BUDGET_S", str(max(10, int(timeout_s * 0.6))))
+    what = "model" if model else "kernel"
+    try:
+        proc = subprocess.run(args, env=env, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        print(f"dsattn bench: the {what} benchmarks ran past {timeout_s}s; their results are lost")
+        return None
     if proc.returncode not in (0, 5) or not os.path.exists(results):
-        raise SystemExit(f"dsattn bench: the benchmark run failed (exit {proc.returncode})")
+        print(f"dsattn bench: the {what} benchmark run failed (exit {proc.returncode})")
+        return results if os.path.exists(results) else None
     return results
 
 
@@ -51,24 +74,45 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="few rounds per benchmark (CI)")
     parser.add_argument("-k", dest="select", default=None, help="pytest -k expression to pick benchmarks")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds for the kernel benchmark run")
+    parser.add_argument("--model-timeout", type=int, default=1800, help="seconds for the model benchmark run")
+    parser.add_argument("--no-model", action="store_true", help="skip the whole-model benchmarks (bench_model.py)")
+    parser.add_argument("--no-kernels", action="store_true", help="skip the kernel benchmarks")
     parser.add_argument("--no-fidelity", action="store_true", help="skip the trained-model fidelity check")
     parser.add_argument("--fidelity-minutes", type=float, default=3.0, help="training budget for the fidelity model")
+    parser.add_argument("--fidelity-threads", type=int, default=None, help="torch threads for the fidelity run")
     args = parser.parse_args(argv)
 
     os.makedirs(args.out, exist_ok=True)
     env = info.collect()
     env["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    with open(os.path.join(args.out, "env.json"), "w") as f:
+    env_path = os.path.join(args.out, "env.json")
+    with open(env_path, "w") as f:
         json.dump(env, f, indent=2, default=str)
+    skipped = os.path.join(args.out, "skipped.jsonl")
+    if os.path.exists(skipped):
+        os.remove(skipped)
 
-    results = run_kernel_benchmarks(args.out, quick=args.quick, select=args.select, timeout_s=args.timeout)
-    report = bench_report.main([results, "--out", args.out])
+    results = []
+    if not args.no_kernels:
+        results.append(run_benchmarks(args.out, quick=args.quick, select=args.select, timeout_s=args.timeout,
+                                      model=False))
+    if not args.no_model:
+        results.append(run_benchmarks(args.out, quick=args.quick, select=args.select, timeout_s=args.model_timeout,
+                                      model=True))
+    results = [r for r in results if r]
 
+    fidelity_json = None
     if not args.no_fidelity:
         from dsattn import fidelity
 
-        fidelity.run(minutes=args.fidelity_minutes, out_dir=args.out, quick=args.quick)
+        fidelity.run(minutes=args.fidelity_minutes, out_dir=args.out, quick=args.quick, threads=args.fidelity_threads)
+        fidelity_json = os.path.join(args.out, "fidelity.json")
 
+    if not results:
+        print("dsattn bench: no benchmark results to report")
+        return 1
+    report = bench_report.main(results + ["--out", args.out, "--skipped", skipped, "--env", env_path]
+                               + (["--fidelity", fidelity_json] if fidelity_json else []))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"dsattn bench: wrote {args.out} ({device}, torch {torch.__version__})")
     return report

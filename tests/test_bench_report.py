@@ -45,3 +45,83 @@ def test_ratio_is_baseline_over_provider():
     bench_report.with_ratios(rows)
     assert rows[1]["ratio"] == pytest.approx(4.0)
     assert "4.00x" in bench_report.markdown(rows)
+
+
+def _load_bench_model():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_model", os.path.join(ROOT, "bench", "bench_model.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_model_benchmark_report_on_cpu(tmp_path):
+    """bench/bench_model.py at tiny sizes -> JSON -> report with the model table, plots and the skipped list."""
+    pytest.importorskip("pytest_benchmark")
+    pytest.importorskip("transformers")
+    out_json = tmp_path / "results_model.json"
+    skipped = tmp_path / "skipped.jsonl"
+    skipped.write_text(json.dumps({"bench": "prefill_deepseek_v3", "mode": "dense-sdpa", "S": 131072,
+                                   "reason": "out of memory at S=131072"}) + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(DSATTN_BENCH_MODEL_CONTEXTS="128,256", DSATTN_BENCH_MODEL_DECODE="128", OMP_NUM_THREADS="1",
+               DSATTN_BENCH_SKIPS=str(skipped))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(ROOT, "bench", "bench_model.py"),
+         "-k", "dense or sliding or int4", f"--benchmark-json={out_json}"],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows, _ = bench_report.load_rows([str(out_json)])
+    bench_report.with_ratios(rows)
+    prefill = [r for r in rows if r["op"] == "prefill_deepseek_v3"]
+    assert {r["shape"]["S"] for r in prefill} == {128, 256}
+    assert {r["provider"] for r in prefill} == {"dense-sdpa", "sliding_window w=512", "int4 g128"}
+    for r in prefill:
+        kl, top1 = r["extra"]["kl_vs_dense"], r["extra"]["top1_vs_dense"]
+        if r["baseline"]:
+            assert kl == 0.0 and top1 == 1.0
+        elif r["provider"].startswith("sliding_window"):  # window 512 >= S: exactly dense attention
+            assert kl < 1e-8 and top1 == 1.0, r
+        else:  # int4 really changes the weights
+            assert kl > 0 and r["extra"]["call_peak_mb"] is not None
+        assert r["median_ms"] > 0 and r["peak_memory_mb"] is not None and r["peak_memory_mb"] >= 0
+    assert {r["provider"] for r in rows if r["op"] == "decode_deepseek_v3"} >= {"dense-sdpa", "int4 g128"}
+
+    report_dir = tmp_path / "report"
+    assert bench_report.main([str(out_json), "--out", str(report_dir), "--skipped", str(skipped)]) == 0
+    text = (report_dir / "report.md").read_text()
+    assert "## Model benchmarks" in text and "## Skipped cases" in text and "out of memory at S=131072" in text
+    model_lines = [line for line in text.splitlines() if line.startswith("| decode_deepseek_v3 | 128 |")]
+    assert model_lines and all(float(line.split("|")[7]) > 0 for line in model_lines), text  # tokens/s
+    for name in ("prefill_deepseek_v3_time_cpu.png", "prefill_deepseek_v3_memory_cpu.png",
+                 "prefill_deepseek_v3_speedup_cpu.png"):
+        assert (report_dir / name).stat().st_size > 1000, name
+
+
+def test_skips_are_recorded(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    path = tmp_path / "skipped.jsonl"
+    monkeypatch.setenv("DSATTN_BENCH_SKIPS", str(path))
+    bench_model = _load_bench_model()
+    with pytest.raises(pytest.skip.Exception, match="too big"):
+        bench_model._record_skip({"bench": "prefill_deepseek_v3", "S": 7}, "too big")
+    assert bench_report.load_skipped(str(path)) == [{"bench": "prefill_deepseek_v3", "S": 7, "reason": "too big",
+                                                     "device": bench_model.DEVICE}]
+
+
+def test_cpu_peak_memory_sees_a_torch_allocation():
+    pytest.importorskip("transformers")
+    bench_model = _load_bench_model()
+    if bench_model.DEVICE != "cpu" or not bench_model._reset_rss_peak():
+        pytest.skip("CPU with /proc/self/clear_refs only")
+    import torch
+
+    def allocate():
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        return float(x[-1])
+
+    _, small = bench_model.measure_call(lambda: 1.0)
+    _, big = bench_model.measure_call(allocate)
+    assert small < 16 and 60 < big < 200, (small, big)
