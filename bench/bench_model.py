@@ -7,7 +7,7 @@
 - decode: one token on a KV cache of L tokens (the cache is cropped back after each round), as tokens/s.
 
 Sizes. GPU (gpu_only): hidden 2048, 16 heads (MLA: qk 128+64, v 128, kv_lora 512), 2 layers (one dense MLP,
-one MoE with 8 experts of 1408), bf16, S = 1k .. 128k; a size that runs out of memory is skipped with the
+one MoE with 8 experts of 1408), bf16, S = 1k, 8k, 32k, 128k (decode: caches of 4k, 64k); a size that runs out of memory is skipped with the
 reason recorded. CPU: hidden 256, 2 layers, fp32, S = 1k, 2k by default, and the modes whose CPU path is the
 slow PyTorch reference (topk, V3.2 sparse: seconds per layer at 2k) only at 1k, so that the file finishes in
 about 2 minutes on 2 cores; DSATTN_BENCH_MODEL_CONTEXTS="1024,2048,4096,8192" runs every mode at those sizes
@@ -25,6 +25,7 @@ tracemalloc does not see torch's allocator.) Where clear_refs is unavailable the
 """
 
 import ctypes
+import gc
 import json
 import os
 import time
@@ -53,8 +54,8 @@ if ON_GPU:
                 kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
                 intermediate_size=8192, moe_intermediate_size=1408, n_routed_experts=8, num_experts_per_tok=2,
                 num_hidden_layers=2, vocab_size=32768, index_n_heads=64, index_head_dim=128, index_topk=2048)
-    CONTEXTS = _contexts([1024, 4096, 16384, 32768, 65536, 131072])
-    DECODE_CACHES = _contexts([1024, 16384, 65536], "DSATTN_BENCH_MODEL_DECODE")
+    CONTEXTS = _contexts([1024, 8192, 32768, 131072])
+    DECODE_CACHES = _contexts([4096, 65536], "DSATTN_BENCH_MODEL_DECODE")
     WINDOW, TOP_K, PREFIX, HYBRID_WINDOW = 4096, 2048, 512, 4096
     SLOW_ON_CPU_MAX_S = None
 else:
@@ -103,6 +104,8 @@ def _model(model_type):
         model = transformers.AutoModelForCausalLM.from_config(_config(model_type), attn_implementation="sdpa",
                                                               dtype=DTYPE)
         _MODELS.clear()  # one model at a time (GPU memory)
+        gc.collect()
+        _free()
         _MODELS[model_type] = model.to(DEVICE).eval()
     return _MODELS[model_type]
 

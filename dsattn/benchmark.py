@@ -15,6 +15,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -57,15 +58,27 @@ def run_benchmarks(out_dir: str, *, quick: bool, select: str | None, timeout_s: 
     if model:  # stop starting new cases well before the outer timeout, so that pytest still writes its JSON
         env.setdefault("DSATTN_BENCH_MODEL_BUDGET_S", str(max(10, int(timeout_s * 0.6))))
     what = "model" if model else "kernel"
-    try:
-        proc = subprocess.run(args, env=env, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        print(f"dsattn bench: the {what} benchmarks ran past {timeout_s}s; their results are lost")
-        return None
-    if proc.returncode not in (0, 5) or not os.path.exists(results):
-        print(f"dsattn bench: the {what} benchmark run failed (exit {proc.returncode})")
+    returncode = run_with_timeout(args, env, timeout_s, what)
+    if returncode not in (0, 5) or not os.path.exists(results):
+        print(f"dsattn bench: the {what} benchmark run failed (exit {returncode})")
         return results if os.path.exists(results) else None
     return results
+
+
+def run_with_timeout(args, env, timeout_s: int, what: str) -> int:
+    """Run pytest; past timeout_s interrupt it like Ctrl-C (pytest then ends the session and pytest-benchmark
+    still writes the JSON of the cases that finished), and kill it only if that does not end it in 30 s."""
+    proc = subprocess.Popen(args, env=env)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        print(f"dsattn bench: the {what} benchmarks ran past {timeout_s}s: interrupting (finished cases are kept)")
+        proc.send_signal(signal.SIGINT)
+        try:
+            return proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
 
 
 def main(argv=None) -> int:
@@ -78,7 +91,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-model", action="store_true", help="skip the whole-model benchmarks (bench_model.py)")
     parser.add_argument("--no-kernels", action="store_true", help="skip the kernel benchmarks")
     parser.add_argument("--no-fidelity", action="store_true", help="skip the trained-model fidelity check")
-    parser.add_argument("--fidelity-minutes", type=float, default=3.0, help="training budget for the fidelity model")
+    parser.add_argument("--fidelity-minutes", type=float, default=None,
+                        help="training budget of the fidelity model (default 3; --quick without this option: "
+                             "the seconds-long quick model)")
     parser.add_argument("--fidelity-threads", type=int, default=None, help="torch threads for the fidelity run")
     args = parser.parse_args(argv)
 
@@ -101,18 +116,19 @@ def main(argv=None) -> int:
                                       model=True))
     results = [r for r in results if r]
 
-    fidelity_json = None
-    if not args.no_fidelity:
-        from dsattn import fidelity
-
-        fidelity.run(minutes=args.fidelity_minutes, out_dir=args.out, quick=args.quick, threads=args.fidelity_threads)
-        fidelity_json = os.path.join(args.out, "fidelity.json")
-
     if not results:
         print("dsattn bench: no benchmark results to report")
         return 1
-    report = bench_report.main(results + ["--out", args.out, "--skipped", skipped, "--env", env_path]
-                               + (["--fidelity", fidelity_json] if fidelity_json else []))
+    report_args = results + ["--out", args.out, "--skipped", skipped, "--env", env_path]
+    report = bench_report.main(report_args)  # written now, so that a fidelity run cut short loses nothing
+
+    if not args.no_fidelity:
+        from dsattn import fidelity
+
+        quick = args.quick and args.fidelity_minutes is None
+        fidelity.run(minutes=args.fidelity_minutes or 3.0, out_dir=args.out, quick=quick, threads=args.fidelity_threads,
+                     device="cuda" if torch.cuda.is_available() else "cpu")
+        report = bench_report.main(report_args + ["--fidelity", os.path.join(args.out, "fidelity.json")])
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"dsattn bench: wrote {args.out} ({device}, torch {torch.__version__})")
     return report

@@ -177,7 +177,9 @@ def eval_windows(held_out: torch.Tensor, context: int, count: int) -> torch.Tens
 
 @torch.no_grad()
 def logits_of(model, windows: torch.Tensor, batch: int) -> torch.Tensor:
-    return torch.cat([model(input_ids=windows[i:i + batch]).logits.float() for i in range(0, len(windows), batch)])
+    device = next(model.parameters()).device
+    return torch.cat([model(input_ids=windows[i:i + batch].to(device)).logits.float().cpu()
+                      for i in range(0, len(windows), batch)])
 
 
 def compare(logits: torch.Tensor, dense: torch.Tensor, windows: torch.Tensor) -> dict:
@@ -233,7 +235,8 @@ def markdown(result: dict) -> str:
         f"Fidelity on a trained byte-level DeepSeek-V3 ({result['model']['params'] / 1e6:.2f} M params, "
         f"{result['model']['layers']} layers, MoE {result['model']['experts']} experts): {tr['steps_done']} AdamW "
         f"steps on pydoc_data.topics ({tr['train_tokens']} train bytes; cache {tr['cache']}), evaluated on "
-        f"{ev['windows']} held-out windows of {ev['context']} tokens ({ev['tokens_scored']} predictions). "
+        f"{ev['windows']} held-out windows of {ev['context']} tokens ({ev['tokens_scored']} predictions) on "
+        f"{result.get('eval_device', 'cpu')}. "
         f"Uniform-vocab perplexity: {uniform}. unpatch restores dense logits exactly: "
         f"{'yes' if ev['unpatch_restores_dense'] else 'NO (max diff %.3g)' % ev['unpatch_max_abs_diff']}.",
         "",
@@ -249,9 +252,11 @@ def markdown(result: dict) -> str:
 
 
 def run(minutes: float = 3.0, out_dir: str | None = None, quick: bool = False, *, cache_root: str | None = None,
-        eval_windows_count: int | None = None, threads: int | None = None) -> dict:
+        eval_windows_count: int | None = None, threads: int | None = None, device: str = "cpu") -> dict:
     """Train (or reuse) the fidelity model, evaluate every mode, write fidelity.json + fidelity.md to out_dir.
 
+    Training is always on CPU (the step count and seeds define the model); device= is where it is evaluated,
+    i.e. whose dsattn kernels (Triton on "cuda", C++/PyTorch on "cpu") produce the patched logits.
     threads: torch intra-op threads for this call (default: leave torch's setting). The model is tiny: on a
     loaded 2-core machine one thread trains ~3x faster than two spinning OpenMP threads (measured).
     """
@@ -262,6 +267,7 @@ def run(minutes: float = 3.0, out_dir: str | None = None, quick: bool = False, *
     threads = torch.get_num_threads()
     try:
         model, held_out, log = trained_model(minutes, quick, cache_root)
+        model.to(device)
         context = 128 if quick else 256
         count = eval_windows_count or (8 if quick else 48)
         ev = evaluate(model, held_out, context=context, count=count)
@@ -273,7 +279,7 @@ def run(minutes: float = 3.0, out_dir: str | None = None, quick: bool = False, *
                   "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "experts": cfg.n_routed_experts,
                   "vocab": cfg.vocab_size},
         "training": log, "eval": ev, "quick": quick, "torch": torch.__version__, "threads": threads,
-        "dsattn": dsattn.__version__, "uniform_perplexity": VOCAB,
+        "dsattn": dsattn.__version__, "uniform_perplexity": VOCAB, "eval_device": device,
     }
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
@@ -290,8 +296,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="directory for fidelity.json and fidelity.md")
     parser.add_argument("--quick", action="store_true", help="seconds of training (tests/CI)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's setting)")
+    parser.add_argument("--device", default="cpu", help="where to evaluate (training is on CPU)")
     args = parser.parse_args(argv)
-    result = run(minutes=args.minutes, out_dir=args.out, quick=args.quick, threads=args.threads)
+    result = run(minutes=args.minutes, out_dir=args.out, quick=args.quick, threads=args.threads, device=args.device)
     print(markdown(result))
     return 0 if result["eval"]["unpatch_restores_dense"] else 1
 

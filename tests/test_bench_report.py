@@ -66,7 +66,7 @@ def test_model_benchmark_report_on_cpu(tmp_path):
                                    "reason": "out of memory at S=131072"}) + "\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(DSATTN_BENCH_MODEL_CONTEXTS="128,256", DSATTN_BENCH_MODEL_DECODE="128", OMP_NUM_THREADS="1",
-               DSATTN_BENCH_SKIPS=str(skipped))
+               DSATTN_BENCH_SKIPS=str(skipped), CUDA_VISIBLE_DEVICES="")  # the CPU sizes, fp32: exact checks hold
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(ROOT, "bench", "bench_model.py"),
          "-k", "dense or sliding or int4", f"--benchmark-json={out_json}"],
