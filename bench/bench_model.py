@@ -6,14 +6,16 @@
   "the quality is this good"; for that see dsattn.fidelity, which uses a trained model).
 - decode: one token on a KV cache of L tokens (the cache is cropped back after each round), as tokens/s.
 
-Sizes. GPU (gpu_only): hidden 2048, 16 heads (MLA: qk 128+64, v 128, kv_lora 512), 2 layers (one dense MLP,
-one MoE with 8 experts of 1408), bf16, S = 1k, 8k, 32k, 128k (decode: caches of 4k, 64k); a size that runs out of memory is skipped with the
-reason recorded. CPU: hidden 256, 2 layers, fp32, S = 1k, 2k by default, and the modes whose CPU path is the
-slow PyTorch reference (topk, V3.2 sparse: seconds per layer at 2k) only at 1k, so that the file finishes in
-about 2 minutes on 2 cores; DSATTN_BENCH_MODEL_CONTEXTS="1024,2048,4096,8192" runs every mode at those sizes
-(it also sets the GPU list); DSATTN_BENCH_MODEL_DECODE="256,2048" sets the decode cache lengths. Few rounds per case (pytestmark below): one model call is 10 ms .. seconds.
+Sizes (the same tests; the device picks them). GPU: hidden 2048, 16 heads (MLA: qk 128+64, v 128, kv_lora
+512), 2 layers (one dense MLP, one MoE with 8 experts of 1408), bf16, S = 1k, 8k, 32k, 128k, decode caches 4k,
+64k; a size that runs out of memory is skipped with the reason recorded. CPU: hidden 256, 2 layers, fp32,
+S = 1k, 2k, decode caches 256, 2k; the modes whose CPU path is the slow PyTorch reference (topk, V3.2 sparse:
+seconds per layer at 2k) only at 1k, so that the file finishes in about 2 minutes on 2 cores.
+DSATTN_BENCH_MODEL_CONTEXTS="1024,2048,4096,8192" runs every mode at those sizes (on either device);
+DSATTN_BENCH_MODEL_DECODE="256,2048" sets the decode cache lengths. Few rounds per case (pytestmark below):
+one model call takes 10 ms .. seconds.
 DSATTN_BENCH_MODEL_BUDGET_S (default 150 on GPU, none on CPU) skips the cases left once the file has run
-that long (pytest-benchmark writes its JSON only when the session ends, so an outer timeout must not fire).
+that long, so that pytest ends by itself and writes its JSON (`python -m dsattn bench` sets it from its timeout).
 Skipped cases are appended to the JSON-lines file named by DSATTN_BENCH_SKIPS (the report lists them).
 
 Peak memory (peak_memory_mb). GPU: run_bench's torch.cuda.max_memory_allocated over the timed rounds (weights
@@ -240,8 +242,9 @@ def _prefill(run_bench, model_type, modes, mode, length):
                 extra["peak_memory_mb"] = call_peak
             fn = lambda: model(ids, use_cache=False, logits_to_keep=1).logits  # noqa: E731
             with torch.no_grad():
-                run_bench(fn, op=f"prefill_{model_type}", provider=mode, shape={"S": length, "hidden": SIZE["hidden_size"],
-                          "layers": SIZE["num_hidden_layers"]}, device=DEVICE, dtype=DTYPE, baseline=options is None,
+                shape = {"S": length, "hidden": SIZE["hidden_size"], "layers": SIZE["num_hidden_layers"]}
+                run_bench(fn, op=f"prefill_{model_type}", provider=mode, shape=shape, device=DEVICE, dtype=DTYPE,
+                          baseline=options is None,
                           memory_method="cuda max_memory_allocated" if ON_GPU else "VmHWM-VmRSS (clear_refs)",
                           **extra)
     finally:

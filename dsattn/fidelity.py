@@ -111,8 +111,13 @@ def train(config, train_ids: torch.Tensor, plan: dict, *, time_limit_s: float):
     gen = torch.Generator().manual_seed(plan["seed"])
     opt = torch.optim.AdamW(model.parameters(), lr=plan["lr"], betas=(0.9, 0.95), weight_decay=0.01)
     steps, warmup = plan["steps"], plan["warmup"]
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
+
+    def lr_factor(step):  # linear warmup, then cosine from 1 down to 0.1
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     seq, losses, start, done = plan["seq_len"], [], time.perf_counter(), 0
     for step in range(steps):
         starts = torch.randint(0, len(train_ids) - seq, (plan["batch"],), generator=gen)
