@@ -8,7 +8,9 @@ within the device limit).
 
 KERNEL_MODULES = (
     "hybrid_attention",
+    "int4_matmul",
     "int4_unpack",
+    "lightning_indexer",
     "linear_attention",
     "sliding_window",
     "sparse_attention",
