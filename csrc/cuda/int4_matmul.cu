@@ -5,9 +5,9 @@
 // One warp owns kColsPerWarp output columns n and a tile of up to kTileM rows of x. Lane l reads packed
 // words w0 = l * 4, l * 4 + 128, ... of each of its weight rows as one 16-byte load (uint4: 4 words, 32
 // nibbles, k = 8 * w0 .. 8 * w0 + 31), so a warp streams 512 contiguous bytes per row and step. Each word is
-// dequantized in registers, (q - z) * s in fp32 (exactly the reference's weight), and FMA'd with the 8 x
-// values of every row of x it meets (fp32 accumulation); the x values are loaded once per word and feed all
-// of the warp's columns. The 32 lanes' partial sums are added with __shfl_xor_sync; lane 0 adds the bias and
+// dequantized in registers to q - z (exact in fp32), dotted with the 8 x values of every row of x it meets and
+// scaled once: acc += s * sum_e (q_e - z) x_e (fp32 throughout); the x values are loaded once per word and
+// feed all of the warp's columns. The 32 lanes' partial sums are added with __shfl_xor_sync; lane 0 adds the bias and
 // stores in x's dtype. A word never straddles two groups (group_size % 8 == 0): one (scale, zero) per word.
 // When K % 32 != 0 or qweight is not 16-byte aligned, lanes read single words instead (VEC = false).
 #include <ATen/core/Tensor.h>
@@ -81,10 +81,10 @@ __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn
 __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 
-// Nibble e of word as float, exactly: 0x4B000000 is 2^23, so the bits 2^23 + q read as a float minus 2^23
-// give q (cheaper than an int-to-float conversion).
-__device__ __forceinline__ float nibble(uint32_t word, int e) {
-  return __uint_as_float(0x4B000000u | ((word >> (4 * e)) & 0xFu)) - 8388608.f;
+// 2^23 + nibble e of word, as a float (0x4B000000 is 2^23 and q fills the low mantissa bits): subtracting
+// 2^23 + z then gives q - z exactly, with no int-to-float conversion (a quarter-rate instruction).
+__device__ __forceinline__ float nibble_plus_2_23(uint32_t word, int e) {
+  return __uint_as_float(0x4B000000u | ((word >> (4 * e)) & 0xFu));
 }
 
 template <typename T, int TILE_M, bool VEC>
@@ -132,22 +132,26 @@ __global__ void __launch_bounds__(kWarps * 32) int4_gemv_kernel(
     for (int i = 0; i < WORDS; ++i) {
       const int k = (w0 + i) * 8;  // the word holds q[n, k .. k+7], all in group k / group_size
       const int g = k / group_size;
-      float w[kColsPerWarp][8];
+      float s[kColsPerWarp], qz[kColsPerWarp][8];
 #pragma unroll
       for (int j = 0; j < kColsPerWarp; ++j) {
-        const float s = load_float(scales, col[j] * groups + g, scale_kind);
-        const float z = static_cast<float>(zeros[col[j] * groups + g]);
+        s[j] = load_float(scales, col[j] * groups + g, scale_kind);
+        const float magic_z = 8388608.f + static_cast<float>(zeros[col[j] * groups + g]);  // 2^23 + z, exact
 #pragma unroll
-        for (int e = 0; e < 8; ++e) w[j][e] = (nibble(packed[j][i], e) - z) * s;
+        for (int e = 0; e < 8; ++e) qz[j][e] = nibble_plus_2_23(packed[j][i], e) - magic_z;  // q - z, exact
       }
+      // The word's scale factors out of its 8 products: s * sum_e (q_e - z) x_e (one FMA per weight and row).
 #pragma unroll
       for (int r = 0; r < TILE_M; ++r) {
         float xv[8];
         load8(x + row_offset[r] + k, xv);
 #pragma unroll
-        for (int j = 0; j < kColsPerWarp; ++j)
+        for (int j = 0; j < kColsPerWarp; ++j) {
+          float dot = 0.f;
 #pragma unroll
-          for (int e = 0; e < 8; ++e) acc[r][j] = fmaf(w[j][e], xv[e], acc[r][j]);
+          for (int e = 0; e < 8; ++e) dot = fmaf(qz[j][e], xv[e], dot);
+          acc[r][j] = fmaf(s[j], dot, acc[r][j]);
+        }
       }
     }
   }
