@@ -114,11 +114,10 @@ def aot_compile(spec, capability: int) -> AOTReport:
     attrs = {(spec.kernel.arg_names.index(name),): [["tt.divisibility", 16]]
              for name in getattr(spec, "divisible_by_16", ())}
     src = ASTSource(fn=spec.kernel, signature=signature, constexprs=dict(spec.constexprs), attrs=attrs)
-    compiled = triton.compile(
-        src,
-        target=GPUTarget("cuda", capability, 32),
-        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
-    )
+    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    if spec.maxnreg is not None:
+        options["maxnreg"] = spec.maxnreg
+    compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()

@@ -39,6 +39,7 @@ class AOTSpec:
     constexprs: dict[str, Any]
     num_warps: int = 4
     num_stages: int = 2
+    maxnreg: int | None = None  # ptxas register cap per thread (None: ptxas's own heuristic)
     hot: bool = True  # a config used on the fast path: must not spill
     # Arguments the JIT would see as multiples of 16 (pointers, strides of 16-aligned rows): it specializes
     # them (tt.divisibility), which is what lets loads vectorize; an AOT compile without this overstates
