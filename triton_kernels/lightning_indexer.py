@@ -360,30 +360,43 @@ def _signature(dtype: torch.dtype, split: bool) -> dict[str, str]:
     return sig
 
 
+def _spec(dtype, kind, heads, dim, kp, split, hot) -> AOTSpec:
+    relu = kind == "indexer"
+    cfg = block_config(heads, dim, kp)
+    num_warps = cfg.pop("num_warps")
+    label = f"indexer_h{heads}" if relu else "select"
+    return AOTSpec(
+        name=f"{label}_{TRITON_DTYPE[dtype]}_d{dim}_kp{kp}{'_split' if split else ''}",
+        kernel=lightning_indexer_topk_kernel,
+        signature=_signature(dtype, split),
+        constexprs={**cfg, "RELU": relu, "UNIT_WEIGHTS": not relu, "UPCAST": False,
+                    "IEEE": dtype == torch.float32, "MINMAX": False, "SPLIT": split,
+                    **{name: 1 for name in UNIT_STRIDES}},
+        divisible_by_16=ALIGNED,
+        num_warps=num_warps,
+        num_stages=num_stages(kp),
+        maxnreg=MAXNREG,
+        hot=hot,
+    )
+
+
 def aot_specs() -> list[AOTSpec]:
-    """Indexer (relu, weights) at 16/64 index heads and topk_sparse_attention's selection (one head, unit
-    weights, no relu), D 64/128, every KP, fp16/bf16/fp32, whole rows and decode splits. fp32 (ieee dots)
-    is not the fast path."""
+    """Every KP (the running top-k width: what sets registers), whole rows and decode splits, for
+    - the indexer at V3.2's shape (64 index heads of dim 128; fp16/bf16), dim 64, and 16 heads (small models:
+      one query row per dot instead of the padded 16);
+    - topk_sparse_attention's selection (one unit-weight head per query head, no relu) at head dims 64, 128
+      and MLA's 192 (two D chunks, q reloaded per key block), bf16, and fp16 at 128;
+    - fp32 (ieee dots; not the fast path, may spill) at dim 128.
+    Other head counts and dims change only the padding of the dot rows / D chunks. The list is kept to what
+    differs in code or registers: CI compiles each for sm_80 and sm_90 twice (two Triton versions)."""
+    half = (torch.float16, torch.bfloat16)
     specs = []
-    for dtype in DTYPES:
-        for dim in (64, 128):
-            for kp in KP_CHOICES:
-                for heads, relu in ((64, True), (16, True), (1, False)):
-                    for split in (False, True):
-                        cfg = block_config(heads, dim, kp)
-                        num_warps = cfg.pop("num_warps")
-                        kind = f"indexer_h{heads}" if relu else "select"
-                        specs.append(AOTSpec(
-                            name=f"{kind}_{TRITON_DTYPE[dtype]}_d{dim}_kp{kp}{'_split' if split else ''}",
-                            kernel=lightning_indexer_topk_kernel,
-                            signature=_signature(dtype, split),
-                            constexprs={**cfg, "RELU": relu, "UNIT_WEIGHTS": not relu, "UPCAST": False,
-                                        "IEEE": dtype == torch.float32, "MINMAX": False, "SPLIT": split,
-                                        **{name: 1 for name in UNIT_STRIDES}},
-                            divisible_by_16=ALIGNED,
-                            num_warps=num_warps,
-                            num_stages=num_stages(kp),
-                            maxnreg=MAXNREG,
-                            hot=dtype != torch.float32,
-                        ))
+    for kp in KP_CHOICES:
+        for split in (False, True):
+            specs += [_spec(dtype, "indexer", 64, 128, kp, split, True) for dtype in half]
+            specs += [_spec(torch.bfloat16, "select", 1, dim, kp, split, True) for dim in (64, 128, 192)]
+            specs.append(_spec(torch.float16, "select", 1, 128, kp, split, True))
+        specs.append(_spec(torch.bfloat16, "indexer", 64, 64, kp, False, True))
+        specs.append(_spec(torch.bfloat16, "indexer", 16, 128, kp, False, True))
+        specs += [_spec(torch.float32, kind, heads, 128, kp, False, False) for kind, heads in (("indexer", 64), ("select", 1))]
     return specs
