@@ -1,7 +1,7 @@
 """Turn pytest-benchmark JSON into a Markdown report (median, ratio vs the PyTorch baseline) and PNG plots.
 
     python bench/report.py results.json [more.json ...] --out DIR [--skipped skipped.jsonl]
-        [--fidelity fidelity.json] [--env env.json]          (or python -m dsattn.bench_report)
+        [--fidelity fidelity.json] [--env env.json] [--readme README.md]   (or python -m dsattn.bench_report)
 
 Each benchmark carries extra_info from bench/conftest.py: op, provider, shape, device, dtype, baseline.
 Rows are grouped by (op, shape); ratio = baseline median / provider median (> 1 means faster than PyTorch).
@@ -155,6 +155,44 @@ def report_markdown(rows, machine=None, *, skipped=(), fidelity=None, env_path=N
     return "\n".join(parts)
 
 
+README_BLOCK = "results-table"  # README.md carries the latest results between <!-- results-table --> markers
+
+
+def summary_markdown(rows, *, source: str, env_path=None) -> str:
+    """The README's table: per (op, shape, device, dtype) the baseline and the fastest dsattn provider, from
+    the GPU rows when there are any (the claims that matter), else all rows."""
+    gpu = [r for r in rows if r["device"] != "cpu"]
+    rows = gpu or rows
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["op"], r["shape_label"], r["device"], r["dtype"])].append(r)
+    lines = [f"Source: `{source}`. " + env_line(env_path).strip(), "",
+             "| op | shape | device | dtype | baseline (ms) | fastest dsattn | ms | speedup |",
+             "|---|---|---|---|---:|---|---:|---:|"]
+    for (op, label, device, dtype), group in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        base = next((r for r in group if r["baseline"]), None)
+        ours = [r for r in group if r["provider"].startswith("dsattn")]
+        if base is None or not ours:
+            continue
+        best = min(ours, key=lambda r: r["median_ms"])
+        lines.append(f"| {op} | {label} | {device} | {dtype or ''} | {base['median_ms']:.3f} ({base['provider']}) | "
+                     f"{best['provider']} | {best['median_ms']:.3f} | {base['median_ms'] / best['median_ms']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(path: str, table: str) -> None:
+    """Replace the text between <!-- results-table --> and <!-- /results-table --> in `path`."""
+    with open(path) as f:
+        text = f.read()
+    start, end = f"<!-- {README_BLOCK} -->", f"<!-- /{README_BLOCK} -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"{path} has no {start} ... {end} block")
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    with open(path, "w") as f:
+        f.write(f"{head}{start}\n{table}{end}{tail}")
+
+
 def _x_key(rows):
     """The numeric shape key that varies within an op (sequence length, M, ...), if any."""
     keys = [k for k, v in rows[0]["shape"].items() if isinstance(v, (int, float))]
@@ -236,6 +274,9 @@ def main(argv=None) -> int:
     parser.add_argument("--skipped", default=None, help="JSON lines of skipped cases (DSATTN_BENCH_SKIPS)")
     parser.add_argument("--fidelity", default=None, help="fidelity.json from dsattn.fidelity")
     parser.add_argument("--env", default=None, help="env.json (versions) to head the report")
+    parser.add_argument("--readme", default=None,
+                        help="also write the summary table (baseline vs fastest dsattn provider) into this README's "
+                             f"<!-- {README_BLOCK} --> block")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     rows, machine = load_rows([p for p in args.json if os.path.exists(p)])
@@ -251,6 +292,9 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(table)
     print(table)
+    if args.readme:
+        update_readme(args.readme, summary_markdown(with_ratios(rows), source=args.out, env_path=args.env))
+        print("updated", args.readme)
     for path in plots(rows, args.out):
         print("wrote", path)
     return 0

@@ -125,3 +125,29 @@ def test_cpu_peak_memory_sees_a_torch_allocation():
     _, small = bench_model.measure_call(lambda: 1.0)
     _, big = bench_model.measure_call(allocate)
     assert small < 16 and 60 < big < 200, (small, big)
+
+
+def _row(provider, median_ms, device="cuda NVIDIA H100", baseline=False):
+    return {"op": "o", "provider": provider, "shape": {"S": 8}, "shape_label": "S=8", "device": device,
+            "dtype": "bfloat16", "baseline": baseline, "median_ms": median_ms, "peak_memory_mb": None, "extra": {}}
+
+
+def test_readme_block_gets_the_fastest_dsattn_provider_of_the_gpu_rows(tmp_path):
+    rows = bench_report.with_ratios([
+        _row("torch-sdpa", 6.0, baseline=True), _row("dsattn-triton", 2.0), _row("dsattn-torch", 9.0),
+        _row("torch-sdpa", 1.0, device="cpu", baseline=True), _row("dsattn-torch", 0.5, device="cpu"),
+    ])
+    table = bench_report.summary_markdown(rows, source="bench/results/x")
+    body = [line for line in table.splitlines() if line.startswith("| o ")]
+    assert body == ["| o | S=8 | cuda NVIDIA H100 | bfloat16 | 6.000 (torch-sdpa) | dsattn-triton | 2.000 | 3.00x |"], table
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results-table -->\nold table\n<!-- /results-table -->\noutro\n")
+    bench_report.update_readme(str(readme), table)
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("intro\n") and text.endswith("outro\n")
+    assert "dsattn-triton | 2.000 | 3.00x" in text
+    bench_report.update_readme(str(readme), table)  # idempotent: the block is replaced, not appended
+    assert readme.read_text() == text
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="results-table"):
+        bench_report.update_readme(str(readme), table)
