@@ -1,7 +1,7 @@
 """int4_matmul vs dense matmul on the same (dequantized) weight.
 
-CPU: dsattn's compiled kernel vs torch fp32 (baseline) / bf16, M=1 and 16, 4096x4096 g128. Goal (issue 7):
-M=1 >= 3x faster than torch fp32 matvec.
+CPU: dsattn's compiled kernel vs torch fp32 (baseline) / bf16, M=1, 16 (decode) and 256 (prefill), 4096x4096
+g128. Goal (issue 7): M=1 >= 3x faster than torch fp32 matvec.
 GPU (gpu_only): dsattn's Triton and CUDA kernels vs torch fp16 matmul (baseline), torchao int4 weight-only
 (tinygemm, bf16) and gemlite A16W4 when importable, M in {1, 16, 128, 4096}, N=K=8192, g128, fp16 x. M=1 records
 the achieved weight-streaming bandwidth (packed weight + scales + zeros + x + out bytes / median) as gbps.
@@ -13,7 +13,7 @@ import torch
 import dsattn
 from dsattn._backend import unusable_reason
 
-CPU_SHAPES = [(1, 4096, 4096), (16, 4096, 4096)]
+CPU_SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (256, 4096, 4096)]
 GPU_SHAPES = [(m, 8192, 8192) for m in (1, 16, 128, 4096)]
 GROUP = 128
 

@@ -112,6 +112,23 @@ def test_compiled_cpu_kernel_row_blocks(m, group_size, symmetric):
                  expected(x, w), tolerance(torch.float32))
 
 
+@pytest.mark.parametrize("m", [64, 131])
+@pytest.mark.parametrize("group_size", [128, 96])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_compiled_cpu_kernel_gemm_panels(m, group_size, symmetric):
+    """M >= 64: the weight dequantized in 256-row panels + BLAS GEMM; N = 300 leaves a partial second panel."""
+    requires_backend("cpp", "cpu", "int4_matmul")
+    n, k = 300, 3 * group_size
+    w = quantized(n, k, group_size, symmetric)
+    x = torch.randn(m, k)
+    bias = torch.randn(n)
+    out = torch.ops.dsattn.int4_matmul(x, w.qweight, w.scales.float(), w.zeros, group_size, bias)
+    assert out.shape == (m, n) and out.is_contiguous()
+    assert_close(out, expected(x, w, bias), tolerance(torch.float32))
+    assert_close(torch.ops.dsattn.int4_matmul(x, w.qweight, w.scales.float(), w.zeros, group_size),
+                 expected(x, w), tolerance(torch.float32))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpp_through_the_api_3d_noncontiguous(dtype):
     requires_backend("cpp", "cpu", "int4_matmul")

@@ -7,9 +7,14 @@
 //   dequantized once into a small fp32 buffer ((q - z) * s, exactly the reference's weight) that stays in L1,
 //   and a 2 x 4 register tile (2 rows of x, 4 weight rows: 8 vector accumulators, 6 loads per 8 FMAs) runs
 //   over it for every pair of x rows. Vector partial sums live in a per-task buffer across chunks.
+// - many rows (M >= kGemmMinRows, prefill): the weight is dequantized a panel of kPanelRows rows at a time
+//   (all of K, fp32) and multiplied by torch's BLAS GEMM: dequant costs one pass over the panel, amortized
+//   over M rows, and the GEMM runs at BLAS speed; memory O(kPanelRows x K), never the whole weight.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <c10/util/Exception.h>
 #include <immintrin.h>
 #include <torch/library.h>
@@ -55,31 +60,38 @@ __attribute__((target("avx2,fma"))) float group_dot_avx2(const uint32_t* words, 
 constexpr int64_t kBlockedMinRows = 4;  // measured: below this the unpack-per-row path is faster
 constexpr int64_t kRowBlock = 4;        // weight rows dequantized together (the register tile's width)
 constexpr int64_t kChunk = 512;         // K values per chunk: 4 x 512 fp32 weights = 8 KiB of L1
+constexpr int64_t kGemmMinRows = 64;    // from here dequantize panels + BLAS GEMM (see the file comment)
+constexpr int64_t kPanelRows = 256;     // weight rows per dequantized panel: 256 x K fp32 (4 MiB at K=4096)
 
-// rows [0, rows) of the block, K range [k0, k0 + len): wbuf[j * len + i] = (q[n0 + j, k0 + i] - z) * s;
-// rows beyond `rows` are zero.
-__attribute__((target("avx2,fma"))) void dequant_block_avx2(const uint32_t* qp, const float* sp, const uint8_t* zp,
-                                                            int64_t n0, int64_t rows, int64_t k, int64_t k0,
-                                                            int64_t len, int64_t group_size, float* wbuf) {
+// One weight row, K range [k0, k0 + len) (whole groups): dst[i] = (q[row, k0 + i] - z) * s.
+__attribute__((target("avx2,fma"))) void dequant_row_avx2(const uint32_t* qp, const float* sp, const uint8_t* zp,
+                                                          int64_t row, int64_t k, int64_t k0, int64_t len,
+                                                          int64_t group_size, float* dst) {
   const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
   const __m256i mask = _mm256_set1_epi32(0xF);
   const int64_t groups = k / group_size;
+  const uint32_t* words = qp + row * (k / 8) + k0 / 8;
+  for (int64_t g0 = 0; g0 < len; g0 += group_size) {
+    const int64_t g = (k0 + g0) / group_size;
+    const __m256 s = _mm256_set1_ps(sp[row * groups + g]);
+    const __m256 z = _mm256_set1_ps(static_cast<float>(zp[row * groups + g]));
+    for (int64_t i = g0; i < g0 + group_size; i += 8) {
+      const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(words[i / 8])), shifts), mask);
+      _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), z), s));
+    }
+  }
+}
+
+// rows [0, rows) of the block, K range [k0, k0 + len): wbuf[j * len + i] = (q[n0 + j, k0 + i] - z) * s;
+// rows beyond `rows` are zero.
+void dequant_block_avx2(const uint32_t* qp, const float* sp, const uint8_t* zp, int64_t n0, int64_t rows, int64_t k,
+                        int64_t k0, int64_t len, int64_t group_size, float* wbuf) {
   for (int64_t j = 0; j < kRowBlock; ++j) {
     float* dst = wbuf + j * len;
-    if (j >= rows) {
+    if (j < rows) {
+      dequant_row_avx2(qp, sp, zp, n0 + j, k, k0, len, group_size, dst);
+    } else {
       std::fill(dst, dst + len, 0.f);
-      continue;
-    }
-    const int64_t row = n0 + j;
-    const uint32_t* words = qp + row * (k / 8) + k0 / 8;
-    for (int64_t g0 = 0; g0 < len; g0 += group_size) {
-      const int64_t g = (k0 + g0) / group_size;
-      const __m256 s = _mm256_set1_ps(sp[row * groups + g]);
-      const __m256 z = _mm256_set1_ps(static_cast<float>(zp[row * groups + g]));
-      for (int64_t i = g0; i < g0 + group_size; i += 8) {
-        const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(words[i / 8])), shifts), mask);
-        _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), z), s));
-      }
     }
   }
 }
@@ -135,6 +147,26 @@ __attribute__((target("avx2,fma"))) void blocked_rows_avx2(const float* xp, cons
   }
 }
 
+// Weight rows [n0, n0 + rows) as fp32 (q - z) * s into panel [rows, K] (the blocked path's values).
+void dequant_panel(const uint32_t* qp, const float* sp, const uint8_t* zp, int64_t n0, int64_t rows, int64_t k,
+                   int64_t group_size, bool avx2, float* panel) {
+  const int64_t groups = k / group_size;
+  at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t row = n0 + r;
+      if (avx2) {
+        dequant_row_avx2(qp, sp, zp, row, k, 0, k, group_size, panel + r * k);
+        continue;
+      }
+      for (int64_t i = 0; i < k; ++i) {
+        const int64_t g = i / group_size;
+        const uint32_t q = (qp[row * (k / 8) + i / 8] >> (4 * (i % 8))) & 0xFu;
+        panel[r * k + i] = (static_cast<float>(q) - static_cast<float>(zp[row * groups + g])) * sp[row * groups + g];
+      }
+    }
+  });
+}
+
 }  // namespace
 
 // x float32 [M, K]; qweight int32 [N, K/8]; scales float32 [N, G]; zeros uint8 [N, G]; bias float32 [N] or
@@ -167,6 +199,19 @@ at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   float* op = out.data_ptr<float>();
   const float* xp = xc.data_ptr<float>();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (m >= kGemmMinRows) {
+    const int64_t panel_rows = std::min(kPanelRows, n);
+    at::Tensor panel = at::empty({panel_rows, k}, x.options());
+    for (int64_t n0 = 0; n0 < n; n0 += panel_rows) {
+      const int64_t rows = std::min(panel_rows, n - n0);
+      at::Tensor w = panel.narrow(0, 0, rows);
+      dequant_panel(qp, sp, zp, n0, rows, k, group_size, avx2, w.data_ptr<float>());
+      at::Tensor part = bp != nullptr ? at::addmm(bc.narrow(0, n0, rows), xc, w.t()) : at::mm(xc, w.t());
+      if (rows == n) return part;  // one panel: the GEMM's output is the result
+      out.narrow(1, n0, rows).copy_(part);
+    }
+    return out;
+  }
   if (avx2 && m >= kBlockedMinRows) {
     // Tasks of whole row blocks (grain: 4 blocks).
     const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
