@@ -20,7 +20,7 @@ def brute_force(q, k, v, top_k, scale, causal):
             for i in range(sq):
                 s = scale * kh @ q[bi, h, i].double()
                 if causal:
-                    s[i + sk - sq + 1:] = float("-inf")
+                    s[max(0, i + sk - sq + 1):] = float("-inf")
                 keep = s.topk(min(top_k, sk)).indices
                 keep = keep[torch.isfinite(s[keep])]
                 p = torch.softmax(s[keep], 0)
@@ -36,6 +36,22 @@ def test_reference_equals_brute_force(hq, hkv, sq, sk, top_k, causal):
     v = torch.randn(2, hkv, sk, 6, dtype=torch.float64)
     got = dsattn.topk_sparse_attention(q, k, v, top_k, causal=causal, backend="torch")
     assert_close(got, brute_force(q, k, v, top_k, 8**-0.5, causal), 1e-10)
+
+
+@pytest.mark.parametrize("sq,sk", [(9, 6), (5, 17)])
+def test_reference_in_small_chunks_and_rows_without_visible_keys(sq, sk):
+    """Chunks of 1-2 query rows (the causal key bound per chunk), GQA, Dqk != Dv; with Sq > Sk the first causal
+    rows see no key and are zeros."""
+    from dsattn.reference.topk_sparse_attention import topk_sparse_attention as reference
+
+    q = torch.randn(2, 4, sq, 8, dtype=torch.float64)
+    k = torch.randn(2, 2, sk, 8, dtype=torch.float64)
+    v = torch.randn(2, 2, sk, 5, dtype=torch.float64)
+    got = reference(q, k, v, 3, causal=True, scale=0.3, chunk_elements=2 * 4 * sk * 2)
+    expected = brute_force(q, k, v, 3, 0.3, True)
+    assert_close(got, expected, 1e-10)
+    if sq > sk:
+        assert got[:, :, : sq - sk].abs().max() == 0
 
 
 def test_top_k_at_least_sk_is_dense_causal_attention():

@@ -1,14 +1,18 @@
 """Per-row top-k softmax attention in plain PyTorch: each (query, head) attends to its top_k keys by q.k.
 
-Built from the two DSA pieces: the indexer's streaming top-k (one head, unit weight, no relu) per query head
-selects the keys, and sparse attention over those indices computes the output. No [Sq, Sk] tensor is held
-beyond one streaming chunk.
+The reference (and the torch backend) works on chunks of query rows: the scores against every visible key
+(one matmul), each row's top_k kept through a scattered mask, a masked softmax and one matmul with V. That
+is dense-attention speed on a CPU (gathering top_k K/V rows per query costs far more there than the skipped
+flops), with memory O(chunk x Sk), never [Sq, Sk] at once. `topk_indices` (the indexer's streaming top-k with
+one unit-weight head per query head, no relu) is the selection the kernel backends share.
 """
 
 import torch
 
 from dsattn.reference.lightning_indexer import lightning_indexer_topk
-from dsattn.reference.sparse_attention import sparse_attention
+
+# Score elements held per query chunk (B x Hq x rows x Sk; ~16 MiB in fp32, three such buffers at once).
+CHUNK_ELEMENTS = 1 << 22
 
 
 def topk_indices(q, k, top_k, *, causal=True):
@@ -34,8 +38,39 @@ def per_query_head(t, heads_q):
     return t[:, :, None].expand(b, hkv, heads_q // hkv, *t.shape[2:]).reshape(b, heads_q, *t.shape[2:])
 
 
-def topk_sparse_attention(q, k, v, top_k, *, causal=True, scale=None, sparse_attention=sparse_attention):
-    """Reference; `sparse_attention` lets the op run the same selection with a kernel backend."""
-    hq = q.shape[1]
-    idx = topk_indices(q, k, min(top_k, k.shape[2]), causal=causal)
-    return sparse_attention(q, per_query_head(k, hq), per_query_head(v, hq), idx, causal=causal, scale=scale)
+def topk_sparse_attention(q, k, v, top_k, *, causal=True, scale=None, chunk_elements=CHUNK_ELEMENTS):
+    """q [B, Hq, Sq, Dqk], k [B, Hkv, Sk, Dqk], v [B, Hkv, Sk, Dv] -> [B, Hq, Sq, Dv] in q's dtype, computed in
+    float32 (float64 for float64). A row with no visible key outputs zeros."""
+    b, hq, sq, dqk = q.shape
+    hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
+    groups = hq // hkv
+    scale = dqk**-0.5 if scale is None else scale
+    out = torch.zeros(b, hq, sq, dv, dtype=q.dtype, device=q.device)
+    if out.numel() == 0 or sk == 0:
+        return out
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kc, vc = k.to(compute), v.to(compute)
+    rows = max(1, chunk_elements // max(1, b * hq * sk))
+    for start in range(0, sq, rows):
+        stop = min(start + rows, sq)
+        # Causal: keys after the chunk's last row are visible to none of its rows.
+        last = min(sk, stop - 1 + sk - sq + 1) if causal else sk
+        if last <= 0:
+            continue
+        qc = q[:, :, start:stop].to(compute).reshape(b, hkv, groups, stop - start, dqk)
+        scores = torch.einsum("bhgcd,bhkd->bhgck", qc, kc[:, :, :last]) * scale
+        if causal:
+            position = torch.arange(start, stop, device=q.device) + (sk - sq)
+            future = torch.arange(last, device=q.device)[None, :] > position[:, None]
+            scores = scores.masked_fill(future, float("-inf"))
+        chosen = scores.topk(min(top_k, last), dim=-1).indices
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, True)
+        scores = scores.masked_fill(~keep, float("-inf"))  # also drops chosen -inf (invisible) keys
+        row_max = scores.amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        probs = torch.exp(scores - row_max)
+        denom = probs.sum(dim=-1, keepdim=True)
+        o = torch.einsum("bhgck,bhkv->bhgcv", probs, vc[:, :, :last])
+        o = o / torch.where(denom > 0, denom, torch.ones_like(denom))
+        out[:, :, start:stop] = o.reshape(b, hq, stop - start, dv).to(q.dtype)
+    return out
