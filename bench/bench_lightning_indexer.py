@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from dsattn._backend import unusable_reason
-from dsattn.ops.lightning_indexer import lightning_indexer_topk
+from dsattn.ops.lightning_indexer import KERNELS, lightning_indexer_topk
 
 OP = "lightning_indexer_topk"
 
@@ -46,7 +46,7 @@ def _run(run_bench, provider, q, k, weights, top_k, device, shape):
         fn = lambda: transformers_indexer(q, k, weights, top_k, scale, visible)  # noqa: E731
     else:
         backend = provider.removeprefix("dsattn-")
-        reason = unusable_reason(backend, torch.device(device))
+        reason = unusable_reason(backend, torch.device(device), KERNELS.get(backend))
         if reason:
             pytest.skip(reason)
         fn = lambda: lightning_indexer_topk(q, k, weights, top_k, scale=scale, backend=backend)  # noqa: E731
@@ -87,6 +87,40 @@ def test_decode_gpu(run_bench, provider, context):
     k = torch.randn(1, context, dim, dtype=dtype, device="cuda")
     shape = {"B": 1, "Sq": 1, "Sk": context, "Hi": heads, "D": dim, "top_k": top_k}
     _run(run_bench, provider, q, k, weights, top_k, "cuda", shape)
+
+
+@pytest.mark.gpu_only
+@pytest.mark.parametrize("s", [8192, 16384, 32768])
+@pytest.mark.parametrize("provider", ["transformers", "dsattn-torch", "dsattn-cuda"])
+def test_prefill_large_top_k_gpu(run_bench, provider, s):
+    """top_k 4096 (beyond the Triton kernel's 2048): scores per query chunk + the CUDA radix-select top-k."""
+    if provider == "dsattn-torch" and s > 8192:
+        pytest.skip("the torch streaming reference takes seconds per call beyond S=8192 (suite time budget)")
+    heads, dim, top_k, dtype = 64, 128, 4096, torch.bfloat16
+    q, k, weights = _inputs(1, s, heads, dim, dtype, "cuda")
+    shape = {"B": 1, "S": s, "Hi": heads, "D": dim, "top_k": top_k}
+    _run(run_bench, provider, q, k, weights, top_k, "cuda", shape)
+
+
+@pytest.mark.gpu_only
+@pytest.mark.parametrize("context", [32768, 131072])
+@pytest.mark.parametrize("provider", ["dsattn-torch", "dsattn-cuda"])
+def test_decode_large_top_k_gpu(run_bench, provider, context):
+    """Decode at top_k 4096 over a long key cache: one score row + radix select."""
+    heads, dim, top_k, dtype = 64, 128, 4096, torch.bfloat16
+    q, _, weights = _inputs(1, 1, heads, dim, dtype, "cuda")
+    k = torch.randn(1, context, dim, dtype=dtype, device="cuda")
+    shape = {"B": 1, "Sq": 1, "Sk": context, "Hi": heads, "D": dim, "top_k": top_k}
+    _run(run_bench, provider, q, k, weights, top_k, "cuda", shape)
+
+
+@pytest.mark.parametrize("provider", ["transformers", "dsattn-torch", "dsattn-cpp"])
+def test_large_top_k_cpu(run_bench, provider):
+    """top_k 4096 on CPU: the compiled radix-select top-k (cpp) against the torch streaming top-k."""
+    s, heads, dim, top_k, dtype = 5120, 8, 32, 4096, torch.float32
+    q, k, weights = _inputs(1, s, heads, dim, dtype, "cpu")
+    shape = {"B": 1, "S": s, "Hi": heads, "D": dim, "top_k": top_k}
+    _run(run_bench, provider, q, k, weights, top_k, "cpu", shape)
 
 
 @pytest.mark.parametrize("provider", ["transformers", "dsattn-torch"])

@@ -13,6 +13,10 @@ TORCH_LIBRARY(dsattn, m) {
   //   CUDA (csrc/cuda/int4_matmul.cu): x float16/bfloat16/float32 -> x's dtype; scales and bias each
   //   float16/bfloat16/float32 (converted on load); fp32 accumulation; built for decode (M <= 16).
   m.def("int4_matmul(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor? bias=None) -> Tensor");
+  // Row-wise top-k by radix select: scores float32 [R, T] (unit column stride), lengths int32 [R] or None (valid
+  // leading columns per row) -> int32 [R, k] column indices, highest score first, ties to the lower index, -1
+  // where a row has fewer than k valid columns; NaN ranks below -inf (csrc/{cpu,cuda}/topk_select.*).
+  m.def("topk_select(Tensor scores, Tensor? lengths, int k) -> Tensor");
 }
 
 // A Python module so that `import dsattn._C` loads the library and runs the registrations above.

@@ -3,11 +3,23 @@
 import torch
 
 from dsattn import _backend, _checks
+from dsattn.reference.lightning_indexer import QUERY_CHUNK, KEY_CHUNK, indexer_scores
 from dsattn.reference.lightning_indexer import lightning_indexer_topk as _indexer_torch
 
 OP = "lightning_indexer_topk"
-IMPLEMENTED = ("triton", "torch")
+IMPLEMENTED = ("triton", "cuda", "cpp", "torch")
+KERNELS = {"cuda": "topk_select", "cpp": "topk_select"}
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_MAX_TOP_K = 2048  # dsattn.triton_kernels.lightning_indexer.MAX_TOP_K (not imported: Triton is optional)
+
+
+def _auto_order(device: torch.device, top_k: int, sk: int):
+    large = min(top_k, sk) > TRITON_MAX_TOP_K
+    if device.type == "cuda":
+        return ("cuda", "triton", "torch") if large else ("triton", "cuda", "torch")
+    # CPU: the radix select beats torch's streaming top-k at top_k 4096 (bench_lightning_indexer.py
+    # test_large_top_k_cpu: 0.53 s vs 0.92 s at S=5120); below that the streaming reference is kept.
+    return ("cpp", "torch") if large else ("torch",)
 
 
 def check_indexer_inputs(q_idx, k_idx, weights, top_k, scale):
@@ -41,25 +53,60 @@ def triton_topk(q, k, weights, top_k, *, scale, causal, relu=True):
     return out
 
 
+def select_topk(q_idx, k_idx, weights, top_k, *, scale, causal, query_chunk=QUERY_CHUNK, key_chunk=KEY_CHUNK):
+    """The "cuda" / "cpp" path: per batch and query chunk, fp32 scores [chunk_q, Sk] from indexer_scores over key
+    chunks, then the compiled radix-select torch.ops.dsattn.topk_select with each row's causal length. Memory
+    O(chunk_q x Sk + chunk_q x Hi x key_chunk): never [B, Sq, Sk] nor [chunk_q, Hi, Sk]."""
+    b, sq = q_idx.shape[:2]
+    sk = k_idx.shape[1]
+    out = torch.full((b, sq, top_k), -1, dtype=torch.int32, device=q_idx.device)
+    if sq == 0 or sk == 0:
+        return out
+    buf = torch.empty((min(query_chunk, sq), sk), dtype=torch.float32, device=q_idx.device)
+    for qs in range(0, sq, query_chunk):
+        qe = min(qs + query_chunk, sq)
+        pos = torch.arange(qs, qe, device=q_idx.device) + (sk - sq)  # absolute query positions
+        last_key = min(sk, qe + sk - sq) if causal else sk
+        if last_key <= 0:
+            continue
+        lengths = (pos + 1).clamp(0, sk).to(torch.int32) if causal else None
+        scores = buf[: qe - qs, :last_key]  # rows keep stride Sk: the kernel takes any row stride
+        for bi in range(b):
+            for ks in range(0, last_key, key_chunk):
+                ke = min(ks + key_chunk, last_key)
+                scores[:, ks:ke] = indexer_scores(q_idx[bi : bi + 1, qs:qe], k_idx[bi : bi + 1, ks:ke],
+                                                  weights[bi : bi + 1, qs:qe], scale)[0]
+            out[bi, qs:qe] = torch.ops.dsattn.topk_select(scores, lengths, top_k)
+    return out
+
+
 def lightning_indexer_topk(q_idx, k_idx, weights, top_k, *, scale=None, causal=True, backend="auto"):
     """score[b,i,j] = sum_h weights[b,i,h] * relu(scale * q_idx[b,i,h,:] . k_idx[b,j,:]) (transformers'
     DeepSeek-V3.2 indexer: pass its softmax_scale as `scale` and its head-scaled weights as `weights`).
 
     q_idx [B, Sq, Hi, D], k_idx [B, Sk, D], weights [B, Sq, Hi]; scale defaults to D ** -0.5. Returns int32
     [B, Sq, top_k]: the top_k highest-scoring visible keys (causal: j <= i + Sk - Sq), highest first, -1 where
-    fewer are visible. Ties among equal scores are broken arbitrarily.
+    fewer are visible. Ties among equal scores: "cuda"/"cpp" take the lower index; others break them arbitrarily.
 
     "triton": one streaming kernel (running top-k in registers, scores never stored) for
     min(top_k, Sk) <= 2048 and fp16/bf16/fp32; a larger top_k takes the torch query-chunked streaming top-k.
+    "cuda" / "cpp" (any top_k, fp16/bf16/fp32): fp32 scores of a query chunk against all keys [chunk_q, Sk]
+    (torch matmuls), then a compiled radix-select top-k per row (csrc/{cuda,cpu}/topk_select.*).
+    "torch": the query-chunked streaming reference (dsattn.reference.lightning_indexer).
+    "auto": when min(top_k, Sk) <= 2048 triton on CUDA, torch on CPU; beyond, cuda on CUDA, cpp on CPU.
     """
     scale = check_indexer_inputs(q_idx, k_idx, weights, top_k, scale)
     if not isinstance(causal, bool):
         raise TypeError(f"dsattn.{OP}: causal must be a bool, got {type(causal).__name__}")
     triton_ok = q_idx.dtype in TRITON_DTYPES and k_idx.dtype in TRITON_DTYPES
-    if backend == "triton" and not triton_ok:
-        raise TypeError(f"dsattn.{OP}: backend='triton' supports float16, bfloat16, float32; got q_idx "
+    if backend in ("triton", "cuda", "cpp") and not triton_ok:
+        raise TypeError(f"dsattn.{OP}: backend={backend!r} supports float16, bfloat16, float32; got q_idx "
                         f"{q_idx.dtype}, k_idx {k_idx.dtype}")
-    chosen = _backend.select_backend(OP, backend, q_idx.device, IMPLEMENTED if triton_ok else ("torch",))
+    implemented = IMPLEMENTED if triton_ok else ("torch",)
+    chosen = _backend.select_backend(OP, backend, q_idx.device, implemented, kernels=KERNELS,
+                                     auto_order=_auto_order(q_idx.device, top_k, k_idx.shape[1]))
+    if chosen in ("cuda", "cpp"):
+        return select_topk(q_idx, k_idx, weights, top_k, scale=scale, causal=causal)
     if chosen == "triton":
         out = triton_topk(q_idx[:, None], k_idx[:, None], weights[:, None], top_k, scale=scale, causal=causal)
         if out is not None:
