@@ -127,7 +127,8 @@ def _same_selection(got, want, q, k, w, causal):
 
 @requires_cpp
 @pytest.mark.parametrize("sq,sk,top_k,causal", [(6, 5000, 4096, True), (5, 5000, 2500, True),
-                                                 (3, 4500, 2500, False), (40, 300, 512, True)])
+                                                 (3, 4500, 2500, False), (40, 300, 512, True),
+                                                 (12, 5, 3, True)])
 def test_indexer_cpp_matches_torch(sq, sk, top_k, causal):
     q, k, w = _indexer_inputs(2, sq, sk, 4, 16)
     got = dsattn.lightning_indexer_topk(q, k, w, top_k, causal=causal, backend="cpp")
@@ -138,8 +139,9 @@ def test_indexer_cpp_matches_torch(sq, sk, top_k, causal):
 
 @requires_cpp
 def test_indexer_cpp_strided_half_inputs():
-    q, k, w = _indexer_inputs(1, 4, 3000, 4, 16, torch.bfloat16)
-    q, k = q.transpose(1, 2).contiguous().transpose(1, 2), k[:, :, :].contiguous()[..., :16]
+    q, _, w = _indexer_inputs(1, 4, 3000, 4, 16, torch.bfloat16)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    k = torch.randn(1, 3000, 32, dtype=torch.bfloat16)[..., ::2]  # strided key rows
     got = dsattn.lightning_indexer_topk(q, k, w, 2100, backend="cpp")
     want = dsattn.lightning_indexer_topk(q, k, w, 2100, backend="torch")
     _same_selection(got, want, q.float(), k.float(), w, True)
