@@ -42,7 +42,8 @@ __device__ __forceinline__ uint32_t score_key(float s) {
 
 // Keys of columns i .. i+3 (valid: i + e < n; others get key 0 and must be ignored by the caller).
 template <bool VEC>
-__device__ __forceinline__ void load_keys(const float* __restrict__ row, int64_t i, int64_t n, uint32_t (&key)[kItems]) {
+__device__ __forceinline__ void load_keys(const float* __restrict__ row, int64_t i, int64_t n,
+                                          uint32_t (&key)[kItems]) {
   if (VEC && i + kItems <= n) {
     const float4 f = *reinterpret_cast<const float4*>(row + i);
     key[0] = score_key(f.x);
