@@ -123,10 +123,12 @@ def test_large_top_k_cpu(run_bench, provider):
     _run(run_bench, provider, q, k, weights, top_k, "cpu", shape)
 
 
-@pytest.mark.parametrize("provider", ["transformers", "dsattn-torch"])
-def test_small_cpu(run_bench, provider):
-    """A CPU-size case: the streaming reference (the CPU backend) against transformers' materialized math."""
-    s, heads, dim, top_k, dtype = 1024, 8, 32, 64, torch.float32
+@pytest.mark.parametrize("s,top_k", [(1024, 64), (2048, 256)])
+@pytest.mark.parametrize("provider", ["transformers", "dsattn-torch", "dsattn-cpp"])
+def test_small_cpu(run_bench, provider, s, top_k):
+    """CPU sizes: the streaming reference and the score rows + compiled radix select against transformers'
+    materialized math."""
+    heads, dim, dtype = 8, 32, torch.float32
     q, k, weights = _inputs(1, s, heads, dim, dtype, "cpu")
     shape = {"B": 1, "S": s, "Hi": heads, "D": dim, "top_k": top_k}
     _run(run_bench, provider, q, k, weights, top_k, "cpu", shape)

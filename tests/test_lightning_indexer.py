@@ -113,7 +113,7 @@ def test_bad_input_is_named():
         dsattn.lightning_indexer_topk(q, k, w, 2.0)
     with pytest.raises(TypeError, match="k_idx must have dtype"):
         dsattn.lightning_indexer_topk(q, k.int(), w, 2)
-    with pytest.raises(ValueError, match="backend='cuda' is not implemented"):
+    with pytest.raises(ValueError, match="backend='cuda' cannot run here"):
         dsattn.lightning_indexer_topk(q, k, w, 2, backend="cuda")
     with pytest.raises(TypeError, match="backend='triton' supports"):
         dsattn.lightning_indexer_topk(q.double(), k.double(), w, 2, backend="triton")

@@ -198,5 +198,6 @@ def test_auto_on_cpu_takes_cpp_beyond_2048_only(monkeypatch):
     q, k, w = _indexer_inputs(1, 2, 2600, 2, 8)
     dsattn.lightning_indexer_topk(q, k, w, 2049)
     dsattn.lightning_indexer_topk(q, k, w, 2048)
-    dsattn.lightning_indexer_topk(q[:, :, :, :], k[:, :2000], w, 4096)  # min(top_k, Sk) <= 2048: torch
+    dsattn.lightning_indexer_topk(q, k[:, :2000], w, 4096)  # min(top_k, Sk) <= 2048: torch
+    dsattn.lightning_indexer_topk(q.double(), k.double(), w, 2049)  # float64: the torch reference
     assert calls == [2049]
