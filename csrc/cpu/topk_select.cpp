@@ -15,6 +15,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "topk_select.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -69,24 +71,9 @@ void select_row(const float* row, int64_t n, int64_t k, int32_t* out, std::vecto
 }
 
 at::Tensor topk_select_cpu(const at::Tensor& scores, const c10::optional<at::Tensor>& lengths, int64_t k) {
-  TORCH_CHECK_VALUE(scores.dim() == 2, "topk_select: scores must be 2-D [R, T], got ", scores.dim(), "-D");
-  TORCH_CHECK_TYPE(scores.scalar_type() == at::kFloat, "topk_select: scores must be float32, got ",
-                   scores.scalar_type());
-  TORCH_CHECK_VALUE(scores.size(1) <= 1 || scores.stride(1) == 1,
-                    "topk_select: scores must have a contiguous last dim (stride 1), got stride ", scores.stride(1));
-  TORCH_CHECK_VALUE(k >= 1, "topk_select: k must be >= 1, got ", k);
-  TORCH_CHECK_VALUE(scores.size(1) <= INT32_MAX, "topk_select: scores has more than 2^31-1 columns");
+  const at::Tensor len = check_topk_select_inputs(scores, lengths, k);
   const int64_t rows = scores.size(0), cols = scores.size(1);
-  const int32_t* len_ptr = nullptr;
-  at::Tensor len;
-  if (lengths.has_value()) {
-    len = lengths->contiguous();
-    TORCH_CHECK_TYPE(len.scalar_type() == at::kInt, "topk_select: lengths must be int32, got ", len.scalar_type());
-    TORCH_CHECK_VALUE(len.dim() == 1 && len.size(0) == rows, "topk_select: lengths must be [R=", rows, "], got ",
-                      len.sizes());
-    TORCH_CHECK_VALUE(len.device() == scores.device(), "topk_select: lengths must be on scores' device");
-    len_ptr = len.data_ptr<int32_t>();
-  }
+  const int32_t* len_ptr = len.defined() ? len.data_ptr<int32_t>() : nullptr;
   at::Tensor out = at::empty({rows, k}, scores.options().dtype(at::kInt));
   const float* base = scores.data_ptr<float>();
   const int64_t row_stride = scores.stride(0);

@@ -23,6 +23,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "topk_select.h"
+
 #include <algorithm>
 #include <climits>
 #include <cstdint>
@@ -191,23 +193,9 @@ __global__ void __launch_bounds__(kThreads) topk_select_kernel(const float* __re
 }
 
 at::Tensor topk_select_cuda(const at::Tensor& scores, const c10::optional<at::Tensor>& lengths, int64_t k) {
-  TORCH_CHECK_VALUE(scores.dim() == 2, "topk_select: scores must be 2-D [R, T], got ", scores.dim(), "-D");
-  TORCH_CHECK_TYPE(scores.scalar_type() == at::kFloat, "topk_select: scores must be float32, got ",
-                   scores.scalar_type());
-  TORCH_CHECK_VALUE(scores.size(1) <= 1 || scores.stride(1) == 1,
-                    "topk_select: scores must have a contiguous last dim (stride 1), got stride ", scores.stride(1));
-  TORCH_CHECK_VALUE(k >= 1, "topk_select: k must be >= 1, got ", k);
-  TORCH_CHECK_VALUE(scores.size(1) <= INT32_MAX && k <= INT32_MAX, "topk_select: T and k must be < 2^31");
-  TORCH_CHECK_VALUE(scores.size(0) <= INT32_MAX, "topk_select: at most 2^31-1 rows");
+  const at::Tensor len = check_topk_select_inputs(scores, lengths, k);
+  TORCH_CHECK_VALUE(scores.size(0) <= INT32_MAX, "topk_select: at most 2^31-1 rows");  // one block per row
   const int64_t rows = scores.size(0), cols = scores.size(1);
-  at::Tensor len;
-  if (lengths.has_value()) {
-    len = lengths->contiguous();
-    TORCH_CHECK_TYPE(len.scalar_type() == at::kInt, "topk_select: lengths must be int32, got ", len.scalar_type());
-    TORCH_CHECK_VALUE(len.dim() == 1 && len.size(0) == rows, "topk_select: lengths must be [R=", rows, "], got ",
-                      len.sizes());
-    TORCH_CHECK_VALUE(len.device() == scores.device(), "topk_select: lengths must be on scores' device");
-  }
   const c10::cuda::CUDAGuard guard(scores.device());
   at::Tensor sel_idx = at::empty({rows, k}, scores.options().dtype(at::kInt));
   if (rows == 0) return sel_idx;
@@ -215,7 +203,7 @@ at::Tensor topk_select_cuda(const at::Tensor& scores, const c10::optional<at::Te
   const bool vec = reinterpret_cast<uintptr_t>(scores.data_ptr<float>()) % 16 == 0 &&
                    (rows == 1 || scores.stride(0) % 4 == 0);
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const int32_t* len_ptr = lengths.has_value() ? len.data_ptr<int32_t>() : nullptr;
+  const int32_t* len_ptr = len.defined() ? len.data_ptr<int32_t>() : nullptr;
   auto launch = [&](auto kernel) {
     kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(scores.data_ptr<float>(), scores.stride(0), cols,
                                                                  len_ptr, k, sel_idx.data_ptr<int32_t>(),
