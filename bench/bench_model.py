@@ -36,6 +36,7 @@ import pytest
 import torch
 
 import dsattn
+from dsattn.models import prefill_cache, with_cache
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -289,14 +290,14 @@ def test_decode_v3(run_bench, cache_len, mode):
         _patched(model, options)
         with torch.no_grad():
             try:
-                cache = model(ids[:, :cache_len], use_cache=True, logits_to_keep=1).past_key_values
+                cache = prefill_cache(model, ids[:, :cache_len], logits_to_keep=1)[1]
             except _oom_types() as e:
                 _free()
                 _record_skip(case, f"out of memory prefilling a cache of {cache_len}: {str(e).splitlines()[0][:200]}")
             step = ids[:, cache_len:]
 
             def decode_one():
-                out = model(step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+                out = model(step, **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits
                 cache.crop(-1)  # back to cache_len tokens (transformers 5.x: negative = tokens to drop)
                 return out
 

@@ -29,3 +29,19 @@ def tiny_model(model_type: str, *, seed: int = 0, attn_implementation: str = "ea
     torch.manual_seed(seed)
     cfg = tiny_config(model_type, **config_kw)
     return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation).eval()
+
+
+def prefill_cache(model, ids, **kw):
+    """model(ids, use_cache=True, **kw) -> (output, its KV cache). The output names the cache `cache` in
+    transformers >= 5.24 and `past_key_values` before."""
+    out = model(ids, use_cache=True, **kw)
+    return out, out.cache if "cache" in out.keys() else out.past_key_values
+
+
+def with_cache(model, cache) -> dict:
+    """The keyword that passes a KV cache to model.forward: `cache` (transformers >= 5.24; `past_key_values`
+    is deprecated there) or `past_key_values` (5.17 .. 5.23)."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}

@@ -8,7 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import dsattn  # noqa: E402
-from dsattn.models import tiny_model  # noqa: E402
+from dsattn.models import prefill_cache, tiny_model, with_cache  # noqa: E402
 
 SEQ, PAD, NEW = 40, 7, 5
 # DeepSeek-V4 with a window shorter than the sequence and one layer of each type (sliding, CSA, HCA), so its
@@ -203,16 +203,16 @@ def test_linear_decode_carries_the_state_and_never_a_stale_one(monkeypatch):
     layers = m.config.num_hidden_layers
     with torch.no_grad():
         full_a = m(a).logits[:, -1]
-        cache_a = m(a[:, :-1], use_cache=True).past_key_values
+        cache_a = prefill_cache(m, a[:, :-1])[1]
         calls.clear()
-        step = m(a[:, -1:], past_key_values=cache_a, use_cache=True).logits[:, -1]
+        step = m(a[:, -1:], **with_cache(m, cache_a), use_cache=True).logits[:, -1]
         assert calls == [(True, 1)] * layers  # only the new key went in, on top of the stored state
         torch.testing.assert_close(step, full_a, rtol=1e-5, atol=1e-5)
         # The stored state now belongs to prompt b: a decode step on a's cache must not use it.
-        cache_a = m(a[:, :-1], use_cache=True).past_key_values
+        cache_a = prefill_cache(m, a[:, :-1])[1]
         m(b[:, :-1], use_cache=True)
         calls.clear()
-        step = m(a[:, -1:], past_key_values=cache_a, use_cache=True).logits[:, -1]
+        step = m(a[:, -1:], **with_cache(m, cache_a), use_cache=True).logits[:, -1]
         assert calls == [(False, 30)] * layers
         torch.testing.assert_close(step, full_a, rtol=1e-5, atol=1e-5)
     dsattn.unpatch(m)

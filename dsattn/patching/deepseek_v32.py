@@ -12,8 +12,9 @@ from dsattn.registry import register_model_type
 
 
 def indexer_forward(self, hidden_states, q_resid, position_embeddings, attention_mask, position_ids=None,
-                    past_key_values=None, **_):
-    """Same inputs and output as transformers' DeepseekV32Indexer.forward; scores are never materialized."""
+                    cache=None, past_key_values=None, **_):
+    """Same inputs and output as transformers' DeepseekV32Indexer.forward; scores are never materialized.
+    The KV cache arrives as `cache` (transformers >= 5.24) or `past_key_values` (5.17 .. 5.23)."""
     from transformers.models.deepseek_v32.modeling_deepseek_v32 import apply_rotary_pos_emb
 
     b, s, _ = hidden_states.shape
@@ -25,8 +26,9 @@ def indexer_forward(self, hidden_states, q_resid, position_embeddings, attention
     q_rot, k_rot = apply_rotary_pos_emb(q_rot, k_rot, cos, sin, unsqueeze_dim=2)
     q = torch.cat([q_rot, q_pass], dim=-1)
     k = torch.cat([k_rot, k_pass], dim=-1).squeeze(2)
-    if past_key_values is not None:
-        k = past_key_values.update_indexer(k, self.layer_idx)
+    cache = cache if cache is not None else past_key_values
+    if cache is not None:
+        k = cache.update_indexer(k, self.layer_idx)
     weights = self.weights_proj(hidden_states.to(self.weights_proj.weight.dtype)).float() * (self.n_heads**-0.5)
     t = k.shape[1]
     top_k = min(self.index_topk, t)
