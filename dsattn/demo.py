@@ -85,4 +85,9 @@ def main(argv=None) -> int:
                              new_tokens=args.new_tokens, modes=modes, device=device):
             mt, label, diff, agree, tps, rss, backend = row
             print(f"| {mt:13s} | {label:22s} | {diff:15.2e} | {agree:11.3f} | {tps:9.1f} | {rss:11.0f} | {backend} |")
+    if "deepseek_v32" in args.models:
+        print(f"deepseek_v32 unpatched is already sparse (its own indexer, index_topk = {args.context // 4}): there "
+              "'sparse' is the exact mode; the others replace DSA, so even sliding_window (w>=S), which is dense "
+              "causal attention, differs from it.")
+    print("peak RSS MB: the process's high-water mark so far (it only grows down the table).")
     return 0

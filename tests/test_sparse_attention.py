@@ -1,6 +1,8 @@
 """dsattn.sparse_attention: the chunked reference proven in float64 against a brute-force loop, the Triton
 kernel (interpreter on CPU, compiled on a GPU) against the reference, and bad input rejected by name."""
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,10 +48,12 @@ def _brute_force(q, k, v, indices, causal, scale):
 
 
 # ----------------------------------------------------------------------------------------- reference
+@pytest.mark.parametrize("strategy", ["gather", "dense"])
 @pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("b,hq,hkv,sq,sk,dqk,dv,topk", [(2, 4, 2, 5, 11, 8, 6, 7), (1, 3, 1, 6, 6, 5, 5, 9)])
-def test_reference_matches_brute_force(b, hq, hkv, sq, sk, dqk, dv, topk, causal, per_head):
+@pytest.mark.parametrize("b,hq,hkv,sq,sk,dqk,dv,topk", [(2, 4, 2, 5, 11, 8, 6, 7), (1, 3, 1, 6, 6, 5, 5, 9),
+                                                        (1, 2, 2, 3, 9, 4, 4, 2)])  # Sq < Sk: rows at the end
+def test_reference_matches_brute_force(b, hq, hkv, sq, sk, dqk, dv, topk, causal, per_head, strategy):
     q, k, v = _inputs(b, hq, hkv, sq, sk, dqk, dv, torch.float64)
     lead = (b, hkv, sq) if per_head else (b, sq)
     indices = _random_indices(lead, topk, sk)
@@ -57,7 +61,7 @@ def test_reference_matches_brute_force(b, hq, hkv, sq, sk, dqk, dv, topk, causal
     indices[..., -1, -2:] = indices[..., -1, :1]  # a duplicated key: counts once per listing
     scale = 0.37
     expected = _brute_force(q, k, v, indices, causal, scale)
-    actual = sparse_attention_ref(q, k, v, indices, causal=causal, scale=scale, chunk_size=2)
+    actual = sparse_attention_ref(q, k, v, indices, causal=causal, scale=scale, chunk_size=2, strategy=strategy)
     assert_close(actual, expected, 1e-12)
     assert torch.equal(actual[:, :, 0], torch.zeros_like(actual[:, :, 0]))
 
@@ -69,10 +73,30 @@ def test_reference_listing_every_key_is_dense_causal_attention():
     assert_close(sparse_attention_ref(q, k, v, indices, causal=True), expected, 1e-12)
 
 
-def test_duplicates_count_once_per_listing():
+@pytest.mark.parametrize("hq,hkv,sq,sk,topk,picks", [(4, 4, 64, 64, 16, "dense"), (8, 1, 1, 512, 4, "gather")])
+def test_reference_auto_strategy(hq, hkv, sq, sk, topk, picks, monkeypatch):
+    """auto takes dense when topk is a sizeable part of the keys (prefill) and gather when it is not (decode);
+    both give the same numbers (fp32)."""
+    module = importlib.import_module("dsattn.reference.sparse_attention")  # the package attribute is the function
+    q, k, v = _inputs(1, hq, hkv, sq, sk, 16, 8)
+    indices = _random_indices((1, sq), topk, sk)
+    taken = []
+    for name in ("_dense", "_gather"):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _n=name, _f=real: (taken.append(_n), _f(*a))[1])
+    auto = sparse_attention_ref(q, k, v, indices, causal=True)
+    assert taken == [f"_{picks}"]
+    other = "gather" if picks == "dense" else "dense"
+    assert_close(auto, sparse_attention_ref(q, k, v, indices, causal=True, strategy=other), 1e-5)
+    with pytest.raises(ValueError, match="strategy"):
+        sparse_attention_ref(q, k, v, indices, strategy="sparse")
+
+
+@pytest.mark.parametrize("strategy", ["gather", "dense"])
+def test_duplicates_count_once_per_listing(strategy):
     q, k, v = _inputs(1, 1, 1, 1, 4, 4, 4, torch.float64)
-    once = sparse_attention(q, k, v, torch.tensor([[[0, 2]]], dtype=torch.int32), backend="torch")
-    twice = sparse_attention(q, k, v, torch.tensor([[[0, 0, 2]]], dtype=torch.int32), backend="torch")
+    once = sparse_attention_ref(q, k, v, torch.tensor([[[0, 2]]], dtype=torch.int32), strategy=strategy)
+    twice = sparse_attention_ref(q, k, v, torch.tensor([[[0, 0, 2]]], dtype=torch.int32), strategy=strategy)
     s = (q[0, 0, 0] @ k[0, 0, [0, 2]].T) * 4**-0.5
     w = torch.softmax(s + torch.tensor([2.0, 1.0], dtype=torch.float64).log(), dim=0)  # key 0 weighs double
     assert_close(twice[0, 0, 0], w @ v[0, 0, [0, 2]], 1e-12)
