@@ -65,49 +65,33 @@ def _run(run_bench, provider, q, k, weights, top_k, device, shape):
               baseline=provider == "transformers", **extra)
 
 
+# top_k 2048: the streaming Triton kernel; top_k 4096 (beyond its 2048): fp32 scores per query chunk + the
+# CUDA radix-select top-k. The torch streaming reference takes seconds per call beyond S=8192 (suite budget).
+PREFILL_GPU = [(s, top_k, provider)
+               for top_k, fast, lengths in ((2048, "dsattn-triton", (4096, 8192, 16384, 32768)),
+                                            (4096, "dsattn-cuda", (8192, 16384, 32768)))
+               for s in lengths for provider in ("transformers", "dsattn-torch", fast)
+               if not (provider == "dsattn-torch" and s > 8192)]
+DECODE_GPU = [(context, top_k, provider)
+              for top_k, fast, contexts in ((2048, "dsattn-triton", (8192, 131072)),
+                                            (4096, "dsattn-cuda", (32768, 131072)))
+              for context in contexts for provider in ("dsattn-torch", fast)]
+
+
 @pytest.mark.gpu_only
-@pytest.mark.parametrize("s", [4096, 8192, 16384, 32768])
-@pytest.mark.parametrize("provider", ["transformers", "dsattn-torch", "dsattn-triton"])
-def test_prefill_gpu(run_bench, provider, s):
-    if provider == "dsattn-torch" and s > 8192:
-        pytest.skip("the torch streaming reference takes seconds per call beyond S=8192 (suite time budget)")
-    heads, dim, top_k, dtype = 64, 128, 2048, torch.bfloat16
+@pytest.mark.parametrize("s,top_k,provider", PREFILL_GPU)
+def test_prefill_gpu(run_bench, provider, s, top_k):
+    heads, dim, dtype = 64, 128, torch.bfloat16
     q, k, weights = _inputs(1, s, heads, dim, dtype, "cuda")
     shape = {"B": 1, "S": s, "Hi": heads, "D": dim, "top_k": top_k}
     _run(run_bench, provider, q, k, weights, top_k, "cuda", shape)
 
 
 @pytest.mark.gpu_only
-@pytest.mark.parametrize("context", [8192, 131072])
-@pytest.mark.parametrize("provider", ["dsattn-torch", "dsattn-triton"])
-def test_decode_gpu(run_bench, provider, context):
+@pytest.mark.parametrize("context,top_k,provider", DECODE_GPU)
+def test_decode_gpu(run_bench, provider, context, top_k):
     """One new query over a long indexer key cache (Sq=1 < Sk): the per-token decode cost."""
-    heads, dim, top_k, dtype = 64, 128, 2048, torch.bfloat16
-    q, _, weights = _inputs(1, 1, heads, dim, dtype, "cuda")
-    k = torch.randn(1, context, dim, dtype=dtype, device="cuda")
-    shape = {"B": 1, "Sq": 1, "Sk": context, "Hi": heads, "D": dim, "top_k": top_k}
-    _run(run_bench, provider, q, k, weights, top_k, "cuda", shape)
-
-
-@pytest.mark.gpu_only
-@pytest.mark.parametrize("s", [8192, 16384, 32768])
-@pytest.mark.parametrize("provider", ["transformers", "dsattn-torch", "dsattn-cuda"])
-def test_prefill_large_top_k_gpu(run_bench, provider, s):
-    """top_k 4096 (beyond the Triton kernel's 2048): scores per query chunk + the CUDA radix-select top-k."""
-    if provider == "dsattn-torch" and s > 8192:
-        pytest.skip("the torch streaming reference takes seconds per call beyond S=8192 (suite time budget)")
-    heads, dim, top_k, dtype = 64, 128, 4096, torch.bfloat16
-    q, k, weights = _inputs(1, s, heads, dim, dtype, "cuda")
-    shape = {"B": 1, "S": s, "Hi": heads, "D": dim, "top_k": top_k}
-    _run(run_bench, provider, q, k, weights, top_k, "cuda", shape)
-
-
-@pytest.mark.gpu_only
-@pytest.mark.parametrize("context", [32768, 131072])
-@pytest.mark.parametrize("provider", ["dsattn-torch", "dsattn-cuda"])
-def test_decode_large_top_k_gpu(run_bench, provider, context):
-    """Decode at top_k 4096 over a long key cache: one score row + radix select."""
-    heads, dim, top_k, dtype = 64, 128, 4096, torch.bfloat16
+    heads, dim, dtype = 64, 128, torch.bfloat16
     q, _, weights = _inputs(1, 1, heads, dim, dtype, "cuda")
     k = torch.randn(1, context, dim, dtype=dtype, device="cuda")
     shape = {"B": 1, "Sq": 1, "Sk": context, "Hi": heads, "D": dim, "top_k": top_k}
