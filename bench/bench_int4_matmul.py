@@ -5,6 +5,11 @@ g128. Goal (issue 7): M=1 >= 3x faster than torch fp32 matvec.
 GPU (gpu_only): dsattn's Triton and CUDA kernels vs torch fp16 matmul (baseline), torchao int4 weight-only
 (tinygemm, bf16) and gemlite A16W4 when importable, M in {1, 16, 128, 4096}, N=K=8192, g128, fp16 x. M=1 records
 the achieved weight-streaming bandwidth (packed weight + scales + zeros + x + out bytes / median) as gbps.
+MoE experts (gpu_only, op int4_experts): one layer of DeepSeek-V2-Lite-sized experts (H=2048, I=1408, top-6
+routing, g128, bf16) for E in {8, 64} and T in {1, 16, 128, 512} tokens: Int4Experts' grouped Triton kernel
+(every expert in one launch per projection) vs the per-expert loop over int4_matmul (Int4Experts before
+the grouped kernel) vs the same loop with torch bf16 matmuls on the dequantized weights (baseline,
+transformers' eager experts).
 """
 
 import pytest
@@ -108,3 +113,51 @@ def test_int4_matmul_gpu(run_bench, benchmark, provider, m, n, k):
         if provider == "torch-fp16":
             moved = n * k * 2 + (m * k + m * n) * 2  # the dense fp16 weight
         benchmark.extra_info["gbps"] = moved / benchmark.stats.stats.median / 1e9
+
+
+MOE_HIDDEN, MOE_INTER, MOE_TOP_K = 2048, 1408, 6
+MOE_SHAPES = [(e, t) for e in (8, 64) for t in (1, 16, 128, 512)]
+
+
+def _expert_loop(h, top_k_index, top_k_weights, gate_up, down, act_fn):
+    """transformers' eager experts: per expert present, gate_up(e, rows) and down(e, rows); syncs on unique()."""
+    out = torch.zeros_like(h)
+    for expert in top_k_index.unique().tolist():
+        token_idx, slot = torch.where(top_k_index == expert)
+        gate, up = gate_up(expert, h[token_idx]).chunk(2, dim=-1)
+        y = down(expert, act_fn(gate) * up) * top_k_weights[token_idx, slot, None]
+        out.index_add_(0, token_idx, y.to(out.dtype))
+    return out
+
+
+@pytest.mark.gpu_only
+@pytest.mark.parametrize("experts,tokens", MOE_SHAPES)
+@pytest.mark.parametrize("provider", ["torch-bf16-loop", "dsattn-int4-loop", "dsattn-triton"])
+def test_int4_experts_gpu(run_bench, provider, experts, tokens):
+    device, dtype = "cuda", torch.bfloat16
+    if unusable_reason("triton", torch.device(device)):
+        pytest.skip(unusable_reason("triton", torch.device(device)))
+    act_fn = torch.nn.SiLU()
+    module = dsattn.nn.Int4Experts(experts, MOE_HIDDEN, MOE_INTER, act_fn, group_size=GROUP, dtype=dtype,
+                                   device=device)
+    for e in range(experts):
+        for proj, (n, k) in (("gate_up", (2 * MOE_INTER, MOE_HIDDEN)), ("down", (MOE_HIDDEN, MOE_INTER))):
+            weight = torch.randn(n, k, device=device, dtype=dtype) * k ** -0.5
+            module.load_int4(proj, e, dsattn.quantize_int4(weight, group_size=GROUP))
+    h = torch.randn(tokens, MOE_HIDDEN, device=device, dtype=dtype)
+    top_k_weights, top_k_index = torch.randn(tokens, experts, device=device).softmax(-1).topk(
+        min(MOE_TOP_K, experts), dim=-1)
+    if provider == "dsattn-triton":
+        fn = lambda: module(h, top_k_index, top_k_weights)  # noqa: E731
+    elif provider == "dsattn-int4-loop":
+        fn = lambda: _expert_loop(  # noqa: E731
+            h, top_k_index, top_k_weights, lambda e, x: dsattn.int4_matmul(x, module.int4_weight("gate_up", e)),
+            lambda e, x: dsattn.int4_matmul(x, module.int4_weight("down", e)), act_fn)
+    else:
+        gate_up = torch.stack([module.int4_weight("gate_up", e).dequantize(dtype) for e in range(experts)])
+        down = torch.stack([module.int4_weight("down", e).dequantize(dtype) for e in range(experts)])
+        fn = lambda: _expert_loop(h, top_k_index, top_k_weights, lambda e, x: x @ gate_up[e].T,  # noqa: E731
+                                  lambda e, x: x @ down[e].T, act_fn)
+    run_bench(fn, op="int4_experts", provider=provider,
+              shape={"E": experts, "T": tokens, "top_k": min(MOE_TOP_K, experts), "H": MOE_HIDDEN, "I": MOE_INTER,
+                     "g": GROUP}, device=device, dtype=dtype, baseline=provider == "torch-bf16-loop")

@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 from dsattn import reference
 from dsattn.ops.hybrid_attention import hybrid_attention
-from dsattn.ops.int4_matmul import int4_matmul
+from dsattn.ops.int4_matmul import int4_grouped_matmul, int4_matmul
 from dsattn.ops.lightning_indexer import lightning_indexer_topk
 from dsattn.ops.linear_attention import linear_attention
 from dsattn.ops.sliding_window import sliding_window_attention, sliding_window_attention_varlen
@@ -21,6 +21,7 @@ from dsattn.patching import patch, unpatch
 __all__ = [
     "Int4Weight",
     "hybrid_attention",
+    "int4_grouped_matmul",
     "int4_matmul",
     "lightning_indexer_topk",
     "linear_attention",

@@ -225,9 +225,11 @@ def _quantized_fraction(model, options) -> float:
                 and "gate.weight" not in n)
     dsattn.patch(model, **options)
     try:
-        from dsattn.nn.int4_linear import Int4Linear  # Int4Experts holds one Int4Linear per expert projection
+        from dsattn.nn.int4_linear import Int4Experts, Int4Linear
 
-        quantized = sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, Int4Linear))
+        # 8 weights per packed word: Int4Linear's qweight, Int4Experts' gate_up_qweight and down_qweight
+        quantized = sum(buf.numel() * 8 for m in model.modules() if isinstance(m, (Int4Linear, Int4Experts))
+                        for name, buf in m.named_buffers(recurse=False) if name.endswith("qweight"))
     finally:
         dsattn.unpatch(model)
     return quantized / total if total else 0.0

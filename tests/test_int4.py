@@ -111,8 +111,8 @@ def test_int4_experts_match_transformers_experts():
     q = dsattn.nn.Int4Experts.from_experts(experts, group_size=32)
     with torch.no_grad():  # the reference: the original experts with dequantized weights
         for e in range(4):
-            experts.gate_up_proj[e] = q.gate_up[e].int4_weight().dequantize(torch.float32)
-            experts.down_proj[e] = q.down[e].int4_weight().dequantize(torch.float32)
+            experts.gate_up_proj[e] = q.int4_weight("gate_up", e).dequantize(torch.float32)
+            experts.down_proj[e] = q.int4_weight("down", e).dequantize(torch.float32)
     h = torch.randn(10, 64)
     idx = torch.randint(0, 4, (10, 2))
     wts = torch.rand(10, 2)

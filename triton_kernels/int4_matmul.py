@@ -32,6 +32,33 @@ MAX_SPLITS = 32
 
 
 @triton.jit
+def dequant_tile_dot(acc, x_ptrs, q_ptrs, s_rows, z_rows, k, group_size, shifts, UPCAST: tl.constexpr,
+                     TF32X3: tl.constexpr):
+    """acc + x_tile @ dequantize(weight_tile).T for one K tile (shared by the dense and grouped kernels).
+    x_ptrs [BLOCK_M, BLOCK_K], q_ptrs [BLOCK_N, BLOCK_K // 8] packed words, s_rows / z_rows [BLOCK_N] row
+    pointers of the scales / zeros; k: the tile's first column (BLOCK_K divides group_size)."""
+    x = tl.load(x_ptrs)
+    words = tl.load(q_ptrs)  # [BLOCK_N, BLOCK_K // 8]
+    words = tl.interleave(words, words)
+    words = tl.interleave(words, words)
+    words = tl.interleave(words, words)  # [BLOCK_N, BLOCK_K]: word c // 8 in column c
+    q = (words >> shifts[None, :]) & 0xF  # arithmetic shift; the mask drops the sign bits
+    group = k // group_size  # BLOCK_K divides group_size: one group per tile
+    scale = tl.load(s_rows + group)
+    zero = tl.load(z_rows + group).to(tl.int32)
+    if UPCAST:  # interpreter: bf16 tl.dot multiplies bit patterns; compute in fp32
+        x = x.to(tl.float32)
+        w = (q - zero[:, None]).to(tl.float32) * scale.to(tl.float32)[:, None]
+    else:
+        w = (q - zero[:, None]).to(x.dtype) * scale.to(x.dtype)[:, None]
+    if TF32X3:
+        acc = tl.dot(x, tl.trans(w), acc, input_precision="tf32x3", out_dtype=tl.float32)
+    else:
+        acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.float32)
+    return acc
+
+
+@triton.jit
 def int4_matmul_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
     M, N, K, group_size, k_per_split,
@@ -67,24 +94,7 @@ def int4_matmul_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(k_lo, k_hi, BLOCK_K):
-        x = tl.load(x_ptrs)
-        words = tl.load(q_ptrs)  # [BLOCK_N, BLOCK_K // 8]
-        words = tl.interleave(words, words)
-        words = tl.interleave(words, words)
-        words = tl.interleave(words, words)  # [BLOCK_N, BLOCK_K]: word c // 8 in column c
-        q = (words >> shifts[None, :]) & 0xF  # arithmetic shift; the mask drops the sign bits
-        group = k // group_size  # BLOCK_K divides group_size: one group per tile
-        scale = tl.load(s_rows + group)
-        zero = tl.load(z_rows + group).to(tl.int32)
-        if UPCAST:  # interpreter: bf16 tl.dot multiplies bit patterns; compute in fp32
-            x = x.to(tl.float32)
-            w = (q - zero[:, None]).to(tl.float32) * scale.to(tl.float32)[:, None]
-        else:
-            w = (q - zero[:, None]).to(x.dtype) * scale.to(x.dtype)[:, None]
-        if TF32X3:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision="tf32x3", out_dtype=tl.float32)
-        else:
-            acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.float32)
+        acc = dequant_tile_dot(acc, x_ptrs, q_ptrs, s_rows, z_rows, k, group_size, shifts, UPCAST, TF32X3)
         x_ptrs += BLOCK_K * stride_xk
         q_ptrs += BLOCK_K // 8
 

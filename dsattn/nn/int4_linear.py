@@ -4,7 +4,7 @@ experts with 4-bit weights)."""
 import torch
 from torch import nn
 
-from dsattn.ops.int4_matmul import int4_matmul
+from dsattn.ops.int4_matmul import int4_grouped_matmul, int4_matmul
 from dsattn.quant.int4 import Int4Weight, quantize_int4
 
 
@@ -71,37 +71,74 @@ class Int4Linear(nn.Module):
 
 
 class Int4Experts(nn.Module):
-    """transformers' fused MoE experts (gate_up_proj [E, 2I, H], down_proj [E, H, I], act_fn) with each
-    expert's two projections as Int4Linear; same forward(hidden_states, top_k_index, top_k_weights)."""
+    """transformers' fused MoE experts (gate_up_proj [E, 2I, H], down_proj [E, H, I], act_fn) with int4
+    weights stacked per projection (buffers gate_up_qweight [E, 2I, H/8], gate_up_scales / gate_up_zeros
+    [E, 2I, H/g], down_* likewise for [E, H, I]), so one dsattn.int4_grouped_matmul serves all experts of a
+    projection (on CUDA one Triton launch, routing sorted on the device: no host sync); same
+    forward(hidden_states, top_k_index, top_k_weights)."""
 
-    def __init__(self, gate_up: list, down: list, act_fn):
+    PROJECTIONS = ("gate_up", "down")
+
+    def __init__(self, num_experts, hidden_size, intermediate_size, act_fn, *, group_size=128, symmetric=False,
+                 dtype=torch.float16, device=None):
         super().__init__()
-        self.num_experts = len(gate_up)
-        self.gate_up = nn.ModuleList(gate_up)
-        self.down = nn.ModuleList(down)
+        for name, k in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size)):
+            if k % group_size != 0:
+                raise ValueError(f"Int4Experts: group_size ({group_size}) must divide {name} ({k})")
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.group_size, self.symmetric = group_size, symmetric
         self.act_fn = act_fn
+        for proj, (n, k) in zip(self.PROJECTIONS, ((2 * intermediate_size, hidden_size),
+                                                   (hidden_size, intermediate_size))):
+            self.register_buffer(f"{proj}_qweight",
+                                 torch.zeros(num_experts, n, k // 8, dtype=torch.int32, device=device))
+            self.register_buffer(f"{proj}_scales",
+                                 torch.ones(num_experts, n, k // group_size, dtype=dtype, device=device))
+            self.register_buffer(f"{proj}_zeros",
+                                 torch.full((num_experts, n, k // group_size), 8, dtype=torch.uint8, device=device))
 
     @classmethod
     def from_experts(cls, module, group_size=128, *, symmetric=False):
-        def linear_of(weight):  # [out, in] parameter slice -> a bias-free nn.Linear view for from_linear
-            lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-            lin.weight = nn.Parameter(weight.detach(), requires_grad=False)
-            return Int4Linear.from_linear(lin, group_size, symmetric=symmetric)
+        """Quantize transformers' experts one expert at a time (never a float copy of all of them)."""
+        gate_up, down = module.gate_up_proj.detach(), module.down_proj.detach()
+        num_experts, two_i, hidden = gate_up.shape
+        scale_dtype = gate_up.dtype if gate_up.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        experts = cls(num_experts, hidden, two_i // 2, module.act_fn, group_size=group_size, symmetric=symmetric,
+                      dtype=scale_dtype, device=gate_up.device)
+        for proj, weight in zip(cls.PROJECTIONS, (gate_up, down)):
+            for e in range(num_experts):
+                experts.load_int4(proj, e, quantize_int4(weight[e], group_size=group_size, symmetric=symmetric))
+        return experts
 
-        gate_up = [linear_of(module.gate_up_proj[e]) for e in range(module.gate_up_proj.shape[0])]
-        down = [linear_of(module.down_proj[e]) for e in range(module.down_proj.shape[0])]
-        return cls(gate_up, down, module.act_fn)
+    def load_int4(self, projection: str, expert: int, w: Int4Weight) -> None:
+        """Store one expert's Int4Weight into the stacked buffers of projection ("gate_up" or "down")."""
+        qweight = getattr(self, f"{projection}_qweight")
+        shape = (qweight.shape[1], qweight.shape[2] * 8)
+        if w.shape != shape or w.group_size != self.group_size or w.input_scale is not None:
+            raise ValueError(f"Int4Experts: weight {w.shape} g{w.group_size} does not fit {projection} {shape} "
+                             f"g{self.group_size} (without AWQ input scaling)")
+        qweight[expert].copy_(w.qweight)
+        getattr(self, f"{projection}_scales")[expert].copy_(w.scales)
+        getattr(self, f"{projection}_zeros")[expert].copy_(w.zeros)
+
+    def int4_weight(self, projection: str, expert: int) -> Int4Weight:
+        """One expert's projection ("gate_up" [2I, H] or "down" [H, I]) as an Int4Weight (views, no copy)."""
+        return Int4Weight(getattr(self, f"{projection}_qweight")[expert], getattr(self, f"{projection}_scales")[expert],
+                          getattr(self, f"{projection}_zeros")[expert], self.group_size, self.symmetric)
+
+    def _grouped(self, projection, x, expert_ids, weights=None):
+        return int4_grouped_matmul(x, getattr(self, f"{projection}_qweight"), getattr(self, f"{projection}_scales"),
+                                   getattr(self, f"{projection}_zeros"), self.group_size, expert_ids, weights)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        out = torch.zeros_like(hidden_states)
-        for expert in top_k_index.unique().tolist():
-            if not 0 <= expert < self.num_experts:
-                continue  # transformers marks dropped slots with num_experts
-            token_idx, slot = torch.where(top_k_index == expert)
-            gate, up = self.gate_up[expert](hidden_states[token_idx]).chunk(2, dim=-1)
-            y = self.down[expert](self.act_fn(gate) * up) * top_k_weights[token_idx, slot, None]
-            out.index_add_(0, token_idx, y.to(out.dtype))
-        return out
+        tokens, slots = top_k_index.shape
+        gate, up = self._grouped("gate_up", hidden_states, top_k_index).chunk(2, dim=-1)  # [T, S, I] each
+        inner = (self.act_fn(gate) * up).reshape(tokens * slots, self.intermediate_size)
+        # Dropped slots (id num_experts) give zero rows in both projections: they add nothing.
+        out = self._grouped("down", inner, top_k_index.reshape(-1), top_k_weights.reshape(-1))
+        return out.view(tokens, slots, self.hidden_size).sum(1)
 
     def extra_repr(self):
-        return f"num_experts={self.num_experts}"
+        return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
+                f"intermediate_size={self.intermediate_size}, group_size={self.group_size}, "
+                f"symmetric={self.symmetric}")

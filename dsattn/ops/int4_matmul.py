@@ -1,9 +1,11 @@
-"""dsattn.int4_matmul: x @ w.dequantize().T (+ bias) without materializing the dequantized weight."""
+"""dsattn.int4_matmul: x @ w.dequantize().T (+ bias) without materializing the dequantized weight, and
+dsattn.int4_grouped_matmul: the same per MoE expert, every expert in one call."""
 
 import torch
 
 from dsattn import _backend, _checks
-from dsattn.quant.int4 import Int4Weight
+from dsattn.quant.int4 import Int4Weight, check_group_size
+from dsattn.reference.int4 import int4_grouped_matmul as _int4_grouped_matmul_torch
 from dsattn.reference.int4 import int4_matmul as _int4_matmul_torch
 
 OP = "int4_matmul"
@@ -63,3 +65,71 @@ def int4_matmul(x, w, bias=None, *, backend="auto"):
 
         out = _triton.int4_matmul(x2, w.qweight, w.scales, w.zeros, w.group_size, bias)
     return out.reshape(*x.shape[:-1], n)
+
+
+GROUPED_OP = "int4_grouped_matmul"
+GROUPED_IMPLEMENTED = ("torch", "cpp", "triton")
+GROUPED_KERNELS = {"cpp": OP}  # cpp: the compiled int4_matmul, one expert at a time
+
+
+def _cpp_expert_matmul(x_rows, qweight, scales, zeros, group_size):
+    return torch.ops.dsattn.int4_matmul(x_rows, qweight.contiguous(), scales.float().contiguous(),
+                                        zeros.contiguous(), group_size, None)
+
+
+def int4_grouped_matmul(x, qweight, scales, zeros, group_size, expert_ids, weights=None, *, backend="auto"):
+    """MoE experts' int4 GEMM: row m of x [M, K] goes through the experts expert_ids[m, s] (int32/int64
+    [M, S], or [M] for one each) of the stacked weights qweight int32 [E, N, K/8], scales [E, N, K/g], zeros
+    uint8 [E, N, K/g] (dsattn.quant.int4's layout per expert):
+    out[m, s] = x[m] @ dequantize(W[expert_ids[m, s]]).T (* weights[m, s]), shape [*expert_ids.shape, N] in
+    x's dtype. Ids outside [0, E) (transformers' dropped slots carry E) give zero rows. weights (float, shaped
+    like expert_ids) are applied in fp32 before the one rounding (MoE routing weights).
+
+    Backends: "triton" (all experts in one launch, routing sorted on the device: no host sync; fp16/bf16 x,
+    fp32 x as tf32x3; group_size % 16 == 0), "cpp" (CPU: the compiled int4_matmul per expert present),
+    "torch" (the reference, per expert; the only one for float64). auto: triton on CUDA, cpp on CPU."""
+    op = GROUPED_OP
+    _checks.check_tensor(op, "x", x, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+    _checks.check_tensor(op, "qweight", qweight, ndim=3, dtypes=(torch.int32,))
+    _checks.check_tensor(op, "scales", scales, ndim=3, dtypes=_checks.FLOAT_DTYPES[:3])
+    _checks.check_tensor(op, "zeros", zeros, ndim=3, dtypes=(torch.uint8,))
+    _checks.check_tensor(op, "expert_ids", expert_ids, dtypes=_checks.INDEX_DTYPES)
+    num_experts, n, k = qweight.shape[0], qweight.shape[1], qweight.shape[2] * 8
+    check_group_size(op, group_size, k)
+    if x.shape[1] != k:
+        raise ValueError(f"dsattn.{op}: x must be [M, K={k}] (K = qweight.shape[2] * 8), got shape {tuple(x.shape)}")
+    groups = (num_experts, n, k // group_size)
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if tuple(t.shape) != groups:
+            raise ValueError(f"dsattn.{op}: {name} must be [E, N, K/group_size] = {list(groups)}, "
+                             f"got {list(t.shape)}")
+    if expert_ids.dim() not in (1, 2) or expert_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"dsattn.{op}: expert_ids must be [M={x.shape[0]}] or [M={x.shape[0]}, slots], "
+                         f"got shape {tuple(expert_ids.shape)}")
+    if weights is not None:
+        _checks.check_tensor(op, "weights", weights, dtypes=_checks.FLOAT_DTYPES)
+        if weights.shape != expert_ids.shape:
+            raise ValueError(f"dsattn.{op}: weights must be shaped like expert_ids {tuple(expert_ids.shape)}, "
+                             f"got {tuple(weights.shape)}")
+    _checks.check_same_device(op, x=x, qweight=qweight, scales=scales, zeros=zeros, expert_ids=expert_ids,
+                              weights=weights)
+    slots = expert_ids.shape[1] if expert_ids.dim() == 2 else 1
+    out_shape = (*expert_ids.shape, n)
+    implemented = GROUPED_IMPLEMENTED if x.dtype != torch.float64 else ("torch",)
+    if backend == "auto" and group_size % TRITON_GROUP_MULTIPLE != 0:
+        implemented = tuple(b for b in implemented if b != "triton")
+    chosen = _backend.select_backend(op, backend, x.device, implemented, kernels=GROUPED_KERNELS,
+                                     auto_order=("triton", "torch") if x.device.type == "cuda" else ("cpp", "torch"))
+    if chosen == "triton" and group_size % TRITON_GROUP_MULTIPLE != 0:
+        raise ValueError(f"dsattn.{op}: the Triton kernel needs group_size % {TRITON_GROUP_MULTIPLE} == 0, got "
+                         f"{group_size}; use backend='cpp' or 'torch'")
+    ids = expert_ids.reshape(-1)
+    flat_weights = None if weights is None else weights.reshape(-1)
+    if chosen == "triton":
+        from dsattn.triton_kernels import int4_grouped_matmul as _triton
+
+        out = _triton.int4_grouped_matmul(x, qweight, scales, zeros, group_size, ids, slots, flat_weights)
+    else:
+        out = _int4_grouped_matmul_torch(x, qweight, scales, zeros, group_size, ids, slots, flat_weights,
+                                         expert_matmul=_cpp_expert_matmul if chosen == "cpp" else None)
+    return out.reshape(out_shape)

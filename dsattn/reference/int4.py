@@ -53,3 +53,34 @@ def int4_matmul(x, qweight, scales, zeros, group_size, input_scale=None, bias=No
     if bias is not None:
         out += bias.to(compute)
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def int4_grouped_matmul(x, qweight, scales, zeros, group_size, expert_ids, slots=1, weights=None, *,
+                        expert_matmul=None):
+    """The "torch" backend of dsattn.int4_grouped_matmul, one expert at a time: pair p of the flattened
+    expert_ids [P] reads x row p // slots, out[p] = x[p // slots] @ dequantize(W[expert_ids[p]]).T
+    (* weights[p]) for qweight [E, N, K/8], scales / zeros [E, N, K/g]; ids outside [0, E) give zero rows.
+    Accumulates in float32 (float64 for float64 x) and rounds once to x's dtype. expert_matmul(x_rows,
+    qweight, scales, zeros, group_size) -> [rows, N] in x_rows' dtype is the per-expert GEMM (default: this
+    module's int4_matmul; the "cpp" backend passes the compiled CPU kernel). Reads the routing back to the
+    host (one sort), so it is for CPU tensors and tests."""
+    expert_matmul = expert_matmul or int4_matmul
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    num_experts, n = qweight.shape[0], qweight.shape[1]
+    ids = expert_ids.reshape(-1).to(torch.int64)
+    ids = torch.where((ids >= 0) & (ids < num_experts), ids, num_experts)  # num_experts: dropped
+    out = torch.zeros(ids.numel(), n, dtype=compute, device=x.device)
+    order = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids, minlength=num_experts + 1)[:num_experts].tolist()
+    x_c = x.to(compute)
+    start = 0
+    for expert, count in enumerate(counts):
+        pairs = order[start:start + count]
+        start += count
+        if count == 0:
+            continue
+        y = expert_matmul(x_c[pairs // slots], qweight[expert], scales[expert], zeros[expert], group_size)
+        if weights is not None:
+            y = y * weights.reshape(-1)[pairs, None].to(compute)
+        out[pairs] = y.to(compute)
+    return out.to(x.dtype)
