@@ -47,12 +47,22 @@ def routing(tokens, slots, num_experts, dropped=0):
 
 # ----------------------------------------------------------------------------------------- routing sort
 @pytest.mark.parametrize("block_m", [4, 16])
-def test_sort_pairs_by_expert_pads_each_expert_to_whole_blocks(block_m):
+@pytest.mark.parametrize("case", ["small", "many_steps"])
+def test_sort_pairs_by_expert_pads_each_expert_to_whole_blocks(triton_device, block_m, case):
+    """The routing kernel: every pair once, each block one bucket, stable order, used blocks first. many_steps:
+    300 pairs (5 scatter steps of 64), int32 ids, 14 experts (all 16 histogram buckets: 14 + dropped + tail)."""
     from dsattn.triton_kernels import int4_grouped_matmul as tg
 
-    num_experts = 5
-    ids = torch.tensor([3, 0, 3, 7, 1, 3, 3, 0, -1, 3, 1, 5])  # 7, -1, 5: dropped; experts 2 and 4 unused
-    pair_ids, block_expert = tg.sort_pairs_by_expert(ids, num_experts, block_m)
+    if case == "small":
+        num_experts = 5
+        ids = torch.tensor([3, 0, 3, 7, 1, 3, 3, 0, -1, 3, 1, 5])  # 7, -1, 5: dropped; experts 2 and 4 unused
+    else:
+        num_experts = 14
+        ids = torch.randint(-1, num_experts + 2, (300,), dtype=torch.int32)
+        ids[ids == 6] = 7  # expert 6 unused
+    pair_ids, block_expert = tg.sort_pairs_by_expert(ids.to(triton_device), num_experts, block_m)
+    pair_ids, block_expert = pair_ids.cpu(), block_expert.cpu()
+    ids = ids.long()
     p = ids.numel()
     assert pair_ids.dtype == block_expert.dtype == torch.int32
     blocks = block_expert.numel()
@@ -70,6 +80,8 @@ def test_sort_pairs_by_expert_pads_each_expert_to_whole_blocks(block_m):
             assert torch.equal(real, real.sort().values)  # stable: pair order kept within an expert
     used = int((block_expert <= num_experts).sum())
     assert (block_expert[:used].diff() >= 0).all() and (block_expert[used:] == num_experts + 1).all()
+    blocks_needed = sum(-(-int((bucket == e).sum()) // block_m) for e in range(num_experts + 1))
+    assert used == blocks_needed  # no empty block between the used ones
 
 
 # ----------------------------------------------------------------------------------------- Triton
@@ -236,11 +248,11 @@ def test_int4_experts_match_dequantized_experts_and_the_per_expert_loop(device):
     assert_close(q(h, idx, wts), want, 1e-5)
     assert_close(per_expert_loop(q, h, idx, wts), want, 1e-5)
     if device == "cuda":  # the grouped Triton kernel on the GPU
-        qd = q.to(device)
-        assert_close(qd(h.to(device), idx.to(device), wts.to(device)), want, 1e-5)
+        loop_bf16 = per_expert_loop(q, h.bfloat16(), idx, wts)
+        q.to(device)
+        assert_close(q(h.to(device), idx.to(device), wts.to(device)), want, 1e-5)
         hb = h.to(device, torch.bfloat16)
-        assert_close(qd(hb, idx.to(device), wts.to(device)),
-                     per_expert_loop(q, h.bfloat16(), idx, wts).float(), tolerance(torch.bfloat16))
+        assert_close(q(hb, idx.to(device), wts.to(device)), loop_bf16, tolerance(torch.bfloat16))
 
 
 def test_int4_experts_triton_backend_in_the_interpreter(triton_device, monkeypatch):

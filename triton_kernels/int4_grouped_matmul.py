@@ -6,11 +6,14 @@ pairs; W stacked as qweight int32 [E, N, K/8], scales [E, N, K/g], zeros uint8 [
 dsattn.quant.int4 layout per expert). Expert ids outside [0, E) (transformers marks dropped slots with E)
 give zero rows.
 
-Routing (sort_pairs_by_expert, plain torch on the device, no host sync): pairs are sorted by expert and each
-expert's run is padded to a multiple of BLOCK_M, so every BLOCK_M-row block belongs to one expert (the
-layout of vLLM's moe_align_block_size). Out-of-range pairs form one more bucket, E, whose blocks store zeros,
-so every output row is written exactly once. The grid covers an upper bound of the block count known on the
-host (min(pairs, cdiv(pairs, BLOCK_M) + E + 1)); blocks past the used ones carry expert E + 1 and exit.
+Routing (sort_pairs_by_expert: one single-program launch, no host sync): pairs are sorted by expert (stable)
+and each expert's run is padded to a multiple of BLOCK_M, so every BLOCK_M-row block belongs to one expert
+(the layout of vLLM's moe_align_block_size). Out-of-range pairs form one more bucket, E, whose blocks store
+zeros, so every output row is written exactly once. The grid covers a bound on the block count known on the
+host (min(pairs, cdiv(pairs, BLOCK_M) + E + 1)); blocks past the used ones carry expert E + 1 and exit. The
+sort kernel is one program (histogram, cumsum, then a scatter of 64 pairs per step with ranks from a 64 x 64
+same-expert matrix): a decode step's routing costs one small launch instead of ~25 torch ops; a long prefill
+(P = 32K pairs) runs 512 sequential steps in that one program (not yet timed on a GPU).
 
 Each program computes one [BLOCK_M, BLOCK_N] tile of one block with the dense kernel's K loop
 (int4_matmul.dequant_tile_dot: packed words widened in registers, dequantized, tl.dot with fp32
@@ -81,29 +84,81 @@ def int4_grouped_matmul_kernel(
 
 
 # ----------------------------------------------------------------------------------------- routing
+SORT_BLOCK_P = 64  # pairs per step of the scatter (a [64, 64] same-bucket matrix gives ranks within the step)
+SORT_NUM_WARPS = 8  # 4 warps left an 8-byte stack frame at 512 buckets on sm_90
+
+
+@triton.jit
+def _bucket_of(ids_ptr, p, num_pairs, num_experts):
+    """Expert id of pairs p; outside [0, E) -> E (dropped); p past the end -> E + 1 (ignored)."""
+    live = p < num_pairs
+    e = tl.load(ids_ptr + p, mask=live, other=0)
+    bucket = tl.where((e >= 0) & (e < num_experts), e, num_experts).to(tl.int32)
+    return tl.where(live, bucket, num_experts + 1)
+
+
+@triton.jit
+def sort_pairs_kernel(ids_ptr, pair_ptr, block_expert_ptr, cursor_ptr, num_pairs, num_experts, block_m, num_blocks,
+                      BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr):
+    """One program: bucket counts (histogram), blocks per bucket (cumsum), block_expert, then a stable scatter
+    of the pair ids, BLOCK_P pairs per step, through per-bucket cursors kept in cursor_ptr [BLOCK_E]."""
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_p = tl.arange(0, BLOCK_P)
+    real = offs_e <= num_experts  # E experts + the dropped bucket; the rest of BLOCK_E is spare
+    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for start in range(0, num_pairs, BLOCK_P):
+        counts += tl.histogram(_bucket_of(ids_ptr, start + offs_p, num_pairs, num_experts), BLOCK_E)
+    counts = tl.where(real, counts, 0)
+    blocks = (counts + block_m - 1) // block_m
+    block_end = tl.cumsum(blocks, 0)
+    tl.store(cursor_ptr + offs_e, (block_end - blocks) * block_m)  # each bucket's first padded row
+
+    offs_b = tl.arange(0, BLOCK_B)
+    for start in range(0, num_blocks, BLOCK_B):
+        b = start + offs_b
+        # the bucket of block b: how many real buckets end at or before it (E + 1 past the used blocks)
+        owner = tl.sum(((block_end[None, :] <= b[:, None]) & real[None, :]).to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + b, owner, mask=b < num_blocks)
+    for start in range(0, num_blocks * block_m, BLOCK_P):  # padding everywhere; the scatter overwrites
+        tl.store(pair_ptr + start + offs_p, num_pairs, mask=start + offs_p < num_blocks * block_m)
+    tl.debug_barrier()  # the cursors and the padding are written before any thread reads / overwrites them
+
+    for start in range(0, num_pairs, BLOCK_P):
+        p = start + offs_p
+        bucket = _bucket_of(ids_ptr, p, num_pairs, num_experts)
+        base = tl.load(cursor_ptr + bucket)
+        same = bucket[:, None] == bucket[None, :]
+        rank = tl.sum((same & (offs_p[None, :] < offs_p[:, None])).to(tl.int32), axis=1)  # stable
+        tl.store(pair_ptr + base + rank, p, mask=p < num_pairs)
+        tl.debug_barrier()  # every lane has read its cursor before any moves
+        # every pair of a bucket writes the same new cursor: base + the bucket's pairs in this step
+        tl.store(cursor_ptr + bucket, base + tl.sum(same.to(tl.int32), axis=1))
+        tl.debug_barrier()
+
+
+def sort_block_config(num_experts: int) -> dict:
+    block_e = triton.next_power_of_2(num_experts + 2)
+    return dict(BLOCK_E=block_e, BLOCK_P=SORT_BLOCK_P, BLOCK_B=max(1, 4096 // block_e))
+
+
 def sort_pairs_by_expert(expert_ids: torch.Tensor, num_experts: int, block_m: int):
-    """expert_ids [P] (any int dtype; outside [0, E) = dropped) -> (pair_ids int32 [blocks * block_m],
-    block_expert int32 [blocks]), blocks = max_blocks(P, E, block_m), all computed on the device (no host sync).
+    """expert_ids [P] (int32/int64; outside [0, E) = dropped) -> (pair_ids int32 [blocks * block_m],
+    block_expert int32 [blocks]), blocks = max_blocks(P, E, block_m): one launch, no host sync.
 
     Pairs sorted by expert (stable), each expert's run starting at a multiple of block_m, padding = P;
     dropped pairs form bucket E; block_expert[b] is the bucket of block b, E + 1 past the used blocks."""
     p = expert_ids.numel()
     device = expert_ids.device
-    ids = expert_ids.reshape(-1).to(torch.int64)
-    bucket = torch.where((ids >= 0) & (ids < num_experts), ids, num_experts)
-    # scatter_add, not bincount: bincount reads max() back to the host on CUDA.
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
-    counts.scatter_add_(0, bucket, torch.ones_like(bucket))
-    blocks = (counts + block_m - 1) // block_m
-    block_end = torch.cumsum(blocks, 0)
-    count_start = torch.cumsum(counts, 0) - counts
-    sorted_bucket, order = torch.sort(bucket, stable=True)
-    rank = torch.arange(p, device=device) - count_start[sorted_bucket]
-    dest = (block_end - blocks)[sorted_bucket] * block_m + rank
+    ids = expert_ids.reshape(-1)
     total = max_blocks(p, num_experts, block_m)
-    pair_ids = torch.full((total * block_m,), p, dtype=torch.int32, device=device)
-    pair_ids[dest] = order.to(torch.int32)
-    block_expert = torch.searchsorted(block_end, torch.arange(total, device=device), right=True).to(torch.int32)
+    pair_ids = torch.empty(total * block_m, dtype=torch.int32, device=device)
+    block_expert = torch.empty(total, dtype=torch.int32, device=device)
+    if total == 0:
+        return pair_ids, block_expert
+    cfg = sort_block_config(num_experts)
+    cursor = torch.empty(cfg["BLOCK_E"], dtype=torch.int32, device=device)
+    sort_pairs_kernel[(1,)](ids, pair_ids, block_expert, cursor, p, num_experts, block_m, total, **cfg,
+                            num_warps=SORT_NUM_WARPS)
     return pair_ids, block_expert
 
 
@@ -160,6 +215,7 @@ def int4_grouped_matmul(x, qweight, scales, zeros, group_size, expert_ids, slots
 # fp32 (tf32x3) configs are not hot.
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REPRESENTATIVE_PAIRS_PER_EXPERT = {16: 1, 64: 64, 128: 4096}
+SORT_BLOCK_E = (16, 32, 64, 128, 256, 512)
 
 
 def aot_specs() -> list[AOTSpec]:
@@ -191,4 +247,18 @@ def aot_specs() -> list[AOTSpec]:
                             "stride_xm", "stride_qe", "stride_qn", "stride_om")),
                         hot=dtype != torch.float32,
                     )
+    # The routing sort: one program per call, BLOCK_E buckets (E + 2 rounded up: 8..510 experts); int64 ids
+    # (transformers' top_k_index) hot, int32 ids cold.
+    for ids_dtype in ("i64", "i32"):
+        for block_e in SORT_BLOCK_E:
+            cfg = dict(BLOCK_E=block_e, BLOCK_P=SORT_BLOCK_P, BLOCK_B=max(1, 4096 // block_e))
+            assert cfg == sort_block_config(block_e - 2)
+            signature = {"ids_ptr": "*" + ids_dtype, "pair_ptr": "*i32", "block_expert_ptr": "*i32",
+                         "cursor_ptr": "*i32", "num_pairs": "i32", "num_experts": "i32", "block_m": "i32",
+                         "num_blocks": "i32"}
+            name = f"sort_{ids_dtype}_e{block_e}"
+            specs[name] = AOTSpec(name=name, kernel=sort_pairs_kernel, signature=signature, constexprs=cfg,
+                                  num_warps=SORT_NUM_WARPS, num_stages=1,
+                                  divisible_by_16=tuple(a for a in signature if a.endswith("_ptr")),
+                                  hot=ids_dtype == "i64")
     return list(specs.values())
