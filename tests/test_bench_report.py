@@ -12,10 +12,16 @@ from dsattn import bench_report
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def child_env():
+    """The environment for a child pytest: no interpreter flag (it picks its own) and none of this run's
+    PYTEST_* variables (under pytest-xdist, PYTEST_XDIST_WORKER makes pytest-benchmark switch itself off)."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("PYTEST_")}
+
+
 def test_report_from_a_real_benchmark_run(tmp_path):
     pytest.importorskip("pytest_benchmark")
     out_json = tmp_path / "results.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = child_env()
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(ROOT, "bench", "bench_int4_unpack.py"),
          "-k", "1024", f"--benchmark-json={out_json}", "--benchmark-min-rounds=2", "--benchmark-max-time=0.05"],
@@ -64,7 +70,7 @@ def test_model_benchmark_report_on_cpu(tmp_path):
     skipped = tmp_path / "skipped.jsonl"
     skipped.write_text(json.dumps({"bench": "prefill_deepseek_v3", "mode": "dense-sdpa", "S": 131072,
                                    "reason": "out of memory at S=131072"}) + "\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = child_env()
     env.update(DSATTN_BENCH_MODEL_CONTEXTS="128,256", DSATTN_BENCH_MODEL_DECODE="128", OMP_NUM_THREADS="1",
                DSATTN_BENCH_SKIPS=str(skipped), CUDA_VISIBLE_DEVICES="")  # the CPU sizes, fp32: exact checks hold
     proc = subprocess.run(
