@@ -1,7 +1,9 @@
 """int4_matmul vs dense matmul on the same (dequantized) weight.
 
 CPU: dsattn's compiled kernel vs torch fp32 (baseline) / bf16, M=1, 16 (decode) and 256 (prefill), 4096x4096
-g128. Goal (issue 7): M=1 >= 3x faster than torch fp32 matvec.
+g128. Goal (issue 7): M=1 >= 3x faster than torch fp32 matvec. The rows share one table (dtype float32, the
+baseline's); "-bf16" providers take bf16 x: torch-bf16 on the dequantized bf16 weight, dsattn-cpp-bf16 through
+the kernel's bf16 GEMM path (from 16 rows; fewer rows compute in fp32).
 GPU (gpu_only): dsattn's Triton and CUDA kernels vs torch fp16 matmul (baseline), torchao int4 weight-only
 (tinygemm, bf16) and gemlite A16W4 when importable, M in {1, 16, 128, 4096}, N=K=8192, g128, fp16 x. M=1 records
 the achieved weight-streaming bandwidth (packed weight + scales + zeros + x + out bytes / median) as gbps.
@@ -24,11 +26,11 @@ GROUP = 128
 
 
 @pytest.mark.parametrize("m,n,k", CPU_SHAPES)
-@pytest.mark.parametrize("provider", ["torch-fp32", "torch-bf16", "dsattn-cpp", "dsattn-torch"])
+@pytest.mark.parametrize("provider", ["torch-fp32", "torch-bf16", "dsattn-cpp", "dsattn-cpp-bf16", "dsattn-torch"])
 def test_int4_matmul(run_bench, bench_device, provider, m, n, k):
     if bench_device != "cpu" and provider.startswith("dsattn-"):
         pytest.skip("CPU providers; the GPU ones are in test_int4_matmul_gpu")
-    if provider == "dsattn-cpp" and unusable_reason("cpp", torch.device("cpu"), "int4_matmul"):
+    if provider.startswith("dsattn-cpp") and unusable_reason("cpp", torch.device("cpu"), "int4_matmul"):
         pytest.skip("compiled CPU kernel not built")
     q = dsattn.quantize_int4(torch.randn(n, k, device=bench_device), group_size=GROUP)
     x = torch.randn(m, k, device=bench_device)
@@ -38,7 +40,8 @@ def test_int4_matmul(run_bench, bench_device, provider, m, n, k):
         fn = lambda: xd @ w.T  # noqa: E731
     else:
         backend = provider.split("-")[1]
-        fn = lambda: dsattn.int4_matmul(x, q, backend=backend)  # noqa: E731
+        xd = x.to(torch.bfloat16) if provider.endswith("-bf16") else x
+        fn = lambda: dsattn.int4_matmul(xd, q, backend=backend)  # noqa: E731
     run_bench(fn, op="int4_matmul", provider=provider, shape={"M": m, "N": n, "K": k, "g": GROUP}, device=bench_device,
               dtype=torch.float32, baseline=provider == "torch-fp32")
 
@@ -104,7 +107,8 @@ def test_int4_matmul_gpu(run_bench, benchmark, provider, m, n, k):
         fn = _gemlite_fn(weight, x)
     else:
         backend = provider.split("-")[1]
-        fn = lambda: dsattn.int4_matmul(x, q, backend=backend)  # noqa: E731
+        xd = x.to(torch.bfloat16) if provider.endswith("-bf16") else x
+        fn = lambda: dsattn.int4_matmul(xd, q, backend=backend)  # noqa: E731
     run_bench(fn, op="int4_matmul", provider=provider, shape={"M": m, "N": n, "K": k, "g": GROUP}, device=device,
               dtype=torch.float16, baseline=provider == "torch-fp16")
     if m == 1:

@@ -9,7 +9,7 @@ TORCH_LIBRARY(dsattn, m) {
   // int4: qweight int32 [N, K/8], element (n, 8*j + i) in bits [4i, 4i+4) of qweight[n, j].
   m.def("int4_unpack(Tensor qweight) -> Tensor");
   // x [M, K] @ dequantized weight^T (+ bias [N]) -> [M, N]; zeros uint8 [N, K/g]. Per implementation:
-  //   CPU (csrc/cpu/int4_matmul.cpp):  x, scales, bias float32 -> float32.
+  //   CPU (csrc/cpu/int4_matmul.cpp):  x float32/bfloat16 -> x's dtype; scales, bias float32.
   //   CUDA (csrc/cuda/int4_matmul.cu): x float16/bfloat16/float32 -> x's dtype; scales and bias each
   //   float16/bfloat16/float32 (converted on load); fp32 accumulation; built for decode (M <= 16).
   m.def("int4_matmul(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor? bias=None) -> Tensor");

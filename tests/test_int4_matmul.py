@@ -112,31 +112,46 @@ def test_compiled_cpu_kernel_row_blocks(m, group_size, symmetric):
                  expected(x, w), tolerance(torch.float32))
 
 
-@pytest.mark.parametrize("m", [64, 131])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [16, 64, 131])
 @pytest.mark.parametrize("group_size", [128, 96])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_compiled_cpu_kernel_gemm_panels(m, group_size, symmetric):
-    """M >= 64: the weight dequantized in 256-row panels + BLAS GEMM; N = 300 leaves a partial second panel."""
+def test_compiled_cpu_kernel_gemm_panels(m, group_size, symmetric, dtype):
+    """M >= 64 (bf16 x: M >= 16): the weight dequantized in 256-row panels + BLAS GEMM (bf16 x: bf16 panels
+    and GEMM); N = 300 leaves a partial second panel."""
     requires_backend("cpp", "cpu", "int4_matmul")
     n, k = 300, 3 * group_size
     w = quantized(n, k, group_size, symmetric)
-    x = torch.randn(m, k)
+    x = torch.randn(m, k).to(dtype)
     bias = torch.randn(n)
     out = torch.ops.dsattn.int4_matmul(x, w.qweight, w.scales.float(), w.zeros, group_size, bias)
-    assert out.shape == (m, n) and out.is_contiguous()
-    assert_close(out, expected(x, w, bias), tolerance(torch.float32))
+    assert out.shape == (m, n) and out.is_contiguous() and out.dtype == dtype
+    assert_close(out, expected(x, w, bias), tolerance(dtype))
     assert_close(torch.ops.dsattn.int4_matmul(x, w.qweight, w.scales.float(), w.zeros, group_size),
-                 expected(x, w), tolerance(torch.float32))
+                 expected(x, w), tolerance(dtype))
 
 
+@pytest.mark.parametrize("m", [1, 5, 15])
+def test_compiled_cpu_kernel_bf16_few_rows(m):
+    """bf16 x below 16 rows runs the fp32 kernels and rounds once: exactly fp32 math rounded to bf16."""
+    requires_backend("cpp", "cpu", "int4_matmul")
+    w = quantized(37, 256, 64, False)
+    x = torch.randn(m, 256).to(torch.bfloat16)
+    bias = torch.randn(37)
+    out = torch.ops.dsattn.int4_matmul(x, w.qweight, w.scales.float(), w.zeros, 64, bias)
+    fp32 = torch.ops.dsattn.int4_matmul(x.float(), w.qweight, w.scales.float(), w.zeros, 64, bias)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, fp32.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("lead", [(3, 5), (2, 40)])  # 15 rows: GEMV/blocked paths; 80 rows: GEMM panels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpp_through_the_api_3d_noncontiguous(dtype):
+def test_cpp_through_the_api_3d_noncontiguous(dtype, lead):
     requires_backend("cpp", "cpu", "int4_matmul")
     w = quantized(29, 256, 64, act_scales=torch.rand(256) + 0.5)
-    x = non_contiguous(torch.randn(3, 5, 256).to(dtype))
+    x = non_contiguous(torch.randn(*lead, 256).to(dtype))
     bias = torch.randn(29, dtype=dtype)
     got = dsattn.int4_matmul(x, w, bias, backend="cpp")
-    assert got.shape == (3, 5, 29) and got.dtype == dtype
+    assert got.shape == (*lead, 29) and got.dtype == dtype
     assert_close(got, expected(x, w, bias), tolerance(dtype))
 
 

@@ -26,8 +26,9 @@ def int4_matmul(x, w, bias=None, *, backend="auto"):
     """x [..., K] (fp16/bf16/fp32/fp64), w: Int4Weight [N, K] -> [..., N] in x's dtype.
 
     Backends: "cuda" (GEMV / small-M kernel, fp16/bf16/fp32 x), "triton" (dequant GEMM with split-K for
-    few output tiles; fp16/bf16 x, fp32 x as tf32x3; group_size % 16 == 0), "cpp" (CPU, computes in fp32),
-    "torch" (the reference; the only one for float64). "auto" on CUDA: cuda for M <= 16 rows, else triton.
+    few output tiles; fp16/bf16 x, fp32 x as tf32x3; group_size % 16 == 0), "cpp" (CPU, computes in fp32,
+    except bf16 x from 16 rows: a bf16 GEMM), "torch" (the reference; the only one for float64). "auto" on
+    CUDA: cuda for M <= 16 rows, else triton.
     """
     _checks.check_tensor(OP, "x", x, dtypes=_checks.FLOAT_DTYPES)
     if not isinstance(w, Int4Weight):
@@ -50,9 +51,10 @@ def int4_matmul(x, w, bias=None, *, backend="auto"):
     if chosen == "torch":
         return _int4_matmul_torch(x, w.qweight, w.scales, w.zeros, w.group_size, w.input_scale, bias)
     if chosen == "cpp":
-        x2 = x2.float()
+        # bf16 stays bf16 (the kernel's prefill path runs a bf16 GEMM); everything else computes in fp32.
+        x2 = x2 if x2.dtype == torch.bfloat16 else x2.float()
         if w.input_scale is not None:
-            x2 = x2 * w.input_scale.float()
+            x2 = x2 * w.input_scale.to(x2.dtype)
         bias32 = None if bias is None else bias.float()
         out = torch.ops.dsattn.int4_matmul(x2, w.qweight, w.scales.float(), w.zeros, w.group_size, bias32)
         return out.to(x.dtype).reshape(*x.shape[:-1], n)
