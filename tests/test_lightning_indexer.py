@@ -165,6 +165,19 @@ def test_triton_kernel_widest_running_top_k(triton_device, top_k):
     check_against_brute_force(got, brute_force(q, k, w, top_k, 0.3, True), top_k)
 
 
+def test_triton_xor_exchange_of_the_compiled_kernel(triton_device, monkeypatch):
+    """The compiled kernel's bitonic compare-exchange finds each partner by an xor-reduction; the interpreter
+    runs min/max reductions instead (MINMAX) since its generic reduce is slow. Run the xor form here too, on
+    a small fp32 case (UPCAST, the other interpreter-only switch, only concerns bf16)."""
+    import dsattn.triton_kernels.lightning_indexer as kernel_module
+
+    monkeypatch.setattr(kernel_module, "interpreting", lambda: False)
+    b, sq, sk, hi, d, top_k = 1, 5, 40, 2, 8, 6
+    q, k, w = _inputs(b, sq, sk, hi, d, torch.float32, triton_device)
+    got = kernel_module.indexer_topk(q[:, None], k[:, None], w[:, None], top_k, scale=0.4, causal=True)[:, 0]
+    check_against_brute_force(got, brute_force(q, k, w, top_k, 0.4, True), top_k)
+
+
 @pytest.mark.parametrize("splits,top_k,causal", [(5, 7, True), (3, 64, False), (64, 5, True)])
 def test_triton_decode_split_equals_brute_force(triton_device, splits, top_k, causal):
     """Decode and short prefill on few programs: the keys split over programs (each a share of whole
