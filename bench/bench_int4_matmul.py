@@ -1,9 +1,9 @@
 """int4_matmul vs dense matmul on the same (dequantized) weight.
 
 CPU: dsattn's compiled kernel vs torch fp32 (baseline) / bf16, M=1, 16 (decode) and 256 (prefill), 4096x4096
-g128. Goal (issue 7): M=1 >= 3x faster than torch fp32 matvec. The rows share one table (dtype float32, the
-baseline's); "-bf16" providers take bf16 x: torch-bf16 on the dequantized bf16 weight, dsattn-cpp-bf16 through
-the kernel's bf16 GEMM path (from 16 rows; fewer rows compute in fp32).
+g128. Goal (issue 7): M=1 >= 3x faster than torch fp32 matvec. "-bf16" providers take bf16 x and form their own
+group (dtype bfloat16, baseline torch-bf16 on the dequantized bf16 weight): dsattn-cpp-bf16 runs the kernel's
+bf16 GEMM path (from 16 rows; fewer rows compute in fp32).
 GPU (gpu_only): dsattn's Triton and CUDA kernels vs torch fp16 matmul (baseline), torchao int4 weight-only
 (tinygemm, bf16) and gemlite A16W4 when importable, M in {1, 16, 128, 4096}, N=K=8192, g128, fp16 x. M=1 records
 the achieved weight-streaming bandwidth (packed weight + scales + zeros + x + out bytes / median) as gbps.
@@ -42,8 +42,9 @@ def test_int4_matmul(run_bench, bench_device, provider, m, n, k):
         backend = provider.split("-")[1]
         xd = x.to(torch.bfloat16) if provider.endswith("-bf16") else x
         fn = lambda: dsattn.int4_matmul(xd, q, backend=backend)  # noqa: E731
+    bf16 = provider.endswith("-bf16")
     run_bench(fn, op="int4_matmul", provider=provider, shape={"M": m, "N": n, "K": k, "g": GROUP}, device=bench_device,
-              dtype=torch.float32, baseline=provider == "torch-fp32")
+              dtype=torch.bfloat16 if bf16 else torch.float32, baseline=provider in ("torch-fp32", "torch-bf16"))
 
 
 def _torchao_fn(weight, x):
