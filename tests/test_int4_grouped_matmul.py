@@ -145,16 +145,17 @@ def test_triton_down_projection_shape_and_all_dropped(triton_device):
 
 
 # ----------------------------------------------------------------------------------------- cpp / torch
+@pytest.mark.parametrize("tokens", [9, 60])  # 60 x 2 slots over 6 experts: >= 16 rows, cpp's bf16 GEMM path
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_per_expert_backends(backend, dtype):
+def test_per_expert_backends(backend, dtype, tokens):
     if backend == "cpp":
         requires_backend("cpp", "cpu", "int4_matmul")
     num_experts, n, k, g = 6, 29, 192, 64
     ws, qw, sc, ze = stacked(num_experts, n, k, g, symmetric=True)
-    x = non_contiguous(torch.randn(9, k)).to(dtype)
-    ids = routing(9, 2, num_experts, dropped=3)
-    weights = torch.rand(9, 2)
+    x = non_contiguous(torch.randn(tokens, k)).to(dtype)
+    ids = routing(tokens, 2, num_experts, dropped=3)
+    weights = torch.rand(tokens, 2)
     got = dsattn.int4_grouped_matmul(x, qw, sc, ze, g, ids, weights, backend=backend)
     assert got.dtype == dtype
     assert_close(got, expected(x, ws, ids, weights), tolerance(dtype))

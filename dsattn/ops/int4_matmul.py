@@ -74,9 +74,17 @@ GROUPED_IMPLEMENTED = ("torch", "cpp", "triton")
 GROUPED_KERNELS = {"cpp": OP}  # cpp: the compiled int4_matmul, one expert at a time
 
 
-def _cpp_expert_matmul(x_rows, qweight, scales, zeros, group_size):
-    return torch.ops.dsattn.int4_matmul(x_rows, qweight.contiguous(), scales.float().contiguous(),
-                                        zeros.contiguous(), group_size, None)
+def _cpp_expert_matmul(x_dtype):
+    """The compiled CPU int4_matmul as the reference's per-expert GEMM. The reference hands over fp32 rows;
+    for bf16 x they go back to bf16 (exactly: they came from bf16) so that the kernel's bf16 GEMM path runs."""
+    def expert_matmul(x_rows, qweight, scales, zeros, group_size):
+        if x_dtype == torch.bfloat16:
+            x_rows = x_rows.to(torch.bfloat16)
+        out = torch.ops.dsattn.int4_matmul(x_rows, qweight.contiguous(), scales.float().contiguous(),
+                                           zeros.contiguous(), group_size, None)
+        return out.float()
+
+    return expert_matmul
 
 
 def int4_grouped_matmul(x, qweight, scales, zeros, group_size, expert_ids, weights=None, *, backend="auto"):
@@ -133,5 +141,5 @@ def int4_grouped_matmul(x, qweight, scales, zeros, group_size, expert_ids, weigh
         out = _triton.int4_grouped_matmul(x, qweight, scales, zeros, group_size, ids, slots, flat_weights)
     else:
         out = _int4_grouped_matmul_torch(x, qweight, scales, zeros, group_size, ids, slots, flat_weights,
-                                         expert_matmul=_cpp_expert_matmul if chosen == "cpp" else None)
+                                         expert_matmul=_cpp_expert_matmul(x.dtype) if chosen == "cpp" else None)
     return out.reshape(out_shape)
