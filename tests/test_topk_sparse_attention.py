@@ -29,7 +29,8 @@ def brute_force(q, k, v, top_k, scale, causal):
 
 
 @pytest.mark.parametrize("hq,hkv,sq,sk,top_k,causal", [(2, 2, 9, 9, 3, True), (4, 2, 7, 15, 5, True),
-                                                        (2, 1, 6, 11, 4, False), (3, 3, 1, 12, 1, True)])
+                                                        (2, 1, 6, 11, 4, False), (3, 3, 1, 12, 1, True),
+                                                        (2, 1, 6, 4, 6, False)])  # Sk <= top_k: no selection
 def test_reference_equals_brute_force(hq, hkv, sq, sk, top_k, causal):
     q = torch.randn(2, hq, sq, 8, dtype=torch.float64)
     k = torch.randn(2, hkv, sk, 8, dtype=torch.float64)

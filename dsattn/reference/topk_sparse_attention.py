@@ -11,8 +11,8 @@ import torch
 
 from dsattn.reference.lightning_indexer import lightning_indexer_topk
 
-# Score elements held per query chunk (B x Hq x rows x Sk; ~16 MiB in fp32, three such buffers at once).
-CHUNK_ELEMENTS = 1 << 22
+# Score elements held per query chunk (B x Hq x rows x Sk; ~8 MiB in fp32, plus a bool mask and top-k indices).
+CHUNK_ELEMENTS = 1 << 21
 
 
 def topk_indices(q, k, top_k, *, causal=True):
@@ -51,24 +51,29 @@ def topk_sparse_attention(q, k, v, top_k, *, causal=True, scale=None, chunk_elem
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     kc, vc = k.to(compute), v.to(compute)
     rows = max(1, chunk_elements // max(1, b * hq * sk))
-    for start in range(0, sq, rows):
-        stop = min(start + rows, sq)
+    # Causal rows before `few` see at most top_k keys and keep them all: chunks end there, and skip selection.
+    few = min(sq, max(0, top_k - (sk - sq))) if causal else (sq if sk <= top_k else 0)
+    starts = [*range(0, few, rows), *range(few, sq, rows)]
+    for start, stop in zip(starts, [*starts[1:], sq]):
         # Causal: keys after the chunk's last row are visible to none of its rows.
         last = min(sk, stop - 1 + sk - sq + 1) if causal else sk
         if last <= 0:
             continue
         qc = q[:, :, start:stop].to(compute).reshape(b, hkv, groups, stop - start, dqk)
-        scores = torch.einsum("bhgcd,bhkd->bhgck", qc, kc[:, :, :last]) * scale
+        # In place from the scores on: one [B, Hq, c, last] score buffer and one bool mask (memory is speed).
+        scores = torch.einsum("bhgcd,bhkd->bhgck", qc, kc[:, :, :last]).mul_(scale)
         if causal:
             position = torch.arange(start, stop, device=q.device) + (sk - sq)
-            future = torch.arange(last, device=q.device)[None, :] > position[:, None]
-            scores = scores.masked_fill(future, float("-inf"))
-        chosen = scores.topk(min(top_k, last), dim=-1).indices
-        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, True)
-        scores = scores.masked_fill(~keep, float("-inf"))  # also drops chosen -inf (invisible) keys
+            scores.masked_fill_(torch.arange(last, device=q.device)[None, :] > position[:, None], float("-inf"))
+        if stop > few:  # some row sees more than top_k keys
+            chosen = scores.topk(min(top_k, last), dim=-1).indices
+            keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, True)
+            del chosen
+            scores.masked_fill_(~keep, float("-inf"))  # also drops chosen -inf (invisible) keys
+            del keep
         row_max = scores.amax(dim=-1, keepdim=True)
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        probs = torch.exp(scores - row_max)
+        probs = scores.sub_(row_max).exp_()
         denom = probs.sum(dim=-1, keepdim=True)
         o = torch.einsum("bhgck,bhkv->bhgcv", probs, vc[:, :, :last])
         o = o / torch.where(denom > 0, denom, torch.ones_like(denom))
