@@ -66,7 +66,7 @@ def topk_sparse_attention(q, k, v, top_k, *, causal=True, scale=None, chunk_elem
             position = torch.arange(start, stop, device=q.device) + (sk - sq)
             scores.masked_fill_(torch.arange(last, device=q.device)[None, :] > position[:, None], float("-inf"))
         if stop > few:  # some row sees more than top_k keys
-            chosen = scores.topk(min(top_k, last), dim=-1).indices
+            chosen = scores.topk(min(top_k, last), dim=-1, sorted=False).indices  # a set: no sort (2x faster)
             keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, True)
             del chosen
             scores.masked_fill_(~keep, float("-inf"))  # also drops chosen -inf (invisible) keys
