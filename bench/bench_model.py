@@ -4,7 +4,8 @@
   over context lengths; next-token KL(dense || mode) and top-1 agreement with the dense model on the last
   KL_POSITIONS positions go to extra_info (random-init model: these say "the patch changes this much", not
   "the quality is this good"; for that see dsattn.fidelity, which uses a trained model).
-- decode: one token on a KV cache of L tokens (the cache is cropped back after each round), as tokens/s.
+- decode: one token on a KV cache of L tokens (the cache and any per-layer state are put back after each round),
+  as tokens/s.
 
 Sizes (the same tests; the device picks them). GPU: hidden 2048, 16 heads (MLA: qk 128+64, v 128, kv_lora
 512), 2 layers (one dense MLP, one MoE with 8 experts of 1408), bf16, S = 1k, 8k, 32k, 128k, decode caches 4k,
@@ -37,6 +38,7 @@ import torch
 
 import dsattn
 from dsattn.models import prefill_cache, with_cache
+from dsattn.patching.attention import LAYER_STATE_ATTR
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -280,7 +282,8 @@ DECODE_CASES = [(c, m) for c in DECODE_CACHES for m in MODES]
 
 @pytest.mark.parametrize("cache_len,mode", DECODE_CASES, ids=[f"L{c}-{m.split()[0]}" for c, m in DECODE_CASES])
 def test_decode_v3(run_bench, cache_len, mode):
-    """One new token on a cache of cache_len tokens; the cache is cropped back by one after every call."""
+    """One new token on a cache of cache_len tokens; the cache (and any per-layer state) is put back to
+    cache_len tokens after every call."""
     case = {"bench": "decode_deepseek_v3", "mode": mode, "L": cache_len}
     _check_budget(case)
     model = _model("deepseek_v3")
@@ -295,10 +298,16 @@ def test_decode_v3(run_bench, cache_len, mode):
                 _free()
                 _record_skip(case, f"out of memory prefilling a cache of {cache_len}: {str(e).splitlines()[0][:200]}")
             step = ids[:, cache_len:]
+            # Stateful modes (linear) keep a per-layer state next to the KV cache; in real decode it always
+            # matches the cache. Cropping the cache alone would leave it one token ahead and time the full
+            # recompute instead, so the state of cache_len tokens is put back with the crop.
+            states = {m: getattr(m, LAYER_STATE_ATTR) for m in model.modules() if hasattr(m, LAYER_STATE_ATTR)}
 
             def decode_one():
                 out = model(step, **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits
                 cache.crop(-1)  # back to cache_len tokens (transformers 5.x: negative = tokens to drop)
+                for module, state in states.items():
+                    setattr(module, LAYER_STATE_ATTR, state)
                 return out
 
             decode_one()
