@@ -10,8 +10,7 @@
 Sizes (the same tests; the device picks them). GPU: hidden 2048, 16 heads (MLA: qk 128+64, v 128, kv_lora
 512), 2 layers (one dense MLP, one MoE with 8 experts of 1408), bf16, S = 1k, 8k, 32k, 128k, decode caches 4k,
 64k; a size that runs out of memory is skipped with the reason recorded. CPU: hidden 256, 2 layers, fp32,
-S = 1k, 2k, decode caches 256, 2k; the modes whose CPU path is the slow PyTorch reference (topk, V3.2 sparse:
-seconds per layer at 2k) only at 1k, so that the file finishes in about 2 minutes on 2 cores.
+S = 1k, 2k, decode caches 256, 2k, so that the file finishes in about 2 minutes on 2 cores.
 DSATTN_BENCH_MODEL_CONTEXTS="1024,2048,4096,8192" runs every mode at those sizes (on either device);
 DSATTN_BENCH_MODEL_DECODE="256,2048" sets the decode cache lengths. Few rounds per case (pytestmark below):
 one model call takes 10 ms .. seconds.
@@ -62,14 +61,12 @@ if ON_GPU:
     CONTEXTS = _contexts([1024, 8192, 32768, 131072])
     DECODE_CACHES = _contexts([4096, 65536], "DSATTN_BENCH_MODEL_DECODE")
     WINDOW, TOP_K, PREFIX, HYBRID_WINDOW = 4096, 2048, 512, 4096
-    SLOW_ON_CPU_MAX_S = None
 else:
     SIZE = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=128,
                 qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64, intermediate_size=512,
                 moe_intermediate_size=128, n_routed_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
                 vocab_size=4096, index_n_heads=4, index_head_dim=32, index_topk=256)
     CONTEXTS = _contexts([1024, 2048])
-    SLOW_ON_CPU_MAX_S = None if os.environ.get("DSATTN_BENCH_MODEL_CONTEXTS") else 1024
     DECODE_CACHES = _contexts([256, 2048], "DSATTN_BENCH_MODEL_DECODE")
     WINDOW, TOP_K, PREFIX, HYBRID_WINDOW = 512, 256, 64, 256
 
@@ -255,13 +252,8 @@ def _prefill(run_bench, model_type, modes, mode, length):
         _free()
 
 
-def _runs(mode, length):
-    slow = mode.startswith(("topk", "sparse"))
-    return not (slow and SLOW_ON_CPU_MAX_S is not None and length > SLOW_ON_CPU_MAX_S)
-
-
 # context outermost: the time budget cuts the long sizes first
-PREFILL_CASES = [(s, m) for s in CONTEXTS for m in MODES if _runs(m, s)]
+PREFILL_CASES = [(s, m) for s in CONTEXTS for m in MODES]
 
 
 @pytest.mark.parametrize("length,mode", PREFILL_CASES, ids=[f"S{s}-{m.split()[0]}" for s, m in PREFILL_CASES])
@@ -269,7 +261,7 @@ def test_prefill_v3(run_bench, length, mode):
     _prefill(run_bench, "deepseek_v3", MODES, mode, length)
 
 
-V32_CASES = [(s, m) for s in CONTEXTS for m in V32_MODES if _runs("sparse", s)]  # dense only beside sparse
+V32_CASES = [(s, m) for s in CONTEXTS for m in V32_MODES]
 
 
 @pytest.mark.parametrize("length,mode", V32_CASES, ids=[f"S{s}-{m}" for s, m in V32_CASES])
