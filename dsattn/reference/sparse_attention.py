@@ -80,13 +80,9 @@ def _gather(q, k, v, indices, out, causal, scale, compute, chunk_size):
         k_rows = torch.gather(k, 2, flat.expand(-1, -1, -1, dqk)).view(b, hkv, rows, topk, dqk).to(compute)
         v_rows = torch.gather(v, 2, flat.expand(-1, -1, -1, dv)).view(b, hkv, rows, topk, dv).to(compute)
         q_rows = q[:, :, start:stop].reshape(b, hkv, groups, rows, dqk).to(compute)
-        scores = torch.einsum("bhgcd,bhctd->bhgct", q_rows, k_rows) * scale
-        scores = scores.masked_fill(~valid[:, :, None], float("-inf"))
-        row_max = scores.amax(dim=-1, keepdim=True)
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # all-masked rows
-        probs = torch.exp(scores - row_max)
-        denom = probs.sum(dim=-1, keepdim=True)
-        o = torch.einsum("bhgct,bhctv->bhgcv", probs, v_rows) / torch.where(denom > 0, denom, torch.ones_like(denom))
+        scores = torch.einsum("bhgcd,bhctd->bhgct", q_rows, k_rows).mul_(scale)
+        scores.masked_fill_(~valid[:, :, None], float("-inf"))
+        o = softmax_attend(scores, v_rows, "bhgct,bhctv->bhgcv")
         out[:, :, start:stop] = o.reshape(b, hq, rows, dv).to(q.dtype)
     return out
 
@@ -118,11 +114,20 @@ def _dense(q, k, v, indices, out, causal, scale, compute, chunk_size):
         scores = torch.einsum("bhgcd,bhkd->bhgck", qc, kc[:, :, :last]).mul_(scale)
         counts = counts[:, :, None]  # [B, Hkv, 1, c, last]: shared by the group's query heads
         scores.masked_fill_(counts == 0, float("-inf"))
-        row_max = scores.amax(dim=-1, keepdim=True)
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # rows with no key
-        probs = scores.sub_(row_max).exp_().mul_(counts)
-        denom = probs.sum(dim=-1, keepdim=True)
-        o = torch.einsum("bhgck,bhkv->bhgcv", probs, vc[:, :, :last])
-        o = o / torch.where(denom > 0, denom, torch.ones_like(denom))
+        o = softmax_attend(scores, vc[:, :, :last], "bhgck,bhkv->bhgcv", counts)
         out[:, :, start:stop] = o.reshape(b, hq, rows, dv).to(q.dtype)
     return out
+
+
+def softmax_attend(scores, v, equation, counts=None):
+    """Softmax over the last dim of scores (-inf: not attended; overwritten in place), each key's exp(s)
+    times its listing count when counts is given, contracted with v by einsum(equation, probs, v) and
+    divided by the row sums; a row with no finite score gives zeros. Shared by every reference strategy
+    here and by the top-k reference."""
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # rows with no key
+    probs = scores.sub_(row_max).exp_()
+    if counts is not None:
+        probs.mul_(counts)
+    denom = probs.sum(dim=-1, keepdim=True)
+    return torch.einsum(equation, probs, v) / torch.where(denom > 0, denom, torch.ones_like(denom))

@@ -10,6 +10,7 @@ one unit-weight head per query head, no relu) is the selection the kernel backen
 import torch
 
 from dsattn.reference.lightning_indexer import lightning_indexer_topk
+from dsattn.reference.sparse_attention import softmax_attend
 
 # Score elements held per query chunk (B x Hq x rows x Sk; ~8 MiB in fp32, plus a bool mask and top-k indices).
 CHUNK_ELEMENTS = 1 << 21
@@ -71,11 +72,6 @@ def topk_sparse_attention(q, k, v, top_k, *, causal=True, scale=None, chunk_elem
             del chosen
             scores.masked_fill_(~keep, float("-inf"))  # also drops chosen -inf (invisible) keys
             del keep
-        row_max = scores.amax(dim=-1, keepdim=True)
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        probs = scores.sub_(row_max).exp_()
-        denom = probs.sum(dim=-1, keepdim=True)
-        o = torch.einsum("bhgck,bhkv->bhgcv", probs, vc[:, :, :last])
-        o = o / torch.where(denom > 0, denom, torch.ones_like(denom))
+        o = softmax_attend(scores, vc[:, :, :last], "bhgck,bhkv->bhgcv")
         out[:, :, start:stop] = o.reshape(b, hq, stop - start, dv).to(q.dtype)
     return out
