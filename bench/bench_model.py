@@ -295,8 +295,10 @@ def test_decode_v3(run_bench, cache_len, mode):
             # recompute instead, so the state of cache_len tokens is put back with the crop.
             states = {m: getattr(m, LAYER_STATE_ATTR) for m in model.modules() if hasattr(m, LAYER_STATE_ATTR)}
 
+            cache_kw = with_cache(model, cache)  # once: it inspects forward's signature
+
             def decode_one():
-                out = model(step, **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits
+                out = model(step, **cache_kw, use_cache=True, logits_to_keep=1).logits
                 cache.crop(-1)  # back to cache_len tokens (transformers 5.x: negative = tokens to drop)
                 for module, state in states.items():
                     setattr(module, LAYER_STATE_ATTR, state)
