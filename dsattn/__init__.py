@@ -9,9 +9,9 @@ __version__ = "0.1.0"
 from dsattn import reference
 from dsattn.ops.hybrid_attention import hybrid_attention
 from dsattn.ops.int4_matmul import int4_grouped_matmul, int4_matmul
-from dsattn.ops.lightning_indexer import lightning_indexer_topk
+from dsattn.ops.lightning_indexer_topk import lightning_indexer_topk
 from dsattn.ops.linear_attention import linear_attention
-from dsattn.ops.sliding_window import sliding_window_attention, sliding_window_attention_varlen
+from dsattn.ops.sliding_window_attention import sliding_window_attention, sliding_window_attention_varlen
 from dsattn.ops.sparse_attention import sparse_attention
 from dsattn.ops.topk_sparse_attention import topk_sparse_attention
 from dsattn.quant.int4 import Int4Weight, quantize_int4

@@ -89,7 +89,7 @@ def test_triton_selection_is_the_indexer_kernel(triton_device, monkeypatch):
     """backend="triton" selects with the Triton indexer kernel, not the torch streaming top-k."""
     import sys
 
-    from dsattn.triton_kernels import lightning_indexer as kernel
+    from dsattn.triton_kernels import lightning_indexer_topk as kernel
 
     calls = []
     real = kernel.indexer_topk

@@ -11,8 +11,8 @@ KERNEL_MODULES = (
     "int4_grouped_matmul",
     "int4_matmul",
     "int4_unpack",
-    "lightning_indexer",
+    "lightning_indexer_topk",
     "linear_attention",
-    "sliding_window",
+    "sliding_window_attention",
     "sparse_attention",
 )

@@ -3,7 +3,7 @@
 from dsattn.nn.hybrid_attention import HybridAttention
 from dsattn.nn.int4_linear import Int4Experts, Int4Linear
 from dsattn.nn.linear_attention import LinearAttention
-from dsattn.nn.sliding_window import SlidingWindowAttention
+from dsattn.nn.sliding_window_attention import SlidingWindowAttention
 from dsattn.nn.topk_sparse_attention import TopKSparseAttention
 
 __all__ = ["HybridAttention", "Int4Experts", "Int4Linear", "LinearAttention", "SlidingWindowAttention", "TopKSparseAttention"]

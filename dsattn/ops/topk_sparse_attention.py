@@ -12,7 +12,7 @@ def _triton(q, k, v, top_k, *, causal, scale):
     """Selection by the indexer's Triton kernel (each query head one index head, unit weight, no relu: the
     reference's ranking by q.k), attention by the Triton sparse-attention kernel. The indices differ per query
     head, so K/V go to sparse attention once per query head (a copy under GQA), as in the reference."""
-    from dsattn.ops.lightning_indexer import TRITON_DTYPES, triton_topk
+    from dsattn.ops.lightning_indexer_topk import TRITON_DTYPES, triton_topk
     from dsattn.ops.sparse_attention import sparse_attention
 
     if q.dtype not in TRITON_DTYPES or k.dtype != q.dtype:

@@ -4,9 +4,9 @@ chunks so that no O(seq^2) tensor exists."""
 
 from dsattn.reference.hybrid_attention import hybrid_attention
 from dsattn.reference.int4 import pack_int4, unpack_int4
-from dsattn.reference.lightning_indexer import lightning_indexer_topk
+from dsattn.reference.lightning_indexer_topk import lightning_indexer_topk
 from dsattn.reference.linear_attention import linear_attention
-from dsattn.reference.sliding_window import sliding_window_attention, sliding_window_attention_varlen
+from dsattn.reference.sliding_window_attention import sliding_window_attention, sliding_window_attention_varlen
 from dsattn.reference.sparse_attention import sparse_attention
 from dsattn.reference.topk_sparse_attention import topk_sparse_attention
 

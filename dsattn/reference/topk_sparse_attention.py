@@ -9,7 +9,7 @@ one unit-weight head per query head, no relu) is the selection the kernel backen
 
 import torch
 
-from dsattn.reference.lightning_indexer import lightning_indexer_topk
+from dsattn.reference.lightning_indexer_topk import lightning_indexer_topk
 from dsattn.reference.sparse_attention import softmax_attend
 
 # Score elements held per query chunk (B x Hq x rows x Sk; ~8 MiB in fp32, plus a bool mask and top-k indices).

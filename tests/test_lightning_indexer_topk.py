@@ -1,6 +1,7 @@
 """lightning_indexer_topk: streaming reference vs brute force (float64), the Triton kernel (interpreter here)
 vs brute force, index sets, padding, strided inputs, every output written, peak memory, bad input."""
 
+import importlib
 import subprocess
 import sys
 import textwrap
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import dsattn
-from dsattn.reference import lightning_indexer as ref
+ref = importlib.import_module("dsattn.reference.lightning_indexer_topk")
 
 
 def brute_force(q_idx, k_idx, weights, top_k, scale, causal, relu=True):
@@ -156,7 +157,7 @@ def test_triton_equals_brute_force(triton_device, b, sq, sk, hi, d, top_k, causa
 def test_triton_kernel_widest_running_top_k(triton_device, top_k):
     """The kernel itself at KP = 2048 (the op clamps top_k to Sk, so call the launcher): a power of two and
     not, both above Sk; every unused slot is -1."""
-    from dsattn.triton_kernels.lightning_indexer import indexer_topk
+    from dsattn.triton_kernels.lightning_indexer_topk import indexer_topk
 
     b, sq, sk, hi, d = 1, 4, 70, 2, 16
     q, k, w = _inputs(b, sq, sk, hi, d, torch.float32, triton_device)
@@ -169,7 +170,7 @@ def test_triton_xor_exchange_of_the_compiled_kernel(triton_device, monkeypatch):
     """The compiled kernel's bitonic compare-exchange finds each partner by an xor-reduction; the interpreter
     runs min/max reductions instead (MINMAX) since its generic reduce is slow. Run the xor form here too, on
     a small fp32 case (UPCAST, the other interpreter-only switch, only concerns bf16)."""
-    import dsattn.triton_kernels.lightning_indexer as kernel_module
+    import dsattn.triton_kernels.lightning_indexer_topk as kernel_module
 
     monkeypatch.setattr(kernel_module, "interpreting", lambda: False)
     b, sq, sk, hi, d, top_k = 1, 5, 40, 2, 8, 6
@@ -182,7 +183,7 @@ def test_triton_xor_exchange_of_the_compiled_kernel(triton_device, monkeypatch):
 def test_triton_decode_split_equals_brute_force(triton_device, splits, top_k, causal):
     """Decode and short prefill on few programs: the keys split over programs (each a share of whole
     super-blocks, the last ones empty under causal for early rows), partial lists merged."""
-    from dsattn.triton_kernels.lightning_indexer import indexer_topk
+    from dsattn.triton_kernels.lightning_indexer_topk import indexer_topk
 
     b, sq, sk, hi, d = 2, 3, 300, 4, 16
     q, k, w = _inputs(b, sq, sk, hi, d, torch.float32, triton_device)
@@ -195,7 +196,7 @@ def test_triton_decode_split_equals_brute_force(triton_device, splits, top_k, ca
 def test_triton_strided_inputs_and_every_output_written(triton_device):
     """Transposed views (no copy) for q, k and weights; a poisoned output buffer (a value no index can take)
     is fully overwritten, -1 padding included."""
-    from dsattn.triton_kernels.lightning_indexer import indexer_topk
+    from dsattn.triton_kernels.lightning_indexer_topk import indexer_topk
 
     b, sq, sk, hi, d, top_k = 2, 11, 23, 4, 16, 13
     q = torch.randn(b, hi, sq, d, device=triton_device).transpose(1, 2)  # [B, Sq, Hi, D] strided
@@ -212,7 +213,7 @@ def test_triton_strided_inputs_and_every_output_written(triton_device):
 def test_triton_without_relu_ranks_raw_scores(triton_device):
     """topk_sparse_attention's selection: one index head per query head (GQA: two query heads share a key
     head), unit weights, no relu: the ranking of q.k, negative scores included."""
-    from dsattn.ops.lightning_indexer import triton_topk
+    from dsattn.ops.lightning_indexer_topk import triton_topk
 
     b, hq, hkv, sq, sk, d, top_k = 1, 4, 2, 9, 21, 16, 6
     q = torch.randn(b, hq, sq, d, device=triton_device)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from dsattn._backend import unusable_reason
-from dsattn.ops.lightning_indexer import KERNELS, lightning_indexer_topk
+from dsattn.ops.lightning_indexer_topk import KERNELS, lightning_indexer_topk
 
 OP = "lightning_indexer_topk"
 

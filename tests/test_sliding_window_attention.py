@@ -1,16 +1,17 @@
 """Sliding-window attention: the reference against brute force in float64, the Triton kernels (prefill,
 split-K decode, varlen; the interpreter on CPU) against the reference, and bad input."""
 
+import importlib
 import pytest
 import torch
 
 import dsattn
-from dsattn.reference.sliding_window import sliding_window_attention as reference
-from dsattn.reference.sliding_window import sliding_window_attention_varlen as reference_varlen
+from dsattn.reference.sliding_window_attention import sliding_window_attention as reference
+from dsattn.reference.sliding_window_attention import sliding_window_attention_varlen as reference_varlen
 from dsattn.testing import assert_close, non_contiguous, poisoned, tolerance
 
 swa = dsattn.sliding_window_attention
-swa_varlen = dsattn.sliding_window_attention_varlen
+sliding_window_attention_varlen = dsattn.sliding_window_attention_varlen
 
 
 def brute_force(q, k, v, window, causal, scale, sinks):
@@ -71,7 +72,7 @@ def test_reference_full_window_equals_sdpa_causal():
 
 def test_reference_memory_is_o_s_times_window(monkeypatch):
     """No [Sq, Sk] tensor: every score block the reference builds spans at most chunk + 2 * window keys."""
-    from dsattn.reference import sliding_window as module
+    module = importlib.import_module("dsattn.reference.sliding_window_attention")
 
     widest = []
     matmul = torch.matmul
@@ -107,7 +108,7 @@ def _cu(lengths, device="cpu"):
 
 def _run_triton(q, k, v, window, causal=True, scale=None, sinks=None):
     """The kernels through the launcher with a NaN-poisoned output buffer: every element must be written."""
-    from dsattn.triton_kernels import sliding_window as kernels
+    from dsattn.triton_kernels import sliding_window_attention as kernels
 
     out = poisoned((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), q.dtype, q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -164,7 +165,7 @@ def test_triton_non_contiguous_inputs(triton_device):
     ],
 )
 def test_triton_decode_matches_reference(triton_device, monkeypatch, hq, hkv, sq, sk, window, with_sinks, dtype):
-    from dsattn.triton_kernels import sliding_window as kernels
+    from dsattn.triton_kernels import sliding_window_attention as kernels
 
     monkeypatch.setattr(kernels, "MIN_KEYS_PER_SPLIT", 32)  # several splits even on these short caches
     q, k, v = make_qkv(2, hq, hkv, sq, sk, 32, 16, dtype, triton_device)
@@ -175,7 +176,7 @@ def test_triton_decode_matches_reference(triton_device, monkeypatch, hq, hkv, sq
 
 def test_decode_splits_only_cover_the_window(triton_device, monkeypatch):
     """Decode reads the window's keys only: poisoning the cache before the window changes nothing."""
-    from dsattn.triton_kernels import sliding_window as kernels
+    from dsattn.triton_kernels import sliding_window_attention as kernels
 
     monkeypatch.setattr(kernels, "MIN_KEYS_PER_SPLIT", 32)
     q, k, v = make_qkv(1, 4, 1, 1, 500, 32, 32, torch.float32, triton_device)
@@ -187,7 +188,7 @@ def test_decode_splits_only_cover_the_window(triton_device, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_varlen_matches_reference(triton_device, dtype):
-    from dsattn.triton_kernels import sliding_window as kernels
+    from dsattn.triton_kernels import sliding_window_attention as kernels
 
     lens_q, lens_k = [17, 1, 0, 70, 5], [17, 90, 3, 70, 0]  # uneven, decode-like, empty q, empty k
     hq, hkv = 4, 2
@@ -205,7 +206,7 @@ def test_triton_varlen_matches_reference(triton_device, dtype):
     q_nc = q.transpose(0, 1).contiguous().transpose(0, 1)  # head-major memory
     v_nc = non_contiguous(v)  # a strided head dim
     assert not (q_nc.is_contiguous() or v_nc.is_contiguous())
-    got = swa_varlen(q_nc, k, v_nc, cu_q, cu_k, 70, 90, 13, sinks=sinks, backend="triton")
+    got = sliding_window_attention_varlen(q_nc, k, v_nc, cu_q, cu_k, 70, 90, 13, sinks=sinks, backend="triton")
     assert_close(got, expected, tolerance(dtype))
 
 
@@ -275,29 +276,29 @@ def test_bad_input_is_named():
 def test_varlen_bad_input_is_named():
     q, k, v = torch.randn(6, 4, 8), torch.randn(9, 2, 8), torch.randn(9, 2, 8)
     cu_q, cu_k = _cu([2, 4]), _cu([4, 5])
-    assert swa_varlen(q, k, v, cu_q, cu_k, 4, 5, 3).shape == (6, 4, 8)
+    assert sliding_window_attention_varlen(q, k, v, cu_q, cu_k, 4, 5, 3).shape == (6, 4, 8)
     with pytest.raises(ValueError, match="q must be 3-D"):
-        swa_varlen(q[None], k, v, cu_q, cu_k, 4, 5, 3)
+        sliding_window_attention_varlen(q[None], k, v, cu_q, cu_k, 4, 5, 3)
     with pytest.raises(ValueError, match="window must be >= 1"):
-        swa_varlen(q, k, v, cu_q, cu_k, 4, 5, 0)
+        sliding_window_attention_varlen(q, k, v, cu_q, cu_k, 4, 5, 0)
     with pytest.raises(ValueError, match="k and v must agree"):
-        swa_varlen(q, k, v[:8], cu_q, cu_k, 4, 5, 3)
+        sliding_window_attention_varlen(q, k, v[:8], cu_q, cu_k, 4, 5, 3)
     with pytest.raises(ValueError, match="multiple of k/v heads"):
-        swa_varlen(q[:, :3], k, v, cu_q, cu_k, 4, 5, 3)
+        sliding_window_attention_varlen(q[:, :3], k, v, cu_q, cu_k, 4, 5, 3)
     with pytest.raises(TypeError, match="cu_seqlens_q must have dtype"):
-        swa_varlen(q, k, v, cu_q.long(), cu_k, 4, 5, 3)
+        sliding_window_attention_varlen(q, k, v, cu_q.long(), cu_k, 4, 5, 3)
     with pytest.raises(ValueError, match="cu_seqlens_k must start at 0 and end at the token count 9"):
-        swa_varlen(q, k, v, cu_q, _cu([4, 4]), 4, 5, 3)
+        sliding_window_attention_varlen(q, k, v, cu_q, _cu([4, 4]), 4, 5, 3)
     with pytest.raises(ValueError, match="cu_seqlens_q must be non-decreasing"):
-        swa_varlen(q, k, v, torch.tensor([0, 7, 6], dtype=torch.int32), cu_k, 7, 5, 3)
+        sliding_window_attention_varlen(q, k, v, torch.tensor([0, 7, 6], dtype=torch.int32), cu_k, 7, 5, 3)
     with pytest.raises(ValueError, match="same length"):
-        swa_varlen(q, k, v, cu_q, _cu([4, 5, 0]), 4, 5, 3)
+        sliding_window_attention_varlen(q, k, v, cu_q, _cu([4, 5, 0]), 4, 5, 3)
     with pytest.raises(ValueError, match="max_seqlen_q=3 is shorter"):
-        swa_varlen(q, k, v, cu_q, cu_k, 3, 5, 3)
+        sliding_window_attention_varlen(q, k, v, cu_q, cu_k, 3, 5, 3)
     with pytest.raises(TypeError, match="max_seqlen_k must be an int"):
-        swa_varlen(q, k, v, cu_q, cu_k, 4, 5.0, 3)
+        sliding_window_attention_varlen(q, k, v, cu_q, cu_k, 4, 5.0, 3)
     with pytest.raises(ValueError, match=r"sinks must have shape \[4\]"):
-        swa_varlen(q, k, v, cu_q, cu_k, 4, 5, 3, sinks=torch.zeros(3))
+        sliding_window_attention_varlen(q, k, v, cu_q, cu_k, 4, 5, 3, sinks=torch.zeros(3))
 
 
 def test_triton_rejects_float64(triton_device):
@@ -305,6 +306,6 @@ def test_triton_rejects_float64(triton_device):
     with pytest.raises(TypeError, match="float16/bfloat16/float32"):
         swa(q, k, v, 2, backend="triton")
     with pytest.raises(TypeError, match="float16/bfloat16/float32"):
-        swa_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), _cu([5]), _cu([5]), 5, 5, 2,
+        sliding_window_attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), _cu([5]), _cu([5]), 5, 5, 2,
                    backend="triton")
     assert_close(swa(q, k, v, 2), reference(q, k, v, 2), 1e-12)  # "auto" computes float64 in the reference

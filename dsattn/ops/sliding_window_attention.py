@@ -1,9 +1,10 @@
 """sliding_window_attention[_varlen]: validate, pick a backend, dispatch (Triton kernels or the reference)."""
 
+import importlib
 import torch
 
 from dsattn import _backend, _checks
-from dsattn.reference import sliding_window as _reference
+_reference = importlib.import_module("dsattn.reference.sliding_window_attention")
 
 OP = "sliding_window_attention"
 OP_VARLEN = "sliding_window_attention_varlen"
@@ -30,7 +31,7 @@ def _check_sinks(op: str, sinks, heads_q: int, q: torch.Tensor):
     return sinks
 
 
-MAX_TRITON_HEAD_DIM = 256  # dsattn.triton_kernels.sliding_window.MAX_HEAD_DIM (not imported: Triton is optional)
+MAX_TRITON_HEAD_DIM = 256  # dsattn.triton_kernels.sliding_window_attention.MAX_HEAD_DIM (not imported: Triton is optional)
 
 
 def _select(op: str, backend: str, q: torch.Tensor, dim_qk: int, dim_v: int) -> str:
@@ -72,7 +73,7 @@ def sliding_window_attention(q, k, v, window, *, causal=True, scale=None, sinks=
     chosen = _select(OP, backend, q, shape.dim_qk, shape.dim_v)
     if chosen == "torch":
         return _reference.sliding_window_attention(q, k, v, window, causal=causal, scale=scale, sinks=sinks)
-    from dsattn.triton_kernels import sliding_window as _triton
+    from dsattn.triton_kernels import sliding_window_attention as _triton
 
     sinks = None if sinks is None else sinks.to(torch.float32).contiguous()
     return _triton.sliding_window_attention(q, k, v, window, causal, scale, sinks)
@@ -140,7 +141,7 @@ def sliding_window_attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window,
             causal=causal, scale=scale, sinks=sinks,
         )
-    from dsattn.triton_kernels import sliding_window as _triton
+    from dsattn.triton_kernels import sliding_window_attention as _triton
 
     sinks = None if sinks is None else sinks.to(torch.float32).contiguous()
     return _triton.sliding_window_attention_varlen(

@@ -1,11 +1,11 @@
 """Sliding-window attention (flash-attention style) for dsattn.sliding_window_attention[_varlen].
 
 Three kernels share one inner loop (`_attend_key_range`: online softmax in base 2 over a key range):
-- `swa_fwd_kernel` (prefill, chunked prefill, varlen): one program per (query block, query head); the key
+- `sliding_window_attention_fwd_kernel` (prefill, chunked prefill, varlen): one program per (query block, query head); the key
   loop runs over [lo, hi), the keys the block's window can reach, so the cost is O(Sq x window), not
   O(Sq x Sk). GQA reads kv head h // groups (K/V are never repeated). Varlen packs sequences along the
   token dim and finds each sequence's bounds in cu_seqlens.
-- `swa_decode_split_kernel` + `swa_decode_combine_kernel` (decode, groups x Sq <= 64): flash-decoding. One
+- `sliding_window_attention_decode_split_kernel` + `sliding_window_attention_decode_combine_kernel` (decode, groups x Sq <= 64): flash-decoding. One
   program per (key split, kv head) handles all the kv head's query heads and rows at once (rows = groups x
   Sq), over its slice of the window's key range only, so the cost does not grow with the cache beyond the
   window; the combine kernel merges the splits' (output, log-sum-exp) pairs and the sink.
@@ -95,7 +95,7 @@ def _finish_rows(acc, l_i, m_i, sink_log2, HAS_SINKS: tl.constexpr):
 
 
 @triton.jit
-def swa_fwd_kernel(
+def sliding_window_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, sinks_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -186,7 +186,7 @@ def swa_fwd_kernel(
 
 
 @triton.jit
-def swa_decode_split_kernel(
+def sliding_window_attention_decode_split_kernel(
     q_ptr, k_ptr, v_ptr, o_part_ptr, lse_part_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -235,7 +235,7 @@ def swa_decode_split_kernel(
 
 
 @triton.jit
-def swa_decode_combine_kernel(
+def sliding_window_attention_decode_combine_kernel(
     o_part_ptr, lse_part_ptr, o_ptr, sinks_ptr,
     stride_ob, stride_oh, stride_os, stride_od,
     HQ, SEQ_Q, DV, NUM_SPLITS,
@@ -334,7 +334,7 @@ def _fwd(q, k, v, out, sinks, cu_q, cu_k, strides, shape, window, causal, scale)
     block_dqk, block_dv = _pow2(dqk), _pow2(dv)
     cfg = fwd_config(block_dqk, block_dv, q.dtype)
     grid = (triton.cdiv(max_q, cfg["BLOCK_M"]), batch * hq)
-    swa_fwd_kernel[grid](
+    sliding_window_attention_fwd_kernel[grid](
         q, k, v, out, sinks, cu_q, cu_k, *strides[0], *strides[1], *strides[2], *strides[3],
         hq, groups, seq_q, seq_k, dqk, dv, window, scale * LOG2E,
         CAUSAL=causal, HAS_SINKS=sinks is not None, IS_VARLEN=cu_q is not None,
@@ -359,14 +359,14 @@ def _decode(q, k, v, out, sinks, window, causal, scale):
     num_splits = triton.cdiv(keys, keys_per_split)
     o_part = torch.empty(batch, hq, seq_q, num_splits, block_dv, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(batch, hq, seq_q, num_splits, dtype=torch.float32, device=q.device)
-    swa_decode_split_kernel[(num_splits, batch * hkv)](
+    sliding_window_attention_decode_split_kernel[(num_splits, batch * hkv)](
         q, k, v, o_part, lse_part, *q.stride(), *k.stride(), *v.stride(),
         hkv, groups, seq_q, seq_k, dqk, dv, window, scale * LOG2E, key_lo, keys_per_split, num_splits,
         CAUSAL=causal, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
         UPCAST=interpreting() and q.dtype == torch.bfloat16, TF32X3=q.dtype == torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    swa_decode_combine_kernel[(batch * hq * seq_q,)](
+    sliding_window_attention_decode_combine_kernel[(batch * hq * seq_q,)](
         o_part, lse_part, out, sinks, *out.stride(), hq, seq_q, dv, num_splits,
         HAS_SINKS=sinks is not None, BLOCK_SPLITS=MAX_SPLITS, BLOCK_DV=block_dv,
         num_warps=4 if block_dv >= 128 else 2,
@@ -450,7 +450,7 @@ def aot_specs() -> list[AOTSpec]:
                              "HQ": "i32", "GROUPS": "i32", "SEQ_Q": "i32", "SEQ_K": "i32", "DQK": "i32",
                              "DV": "i32", "window": "i32", "qk_scale_log2": "fp32"}
                 specs.append(AOTSpec(
-                    name=f"fwd{'_varlen' if varlen else ''}_{tag}", kernel=swa_fwd_kernel, signature=signature,
+                    name=f"fwd{'_varlen' if varlen else ''}_{tag}", kernel=sliding_window_attention_fwd_kernel, signature=signature,
                     constexprs=dict(**_unit_head_strides("q", "k", "v", "o"), CAUSAL=True, HAS_SINKS=True,
                                     IS_VARLEN=varlen, BLOCK_M=cfg["BLOCK_M"],
                                     BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
@@ -466,7 +466,7 @@ def aot_specs() -> list[AOTSpec]:
                              "DV": "i32", "window": "i32", "qk_scale_log2": "fp32", "key_lo": "i32",
                              "keys_per_split": "i32", "NUM_SPLITS": "i32"}
                 specs.append(AOTSpec(
-                    name=f"decode_split_m{rows}_{tag}", kernel=swa_decode_split_kernel, signature=signature,
+                    name=f"decode_split_m{rows}_{tag}", kernel=sliding_window_attention_decode_split_kernel, signature=signature,
                     constexprs=dict(**_unit_head_strides("q", "k", "v"), CAUSAL=True, BLOCK_M=cfg["BLOCK_M"],
                                     BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, UPCAST=False,
                                     TF32X3=dtype == torch.float32),
@@ -478,7 +478,7 @@ def aot_specs() -> list[AOTSpec]:
                          **_strides("o"), "HQ": "i32", "SEQ_Q": "i32", "DV": "i32", "NUM_SPLITS": "i32"}
             specs.append(AOTSpec(
                 name=f"decode_combine_{str(dtype).replace('torch.', '')}_dv{block_dv}",
-                kernel=swa_decode_combine_kernel, signature=signature, divisible_by_16=_aligned(signature),
+                kernel=sliding_window_attention_decode_combine_kernel, signature=signature, divisible_by_16=_aligned(signature),
                 constexprs=dict(**_unit_head_strides("o"), HAS_SINKS=True, BLOCK_SPLITS=MAX_SPLITS, BLOCK_DV=block_dv),
                 num_warps=4 if block_dv >= 128 else 2, num_stages=1,
             ))

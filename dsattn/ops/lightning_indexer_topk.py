@@ -3,21 +3,21 @@
 import torch
 
 from dsattn import _backend, _checks
-from dsattn.reference.lightning_indexer import QUERY_CHUNK, KEY_CHUNK, indexer_scores
-from dsattn.reference.lightning_indexer import lightning_indexer_topk as _indexer_torch
+from dsattn.reference.lightning_indexer_topk import QUERY_CHUNK, KEY_CHUNK, indexer_scores
+from dsattn.reference.lightning_indexer_topk import lightning_indexer_topk as _indexer_torch
 
 OP = "lightning_indexer_topk"
 IMPLEMENTED = ("triton", "cuda", "cpp", "torch")
 KERNELS = {"cuda": "topk_select", "cpp": "topk_select"}
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-TRITON_MAX_TOP_K = 2048  # dsattn.triton_kernels.lightning_indexer.MAX_TOP_K (not imported: Triton is optional)
+TRITON_MAX_TOP_K = 2048  # dsattn.triton_kernels.lightning_indexer_topk.MAX_TOP_K (not imported: Triton is optional)
 
 
 def _auto_order(device: torch.device, top_k: int, sk: int):
     large = min(top_k, sk) > TRITON_MAX_TOP_K
     if device.type == "cuda":
         return ("cuda", "triton", "torch") if large else ("triton", "cuda", "torch")
-    # CPU: the radix select wins clearly only at large top_k (bench_lightning_indexer.py: 0.53 vs 0.92 s at
+    # CPU: the radix select wins clearly only at large top_k (bench_lightning_indexer_topk.py: 0.53 vs 0.92 s at
     # S=5120 top_k 4096; 12.9 vs 14.7 ms at 1024/64, 66 vs 69 ms at 2048/256). Below 2048 the torch path is
     # kept: its torch.topk breaks ties as transformers' own V3.2 indexer does, and ties are common where few
     # index heads relu to exactly 0 (small models), so patched V3.2 then equals its eager path exactly.
@@ -42,7 +42,7 @@ def triton_topk(q, k, weights, top_k, *, scale, causal, relu=True):
     """The Triton kernel on q [B, G, Sq, Hi, D], k [B, Gk, Sk, D], weights [B, G, Sq, Hi] or None (unit):
     int32 [B, G, Sq, top_k]. Rows never list more than Sk keys, so the kernel runs at min(top_k, Sk) and the
     rest is -1; None when that still exceeds the kernel's top_k limit (the caller streams in torch then)."""
-    from dsattn.triton_kernels.lightning_indexer import MAX_TOP_K, indexer_topk
+    from dsattn.triton_kernels.lightning_indexer_topk import MAX_TOP_K, indexer_topk
 
     b, g, sq = q.shape[:3]
     sk = k.shape[2]
@@ -94,7 +94,7 @@ def lightning_indexer_topk(q_idx, k_idx, weights, top_k, *, scale=None, causal=T
     min(top_k, Sk) <= 2048 and fp16/bf16/fp32; a larger top_k takes the torch query-chunked streaming top-k.
     "cuda" / "cpp" (any top_k, fp16/bf16/fp32): fp32 scores of a query chunk against all keys [chunk_q, Sk]
     (torch matmuls), then a compiled radix-select top-k per row (csrc/{cuda,cpu}/topk_select.*).
-    "torch": the query-chunked streaming reference (dsattn.reference.lightning_indexer).
+    "torch": the query-chunked streaming reference (dsattn.reference.lightning_indexer_topk).
     "auto": when min(top_k, Sk) <= 2048 triton on CUDA, torch on CPU; beyond, cuda on CUDA, cpp on CPU.
     """
     scale = check_indexer_inputs(q_idx, k_idx, weights, top_k, scale)

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from dsattn.ops.sliding_window import sliding_window_attention
+from dsattn.ops.sliding_window_attention import sliding_window_attention
 
 
 class SlidingWindowAttention(nn.Module):
