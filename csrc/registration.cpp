@@ -1,11 +1,12 @@
-// The one place where dsattn's compiled ops are declared (schemas). Implementations register per backend:
-// csrc/cpu/*.cpp with TORCH_LIBRARY_IMPL(dsattn, CPU, m), csrc/cuda/*.cu with TORCH_LIBRARY_IMPL(dsattn, CUDA, m).
-// Declaring them through TORCH_LIBRARY makes them torch.ops.dsattn.* and visible to torch.compile.
+// The one place where dsattn's compiled kernels are declared (schemas). Implementations register per backend:
+// csrc/cpu/*.cpp with TORCH_LIBRARY_IMPL(dsattn_C, CPU, m), csrc/cuda/*.cu with TORCH_LIBRARY_IMPL(dsattn_C, CUDA, m).
+// They live in their own namespace, torch.ops.dsattn_C.*: torch.ops.dsattn.* are the public ops (Python custom
+// ops, dsattn/ops/), whose "cpp" / "cuda" backends call these kernels. Fake kernels: dsattn/_ext.py.
 // Lean includes on purpose: <torch/extension.h> costs ~50 s per translation unit.
 #include <Python.h>
 #include <torch/library.h>
 
-TORCH_LIBRARY(dsattn, m) {
+TORCH_LIBRARY(dsattn_C, m) {
   // int4: qweight int32 [N, K/8], element (n, 8*j + i) in bits [4i, 4i+4) of qweight[n, j].
   m.def("int4_unpack(Tensor qweight) -> Tensor");
   // x [M, K] @ dequantized weight^T (+ bias [N]) -> [M, N]; zeros uint8 [N, K/g]. Per implementation:

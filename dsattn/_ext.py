@@ -24,8 +24,10 @@ def _load(name: str) -> bool:
 
 
 def cpp_loaded() -> bool:
-    """True when dsattn._C (CPU kernels and every op's schema) is importable."""
-    return _load("dsattn._C")
+    """True when dsattn._C (CPU kernels and every compiled kernel's schema) is importable."""
+    if _load("dsattn._C") and not _fakes_registered:
+        _register_fakes()
+    return _loaded["dsattn._C"]
 
 
 def cuda_loaded() -> bool:
@@ -34,14 +36,36 @@ def cuda_loaded() -> bool:
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether torch.ops.dsattn.<op> has a compiled kernel for dispatch_key ("CPU" or "CUDA")."""
+    """Whether torch.ops.dsattn_C.<op> has a compiled kernel for dispatch_key ("CPU" or "CUDA")."""
     loaded = cuda_loaded() if dispatch_key == "CUDA" else cpp_loaded()
     if not loaded:
         return False
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"dsattn::{op}", dispatch_key)
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"dsattn_C::{op}", dispatch_key)
     except RuntimeError:  # op not declared in this build
         return False
+
+
+_fakes_registered = False
+
+
+def _register_fakes() -> None:
+    """Fake (meta) kernels of torch.ops.dsattn_C.*, so that the public ops' cpp / cuda backends trace under
+    torch.compile and FakeTensorMode. Shapes as declared in csrc/registration.cpp."""
+    global _fakes_registered
+    _fakes_registered = True
+
+    @torch.library.register_fake("dsattn_C::int4_unpack")
+    def _(qweight):
+        return qweight.new_empty((qweight.shape[0], qweight.shape[1] * 8), dtype=torch.uint8)
+
+    @torch.library.register_fake("dsattn_C::int4_matmul")
+    def _(x, qweight, scales, zeros, group_size, bias=None):
+        return x.new_empty((x.shape[0], qweight.shape[0]))
+
+    @torch.library.register_fake("dsattn_C::topk_select")
+    def _(scores, lengths, k):
+        return scores.new_empty((scores.shape[0], k), dtype=torch.int32)
 
 
 def load_errors() -> dict[str, str]:

@@ -105,10 +105,10 @@ def test_compiled_cpu_kernel_row_blocks(m, group_size, symmetric):
     w = quantized(n, k, group_size, symmetric)
     x = torch.randn(m, k)
     bias = torch.randn(n)
-    got = torch.ops.dsattn.int4_matmul(x, w.qweight, w.scales.float(), w.zeros, group_size, bias)
+    got = torch.ops.dsattn_C.int4_matmul(x, w.qweight, w.scales.float(), w.zeros, group_size, bias)
     assert got.dtype == torch.float32 and got.shape == (m, n)
     assert_close(got, expected(x, w, bias), tolerance(torch.float32))
-    assert_close(torch.ops.dsattn.int4_matmul(x, w.qweight, w.scales.float(), w.zeros, group_size),
+    assert_close(torch.ops.dsattn_C.int4_matmul(x, w.qweight, w.scales.float(), w.zeros, group_size),
                  expected(x, w), tolerance(torch.float32))
 
 
@@ -124,10 +124,10 @@ def test_compiled_cpu_kernel_gemm_panels(m, group_size, symmetric, dtype):
     w = quantized(n, k, group_size, symmetric)
     x = torch.randn(m, k).to(dtype)
     bias = torch.randn(n)
-    out = torch.ops.dsattn.int4_matmul(x, w.qweight, w.scales.float(), w.zeros, group_size, bias)
+    out = torch.ops.dsattn_C.int4_matmul(x, w.qweight, w.scales.float(), w.zeros, group_size, bias)
     assert out.shape == (m, n) and out.is_contiguous() and out.dtype == dtype
     assert_close(out, expected(x, w, bias), tolerance(dtype))
-    assert_close(torch.ops.dsattn.int4_matmul(x, w.qweight, w.scales.float(), w.zeros, group_size),
+    assert_close(torch.ops.dsattn_C.int4_matmul(x, w.qweight, w.scales.float(), w.zeros, group_size),
                  expected(x, w), tolerance(dtype))
 
 
@@ -138,8 +138,8 @@ def test_compiled_cpu_kernel_bf16_few_rows(m):
     w = quantized(37, 256, 64, False)
     x = torch.randn(m, 256).to(torch.bfloat16)
     bias = torch.randn(37)
-    out = torch.ops.dsattn.int4_matmul(x, w.qweight, w.scales.float(), w.zeros, 64, bias)
-    fp32 = torch.ops.dsattn.int4_matmul(x.float(), w.qweight, w.scales.float(), w.zeros, 64, bias)
+    out = torch.ops.dsattn_C.int4_matmul(x, w.qweight, w.scales.float(), w.zeros, 64, bias)
+    fp32 = torch.ops.dsattn_C.int4_matmul(x.float(), w.qweight, w.scales.float(), w.zeros, 64, bias)
     assert out.dtype == torch.bfloat16 and torch.equal(out, fp32.to(torch.bfloat16))
 
 
@@ -170,7 +170,7 @@ def test_cuda_kernel_equals_dequantized_matmul(m, dtype, group_size, k):
     assert got.dtype == dtype and got.shape == (m, n)
     assert_close(got, expected(x, w, bias), tolerance(dtype))
     scales16 = w.scales.half()  # scales in another dtype than x, converted on load
-    raw = torch.ops.dsattn.int4_matmul(x.contiguous(), w.qweight, scales16, w.zeros, group_size)
+    raw = torch.ops.dsattn_C.int4_matmul(x.contiguous(), w.qweight, scales16, w.zeros, group_size)
     ref = x.double() @ ((w.dequantize(torch.float64) / w.scales.double().repeat_interleave(group_size, 1))
                         * scales16.double().repeat_interleave(group_size, 1)).T
     assert_close(raw, ref, tolerance(dtype))
@@ -186,7 +186,7 @@ def test_cuda_3d_awq_and_misaligned_x():
     plain = quantized(33, k, 64).to("cuda")
     flat = torch.randn(4 * k + 1, device="cuda", dtype=torch.float16)
     x_misaligned = flat[1:].view(4, k)  # contiguous at a 2-byte offset: copied for the 16-byte loads
-    got = torch.ops.dsattn.int4_matmul(x_misaligned, plain.qweight, plain.scales, plain.zeros, 64)
+    got = torch.ops.dsattn_C.int4_matmul(x_misaligned, plain.qweight, plain.scales, plain.zeros, 64)
     assert_close(got, expected(x_misaligned, plain), tolerance(torch.float16))
 
 

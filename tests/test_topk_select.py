@@ -1,4 +1,4 @@
-"""torch.ops.dsattn.topk_select (radix-select top-k: CPU twin here, CUDA kernel on a GPU) against a float64
+"""torch.ops.dsattn_C.topk_select (radix-select top-k: CPU twin here, CUDA kernel on a GPU) against a float64
 stable-sort reference (indices exact: ties go to the lower index), and lightning_indexer_topk's "cpp"/"cuda"
 backends (top_k > 2048) against its torch streaming reference."""
 
@@ -43,7 +43,7 @@ def test_cpu_matches_stable_sort(rows, cols, k, with_lengths):
     gen = torch.Generator().manual_seed(rows * cols + k)
     scores = torch.randn(rows, cols, generator=gen)
     lengths = _lengths(rows, cols, k, gen) if with_lengths else None
-    got = torch.ops.dsattn.topk_select(scores, lengths, k)
+    got = torch.ops.dsattn_C.topk_select(scores, lengths, k)
     assert got.dtype == torch.int32 and got.shape == (rows, k)
     assert torch.equal(got, expected_topk(scores, lengths, k))
 
@@ -55,7 +55,7 @@ def test_cpu_many_ties_take_the_lower_index(levels):
     scores = torch.randint(0, levels, (5, 3001), generator=gen).float() * 0.25 - 0.5  # negative, zero, positive
     lengths = torch.tensor([3001, 2999, 100, 0, 2048], dtype=torch.int32)
     for k in (1, 7, 2048, 2999, 4096):
-        assert torch.equal(torch.ops.dsattn.topk_select(scores, lengths, k), expected_topk(scores, lengths, k)), k
+        assert torch.equal(torch.ops.dsattn_C.topk_select(scores, lengths, k), expected_topk(scores, lengths, k)), k
 
 
 @requires_cpp
@@ -65,33 +65,33 @@ def test_cpu_strided_and_misaligned_rows():
     for scores in (base[:, 1:3001], base[::2, 5:2998], base[1:, 7:3006]):
         assert scores.stride(-1) == 1
         lengths = _lengths(scores.shape[0], scores.shape[1], 2500, gen)
-        assert torch.equal(torch.ops.dsattn.topk_select(scores, lengths, 2500), expected_topk(scores, lengths, 2500))
+        assert torch.equal(torch.ops.dsattn_C.topk_select(scores, lengths, 2500), expected_topk(scores, lengths, 2500))
 
 
 @requires_cpp
 def test_cpu_non_finite_scores_nan_ranks_last():
     scores = torch.tensor([[1.0, float("nan"), float("-inf"), float("inf"), -0.0, 0.0, -2.0, float("nan")]])
-    got = torch.ops.dsattn.topk_select(scores, None, 10)
+    got = torch.ops.dsattn_C.topk_select(scores, None, 10)
     # -0.0 ranks below +0.0 (their bits differ; the kernels order bit patterns); NaN below -inf, ties by index.
     assert got.tolist() == [[3, 0, 5, 4, 6, 2, 1, 7, -1, -1]]
-    assert torch.ops.dsattn.topk_select(scores, None, 3).tolist() == [[3, 0, 5]]
+    assert torch.ops.dsattn_C.topk_select(scores, None, 3).tolist() == [[3, 0, 5]]
 
 
 @requires_cpp
 def test_cpu_bad_input_is_named():
     s = torch.randn(3, 10)
     with pytest.raises(TypeError, match="scores must be float32"):
-        torch.ops.dsattn.topk_select(s.double(), None, 2)
+        torch.ops.dsattn_C.topk_select(s.double(), None, 2)
     with pytest.raises(ValueError, match="scores must be 2-D"):
-        torch.ops.dsattn.topk_select(s[0], None, 2)
+        torch.ops.dsattn_C.topk_select(s[0], None, 2)
     with pytest.raises(ValueError, match="contiguous last dim"):
-        torch.ops.dsattn.topk_select(s.t(), None, 2)
+        torch.ops.dsattn_C.topk_select(s.t(), None, 2)
     with pytest.raises(ValueError, match="k must be >= 1"):
-        torch.ops.dsattn.topk_select(s, None, 0)
+        torch.ops.dsattn_C.topk_select(s, None, 0)
     with pytest.raises(TypeError, match="lengths must be int32"):
-        torch.ops.dsattn.topk_select(s, torch.tensor([1, 2, 3]), 2)
+        torch.ops.dsattn_C.topk_select(s, torch.tensor([1, 2, 3]), 2)
     with pytest.raises(ValueError, match="lengths must be"):
-        torch.ops.dsattn.topk_select(s, torch.tensor([1, 2], dtype=torch.int32), 2)
+        torch.ops.dsattn_C.topk_select(s, torch.tensor([1, 2], dtype=torch.int32), 2)
 
 
 # ------------------------------------------------------------------------------------- lightning_indexer_topk
@@ -172,8 +172,8 @@ def test_cuda_matches_cpu_twin(rows, cols, k, ties):
     for view in (scores[:, :cols], scores[:, 1 : cols + 1]):  # aligned (float4 loads) and misaligned rows
         lengths = _lengths(rows, cols, k, gen)
         for lens in (None, lengths):
-            want = torch.ops.dsattn.topk_select(view, lens, k)
-            got = torch.ops.dsattn.topk_select(view.cuda(), None if lens is None else lens.cuda(), k)
+            want = torch.ops.dsattn_C.topk_select(view, lens, k)
+            got = torch.ops.dsattn_C.topk_select(view.cuda(), None if lens is None else lens.cuda(), k)
             assert torch.equal(got.cpu(), want), (rows, cols, k, ties)
 
 

@@ -268,4 +268,4 @@ at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const
 
 }  // namespace dsattn
 
-TORCH_LIBRARY_IMPL(dsattn, CPU, m) { m.impl("int4_matmul", &dsattn::int4_matmul_cpu); }
+TORCH_LIBRARY_IMPL(dsattn_C, CPU, m) { m.impl("int4_matmul", &dsattn::int4_matmul_cpu); }

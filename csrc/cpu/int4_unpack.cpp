@@ -26,4 +26,4 @@ at::Tensor int4_unpack_cpu(const at::Tensor& qweight) {
 
 }  // namespace dsattn
 
-TORCH_LIBRARY_IMPL(dsattn, CPU, m) { m.impl("int4_unpack", &dsattn::int4_unpack_cpu); }
+TORCH_LIBRARY_IMPL(dsattn_C, CPU, m) { m.impl("int4_unpack", &dsattn::int4_unpack_cpu); }

@@ -91,6 +91,6 @@ at::Tensor topk_select_cpu(const at::Tensor& scores, const c10::optional<at::Ten
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dsattn, CPU, m) { m.impl("topk_select", &topk_select_cpu); }
+TORCH_LIBRARY_IMPL(dsattn_C, CPU, m) { m.impl("topk_select", &topk_select_cpu); }
 
 }  // namespace dsattn

@@ -1,4 +1,4 @@
-// CUDA int4 GEMV / small-M GEMM (decode, M <= 16) for dsattn::int4_matmul:
+// CUDA int4 GEMV / small-M GEMM (decode, M <= 16) for dsattn_C::int4_matmul:
 //   out[m, n] = sum_k x[m, k] * (q[n, k] - zeros[n, k / g]) * scales[n, k / g]  (+ bias[n])
 // Layout (dsattn/quant/int4.py): qweight int32 [N, K/8], q[n, 8j + i] = bits [4i, 4i+4) of qweight[n, j].
 //
@@ -264,4 +264,4 @@ at::Tensor int4_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
 
 }  // namespace dsattn
 
-TORCH_LIBRARY_IMPL(dsattn, CUDA, m) { m.impl("int4_matmul", &dsattn::int4_matmul_cuda); }
+TORCH_LIBRARY_IMPL(dsattn_C, CUDA, m) { m.impl("int4_matmul", &dsattn::int4_matmul_cuda); }

@@ -41,4 +41,4 @@ at::Tensor int4_unpack_cuda(const at::Tensor& qweight) {
 
 }  // namespace dsattn
 
-TORCH_LIBRARY_IMPL(dsattn, CUDA, m) { m.impl("int4_unpack", &dsattn::int4_unpack_cuda); }
+TORCH_LIBRARY_IMPL(dsattn_C, CUDA, m) { m.impl("int4_unpack", &dsattn::int4_unpack_cuda); }

@@ -223,6 +223,6 @@ at::Tensor topk_select_cuda(const at::Tensor& scores, const c10::optional<at::Te
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dsattn, CUDA, m) { m.impl("topk_select", &topk_select_cuda); }
+TORCH_LIBRARY_IMPL(dsattn_C, CUDA, m) { m.impl("topk_select", &topk_select_cuda); }
 
 }  // namespace dsattn

@@ -56,12 +56,12 @@ def int4_matmul(x, w, bias=None, *, backend="auto"):
         if w.input_scale is not None:
             x2 = x2 * w.input_scale.to(x2.dtype)
         bias32 = None if bias is None else bias.float()
-        out = torch.ops.dsattn.int4_matmul(x2, w.qweight, w.scales.float(), w.zeros, w.group_size, bias32)
+        out = torch.ops.dsattn_C.int4_matmul(x2, w.qweight, w.scales.float(), w.zeros, w.group_size, bias32)
         return out.to(x.dtype).reshape(*x.shape[:-1], n)
     if w.input_scale is not None:
         x2 = x2 * w.input_scale.to(x2.dtype)
     if chosen == "cuda":
-        out = torch.ops.dsattn.int4_matmul(x2, w.qweight, w.scales, w.zeros, w.group_size, bias)
+        out = torch.ops.dsattn_C.int4_matmul(x2, w.qweight, w.scales, w.zeros, w.group_size, bias)
     else:
         from dsattn.triton_kernels import int4_matmul as _triton
 
@@ -80,7 +80,7 @@ def _cpp_expert_matmul(x_dtype):
     def expert_matmul(x_rows, qweight, scales, zeros, group_size):
         if x_dtype == torch.bfloat16:
             x_rows = x_rows.to(torch.bfloat16)
-        out = torch.ops.dsattn.int4_matmul(x_rows, qweight.contiguous(), scales.float().contiguous(),
+        out = torch.ops.dsattn_C.int4_matmul(x_rows, qweight.contiguous(), scales.float().contiguous(),
                                            zeros.contiguous(), group_size, None)
         return out.float()
 

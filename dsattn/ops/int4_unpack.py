@@ -18,4 +18,4 @@ def int4_unpack(qweight: torch.Tensor, *, backend: str = "auto") -> torch.Tensor
         from dsattn.triton_kernels.int4_unpack import int4_unpack as _unpack_triton
 
         return _unpack_triton(qweight)
-    return torch.ops.dsattn.int4_unpack(qweight)
+    return torch.ops.dsattn_C.int4_unpack(qweight)

@@ -57,7 +57,7 @@ def triton_topk(q, k, weights, top_k, *, scale, causal, relu=True):
 
 def select_topk(q_idx, k_idx, weights, top_k, *, scale, causal, query_chunk=QUERY_CHUNK, key_chunk=KEY_CHUNK):
     """The "cuda" / "cpp" path: per batch and query chunk, fp32 scores [chunk_q, Sk] from indexer_scores over key
-    chunks, then the compiled radix-select torch.ops.dsattn.topk_select with each row's causal length. Memory
+    chunks, then the compiled radix-select torch.ops.dsattn_C.topk_select with each row's causal length. Memory
     O(chunk_q x Sk + chunk_q x Hi x key_chunk): never [B, Sq, Sk] nor [chunk_q, Hi, Sk]."""
     b, sq = q_idx.shape[:2]
     sk = k_idx.shape[1]
@@ -78,7 +78,7 @@ def select_topk(q_idx, k_idx, weights, top_k, *, scale, causal, query_chunk=QUER
                 ke = min(ks + key_chunk, last_key)
                 scores[:, ks:ke] = indexer_scores(q_idx[bi : bi + 1, qs:qe], k_idx[bi : bi + 1, ks:ke],
                                                   weights[bi : bi + 1, qs:qe], scale)[0]
-            out[bi, qs:qe] = torch.ops.dsattn.topk_select(scores, lengths, top_k)
+            out[bi, qs:qe] = torch.ops.dsattn_C.topk_select(scores, lengths, top_k)
     return out
 
 
