@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 PACKAGES = [
     "dsattn",
     "dsattn.reference",
+    "dsattn.torch_backend",
     "dsattn.ops",
     "dsattn.nn",
     "dsattn.quant",

@@ -2,7 +2,8 @@
 
 Backends: "triton" (Triton kernels; on CPU tensors only under TRITON_INTERPRET=1), "cuda" (compiled CUDA
 kernels), "cpp" (compiled CPU kernels), "torch" (the PyTorch reference in dsattn.reference). "auto" (or the
-env DSATTN_BACKEND) picks the fastest one the op implements for the tensors' device.
+env DSATTN_BACKEND) picks the fastest one of the op's backends that can run on the tensors' device and takes
+the call, as declared in dsattn.capabilities.
 """
 
 import importlib.util
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dsattn import _ext
+from dsattn import _ext, capabilities
 
 BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
 ENV_VAR = "DSATTN_BACKEND"
@@ -58,7 +59,67 @@ def unusable_reason(backend: str, device: torch.device, kernel: str | None = Non
     raise ValueError(f"unknown backend {backend!r}")
 
 
+def needs_grad(*tensors) -> bool:
+    """Whether autograd will want gradients of an op called on `tensors` now."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def select_backend(
+    op: str,
+    backend: str,
+    device: torch.device,
+    request: capabilities.Request,
+    *,
+    auto_order: Sequence[str] | None = None,
+    **legacy,
+) -> str:
+    """Resolve `backend` for `op` on `device` from the op's declared capabilities (dsattn.capabilities).
+
+    "auto" (or env DSATTN_BACKEND=auto) takes the first backend of `auto_order` (default: AUTO_ORDER of the
+    device) that can run here and takes `request` (dtype, limits, a backward when a gradient is needed); the
+    torch backend takes everything. An explicit backend that the op lacks, that cannot run here or that
+    refuses the request is an error naming the op, the backend and the limit.
+    """
+    if not isinstance(request, capabilities.Request):  # TEMPORARY: ops not yet on capabilities
+        return _legacy_select_backend(op, backend, device, request, auto_order=auto_order, **legacy)
+    declared = capabilities.of(op)
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"dsattn.{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    source = "backend"
+    if backend == "auto":
+        env = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+        if env not in BACKENDS:
+            raise ValueError(f"dsattn.{op}: env {ENV_VAR} must be one of {BACKENDS}, got {env!r}")
+        backend, source = env, f"env {ENV_VAR}"
+    if backend != "auto":
+        if backend not in declared:
+            raise ValueError(f"dsattn.{op}: {source}={backend!r} is not implemented for this op; it has "
+                             f"{tuple(declared)}")
+        reason = unusable_reason(backend, device, declared[backend].kernel)
+        if reason is not None:
+            raise ValueError(f"dsattn.{op}: {source}={backend!r} cannot run here: {reason}")
+        refusal = declared[backend].refusal(request)
+        if refusal is not None:
+            raise type(refusal)(f"dsattn.{op}: {source}={backend!r} {refusal}")
+        return backend
+    order = auto_order or AUTO_ORDER.get(device.type, ("torch",))
+    for candidate in (*order, "torch"):
+        capability = declared.get(candidate)
+        if capability is not None and unusable_reason(candidate, device, capability.kernel) is None \
+                and capability.refusal(request) is None:
+            return candidate
+    raise ValueError(f"dsattn.{op}: no backend takes this call on {device}: "
+                     + "; ".join(f"{name} {declared[name].refusal(request)}" for name in declared))
+
+
+def check_backward(op: str, backend: str) -> None:
+    """Backward of a call that ran on `backend`: the selection only lets a backend without one run when no
+    gradient was wanted, so reaching here without one is a bug, reported instead of a wrong gradient."""
+    if not capabilities.of(op)[backend].backward:
+        raise RuntimeError(f"dsattn.{op}: backend={backend!r} has no backward, but autograd reached it")
+
+
+def _legacy_select_backend(
     op: str,
     backend: str,
     device: torch.device,

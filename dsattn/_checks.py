@@ -1,6 +1,7 @@
 """Input validation shared by the functional ops. Every check runs before any kernel launch and raises a
 TypeError (wrong type/dtype) or ValueError (wrong shape/value/device) that names the argument."""
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,8 @@ def check_scale(op: str, scale, default: float) -> float:
         return default
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"dsattn.{op}: scale must be a float or None, got {type(scale).__name__}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"dsattn.{op}: scale must be a positive finite number, got {scale}")
     return float(scale)
 
 

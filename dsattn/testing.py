@@ -76,6 +76,67 @@ def non_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------- AOT compile
+def outputs_and_grads(fn, inputs, grad_outputs=None):
+    """fn(*inputs) and the gradients of every floating tensor input that requires grad (None for the
+    others), for grad_outputs (default: fixed random cotangents, one per floating output)."""
+    out = fn(*inputs)
+    outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)
+            and o.is_floating_point()]
+    if grad_outputs is None:
+        g = torch.Generator().manual_seed(1234)
+        grad_outputs = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device) for o in outs]
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = torch.autograd.grad(outs, leaves, [g.to(o.dtype) for g, o in zip(grad_outputs, outs)],
+                                allow_unused=True)
+    by_input = iter(grads)
+    return outs, [next(by_input) if isinstance(t, torch.Tensor) and t.requires_grad else None for t in inputs], \
+        grad_outputs
+
+
+def float64_leaves(inputs):
+    """Detached float64 copies of the floating tensor inputs (requires_grad kept), the rest as given."""
+    return [t.detach().double().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor)
+            and t.is_floating_point() else t for t in inputs]
+
+
+def assert_grads_match(fn, oracle, inputs, rtol=None, *, name="op"):
+    """fn's outputs and input gradients on `inputs` against float64 autograd of `oracle` on float64 copies
+    (same cotangents). rtol defaults to the inputs' dtype tolerance. Every gradient must exist and be finite."""
+    outs, grads, cotangents = outputs_and_grads(fn, inputs)
+    ref_outs, ref_grads, _ = outputs_and_grads(oracle, float64_leaves(inputs), cotangents)
+    for i, (o, r) in enumerate(zip(outs, ref_outs)):
+        assert o.grad_fn is not None, f"{name}: output {i} has no grad_fn (gradient silently dropped)"
+        assert_close(o, r, rtol, name=f"{name} output {i}")
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        if r is None:
+            continue
+        assert g is not None, f"{name}: no gradient for input {i}"
+        assert_close(g, r, rtol if rtol is not None else tolerance(g.dtype), name=f"{name} grad of input {i}")
+
+
+def assert_compiles(fn, inputs, *, backends=("aot_eager", "inductor"), rtol=1e-5, name="op"):
+    """torch.compile(fn, fullgraph=True) on each backend equals eager fn, outputs and (where inputs require
+    grad) gradients."""
+    outs, grads, cotangents = outputs_and_grads(fn, inputs) if torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in inputs) else ([fn(*inputs)], [], None)
+    for backend in backends:
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True, backend=backend)
+        if cotangents is None:
+            got, got_grads = [compiled(*inputs)], []
+        else:
+            got, got_grads, _ = outputs_and_grads(compiled, inputs, cotangents)
+        for o, e in zip(got, outs):
+            if isinstance(o, torch.Tensor) and o.is_floating_point():
+                assert_close(o, e, rtol, name=f"{name} under torch.compile({backend})")
+            else:
+                assert torch.equal(torch.as_tensor(o), torch.as_tensor(e)), f"{name} under torch.compile({backend})"
+        for g, e in zip(got_grads, grads):
+            if e is not None:
+                assert_close(g, e, rtol, name=f"{name} gradient under torch.compile({backend})")
+    torch._dynamo.reset()
+
+
 @dataclasses.dataclass
 class AOTReport:
     name: str

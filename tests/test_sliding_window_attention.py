@@ -1,14 +1,16 @@
-"""Sliding-window attention: the reference against brute force in float64, the Triton kernels (prefill,
-split-K decode, varlen; the interpreter on CPU) against the reference, and bad input."""
+"""Sliding-window attention: the oracle and the torch backend against brute force in float64, the Triton
+kernels (prefill, split-K decode, varlen; the interpreter on CPU) against the oracle, the custom op (opcheck,
+gradients against float64 autograd of the oracle, torch.compile, no silent detach), and bad input."""
 
-import importlib
 import pytest
 import torch
 
 import dsattn
+from dsattn import capabilities
+from dsattn.torch_backend import sliding_window_attention as torch_backend
 from dsattn.reference.sliding_window_attention import sliding_window_attention as reference
 from dsattn.reference.sliding_window_attention import sliding_window_attention_varlen as reference_varlen
-from dsattn.testing import assert_close, non_contiguous, poisoned, tolerance
+from dsattn.testing import assert_close, assert_compiles, assert_grads_match, non_contiguous, poisoned, tolerance
 
 swa = dsattn.sliding_window_attention
 sliding_window_attention_varlen = dsattn.sliding_window_attention_varlen
@@ -54,11 +56,16 @@ def make_qkv(b, hq, hkv, sq, sk, dqk, dv, dtype=torch.float32, device="cpu"):
         (2, 2, 2, 7, 7, 4, 4, 3, False, True),  # symmetric window
     ],
 )
-@pytest.mark.parametrize("chunk_size", [2, None])
-def test_reference_matches_brute_force(b, hq, hkv, sq, sk, dqk, dv, window, causal, with_sinks, chunk_size):
+@pytest.mark.parametrize("chunk_size", ["oracle", 2, None])
+def test_reference_and_torch_backend_match_brute_force(b, hq, hkv, sq, sk, dqk, dv, window, causal, with_sinks,
+                                                       chunk_size):
     q, k, v = make_qkv(b, hq, hkv, sq, sk, dqk, dv, torch.float64)
     sinks = torch.randn(hq, dtype=torch.float64) if with_sinks else None
-    out = reference(q, k, v, window, causal=causal, scale=0.4, sinks=sinks, chunk_size=chunk_size)
+    if chunk_size == "oracle":
+        out = reference(q, k, v, window, causal=causal, scale=0.4, sinks=sinks)
+    else:
+        out = torch_backend.sliding_window_attention(q, k, v, window, causal=causal, scale=0.4, sinks=sinks,
+                                                     chunk_size=chunk_size)
     assert_close(out, brute_force(q, k, v, window, causal, 0.4, sinks), 1e-12)
     if sq > sk:
         assert torch.all(out[:, :, : sq - sk] == 0)
@@ -70,10 +77,9 @@ def test_reference_full_window_equals_sdpa_causal():
     assert_close(reference(q, k, v, 10**9), expected, 1e-12)
 
 
-def test_reference_memory_is_o_s_times_window(monkeypatch):
-    """No [Sq, Sk] tensor: every score block the reference builds spans at most chunk + 2 * window keys."""
-    module = importlib.import_module("dsattn.reference.sliding_window_attention")
-
+def test_torch_backend_memory_is_o_s_times_window(monkeypatch):
+    """No [Sq, Sk] tensor: every score block the torch backend builds spans at most chunk + 2 * window keys."""
+    module = torch_backend
     widest = []
     matmul = torch.matmul
     monkeypatch.setattr(torch, "matmul", lambda a, b: widest.append(matmul(a, b).shape[-1]) or matmul(a, b))
@@ -219,7 +225,7 @@ def test_torch_backend_and_auto(device):
 
 def test_triton_head_dim_limit(triton_device):
     q, k, v = make_qkv(1, 1, 1, 4, 4, 576, 512, torch.float32, triton_device)
-    with pytest.raises(ValueError, match="head dims up to 256"):
+    with pytest.raises(ValueError, match="backend='triton' takes head dims up to 256, got 576"):
         swa(q, k, v, 4, backend="triton")
     # "auto" falls back to the reference, which takes any width (MLA 576/512).
     assert_close(swa(q, k, v, 4), reference(q, k, v, 4))
@@ -262,6 +268,9 @@ def test_bad_input_is_named():
         swa(q, k, v, 2, sinks=torch.zeros(4, dtype=torch.int32))
     with pytest.raises(TypeError, match="scale must be a float"):
         swa(q, k, v, 2, scale="x")
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale must be a positive finite number"):
+            swa(q, k, v, 2, scale=bad)
     with pytest.raises(ValueError, match="backend must be one of"):
         swa(q, k, v, 2, backend="nope")
     with pytest.raises(ValueError, match="'cpp' is not implemented"):
@@ -303,9 +312,120 @@ def test_varlen_bad_input_is_named():
 
 def test_triton_rejects_float64(triton_device):
     q, k, v = make_qkv(1, 2, 1, 5, 5, 8, 8, torch.float64, triton_device)
-    with pytest.raises(TypeError, match="float16/bfloat16/float32"):
+    with pytest.raises(TypeError, match="backend='triton' takes float16, bfloat16, float32 inputs, got float64"):
         swa(q, k, v, 2, backend="triton")
-    with pytest.raises(TypeError, match="float16/bfloat16/float32"):
+    with pytest.raises(TypeError, match="takes float16, bfloat16, float32 inputs"):
         sliding_window_attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), _cu([5]), _cu([5]), 5, 5, 2,
                    backend="triton")
     assert_close(swa(q, k, v, 2), reference(q, k, v, 2), 1e-12)  # "auto" computes float64 in the reference
+
+
+# ----------------------------------------------------------------------------------------- the custom op
+def _grad_inputs(b, hq, hkv, sq, sk, dqk, dv, dtype, device="cpu", sinks=True, transposed=False):
+    q, k, v = make_qkv(b, hq, hkv, sq, sk, dqk, dv, dtype, device)
+    if transposed:  # [B, S, H, D] memory, as transformers hands it over
+        q, k, v = (non_contiguous(t) for t in (q, k, v))
+    leaves = [t.requires_grad_(True) for t in (q, k, v)]
+    s = torch.randn(hq, dtype=dtype, device=device, requires_grad=True) if sinks else None
+    return [*leaves, s]
+
+
+@pytest.mark.parametrize(
+    "b,hq,hkv,sq,sk,dqk,dv,window,causal,sinks,transposed",
+    [
+        (2, 4, 2, 37, 37, 16, 8, 9, True, True, False),  # GQA, Dqk != Dv, sinks
+        (1, 2, 1, 13, 53, 24, 16, 7, True, False, True),  # Sq < Sk, non-contiguous
+        (1, 3, 3, 21, 21, 12, 12, 5, False, True, False),  # symmetric window
+        (1, 4, 1, 30, 30, 8, 8, 100, True, True, True),  # window >= S: full causal
+        (1, 2, 1, 10, 4, 8, 8, 3, True, True, False),  # Sq > Sk: rows that see nothing
+    ],
+)
+def test_gradients_match_float64_autograd_of_the_oracle(b, hq, hkv, sq, sk, dqk, dv, window, causal, sinks,
+                                                          transposed):
+    inputs = _grad_inputs(b, hq, hkv, sq, sk, dqk, dv, torch.float32, sinks=sinks, transposed=transposed)
+
+    def run(q, k, v, s):
+        return swa(q, k, v, window, causal=causal, sinks=s)
+
+    def oracle(q, k, v, s):
+        return reference(q, k, v, window, causal=causal, sinks=s)
+
+    assert_grads_match(run, oracle, inputs, 1e-5, name="sliding_window_attention")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gradients_in_16_bit(dtype):
+    inputs = _grad_inputs(1, 4, 2, 33, 33, 32, 16, dtype)
+    assert_grads_match(lambda q, k, v, s: swa(q, k, v, 8, sinks=s), lambda q, k, v, s: reference(q, k, v, 8, sinks=s),
+                       inputs, tolerance(dtype), name="sliding_window_attention")
+
+
+def test_gradcheck_float64_torch_backend():
+    q, k, v, s = _grad_inputs(1, 2, 1, 7, 9, 4, 3, torch.float64)
+    assert torch.autograd.gradcheck(lambda q, k, v, s: swa(q, k, v, 3, sinks=s, backend="torch"), (q, k, v, s))
+
+
+def test_backward_memory_chunks(monkeypatch):
+    """The backward recomputes chunk by chunk: no score block wider than chunk + 2 * window keys."""
+    widest = []
+    matmul = torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda a, b: widest.append(matmul(a, b).shape[-1]) or matmul(a, b))
+    q, k, v, _ = _grad_inputs(1, 2, 1, 1024, 1024, 8, 8, torch.float32, sinks=False)
+    swa(q, k, v, 16).sum().backward()
+    assert q.grad is not None and max(widest) <= torch_backend.MIN_CHUNK + 2 * 16
+
+
+def test_no_silent_detach(triton_device):
+    """A gradient is wanted: auto takes a backend with a backward; an explicit one without raises first."""
+    q, k, v, s = _grad_inputs(1, 2, 1, 9, 9, 16, 16, torch.float32, triton_device)
+    assert swa(q, k, v, 4, sinks=s).grad_fn is not None
+    with pytest.raises(ValueError, match="sliding_window_attention: backend='triton' has no backward"):
+        swa(q, k, v, 4, sinks=s, backend="triton")
+    with torch.no_grad():
+        assert_close(swa(q, k, v, 4, sinks=s, backend="triton"), reference(q, k, v, 4, sinks=s))
+    cu = _cu([9], triton_device)
+    with pytest.raises(ValueError, match="sliding_window_attention_varlen: backend='triton' has no backward"):
+        sliding_window_attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu,
+                                        9, 9, 4, backend="triton")
+
+
+def test_varlen_gradients_match_the_oracle():
+    lens = [5, 0, 9, 3]
+    q = torch.randn(sum(lens), 4, 8, dtype=torch.float32, requires_grad=True)
+    k = torch.randn(sum(lens), 2, 8, dtype=torch.float32, requires_grad=True)
+    v = torch.randn(sum(lens), 2, 6, dtype=torch.float32, requires_grad=True)
+    s = torch.randn(4, requires_grad=True)
+    cu = _cu(lens)
+    assert_grads_match(lambda q, k, v, s: sliding_window_attention_varlen(q, k, v, cu, cu, 9, 9, 4, sinks=s),
+                       lambda q, k, v, s: reference_varlen(q, k, v, cu, cu, 9, 9, 4, sinks=s), [q, k, v, s], 1e-5,
+                       name="sliding_window_attention_varlen")
+
+
+def test_opcheck():
+    q, k, v, s = (t.detach() for t in _grad_inputs(1, 4, 2, 11, 13, 16, 8, torch.float32))
+    backends = ["torch"] + (["triton"] if dsattn._backend.unusable_reason("triton", q.device) is None else [])
+    for backend in backends:
+        torch.library.opcheck(torch.ops.dsattn.sliding_window_attention,
+                              (q.requires_grad_(backend == "torch"), k, v, 5, True, 0.25, s, backend))
+    qv, kv, vv = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))
+    cu_q, cu_k = _cu([4, 7]), _cu([5, 8])
+    for backend in backends:
+        torch.library.opcheck(torch.ops.dsattn.sliding_window_attention_varlen,
+                              (qv.detach(), kv, vv, cu_q, cu_k, 7, 5, True, 0.25, s, backend))
+
+
+def test_compiles_fullgraph_and_equals_eager():
+    inputs = _grad_inputs(1, 4, 2, 29, 29, 16, 8, torch.float32, transposed=True)
+    assert_compiles(lambda q, k, v, s: swa(q, k, v, 6, sinks=s), inputs, name="sliding_window_attention")
+    with torch.no_grad():
+        assert_compiles(lambda q, k, v, s: swa(q[:, :, -1:], k, v, 6, sinks=s), inputs, name="decode")
+
+
+def test_int32_offset_limit_is_declared_and_checked():
+    """Two [S, H, D] sequences at S=128k with H x D = 16k reach past int32 offsets: auto leaves Triton out,
+    an explicit backend='triton' says why (meta tensors: no memory)."""
+    q = torch.empty(2, 2**17, 128, 128, device="meta").transpose(1, 2)
+    assert capabilities.max_offset(q) >= 2**31
+    request = capabilities.Request(dtype=torch.bfloat16, head_dim=128, offset=capabilities.max_offset(q))
+    assert "int32 offsets" in str(capabilities.of("sliding_window_attention")["triton"].refusal(request))
+    assert capabilities.of("sliding_window_attention")["torch"].refusal(request) is None

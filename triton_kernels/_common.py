@@ -45,3 +45,29 @@ class AOTSpec:
     # them (tt.divisibility), which is what lets loads vectorize; an AOT compile without this overstates
     # registers.
     divisible_by_16: tuple[str, ...] = ()
+
+
+class launch:
+    """`launch(kernel)[grid](*args, **kwargs)`: how every launcher starts a kernel, so that dsattn's custom ops
+    (torch.library.triton_op, dsattn._library) trace. Compiled Triton goes through torch.library.wrap_triton
+    (inductor sees the kernel). Under the interpreter the kernel runs directly, and not at all on fake tensors
+    (the op is opaque there and its fake kernel only needs the outputs' shapes)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            if interpreting():
+                if any(isinstance(a, torch.Tensor) and is_fake(a) for a in (*args, *kwargs.values())):
+                    return None
+                return self.kernel[grid](*args, **kwargs)
+            return torch.library.wrap_triton(self.kernel)[grid](*args, **kwargs)
+
+        return run
+
+
+def is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake as _is_fake
+
+    return _is_fake(t)

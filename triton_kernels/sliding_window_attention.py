@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AOTSpec, interpreting, ptr
+from ._common import AOTSpec, interpreting, launch, ptr
 
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
@@ -334,7 +334,7 @@ def _fwd(q, k, v, out, sinks, cu_q, cu_k, strides, shape, window, causal, scale)
     block_dqk, block_dv = _pow2(dqk), _pow2(dv)
     cfg = fwd_config(block_dqk, block_dv, q.dtype)
     grid = (triton.cdiv(max_q, cfg["BLOCK_M"]), batch * hq)
-    sliding_window_attention_fwd_kernel[grid](
+    launch(sliding_window_attention_fwd_kernel)[grid](
         q, k, v, out, sinks, cu_q, cu_k, *strides[0], *strides[1], *strides[2], *strides[3],
         hq, groups, seq_q, seq_k, dqk, dv, window, scale * LOG2E,
         CAUSAL=causal, HAS_SINKS=sinks is not None, IS_VARLEN=cu_q is not None,
@@ -359,14 +359,14 @@ def _decode(q, k, v, out, sinks, window, causal, scale):
     num_splits = triton.cdiv(keys, keys_per_split)
     o_part = torch.empty(batch, hq, seq_q, num_splits, block_dv, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(batch, hq, seq_q, num_splits, dtype=torch.float32, device=q.device)
-    sliding_window_attention_decode_split_kernel[(num_splits, batch * hkv)](
+    launch(sliding_window_attention_decode_split_kernel)[(num_splits, batch * hkv)](
         q, k, v, o_part, lse_part, *q.stride(), *k.stride(), *v.stride(),
         hkv, groups, seq_q, seq_k, dqk, dv, window, scale * LOG2E, key_lo, keys_per_split, num_splits,
         CAUSAL=causal, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
         UPCAST=interpreting() and q.dtype == torch.bfloat16, TF32X3=q.dtype == torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    sliding_window_attention_decode_combine_kernel[(batch * hq * seq_q,)](
+    launch(sliding_window_attention_decode_combine_kernel)[(batch * hq * seq_q,)](
         o_part, lse_part, out, sinks, *out.stride(), hq, seq_q, dv, num_splits,
         HAS_SINKS=sinks is not None, BLOCK_SPLITS=MAX_SPLITS, BLOCK_DV=block_dv,
         num_warps=4 if block_dv >= 128 else 2,

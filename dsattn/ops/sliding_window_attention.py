@@ -1,14 +1,16 @@
-"""sliding_window_attention[_varlen]: validate, pick a backend, dispatch (Triton kernels or the reference)."""
+"""sliding_window_attention[_varlen]: the custom ops torch.ops.dsattn.sliding_window_attention[_varlen] and
+their functional entries (validate, pick a backend from dsattn.capabilities, call the op)."""
 
-import importlib
+from typing import Optional
+
 import torch
 
-from dsattn import _backend, _checks
-_reference = importlib.import_module("dsattn.reference.sliding_window_attention")
+from dsattn import _backend, _checks, capabilities
+from dsattn._library import define_op
+from dsattn.torch_backend import sliding_window_attention as _torch
 
 OP = "sliding_window_attention"
 OP_VARLEN = "sliding_window_attention_varlen"
-IMPLEMENTED = ("torch", "triton")
 AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
 
 
@@ -31,25 +33,40 @@ def _check_sinks(op: str, sinks, heads_q: int, q: torch.Tensor):
     return sinks
 
 
-MAX_TRITON_HEAD_DIM = 256  # dsattn.triton_kernels.sliding_window_attention.MAX_HEAD_DIM (not imported: Triton is optional)
+def _select(op: str, backend: str, q, k, v, sinks, dim_qk: int, dim_v: int) -> str:
+    request = capabilities.Request(dtype=q.dtype, grad=_backend.needs_grad(q, k, v, sinks),
+                                   head_dim=max(dim_qk, dim_v), offset=capabilities.max_offset(q, k, v))
+    return _backend.select_backend(op, backend, q.device, request, auto_order=AUTO_ORDER.get(q.device.type))
 
 
-def _select(op: str, backend: str, q: torch.Tensor, dim_qk: int, dim_v: int) -> str:
-    """The backend; "auto" leaves out Triton for what its kernels do not take (float64, head dims > 256),
-    an explicit backend="triton" gets a clear error for those instead."""
-    unsupported = None
-    if q.dtype == torch.float64:
-        unsupported = TypeError(f"dsattn.{op}: the Triton kernels take float16/bfloat16/float32 q/k/v, got float64")
-    elif max(dim_qk, dim_v) > MAX_TRITON_HEAD_DIM:
-        unsupported = ValueError(
-            f"dsattn.{op}: the Triton kernels support head dims up to {MAX_TRITON_HEAD_DIM} (got q/k {dim_qk}, "
-            f"v {dim_v}); use backend='torch' for wider heads (e.g. MLA 576/512)"
-        )
-    implemented = ("torch",) if unsupported is not None and backend == "auto" else IMPLEMENTED
-    chosen = _backend.select_backend(op, backend, q.device, implemented, auto_order=AUTO_ORDER.get(q.device.type))
-    if chosen == "triton" and unsupported is not None:
-        raise unsupported
-    return chosen
+def _sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, causal: bool,
+                              scale: float, sinks: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+    if backend == "triton":
+        from dsattn.triton_kernels import sliding_window_attention as _triton
+
+        return _triton.sliding_window_attention(q, k, v, window, causal, scale,
+                                                None if sinks is None else sinks.to(torch.float32).contiguous())
+    return _torch.sliding_window_attention(q, k, v, window, causal=causal, scale=scale, sinks=sinks)
+
+
+sliding_window_attention_op = define_op(OP, _sliding_window_attention)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, window, causal, scale, sinks, backend = inputs
+    ctx.save_for_backward(q, k, v, sinks)
+    ctx.options = dict(window=window, causal=causal, scale=scale)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_out):
+    q, k, v, sinks = ctx.saved_tensors
+    _backend.check_backward(OP, ctx.backend)
+    dq, dk, dv, dsinks = _torch.sliding_window_attention_backward(grad_out, q, k, v, sinks=sinks, **ctx.options)
+    return dq, dk, dv, None, None, None, dsinks, None
+
+
+sliding_window_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def sliding_window_attention(q, k, v, window, *, causal=True, scale=None, sinks=None, backend="auto"):
@@ -70,13 +87,8 @@ def sliding_window_attention(q, k, v, window, *, causal=True, scale=None, sinks=
     shape = _checks.check_qkv(OP, q, k, v)
     scale = _checks.check_scale(OP, scale, shape.dim_qk**-0.5)
     sinks = _check_sinks(OP, sinks, shape.heads_q, q)
-    chosen = _select(OP, backend, q, shape.dim_qk, shape.dim_v)
-    if chosen == "torch":
-        return _reference.sliding_window_attention(q, k, v, window, causal=causal, scale=scale, sinks=sinks)
-    from dsattn.triton_kernels import sliding_window_attention as _triton
-
-    sinks = None if sinks is None else sinks.to(torch.float32).contiguous()
-    return _triton.sliding_window_attention(q, k, v, window, causal, scale, sinks)
+    chosen = _select(OP, backend, q, k, v, sinks, shape.dim_qk, shape.dim_v)
+    return sliding_window_attention_op(q, k, v, window, causal, scale, sinks, chosen)
 
 
 def _check_cu_seqlens(op: str, name: str, cu, device, total: int) -> None:
@@ -135,15 +147,45 @@ def sliding_window_attention_varlen(
             raise ValueError(f"dsattn.{op}: {name}={bound} is shorter than the longest sequence ({longest})")
     scale = _checks.check_scale(op, scale, dqk**-0.5)
     sinks = _check_sinks(op, sinks, hq, q)
-    chosen = _select(op, backend, q, dqk, v.shape[2])
-    if chosen == "torch":
-        return _reference.sliding_window_attention_varlen(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window,
-            causal=causal, scale=scale, sinks=sinks,
-        )
-    from dsattn.triton_kernels import sliding_window_attention as _triton
+    chosen = _select(op, backend, q, k, v, sinks, dqk, v.shape[2])
+    return sliding_window_attention_varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, window, causal,
+                                              scale, sinks, chosen)
 
-    sinks = None if sinks is None else sinks.to(torch.float32).contiguous()
-    return _triton.sliding_window_attention_varlen(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, window, causal, scale, sinks
-    )
+
+def _sliding_window_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, window: int, causal: bool,
+                                     scale: float, sinks: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+    if backend == "triton":
+        from dsattn.triton_kernels import sliding_window_attention as _triton
+
+        return _triton.sliding_window_attention_varlen(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, window, causal, scale,
+            None if sinks is None else sinks.to(torch.float32).contiguous())
+    return _torch.sliding_window_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, window, causal=causal,
+                                                  scale=scale, sinks=sinks)
+
+
+def _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, window, causal, scale, sinks, backend):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+
+
+# Opaque: the torch backend reads the offsets on the host.
+sliding_window_attention_varlen_op = define_op(OP_VARLEN, _sliding_window_attention_varlen, fake=_varlen_fake)
+
+
+def _setup_context_varlen(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, window, causal, scale, sinks, backend = inputs
+    ctx.save_for_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, sinks)
+    ctx.options = dict(window=window, causal=causal, scale=scale)
+    ctx.backend = backend
+
+
+def _backward_varlen(ctx, grad_out):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, sinks = ctx.saved_tensors
+    _backend.check_backward(OP_VARLEN, ctx.backend)
+    dq, dk, dv, dsinks = _torch.sliding_window_attention_varlen_backward(
+        grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, sinks=sinks, **ctx.options)
+    return dq, dk, dv, None, None, None, None, None, None, dsinks, None
+
+
+sliding_window_attention_varlen_op.register_autograd(_backward_varlen, setup_context=_setup_context_varlen)

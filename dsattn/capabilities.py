@@ -1,0 +1,114 @@
+"""What every backend of every op takes, declared once. Triton-free: the backend selection in dsattn._backend
+reads it for "auto" (which backends can take these inputs) and for the errors of an explicit backend; the
+kernels read their limits from here too (e.g. the Triton head-dim tile limit), so a limit lives in one place.
+
+A request describes the call: dtype, head dim, top_k, group size, whether a gradient is needed, and the
+largest element offset any tensor argument reaches (kernels that compute offsets in int32 declare
+`max_offset`). A capability refuses a request with the exception an explicit backend raises.
+"""
+
+import dataclasses
+
+import torch
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+KERNEL_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+INT32_OFFSETS = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What one call needs from a backend; None: the op has no such parameter."""
+
+    dtype: torch.dtype
+    grad: bool = False
+    head_dim: int | None = None
+    top_k: int | None = None
+    group_size: int | None = None
+    offset: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Capability:
+    dtypes: tuple[torch.dtype, ...] = FLOATS
+    backward: bool = False
+    max_head_dim: int | None = None
+    max_top_k: int | None = None
+    group_size_multiple: int | None = None
+    # Largest element offset within one tensor the kernels can address (int32 index arithmetic).
+    max_offset: int | None = None
+    # torch.ops.dsattn_C.<kernel>, for the compiled backends.
+    kernel: str | None = None
+
+    def refusal(self, request: Request) -> Exception | None:
+        """None when this backend takes the request, else the error an explicit request gets."""
+        if request.dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            return TypeError(f"takes {names} inputs, got {str(request.dtype).replace('torch.', '')}")
+        if request.grad and not self.backward:
+            return ValueError("has no backward (an input requires grad); use backend='auto' or 'torch', "
+                              "or call it under torch.no_grad()")
+        if self.max_head_dim is not None and request.head_dim is not None and request.head_dim > self.max_head_dim:
+            return ValueError(f"takes head dims up to {self.max_head_dim}, got {request.head_dim}")
+        if self.max_top_k is not None and request.top_k is not None and request.top_k > self.max_top_k:
+            return ValueError(f"takes top_k up to {self.max_top_k}, got {request.top_k}")
+        if self.group_size_multiple is not None and request.group_size is not None \
+                and request.group_size % self.group_size_multiple != 0:
+            return ValueError(f"needs group_size % {self.group_size_multiple} == 0, got {request.group_size}")
+        if self.max_offset is not None and request.offset > self.max_offset:
+            return ValueError(f"addresses elements with int32 offsets (< 2^31), but an input's strides reach "
+                              f"offset {request.offset}")
+        return None
+
+
+TORCH = Capability(backward=True)
+TRITON_ATTENTION = Capability(dtypes=KERNEL_FLOATS, max_head_dim=256, max_offset=INT32_OFFSETS)
+
+CAPABILITIES: dict[str, dict[str, Capability]] = {
+    "sliding_window_attention": {"triton": TRITON_ATTENTION, "torch": TORCH},
+    "sliding_window_attention_varlen": {"triton": TRITON_ATTENTION, "torch": TORCH},
+    "sparse_attention": {"triton": Capability(dtypes=KERNEL_FLOATS, max_offset=INT32_OFFSETS), "torch": TORCH},
+    "topk_sparse_attention": {"triton": Capability(dtypes=KERNEL_FLOATS, max_offset=INT32_OFFSETS), "torch": TORCH},
+    # Its output is indices: nothing to differentiate, so every backend serves grad-mode calls.
+    "lightning_indexer_topk": {
+        "triton": Capability(dtypes=KERNEL_FLOATS, backward=True, max_top_k=2048, max_offset=INT32_OFFSETS),
+        "cuda": Capability(dtypes=KERNEL_FLOATS, backward=True, kernel="topk_select"),
+        "cpp": Capability(dtypes=KERNEL_FLOATS, backward=True, kernel="topk_select"),
+        "torch": TORCH,
+    },
+    # head_dim is Dk: the kernels hold the whole q/k head dim in one tile.
+    "linear_attention": {"triton": TRITON_ATTENTION, "torch": TORCH},
+    "hybrid_attention": {"triton": TRITON_ATTENTION, "torch": TORCH},
+    "int4_matmul": {
+        "torch": TORCH,
+        "cpp": Capability(dtypes=KERNEL_FLOATS, kernel="int4_matmul"),
+        "triton": Capability(dtypes=KERNEL_FLOATS, group_size_multiple=16, max_offset=INT32_OFFSETS),
+        "cuda": Capability(dtypes=KERNEL_FLOATS, kernel="int4_matmul"),
+    },
+    "int4_grouped_matmul": {
+        "torch": TORCH,
+        "cpp": Capability(dtypes=KERNEL_FLOATS, kernel="int4_matmul"),
+        "triton": Capability(dtypes=KERNEL_FLOATS, group_size_multiple=16, max_offset=INT32_OFFSETS),
+    },
+    "int4_unpack": {
+        "torch": Capability(dtypes=(torch.int32,)),
+        "triton": Capability(dtypes=(torch.int32,)),
+        "cpp": Capability(dtypes=(torch.int32,), kernel="int4_unpack"),
+        "cuda": Capability(dtypes=(torch.int32,), kernel="int4_unpack"),
+    },
+}
+
+
+def of(op: str) -> dict[str, Capability]:
+    """The backends of `op` and what each takes."""
+    return CAPABILITIES[op]
+
+
+def max_offset(*tensors) -> int:
+    """The largest element offset any of `tensors` reaches from its data pointer (where kernels index from;
+    None entries skipped)."""
+    reach = 0
+    for t in tensors:
+        if t is not None and t.numel():
+            reach = max(reach, sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())))
+    return reach

@@ -1,0 +1,146 @@
+"""Sliding-window attention, chunked over queries (the "torch" backend).
+
+A query chunk only looks at the keys its window can reach, so memory is O(chunk x (chunk + window)) per head,
+never O(Sq x Sk) for a window much shorter than the sequence. The backward recomputes each chunk under
+autograd and accumulates its dK / dV span: its memory is one chunk's, like the forward's. Semantics: SPEC and
+dsattn.reference.sliding_window_attention.
+"""
+
+import torch
+
+# Scores held per chunk (elements of [B, Hq, chunk, span]), ~64 MiB in fp32; rows per chunk at most.
+CHUNK_ELEMENTS = 1 << 24
+MIN_CHUNK, MAX_CHUNK = 64, 512
+
+
+def visible_key_range(first: int, last: int, seq_q: int, seq_k: int, window: int, causal: bool) -> tuple[int, int]:
+    """[lo, hi) of the keys any query row in [first, last] can see (the kernels use the same bounds)."""
+    offset = seq_k - seq_q
+    lo = max(0, first + offset - window + 1)
+    hi = min(seq_k, (last + offset + 1) if causal else (last + offset + window))
+    return lo, max(lo, hi)
+
+
+def chunks(q, k, window: int, causal: bool, chunk_size: int | None = None):
+    """(start, stop, lo, hi) per query chunk that sees any key: rows [start, stop) over keys [lo, hi)."""
+    b, hq, sq, _ = q.shape
+    sk = k.shape[2]
+    if chunk_size is None:
+        # About one window of rows per chunk (a chunk's key span is at most chunk + 2 * window: the work is
+        # O(S x window), not O(S x S)), within the score budget.
+        chunk_size = min(MAX_CHUNK, max(MIN_CHUNK, window))
+        chunk_size = max(1, min(chunk_size, CHUNK_ELEMENTS // max(1, b * hq * min(sk, chunk_size + 2 * window))))
+    for start in range(0, sq, chunk_size):
+        stop = min(start + chunk_size, sq)
+        lo, hi = visible_key_range(start, stop - 1, sq, sk, window, causal)
+        if hi > lo:
+            yield start, stop, lo, hi
+
+
+def attend_chunk(q_rows, k_span, v_span, sinks, start: int, lo: int, seq_q: int, seq_k: int, window: int,
+                 causal: bool, scale: float):
+    """Output rows [start, start + rows) from q_rows [B, Hq, rows, Dqk] over keys [lo, lo + span) in the
+    compute dtype (float32, float64 for float64 inputs). In place where no gradient is recorded."""
+    b, hq, rows, dqk = q_rows.shape
+    hkv, span, dv = k_span.shape[1], k_span.shape[2], v_span.shape[3]
+    groups = hq // hkv
+    compute = torch.float64 if q_rows.dtype == torch.float64 else torch.float32
+    inplace = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                    for t in (q_rows, k_span, v_span, sinks)))
+    # GQA without repeating K/V: the groups' rows of one kv head form one [groups * rows, D] matrix.
+    scores = torch.matmul(q_rows.reshape(b, hkv, groups * rows, dqk).to(compute), k_span.to(compute).transpose(-1, -2))
+    scores = (scores.mul_(scale) if inplace else scores * scale).view(b, hkv, groups, rows, span)
+    position = torch.arange(start, start + rows, device=q_rows.device)[:, None] + (seq_k - seq_q)
+    key = torch.arange(lo, lo + span, device=q_rows.device)[None, :]
+    visible = (key > position - window) & ((key <= position) if causal else (key < position + window))
+    scores = scores.masked_fill_(~visible, float("-inf")) if inplace else scores.masked_fill(~visible, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    sink_logits = None if sinks is None else sinks.to(compute).view(1, hkv, groups, 1, 1)
+    if sink_logits is not None:
+        row_max = torch.maximum(row_max, sink_logits.detach())
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # rows with no key
+    probs = scores.sub_(row_max).exp_() if inplace else (scores - row_max).exp()
+    denom = probs.sum(dim=-1, keepdim=True)
+    if sink_logits is not None:
+        denom = denom + torch.exp(sink_logits - row_max)
+    denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+    probs = probs.div_(denom) if inplace else probs / denom
+    return torch.matmul(probs.view(b, hkv, groups * rows, span), v_span.to(compute)).view(b, hq, rows, dv)
+
+
+def sliding_window_attention(q, k, v, window: int, *, causal: bool = True, scale: float | None = None,
+                             sinks=None, chunk_size: int | None = None):
+    """q [B, Hq, Sq, Dqk], k [B, Hkv, Sk, Dqk], v [B, Hkv, Sk, Dv], Hq % Hkv == 0 -> [B, Hq, Sq, Dv] in q's
+    dtype; rows that see no key are zeros."""
+    b, hq, sq, dqk = q.shape
+    scale = dqk**-0.5 if scale is None else scale
+    out = torch.zeros(b, hq, sq, v.shape[3], dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    for start, stop, lo, hi in chunks(q, k, window, causal, chunk_size):
+        out[:, :, start:stop] = attend_chunk(q[:, :, start:stop], k[:, :, lo:hi], v[:, :, lo:hi], sinks, start, lo,
+                                             sq, k.shape[2], window, causal, scale).to(q.dtype)
+    return out
+
+
+def sliding_window_attention_backward(grad_out, q, k, v, window: int, *, causal: bool = True, scale: float,
+                                      sinks=None, chunk_size: int | None = None):
+    """(dq, dk, dv, dsinks) of sliding_window_attention for grad_out [B, Hq, Sq, Dv]; dsinks None without
+    sinks. Each chunk is recomputed under autograd (O(chunk x span) memory); gradients accumulate in the
+    compute dtype and come back in the inputs' dtypes."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq = torch.zeros(q.shape, dtype=compute, device=q.device)
+    dk = torch.zeros(k.shape, dtype=compute, device=k.device)
+    dv = torch.zeros(v.shape, dtype=compute, device=v.device)
+    dsinks = None if sinks is None else torch.zeros(sinks.shape, dtype=compute, device=sinks.device)
+    sq, sk = q.shape[2], k.shape[2]
+    for start, stop, lo, hi in chunks(q, k, window, causal, chunk_size):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) for t in (q[:, :, start:stop], k[:, :, lo:hi], v[:, :, lo:hi])]
+            sink_leaf = None if sinks is None else sinks.detach().requires_grad_(True)
+            o = attend_chunk(*leaves, sink_leaf, start, lo, sq, sk, window, causal, scale)
+            grads = torch.autograd.grad(o, leaves + ([sink_leaf] if sink_leaf is not None else []),
+                                        grad_out[:, :, start:stop].to(compute))
+        dq[:, :, start:stop] += grads[0]
+        dk[:, :, lo:hi] += grads[1]
+        dv[:, :, lo:hi] += grads[2]
+        if dsinks is not None:
+            dsinks += grads[3]
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None if dsinks is None else dsinks.to(sinks.dtype))
+
+
+def sliding_window_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, window: int, *, causal: bool = True,
+                                    scale: float | None = None, sinks=None):
+    """Packed sequences [total, H, D] (sequence s: rows cu_seqlens[s]:cu_seqlens[s+1]), each through
+    sliding_window_attention as a [1, H, S, D] view (no copy). Reads the offsets on the host."""
+    out = torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
+    for q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k):
+        o = sliding_window_attention(_bhsd(q[q0:q1]), _bhsd(k[k0:k1]), _bhsd(v[k0:k1]), window, causal=causal,
+                                     scale=scale, sinks=sinks)
+        out[q0:q1] = o[0].transpose(0, 1)
+    return out
+
+
+def sliding_window_attention_varlen_backward(grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, window: int, *,
+                                             causal: bool = True, scale: float, sinks=None):
+    """(dq, dk, dv, dsinks) of the varlen op, sequence by sequence."""
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dsinks = None if sinks is None else torch.zeros_like(sinks)
+    for q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k):
+        g = sliding_window_attention_backward(_bhsd(grad_out[q0:q1]), _bhsd(q[q0:q1]), _bhsd(k[k0:k1]),
+                                              _bhsd(v[k0:k1]), window, causal=causal, scale=scale, sinks=sinks)
+        dq[q0:q1], dk[k0:k1], dv[k0:k1] = (t[0].transpose(0, 1) for t in g[:3])
+        if dsinks is not None:
+            dsinks += g[3]
+    return dq, dk, dv, dsinks
+
+
+def _bhsd(t):
+    return t.transpose(0, 1)[None]  # [S, H, D] -> [1, H, S, D], a view
+
+
+def _sequences(cu_seqlens_q, cu_seqlens_k):
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for s in range(len(starts_q) - 1):
+        if starts_q[s + 1] > starts_q[s]:
+            yield starts_q[s], starts_q[s + 1], starts_k[s], starts_k[s + 1]
