@@ -1,9 +1,12 @@
 """The attention modes dsattn patches into transformers, and the adapter from transformers' attention
 interface (mask, padding, GQA layout) to dsattn's ops."""
 
+import warnings
+
 import torch
 
 import dsattn
+from dsattn.patching import masks
 from dsattn.registry import register_attention
 
 
@@ -12,15 +15,18 @@ DEFAULT_WINDOW = 4096
 
 @register_attention("sliding_window")
 def sliding_window(window: int | None = None, **_):
-    """window= given: every layer uses it. Left out: a layer's own window when the model passes one
-    (DeepSeek-V4, Qwen2's sliding layers), else DEFAULT_WINDOW."""
+    """window= given: every layer uses it (capped at a layer's own window). Left out: a layer's own window when
+    the model passes one (DeepSeek-V4, Qwen2's sliding layers), else DEFAULT_WINDOW."""
     if window is not None:
         dsattn._checks.check_int("patch", "window", window, minimum=1)
 
     def fn(q, k, v, *, scale, sinks=None, indices=None, model_window=None, layer=None):
-        return dsattn.sliding_window_attention(q, k, v, window or model_window or DEFAULT_WINDOW, scale=scale,
+        # Never wider than the layer's own window: keys outside it are masked for that layer.
+        given = [w for w in (window, model_window) if w is not None]
+        return dsattn.sliding_window_attention(q, k, v, min(given) if given else DEFAULT_WINDOW, scale=scale,
                                                sinks=sinks)
 
+    fn.takes_window = True
     return fn
 
 
@@ -58,7 +64,7 @@ def linear(feature_map: str = "elu", **_):
     call recomputes from all keys, which gives the same result."""
 
     def fn(q, k, v, *, scale, sinks=None, indices=None, model_window=None, layer=None):
-        if layer is None or torch.is_grad_enabled():
+        if layer is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return dsattn.linear_attention(q, k, v, feature_map=feature_map)
         sq, sk = q.shape[2], k.shape[2]
         saved = getattr(layer, LAYER_STATE_ATTR, None)
@@ -87,50 +93,63 @@ def hybrid(prefix: int = 2048, window: int = 0, feature_map: str = "elu", **_):
     return fn
 
 
-def left_padding(attention_mask, batch: int, seq_k: int) -> list[int]:
-    """Leading keys that no query may see, per batch row (left padding). Read over every query row, not the
-    last one: under a sliding-window mask the last row also hides early keys that earlier rows see."""
-    if attention_mask is None:
-        return [0] * batch
-    allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-    if allowed.dim() == 4:
-        allowed = allowed.any(1)
-    seen = allowed[..., :seq_k].any(-2)  # [B, Sk]: visible to some query
-    first_valid = torch.where(seen.any(-1), seen.int().argmax(-1), torch.full_like(seen[:, 0], seq_k, dtype=torch.long))
-    return [int(p) for p in first_valid]
+def _check_window(kernel, mode, model_window, sk):
+    """A layer's own sliding window is part of its mask: modes without a window cannot drop it."""
+    if model_window is not None and model_window < sk and not getattr(kernel, "takes_window", False):
+        raise ValueError(f"dsattn: attention={mode!r} cannot honour this layer's sliding window ({model_window} "
+                         f"< {sk} keys); use attention='sliding_window' for models with sliding-window layers")
 
 
-def run_with_padding(kernel, q, k, v, attention_mask, indices=None, **kw):
-    """Run kernel per batch row on the keys after its left padding (queries aligned at the end, SPEC's Sq < Sk
-    convention); padded query rows output zeros. Indices are shifted by the padding; padded keys become -1."""
+def run_with_mask(kernel, q, k, v, attention_mask, indices=None, *, mode=None, cu_seqlens=None, max_length=None,
+                  **kw):
+    """Run kernel (q/k/v [B, H, S, D]) under transformers' attention mask; returns [B, Sq, Hq, Dv] contiguous.
+    Masks become token moves around the causal kernel (dsattn.patching.masks); indices [B, (Hkv,) Sq, K] hold
+    original key positions and follow the keys."""
     b, _, sq, _ = q.shape
     sk = k.shape[2]
-    pads = left_padding(attention_mask, b, sk)
-    if not any(pads):
-        return kernel(q, k, v, indices=indices, **kw)
-    kw["layer"] = None  # per-row calls: no per-layer state (it would mix rows)
-    out = q.new_zeros(b, q.shape[1], sq, v.shape[-1])
-    for i, p in enumerate(pads):
-        q_start = max(0, p - (sk - sq))
-        if q_start >= sq or p >= sk:
-            continue
-        idx = None
-        if indices is not None:
-            idx = indices[i:i + 1, ..., q_start:, :].long() - p
-            idx = torch.where(idx < 0, torch.full_like(idx, -1), idx).to(torch.int32)
-        out[i:i + 1, :, q_start:] = kernel(q[i:i + 1, :, q_start:], k[i:i + 1, :, p:], v[i:i + 1, :, p:],
-                                            indices=idx, **kw)
+    _check_window(kernel, mode, kw.get("model_window"), sk)
+    p = masks.plan(attention_mask, b, sq, sk, window=kw.get("model_window"), cu_seqlens=cu_seqlens,
+                   max_length=max_length)
+    if p.kind == "dense":
+        return kernel(q, k, v, indices=indices, **kw).transpose(1, 2).contiguous()
+    kw["layer"] = None  # tokens moved: no per-layer state (it belongs to the unmoved sequence)
+    if p.kind == "gather":
+        (layout,) = p.layouts
+        idx = None if indices is None else layout.indices_in(indices, indices.dim() - 2)
+        o = kernel(layout.queries(q, 2), layout.keys(k, 2), layout.keys(v, 2), indices=idx, **kw)
+        return layout.outputs(o.transpose(1, 2), 1)
+    out = q.new_zeros(b, sq, q.shape[1], v.shape[-1])
+    for i, layout in p.layouts:
+        rows = slice(i, i + 1)
+        idx = None if indices is None else layout.indices_in(indices[rows], indices.dim() - 2)
+        o = kernel(layout.queries(q[rows], 2), layout.keys(k[rows], 2), layout.keys(v[rows], 2), indices=idx, **kw)
+        out[rows] = layout.outputs(o.transpose(1, 2), 1)
     return out
 
 
-def transformers_attention(kernel):
+_WARNED: set = set()
+
+
+def _warn_no_weights(mode, module, kwargs):
+    config = getattr(module, "config", None)
+    if not (kwargs.get("output_attentions") or getattr(config, "output_attentions", False)) or mode in _WARNED:
+        return
+    _WARNED.add(mode)
+    warnings.warn(f"dsattn: attention={mode!r} computes no attention weights; output_attentions=True returns none "
+                  "for the patched layers (unpatch the model, or use attn_implementation='eager', to get them)",
+                  stacklevel=3)
+
+
+def transformers_attention(kernel, mode=None):
     """fn(module, query, key, value, attention_mask, scaling=, dropout=, **kw) -> (out [B, S, H, D], None)."""
 
     def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        sinks = kwargs.get("s_aux")
-        sliding = kwargs.get("sliding_window")
-        out = run_with_padding(kernel, query, key, value, attention_mask, indices=kwargs.get("indices"),
-                               scale=scaling, sinks=sinks, model_window=sliding, layer=module)
-        return out.transpose(1, 2).contiguous(), None
+        if not torch.compiler.is_compiling():
+            _warn_no_weights(mode, module, kwargs)
+        out = run_with_mask(kernel, query, key, value, attention_mask, indices=kwargs.get("indices"), mode=mode,
+                            cu_seqlens=kwargs.get("cu_seq_lens_q"), max_length=kwargs.get("max_length_q"),
+                            scale=scaling, sinks=kwargs.get("s_aux"), model_window=kwargs.get("sliding_window"),
+                            layer=module)
+        return out, None
 
     return attention_forward

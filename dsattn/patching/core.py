@@ -96,7 +96,7 @@ def patch(model, *, attention=None, quantize=None, **options):
 
         name = f"dsattn_{attention}_{id(model):x}"
         state.attn_implementation = config._attn_implementation
-        attention_forward = transformers_attention(kernel)
+        attention_forward = transformers_attention(kernel, attention)
         if patcher.wrap_attention is not None:
             attention_forward = patcher.wrap_attention(attention_forward, model, state)
         AttentionInterface.register(name, attention_forward)
