@@ -129,3 +129,35 @@ def test_generate_with_left_padding_equals_the_unpatched_model(model_type, mode,
         alone = patched.generate(ids[1:, PAD:], attention_mask=mask[1:, PAD:], max_new_tokens=6, do_sample=False)
     assert torch.equal(out, ref)
     assert torch.equal(out[1, SEQ:], alone[0, SEQ - PAD:])  # the padded row generates as if unpadded
+
+
+@pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
+@pytest.mark.parametrize("model_type,mode,options", CASES[::2], ids=IDS[::2])
+def test_padding_free_training_step_with_data_collator_with_flattening(model_type, mode, options, flash_kwargs):
+    """transformers' DataCollatorWithFlattening packs the batch into one row; the patched model keeps the
+    sequences apart exactly as the unpatched one does (it reads the packing from the restarting position_ids)."""
+    g = torch.Generator().manual_seed(11)
+    features = [{"input_ids": torch.randint(0, 100, (n,), generator=g).tolist()} for n in (9, 14, 6)]
+    for f in features:
+        f["labels"] = f["input_ids"]
+    collate = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs, return_tensors="pt")
+    packed = collate(features)
+    model = make(model_type)
+
+    def step():
+        model.train()
+        model.zero_grad(set_to_none=True)
+        loss = model(**packed, use_cache=False).loss
+        loss.backward()
+        model.eval()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref_grads = step()
+    dsattn.patch(model, attention=mode, **options)
+    try:
+        loss, grads = step()
+    finally:
+        dsattn.unpatch(model)
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    for name, grad in grads.items():
+        assert (grad - ref_grads[name]).abs().max().item() <= 1e-4 * ref_grads[name].abs().max().item() + 1e-7, name
