@@ -76,8 +76,9 @@ CAPABILITIES: dict[str, dict[str, Capability]] = {
         "cpp": Capability(dtypes=KERNEL_FLOATS, backward=True, kernel="topk_select"),
         "torch": TORCH,
     },
-    # head_dim is Dk: the kernels hold the whole q/k head dim in one tile.
-    "linear_attention": {"triton": TRITON_ATTENTION, "torch": TORCH},
+    # head_dim is Dk (the kernels hold the whole q/k head dim in one tile, Dv in slices); offsets are 64-bit
+    # (per-chunk int64 base pointers), so no offset limit.
+    "linear_attention": {"triton": Capability(dtypes=KERNEL_FLOATS, max_head_dim=256), "torch": TORCH},
     "hybrid_attention": {"triton": TRITON_ATTENTION, "torch": TORCH},
     "int4_matmul": {
         "torch": TORCH,

@@ -1,15 +1,18 @@
-"""hybrid_attention: reference vs a brute-force loop (float64), Triton (interpreter on CPU) vs the reference,
-equality with causal softmax attention when every key is exact, edge rows, bad input."""
+"""hybrid_attention: the oracle and the torch backend vs a brute-force loop (float64), Triton (interpreter on
+CPU) vs the oracle, equality with causal softmax attention when every key is exact, edge rows, the custom op
+(opcheck, gradients against float64 autograd of the oracle, torch.compile, no silent detach), bad input."""
 
 import math
 
 import pytest
 import torch
 
+import dsattn
 from dsattn.ops.hybrid_attention import hybrid_attention
 from dsattn.reference.hybrid_attention import hybrid_attention as hybrid_reference
 from dsattn.reference.linear_attention import FEATURE_MAPS, feature_map
-from dsattn.testing import assert_close, non_contiguous, poisoned, tolerance
+from dsattn.testing import assert_close, assert_compiles, assert_grads_match, non_contiguous, poisoned, tolerance
+from dsattn.torch_backend import hybrid_attention as torch_backend
 
 
 def _qkv(b, hq, hkv, sq, sk, dqk, dv, dtype=torch.float32, device="cpu"):
@@ -59,30 +62,48 @@ def _causal_softmax(q, k, v, scale=None):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+def _torch_backend(chunk):
+    def run(q, k, v, *, prefix, window, feature_map="elu", scale=None):
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        return torch_backend.hybrid_attention(q, k, v, prefix=prefix, window=window, feature_map=feature_map,
+                                              scale=scale, chunk=chunk)
+
+    return run
+
+
+# the oracle, and the torch backend with small chunks (several query chunks, the state carry and the tail
+# product all run) and its default chunk
+IMPLEMENTATIONS = {"oracle": hybrid_reference, "torch-chunk4": _torch_backend(4), "torch": _torch_backend(128)}
+
+
 # ---------------------------------------------------------------------------------------------- reference
+@pytest.mark.parametrize("implementation", sorted(IMPLEMENTATIONS))
 @pytest.mark.parametrize("fmap", sorted(FEATURE_MAPS))
 @pytest.mark.parametrize(
     "sq,sk,prefix,window",
     [(13, 13, 3, 4), (13, 13, 0, 0), (13, 13, 0, 5), (13, 13, 5, 0), (13, 13, 20, 2), (6, 13, 4, 3), (16, 11, 2, 2)],
 )
-def test_reference_matches_brute_force_float64(fmap, sq, sk, prefix, window):
+def test_reference_and_torch_backend_match_brute_force_float64(implementation, fmap, sq, sk, prefix, window):
     q, k, v = _qkv(1, 4, 2, sq, sk, 5, 3, torch.float64)
     expected = _brute_force(q, k, v, prefix, window, fmap)
-    # a small chunk so several query chunks, the state carry and the tail product all run
-    actual = hybrid_reference(q, k, v, prefix=prefix, window=window, feature_map=fmap, chunk=4)
+    actual = IMPLEMENTATIONS[implementation](q, k, v, prefix=prefix, window=window, feature_map=fmap)
     assert_close(actual, expected, 1e-10)
 
 
-def test_reference_equals_causal_softmax_when_all_keys_exact():
+@pytest.mark.parametrize("implementation", sorted(IMPLEMENTATIONS))
+def test_reference_and_torch_backend_equal_causal_softmax_when_all_keys_exact(implementation):
     q, k, v = _qkv(2, 4, 2, 40, 40, 8, 6, torch.float64)
     expected = _causal_softmax(q, k, v)
-    assert_close(hybrid_reference(q, k, v, prefix=40, chunk=16), expected, 1e-10)
-    assert_close(hybrid_reference(q, k, v, prefix=0, window=40, chunk=16), expected, 1e-10)
+    run = IMPLEMENTATIONS[implementation]
+    assert_close(run(q, k, v, prefix=40, window=0), expected, 1e-10)
+    assert_close(run(q, k, v, prefix=0, window=40), expected, 1e-10)
 
 
-def test_reference_rows_without_keys_and_linear_only_rows():
+@pytest.mark.parametrize("implementation", sorted(IMPLEMENTATIONS))
+def test_reference_and_torch_backend_rows_without_keys_and_linear_only_rows(implementation):
+    run = IMPLEMENTATIONS[implementation]
     q, k, v = _qkv(1, 2, 2, 9, 5, 4, 4, torch.float64)  # Sq > Sk: the first 4 rows see no key
-    out = hybrid_reference(q, k, v, prefix=0, window=0, feature_map="elu")
+    out = run(q, k, v, prefix=0, window=0, feature_map="elu")
     assert torch.equal(out[:, :, :4], torch.zeros_like(out[:, :, :4]))
     assert_close(out, _brute_force(q, k, v, 0, 0, "elu"), 1e-10)
     # prefix = window = 0: no exact key anywhere, normalized causal linear attention
@@ -91,8 +112,16 @@ def test_reference_rows_without_keys_and_linear_only_rows():
     assert_close(out[:, :, 4:], ((a @ v) / a.sum(-1, keepdim=True))[:, :, 4:], 1e-10)
     # relu features that never overlap: the far denominator is exactly 0 -> zero rows, not NaN
     q, k = q.abs(), -k.abs()
-    out = hybrid_reference(q, k, v, prefix=0, window=0, feature_map="relu")
+    out = run(q, k, v, prefix=0, window=0, feature_map="relu")
     assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_reference_keeps_invisible_nan_out():
+    """A NaN in a key or value after a row never reaches that row."""
+    q, k, v = _qkv(1, 2, 1, 8, 8, 4, 4, torch.float64)
+    k[:, :, 6], v[:, :, 7] = float("nan"), float("nan")
+    out = hybrid_reference(q, k, v, prefix=2, window=2)
+    assert torch.isfinite(out[:, :, :6]).all()
 
 
 # ------------------------------------------------------------------------------------------------- triton
@@ -196,10 +225,10 @@ def test_bad_input_is_named():
 
 def test_triton_rejects_what_it_cannot_run(triton_device):
     q, k, v = _qkv(1, 1, 1, 4, 4, 8, 8, torch.float64)
-    with pytest.raises(TypeError, match="float64"):
+    with pytest.raises(TypeError, match="backend='triton' takes float16, bfloat16, float32 inputs, got float64"):
         hybrid_attention(q, k, v, backend="triton")
     q, k, v = _qkv(1, 1, 1, 4, 4, 8, 320)
-    with pytest.raises(ValueError, match="head dims up to"):
+    with pytest.raises(ValueError, match="backend='triton' takes head dims up to 256, got 320"):
         hybrid_attention(q, k, v, backend="triton")
 
 
@@ -207,5 +236,106 @@ def test_triton_rejects_what_it_cannot_run(triton_device):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_long_sequence(dtype):
     q, k, v = _qkv(1, 8, 2, 4099, 4099, 128, 128, dtype, "cuda")
-    expected = hybrid_reference(q, k, v, prefix=1000, window=300)
+    expected = hybrid_attention(q, k, v, prefix=1000, window=300, backend="torch")
     assert_close(hybrid_attention(q, k, v, prefix=1000, window=300, backend="triton"), expected, tolerance(dtype))
+
+
+# ---------------------------------------------------------------------------------------------- the custom op
+def _grad_inputs(b, hq, hkv, sq, sk, dqk, dv, dtype, device="cpu", transposed=False):
+    q, k, v = _qkv(b, hq, hkv, sq, sk, dqk, dv, dtype, device)
+    if transposed:  # [B, S, H, D] memory, as transformers hands it over
+        q, k, v = (non_contiguous(t) for t in (q, k, v))
+    return [t.requires_grad_(True) for t in (q, k, v)]
+
+
+@pytest.fixture
+def short_chunks(monkeypatch):
+    monkeypatch.setattr(torch_backend, "QUERY_CHUNK", 8)
+
+
+@pytest.mark.parametrize(
+    "b,hq,hkv,sq,sk,dqk,dv,prefix,window,fmap,transposed",
+    [
+        (2, 4, 2, 37, 37, 6, 5, 5, 7, "elu", False),  # GQA, Dqk != Dv, prefix + band + far (state and tail)
+        (1, 2, 1, 13, 45, 8, 8, 4, 3, "exp", True),  # Sq < Sk, non-contiguous
+        (1, 3, 3, 21, 21, 4, 6, 0, 0, "relu", False),  # linear only (no exact key)
+        (1, 2, 1, 19, 19, 5, 3, 30, 0, "identity", True),  # every key exact: causal softmax
+        (1, 2, 1, 12, 5, 4, 4, 2, 2, "elu", False),  # Sq > Sk: rows that see nothing
+    ],
+)
+def test_gradients_match_float64_autograd_of_the_oracle(short_chunks, b, hq, hkv, sq, sk, dqk, dv, prefix, window,
+                                                          fmap, transposed):
+    inputs = _grad_inputs(b, hq, hkv, sq, sk, dqk, dv, torch.float32, transposed=transposed)
+    kw = dict(prefix=prefix, window=window, feature_map=fmap, scale=0.4)
+    assert_grads_match(lambda q, k, v: hybrid_attention(q, k, v, **kw),
+                       lambda q, k, v: hybrid_reference(q, k, v, **kw), inputs, 1e-5, name="hybrid_attention")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gradients_in_16_bit(dtype):
+    inputs = _grad_inputs(1, 4, 2, 150, 150, 16, 8, dtype)
+    kw = dict(prefix=5, window=9)
+    assert_grads_match(lambda q, k, v: hybrid_attention(q, k, v, **kw), lambda q, k, v: hybrid_reference(q, k, v, **kw),
+                       inputs, tolerance(dtype), name="hybrid_attention")
+
+
+def test_gradcheck_float64_torch_backend(short_chunks):
+    inputs = _grad_inputs(1, 2, 1, 19, 21, 3, 2, torch.float64)
+    assert torch.autograd.gradcheck(lambda q, k, v: hybrid_attention(q, k, v, prefix=3, window=4, backend="torch"),
+                                    inputs, fast_mode=True)
+
+
+def _largest_tensor(fn):
+    """The most elements any single tensor fn creates (forward and backward)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            self.numel = max([self.numel, *sizes])
+            return out
+
+    with Largest() as mode:
+        fn()
+    return mode.numel
+
+
+def test_backward_memory_chunks():
+    """Forward and backward go chunk by chunk: nothing near [Sq, Sk] (2 x 1024 x 1024 elements); the largest
+    tensors are the inputs, their gradients and one chunk's scores over its prefix + band keys."""
+    q, k, v = _grad_inputs(1, 2, 1, 1024, 1024, 8, 8, torch.float32)
+    prefix, window, chunk = 16, 16, torch_backend.QUERY_CHUNK
+    assert _largest_tensor(lambda: hybrid_attention(q, k, v, prefix=prefix, window=window).sum().backward()) \
+        <= max(2 * 1024 * 8, 2 * chunk * (prefix + chunk + window))
+    assert q.grad is not None and k.grad is not None
+
+
+def test_no_silent_detach(triton_device):
+    """A gradient is wanted: auto takes a backend with a backward; an explicit one without raises first; under
+    no_grad the kernel still runs."""
+    q, k, v = _grad_inputs(1, 2, 1, 9, 9, 16, 16, torch.float32, triton_device)
+    assert hybrid_attention(q, k, v, prefix=2, window=3).grad_fn is not None
+    with pytest.raises(ValueError, match="hybrid_attention: backend='triton' has no backward"):
+        hybrid_attention(q, k, v, prefix=2, window=3, backend="triton")
+    with torch.no_grad():
+        assert_close(hybrid_attention(q, k, v, prefix=2, window=3, backend="triton"),
+                     hybrid_reference(q, k, v, prefix=2, window=3))
+
+
+def test_opcheck():
+    q, k, v = (t.detach() for t in _grad_inputs(1, 4, 2, 11, 13, 16, 8, torch.float32))
+    torch.library.opcheck(torch.ops.dsattn.hybrid_attention, (q.requires_grad_(True), k, v, 3, 4, "elu", 0.25, "torch"))
+    if dsattn._backend.unusable_reason("triton", q.device) is None:
+        torch.library.opcheck(torch.ops.dsattn.hybrid_attention, (q.detach(), k, v, 3, 4, "elu", 0.25, "triton"))
+
+
+def test_compiles_fullgraph_and_equals_eager():
+    inputs = _grad_inputs(1, 4, 2, 29, 29, 16, 8, torch.float32, transposed=True)
+    assert_compiles(lambda q, k, v: hybrid_attention(q, k, v, prefix=3, window=5), inputs, name="hybrid_attention")
+    with torch.no_grad():
+        assert_compiles(lambda q, k, v: hybrid_attention(q[:, :, -1:], k, v, prefix=3, window=5), inputs,
+                        name="decode")

@@ -1,5 +1,7 @@
-"""linear_attention: the reference against a brute-force loop (float64); the Triton chunked and recurrent
-kernels against the reference (interpreter on CPU); state round trips; bad input; the generation cache."""
+"""linear_attention: the oracle and the torch backend against a brute-force loop (float64); the Triton chunked
+and recurrent kernels against the oracle (interpreter on CPU); state round trips; the custom op (opcheck,
+gradients of o and the final state through q, k, v and the initial state against float64 autograd of the
+oracle, torch.compile, no silent detach); bad input; the generation cache."""
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from dsattn import testing
 from dsattn.cache import LinearAttentionCache
 from dsattn.reference.linear_attention import FEATURE_MAPS, LinearAttentionState, feature_map
 from dsattn.reference.linear_attention import linear_attention as reference
+from dsattn.torch_backend import linear_attention as torch_backend
 
 OP_KW = dict(eps=1e-6)
 
@@ -55,23 +58,53 @@ def fp32_tol(device):
     return testing.tolerance(torch.float32, tf32=device == "cuda")
 
 
+def run_torch_backend(q, k, v, *, initial_state=None, output_final_state=False, **kw):
+    """The torch backend with the reference's calling convention."""
+    S0, z0 = (None, None) if initial_state is None else initial_state
+    o, S, z = torch_backend.linear_attention(q, k, v, S0, z0, **kw)
+    return (o, LinearAttentionState(S, z)) if output_final_state else o
+
+
+@pytest.fixture(params=["oracle", "torch"])
+def implementation(request, monkeypatch):
+    """The oracle, or the torch backend with short chunks (several causal, absorb and apply steps)."""
+    if request.param == "oracle":
+        return reference
+    monkeypatch.setattr(torch_backend, "CHUNK", 4)
+    monkeypatch.setattr(torch_backend, "LONG_CHUNK", 8)
+    return run_torch_backend
+
+
 # ------------------------------------------------------------------------------------------ reference
 @pytest.mark.parametrize("fmap", FEATURE_MAPS)
 @pytest.mark.parametrize("causal", [True, False])
-def test_reference_matches_brute_force(fmap, causal):
+def test_reference_and_torch_backend_match_brute_force(implementation, fmap, causal):
     positive = fmap == "identity"  # keeps the normalizer away from 0 (ill-conditioned otherwise)
     q, k, v = make_inputs(1, 4, 2, 9, 9, 3, 5, torch.float64, positive=positive)
     for normalize in (True, False):
-        got = reference(q, k, v, feature_map=fmap, causal=causal, normalize=normalize, **OP_KW)
+        got = implementation(q, k, v, feature_map=fmap, causal=causal, normalize=normalize, **OP_KW)
         testing.assert_close(got, brute_force(q, k, v, fmap, causal, normalize), 1e-10)
 
 
-def test_reference_across_chunks_with_state_and_offset():
-    """Longer than the reference's chunk, an initial state, and causal Sq < Sk (query i at i + Sk - Sq)."""
-    q, k, v = make_inputs(1, 2, 1, 70, 75, 4, 3, torch.float64)
+def test_reference_and_torch_backend_across_chunks_with_state_and_offset(implementation):
+    """Several chunks, an initial state, and causal Sq < Sk (query i at i + Sk - Sq); the final state."""
+    q, k, v = make_inputs(1, 2, 1, 30, 35, 4, 3, torch.float64)
     state = LinearAttentionState(torch.rand(1, 2, 4, 3, dtype=torch.float64), torch.rand(1, 2, 4, dtype=torch.float64))
-    got = reference(q, k, v, feature_map="elu", causal=True, initial_state=state)
-    testing.assert_close(got, brute_force(q, k, v, "elu", True, True, state=state), 1e-10)
+    for causal in (True, False):
+        got, final = implementation(q, k, v, feature_map="elu", causal=causal, initial_state=state,
+                                    output_final_state=True)
+        testing.assert_close(got, brute_force(q, k, v, "elu", causal, True, state=state), 1e-10)
+        fk = feature_map(k, "elu").repeat_interleave(2, dim=1)
+        testing.assert_close(final.S, state.S + fk.transpose(-1, -2) @ v.repeat_interleave(2, dim=1), 1e-12, name="S")
+        testing.assert_close(final.z, state.z + fk.sum(2), 1e-12, name="z")
+
+
+def test_reference_keeps_invisible_nan_out():
+    """A NaN in a key or value after a causal row never reaches that row (the oracle sums visible keys only)."""
+    q, k, v = make_inputs(1, 2, 2, 6, 6, 4, 4, torch.float64)
+    k[:, :, 4], v[:, :, 5] = float("nan"), float("nan")
+    o = reference(q, k, v)
+    assert torch.isfinite(o[:, :, :4]).all()
 
 
 def test_exp_feature_map_is_stable():
@@ -242,7 +275,8 @@ def test_decode_one_token_at_a_time(triton_device):
 def test_triton_long_bf16_gpu(seq):
     q, k, v = make_inputs(1, 8, 2, seq, seq, 128, 128, dtype=torch.bfloat16, device="cuda")
     o, state = dsattn.linear_attention(q, k, v, feature_map="elu", output_final_state=True, backend="triton")
-    o_ref, state_ref = reference(q.float(), k.float(), v.float(), feature_map="elu", output_final_state=True)
+    o_ref, state_ref = dsattn.linear_attention(q.float(), k.float(), v.float(), feature_map="elu",
+                                               output_final_state=True, backend="torch")
     testing.assert_close(o, o_ref, testing.tolerance(torch.bfloat16))
     testing.assert_close(state.S, state_ref.S, 1e-3, name="S")
 
@@ -253,7 +287,7 @@ def test_auto_backend_and_float64(device):
     o = dsattn.linear_attention(q, k, v)
     assert o.dtype == torch.float64
     testing.assert_close(o, reference(q, k, v), 1e-12)
-    with pytest.raises(ValueError, match="backend='triton'"):
+    with pytest.raises(TypeError, match="backend='triton' takes float16, bfloat16, float32 inputs, got float64"):
         dsattn.linear_attention(q, k, v, backend="triton")
 
 
@@ -309,7 +343,7 @@ def test_bad_shapes():
 
 def test_triton_rejects_huge_head_dim(triton_device):
     q, k, v = make_inputs(1, 1, 1, 2, 2, 300, 8, device=triton_device)
-    with pytest.raises(ValueError, match="Dk <= 256"):
+    with pytest.raises(ValueError, match="backend='triton' takes head dims up to 256, got 300"):
         dsattn.linear_attention(q, k, v, backend="triton")
 
 
@@ -349,3 +383,142 @@ def test_cache_bad_input():
         cache.update(0, (torch.zeros(1), torch.zeros(1)), -2)
     with pytest.raises(TypeError, match="state"):
         cache.update(0, torch.zeros(1), 1)
+
+
+# ------------------------------------------------------------------------------------------ the custom op
+def _grad_inputs(b, hq, hkv, sq, sk, dk, dv, dtype, device="cpu", state=True, transposed=False, positive=False):
+    q, k, v = make_inputs(b, hq, hkv, sq, sk, dk, dv, dtype, device, positive=positive)
+    if transposed:  # [B, S, H, D] memory, as transformers hands it over
+        q, k, v = (testing.non_contiguous(t) for t in (q, k, v))
+    leaves = [t.requires_grad_(True) for t in (q, k, v)]
+    if not state:
+        return [*leaves, None, None]
+    S0 = torch.rand(b, hq, dk, dv, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    z0 = torch.rand(b, hq, dk, device=device, dtype=S0.dtype)
+    return [*leaves, S0.requires_grad_(True), z0.requires_grad_(True)]
+
+
+def _flat(fn, **kw):
+    """(o, S, z) of fn: every output gets a cotangent, so gradients also come back through the final state."""
+
+    def run(q, k, v, S0, z0):
+        o, state = fn(q, k, v, initial_state=None if S0 is None else LinearAttentionState(S0, z0),
+                      output_final_state=True, **kw)
+        return o, state.S, state.z
+
+    return run
+
+
+@pytest.fixture
+def short_chunks(monkeypatch):
+    monkeypatch.setattr(torch_backend, "CHUNK", 8)
+    monkeypatch.setattr(torch_backend, "LONG_CHUNK", 16)
+
+
+@pytest.mark.parametrize(
+    "b,hq,hkv,sq,sk,dk,dv,fmap,causal,normalize,state,transposed",
+    [
+        (2, 4, 2, 37, 37, 6, 5, "elu", True, True, True, False),  # GQA, Dk != Dv, an initial state
+        (1, 2, 1, 13, 45, 8, 8, "exp", True, True, False, True),  # Sq < Sk (absorbed keys), non-contiguous
+        (1, 3, 3, 21, 30, 4, 6, "relu", False, True, True, False),  # non-causal, Sq != Sk
+        (1, 2, 1, 19, 19, 5, 3, "identity", True, False, True, True),  # unnormalized
+        (1, 2, 2, 1, 1, 4, 4, "elu", True, True, True, False),  # one decode step
+    ],
+)
+def test_gradients_match_float64_autograd_of_the_oracle(short_chunks, b, hq, hkv, sq, sk, dk, dv, fmap, causal,
+                                                          normalize, state, transposed):
+    inputs = _grad_inputs(b, hq, hkv, sq, sk, dk, dv, torch.float32, state=state, transposed=transposed,
+                          positive=fmap == "identity")
+    kw = dict(feature_map=fmap, causal=causal, normalize=normalize)
+    testing.assert_grads_match(_flat(dsattn.linear_attention, **kw), _flat(reference, **kw), inputs, 1e-5,
+                               name="linear_attention")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gradients_in_16_bit(dtype):
+    inputs = _grad_inputs(1, 4, 2, 70, 70, 16, 8, dtype)
+    testing.assert_grads_match(_flat(dsattn.linear_attention), _flat(reference), inputs, testing.tolerance(dtype),
+                               name="linear_attention")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gradcheck_float64_torch_backend(short_chunks, causal):
+    inputs = _grad_inputs(1, 2, 1, 10, 13, 3, 2, torch.float64)
+    assert torch.autograd.gradcheck(_flat(dsattn.linear_attention, causal=causal, backend="torch"), inputs,
+                                    fast_mode=True)
+
+
+def _largest_tensor(fn):
+    """The most elements any single tensor fn creates (forward and backward)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            self.numel = max([self.numel, *sizes])
+            return out
+
+    with Largest() as mode:
+        fn()
+    return mode.numel
+
+
+def test_backward_memory_chunks():
+    """Forward and backward go chunk by chunk: no tensor near [S, S] (here 2 x 512 x 512 elements); the
+    largest are the inputs and their gradients."""
+    q, k, v, S0, z0 = _grad_inputs(1, 2, 1, 512, 512, 8, 8, torch.float32)
+
+    def step():
+        o, state = dsattn.linear_attention(q, k, v, initial_state=LinearAttentionState(S0, z0),
+                                           output_final_state=True)
+        (o.sum() + state.S.sum()).backward()
+
+    assert _largest_tensor(step) <= 2 * 512 * 8
+    assert q.grad is not None and S0.grad is not None
+
+
+def test_no_silent_detach(triton_device):
+    """A gradient is wanted (of q, or of the initial state only): auto takes a backend with a backward; an
+    explicit one without raises first; under no_grad the kernel still runs."""
+    q, k, v, S0, z0 = _grad_inputs(1, 2, 1, 9, 9, 16, 16, torch.float32, triton_device)
+    state = LinearAttentionState(S0, z0)
+    assert dsattn.linear_attention(q, k, v, initial_state=state).grad_fn is not None
+    with pytest.raises(ValueError, match="linear_attention: backend='triton' has no backward"):
+        dsattn.linear_attention(q, k, v, initial_state=state, backend="triton")
+    detached = [t.detach() for t in (q, k, v)]
+    with pytest.raises(ValueError, match="linear_attention: backend='triton' has no backward"):
+        dsattn.linear_attention(*detached, initial_state=state, backend="triton")
+    _, final = dsattn.linear_attention(*detached, initial_state=state, output_final_state=True)
+    assert final.S.grad_fn is not None
+    with torch.no_grad():
+        o, final = dsattn.linear_attention(q, k, v, initial_state=state, output_final_state=True, backend="triton")
+        o_ref, final_ref = reference(q, k, v, initial_state=state, output_final_state=True)
+    testing.assert_close(o, o_ref, fp32_tol(triton_device))
+    testing.assert_close(final.S, final_ref.S, fp32_tol(triton_device), name="S")
+
+
+def test_opcheck():
+    q, k, v, S0, z0 = (t.detach() for t in _grad_inputs(1, 4, 2, 5, 7, 16, 8, torch.float32))
+    torch.library.opcheck(torch.ops.dsattn.linear_attention,
+                          (q.requires_grad_(True), k, v, S0.requires_grad_(True), z0, "elu", True, True, 1e-6, "torch"))
+    torch.library.opcheck(torch.ops.dsattn.linear_attention, (q, k, v, None, None, "exp", False, True, 1e-6, "torch"))
+    if dsattn._backend.unusable_reason("triton", q.device) is None:
+        q, S0 = q.detach(), S0.detach()
+        for causal in (True, False):
+            torch.library.opcheck(torch.ops.dsattn.linear_attention,
+                                  (q, k, v, S0, z0, "elu", causal, True, 1e-6, "triton"))
+
+
+def test_compiles_fullgraph_and_equals_eager():
+    inputs = _grad_inputs(1, 4, 2, 29, 29, 16, 8, torch.float32, transposed=True)
+    testing.assert_compiles(_flat(dsattn.linear_attention), inputs, name="linear_attention")
+    with torch.no_grad():  # a decode step on a carried state
+        def decode(q, k, v, S0, z0):
+            outputs = _flat(dsattn.linear_attention)(q[:, :, -1:], k[:, :, -1:], v[:, :, -1:], S0, z0)
+            return torch.cat([t.flatten() for t in outputs])
+
+        testing.assert_compiles(decode, inputs, name="decode")

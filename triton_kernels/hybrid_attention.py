@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE as TRITON_NAME, AOTSpec, interpreting, ptr
+from ._common import TRITON_DTYPE as TRITON_NAME, AOTSpec, interpreting, launch, ptr
 
 CHUNK = 256  # keys per far-state chunk (multiple of BLOCK_N)
 STATE_BLOCK_DV = 64
@@ -233,7 +233,7 @@ def hybrid_attention(q, k, v, phi_q, phi_k, *, prefix: int, window: int, scale: 
     if n > 0:
         kv_sums, k_sums = kv_state[:, :, first + 1:], k_state[:, :, first + 1:]
         phik_c, v_c = phi_k[:, :, first * CHUNK:], v[:, :, first * CHUNK:]
-        hybrid_chunk_state_kernel[(n, b * hkv, triton.cdiv(dv, STATE_BLOCK_DV))](
+        launch(hybrid_chunk_state_kernel)[(n, b * hkv, triton.cdiv(dv, STATE_BLOCK_DV))](
             phik_c, v_c, kv_sums, k_sums,
             hkv, phik_c.shape[2], dqk, dv, prefix - first * CHUNK,
             *phik_c.stride(), *v_c.stride(), *kv_sums.stride()[:4], *k_sums.stride()[:3],
@@ -244,7 +244,7 @@ def hybrid_attention(q, k, v, phi_q, phi_k, *, prefix: int, window: int, scale: 
         k_sums.cumsum_(dim=2)
     cfg = fwd_config(block_dqk, block_dv, q.dtype)
     grid = (triton.cdiv(sq, cfg["BLOCK_M"]), b * hq)
-    hybrid_attention_fwd_kernel[grid](
+    launch(hybrid_attention_fwd_kernel)[grid](
         q, k, v, phi_q, phi_k, kv_state, k_state, out,
         hq, hq // hkv, sq, sk, dqk, dv, prefix, window, num_chunks, scale,
         *q.stride(), *k.stride(), *v.stride(), *phi_q.stride(), *phi_k.stride(),

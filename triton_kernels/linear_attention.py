@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AOTSpec, TRITON_DTYPE, interpreting, ptr
+from ._common import AOTSpec, TRITON_DTYPE, interpreting, launch, ptr
 
 FEATURE_MAP_IDS = {"elu": 0, "relu": 1, "exp": 2, "identity": 3}
 MODES = {"causal": 0, "reduce": 1, "apply": 2}  # the chunk kernel's MODE
@@ -297,7 +297,7 @@ class _Pass:
         s_in, z_in = state_in if state_in is not None else (self.no_state, self.no_state)
         s_out, z_out = state_out if state_out is not None else (self.no_state, self.no_state)
         grid = (triton.cdiv(self.dv, block_dv), self.b * self.hq, segs)
-        linear_attention_chunk_kernel[grid](
+        launch(linear_attention_chunk_kernel)[grid](
             q, k, v, self.out, s_in, z_in, s_out, z_out, *q.stride(), *k.stride(), *v.stride(),
             self.hq, self.groups, t, self.dk, self.dv, seg_len, state_segs, self.eps,
             **self.flags, MODE=MODES[mode], HAS_INITIAL=state_in is not None, STORE_FINAL=state_out is not None,
@@ -333,7 +333,7 @@ class _Pass:
             block_dk, block_dv, num_warps = recurrent_config(self.dk)
             s_in, z_in = state if state is not None else (self.no_state, self.no_state)
             s_out, z_out = final if final is not None else (self.no_state, self.no_state)
-            linear_attention_recurrent_kernel[(triton.cdiv(self.dv, block_dv), rows)](
+            launch(linear_attention_recurrent_kernel)[(triton.cdiv(self.dv, block_dv), rows)](
                 q, k, v, self.out, s_in, z_in, s_out, z_out, *q.stride(), *k.stride(), *v.stride(),
                 self.hq, self.groups, t, self.dk, self.dv, self.eps, **self.flags,
                 HAS_INITIAL=state is not None, STORE_FINAL=final is not None,

@@ -1,16 +1,17 @@
-"""dsattn.hybrid_attention: exact softmax on the first `prefix` and the last `window` keys of each query,
-linear attention over the other visible keys, one shared normalizer (SPEC; semantics and edge cases in
-dsattn.reference.hybrid_attention)."""
+"""hybrid_attention: the custom op torch.ops.dsattn.hybrid_attention and its functional entry (validate, pick
+a backend from dsattn.capabilities, call the op). Exact softmax on the first `prefix` and the last `window`
+keys of each query, linear attention over the other visible keys, one shared normalizer (SPEC; semantics and
+edge cases in dsattn.reference.hybrid_attention)."""
 
 import torch
 
-from dsattn import _backend, _checks
-from dsattn.reference.hybrid_attention import hybrid_attention as _hybrid_torch
+from dsattn import _backend, _checks, capabilities
+from dsattn._library import define_op
 from dsattn.reference.linear_attention import FEATURE_MAPS, feature_map as _feature_map
+from dsattn.torch_backend import hybrid_attention as _torch
 
 OP = "hybrid_attention"
-IMPLEMENTED = ("torch", "triton")
-MAX_HEAD_DIM = 256  # the Triton kernel keeps a [BLOCK_M, Dv] accumulator and [.., Dqk] tiles in registers
+AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
 
 
 def _check_feature_map(name) -> str:
@@ -21,30 +22,52 @@ def _check_feature_map(name) -> str:
     return name
 
 
+def _hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, window: int, feature_map: str,
+                      scale: float, backend: str) -> torch.Tensor:
+    if backend == "triton":
+        from dsattn.triton_kernels import hybrid_attention as _triton
+
+        return _triton.hybrid_attention(q, k, v, _feature_map(q, feature_map), _feature_map(k, feature_map),
+                                        prefix=prefix, window=window, scale=scale)
+    return _torch.hybrid_attention(q, k, v, prefix=prefix, window=window, feature_map=feature_map, scale=scale)
+
+
+hybrid_attention_op = define_op(OP, _hybrid_attention)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prefix, window, feature_map, scale, backend = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.options = dict(prefix=prefix, window=window, feature_map=feature_map, scale=scale)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_out):
+    q, k, v = ctx.saved_tensors
+    _backend.check_backward(OP, ctx.backend)
+    dq, dk, dv = _torch.hybrid_attention_backward(grad_out, q, k, v, **ctx.options)
+    return dq, dk, dv, None, None, None, None, None
+
+
+hybrid_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def hybrid_attention(q, k, v, *, prefix=2048, window=0, feature_map="elu", scale=None, backend="auto"):
     """q [B, Hq, Sq, Dqk], k [B, Hkv, Sk, Dqk], v [B, Hkv, Sk, Dv] (any strides, Hq % Hkv == 0) ->
     [B, Hq, Sq, Dv] in q's dtype. Causal; query i sits at position i + Sk - Sq. prefix >= 0 and window >= 0
-    keys are exact (window = 0: no band); prefix >= Sk is causal softmax attention."""
+    keys are exact (window = 0: no band); prefix >= Sk is causal softmax attention.
+
+    Backends: "triton" (CUDA; fp16/bf16/fp32, head dims up to 256), "torch" (chunked over queries,
+    O(chunk x (prefix + window)) memory, with a backward). "auto": Triton on CUDA, the torch backend on CPU,
+    for what the kernel does not take (float64, wider heads) and when a gradient is needed."""
     shape = _checks.check_qkv(OP, q, k, v)
     prefix = _checks.check_int(OP, "prefix", prefix, minimum=0)
     window = _checks.check_int(OP, "window", window, minimum=0)
     feature_map = _check_feature_map(feature_map)
     scale = _checks.check_scale(OP, scale, shape.dim_qk**-0.5)
-    chosen = _backend.select_backend(OP, backend, q.device, IMPLEMENTED)
-    if chosen == "triton":
-        if q.dtype == torch.float64:
-            raise TypeError(f"dsattn.{OP}: backend='triton' supports float16, bfloat16 and float32, got float64")
-        if max(shape.dim_qk, shape.dim_v) > MAX_HEAD_DIM:
-            raise ValueError(
-                f"dsattn.{OP}: backend='triton' supports head dims up to {MAX_HEAD_DIM}, "
-                f"got q/k {shape.dim_qk} and v {shape.dim_v}"
-            )
-    # int32 offsets inside the kernels; the clamp keeps "prefix = everything" values like 2**40 harmless
+    request = capabilities.Request(dtype=q.dtype, grad=_backend.needs_grad(q, k, v),
+                                   head_dim=max(shape.dim_qk, shape.dim_v), offset=capabilities.max_offset(q, k, v))
+    chosen = _backend.select_backend(OP, backend, q.device, request, auto_order=AUTO_ORDER.get(q.device.type))
+    # int32 arithmetic inside the kernel; the clamp keeps "prefix = everything" values like 2**40 harmless
     prefix, window = min(prefix, shape.seq_k + 1), min(window, shape.seq_k + 1)
-    if chosen == "torch":
-        return _hybrid_torch(q, k, v, prefix=prefix, window=window, feature_map=feature_map, scale=scale)
-    from dsattn.triton_kernels.hybrid_attention import hybrid_attention as _hybrid_triton
-
-    phi_q = _feature_map(q, feature_map)
-    phi_k = _feature_map(k, feature_map)
-    return _hybrid_triton(q, k, v, phi_q, phi_k, prefix=prefix, window=window, scale=scale)
+    return hybrid_attention_op(q, k, v, prefix, window, feature_map, scale, chosen)

@@ -12,16 +12,17 @@ covers every key seen: pass a call's final state as the next call's `initial_sta
 the whole. dsattn.cache.LinearAttentionCache keeps it per layer for generate().
 """
 
+from typing import Optional
+
 import torch
 
-from dsattn import _backend, _checks
+from dsattn import _backend, _checks, capabilities
+from dsattn._library import define_op
 from dsattn.reference.linear_attention import FEATURE_MAPS, LinearAttentionState
-from dsattn.reference.linear_attention import linear_attention as _linear_attention_torch
+from dsattn.torch_backend import linear_attention as _torch
 
 OP = "linear_attention"
-IMPLEMENTED = ("triton", "torch")
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-TRITON_MAX_DK = 256  # the Triton kernels hold the whole q/k head dim in one tile
+AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
 
 
 def _check_bool(name: str, value) -> None:
@@ -51,6 +52,42 @@ def _check_state(initial_state, shape: _checks.AttentionShape, q: torch.Tensor) 
     return LinearAttentionState(S, z)
 
 
+def _linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, S0: Optional[torch.Tensor],
+                      z0: Optional[torch.Tensor], feature_map: str, causal: bool, normalize: bool, eps: float,
+                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o, S, z): the final state is always returned (it costs one state write); the entry drops it when not
+    asked for."""
+    if backend == "triton":
+        from dsattn.triton_kernels import linear_attention as _triton
+
+        initial = None if S0 is None else (S0.to(torch.float32), z0.to(torch.float32))
+        o, (S, z) = _triton.linear_attention(q, k, v, feature_map=feature_map, causal=causal, normalize=normalize,
+                                             eps=eps, initial_state=initial, output_final_state=True)
+        return o, S, z
+    return _torch.linear_attention(q, k, v, S0, z0, feature_map=feature_map, causal=causal, normalize=normalize,
+                                   eps=eps)
+
+
+linear_attention_op = define_op(OP, _linear_attention)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, S0, z0, feature_map, causal, normalize, eps, backend = inputs
+    ctx.save_for_backward(q, k, v, S0, z0)
+    ctx.options = dict(feature_map=feature_map, causal=causal, normalize=normalize, eps=eps)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_o, grad_S, grad_z):
+    q, k, v, S0, z0 = ctx.saved_tensors
+    _backend.check_backward(OP, ctx.backend)
+    dq, dk, dv, dS0, dz0 = _torch.linear_attention_backward(grad_o, grad_S, grad_z, q, k, v, S0, z0, **ctx.options)
+    return dq, dk, dv, dS0, dz0, None, None, None, None, None
+
+
+linear_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -66,7 +103,13 @@ def linear_attention(
 ):
     """Linear attention of q [B, Hq, Sq, Dk] over k [B, Hkv, Sk, Dk], v [B, Hkv, Sk, Dv] (any strides,
     Hq % Hkv == 0). Returns o [B, Hq, Sq, Dv] in q's dtype, or (o, LinearAttentionState) when
-    output_final_state. O(S x Dk x Dv) time, O(Dk x Dv) state; no [S, S] tensor."""
+    output_final_state. O(S x Dk x Dv) time, O(Dk x Dv) state; no [S, S] tensor. Gradients flow through q,
+    k, v and initial_state, and back from o and the final state.
+
+    Backends: "triton" (CUDA; fp16/bf16/fp32, Dk up to 256; chunked, segmented and recurrent decode kernels),
+    "torch" (chunked over the sequence with a carried state, with a backward). "auto": Triton on CUDA, the
+    torch backend on CPU, for what the kernels do not take (float64, wider heads) and when a gradient is
+    needed."""
     shape = _checks.check_qkv(OP, q, k, v)
     if not isinstance(feature_map, str) or feature_map not in FEATURE_MAPS:
         raise ValueError(f"dsattn.{OP}: feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
@@ -84,26 +127,11 @@ def linear_attention(
         )
     state = _check_state(initial_state, shape, q)
 
-    triton_ok = q.dtype in TRITON_DTYPES and shape.dim_qk <= TRITON_MAX_DK
-    if backend == "triton" and not triton_ok:
-        raise ValueError(
-            f"dsattn.{OP}: backend='triton' supports float16/bfloat16/float32 and Dk <= {TRITON_MAX_DK}; "
-            f"got q {q.dtype} with Dk={shape.dim_qk}"
-        )
-    chosen = _backend.select_backend(OP, backend, q.device, IMPLEMENTED if triton_ok else ("torch",))
-    if chosen == "torch":
-        return _linear_attention_torch(
-            q, k, v, feature_map=feature_map, causal=causal, normalize=normalize, eps=float(eps),
-            initial_state=state, output_final_state=output_final_state,
-        )
-    from dsattn.triton_kernels.linear_attention import linear_attention as _linear_attention_triton
-
-    if state is not None:
-        state = LinearAttentionState(state.S.float(), state.z.float())
-    o, final = _linear_attention_triton(
-        q, k, v, feature_map=feature_map, causal=causal, normalize=normalize, eps=float(eps),
-        initial_state=state, output_final_state=output_final_state,
-    )
+    S0, z0 = (None, None) if state is None else state
+    request = capabilities.Request(dtype=q.dtype, grad=_backend.needs_grad(q, k, v, S0, z0), head_dim=shape.dim_qk,
+                                   offset=capabilities.max_offset(q, k, v))
+    chosen = _backend.select_backend(OP, backend, q.device, request, auto_order=AUTO_ORDER.get(q.device.type))
+    o, S, z = linear_attention_op(q, k, v, S0, z0, feature_map, causal, normalize, float(eps), chosen)
     if output_final_state:
-        return o, LinearAttentionState(*final)
+        return o, LinearAttentionState(S, z)
     return o
