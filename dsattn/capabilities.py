@@ -63,10 +63,12 @@ class Capability:
 
 TORCH = Capability(backward=True)
 TRITON_ATTENTION = Capability(dtypes=KERNEL_FLOATS, max_head_dim=256, max_offset=INT32_OFFSETS)
+# 64-bit offsets where they grow with the sequence: no offset limit.
+TRITON_SLIDING_WINDOW = Capability(dtypes=KERNEL_FLOATS, max_head_dim=256)
 
 CAPABILITIES: dict[str, dict[str, Capability]] = {
-    "sliding_window_attention": {"triton": TRITON_ATTENTION, "torch": TORCH},
-    "sliding_window_attention_varlen": {"triton": TRITON_ATTENTION, "torch": TORCH},
+    "sliding_window_attention": {"triton": TRITON_SLIDING_WINDOW, "torch": TORCH},
+    "sliding_window_attention_varlen": {"triton": TRITON_SLIDING_WINDOW, "torch": TORCH},
     "sparse_attention": {"triton": Capability(dtypes=KERNEL_FLOATS, max_offset=INT32_OFFSETS), "torch": TORCH},
     "topk_sparse_attention": {"triton": Capability(dtypes=KERNEL_FLOATS, max_offset=INT32_OFFSETS), "torch": TORCH},
     # Its output is indices: nothing to differentiate, so every backend serves grad-mode calls.

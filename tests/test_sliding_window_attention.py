@@ -422,10 +422,32 @@ def test_compiles_fullgraph_and_equals_eager():
 
 
 def test_int32_offset_limit_is_declared_and_checked():
-    """Two [S, H, D] sequences at S=128k with H x D = 16k reach past int32 offsets: auto leaves Triton out,
-    an explicit backend='triton' says why (meta tensors: no memory)."""
+    """Two [S, H, D] sequences at S=128k with H x D = 16k reach past int32 offsets (meta tensors: no memory):
+    a backend that declares int32 offsets refuses them; the sliding-window kernels index in 64 bits."""
     q = torch.empty(2, 2**17, 128, 128, device="meta").transpose(1, 2)
     assert capabilities.max_offset(q) >= 2**31
     request = capabilities.Request(dtype=torch.bfloat16, head_dim=128, offset=capabilities.max_offset(q))
-    assert "int32 offsets" in str(capabilities.of("sliding_window_attention")["triton"].refusal(request))
-    assert capabilities.of("sliding_window_attention")["torch"].refusal(request) is None
+    int32 = capabilities.Capability(dtypes=capabilities.KERNEL_FLOATS, max_offset=capabilities.INT32_OFFSETS)
+    assert "int32 offsets" in str(int32.refusal(request))
+    assert capabilities.of("sliding_window_attention")["triton"].refusal(request) is None
+
+
+def test_triton_offsets_past_int32(triton_device):
+    """Decode over a cache whose key stride puts the window's keys past element 2^31 (a strided view of a
+    lazily allocated buffer: only the window's rows are ever touched)."""
+    seq_k, stride, window, d = 2**17 + 300, 2**14, 100, 16
+    try:
+        k_buf = torch.empty(seq_k * stride, dtype=torch.float16, device=triton_device)
+        v_buf = torch.empty(seq_k * stride, dtype=torch.float16, device=triton_device)
+    except (RuntimeError, MemoryError):
+        pytest.skip("cannot reserve the 4 GiB address range")
+    k = k_buf.as_strided((1, 1, seq_k, d), (0, d, stride, 1))
+    v = v_buf.as_strided((1, 1, seq_k, d), (0, d, stride, 1))
+    lo = seq_k - window
+    assert lo * stride > 2**31
+    k[:, :, lo:] = torch.randn(1, 1, window, d, dtype=torch.float16, device=triton_device)
+    v[:, :, lo:] = torch.randn(1, 1, window, d, dtype=torch.float16, device=triton_device)
+    q = torch.randn(1, 2, 1, d, dtype=torch.float16, device=triton_device)
+    got = swa(q, k, v, window, backend="triton")
+    expected = reference(q, k[:, :, lo:].contiguous(), v[:, :, lo:].contiguous(), window)
+    assert_close(got, expected, tolerance(torch.float16))

@@ -12,13 +12,19 @@ Three kernels share one inner loop (`_attend_key_range`: online softmax in base 
 Head dims are padded to powers of two with masks (up to 256); any strides; fp16/bf16/fp32 (fp32 dots as
 tf32x3: fp32-accurate on tensor cores). Visibility is SPEC's: query i at p = i + Sk - Sq sees
 p - window < j <= p (causal) or |p - j| < window (causal=False); `sinks` add e^(sink - m) to the
-denominator; rows with no key output 0. Offsets within one head are int32: Sk x stride_k(seq) < 2^31.
+denominator; rows with no key output 0. Offsets are 64-bit where they grow with the sequence (a block's
+first row / key) when a tensor reaches past 2^31 elements (LONG_OFFSETS, set by the launchers; the
+usual shapes keep int32 offsets, which hold fewer registers).
 """
 
+
+import dataclasses
 
 import torch
 import triton
 import triton.language as tl
+
+from dsattn import capabilities
 
 from ._common import AOTSpec, interpreting, launch, ptr
 
@@ -31,6 +37,7 @@ def _attend_key_range(
     acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
     q_pos, row_valid, lo, hi, window, qk_scale_log2, offs_dqk, offs_dv, DQK, DV,
     CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, TF32X3: tl.constexpr,
+    LONG_OFFSETS: tl.constexpr,
 ):
     """Online softmax (base 2) of the rows' scores over keys [lo, hi) (hi <= the sequence's length) into
     (acc, l_i, m_i). MASKED=False is for blocks every row sees completely (the window's interior): no
@@ -39,8 +46,14 @@ def _attend_key_range(
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < hi
-        k_ptrs = k_base + cols[None, :] * stride_kn + offs_dqk[:, None] * stride_kd
-        v_ptrs = v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+        if LONG_OFFSETS:  # Sk x the key stride passes 2^31: the block's first key in 64 bits
+            k_ptrs = k_base + tl.cast(start_n, tl.int64) * stride_kn + offs_n[None, :] * stride_kn \
+                + offs_dqk[:, None] * stride_kd
+            v_ptrs = v_base + tl.cast(start_n, tl.int64) * stride_vn + offs_n[:, None] * stride_vn \
+                + offs_dv[None, :] * stride_vd
+        else:
+            k_ptrs = k_base + cols[None, :] * stride_kn + offs_dqk[:, None] * stride_kd
+            v_ptrs = v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd
         if MASKED:
             k = tl.load(k_ptrs, mask=col_ok[None, :] & (offs_dqk[:, None] < DQK), other=0.0)
         else:
@@ -104,7 +117,7 @@ def sliding_window_attention_fwd_kernel(
     HQ, GROUPS, SEQ_Q, SEQ_K, DQK, DV, window, qk_scale_log2,
     CAUSAL: tl.constexpr, HAS_SINKS: tl.constexpr, IS_VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    UPCAST: tl.constexpr, TF32X3: tl.constexpr,
+    UPCAST: tl.constexpr, TF32X3: tl.constexpr, LONG_OFFSETS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -129,8 +142,13 @@ def sliding_window_attention_fwd_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     row_valid = offs_m < seqlen_q
     q_pos = offs_m + (seqlen_k - seqlen_q)
+    if LONG_OFFSETS:  # the block's first row in 64 bits
+        q_start = q_start + m_first.to(tl.int64)
+        rows = tl.arange(0, BLOCK_M)
+    else:
+        rows = offs_m
     q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + q_start * stride_qs
-    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_dqk[None, :] * stride_qd,
+    q = tl.load(q_base + rows[:, None] * stride_qs + offs_dqk[None, :] * stride_qd,
                 mask=row_valid[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -164,24 +182,24 @@ def sliding_window_attention_fwd_kernel(
     acc, l_i, m_i = _attend_key_range(
         acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
         q_pos, row_valid, lo, full_lo, window, qk_scale_log2, offs_dqk, offs_dv, DQK, DV,
-        CAUSAL, True, BLOCK_N, UPCAST, TF32X3,
+        CAUSAL, True, BLOCK_N, UPCAST, TF32X3, LONG_OFFSETS,
     )
     acc, l_i, m_i = _attend_key_range(
         acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
         q_pos, row_valid, full_lo, full_hi, window, qk_scale_log2, offs_dqk, offs_dv, DQK, DV,
-        CAUSAL, False, BLOCK_N, UPCAST, TF32X3,
+        CAUSAL, False, BLOCK_N, UPCAST, TF32X3, LONG_OFFSETS,
     )
     acc, l_i, m_i = _attend_key_range(
         acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
         q_pos, row_valid, full_hi, hi, window, qk_scale_log2, offs_dqk, offs_dv, DQK, DV,
-        CAUSAL, True, BLOCK_N, UPCAST, TF32X3,
+        CAUSAL, True, BLOCK_N, UPCAST, TF32X3, LONG_OFFSETS,
     )
     sink_log2 = 0.0
     if HAS_SINKS:
         sink_log2 = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
     out = _finish_rows(acc, l_i, m_i, sink_log2, HAS_SINKS)
     o_base = o_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + q_start * stride_os
-    tl.store(o_base + offs_m[:, None] * stride_os + offs_dv[None, :] * stride_od,
+    tl.store(o_base + rows[:, None] * stride_os + offs_dv[None, :] * stride_od,
              out.to(o_ptr.dtype.element_ty), mask=row_valid[:, None] & (offs_dv[None, :] < DV))
 
 
@@ -194,6 +212,7 @@ def sliding_window_attention_decode_split_kernel(
     HKV, GROUPS, SEQ_Q, SEQ_K, DQK, DV, window, qk_scale_log2, key_lo, keys_per_split, NUM_SPLITS,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, TF32X3: tl.constexpr,
+    LONG_OFFSETS: tl.constexpr,
 ):
     """Partial attention of the rows (query head g, query i) of one kv head over one split of the window's
     key range. Partials: o_part [B, HQ, SEQ_Q, NUM_SPLITS, BLOCK_DV] (normalized), lse_part [B, HQ, SEQ_Q,
@@ -224,7 +243,7 @@ def sliding_window_attention_decode_split_kernel(
     acc, l_i, m_i = _attend_key_range(
         acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
         q_pos, row_valid, lo, hi, window, qk_scale_log2, offs_dqk, offs_dv, DQK, DV,
-        CAUSAL, True, BLOCK_N, UPCAST, TF32X3,
+        CAUSAL, True, BLOCK_N, UPCAST, TF32X3, LONG_OFFSETS,
     )
     has_key = l_i > 0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
@@ -318,6 +337,11 @@ def _num_splits(keys: int, programs: int, device: torch.device) -> int:
     return int(min(want, most, MAX_SPLITS))
 
 
+def long_offsets(*tensors) -> bool:
+    """Whether an element offset within one of `tensors` (from its data pointer) can pass int32."""
+    return capabilities.max_offset(*tensors) > capabilities.INT32_OFFSETS
+
+
 def check_head_dims(dim_qk: int, dim_v: int) -> None:
     if dim_qk > MAX_HEAD_DIM or dim_v > MAX_HEAD_DIM:
         raise ValueError(
@@ -340,6 +364,7 @@ def _fwd(q, k, v, out, sinks, cu_q, cu_k, strides, shape, window, causal, scale)
         CAUSAL=causal, HAS_SINKS=sinks is not None, IS_VARLEN=cu_q is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
         UPCAST=interpreting() and q.dtype == torch.bfloat16, TF32X3=q.dtype == torch.float32,
+        LONG_OFFSETS=long_offsets(q, k, v, out),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
@@ -364,6 +389,7 @@ def _decode(q, k, v, out, sinks, window, causal, scale):
         hkv, groups, seq_q, seq_k, dqk, dv, window, scale * LOG2E, key_lo, keys_per_split, num_splits,
         CAUSAL=causal, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
         UPCAST=interpreting() and q.dtype == torch.bfloat16, TF32X3=q.dtype == torch.float32,
+        LONG_OFFSETS=long_offsets(q, k, v, out),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     launch(sliding_window_attention_decode_combine_kernel)[(batch * hq * seq_q,)](
@@ -454,7 +480,7 @@ def aot_specs() -> list[AOTSpec]:
                     constexprs=dict(**_unit_head_strides("q", "k", "v", "o"), CAUSAL=True, HAS_SINKS=True,
                                     IS_VARLEN=varlen, BLOCK_M=cfg["BLOCK_M"],
                                     BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
-                                    UPCAST=False, TF32X3=dtype == torch.float32),
+                                    UPCAST=False, TF32X3=dtype == torch.float32, LONG_OFFSETS=False),
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], divisible_by_16=_aligned(signature),
                     hot=dtype != torch.float32,
                 ))
@@ -469,7 +495,7 @@ def aot_specs() -> list[AOTSpec]:
                     name=f"decode_split_m{rows}_{tag}", kernel=sliding_window_attention_decode_split_kernel, signature=signature,
                     constexprs=dict(**_unit_head_strides("q", "k", "v"), CAUSAL=True, BLOCK_M=cfg["BLOCK_M"],
                                     BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, UPCAST=False,
-                                    TF32X3=dtype == torch.float32),
+                                    TF32X3=dtype == torch.float32, LONG_OFFSETS=False),
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], divisible_by_16=_aligned(signature),
                     hot=dtype != torch.float32,
                 ))
@@ -482,4 +508,8 @@ def aot_specs() -> list[AOTSpec]:
                 constexprs=dict(**_unit_head_strides("o"), HAS_SINKS=True, BLOCK_SPLITS=MAX_SPLITS, BLOCK_DV=block_dv),
                 num_warps=4 if block_dv >= 128 else 2, num_stages=1,
             ))
+    # The 64-bit variant compiles too (a rare path: not held to the no-spill rule).
+    specs += [dataclasses.replace(spec, name=spec.name + "_long", hot=False,
+                                  constexprs={**spec.constexprs, "LONG_OFFSETS": True})
+              for spec in list(specs) if spec.name.endswith("bfloat16_d128x128") and "LONG_OFFSETS" in spec.constexprs]
     return specs
