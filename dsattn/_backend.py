@@ -6,6 +6,7 @@ env DSATTN_BACKEND) picks the fastest one of the op's backends that can run on t
 the call, as declared in dsattn.capabilities.
 """
 
+import contextlib
 import importlib.util
 import os
 from collections.abc import Sequence
@@ -59,6 +60,26 @@ def unusable_reason(backend: str, device: torch.device, kernel: str | None = Non
     raise ValueError(f"unknown backend {backend!r}")
 
 
+_RECORDINGS: list[dict] = []
+
+
+@contextlib.contextmanager
+def recording():
+    """with recording() as chosen: ... -> chosen = {op: {backends selected while inside}} (what really ran)."""
+    chosen: dict[str, set] = {}
+    _RECORDINGS.append(chosen)
+    try:
+        yield chosen
+    finally:
+        _RECORDINGS.remove(chosen)
+
+
+def _record(op: str, backend: str) -> str:
+    for chosen in _RECORDINGS:
+        chosen.setdefault(op, set()).add(backend)
+    return backend
+
+
 def needs_grad(*tensors) -> bool:
     """Whether autograd will want gradients of an op called on `tensors` now."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -81,7 +102,7 @@ def select_backend(
     refuses the request is an error naming the op, the backend and the limit.
     """
     if not isinstance(request, capabilities.Request):  # TEMPORARY: ops not yet on capabilities
-        return _legacy_select_backend(op, backend, device, request, auto_order=auto_order, **legacy)
+        return _record(op, _legacy_select_backend(op, backend, device, request, auto_order=auto_order, **legacy))
     declared = capabilities.of(op)
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"dsattn.{op}: backend must be one of {BACKENDS}, got {backend!r}")
@@ -101,13 +122,13 @@ def select_backend(
         refusal = declared[backend].refusal(request)
         if refusal is not None:
             raise type(refusal)(f"dsattn.{op}: {source}={backend!r} {refusal}")
-        return backend
+        return _record(op, backend)
     order = auto_order or AUTO_ORDER.get(device.type, ("torch",))
     for candidate in (*order, "torch"):
         capability = declared.get(candidate)
         if capability is not None and unusable_reason(candidate, device, capability.kernel) is None \
                 and capability.refusal(request) is None:
-            return candidate
+            return _record(op, candidate)
     raise ValueError(f"dsattn.{op}: no backend takes this call on {device}: "
                      + "; ".join(f"{name} {declared[name].refusal(request)}" for name in declared))
 

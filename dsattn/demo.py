@@ -2,7 +2,7 @@
 in every mode and compare each with the unpatched model.
 
 Columns: max |logits diff| and top-1 agreement vs the unpatched model on a prompt, greedy generate() tokens/s,
-process peak RSS, and the backend "auto" picked for the op on this device.
+process peak RSS, and the backends that ran (per op, as "auto" selected them on this device).
 """
 
 import argparse
@@ -16,15 +16,15 @@ from dsattn import _backend
 from dsattn.models import tiny_model
 
 MODES = {
-    "dense (unpatched)": (None, {}, None),
-    "sliding_window": ("sliding_window", {"window": 64}, ("sliding_window_attention", ("torch", "triton"))),
-    "sliding_window (w>=S)": ("sliding_window", {"window": 4096}, ("sliding_window_attention", ("torch", "triton"))),
-    "topk": ("topk", {"top_k": 64}, ("topk_sparse_attention", ("torch", "triton"))),
-    "sparse": ("sparse", {}, ("sparse_attention", ("torch", "triton"))),
-    "linear": ("linear", {}, ("linear_attention", ("torch", "triton"))),
-    "hybrid": ("hybrid", {"prefix": 32, "window": 64}, ("hybrid_attention", ("torch", "triton"))),
+    "dense (unpatched)": (None, {}),
+    "sliding_window": ("sliding_window", {"window": 64}),
+    "sliding_window (w>=S)": ("sliding_window", {"window": 4096}),
+    "topk": ("topk", {"top_k": 64}),
+    "sparse": ("sparse", {}),
+    "linear": ("linear", {}),
+    "hybrid": ("hybrid", {"prefix": 32, "window": 64}),
     # keep_first_last=False: a 2-layer demo model has no middle layers to quantize otherwise.
-    "int4 (g32)": (None, {"quantize": "int4", "group_size": 32, "keep_first_last": False}, ("int4_matmul", ("torch",))),
+    "int4 (g32)": (None, {"quantize": "int4", "group_size": 32, "keep_first_last": False}),
 }
 
 
@@ -39,7 +39,7 @@ def run_model(model_type, *, hidden, layers, context, new_tokens, modes, device)
         ref = model(ids).logits
     rows = []
     for label in modes:
-        attention, options, op = MODES[label]
+        attention, options = MODES[label]
         if attention == "sparse" and model_type != "deepseek_v32":
             continue
         options = dict(options)
@@ -47,14 +47,14 @@ def run_model(model_type, *, hidden, layers, context, new_tokens, modes, device)
         if attention or quantize:
             dsattn.patch(model, attention=attention, quantize=quantize, **options)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _backend.recording() as chosen:
                 logits = model(ids).logits
                 start = time.perf_counter()
                 out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
                 seconds = time.perf_counter() - start
         finally:
             dsattn.unpatch(model)
-        backend = _backend.select_backend(op[0], "auto", ids.device, op[1]) if op else "transformers eager"
+        backend = ", ".join(f"{op}: {'/'.join(sorted(b))}" for op, b in sorted(chosen.items())) or "transformers eager"
         rows.append((model_type, label, (logits - ref).abs().max().item(),
                      (logits.argmax(-1) == ref.argmax(-1)).float().mean().item(),
                      (out.shape[1] - ids.shape[1]) / seconds, _peak_rss_mb(), backend))
