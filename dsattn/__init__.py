@@ -8,7 +8,8 @@ __version__ = "0.1.0"
 
 from dsattn import reference
 from dsattn.ops.hybrid_attention import hybrid_attention
-from dsattn.ops.int4_matmul import int4_grouped_matmul, int4_matmul
+from dsattn.ops.int4_grouped_matmul import int4_grouped_matmul
+from dsattn.ops.int4_matmul import int4_matmul
 from dsattn.ops.lightning_indexer_topk import lightning_indexer_topk
 from dsattn.ops.linear_attention import linear_attention
 from dsattn.ops.sliding_window_attention import sliding_window_attention, sliding_window_attention_varlen

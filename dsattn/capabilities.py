@@ -82,16 +82,18 @@ CAPABILITIES: dict[str, dict[str, Capability]] = {
     # (per-chunk int64 base pointers), so no offset limit.
     "linear_attention": {"triton": Capability(dtypes=KERNEL_FLOATS, max_head_dim=256), "torch": TORCH},
     "hybrid_attention": {"triton": TRITON_ATTENTION, "torch": TORCH},
+    # int4: the weight is frozen (torch's backward: x, bias, routing weights). The Triton kernels use 64-bit row
+    # offsets (no offset limit); group_size_multiple is tl.dot's smallest K (triton_kernels/int4_matmul.py).
     "int4_matmul": {
         "torch": TORCH,
         "cpp": Capability(dtypes=KERNEL_FLOATS, kernel="int4_matmul"),
-        "triton": Capability(dtypes=KERNEL_FLOATS, group_size_multiple=16, max_offset=INT32_OFFSETS),
+        "triton": Capability(dtypes=KERNEL_FLOATS, group_size_multiple=16),
         "cuda": Capability(dtypes=KERNEL_FLOATS, kernel="int4_matmul"),
     },
     "int4_grouped_matmul": {
         "torch": TORCH,
         "cpp": Capability(dtypes=KERNEL_FLOATS, kernel="int4_matmul"),
-        "triton": Capability(dtypes=KERNEL_FLOATS, group_size_multiple=16, max_offset=INT32_OFFSETS),
+        "triton": Capability(dtypes=KERNEL_FLOATS, group_size_multiple=16),
     },
     "int4_unpack": {
         "torch": Capability(dtypes=(torch.int32,)),

@@ -133,7 +133,7 @@ def test_bad_input_is_named():
         dsattn.int4_matmul(torch.randn(2, 64), torch.randn(8, 64))
     with pytest.raises(ValueError, match="bias must have N=8"):
         dsattn.int4_matmul(torch.randn(2, 64), q, torch.randn(7))
-    with pytest.raises(ValueError, match="backend='triton' is not implemented"):
+    with pytest.raises(TypeError, match="backend='triton' takes float16, bfloat16, float32 inputs, got float64"):
         dsattn.int4_matmul(torch.randn(2, 64, dtype=torch.float64), q, backend="triton")
 
 
@@ -158,5 +158,5 @@ def test_float64_never_goes_to_the_float32_kernel():
     q = dsattn.quantize_int4(torch.randn(8, 64), group_size=32)
     x = torch.randn(2, 64, dtype=torch.float64)
     assert_close(dsattn.int4_matmul(x, q), brute_force_matmul(x, q.dequantize(torch.float64)), 1e-10)
-    with pytest.raises(ValueError, match="backend='cpp' is not implemented"):
+    with pytest.raises(TypeError, match="backend='cpp' takes float16, bfloat16, float32 inputs, got float64"):
         dsattn.int4_matmul(x, q, backend="cpp")

@@ -301,3 +301,118 @@ def test_int4_experts_forward_never_syncs_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------------------- the custom op
+from dsattn import _backend  # noqa: E402
+from dsattn.reference.int4_grouped_matmul import int4_grouped_matmul as oracle  # noqa: E402
+from dsattn.testing import assert_compiles, assert_grads_match  # noqa: E402
+from dsattn.torch_backend import int4_grouped_matmul as torch_backend  # noqa: E402
+
+
+@pytest.mark.parametrize("slots", [1, 3])
+def test_oracle_and_torch_backend_equal_brute_force(slots):
+    num_experts, n, k, g = 4, 13, 64, 32
+    ws, qw, sc, ze = stacked(num_experts, n, k, g)
+    x = torch.randn(9, k, dtype=torch.float64)
+    ids = routing(9, slots, num_experts, dropped=2)
+    ids = ids.reshape(-1) if slots == 1 else ids
+    weights = torch.rand(ids.shape, dtype=torch.float64)
+    want = expected(x, ws, ids, weights)
+    assert_close(oracle(x, qw, sc, ze, g, ids, weights), want, 1e-12)
+    assert_close(torch_backend.int4_grouped_matmul(x, qw, sc, ze, g, ids, weights), want, 1e-12)
+
+
+@pytest.mark.parametrize("dtype,slots,with_weights", [(torch.float32, 2, True), (torch.float32, 1, False),
+                                                      (torch.bfloat16, 3, True)])
+def test_gradients_match_float64_autograd_of_the_oracle(dtype, slots, with_weights):
+    """dx and the routing weights' gradient (auto takes the torch backend), dropped slots included."""
+    num_experts, n, k, g = 5, 19, 96, 32
+    _, qw, sc, ze = stacked(num_experts, n, k, g)
+    x = non_contiguous(torch.randn(11, k).to(dtype)).requires_grad_(True)
+    ids = routing(11, slots, num_experts, dropped=3)
+    weights = torch.rand(ids.shape, requires_grad=True) if with_weights else None
+
+    def run(x, w):
+        return dsattn.int4_grouped_matmul(x, qw, sc, ze, g, ids, w)
+
+    def reference(x, w):
+        return oracle(x, qw, sc, ze, g, ids, w)
+
+    assert_grads_match(run, reference, [x, weights], tolerance(dtype), name="int4_grouped_matmul")
+
+
+def test_gradcheck_float64_torch_backend():
+    _, qw, sc, ze = stacked(3, 5, 16, 16)
+    x = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[0, 2], [1, 3], [2, 2]])
+    weights = torch.rand(3, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, w: dsattn.int4_grouped_matmul(x, qw, sc, ze, 16, ids, w, backend="torch"), (x, weights))
+
+
+def test_no_silent_detach():
+    _, qw, sc, ze = stacked(3, 16, 64, 32)
+    x = torch.randn(4, 64, requires_grad=True)
+    ids = torch.tensor([0, 2, 1, 3])
+    weights = torch.rand(4, requires_grad=True)
+    assert dsattn.int4_grouped_matmul(x, qw, sc, ze, 32, ids).grad_fn is not None
+    for backend in ("cpp", "triton"):
+        kernel = "int4_matmul" if backend == "cpp" else None
+        if _backend.unusable_reason(backend, x.device, kernel) is not None:
+            continue
+        with pytest.raises(ValueError, match=f"int4_grouped_matmul: backend='{backend}' has no backward"):
+            dsattn.int4_grouped_matmul(x, qw, sc, ze, 32, ids, backend=backend)
+        with pytest.raises(ValueError, match=f"int4_grouped_matmul: backend='{backend}' has no backward"):
+            dsattn.int4_grouped_matmul(x.detach(), qw, sc, ze, 32, ids, weights, backend=backend)
+        with torch.no_grad():
+            assert_close(dsattn.int4_grouped_matmul(x, qw, sc, ze, 32, ids, weights, backend=backend),
+                         oracle(x.double(), qw, sc, ze, 32, ids, weights.double()), tolerance(torch.float32))
+    sc.requires_grad_(True)
+    with pytest.raises(ValueError, match="scales requires grad, but the int4 weight is frozen"):
+        dsattn.int4_grouped_matmul(x, qw, sc, ze, 32, ids)
+
+
+def test_int4_experts_gradients_reach_hidden_states_and_routing_weights():
+    experts = transformers_experts(num_experts=3, hidden=64, inter=32)
+    q = dsattn.nn.Int4Experts.from_experts(experts, group_size=32)
+    with torch.no_grad():
+        for e in range(3):
+            experts.gate_up_proj[e] = q.int4_weight("gate_up", e).dequantize(torch.float32)
+            experts.down_proj[e] = q.int4_weight("down", e).dequantize(torch.float32)
+    experts.requires_grad_(False).double()  # the float64 oracle: dequantized weights, transformers' forward
+    h = torch.randn(6, 64, requires_grad=True)
+    idx = torch.tensor([[0, 2], [1, 3], [2, 2], [3, 3], [1, 0], [0, 1]])
+    wts = torch.rand(6, 2, requires_grad=True)
+    assert_grads_match(q, experts, [h, idx, wts], name="Int4Experts")
+
+
+def test_opcheck_every_backend_here():
+    _, qw, sc, ze = stacked(3, 16, 64, 32)
+    x = torch.randn(5, 64)
+    ids = torch.tensor([[0, 2], [1, 3], [2, 2], [0, 0], [1, 2]])
+    weights = torch.rand(5, 2)
+    cases = {"torch": (x.clone().requires_grad_(True), weights.clone().requires_grad_(True)),
+             "cpp": (x, None), "triton": (x, weights)}
+    for backend, (x_in, w_in) in cases.items():
+        if _backend.unusable_reason(backend, x.device, "int4_matmul" if backend == "cpp" else None) is None:
+            torch.library.opcheck(torch.ops.dsattn.int4_grouped_matmul, (x_in, qw, sc, ze, 32, ids, w_in, backend))
+
+
+def test_compiles_fullgraph_and_equals_eager():
+    _, qw, sc, ze = stacked(3, 16, 64, 32)
+    x = torch.randn(5, 64, requires_grad=True)
+    ids = torch.tensor([[0, 2], [1, 3], [2, 2], [0, 0], [1, 2]])
+    weights = torch.rand(5, 2, requires_grad=True)
+    assert_compiles(lambda x, w: dsattn.int4_grouped_matmul(x, qw, sc, ze, 32, ids, w), [x, weights],
+                    name="int4_grouped_matmul")
+    with torch.no_grad():  # the compiled CPU kernel per expert
+        assert_compiles(lambda x, w: dsattn.int4_grouped_matmul(x, qw, sc, ze, 32, ids, w), [x, weights],
+                        backends=("aot_eager",), name="int4_grouped_matmul inference")
+
+
+def test_bad_group_size_0_is_a_value_error():
+    _, qw, sc, ze = stacked(2, 8, 64, 32)
+    for backend in ("auto", "cpp", "torch"):
+        with pytest.raises(ValueError, match="group_size must be a positive multiple of 8"):
+            dsattn.int4_grouped_matmul(torch.randn(3, 64), qw, sc, ze, 0, torch.tensor([0, 1, 0]), backend=backend)

@@ -205,3 +205,201 @@ def test_auto_on_cpu_uses_the_compiled_kernel_and_float64_the_reference():
     assert torch.equal(dsattn.int4_matmul(x, w), dsattn.int4_matmul(x, w, backend="cpp"))
     x64 = x.double()
     assert_close(dsattn.int4_matmul(x64, w), expected(x64, w), 1e-10)
+
+
+# ----------------------------------------------------------------------------------------- the custom op
+from dsattn import _backend  # noqa: E402
+from dsattn.reference.int4_matmul import int4_matmul as oracle  # noqa: E402
+from dsattn.testing import assert_compiles, assert_grads_match  # noqa: E402
+from dsattn.torch_backend import int4_matmul as torch_backend  # noqa: E402
+
+
+def _oracle(w):
+    return lambda x, bias: oracle(x, w.qweight, w.scales, w.zeros, w.group_size, w.input_scale, bias)
+
+
+def test_torch_backend_and_oracle_equal_brute_force():
+    """Both against a per-element float64 sum over the unpacked nibbles; the torch backend over several row
+    chunks (N = 37 in chunks of 16)."""
+    from dsattn.reference.int4 import unpack_int4
+
+    n, k, g = 37, 96, 32
+    w = quantized(n, k, g, act_scales=torch.rand(k) + 0.5)
+    x = torch.randn(2, 3, k, dtype=torch.float64)
+    bias = torch.randn(n, dtype=torch.float64)
+    q = unpack_int4(w.qweight).double()
+    col_group = torch.arange(k) // g
+    brute = torch.zeros(2, 3, n, dtype=torch.float64)
+    for j in range(n):
+        wj = (q[j] - w.zeros[j, col_group].double()) * w.scales[j, col_group].double() * w.input_scale.double()
+        brute[..., j] = (x * wj).sum(-1) + bias[j]
+    assert_close(oracle(x, w.qweight, w.scales, w.zeros, g, w.input_scale, bias), brute, 1e-12)
+    got = torch_backend.int4_matmul(x, w.qweight, w.scales, w.zeros, g, w.input_scale, bias, rows_per_chunk=16)
+    assert_close(got, brute, 1e-12)
+
+
+@pytest.mark.parametrize("lead,n,k,g,dtype,awq,transposed", [
+    ((7,), 37, 96, 32, torch.float32, False, False),  # odd sizes
+    ((2, 5), 19, 128, 64, torch.float32, True, True),  # leading dims, AWQ input_scale, non-contiguous x
+    ((3,), 24, 64, 16, torch.bfloat16, False, False),
+    ((3,), 24, 64, 32, torch.float16, True, True),
+])
+def test_gradients_match_float64_autograd_of_the_oracle(lead, n, k, g, dtype, awq, transposed):
+    w = quantized(n, k, g, act_scales=torch.rand(k) + 0.5 if awq else None)
+    x = torch.randn(*lead, k).to(dtype)
+    x = (non_contiguous(x) if transposed else x).requires_grad_(True)
+    bias = torch.randn(n, dtype=dtype, requires_grad=True)
+    assert_grads_match(lambda x, b: dsattn.int4_matmul(x, w, b), _oracle(w), [x, bias], tolerance(dtype),
+                       name="int4_matmul")
+
+
+def test_gradient_of_x_only_and_bias_only():
+    w = quantized(21, 64, 32)
+    x = torch.randn(4, 64, requires_grad=True)
+    bias = torch.randn(21)
+    assert_grads_match(lambda x, b: dsattn.int4_matmul(x, w, b), _oracle(w), [x, bias], name="int4_matmul dx")
+    x, bias = x.detach(), bias.requires_grad_(True)
+    assert_grads_match(lambda x, b: dsattn.int4_matmul(x, w, b), _oracle(w), [x, bias], name="int4_matmul dbias")
+
+
+def test_gradcheck_float64_torch_backend():
+    w = quantized(11, 32, 16, act_scales=torch.rand(32) + 0.5)
+    x = torch.randn(2, 3, 32, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, b: dsattn.int4_matmul(x, w, b, backend="torch"), (x, bias))
+
+
+def test_backward_dequantizes_by_row_chunks(monkeypatch):
+    """Forward and backward dequantize at most ROWS_PER_CHUNK weight rows at a time, never all N."""
+    monkeypatch.setattr(torch_backend, "ROWS_PER_CHUNK", 8)
+    rows = []
+    dequantize_rows = torch_backend.dequantize_rows
+    monkeypatch.setattr(torch_backend, "dequantize_rows",
+                        lambda q, *a: rows.append(q.shape[0]) or dequantize_rows(q, *a))
+    w = quantized(45, 64, 32)
+    x = torch.randn(3, 64, requires_grad=True)
+    out = dsattn.int4_matmul(x, w)
+    out.sum().backward()
+    assert max(rows) == 8 and sum(rows) == 2 * 45
+    assert_close(x.grad, torch.ones(3, 45, dtype=torch.float64) @ w.dequantize(torch.float64))
+
+
+def test_no_silent_detach():
+    """A gradient is wanted: auto takes the torch backend; an explicit kernel without a backward raises; under
+    no_grad (or with nothing requiring grad) the kernels run."""
+    w = quantized(16, 64, 32)
+    x = torch.randn(3, 64, requires_grad=True)
+    assert dsattn.int4_matmul(x, w).grad_fn is not None
+    for backend in ("cpp", "triton"):
+        if _backend.unusable_reason(backend, x.device, "int4_matmul") is not None:
+            continue
+        with pytest.raises(ValueError, match=f"int4_matmul: backend='{backend}' has no backward"):
+            dsattn.int4_matmul(x, w, backend=backend)
+        with pytest.raises(ValueError, match=f"int4_matmul: backend='{backend}' has no backward"):
+            dsattn.int4_matmul(x.detach(), w, torch.zeros(16, requires_grad=True), backend=backend)
+        with torch.no_grad():
+            assert_close(dsattn.int4_matmul(x, w, backend=backend), expected(x, w), tolerance(torch.float32))
+
+
+def test_the_int4_weight_is_frozen():
+    w = quantized(16, 64, 32)
+    w.scales.requires_grad_(True)
+    with pytest.raises(ValueError, match="w.scales requires grad, but the int4 weight is frozen"):
+        dsattn.int4_matmul(torch.randn(2, 64), w)
+    with torch.no_grad():  # no gradient wanted: nothing to drop
+        assert_close(dsattn.int4_matmul(torch.randn(2, 64), w).float(), dsattn.int4_matmul(
+            torch.randn(2, 64), w).float(), float("inf"))
+
+
+def _spy_backends(monkeypatch):
+    chosen = []
+    op = ops.int4_matmul_op
+    monkeypatch.setattr(ops, "int4_matmul_op", lambda *args: chosen.append(args[-1]) or op(*args))
+    return chosen
+
+
+def test_int4_linear_inference_takes_the_compiled_kernel_training_the_torch_backend(monkeypatch):
+    requires_backend("cpp", "cpu", "int4_matmul")
+    chosen = _spy_backends(monkeypatch)
+    lin = torch.nn.Linear(64, 24)
+    mod = dsattn.nn.Int4Linear.from_linear(lin, group_size=32).eval()
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        mod(x)
+    with torch.inference_mode():
+        mod(x)
+    assert chosen == ["cpp", "cpp"]
+    out = mod(x.requires_grad_(True))  # the bias is a Parameter: its gradient is wanted too
+    assert chosen[-1] == "torch"
+    out.sum().backward()
+    assert_close(mod.bias.grad, torch.full((24,), 3.0))
+    assert_close(x.grad, torch.ones(3, 24) @ mod.int4_weight().dequantize(torch.float32))
+
+
+def test_opcheck_every_backend_here():
+    """torch with gradients, AWQ and bias; cpp without the optional inputs; triton with them (no gradient)."""
+    w = quantized(24, 64, 32, act_scales=torch.rand(64) + 0.5)
+    x, bias = torch.randn(2, 3, 64), torch.randn(24)
+    cases = {"torch": (x.clone().requires_grad_(True), w.input_scale, bias.clone().requires_grad_(True)),
+             "cpp": (x[0], None, None), "triton": (x, w.input_scale, bias)}
+    for backend, (x_in, input_scale, bias_in) in cases.items():
+        if _backend.unusable_reason(backend, x.device, "int4_matmul") is None:
+            torch.library.opcheck(torch.ops.dsattn.int4_matmul,
+                                  (x_in, w.qweight, w.scales, w.zeros, 32, input_scale, bias_in, backend))
+
+
+def test_compiles_fullgraph_and_equals_eager():
+    w = quantized(24, 64, 32, act_scales=torch.rand(64) + 0.5)
+    x = non_contiguous(torch.randn(2, 5, 64)).requires_grad_(True)
+    bias = torch.randn(24, requires_grad=True)
+    assert_compiles(lambda x, b: dsattn.int4_matmul(x, w, b), [x, bias], name="int4_matmul")
+    with torch.no_grad():  # decode on the compiled CPU kernel (auto)
+        assert_compiles(lambda x, b: dsattn.int4_matmul(x[:, -1:], w, b), [x, bias], name="decode")
+
+
+def test_int4_linear_traces_without_graph_breaks():
+    mod = dsattn.nn.Int4Linear.from_linear(torch.nn.Linear(64, 24), group_size=32).eval()
+    x = torch.randn(3, 64, requires_grad=True)
+    for grad in (False, True):  # inference (cpp on CPU) and training (torch backend, its backward)
+        with torch.set_grad_enabled(grad):
+            explained = torch._dynamo.explain(mod)(x)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------------------- bad input
+def test_int4_weight_fields_that_disagree_are_named():
+    import dataclasses
+
+    w = quantized(8, 64, 32)
+    x = torch.randn(2, 64)
+    bad = {
+        "group_size 0": (dict(group_size=0), ValueError, "group_size must be a positive multiple of 8"),
+        "group_size -32": (dict(group_size=-32), ValueError, "group_size must be a positive multiple of 8"),
+        "group_size not dividing K": (dict(group_size=48), ValueError, "must divide the input dim K=64"),
+        "group_size float": (dict(group_size=32.0), TypeError, "group_size must be an int"),
+        "group_size of other scales": (dict(group_size=16), ValueError,
+                                       r"w.scales must be \[N, K/group_size\] = \[8, 4\]"),
+        "scales rows": (dict(scales=w.scales[:7]), ValueError, r"w.scales must be \[N, K/group_size\]"),
+        "zeros shape": (dict(zeros=w.zeros[:, :1]), ValueError, r"w.zeros must be \[N, K/group_size\]"),
+        "zeros dtype": (dict(zeros=w.zeros.int()), TypeError, "w.zeros must have dtype"),
+        "scales dtype": (dict(scales=w.scales.double()), TypeError, "w.scales must have dtype"),
+        "qweight dtype": (dict(qweight=w.qweight.float()), TypeError, "w.qweight must have dtype"),
+        "qweight rank": (dict(qweight=w.qweight[None]), ValueError, "w.qweight must be 2-D"),
+        "input_scale shape": (dict(input_scale=torch.ones(32)), ValueError, r"w.input_scale must be \[K=64\]"),
+    }
+    for case, (fields, error, message) in bad.items():
+        for backend in ("auto", "cpp", "torch"):
+            with pytest.raises(error, match=message):
+                dsattn.int4_matmul(x, dataclasses.replace(w, **fields), backend=backend)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="w.zeros is on"):
+            dsattn.int4_matmul(x, dataclasses.replace(w, zeros=w.zeros.cuda()))
+
+
+def test_compiled_kernels_refuse_group_size_0_without_crashing():
+    """Called directly (past the entry's checks), the C++ kernel raises on group_size 0: never k % 0."""
+    requires_backend("cpp", "cpu", "int4_matmul")
+    w = quantized(8, 64, 32)
+    with pytest.raises(RuntimeError, match="group_size must be a multiple of 8"):
+        torch.ops.dsattn_C.int4_matmul(torch.randn(2, 64), w.qweight, w.scales, w.zeros, 0, None)

@@ -42,3 +42,21 @@ def test_bad_input_is_named():
         int4_unpack(torch.zeros(2, 2, dtype=torch.float32))
     with pytest.raises(ValueError, match="qweight must be 2-D"):
         int4_unpack(torch.zeros(2, dtype=torch.int32))
+
+
+def test_opcheck_every_backend_here():
+    from dsattn import _backend
+
+    packed = pack_int4(_random_nibbles(9, 48))
+    for backend in ("torch", "cpp", "triton"):
+        if _backend.unusable_reason(backend, packed.device, "int4_unpack") is None:
+            torch.library.opcheck(torch.ops.dsattn.int4_unpack, (packed, backend))
+
+
+def test_compiles_fullgraph_and_equals_eager():
+    q = _random_nibbles(9, 48)
+    packed = pack_int4(q)
+    for compile_backend in ("aot_eager", "inductor"):
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(int4_unpack, fullgraph=True, backend=compile_backend)(packed), q)
+    torch._dynamo.reset()

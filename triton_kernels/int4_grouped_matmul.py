@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AOTSpec, interpreting, ptr
+from ._common import AOTSpec, interpreting, launch, ptr
 from .int4_matmul import GROUP_M, block_k, block_k_options, check_group_size, dequant_tile_dot, matmul_config
 
 
@@ -157,7 +157,7 @@ def sort_pairs_by_expert(expert_ids: torch.Tensor, num_experts: int, block_m: in
         return pair_ids, block_expert
     cfg = sort_block_config(num_experts)
     cursor = torch.empty(cfg["BLOCK_E"], dtype=torch.int32, device=device)
-    sort_pairs_kernel[(1,)](ids, pair_ids, block_expert, cursor, p, num_experts, block_m, total, **cfg,
+    launch(sort_pairs_kernel)[(1,)](ids, pair_ids, block_expert, cursor, p, num_experts, block_m, total, **cfg,
                             num_warps=SORT_NUM_WARPS)
     return pair_ids, block_expert
 
@@ -183,6 +183,7 @@ def int4_grouped_matmul(x, qweight, scales, zeros, group_size, expert_ids, slots
     m, k = x.shape
     num_experts, n = qweight.shape[0], qweight.shape[1]
     p = expert_ids.numel()
+    x = x if x.stride(1) == 1 else x.contiguous()  # unit K stride: the column offsets stay within int32
     if qweight.stride(2) != 1:
         qweight = qweight.contiguous()
     scales = scales if scales.stride(2) == 1 else scales.contiguous()
@@ -196,7 +197,7 @@ def int4_grouped_matmul(x, qweight, scales, zeros, group_size, expert_ids, slots
     block_m = cfg["BLOCK_M"]
     pair_ids, block_expert = sort_pairs_by_expert(expert_ids, num_experts, block_m)
     grid = (block_expert.numel() * triton.cdiv(n, cfg["BLOCK_N"]),)
-    int4_grouped_matmul_kernel[grid](
+    launch(int4_grouped_matmul_kernel)[grid](
         x, qweight, scales, zeros, weights if weights is not None else x, result, pair_ids, block_expert,
         p, slots, num_experts, n, k, group_size,
         x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),

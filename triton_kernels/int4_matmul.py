@@ -17,16 +17,22 @@ AWQ/vLLM's Triton kernel, along K here), dequantizes and feeds tl.dot with fp32 
 - AWQ input_scale is folded into x by the caller; bias is added in fp32 before the cast (by split 0 under
   split-K). Rows beyond M / N read a valid row (index modulo M / N) and are not stored, so loads need no mask;
   K needs none since K % BLOCK_K == 0.
+- Offsets: row offsets (x, weight, scale, output rows) are 64-bit; offsets within a row (K columns of x at
+  unit stride, the launcher copies other strides; N columns of one output tile) stay in int32. So the
+  kernels take any M x K and N x K the sizes (int32 M, N, K) allow: no offset limit in dsattn.capabilities.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import AOTSpec, interpreting, ptr
+from dsattn import capabilities
+
+from ._common import AOTSpec, interpreting, launch, ptr
 
 GROUP_M = 8  # output tiles ordered in bands of 8 row tiles: a band's programs share weight tiles in L2
-MIN_BLOCK_K = 16  # tl.dot's smallest K
+# tl.dot's smallest K: group sizes must be multiples of it (declared in dsattn.capabilities)
+MIN_BLOCK_K = capabilities.of("int4_matmul")["triton"].group_size_multiple
 MIN_K_PER_SPLIT = 256
 MAX_SPLITS = 32
 
@@ -149,6 +155,7 @@ def block_k_options(most: int) -> tuple[int, ...]:
 
 
 def check_group_size(group_size: int) -> None:
+    """Direct callers only: the op's backend selection has refused such group sizes already."""
     if block_k(group_size, 128) < MIN_BLOCK_K:
         raise ValueError(
             f"dsattn.int4_matmul: the Triton kernel needs group_size % {MIN_BLOCK_K} == 0, got {group_size}; "
@@ -173,6 +180,7 @@ def int4_matmul(x, qweight, scales, zeros, group_size, bias=None, *, split_k=Non
     check_group_size(group_size)
     m, k = x.shape
     n = qweight.shape[0]
+    x = x if x.stride(1) == 1 else x.contiguous()  # unit K stride: the column offsets stay within int32
     if qweight.stride(1) != 1:
         qweight = qweight.contiguous()
     scales = scales if scales.stride(1) == 1 else scales.contiguous()
@@ -195,7 +203,7 @@ def int4_matmul(x, qweight, scales, zeros, group_size, bias=None, *, split_k=Non
         result = torch.zeros(m, n, dtype=torch.float32, device=x.device)
     else:
         result = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
-    int4_matmul_kernel[(tiles, split_k)](
+    launch(int4_matmul_kernel)[(tiles, split_k)](
         x, qweight, scales, zeros, bias if bias is not None else result, result,
         m, n, k, group_size, k_per_split,
         x.stride(0), x.stride(1), qweight.stride(0), scales.stride(0), zeros.stride(0), result.stride(0),

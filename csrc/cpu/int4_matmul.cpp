@@ -191,7 +191,8 @@ at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const
               "int4_matmul: scales must be float32 and zeros uint8");
   const int64_t m = x.size(0), k = x.size(1), n = qweight.size(0);
   TORCH_CHECK(qweight.size(1) * 8 == k, "int4_matmul: qweight [N, K/8] does not match K=", k);
-  TORCH_CHECK(group_size % 8 == 0 && k % group_size == 0, "int4_matmul: group_size must be a multiple of 8 dividing K");
+  TORCH_CHECK(group_size >= 8 && group_size % 8 == 0 && k % group_size == 0,  // >= 8 first: never k % 0
+              "int4_matmul: group_size must be a multiple of 8 dividing K");
   const int64_t groups = k / group_size, words_per_group = group_size / 8;
   TORCH_CHECK(scales.size(0) == n && scales.size(1) == groups && zeros.size(0) == n && zeros.size(1) == groups,
               "int4_matmul: scales/zeros must be [N, K/group_size]");

@@ -4,14 +4,17 @@ experts with 4-bit weights)."""
 import torch
 from torch import nn
 
-from dsattn.ops.int4_matmul import int4_grouped_matmul, int4_matmul
+from dsattn.ops.int4_grouped_matmul import int4_grouped_matmul
+from dsattn.ops.int4_matmul import int4_matmul
 from dsattn.quant.int4 import Int4Weight, quantize_int4
 
 
 class Int4Linear(nn.Module):
     """y = x @ W^T + b with W stored as int4 (buffers qweight/scales/zeros[/input_scale]: saved and loaded
-    through the state dict). train_mode=True keeps a float weight and runs fake quantization with a
-    straight-through estimator, so gradients reach the float weight (quantization-aware training)."""
+    through the state dict). The int4 weight is frozen: gradients reach x and the bias (e.g. adapters trained on
+    top), through the torch backend; without a gradient wanted (torch.no_grad, inference) the compiled kernels
+    run. train_mode=True keeps a float weight and runs fake quantization with a straight-through estimator, so
+    gradients reach the float weight (quantization-aware training)."""
 
     def __init__(self, in_features, out_features, bias=True, *, group_size=128, symmetric=False, train_mode=False,
                  dtype=torch.float16, device=None):

@@ -10,6 +10,7 @@ import dataclasses
 
 import torch
 
+from dsattn import _checks
 from dsattn.reference.int4 import dequantize_int4, pack_int4, unpack_int4
 
 OP = "quantize_int4"
@@ -26,6 +27,33 @@ def check_group_size(op: str, group_size, k: int) -> int:
     if k % group_size != 0:
         raise ValueError(f"dsattn.{op}: group_size ({group_size}) must divide the input dim K={k}")
     return group_size
+
+
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_int4_weight(op: str, w) -> tuple[int, int]:
+    """That w is an Int4Weight whose fields agree (dtypes, [N, K/8] / [N, K/g] / [K] shapes, a group size the
+    format takes, one device): (N, K). Shapes and dtypes only (no host read), so it traces."""
+    if not isinstance(w, Int4Weight):
+        raise TypeError(f"dsattn.{op}: w must be a dsattn.Int4Weight, got {type(w).__name__}")
+    _checks.check_tensor(op, "w.qweight", w.qweight, ndim=2, dtypes=(torch.int32,))
+    _checks.check_tensor(op, "w.scales", w.scales, ndim=2, dtypes=SCALE_DTYPES)
+    _checks.check_tensor(op, "w.zeros", w.zeros, ndim=2, dtypes=(torch.uint8,))
+    n, k = w.shape
+    check_group_size(op, w.group_size, k)
+    groups = (n, k // w.group_size)
+    for name, t in (("w.scales", w.scales), ("w.zeros", w.zeros)):
+        if tuple(t.shape) != groups:
+            raise ValueError(f"dsattn.{op}: {name} must be [N, K/group_size] = {list(groups)} for qweight "
+                             f"{list(w.qweight.shape)} and group_size {w.group_size}, got {list(t.shape)}")
+    if w.input_scale is not None:
+        _checks.check_tensor(op, "w.input_scale", w.input_scale, ndim=1, dtypes=SCALE_DTYPES)
+        if w.input_scale.shape[0] != k:
+            raise ValueError(f"dsattn.{op}: w.input_scale must be [K={k}], got {list(w.input_scale.shape)}")
+    _checks.check_same_device(op, **{"w.qweight": w.qweight, "w.scales": w.scales, "w.zeros": w.zeros,
+                                     "w.input_scale": w.input_scale})
+    return n, k
 
 
 @dataclasses.dataclass
