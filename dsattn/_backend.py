@@ -29,6 +29,9 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
 
+# Asked of the installation (imports, the dispatcher), not of tensors: torch.compile takes the answer as a
+# constant instead of tracing it.
+@torch.compiler.assume_constant_result
 def unusable_reason(backend: str, device: torch.device, kernel: str | None = None) -> str | None:
     """None when `backend` can run on `device`, else why not. `kernel` names the compiled op for cuda/cpp."""
     if backend == "torch":
