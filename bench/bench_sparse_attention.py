@@ -90,3 +90,23 @@ def test_small_cpu(run_bench, provider, sq, sk):
     indices = _causal_indices(1, sq, sk, topk, "cpu")
     shape = {"B": 1, "Hq": hq, "Hkv": hkv, "Sq": sq, "Sk": sk, "topk": topk, "D": d}
     _run(run_bench, provider, q, k, v, indices, True, "cpu", shape, dtype)
+
+
+@pytest.mark.parametrize("provider", ["torch-sdpa", "dsattn-torch"])
+def test_small_cpu_training(run_bench, provider):
+    """Forward + backward (the torch backend's per-chunk recompute) against dense SDPA's, prefill on CPU."""
+    hq, hkv, s, d, topk, dtype = 8, 1, 512, 64, 64, torch.float32
+    q, k, v = (t.requires_grad_(True) for t in _inputs(1, hq, hkv, s, s, d, d, dtype, "cpu"))
+    indices = _causal_indices(1, s, s, topk, "cpu")
+    if provider == "torch-sdpa":
+        forward = _dense_sdpa(q, k, v, True)
+    else:
+        forward = lambda: sparse_attention(q, k, v, indices, causal=True, backend="torch")  # noqa: E731
+
+    def step():
+        grads = torch.autograd.grad(forward().sum(), (q, k, v))
+        return grads[0]
+
+    shape = {"B": 1, "Hq": hq, "Hkv": hkv, "S": s, "topk": topk, "D": d}
+    run_bench(step, op=f"{OP} fwd+bwd", provider=provider, shape=shape, device="cpu", dtype=dtype,
+              baseline=provider == "torch-sdpa")

@@ -1,15 +1,18 @@
-"""dsattn.sparse_attention: the chunked reference proven in float64 against a brute-force loop, the Triton
-kernel (interpreter on CPU, compiled on a GPU) against the reference, and bad input rejected by name."""
-
-import importlib
+"""dsattn.sparse_attention: the oracle and the chunked torch backend (both strategies) proven in float64
+against a brute-force loop, the Triton kernel (interpreter on CPU, compiled on a GPU) against the oracle, the
+custom op (gradients against float64 autograd of the oracle, opcheck, torch.compile, no silent detach, the
+range check skipped under compile) and bad input rejected by name."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dsattn.ops.sparse_attention import sparse_attention
+import dsattn
+from dsattn import capabilities
+from dsattn.ops.sparse_attention import kernel_offset, sparse_attention
 from dsattn.reference.sparse_attention import sparse_attention as sparse_attention_ref
-from dsattn.testing import assert_close, non_contiguous, poisoned, tolerance
+from dsattn.testing import assert_close, assert_compiles, assert_grads_match, non_contiguous, poisoned, tolerance
+from dsattn.torch_backend import sparse_attention as torch_backend
 
 
 def _random_indices(lead, topk, seq_k, *, empty=0.2, device="cpu"):
@@ -47,8 +50,15 @@ def _brute_force(q, k, v, indices, causal, scale):
     return out
 
 
+def _run(impl, q, k, v, indices, causal=False, scale=None):
+    """The oracle, or the torch backend with one strategy in chunks of 2 rows."""
+    if impl == "oracle":
+        return sparse_attention_ref(q, k, v, indices, causal=causal, scale=scale)
+    return torch_backend.sparse_attention(q, k, v, indices, causal=causal, scale=scale, chunk_size=2, strategy=impl)
+
+
 # ----------------------------------------------------------------------------------------- reference
-@pytest.mark.parametrize("strategy", ["gather", "dense"])
+@pytest.mark.parametrize("strategy", ["oracle", "gather", "dense"])
 @pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("b,hq,hkv,sq,sk,dqk,dv,topk", [(2, 4, 2, 5, 11, 8, 6, 7), (1, 3, 1, 6, 6, 5, 5, 9),
@@ -61,46 +71,70 @@ def test_reference_matches_brute_force(b, hq, hkv, sq, sk, dqk, dv, topk, causal
     indices[..., -1, -2:] = indices[..., -1, :1]  # a duplicated key: counts once per listing
     scale = 0.37
     expected = _brute_force(q, k, v, indices, causal, scale)
-    actual = sparse_attention_ref(q, k, v, indices, causal=causal, scale=scale, chunk_size=2, strategy=strategy)
+    actual = _run(strategy, q, k, v, indices, causal, scale)
     assert_close(actual, expected, 1e-12)
     assert torch.equal(actual[:, :, 0], torch.zeros_like(actual[:, :, 0]))
 
 
-def test_reference_listing_every_key_is_dense_causal_attention():
+@pytest.mark.parametrize("impl", ["oracle", "gather", "dense"])
+def test_reference_listing_every_key_is_dense_causal_attention(impl):
     q, k, v = _inputs(2, 4, 2, 9, 9, 8, 8, torch.float64)
     indices = torch.arange(9, dtype=torch.int32).flip(0).expand(2, 9, 9)  # every key, in any order
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    assert_close(sparse_attention_ref(q, k, v, indices, causal=True), expected, 1e-12)
+    assert_close(_run(impl, q, k, v, indices, causal=True), expected, 1e-12)
 
 
 @pytest.mark.parametrize("hq,hkv,sq,sk,topk,picks", [(4, 4, 64, 64, 16, "dense"), (8, 1, 1, 512, 4, "gather")])
-def test_reference_auto_strategy(hq, hkv, sq, sk, topk, picks, monkeypatch):
+def test_torch_backend_auto_strategy(hq, hkv, sq, sk, topk, picks, monkeypatch):
     """auto takes dense when topk is a sizeable part of the keys (prefill) and gather when it is not (decode);
     both give the same numbers (fp32)."""
-    module = importlib.import_module("dsattn.reference.sparse_attention")  # the package attribute is the function
+    module = torch_backend
     q, k, v = _inputs(1, hq, hkv, sq, sk, 16, 8)
     indices = _random_indices((1, sq), topk, sk)
     taken = []
-    for name in ("_dense", "_gather"):
+    for name in ("_dense_chunk", "_gather_chunk"):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _n=name, _f=real: (taken.append(_n), _f(*a))[1])
-    auto = sparse_attention_ref(q, k, v, indices, causal=True)
-    assert taken == [f"_{picks}"]
+    auto = module.sparse_attention(q, k, v, indices, causal=True)
+    assert taken and set(taken) == {f"_{picks}_chunk"}
     other = "gather" if picks == "dense" else "dense"
-    assert_close(auto, sparse_attention_ref(q, k, v, indices, causal=True, strategy=other), 1e-5)
+    assert_close(auto, module.sparse_attention(q, k, v, indices, causal=True, strategy=other), 1e-5)
     with pytest.raises(ValueError, match="strategy"):
-        sparse_attention_ref(q, k, v, indices, strategy="sparse")
+        module.sparse_attention(q, k, v, indices, strategy="sparse")
 
 
-@pytest.mark.parametrize("strategy", ["gather", "dense"])
+@pytest.mark.parametrize("strategy", ["oracle", "gather", "dense"])
 def test_duplicates_count_once_per_listing(strategy):
     q, k, v = _inputs(1, 1, 1, 1, 4, 4, 4, torch.float64)
-    once = sparse_attention_ref(q, k, v, torch.tensor([[[0, 2]]], dtype=torch.int32), strategy=strategy)
-    twice = sparse_attention_ref(q, k, v, torch.tensor([[[0, 0, 2]]], dtype=torch.int32), strategy=strategy)
+    once = _run(strategy, q, k, v, torch.tensor([[[0, 2]]], dtype=torch.int32))
+    twice = _run(strategy, q, k, v, torch.tensor([[[0, 0, 2]]], dtype=torch.int32))
     s = (q[0, 0, 0] @ k[0, 0, [0, 2]].T) * 4**-0.5
     w = torch.softmax(s + torch.tensor([2.0, 1.0], dtype=torch.float64).log(), dim=0)  # key 0 weighs double
     assert_close(twice[0, 0, 0], w @ v[0, 0, [0, 2]], 1e-12)
     assert not torch.allclose(once, twice)
+
+
+@pytest.mark.parametrize("impl", ["oracle", "gather"])
+def test_non_finite_unlisted_keys_never_reach_a_row(impl):
+    """NaN / Inf in the k and v rows of keys a row does not list (nor lists only as a future key under causal,
+    nor as -1) leave that row and its gradients finite and equal to the clean inputs' ("dense" runs one matmul
+    over every key of a chunk and does not promise this)."""
+    q, k, v = _inputs(1, 2, 1, 4, 8, 8, 8, torch.float64)
+    indices = torch.tensor([[[0, 1, -1], [1, 2, 7], [0, 3, -1], [3, 2, 1]]], dtype=torch.int32)
+    bad_k, bad_v = k.clone(), v.clone()
+    bad_k[:, :, 7], bad_v[:, :, 7] = float("nan"), float("inf")  # row 1 lists key 7 after its position
+    bad_k[:, :, 5], bad_v[:, :, 6] = float("-inf"), float("nan")  # listed by no row
+    clean = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    dirty = [t.clone().requires_grad_(True) for t in (q, bad_k, bad_v)]
+    outs = []
+    for leaves in (clean, dirty):
+        out = _run(impl, *leaves, indices, causal=True)
+        out.backward(torch.ones_like(out))
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(clean[0].grad, dirty[0].grad)
+    for i in (1, 2):
+        assert torch.equal(clean[i].grad[:, :, :5], dirty[i].grad[:, :, :5])
 
 
 # ------------------------------------------------------------------------------------------- kernels
@@ -203,7 +237,8 @@ def test_gpu_dsa_shapes(sq, sk, topk):
     """DeepSeek-V3.2 MLA-latent shapes on a GPU: 128 heads over one shared 576/512 latent KV head."""
     q, k, v = _inputs(1, 128, 1, sq, sk, 576, 512, torch.bfloat16, "cuda")
     indices = _random_indices((1, sq), topk, sk, empty=0.05, device="cuda")
-    expected = sparse_attention_ref(q, k, v, indices, causal=True)
+    # The torch backend's gather (proven against the oracle above): the oracle's [Sq, Sk, D] would not fit.
+    expected = torch_backend.sparse_attention(q, k, v, indices, causal=True, strategy="gather")
     assert_close(sparse_attention(q, k, v, indices, causal=True, backend="triton"), expected, 2e-2)
 
 
@@ -278,7 +313,7 @@ def test_bad_qkv_and_options():
         sparse_attention(q, k, v, idx, backend="cudnn")
     with pytest.raises(ValueError, match="backend='cpp' is not implemented"):
         sparse_attention(q, k, v, idx, backend="cpp")
-    with pytest.raises(TypeError, match="backend='triton' supports"):
+    with pytest.raises(TypeError, match="backend='triton' takes float16, bfloat16, float32"):
         sparse_attention(q.double(), k.double(), v.double(), idx, backend="triton")
 
 
@@ -294,3 +329,137 @@ def test_every_launch_config_is_compiled_ahead_of_time():
                 for split in ("", "_split"):
                     name = f"fwd_{kernels.TRITON_DTYPE[dtype]}_h{block_h}_dv{block_dv}{split}"
                     assert (name, num_warps, num_stages) in specs, name
+
+
+# ----------------------------------------------------------------------------------------- the custom op
+def _grad_inputs(b, hq, hkv, sq, sk, dqk, dv, dtype=torch.float32, device="cpu", transposed=False):
+    q, k, v = _inputs(b, hq, hkv, sq, sk, dqk, dv, dtype, device)
+    if transposed:  # [B, S, H, D] memory, as transformers hands it over
+        q, k, v = (non_contiguous(t) for t in (q, k, v))
+    return [t.requires_grad_(True) for t in (q, k, v)]
+
+
+@pytest.fixture(params=["gather", "dense"])
+def strategy(request, monkeypatch):
+    """Force the torch backend's strategy for calls through the op ("auto" picks by the call's shape)."""
+    monkeypatch.setattr(torch_backend, "DENSE_WORK_PER_GATHERED_ROW", 0 if request.param == "gather" else 10**9)
+    return request.param
+
+
+@pytest.mark.parametrize(
+    "b,hq,hkv,sq,sk,dqk,dv,topk,per_head,causal,transposed",
+    [
+        (2, 4, 2, 7, 11, 8, 6, 5, False, True, False),  # GQA, Dqk != Dv, Sq < Sk
+        (1, 3, 3, 9, 9, 5, 7, 12, True, False, True),  # per-head lists longer than Sk, non-contiguous
+        (1, 2, 1, 6, 4, 8, 8, 3, False, True, False),  # Sq > Sk: rows that see nothing
+    ],
+)
+def test_gradients_match_float64_autograd_of_the_oracle(strategy, b, hq, hkv, sq, sk, dqk, dv, topk, per_head,
+                                                          causal, transposed):
+    inputs = _grad_inputs(b, hq, hkv, sq, sk, dqk, dv, transposed=transposed)
+    indices = _random_indices((b, hkv, sq) if per_head else (b, sq), topk, sk)
+    indices[..., 1, :] = -1  # a row with no key
+    indices[..., -1, -2:] = indices[..., -1, :1]  # a duplicated key: its gradient counts twice
+    assert_grads_match(lambda q, k, v: sparse_attention(q, k, v, indices, causal=causal, scale=0.3),
+                       lambda q, k, v: sparse_attention_ref(q, k, v, indices, causal=causal, scale=0.3), inputs,
+                       1e-5, name=f"sparse_attention ({strategy})")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gradients_in_16_bit(strategy, dtype):
+    inputs = _grad_inputs(1, 4, 2, 9, 13, 16, 8, dtype)
+    indices = _random_indices((1, 9), 6, 13)
+    assert_grads_match(lambda q, k, v: sparse_attention(q, k, v, indices, causal=True),
+                       lambda q, k, v: sparse_attention_ref(q, k, v, indices, causal=True), inputs, tolerance(dtype),
+                       name=f"sparse_attention ({strategy})")
+
+
+def test_gradcheck_float64_torch_backend(strategy):
+    q, k, v = _grad_inputs(1, 2, 1, 5, 7, 4, 3, torch.float64)
+    indices = _random_indices((1, 5), 4, 7)
+    indices[0, 2, 1] = indices[0, 2, 0]
+    assert torch.autograd.gradcheck(lambda q, k, v: sparse_attention(q, k, v, indices, causal=True,
+                                                                     backend="torch"), (q, k, v))
+
+
+def test_backward_memory_chunks(strategy, monkeypatch):
+    """The backward recomputes chunk by chunk, like the forward: no score block holds more than one chunk of
+    rows (gather: [rows, topk] per head; dense: [rows, Sk] within the score budget), never [Sq, Sk]."""
+    monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", 2 * 16 * 24)  # gather: 2 rows of 16 x (16 + 8)
+    monkeypatch.setattr(torch_backend, "DENSE_CHUNK_ELEMENTS", 2 * 4 * 64)  # dense: 2 rows of 4 x 64
+    rows = []
+    einsum = torch.einsum
+    monkeypatch.setattr(torch, "einsum", lambda eq, *ops: rows.append((eq, einsum(eq, *ops).shape)) or einsum(eq, *ops))
+    q, k, v = _grad_inputs(1, 4, 1, 64, 64, 16, 8)
+    indices = _random_indices((1, 64), 16, 64)
+    sparse_attention(q, k, v, indices, causal=True).sum().backward()
+    assert q.grad is not None and k.grad is not None
+    scores = [shape for eq, shape in rows if eq.endswith("->bhgct") or eq.endswith("->bhgck")]
+    assert scores and max(shape[-2] for shape in scores) <= 2
+
+
+def test_no_silent_detach(triton_device):
+    """A gradient is wanted: auto takes a backend with a backward; an explicit one without raises first."""
+    q, k, v = _grad_inputs(1, 2, 1, 5, 9, 16, 16, device=triton_device)
+    indices = _random_indices((1, 5), 4, 9, device=triton_device)
+    assert sparse_attention(q, k, v, indices).grad_fn is not None
+    with pytest.raises(ValueError, match="sparse_attention: backend='triton' has no backward"):
+        sparse_attention(q, k, v, indices, backend="triton")
+    with torch.no_grad():
+        assert_close(sparse_attention(q, k, v, indices, backend="triton"), sparse_attention_ref(q, k, v, indices))
+
+
+def test_opcheck():
+    q, k, v = (t.detach() for t in _grad_inputs(1, 4, 2, 5, 11, 16, 8))
+    backends = ["torch"] + (["triton"] if dsattn._backend.unusable_reason("triton", q.device) is None else [])
+    indices = _random_indices((1, 5), 6, 11)
+    for backend in backends:
+        torch.library.opcheck(torch.ops.dsattn.sparse_attention,
+                              (q.requires_grad_(backend == "torch"), k, v, indices, True, 0.25, backend))
+    # Per-head int64 lists: schema and fake kernel (the traced autograd path is the one above).
+    torch.library.opcheck(torch.ops.dsattn.sparse_attention,
+                          (q, k, v, _random_indices((1, 2, 5), 6, 11).long(), True, 0.25, "torch"),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_compiles_fullgraph_and_equals_eager():
+    inputs = [*_grad_inputs(1, 4, 2, 13, 13, 16, 8, transposed=True), _random_indices((1, 13), 5, 13)]
+    assert_compiles(lambda q, k, v, i: sparse_attention(q, k, v, i, causal=True), inputs, name="sparse_attention")
+    with torch.no_grad():
+        assert_compiles(lambda q, k, v, i: sparse_attention(q[:, :, -1:], k, v, i[:, -1:], causal=True), inputs,
+                        name="decode")
+
+
+def test_range_check_is_eager_only_and_bad_entries_read_nothing():
+    """Under torch.compile the host-side range check is skipped; an out-of-range entry is then "no key" on
+    every backend (and an int64 one does not wrap into range when converted to int32)."""
+    q, k, v = _inputs(1, 2, 1, 4, 9, 16, 8)
+    indices = _random_indices((1, 4), 5, 9)
+    bad = indices.clone().long()
+    bad[0, :, 0] = torch.tensor([9, 2**32 + 1, -7, 100])
+    none = bad.clone()
+    none[0, :, 0] = -1
+    with pytest.raises(ValueError, match="indices must lie in"):
+        sparse_attention(q, k, v, bad)
+    compiled = torch.compile(lambda q, k, v, i: sparse_attention(q, k, v, i), fullgraph=True, backend="aot_eager")
+    assert_close(compiled(q, k, v, bad), sparse_attention(q, k, v, none), 1e-6)
+    torch._dynamo.reset()
+    backends = ["torch"] + (["triton"] if dsattn._backend.unusable_reason("triton", q.device) is None else [])
+    for backend in backends:
+        got = torch.ops.dsattn.sparse_attention(q, k, v, bad, False, 0.25, backend)
+        assert_close(got, sparse_attention_ref(q, k, v, none, scale=0.25), 1e-5, name=backend)
+
+
+def test_int32_offset_limit_is_declared_and_checked():
+    """The kernel's int32 offsets are per (batch, kv head) slice: a transposed [B, S, H, D] k of DeepSeek-V3.2's
+    one latent head at S=128k fits; 128 such heads of 128 dims at 128k reach past it, so auto leaves Triton
+    out and an explicit backend='triton' says why (meta tensors: no memory)."""
+    q = torch.empty(2, 2**17, 128, 576, device="meta").transpose(1, 2)
+    k = torch.empty(2, 2**17, 1, 576, device="meta").transpose(1, 2)
+    assert kernel_offset(q[:, :, :1], k, k[..., :512], 128) < 2**31
+    k = torch.empty(2, 2**17 + 64, 128, 128, device="meta").transpose(1, 2)
+    offset = kernel_offset(q[:, :, :1, :128], k, k, 1)
+    assert offset >= 2**31
+    request = capabilities.Request(dtype=torch.bfloat16, offset=offset)
+    assert "int32 offsets" in str(capabilities.of("sparse_attention")["triton"].refusal(request))
+    assert capabilities.of("sparse_attention")["torch"].refusal(request) is None

@@ -8,8 +8,9 @@ after the query's position are masked: their loads never touch memory and they g
 
 Dqk is walked in BLOCK_DK chunks (any Dqk: 128, 192, 576 ...); Dv is split over programs in slices of up to
 256 (each slice recomputes the scores: the price of keeping the accumulator in registers; MLA's Dv=512 takes
-two slices). Sizes are not limited beyond that: each (batch, head) slice of q/k/v must span < 2**31
-elements (int32 offsets inside it).
+two slices). Sizes are not limited beyond that: offsets within one (batch, kv head) slice of k/v and one
+query row's GQA group of q are int32 (batch, head and row bases are 64-bit); dsattn.capabilities declares
+that limit and dsattn.ops.sparse_attention checks it (kernel_offset) before launching.
 
 Decode (few programs, long topk): the topk list is split over NUM_SPLITS programs, each writing a
 normalized fp32 partial output plus its log-sum-exp; `sparse_attention_combine_kernel` merges them. This is
@@ -20,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AOTSpec, TRITON_DTYPE, interpreting, ptr
+from ._common import AOTSpec, TRITON_DTYPE, interpreting, launch, ptr
 
 BLOCK_N = 32  # gathered K/V rows per step
 BLOCK_DK = 64  # Dqk chunk per tl.dot
@@ -63,7 +64,7 @@ def sparse_attention_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
 
-    # 64-bit scalar bases, 32-bit offsets within one (batch, head) slice (the launcher checks they fit):
+    # 64-bit scalar bases, 32-bit offsets within one (batch, head) slice (a limit in dsattn.capabilities):
     # the gathered pointer tiles then cost half the registers.
     b64 = b.to(tl.int64)
     hkv64 = hkv.to(tl.int64)
@@ -164,11 +165,6 @@ def block_config(groups: int, dv: int) -> tuple[int, int, int, int]:
     return block_h, block_dv, num_warps, num_stages
 
 
-def _span(t: torch.Tensor) -> int:
-    """Elements between the first and the last element of t (its memory extent)."""
-    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0) + 1
-
-
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
@@ -212,10 +208,6 @@ def sparse_attention(
     else:
         stride_ib, stride_ih, stride_im, stride_it = indices.stride()
 
-    for name, t in (("q", q[0, :groups, 0]), ("k", k[0, 0]), ("v", v[0, 0])):
-        if _span(t) >= 2**31:  # the kernel offsets within one (batch, head) slice in int32
-            raise ValueError(f"dsattn.sparse_attention: one head of {name} spans >= 2**31 elements; not supported")
-
     block_h, block_dv, num_warps, num_stages = block_config(groups, dv)
     head_blocks = triton.cdiv(groups, block_h)
     dv_blocks = triton.cdiv(dv, block_dv)
@@ -231,10 +223,11 @@ def sparse_attention(
         lse = torch.empty((b, hq, sq, splits), dtype=torch.float32, device=q.device)
         target = partial
     else:
-        lse = out  # unused when SPLIT is off
+        # Unused when SPLIT is off; its own buffer, so no tensor is passed twice (wrap_triton's mutation analysis).
+        lse = torch.empty(1, dtype=torch.float32, device=q.device)
         target = out
     grid = (sq * splits, b * hkv * head_blocks * dv_blocks)
-    sparse_attention_fwd_kernel[grid](
+    launch(sparse_attention_fwd_kernel)[grid](
         q, k, v, indices, target, lse,
         *q.stride(), *k.stride(), *v.stride(),
         stride_ib, stride_ih, stride_im, stride_it,
@@ -246,11 +239,10 @@ def sparse_attention(
         num_warps=num_warps, num_stages=num_stages,
     )
     if splits > 1:
-        sparse_attention_combine_kernel[(b * hq * sq, triton.cdiv(dv, COMBINE_BLOCK_DV))](
+        launch(sparse_attention_combine_kernel)[(b * hq * sq, triton.cdiv(dv, COMBINE_BLOCK_DV))](
             partial, lse, out, splits, dv, BLOCK_S=MAX_SPLITS, BLOCK_DV=COMBINE_BLOCK_DV, num_warps=4,
         )
     return out
-
 
 
 # ------------------------------------------------------------------------------------------------ AOT
@@ -265,7 +257,7 @@ ALIGNED = ("q_ptr", "k_ptr", "v_ptr", "idx_ptr", "out_ptr", "lse_ptr", "stride_q
 def _fwd_signature(dtype: torch.dtype, split: bool) -> dict[str, str]:
     sig = {
         "q_ptr": ptr(dtype), "k_ptr": ptr(dtype), "v_ptr": ptr(dtype), "idx_ptr": "*i32",
-        "out_ptr": "*fp32" if split else ptr(dtype), "lse_ptr": "*fp32" if split else ptr(dtype),
+        "out_ptr": "*fp32" if split else ptr(dtype), "lse_ptr": "*fp32",
     }
     for name in ("q", "k", "v"):
         for axis in ("b", "h", ("m" if name == "q" else "n"), "d"):

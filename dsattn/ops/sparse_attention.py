@@ -1,23 +1,27 @@
-"""sparse_attention: each query attends to exactly the keys its `indices` row lists (DeepSeek-V3.2 DSA).
+"""sparse_attention: the custom op torch.ops.dsattn.sparse_attention and its functional entry (validate, pick
+a backend from dsattn.capabilities, call the op). Each query attends to exactly the keys its `indices` row
+lists (DeepSeek-V3.2 DSA).
 
 Semantics (SPEC): indices int32 or int64, [B, Sq, topk] (shared by every head) or [B, Hkv, Sq, topk]; -1 is
 "no key"; with causal=True listed keys after the query's position (i + Sk - Sq) are skipped; a duplicated
 index is attended once per listing (gather semantics; DeepSeek's indexer never emits duplicates); a row with
 no valid key outputs zeros. Any index outside [-1, Sk) is a ValueError.
 
-The range check reads indices.min()/max() back to the host: one device sync per call. Under CUDA graph
-capture it is skipped (a sync cannot be captured); the kernel then treats out-of-range entries as -1, so a
-bad index never reads outside k/v.
+The range check reads indices.aminmax() back to the host: one device sync per eager call. Under torch.compile
+and CUDA graph capture it is skipped (no sync there); every backend then treats out-of-range entries as -1
+(the kernel masks them, the torch backend and int64 -> int32 conversion map them to "no key"), so a bad
+index never reads outside k/v. Gradients reach q, k and v (indices are not differentiable): -1 and causally
+skipped entries contribute nothing, a key listed twice gets both listings' gradients.
 """
 
 import torch
 
-from dsattn import _backend, _checks
-from dsattn.reference.sparse_attention import sparse_attention as _sparse_attention_torch
+from dsattn import _backend, _checks, capabilities
+from dsattn._library import define_op
+from dsattn.torch_backend import sparse_attention as _torch
 
 OP = "sparse_attention"
-IMPLEMENTED = ("triton", "torch")
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
 
 
 def _check_indices(indices, shape: _checks.AttentionShape, q: torch.Tensor) -> None:
@@ -40,13 +44,60 @@ def _check_indices(indices, shape: _checks.AttentionShape, q: torch.Tensor) -> N
         raise ValueError(
             f"dsattn.{OP}: indices must be {names} = {expected + ('topk',)} for these q/k, got {tuple(indices.shape)}"
         )
-    capturing = indices.is_cuda and torch.cuda.is_current_stream_capturing()
-    if indices.numel() and not capturing:
+    # A host read: eager only (see the module docstring for what holds without it).
+    if torch.compiler.is_compiling() or (indices.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    if indices.numel():
         low, high = (int(x) for x in torch.aminmax(indices))
         if low < -1 or high >= shape.seq_k:
             raise ValueError(
                 f"dsattn.{OP}: indices must lie in [-1, Sk={shape.seq_k}) (-1 = no key), got values in [{low}, {high}]"
             )
+
+
+def kernel_offset(q, k, v, groups: int) -> int:
+    """The largest int32 offset the Triton kernel computes: within one (batch, kv head) slice of k/v and one
+    query row of a GQA group of q (batch, head and row bases are 64-bit)."""
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+        return 0
+    return capabilities.max_offset(q[0, :groups, 0], k[0, 0], v[0, 0])
+
+
+def _select(backend: str, q, k, v, groups: int) -> str:
+    request = capabilities.Request(dtype=q.dtype, grad=_backend.needs_grad(q, k, v),
+                                   offset=kernel_offset(q, k, v, groups))
+    return _backend.select_backend(OP, backend, q.device, request, auto_order=AUTO_ORDER.get(q.device.type))
+
+
+def _sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, causal: bool,
+                      scale: float, backend: str) -> torch.Tensor:
+    if backend == "triton":
+        from dsattn.triton_kernels import sparse_attention as _triton
+
+        if indices.dtype != torch.int32:  # int64 entries outside [-1, Sk) must not wrap into range
+            indices = torch.where((indices < -1) | (indices >= k.shape[2]), -1, indices).to(torch.int32)
+        return _triton.sparse_attention(q, k, v, indices, causal=causal, scale=scale)
+    return _torch.sparse_attention(q, k, v, indices, causal=causal, scale=scale)
+
+
+sparse_attention_op = define_op(OP, _sparse_attention)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, indices, causal, scale, backend = inputs
+    ctx.save_for_backward(q, k, v, indices)
+    ctx.options = dict(causal=causal, scale=scale)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_out):
+    q, k, v, indices = ctx.saved_tensors
+    _backend.check_backward(OP, ctx.backend)
+    dq, dk, dv = _torch.sparse_attention_backward(grad_out, q, k, v, indices, **ctx.options)
+    return dq, dk, dv, None, None, None, None
+
+
+sparse_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def sparse_attention(
@@ -62,22 +113,17 @@ def sparse_attention(
     """Attention of each query row over only the keys listed in `indices`.
 
     q [B, Hq, Sq, Dqk], k [B, Hkv, Sk, Dqk], v [B, Hkv, Sk, Dv] (any strides, Hq % Hkv == 0);
-    indices [B, Sq, topk] or [B, Hkv, Sq, topk], int32 (int64 accepted, converted). Returns [B, Hq, Sq, Dv]
-    in q's dtype. Cost O(Sq x topk x D); no O(Sq x Sk) tensor.
+    indices [B, Sq, topk] or [B, Hkv, Sq, topk], int32 (int64 accepted). Returns [B, Hq, Sq, Dv] in q's
+    dtype. Cost O(Sq x topk x D); no O(Sq x Sk) tensor.
+
+    Backends: "triton" (CUDA; fp16/bf16/fp32, any head dims, split-K for decode; no backward yet), "torch"
+    (chunked, "gather" or "dense" per call shape; has a backward). "auto": Triton on CUDA, torch on CPU, for
+    float64 and when a gradient is needed.
     """
     shape = _checks.check_qkv(OP, q, k, v)
     if not isinstance(causal, bool):
         raise TypeError(f"dsattn.{OP}: causal must be a bool, got {type(causal).__name__}")
     scale = _checks.check_scale(OP, scale, shape.dim_qk**-0.5)
     _check_indices(indices, shape, q)
-    implemented = IMPLEMENTED if q.dtype in TRITON_DTYPES else ("torch",)
-    if backend == "triton" and q.dtype not in TRITON_DTYPES:
-        raise TypeError(f"dsattn.{OP}: backend='triton' supports float16, bfloat16, float32; got q {q.dtype}")
-    chosen = _backend.select_backend(OP, backend, q.device, implemented)
-    if chosen == "torch":
-        return _sparse_attention_torch(q, k, v, indices, causal=causal, scale=scale)
-    from dsattn.triton_kernels.sparse_attention import sparse_attention as _sparse_attention_triton
-
-    if indices.dtype != torch.int32:
-        indices = indices.to(torch.int32)  # values already checked to fit
-    return _sparse_attention_triton(q, k, v, indices, causal=causal, scale=scale)
+    chosen = _select(backend, q, k, v, shape.groups)
+    return sparse_attention_op(q, k, v, indices, causal, scale, chosen)

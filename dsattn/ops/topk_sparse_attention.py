@@ -1,44 +1,85 @@
-"""dsattn.topk_sparse_attention: per query and head, softmax attention over only its top_k keys by q.k."""
+"""topk_sparse_attention: the custom op torch.ops.dsattn.topk_sparse_attention and its functional entry
+(validate, pick a backend from dsattn.capabilities, call the op). Per query and head, softmax attention over
+only its top_k keys by q.k. Gradients flow through the selected keys only; the selection is not
+differentiated."""
 
-from dsattn import _backend, _checks
-from dsattn.reference.topk_sparse_attention import per_query_head, topk_indices
-from dsattn.reference.topk_sparse_attention import topk_sparse_attention as _topk_torch
+import torch
+
+from dsattn import _backend, _checks, capabilities
+from dsattn._library import define_op
+from dsattn.torch_backend import topk_sparse_attention as _torch
+from dsattn.torch_backend.topk_sparse_attention import per_query_head, topk_indices
 
 OP = "topk_sparse_attention"
-IMPLEMENTED = ("torch", "triton")
+AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
 
 
-def _triton(q, k, v, top_k, *, causal, scale):
+def _triton(q, k, v, top_k: int, causal: bool, scale: float):
     """Selection by the indexer's Triton kernel (each query head one index head, unit weight, no relu: the
-    reference's ranking by q.k), attention by the Triton sparse-attention kernel. The indices differ per query
-    head, so K/V go to sparse attention once per query head (a copy under GQA), as in the reference."""
-    from dsattn.ops.lightning_indexer_topk import TRITON_DTYPES, triton_topk
-    from dsattn.ops.sparse_attention import sparse_attention
+    ranking by q.k), attention by the Triton sparse-attention kernel. The indices differ per query head, so
+    K/V go to sparse attention once per query head (a copy under GQA). The kernel's indices are in range by
+    construction: no host-side check."""
+    from dsattn.ops.lightning_indexer_topk import triton_topk
+    from dsattn.triton_kernels import sparse_attention as _sparse
 
-    if q.dtype not in TRITON_DTYPES or k.dtype != q.dtype:
-        raise TypeError(f"dsattn.{OP}: backend='triton' supports float16, bfloat16, float32 (q and k alike); got "
-                        f"q {q.dtype}, k {k.dtype}")
     hq, sk = q.shape[1], k.shape[2]
-    idx = triton_topk(q[:, :, :, None, :], k, None, min(top_k, sk), scale=1.0, causal=causal, relu=False)
-    if idx is None:  # top_k beyond the kernel's limit: the reference's streaming selection
-        idx = topk_indices(q, k, min(top_k, sk), causal=causal)
-    return sparse_attention(q, per_query_head(k, hq), per_query_head(v, hq), idx,
-                            causal=causal, scale=scale, backend="triton")
+    kept = min(top_k, sk)
+    idx = triton_topk(q[:, :, :, None, :], k, None, kept, scale=1.0, causal=causal, relu=False)
+    if idx is None:  # beyond the kernel's top_k limit: the torch backend's chunked selection
+        idx = topk_indices(q, k, kept, causal=causal)
+    return _sparse.sparse_attention(q, per_query_head(k, hq), per_query_head(v, hq), idx, causal=causal,
+                                    scale=scale)
+
+
+def _topk_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_k: int, causal: bool,
+                           scale: float, backend: str) -> torch.Tensor:
+    if backend == "triton":
+        return _triton(q, k, v, top_k, causal, scale)
+    return _torch.topk_sparse_attention(q, k, v, top_k, causal=causal, scale=scale)
+
+
+topk_sparse_attention_op = define_op(OP, _topk_sparse_attention)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, top_k, causal, scale, backend = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.options = dict(top_k=top_k, causal=causal, scale=scale)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_out):
+    q, k, v = ctx.saved_tensors
+    _backend.check_backward(OP, ctx.backend)
+    dq, dk, dv = _torch.topk_sparse_attention_backward(grad_out, q, k, v, **ctx.options)
+    return dq, dk, dv, None, None, None, None
+
+
+topk_sparse_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _select(backend: str, q, k, v, top_k: int) -> str:
+    # The kernels offset in int32 within one (batch, head) slice of q and k/v (the per-query-head copy of K/V
+    # under GQA is contiguous, so no wider than the original's slice).
+    offset = capabilities.max_offset(q[0, 0], k[0, 0], v[0, 0]) if q.numel() and k.numel() and v.numel() else 0
+    request = capabilities.Request(dtype=q.dtype, grad=_backend.needs_grad(q, k, v), top_k=top_k, offset=offset)
+    return _backend.select_backend(OP, backend, q.device, request, auto_order=AUTO_ORDER.get(q.device.type))
 
 
 def topk_sparse_attention(q, k, v, top_k, *, causal=True, scale=None, backend="auto"):
     """Exact per-row top-k: each (query, head) keeps the top_k keys by score q.k among visible keys (causal:
     j <= i + Sk - Sq), then softmax attention over those only. top_k >= Sk equals dense attention.
 
-    "triton": selection by the lightning-indexer Triton kernel (streaming top-k, min(top_k, Sk) <= 2048; beyond,
-    the torch streaming top-k), attention by the Triton sparse-attention kernel.
+    q [B, Hq, Sq, Dqk], k [B, Hkv, Sk, Dqk], v [B, Hkv, Sk, Dv] (any strides, Hq % Hkv == 0) -> [B, Hq, Sq, Dv]
+    in q's dtype. Backends: "triton" (CUDA; fp16/bf16/fp32; selection by the lightning-indexer Triton kernel
+    for min(top_k, Sk) <= its limit, beyond by the torch chunked top-k; attention by the Triton
+    sparse-attention kernel; no backward yet), "torch" (query-chunked, O(chunk x Sk) memory, has a backward).
+    "auto": Triton on CUDA, torch on CPU, for float64 and when a gradient is needed.
     """
     shape = _checks.check_qkv(OP, q, k, v)
-    _checks.check_int(OP, "top_k", top_k, minimum=1)
+    top_k = _checks.check_int(OP, "top_k", top_k, minimum=1)
     scale = _checks.check_scale(OP, scale, shape.dim_qk**-0.5)
     if not isinstance(causal, bool):
         raise TypeError(f"dsattn.{OP}: causal must be a bool, got {type(causal).__name__}")
-    chosen = _backend.select_backend(OP, backend, q.device, IMPLEMENTED)
-    if chosen == "torch":
-        return _topk_torch(q, k, v, top_k, causal=causal, scale=scale)
-    return _triton(q, k, v, top_k, causal=causal, scale=scale)
+    chosen = _select(backend, q, k, v, top_k)
+    return topk_sparse_attention_op(q, k, v, top_k, causal, scale, chosen)

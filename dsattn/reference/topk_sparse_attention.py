@@ -1,77 +1,45 @@
-"""Per-row top-k softmax attention in plain PyTorch: each (query, head) attends to its top_k keys by q.k.
+"""Per-row top-k softmax attention, the oracle: dense scores, an explicit visibility mask and one top-k per row,
+written for clarity (O(Sq x Sk x D) memory: tests only). The tuned chunked code is the "torch" backend
+(dsattn.torch_backend.topk_sparse_attention).
 
-The reference (and the torch backend) works on chunks of query rows: the scores against every visible key
-(one matmul), each row's top_k kept through a scattered mask, a masked softmax and one matmul with V. That
-is dense-attention speed on a CPU (gathering top_k K/V rows per query costs far more there than the skipped
-flops), with memory O(chunk x Sk), never [Sq, Sk] at once. `topk_indices` (the indexer's streaming top-k with
-one unit-weight head per query head, no relu) is the selection the kernel backends share.
+Semantics (SPEC): each (query, head) keeps the top_k keys by score scale * q.k among the keys it can see
+(causal: j <= i + Sk - Sq; query i sits at that position), then softmax attention over those only; fewer
+visible keys than top_k: all of them (top_k >= Sk is dense attention); a row that sees no key outputs zeros.
+Ties among equal scores are broken arbitrarily. Keys a row cannot see never enter its arithmetic, and keys it
+does not select never enter its softmax or its sum of values (torch.where, not 0 * x). The selection is not
+differentiated: gradients flow through the selected keys only.
 """
 
 import torch
 
-from dsattn.reference.lightning_indexer_topk import lightning_indexer_topk
-from dsattn.reference.sparse_attention import softmax_attend
 
-# Score elements held per query chunk (B x Hq x rows x Sk; ~8 MiB in fp32, plus a bool mask and top-k indices).
-CHUNK_ELEMENTS = 1 << 21
-
-
-def topk_indices(q, k, top_k, *, causal=True):
-    """q [B, Hq, Sq, D], k [B, Hkv, Sk, D] -> int32 [B, Hq, Sq, top_k] (per query head; -1 padded)."""
-    b, hq, sq, d = q.shape
-    hkv = k.shape[1]
-    groups = hq // hkv
-    ones = torch.ones(b, sq, 1, dtype=q.dtype, device=q.device)
-    per_head = [
-        lightning_indexer_topk(q[:, h, :, None, :], k[:, h // groups], ones, top_k, scale=1.0, causal=causal,
-                               relu=False)
-        for h in range(hq)
-    ]
-    return torch.stack(per_head, dim=1)
+def selected_mask(scores: torch.Tensor, visible: torch.Tensor, top_k: int) -> torch.Tensor:
+    """bool like scores [..., Sq, Sk]: the top_k visible keys of each row by score (all when fewer)."""
+    ranked = torch.where(visible, scores.detach(), float("-inf"))
+    chosen = ranked.topk(min(top_k, scores.shape[-1]), dim=-1).indices
+    return torch.zeros_like(visible).scatter_(-1, chosen, True) & visible
 
 
-def per_query_head(t, heads_q):
-    """[B, Hkv, S, D] -> [B, Hq, S, D]: one "kv head" per query head, since selection is per query head
-    (a view without GQA; with GQA groups > 1 this copies K/V once)."""
-    b, hkv = t.shape[:2]
-    if hkv == heads_q:
-        return t
-    return t[:, :, None].expand(b, hkv, heads_q // hkv, *t.shape[2:]).reshape(b, heads_q, *t.shape[2:])
-
-
-def topk_sparse_attention(q, k, v, top_k, *, causal=True, scale=None, chunk_elements=CHUNK_ELEMENTS):
-    """q [B, Hq, Sq, Dqk], k [B, Hkv, Sk, Dqk], v [B, Hkv, Sk, Dv] -> [B, Hq, Sq, Dv] in q's dtype, computed in
-    float32 (float64 for float64). A row with no visible key outputs zeros."""
-    b, hq, sq, dqk = q.shape
-    hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
-    groups = hq // hkv
-    scale = dqk**-0.5 if scale is None else scale
-    out = torch.zeros(b, hq, sq, dv, dtype=q.dtype, device=q.device)
-    if out.numel() == 0 or sk == 0:
-        return out
+def topk_sparse_attention(q, k, v, top_k: int, *, causal: bool = True, scale: float | None = None) -> torch.Tensor:
+    """q [B, Hq, Sq, Dqk], k [B, Hkv, Sk, Dqk], v [B, Hkv, Sk, Dv] -> [B, Hq, Sq, Dv] in q's dtype, computed
+    in float32 (float64 for float64 inputs)."""
+    hq, hkv, sq, sk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    kc, vc = k.to(compute), v.to(compute)
-    rows = max(1, chunk_elements // max(1, b * hq * sk))
-    # Causal rows before `few` see at most top_k keys and keep them all: chunks end there, and skip selection.
-    few = min(sq, max(0, top_k - (sk - sq))) if causal else (sq if sk <= top_k else 0)
-    starts = [*range(0, few, rows), *range(few, sq, rows)]
-    for start, stop in zip(starts, [*starts[1:], sq]):
-        # Causal: keys after the chunk's last row are visible to none of its rows.
-        last = min(sk, stop - 1 + sk - sq + 1) if causal else sk
-        if last <= 0:
-            continue
-        qc = q[:, :, start:stop].to(compute).reshape(b, hkv, groups, stop - start, dqk)
-        # In place from the scores on: one [B, Hq, c, last] score buffer and one bool mask (memory is speed).
-        scores = torch.einsum("bhgcd,bhkd->bhgck", qc, kc[:, :, :last]).mul_(scale)
-        if causal:
-            position = torch.arange(start, stop, device=q.device) + (sk - sq)
-            scores.masked_fill_(torch.arange(last, device=q.device)[None, :] > position[:, None], float("-inf"))
-        if stop > few:  # some row sees more than top_k keys
-            chosen = scores.topk(min(top_k, last), dim=-1, sorted=False).indices  # a set: no sort (2x faster)
-            keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, True)
-            del chosen
-            scores.masked_fill_(~keep, float("-inf"))  # also drops chosen -inf (invisible) keys
-            del keep
-        o = softmax_attend(scores, vc[:, :, :last], "bhgck,bhkv->bhgcv")
-        out[:, :, start:stop] = o.reshape(b, hq, stop - start, dv).to(q.dtype)
-    return out
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k = k.to(compute).repeat_interleave(hq // hkv, dim=1)[:, :, None]  # [B, Hq, 1, Sk, Dqk]
+    v = v.to(compute).repeat_interleave(hq // hkv, dim=1)[:, :, None]
+    position = torch.arange(sq, device=q.device)[:, None] + (sk - sq)
+    key = torch.arange(sk, device=q.device)[None, :]
+    visible = (key <= position) if causal else torch.ones(sq, sk, dtype=torch.bool, device=q.device)
+    visible = visible.expand(*q.shape[:2], sq, sk)
+    zero = torch.zeros((), dtype=compute, device=q.device)
+    scores = (q.to(compute)[:, :, :, None, :] * torch.where(visible[..., None], k, zero)).sum(dim=-1) * scale
+    chosen = selected_mask(scores, visible, top_k)
+    scores = torch.where(chosen, scores, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    weights = torch.where(chosen, torch.exp(scores - row_max), zero)
+    denom = weights.sum(dim=-1, keepdim=True)
+    weights = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
+    # Unselected values replaced before the product (a where after it would give 0 * NaN in the backward).
+    return (weights[..., None] * torch.where(chosen[..., None], v, zero)).sum(dim=-2).to(q.dtype)
