@@ -67,7 +67,8 @@ TRITON_ATTENTION = Capability(dtypes=KERNEL_FLOATS, max_head_dim=256, max_offset
 TRITON_SLIDING_WINDOW = Capability(dtypes=KERNEL_FLOATS, max_head_dim=256)
 
 CAPABILITIES: dict[str, dict[str, Capability]] = {
-    "sliding_window_attention": {"triton": TRITON_SLIDING_WINDOW, "torch": TORCH},
+    # The Triton backward (FlashAttention-2 style) covers the padded op; varlen's backward runs on torch.
+    "sliding_window_attention": {"triton": dataclasses.replace(TRITON_SLIDING_WINDOW, backward=True), "torch": TORCH},
     "sliding_window_attention_varlen": {"triton": TRITON_SLIDING_WINDOW, "torch": TORCH},
     "sparse_attention": {"triton": Capability(dtypes=KERNEL_FLOATS, max_offset=INT32_OFFSETS), "torch": TORCH},
     "topk_sparse_attention": {"triton": Capability(dtypes=KERNEL_FLOATS, max_offset=INT32_OFFSETS), "torch": TORCH},

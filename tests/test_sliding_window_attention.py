@@ -376,17 +376,62 @@ def test_backward_memory_chunks(monkeypatch):
 
 
 def test_no_silent_detach(triton_device):
-    """A gradient is wanted: auto takes a backend with a backward; an explicit one without raises first."""
+    """A gradient is wanted: triton now has a backward, which is what runs (and is correct); varlen's Triton
+    backend has none, so an explicit request raises before any kernel."""
     q, k, v, s = _grad_inputs(1, 2, 1, 9, 9, 16, 16, torch.float32, triton_device)
     assert swa(q, k, v, 4, sinks=s).grad_fn is not None
-    with pytest.raises(ValueError, match="sliding_window_attention: backend='triton' has no backward"):
-        swa(q, k, v, 4, sinks=s, backend="triton")
+    from dsattn.triton_kernels import sliding_window_attention as kernels
+
+    calls = []
+    backward = kernels.sliding_window_attention_backward
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "sliding_window_attention_backward", lambda *a: calls.append(1) or backward(*a))
+        assert_grads_match(lambda q, k, v, s: swa(q, k, v, 4, sinks=s, backend="triton"),
+                           lambda q, k, v, s: reference(q, k, v, 4, sinks=s), [q, k, v, s], 1e-5,
+                           name="sliding_window_attention")
+    assert calls, "backend='triton' did not run the Triton backward"
     with torch.no_grad():
         assert_close(swa(q, k, v, 4, sinks=s, backend="triton"), reference(q, k, v, 4, sinks=s))
     cu = _cu([9], triton_device)
     with pytest.raises(ValueError, match="sliding_window_attention_varlen: backend='triton' has no backward"):
         sliding_window_attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu,
                                         9, 9, 4, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "b,hq,hkv,sq,sk,dqk,dv,window,causal,sinks,transposed,dtype",
+    [
+        (2, 4, 2, 37, 37, 16, 8, 9, True, True, False, torch.float32),  # GQA, Dqk != Dv, sinks
+        (1, 2, 1, 13, 53, 24, 16, 7, True, False, True, torch.float32),  # Sq < Sk, non-contiguous
+        (1, 2, 1, 10, 4, 8, 8, 3, True, True, False, torch.float32),  # Sq > Sk: rows that see nothing
+        (1, 2, 2, 50, 50, 16, 16, 1, True, True, False, torch.float32),  # window 1
+        (1, 2, 1, 60, 60, 16, 16, 500, True, False, False, torch.float32),  # window >= S: full causal
+        (1, 1, 1, 200, 200, 16, 16, 70, False, True, False, torch.float32),  # symmetric, unmasked interior
+        (1, 2, 1, 200, 200, 16, 16, 70, True, True, True, torch.float32),  # unmasked interior tiles
+        (1, 2, 1, 70, 150, 16, 16, 40, True, True, False, torch.float32),  # chunked prefill, interior tiles
+        (1, 4, 1, 300, 300, 32, 16, 130, True, True, False, torch.bfloat16),  # bf16 at its tiles, GQA 4
+    ],
+)
+def test_triton_gradients_match_float64_autograd_of_the_oracle(triton_device, b, hq, hkv, sq, sk, dqk, dv, window,
+                                                                 causal, sinks, transposed, dtype):
+    inputs = _grad_inputs(b, hq, hkv, sq, sk, dqk, dv, dtype, triton_device, sinks=sinks, transposed=transposed)
+
+    def run(q, k, v, s):
+        return swa(q, k, v, window, causal=causal, sinks=s, backend="triton")
+
+    def oracle(q, k, v, s):
+        return reference(q, k, v, window, causal=causal, sinks=s)
+
+    assert_grads_match(run, oracle, inputs, 1e-5 if dtype == torch.float32 else tolerance(dtype),
+                       name="sliding_window_attention")
+
+
+def test_triton_backward_through_the_public_op(triton_device):
+    """torch.ops.dsattn.sliding_window_attention called directly (no saved lse): its backward recomputes it."""
+    q, k, v, s = _grad_inputs(1, 4, 2, 21, 29, 16, 8, torch.float32, triton_device)
+    assert_grads_match(lambda q, k, v, s: torch.ops.dsattn.sliding_window_attention(q, k, v, 6, True, 0.3, s, "triton"),
+                       lambda q, k, v, s: reference(q, k, v, 6, scale=0.3, sinks=s), [q, k, v, s], 1e-5,
+                       name="sliding_window_attention")
 
 
 def test_varlen_gradients_match_the_oracle():
@@ -406,8 +451,11 @@ def test_opcheck():
     backends = ["torch"] + (["triton"] if dsattn._backend.unusable_reason("triton", q.device) is None else [])
     for backend in backends:
         torch.library.opcheck(torch.ops.dsattn.sliding_window_attention,
-                              (q.requires_grad_(backend == "torch"), k, v, 5, True, 0.25, s, backend))
-    qv, kv, vv = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))
+                              (q.requires_grad_(True), k, v, 5, True, 0.25, s, backend))
+    if "triton" in backends:
+        torch.library.opcheck(torch.ops.dsattn.sliding_window_attention_fwd_lse,
+                              (q.requires_grad_(True), k.requires_grad_(True), v, 5, True, 0.25, s))
+    qv, kv, vv = (t.detach()[0].transpose(0, 1).contiguous() for t in (q, k, v))
     cu_q, cu_k = _cu([4, 7]), _cu([5, 8])
     for backend in backends:
         torch.library.opcheck(torch.ops.dsattn.sliding_window_attention_varlen,

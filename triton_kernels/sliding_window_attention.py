@@ -9,6 +9,9 @@ Three kernels share one inner loop (`_attend_key_range`: online softmax in base 
   program per (key split, kv head) handles all the kv head's query heads and rows at once (rows = groups x
   Sq), over its slice of the window's key range only, so the cost does not grow with the cache beyond the
   window; the combine kernel merges the splits' (output, log-sum-exp) pairs and the sink.
+- Training: the prefill kernel with WRITE_LSE saves each row's base-2 log-sum-exp, and the FlashAttention-2
+  style backward (`..._bwd_preprocess_kernel`, `..._bwd_dkdv_kernel`, `..._bwd_dq_kernel`) recomputes the
+  probabilities from it over the window's blocks only (the padded op; varlen's backward runs on torch).
 Head dims are padded to powers of two with masks (up to 256); any strides; fp16/bf16/fp32 (fp32 dots as
 tf32x3: fp32-accurate on tensor cores). Visibility is SPEC's: query i at p = i + Sk - Sq sees
 p - window < j <= p (causal) or |p - j| < window (causal=False); `sinks` add e^(sink - m) to the
@@ -108,8 +111,20 @@ def _finish_rows(acc, l_i, m_i, sink_log2, HAS_SINKS: tl.constexpr):
 
 
 @triton.jit
+def _row_lse(l_i, m_i, sink_log2, HAS_SINKS: tl.constexpr):
+    """Base-2 log-sum-exp of a row from (l, m) and the sink; +inf where the denominator is empty (so that
+    2^(s - lse) = 0 in the backward)."""
+    if HAS_SINKS:
+        m_fin = tl.maximum(m_i, sink_log2)
+        l_i = l_i * tl.exp2(m_i - m_fin) + tl.exp2(sink_log2 - m_fin)
+    else:
+        m_fin = m_i
+    return tl.where(l_i > 0, m_fin + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
+
+
+@triton.jit
 def sliding_window_attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, sinks_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, sinks_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -117,8 +132,11 @@ def sliding_window_attention_fwd_kernel(
     HQ, GROUPS, SEQ_Q, SEQ_K, DQK, DV, window, qk_scale_log2,
     CAUSAL: tl.constexpr, HAS_SINKS: tl.constexpr, IS_VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    UPCAST: tl.constexpr, TF32X3: tl.constexpr, LONG_OFFSETS: tl.constexpr,
+    UPCAST: tl.constexpr, TF32X3: tl.constexpr, LONG_OFFSETS: tl.constexpr, WRITE_LSE: tl.constexpr = False,
 ):
+    """WRITE_LSE (for the backward; not with IS_VARLEN): also store each row's log-sum-exp in base 2,
+    lse[b, h, i] = log2(sum_j 2^(scale log2(e) s_ij) + 2^(log2(e) sink)) (the natural one times log2(e)),
+    +inf for a row with an empty denominator, into a contiguous fp32 [B, HQ, SEQ_Q]."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     batch = pid_bh // HQ
@@ -198,6 +216,10 @@ def sliding_window_attention_fwd_kernel(
     if HAS_SINKS:
         sink_log2 = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
     out = _finish_rows(acc, l_i, m_i, sink_log2, HAS_SINKS)
+    if WRITE_LSE:
+        lse = _row_lse(l_i, m_i, sink_log2, HAS_SINKS)
+        lse_rows = lse_ptr + (batch * HQ + head).to(tl.int64) * SEQ_Q + offs_m
+        tl.store(lse_rows, lse, mask=row_valid)
     o_base = o_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + q_start * stride_os
     tl.store(o_base + rows[:, None] * stride_os + offs_dv[None, :] * stride_od,
              out.to(o_ptr.dtype.element_ty), mask=row_valid[:, None] & (offs_dv[None, :] < DV))
@@ -285,6 +307,288 @@ def sliding_window_attention_decode_combine_kernel(
     tl.store(o + offs_dv * stride_od, out.to(o_ptr.dtype.element_ty), mask=offs_dv < DV)
 
 
+# ----------------------------------------------------------------------------------------- backward
+# FlashAttention-2's backward from the forward's base-2 log-sum-exp: P = 2^(scale log2(e) s - lse) is
+# recomputed per tile, dS = P (dP - delta) with delta = rowsum(dO O). dK/dV: one program per (key block,
+# kv head) looping over the group's query heads (no atomics) and only the query blocks whose window reaches
+# the key block; dQ: one program per (query block, query head) over the window's key blocks. As in the
+# forward, tiles every row/key pair of which is visible run without masks.
+@triton.jit
+def sliding_window_attention_bwd_preprocess_kernel(
+    o_ptr, do_ptr, delta_ptr,
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_dob, stride_doh, stride_dos, stride_dod,
+    HQ, SEQ_Q, DV, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """delta[b, h, i] = sum_d dO * O in fp32, contiguous [B, HQ, SEQ_Q]."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // HQ
+    head = pid_bh % HQ
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_DV)
+    mask = (offs_m[:, None] < SEQ_Q) & (offs_d[None, :] < DV)
+    o = tl.load(o_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+                + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :] * stride_od, mask=mask, other=0.0)
+    do = tl.load(do_ptr + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+                 + offs_m[:, None].to(tl.int64) * stride_dos + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(delta_ptr + pid_bh.to(tl.int64) * SEQ_Q + offs_m, delta, mask=offs_m < SEQ_Q)
+
+
+@triton.jit
+def _dot(a, b, acc, TF32X3: tl.constexpr):
+    if TF32X3:
+        return tl.dot(a, b, acc, input_precision="tf32x3", out_dtype=tl.float32)
+    return tl.dot(a, b, acc, out_dtype=tl.float32)
+
+
+@triton.jit
+def _visible(rows_pos, cols, row_ok, col_ok, window, CAUSAL: tl.constexpr):
+    """[rows, cols] visibility (SPEC's rule) with bounds."""
+    vis = (cols[None, :] > rows_pos[:, None] - window) & row_ok[:, None] & col_ok[None, :]
+    if CAUSAL:
+        vis = vis & (cols[None, :] <= rows_pos[:, None])
+    else:
+        vis = vis & (cols[None, :] < rows_pos[:, None] + window)
+    return vis
+
+
+@triton.jit
+def _dkdv_query_range(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_qd, stride_dos, stride_dod,
+    cols, col_ok, lo, hi, seqlen_q, q_offset, window, qk_scale_log2, offs_dqk, offs_dv, DQK, DV,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
+    TF32X3: tl.constexpr,
+):
+    """Adds one query head's rows [lo, hi) to the key block's (dk, dv), transposed ([keys, rows]) tiles.
+    dk is left unscaled (times scale at the end). MASKED=False: every row/key pair is visible, in bounds."""
+    offs_m = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < seqlen_q
+        q_ptrs = q_base + rows[:, None].to(tl.int64) * stride_qs + offs_dqk[None, :] * stride_qd
+        do_ptrs = do_base + rows[:, None].to(tl.int64) * stride_dos + offs_dv[None, :] * stride_dod
+        if MASKED:
+            q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
+            delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        else:
+            q = tl.load(q_ptrs, mask=offs_dqk[None, :] < DQK, other=0.0)
+            do = tl.load(do_ptrs, mask=offs_dv[None, :] < DV, other=0.0)
+            lse = tl.load(lse_base + rows)
+            delta = tl.load(delta_base + rows)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        s_t = _dot(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), TF32X3)
+        p_t = tl.exp2(s_t * qk_scale_log2 - lse[None, :])
+        if MASKED:
+            vis_t = tl.trans(_visible(rows + q_offset, cols, row_ok, col_ok, window, CAUSAL))
+            p_t = tl.where(vis_t, p_t, 0.0)
+        dv = _dot(p_t.to(do.dtype), do, dv, TF32X3)
+        dp_t = _dot(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), TF32X3)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if MASKED:
+            ds_t = tl.where(vis_t, ds_t, 0.0)
+        dk = _dot(ds_t.to(q.dtype), q, dk, TF32X3)
+    return dk, dv
+
+
+@triton.jit
+def sliding_window_attention_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_dob, stride_doh, stride_dos, stride_dod,
+    stride_dkb, stride_dkh, stride_dks, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvs, stride_dvd,
+    HKV, GROUPS, SEQ_Q, SEQ_K, DQK, DV, window, qk_scale, qk_scale_log2,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
+    BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, TF32X3: tl.constexpr,
+):
+    """dK, dV of one key block of one kv head: the sum over its GROUPS query heads. lse/delta: contiguous
+    fp32 [B, HQ, SEQ_Q] (lse in base 2, as the forward writes it)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // HKV
+    kv_head = pid_bh % HKV
+    n_first = pid_n * BLOCK_N
+    cols = n_first + tl.arange(0, BLOCK_N)
+    col_ok = cols < SEQ_K
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = tl.load(k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+                + cols[:, None].to(tl.int64) * stride_ks + offs_dqk[None, :] * stride_kd,
+                mask=col_ok[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
+    v = tl.load(v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+                + cols[:, None].to(tl.int64) * stride_vs + offs_dv[None, :] * stride_vd,
+                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    q_offset = SEQ_K - SEQ_Q  # query row i sits at position i + q_offset
+    n_last = tl.minimum(n_first + BLOCK_N, SEQ_K) - 1
+    # Rows whose window reaches the block: positions [n_first (- window + 1), n_last + window - 1].
+    if CAUSAL:
+        lo = tl.maximum(n_first - q_offset, 0)
+    else:
+        lo = tl.maximum(n_first - window + 1 - q_offset, 0)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    hi = tl.minimum(n_last + window - q_offset, SEQ_Q)
+    hi = tl.maximum(hi, lo)
+    # Row blocks that see every key of the block: first position >= the last key (causal) or
+    # last key - window + 1 (symmetric), and at least 0; last position <= first key + window - 1.
+    if CAUSAL:
+        need = n_first + BLOCK_N - 1
+    else:
+        need = n_first + BLOCK_N - window
+    need = tl.maximum(need, 0)
+    full_lo = tl.maximum(lo, tl.cdiv(tl.maximum(need - q_offset, 0), BLOCK_M) * BLOCK_M)
+    full_hi = (tl.maximum(tl.minimum(n_first + window - q_offset, SEQ_Q), 0) // BLOCK_M) * BLOCK_M
+    no_full = (full_hi <= full_lo) | (n_first + BLOCK_N > SEQ_K)
+    full_lo = tl.where(no_full, hi, full_lo)
+    full_hi = tl.where(no_full, hi, full_hi)
+    dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for g in range(GROUPS):
+        head = kv_head * GROUPS + g
+        q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+        do_base = do_ptr + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+        row_base = (batch * HKV * GROUPS + head).to(tl.int64) * SEQ_Q
+        dk, dv = _dkdv_query_range(
+            dk, dv, k, v, q_base, do_base, lse_ptr + row_base, delta_ptr + row_base, stride_qs, stride_qd,
+            stride_dos, stride_dod, cols, col_ok, lo, full_lo, SEQ_Q, q_offset, window, qk_scale_log2,
+            offs_dqk, offs_dv, DQK, DV, CAUSAL, True, BLOCK_M, UPCAST, TF32X3)
+        dk, dv = _dkdv_query_range(
+            dk, dv, k, v, q_base, do_base, lse_ptr + row_base, delta_ptr + row_base, stride_qs, stride_qd,
+            stride_dos, stride_dod, cols, col_ok, full_lo, full_hi, SEQ_Q, q_offset, window, qk_scale_log2,
+            offs_dqk, offs_dv, DQK, DV, CAUSAL, False, BLOCK_M, UPCAST, TF32X3)
+        dk, dv = _dkdv_query_range(
+            dk, dv, k, v, q_base, do_base, lse_ptr + row_base, delta_ptr + row_base, stride_qs, stride_qd,
+            stride_dos, stride_dod, cols, col_ok, full_hi, hi, SEQ_Q, q_offset, window, qk_scale_log2,
+            offs_dqk, offs_dv, DQK, DV, CAUSAL, True, BLOCK_M, UPCAST, TF32X3)
+    dk = dk * qk_scale
+    tl.store(dk_ptr + batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh
+             + cols[:, None].to(tl.int64) * stride_dks + offs_dqk[None, :] * stride_dkd,
+             dk.to(dk_ptr.dtype.element_ty), mask=col_ok[:, None] & (offs_dqk[None, :] < DQK))
+    tl.store(dv_ptr + batch.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh
+             + cols[:, None].to(tl.int64) * stride_dvs + offs_dv[None, :] * stride_dvd,
+             dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _dq_key_range(
+    dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+    q_pos, row_valid, lo, hi, window, qk_scale_log2, offs_dqk, offs_dv, DQK, DV,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    TF32X3: tl.constexpr,
+):
+    """Adds keys [lo, hi) to the rows' dq (unscaled). MASKED=False: every pair visible, keys in bounds."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < hi
+        k_ptrs = k_base + cols[:, None].to(tl.int64) * stride_ks + offs_dqk[None, :] * stride_kd
+        v_ptrs = v_base + cols[:, None].to(tl.int64) * stride_vs + offs_dv[None, :] * stride_vd
+        if MASKED:
+            k = tl.load(k_ptrs, mask=col_ok[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        else:
+            k = tl.load(k_ptrs, mask=offs_dqk[None, :] < DQK, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_dv[None, :] < DV, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), TF32X3)
+        p = tl.exp2(s * qk_scale_log2 - lse[:, None])
+        if MASKED:
+            vis = _visible(q_pos, cols, row_valid, col_ok, window, CAUSAL)
+            p = tl.where(vis, p, 0.0)
+        dp = _dot(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), TF32X3)
+        ds = p * (dp - delta[:, None])
+        if MASKED:
+            ds = tl.where(vis, ds, 0.0)
+        dq = _dot(ds.to(k.dtype), k, dq, TF32X3)
+    return dq
+
+
+@triton.jit
+def sliding_window_attention_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_dob, stride_doh, stride_dos, stride_dod,
+    stride_dqb, stride_dqh, stride_dqs, stride_dqd,
+    HQ, GROUPS, SEQ_Q, SEQ_K, DQK, DV, window, qk_scale, qk_scale_log2,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
+    BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, TF32X3: tl.constexpr,
+):
+    """dQ of one query block of one query head over the key blocks its window reaches (as the forward)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // HQ
+    head = pid_bh % HQ
+    kv_head = head // GROUPS
+    m_first = pid_m * BLOCK_M
+    offs_m = m_first + tl.arange(0, BLOCK_M)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_valid = offs_m < SEQ_Q
+    q_pos = offs_m + (SEQ_K - SEQ_Q)
+    q = tl.load(q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+                + offs_m[:, None].to(tl.int64) * stride_qs + offs_dqk[None, :] * stride_qd,
+                mask=row_valid[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
+    do = tl.load(do_ptr + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+                 + offs_m[:, None].to(tl.int64) * stride_dos + offs_dv[None, :] * stride_dod,
+                 mask=row_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    row_base = pid_bh.to(tl.int64) * SEQ_Q
+    lse = tl.load(lse_ptr + row_base + offs_m, mask=row_valid, other=float("inf"))
+    delta = tl.load(delta_ptr + row_base + offs_m, mask=row_valid, other=0.0)
+    # The forward's key range and its unmasked interior.
+    m_last = tl.minimum(m_first + BLOCK_M, SEQ_Q) - 1
+    lo = tl.maximum(m_first + (SEQ_K - SEQ_Q) - window + 1, 0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        hi = tl.minimum(m_last + (SEQ_K - SEQ_Q) + 1, SEQ_K)
+    else:
+        hi = tl.minimum(m_last + (SEQ_K - SEQ_Q) + window, SEQ_K)
+    hi = tl.maximum(hi, lo)
+    p_first = m_first + (SEQ_K - SEQ_Q)
+    p_last = m_first + BLOCK_M - 1 + (SEQ_K - SEQ_Q)
+    full_lo = tl.maximum(lo, tl.cdiv(tl.maximum(p_last - window + 1, 0), BLOCK_N) * BLOCK_N)
+    if CAUSAL:
+        full_hi = tl.minimum(p_first + 1, SEQ_K)
+    else:
+        full_hi = tl.minimum(p_first + window, SEQ_K)
+    full_hi = (tl.maximum(full_hi, 0) // BLOCK_N) * BLOCK_N
+    no_full = (full_hi <= full_lo) | (m_first + BLOCK_M > SEQ_Q) | (p_first < 0)
+    full_lo = tl.where(no_full, hi, full_lo)
+    full_hi = tl.where(no_full, hi, full_hi)
+    k_base = k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
+    dq = _dq_key_range(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+                       q_pos, row_valid, lo, full_lo, window, qk_scale_log2, offs_dqk, offs_dv, DQK, DV,
+                       CAUSAL, True, BLOCK_N, UPCAST, TF32X3)
+    dq = _dq_key_range(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+                       q_pos, row_valid, full_lo, full_hi, window, qk_scale_log2, offs_dqk, offs_dv, DQK, DV,
+                       CAUSAL, False, BLOCK_N, UPCAST, TF32X3)
+    dq = _dq_key_range(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+                       q_pos, row_valid, full_hi, hi, window, qk_scale_log2, offs_dqk, offs_dv, DQK, DV,
+                       CAUSAL, True, BLOCK_N, UPCAST, TF32X3)
+    dq = dq * qk_scale
+    tl.store(dq_ptr + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh
+             + offs_m[:, None].to(tl.int64) * stride_dqs + offs_dqk[None, :] * stride_dqd,
+             dq.to(dq_ptr.dtype.element_ty), mask=row_valid[:, None] & (offs_dqk[None, :] < DQK))
+
+
 # ----------------------------------------------------------------------------------------- configs
 def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
@@ -351,17 +655,18 @@ def check_head_dims(dim_qk: int, dim_v: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------- launchers
-def _fwd(q, k, v, out, sinks, cu_q, cu_k, strides, shape, window, causal, scale):
-    """strides: (q, k, v, out) each (b, h, s, d); shape: (batch, HQ, groups, SEQ_Q, SEQ_K, max_seqlen_q)."""
+def _fwd(q, k, v, out, sinks, cu_q, cu_k, strides, shape, window, causal, scale, lse=None):
+    """strides: (q, k, v, out) each (b, h, s, d); shape: (batch, HQ, groups, SEQ_Q, SEQ_K, max_seqlen_q).
+    lse: a contiguous fp32 [B, HQ, SEQ_Q] to write the rows' base-2 log-sum-exp into (the backward's)."""
     batch, hq, groups, seq_q, seq_k, max_q = shape
     dqk, dv = q.shape[-1], v.shape[-1]
     block_dqk, block_dv = _pow2(dqk), _pow2(dv)
     cfg = fwd_config(block_dqk, block_dv, q.dtype)
     grid = (triton.cdiv(max_q, cfg["BLOCK_M"]), batch * hq)
     launch(sliding_window_attention_fwd_kernel)[grid](
-        q, k, v, out, sinks, cu_q, cu_k, *strides[0], *strides[1], *strides[2], *strides[3],
+        q, k, v, out, lse, sinks, cu_q, cu_k, *strides[0], *strides[1], *strides[2], *strides[3],
         hq, groups, seq_q, seq_k, dqk, dv, window, scale * LOG2E,
-        CAUSAL=causal, HAS_SINKS=sinks is not None, IS_VARLEN=cu_q is not None,
+        CAUSAL=causal, HAS_SINKS=sinks is not None, IS_VARLEN=cu_q is not None, WRITE_LSE=lse is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
         UPCAST=interpreting() and q.dtype == torch.bfloat16, TF32X3=q.dtype == torch.float32,
         LONG_OFFSETS=long_offsets(q, k, v, out),
@@ -420,6 +725,94 @@ def sliding_window_attention(q, k, v, window, causal, scale, sinks, out=None):
                 window, causal, scale)
 
 
+def sliding_window_attention_fwd_lse(q, k, v, window, causal, scale, sinks):
+    """The forward for training: (out, lse), lse the rows' base-2 log-sum-exp (fp32 [B, Hq, Sq], sink
+    included, +inf for an empty row). Always the prefill kernel (decode's split-K has no lse to save)."""
+    batch, hq, seq_q, dqk = q.shape
+    hkv, seq_k, dv = k.shape[1], k.shape[2], v.shape[3]
+    check_head_dims(dqk, dv)
+    out = torch.empty(batch, hq, seq_q, dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, hq, seq_q, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("inf"))
+    if seq_k == 0:
+        return out.zero_(), lse.fill_(float("inf")) if sinks is None else lse.copy_(
+            (sinks.float() * LOG2E)[None, :, None].expand_as(lse))
+    window = min(window, seq_k + seq_q)
+    strides = (q.stride(), k.stride(), v.stride(), out.stride())
+    _fwd(q, k, v, out, sinks, None, None, strides, (batch, hq, hq // hkv, seq_q, seq_k, seq_q),
+         window, causal, scale, lse=lse)
+    return out, lse
+
+
+def bwd_config(kernel: str, block_dqk: int, block_dv: int, dtype: torch.dtype) -> dict:
+    """Backward tiles. dK/dV holds k, v and their fp32 gradients for a key block (narrow row tiles stream the
+    queries); dQ holds q, dO and dq for a row block (narrow key tiles). Wide heads and fp32 take smaller
+    tiles so that the accumulators stay in registers."""
+    widest = max(block_dqk, block_dv)
+    if kernel == "dkdv":
+        if dtype == torch.float32:
+            return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
+        if widest <= 64:  # two stages spill on sm_80
+            return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
+        if widest <= 128:
+            return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+    if widest <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    if widest <= 128:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1)
+
+
+def preprocess_block_m(block_dv: int) -> int:
+    """Rows per preprocess program: two [rows, Dv] tiles in registers (d256 at 64 rows spills)."""
+    return 64 if block_dv <= 128 else 32
+
+
+def sliding_window_attention_backward(grad_out, q, k, v, out, lse, window, causal, scale, sinks):
+    """(dq, dk, dv, dsinks) from the forward's out and base-2 lse (sliding_window_attention_fwd_lse).
+    dsinks[h] = -sum_{b,i} 2^(log2(e) sink_h - lse) delta (fp32 torch reduction; None without sinks)."""
+    batch, hq, seq_q, dqk = q.shape
+    hkv, seq_k, dv = k.shape[1], k.shape[2], v.shape[3]
+    groups = hq // hkv
+    dq = torch.zeros_like(q)
+    dk = torch.zeros_like(k)
+    dv_ = torch.zeros_like(v)
+    delta = torch.zeros(batch, hq, seq_q, dtype=torch.float32, device=q.device)
+    block_dqk, block_dv = _pow2(dqk), _pow2(dv)
+    if grad_out.numel() and seq_k:
+        window = min(window, seq_k + seq_q)
+        upcast = interpreting() and q.dtype == torch.bfloat16
+        tf32x3 = q.dtype == torch.float32
+        pre_m = preprocess_block_m(block_dv)
+        launch(sliding_window_attention_bwd_preprocess_kernel)[(triton.cdiv(seq_q, pre_m), batch * hq)](
+            out, grad_out, delta, *out.stride(), *grad_out.stride(), hq, seq_q, dv,
+            BLOCK_M=pre_m, BLOCK_DV=block_dv, num_warps=4,
+        )
+        cfg = bwd_config("dkdv", block_dqk, block_dv, q.dtype)
+        launch(sliding_window_attention_bwd_dkdv_kernel)[(triton.cdiv(seq_k, cfg["BLOCK_N"]), batch * hkv)](
+            q, k, v, grad_out, lse, delta, dk, dv_, *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(),
+            *dk.stride(), *dv_.stride(), hkv, groups, seq_q, seq_k, dqk, dv, window, scale, scale * LOG2E,
+            CAUSAL=causal, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+            UPCAST=upcast, TF32X3=tf32x3, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        cfg = bwd_config("dq", block_dqk, block_dv, q.dtype)
+        launch(sliding_window_attention_bwd_dq_kernel)[(triton.cdiv(seq_q, cfg["BLOCK_M"]), batch * hq)](
+            q, k, v, grad_out, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(),
+            *dq.stride(), hq, groups, seq_q, seq_k, dqk, dv, window, scale, scale * LOG2E,
+            CAUSAL=causal, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+            UPCAST=upcast, TF32X3=tf32x3, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    dsinks = None
+    if sinks is not None:
+        p_sink = torch.exp2(sinks.float()[None, :, None] * LOG2E - lse)
+        dsinks = -(p_sink * delta).sum((0, 2)).to(sinks.dtype)
+    return dq, dk, dv_, dsinks
+
+
 def sliding_window_attention_varlen(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, window, causal, scale, sinks, out=None
 ):
@@ -462,6 +855,50 @@ def _aligned(signature: dict) -> tuple[str, ...]:
     return tuple(n for n, t in signature.items() if t.startswith("*") or n.startswith("stride_"))
 
 
+def _bwd_specs(dtype, p, tag, block_dqk, block_dv) -> list[AOTSpec]:
+    """The training forward (WRITE_LSE) and the backward kernels at the bucket's tiles."""
+    specs = []
+    fcfg = fwd_config(block_dqk, block_dv, dtype)
+    signature = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "o_ptr": p, "lse_ptr": "*fp32", "sinks_ptr": "*fp32",
+                 "cu_seqlens_q_ptr": "*i32", "cu_seqlens_k_ptr": "*i32",
+                 **_strides("q"), **_strides("k"), **_strides("v"), **_strides("o"),
+                 "HQ": "i32", "GROUPS": "i32", "SEQ_Q": "i32", "SEQ_K": "i32", "DQK": "i32",
+                 "DV": "i32", "window": "i32", "qk_scale_log2": "fp32"}
+    specs.append(AOTSpec(
+        name=f"fwd_lse_{tag}", kernel=sliding_window_attention_fwd_kernel, signature=signature,
+        constexprs=dict(**_unit_head_strides("q", "k", "v", "o"), CAUSAL=True, HAS_SINKS=True, IS_VARLEN=False,
+                        BLOCK_M=fcfg["BLOCK_M"], BLOCK_N=fcfg["BLOCK_N"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+                        UPCAST=False, TF32X3=dtype == torch.float32, LONG_OFFSETS=False, WRITE_LSE=True),
+        num_warps=fcfg["num_warps"], num_stages=fcfg["num_stages"], divisible_by_16=_aligned(signature),
+        hot=dtype != torch.float32,
+    ))
+    signature = {"o_ptr": p, "do_ptr": p, "delta_ptr": "*fp32", **_strides("o"), **_strides("do"),
+                 "HQ": "i32", "SEQ_Q": "i32", "DV": "i32"}
+    specs.append(AOTSpec(
+        name=f"bwd_preprocess_{tag}", kernel=sliding_window_attention_bwd_preprocess_kernel, signature=signature,
+        constexprs=dict(**_unit_head_strides("o", "do"), BLOCK_M=preprocess_block_m(block_dv), BLOCK_DV=block_dv),
+        num_warps=4, num_stages=1, divisible_by_16=_aligned(signature), hot=dtype != torch.float32,
+    ))
+    for kind, kernel in (("dkdv", sliding_window_attention_bwd_dkdv_kernel), ("dq", sliding_window_attention_bwd_dq_kernel)):
+        cfg = bwd_config(kind, block_dqk, block_dv, dtype)
+        grads = ("dk", "dv") if kind == "dkdv" else ("dq",)
+        signature = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "do_ptr": p, "lse_ptr": "*fp32", "delta_ptr": "*fp32",
+                     **{f"{g}_ptr": p for g in grads},
+                     **_strides("q"), **_strides("k"), **_strides("v"), **_strides("do"),
+                     **{k_: v_ for g in grads for k_, v_ in _strides(g).items()},
+                     "HKV" if kind == "dkdv" else "HQ": "i32", "GROUPS": "i32", "SEQ_Q": "i32", "SEQ_K": "i32",
+                     "DQK": "i32", "DV": "i32", "window": "i32", "qk_scale": "fp32", "qk_scale_log2": "fp32"}
+        specs.append(AOTSpec(
+            name=f"bwd_{kind}_{tag}", kernel=kernel, signature=signature,
+            constexprs=dict(**_unit_head_strides("q", "k", "v", "do", *grads), CAUSAL=True, BLOCK_M=cfg["BLOCK_M"],
+                            BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, UPCAST=False,
+                            TF32X3=dtype == torch.float32),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], divisible_by_16=_aligned(signature),
+            hot=dtype != torch.float32,
+        ))
+    return specs
+
+
 def aot_specs() -> list[AOTSpec]:
     specs = []
     for dtype in DTYPES:
@@ -470,7 +907,7 @@ def aot_specs() -> list[AOTSpec]:
             tag = f"{str(dtype).replace('torch.', '')}_d{block_dqk}x{block_dv}"
             cfg = fwd_config(block_dqk, block_dv, dtype)
             for varlen in (False, True):
-                signature = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "o_ptr": p, "sinks_ptr": "*fp32",
+                signature = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "o_ptr": p, "lse_ptr": "*fp32", "sinks_ptr": "*fp32",
                              "cu_seqlens_q_ptr": "*i32", "cu_seqlens_k_ptr": "*i32",
                              **_strides("q"), **_strides("k"), **_strides("v"), **_strides("o"),
                              "HQ": "i32", "GROUPS": "i32", "SEQ_Q": "i32", "SEQ_K": "i32", "DQK": "i32",
@@ -480,10 +917,12 @@ def aot_specs() -> list[AOTSpec]:
                     constexprs=dict(**_unit_head_strides("q", "k", "v", "o"), CAUSAL=True, HAS_SINKS=True,
                                     IS_VARLEN=varlen, BLOCK_M=cfg["BLOCK_M"],
                                     BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
-                                    UPCAST=False, TF32X3=dtype == torch.float32, LONG_OFFSETS=False),
+                                    UPCAST=False, TF32X3=dtype == torch.float32, LONG_OFFSETS=False,
+                                    WRITE_LSE=False),
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], divisible_by_16=_aligned(signature),
                     hot=dtype != torch.float32,
                 ))
+            specs += _bwd_specs(dtype, p, tag, block_dqk, block_dv)
             for rows in decode_row_tiles(dtype):
                 cfg = decode_config(rows, block_dqk, block_dv, dtype)
                 signature = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32",

@@ -44,12 +44,50 @@ def _sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if backend == "triton":
         from dsattn.triton_kernels import sliding_window_attention as _triton
 
-        return _triton.sliding_window_attention(q, k, v, window, causal, scale,
-                                                None if sinks is None else sinks.to(torch.float32).contiguous())
+        return _triton.sliding_window_attention(q, k, v, window, causal, scale, _triton_sinks(sinks))
     return _torch.sliding_window_attention(q, k, v, window, causal=causal, scale=scale, sinks=sinks)
 
 
 sliding_window_attention_op = define_op(OP, _sliding_window_attention)
+
+
+def _triton_sinks(sinks):
+    return None if sinks is None else sinks.to(torch.float32).contiguous()
+
+
+def _sliding_window_attention_fwd_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, causal: bool,
+                                      scale: float, sinks: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton's training forward: (out, the rows' base-2 log-sum-exp fp32 [B, Hq, Sq]); internal (the public
+    op returns only out), so that the backward reuses the forward's lse instead of recomputing it."""
+    from dsattn.triton_kernels import sliding_window_attention as _triton
+
+    return _triton.sliding_window_attention_fwd_lse(q, k, v, window, causal, scale, _triton_sinks(sinks))
+
+
+sliding_window_attention_fwd_lse_op = define_op(OP + "_fwd_lse", _sliding_window_attention_fwd_lse)
+
+
+def _sliding_window_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  out: torch.Tensor, lse: torch.Tensor, window: int, causal: bool, scale: float,
+                                  sinks: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                          torch.Tensor]:
+    """Triton's backward as an op of its own, so that AOTAutograd traces it as one call (dsinks: zeros [Hq]
+    without sinks)."""
+    from dsattn.triton_kernels import sliding_window_attention as _triton
+
+    dq, dk, dv, dsinks = _triton.sliding_window_attention_backward(
+        grad_out.to(q.dtype), q, k, v, out, lse, window, causal, scale, _triton_sinks(sinks))
+    if dsinks is None:
+        return dq, dk, dv, q.new_zeros(q.shape[1], dtype=torch.float32)
+    return dq, dk, dv, dsinks.to(sinks.dtype)
+
+
+sliding_window_attention_bwd_op = define_op(OP + "_bwd", _sliding_window_attention_bwd)
+
+
+def _triton_backward(grad_out, q, k, v, sinks, out, lse, window, causal, scale):
+    dq, dk, dv, dsinks = sliding_window_attention_bwd_op(grad_out, q, k, v, out, lse, window, causal, scale, sinks)
+    return dq, dk, dv, None if sinks is None else dsinks
 
 
 def _setup_context(ctx, inputs, output):
@@ -62,11 +100,35 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     q, k, v, sinks = ctx.saved_tensors
     _backend.check_backward(OP, ctx.backend)
-    dq, dk, dv, dsinks = _torch.sliding_window_attention_backward(grad_out, q, k, v, sinks=sinks, **ctx.options)
+    if ctx.backend == "triton":
+        # Reached when the public op is called directly with backend="triton" (the functional entry takes
+        # the _fwd_lse op instead, which saves lse): recompute (out, lse) with the training forward.
+        o = ctx.options
+        out, lse = sliding_window_attention_fwd_lse_op(q, k, v, o["window"], o["causal"], o["scale"], sinks)
+        dq, dk, dv, dsinks = _triton_backward(grad_out, q, k, v, sinks, out, lse, **ctx.options)
+    else:
+        dq, dk, dv, dsinks = _torch.sliding_window_attention_backward(grad_out, q, k, v, sinks=sinks, **ctx.options)
     return dq, dk, dv, None, None, None, dsinks, None
 
 
 sliding_window_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _setup_context_fwd_lse(ctx, inputs, output):
+    q, k, v, window, causal, scale, sinks = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, sinks, out, lse)
+    ctx.options = dict(window=window, causal=causal, scale=scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_fwd_lse(ctx, grad_out, grad_lse):
+    q, k, v, sinks, out, lse = ctx.saved_tensors
+    dq, dk, dv, dsinks = _triton_backward(grad_out, q, k, v, sinks, out, lse, **ctx.options)
+    return dq, dk, dv, None, None, None, dsinks
+
+
+sliding_window_attention_fwd_lse_op.register_autograd(_backward_fwd_lse, setup_context=_setup_context_fwd_lse)
 
 
 def sliding_window_attention(q, k, v, window, *, causal=True, scale=None, sinks=None, backend="auto"):
@@ -80,7 +142,7 @@ def sliding_window_attention(q, k, v, window, *, causal=True, scale=None, sinks=
     (only possible when Sq > Sk) outputs zeros.
 
     Backends: "triton" (CUDA; fp16/bf16/fp32, head dims up to 256, flash-decoding split-K when
-    groups x Sq <= 64, 16 in fp32), "torch" (the chunked reference, O(S x window) memory). "auto": Triton on
+    groups x Sq <= 64, 16 in fp32, without a gradient; a FlashAttention-2 style backward), "torch" (the chunked reference, O(S x window) memory). "auto": Triton on
     CUDA, the reference on CPU and for what the kernels do not take (float64, wider heads such as MLA 576/512).
     """
     window = _check_window_and_flags(OP, window, causal)
@@ -88,6 +150,8 @@ def sliding_window_attention(q, k, v, window, *, causal=True, scale=None, sinks=
     scale = _checks.check_scale(OP, scale, shape.dim_qk**-0.5)
     sinks = _check_sinks(OP, sinks, shape.heads_q, q)
     chosen = _select(OP, backend, q, k, v, sinks, shape.dim_qk, shape.dim_v)
+    if chosen == "triton" and _backend.needs_grad(q, k, v, sinks):
+        return sliding_window_attention_fwd_lse_op(q, k, v, window, causal, scale, sinks)[0]
     return sliding_window_attention_op(q, k, v, window, causal, scale, sinks, chosen)
 
 
