@@ -70,8 +70,9 @@ CAPABILITIES: dict[str, dict[str, Capability]] = {
     # The Triton backward (FlashAttention-2 style) covers the padded op; varlen's backward runs on torch.
     "sliding_window_attention": {"triton": dataclasses.replace(TRITON_SLIDING_WINDOW, backward=True), "torch": TORCH},
     "sliding_window_attention_varlen": {"triton": TRITON_SLIDING_WINDOW, "torch": TORCH},
-    "sparse_attention": {"triton": Capability(dtypes=KERNEL_FLOATS, max_offset=INT32_OFFSETS), "torch": TORCH},
-    "topk_sparse_attention": {"triton": Capability(dtypes=KERNEL_FLOATS, max_offset=INT32_OFFSETS), "torch": TORCH},
+    # 64-bit offsets where they can pass int32 (LONG_OFFSETS): no offset limit.
+    "sparse_attention": {"triton": Capability(dtypes=KERNEL_FLOATS), "torch": TORCH},
+    "topk_sparse_attention": {"triton": Capability(dtypes=KERNEL_FLOATS), "torch": TORCH},
     # Its output is indices: nothing to differentiate, so every backend serves grad-mode calls.
     "lightning_indexer_topk": {
         "triton": Capability(dtypes=KERNEL_FLOATS, backward=True, max_top_k=2048, max_offset=INT32_OFFSETS),

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import dsattn
 from dsattn import capabilities
-from dsattn.ops.sparse_attention import kernel_offset, sparse_attention
+from dsattn.ops.sparse_attention import sparse_attention
 from dsattn.reference.sparse_attention import sparse_attention as sparse_attention_ref
 from dsattn.testing import assert_close, assert_compiles, assert_grads_match, non_contiguous, poisoned, tolerance
 from dsattn.torch_backend import sparse_attention as torch_backend
@@ -451,15 +451,42 @@ def test_range_check_is_eager_only_and_bad_entries_read_nothing():
 
 
 def test_int32_offset_limit_is_declared_and_checked():
-    """The kernel's int32 offsets are per (batch, kv head) slice: a transposed [B, S, H, D] k of DeepSeek-V3.2's
-    one latent head at S=128k fits; 128 such heads of 128 dims at 128k reach past it, so auto leaves Triton
-    out and an explicit backend='triton' says why (meta tensors: no memory)."""
-    q = torch.empty(2, 2**17, 128, 576, device="meta").transpose(1, 2)
-    k = torch.empty(2, 2**17, 1, 576, device="meta").transpose(1, 2)
-    assert kernel_offset(q[:, :, :1], k, k[..., :512], 128) < 2**31
+    """128 heads of 128 dims in a transposed [B, S, H, D] k at S=128k reach past int32 offsets within one
+    (batch, kv head) slice (meta tensors: no memory): a backend that declares int32 offsets refuses them; the
+    sparse kernel indexes in 64 bits there, so neither op's Triton backend declares a limit."""
     k = torch.empty(2, 2**17 + 64, 128, 128, device="meta").transpose(1, 2)
-    offset = kernel_offset(q[:, :, :1, :128], k, k, 1)
+    offset = capabilities.max_offset(k[0, 0])
     assert offset >= 2**31
     request = capabilities.Request(dtype=torch.bfloat16, offset=offset)
-    assert "int32 offsets" in str(capabilities.of("sparse_attention")["triton"].refusal(request))
-    assert capabilities.of("sparse_attention")["torch"].refusal(request) is None
+    int32 = capabilities.Capability(dtypes=capabilities.KERNEL_FLOATS, max_offset=capabilities.INT32_OFFSETS)
+    assert "int32 offsets" in str(int32.refusal(request))
+    for op in ("sparse_attention", "topk_sparse_attention"):
+        assert capabilities.of(op)["triton"].refusal(request) is None
+        assert capabilities.of(op)["torch"].refusal(request) is None
+
+
+def test_triton_offsets_past_int32(triton_device):
+    """Listed keys past element 2^31 of their (batch, kv head) slice and a GQA group whose second q head lies
+    there too (strided views of lazily allocated buffers: only the touched rows are ever written)."""
+    seq_k, stride, d, hq, topk = 2**17 + 64, 2**14, 16, 2, 8
+    try:
+        k_buf = torch.empty(seq_k * stride, dtype=torch.float16, device=triton_device)
+        v_buf = torch.empty(seq_k * stride, dtype=torch.float16, device=triton_device)
+        q_buf = torch.empty(2**31 + 2 * d, dtype=torch.float16, device=triton_device)
+    except (RuntimeError, MemoryError):
+        pytest.skip("cannot reserve the address ranges")
+    k = k_buf.as_strided((1, 1, seq_k, d), (0, d, stride, 1))
+    v = v_buf.as_strided((1, 1, seq_k, d), (0, d, stride, 1))
+    q = q_buf.as_strided((1, hq, 2, d), (0, 2**31, d, 1))  # head 1 starts at element 2^31
+    lo = seq_k - 2 * topk
+    assert lo * stride > 2**31
+    k[:, :, lo:] = torch.randn(1, 1, seq_k - lo, d, dtype=torch.float16, device=triton_device)
+    v[:, :, lo:] = torch.randn(1, 1, seq_k - lo, d, dtype=torch.float16, device=triton_device)
+    q.copy_(torch.randn(1, hq, 2, d, dtype=torch.float16, device=triton_device))
+    generator = torch.Generator().manual_seed(0)
+    local = torch.stack([torch.randperm(seq_k - lo, generator=generator)[:topk] for _ in range(2)])[None]
+    local = local.to(torch.int32).to(triton_device)  # [1, Sq=2, topk], keys counted from lo
+    got = sparse_attention(q, k, v, local + lo, causal=True, backend="triton")
+    expected = sparse_attention_ref(q.contiguous(), k[:, :, lo:].contiguous(), v[:, :, lo:].contiguous(), local,
+                                    causal=True)
+    assert_close(got, expected, tolerance(torch.float16))

@@ -8,18 +8,23 @@ after the query's position are masked: their loads never touch memory and they g
 
 Dqk is walked in BLOCK_DK chunks (any Dqk: 128, 192, 576 ...); Dv is split over programs in slices of up to
 256 (each slice recomputes the scores: the price of keeping the accumulator in registers; MLA's Dv=512 takes
-two slices). Sizes are not limited beyond that: offsets within one (batch, kv head) slice of k/v and one
-query row's GQA group of q are int32 (batch, head and row bases are 64-bit); dsattn.capabilities declares
-that limit and dsattn.ops.sparse_attention checks it (kernel_offset) before launching.
+two slices). Sizes are not limited beyond that: batch, head and row bases are 64-bit; offsets within one
+(batch, kv head) slice of k/v (key x row stride) and one query row's GQA group of q (head x head stride) are
+int32 unless they can pass 2^31 (LONG_OFFSETS, set by the launcher from shapes and strides; the usual shapes
+keep int32 offsets, whose gathered pointer tiles hold half the registers).
 
 Decode (few programs, long topk): the topk list is split over NUM_SPLITS programs, each writing a
 normalized fp32 partial output plus its log-sum-exp; `sparse_attention_combine_kernel` merges them. This is
 flash-decoding's split-K, so one sequence fills the GPU.
 """
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
+
+from dsattn import capabilities
 
 from ._common import AOTSpec, TRITON_DTYPE, interpreting, launch, ptr
 
@@ -44,7 +49,7 @@ def sparse_attention_fwd_kernel(
     HEAD_BLOCKS, DV_BLOCKS, NUM_SPLITS, TOPK_PER_SPLIT,
     scale_log2, last_key_shift,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr, LONG_OFFSETS: tl.constexpr,
 ):
     pid_row = tl.program_id(0)  # query row x split
     pid_head = tl.program_id(1)  # batch x kv head x head block x dv block
@@ -64,13 +69,17 @@ def sparse_attention_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
 
-    # 64-bit scalar bases, 32-bit offsets within one (batch, head) slice (a limit in dsattn.capabilities):
-    # the gathered pointer tiles then cost half the registers.
+    # 64-bit scalar bases, 32-bit offsets within one (batch, head) slice unless LONG_OFFSETS: the gathered
+    # pointer tiles then cost half the registers.
     b64 = b.to(tl.int64)
     hkv64 = hkv.to(tl.int64)
     q_base = q_ptr + b64 * stride_qb + m.to(tl.int64) * stride_qm + (hkv64 * GROUPS) * stride_qh
     k_base = k_ptr + b64 * stride_kb + hkv64 * stride_kh
     v_base = v_ptr + b64 * stride_vb + hkv64 * stride_vh
+    if LONG_OFFSETS:  # head x the head stride can pass 2^31 within a GQA group
+        offs_gq = offs_g.to(tl.int64)
+    else:
+        offs_gq = offs_g
     idx_row = idx_ptr + b64 * stride_ib + hkv64 * stride_ih + m.to(tl.int64) * stride_im
     last_key = m + last_key_shift  # query position i + Sk - Sq when causal, else past every key
 
@@ -84,12 +93,14 @@ def sparse_attention_fwd_kernel(
         key = tl.load(idx_row + offs_t * stride_it, mask=offs_t < t_stop, other=-1)
         valid = (key >= 0) & (key < SK) & (key <= last_key)
         key = tl.where(valid, key, 0)
+        if LONG_OFFSETS:  # key x the row stride can pass 2^31
+            key = key.to(tl.int64)
 
         scores = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
         for d0 in range(0, DQK, BLOCK_DK):
             d = d0 + offs_dk
             d_mask = d < DQK
-            q_chunk = tl.load(q_base + offs_g[:, None] * stride_qh + d[None, :] * stride_qd,
+            q_chunk = tl.load(q_base + offs_gq[:, None] * stride_qh + d[None, :] * stride_qd,
                               mask=head_mask[:, None] & d_mask[None, :], other=0.0)
             k_chunk = tl.load(k_base + key[None, :] * stride_kn + d[:, None] * stride_kd,
                               mask=valid[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_DK, BLOCK_N]
@@ -180,6 +191,11 @@ def num_splits(programs: int, topk: int, device: torch.device) -> int:
     return max(1, min(MAX_SPLITS, triton.cdiv(topk, BLOCK_N), triton.cdiv(2 * sms, programs)))
 
 
+def long_offsets(*tensors) -> bool:
+    """Whether an element offset within one of `tensors` (from its data pointer) can pass int32."""
+    return capabilities.max_offset(*tensors) > capabilities.INT32_OFFSETS
+
+
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -236,6 +252,8 @@ def sparse_attention(
         scale * LOG2E, (sk - sq) if causal else sk,
         BLOCK_H=block_h, BLOCK_N=BLOCK_N, BLOCK_DK=BLOCK_DK, BLOCK_DV=block_dv,
         SPLIT=splits > 1, UPCAST=interpreting() and q.dtype == torch.bfloat16,
+        # the int32 offsets: within one (batch, kv head) slice of k/v and one query row's GQA group of q
+        LONG_OFFSETS=long_offsets(q[0, :groups, 0], k[0, 0], v[0, 0]),
         num_warps=num_warps, num_stages=num_stages,
     )
     if splits > 1:
@@ -286,7 +304,7 @@ def aot_specs() -> list[AOTSpec]:
                         kernel=sparse_attention_fwd_kernel,
                         signature=_fwd_signature(dtype, split),
                         constexprs={"BLOCK_H": block_h, "BLOCK_N": BLOCK_N, "BLOCK_DK": BLOCK_DK,
-                                    "BLOCK_DV": block_dv, "SPLIT": split, "UPCAST": False,
+                                    "BLOCK_DV": block_dv, "SPLIT": split, "UPCAST": False, "LONG_OFFSETS": False,
                                     **{name: 1 for name in UNIT_STRIDES}},
                         divisible_by_16=ALIGNED,
                         num_warps=num_warps,
@@ -301,7 +319,7 @@ def aot_specs() -> list[AOTSpec]:
             kernel=sparse_attention_fwd_kernel,
             signature={**_fwd_signature(dtype, False), **{name: "i32" for name in UNIT_STRIDES}},
             constexprs={"BLOCK_H": 64, "BLOCK_N": BLOCK_N, "BLOCK_DK": BLOCK_DK, "BLOCK_DV": 128, "SPLIT": False,
-                        "UPCAST": False},
+                        "UPCAST": False, "LONG_OFFSETS": False},
             num_warps=8,
             num_stages=2,
             hot=False,
@@ -316,5 +334,9 @@ def aot_specs() -> list[AOTSpec]:
             num_warps=4,
             num_stages=1,
         ))
+    # The 64-bit variant compiles too (a rare path: not held to the no-spill rule).
+    specs += [dataclasses.replace(spec, name=spec.name + "_long", hot=False,
+                                  constexprs={**spec.constexprs, "LONG_OFFSETS": True})
+              for spec in list(specs) if spec.name in ("fwd_bf16_h16_dv128", "fwd_bf16_h64_dv256", "fwd_bf16_h64_dv256_split")]
     return specs
 

@@ -55,17 +55,9 @@ def _check_indices(indices, shape: _checks.AttentionShape, q: torch.Tensor) -> N
             )
 
 
-def kernel_offset(q, k, v, groups: int) -> int:
-    """The largest int32 offset the Triton kernel computes: within one (batch, kv head) slice of k/v and one
-    query row of a GQA group of q (batch, head and row bases are 64-bit)."""
-    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
-        return 0
-    return capabilities.max_offset(q[0, :groups, 0], k[0, 0], v[0, 0])
-
-
-def _select(backend: str, q, k, v, groups: int) -> str:
-    request = capabilities.Request(dtype=q.dtype, grad=_backend.needs_grad(q, k, v),
-                                   offset=kernel_offset(q, k, v, groups))
+def _select(backend: str, q, k, v) -> str:
+    # No offset in the request: the Triton kernel switches to 64-bit offsets where they can pass int32.
+    request = capabilities.Request(dtype=q.dtype, grad=_backend.needs_grad(q, k, v))
     return _backend.select_backend(OP, backend, q.device, request, auto_order=AUTO_ORDER.get(q.device.type))
 
 
@@ -125,5 +117,5 @@ def sparse_attention(
         raise TypeError(f"dsattn.{OP}: causal must be a bool, got {type(causal).__name__}")
     scale = _checks.check_scale(OP, scale, shape.dim_qk**-0.5)
     _check_indices(indices, shape, q)
-    chosen = _select(backend, q, k, v, shape.groups)
+    chosen = _select(backend, q, k, v)
     return sparse_attention_op(q, k, v, indices, causal, scale, chosen)
