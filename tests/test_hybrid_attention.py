@@ -339,3 +339,23 @@ def test_compiles_fullgraph_and_equals_eager():
     with torch.no_grad():
         assert_compiles(lambda q, k, v: hybrid_attention(q[:, :, -1:], k, v, prefix=3, window=5), inputs,
                         name="decode")
+
+
+def test_triton_offsets_past_int32(triton_device):
+    """k/v rows past element 2^31 of their slice (the far state of chunk 1, the far keys and the band) and the
+    second query block's rows past it too: strided views of one lazily allocated buffer (q, k and v interleaved in its rows), where only
+    the touched rows are ever written."""
+    seq_q, seq_k, stride, d = 128, 3 * 256 + 1, 2**23, 16  # three far-state chunks of 256 keys, one key more
+    try:
+        buf = torch.empty(seq_k * stride, dtype=torch.float16, device=triton_device)
+    except (RuntimeError, MemoryError):
+        pytest.skip("cannot reserve the address range")
+    k = buf.as_strided((1, 1, seq_k, d), (0, d, stride, 1))
+    v = buf.as_strided((1, 1, seq_k, d), (0, d, stride, 1), d)
+    q = buf.as_strided((1, 1, seq_q, d), (0, d, 4 * stride, 1), 2 * d)  # every 4th row, past k and v's columns
+    assert 256 * stride >= 2**31 and 64 * 4 * stride >= 2**31
+    for t in (k, v, q):
+        t.copy_(torch.randn(t.shape, dtype=torch.float16, device=triton_device))
+    got = hybrid_attention(q, k, v, prefix=32, window=64, backend="triton")
+    expected = hybrid_reference(q.contiguous(), k.contiguous(), v.contiguous(), prefix=32, window=64)
+    assert_close(got, expected, tolerance(torch.float16))

@@ -15,11 +15,19 @@ Two kernels:
 
 Feature maps are applied once in PyTorch (dsattn.reference.linear_attention.feature_map, the single
 definition) and the kernels read phi(q), phi(k) in the input dtype.
+
+Batch bases are 64-bit; head bases, a block's first row / key and the state chunk bases are 64-bit too when a
+per-batch tensor reaches past 2^31 elements (LONG_OFFSETS, set by the launcher from shapes and strides; the
+usual shapes keep int32 offsets, which hold fewer registers). Offsets within a tile stay int32.
 """
+
+import dataclasses
 
 import torch
 import triton
 import triton.language as tl
+
+from dsattn import capabilities
 
 from ._common import TRITON_DTYPE as TRITON_NAME, AOTSpec, interpreting, launch, ptr
 
@@ -39,13 +47,18 @@ def hybrid_chunk_state_kernel(
     s_kvb, s_kvh, s_kvc, s_kvd,
     s_ksb, s_ksh, s_ksc,
     CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, LONG_OFFSETS: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     bh = tl.program_id(1)
     pid_dv = tl.program_id(2)
     b = (bh // HKV).to(tl.int64)  # batch offsets can pass 2**31 elements
     h = bh % HKV
+    if LONG_OFFSETS:  # head and chunk bases in 64 bits
+        h = h.to(tl.int64)
+        chunk_l = chunk.to(tl.int64)
+    else:
+        chunk_l = chunk
     rd = tl.arange(0, BLOCK_DQK)
     re = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
     rn = tl.arange(0, BLOCK_N)
@@ -56,20 +69,28 @@ def hybrid_chunk_state_kernel(
     for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK_N):
         rj = start + rn
         far = (rj >= PREFIX) & (rj < SK)
+        if LONG_OFFSETS:  # the block's first key in 64 bits
+            phik_blk = phik_base + tl.cast(start, tl.int64) * s_pks
+            v_blk = v_base + tl.cast(start, tl.int64) * s_vs
+            rk = rn
+        else:
+            phik_blk = phik_base
+            v_blk = v_base
+            rk = rj
         # phi(k)^T loaded as [Dqk, keys] so the dot needs no transpose
-        phik_t = tl.load(phik_base + rj[None, :] * s_pks + rd[:, None] * s_pkd,
+        phik_t = tl.load(phik_blk + rk[None, :] * s_pks + rd[:, None] * s_pkd,
                          mask=far[None, :] & (rd[:, None] < DQK), other=0.0)
-        v = tl.load(v_base + rj[:, None] * s_vs + re[None, :] * s_vd,
+        v = tl.load(v_blk + rk[:, None] * s_vs + re[None, :] * s_vd,
                     mask=far[:, None] & (re[None, :] < DV), other=0.0)
         if UPCAST:
             phik_t = phik_t.to(tl.float32)
             v = v.to(tl.float32)
         kv += tl.dot(phik_t, v, out_dtype=tl.float32)
         ksum += tl.sum(phik_t.to(tl.float32), axis=1)
-    base = kv_ptr + b * s_kvb + h * s_kvh + chunk * s_kvc
+    base = kv_ptr + b * s_kvb + h * s_kvh + chunk_l * s_kvc
     tl.store(base + rd[:, None] * s_kvd + re[None, :], kv, mask=(rd[:, None] < DQK) & (re[None, :] < DV))
     if pid_dv == 0:
-        tl.store(ksum_ptr + b * s_ksb + h * s_ksh + chunk * s_ksc + rd, ksum, mask=rd < DQK)
+        tl.store(ksum_ptr + b * s_ksb + h * s_ksh + chunk_l * s_ksc + rd, ksum, mask=rd < DQK)
 
 
 @triton.jit
@@ -86,7 +107,7 @@ def hybrid_attention_fwd_kernel(
     s_ob, s_oh, s_os, s_od,
     CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, STATE_BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, LONG_OFFSETS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -103,9 +124,17 @@ def hybrid_attention_fwd_kernel(
     row_ok = ri < SQ
     dqk_ok = rd < DQK
     dv_ok = re < DV
+    if LONG_OFFSETS:  # head bases and the block's first row in 64 bits
+        hq = hq.to(tl.int64)
+        hk = hk.to(tl.int64)
+        q_rows = q_ptr + b * s_qb + hq * s_qh + (pid_m * BLOCK_M).to(tl.int64) * s_qs
+        rows = tl.arange(0, BLOCK_M)
+    else:
+        q_rows = q_ptr + b * s_qb + hq * s_qh
+        rows = ri
 
     q = tl.load(
-        q_ptr + b * s_qb + hq * s_qh + ri[:, None] * s_qs + rd[None, :] * s_qd,
+        q_rows + rows[:, None] * s_qs + rd[None, :] * s_qd,
         mask=row_ok[:, None] & dqk_ok[None, :], other=0.0,
     )
     if UPCAST:
@@ -130,8 +159,16 @@ def hybrid_attention_fwd_kernel(
         start = tl.where(in_prefix, it * BLOCK_N, band_start + (it - n_prefix_blocks) * BLOCK_N)
         rj = start + rn
         key_ok = rj < SK
-        k = tl.load(k_base + rj[None, :] * s_ks + rd[:, None] * s_kd, mask=key_ok[None, :] & dqk_ok[:, None], other=0.0)
-        v = tl.load(v_base + rj[:, None] * s_vs + re[None, :] * s_vd, mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
+        if LONG_OFFSETS:  # the block's first key in 64 bits
+            k_blk = k_base + tl.cast(start, tl.int64) * s_ks
+            v_blk = v_base + tl.cast(start, tl.int64) * s_vs
+            rk = rn
+        else:
+            k_blk = k_base
+            v_blk = v_base
+            rk = rj
+        k = tl.load(k_blk + rk[None, :] * s_ks + rd[:, None] * s_kd, mask=key_ok[None, :] & dqk_ok[:, None], other=0.0)
+        v = tl.load(v_blk + rk[:, None] * s_vs + re[None, :] * s_vd, mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -154,15 +191,21 @@ def hybrid_attention_fwd_kernel(
     far_hi = tl.minimum(p_last - WINDOW + 1, SK)
     if far_hi > PREFIX:
         rdc = tl.arange(0, STATE_BLOCK_D)
-        phiq_base = phiq_ptr + b * s_pqb + hq * s_pqh + ri[:, None] * s_pqs
-        kv_base = kv_ptr + b * s_kvb + hk * s_kvh + t * s_kvc
+        if LONG_OFFSETS:
+            t_l = tl.cast(t, tl.int64)
+            phiq_base = phiq_ptr + b * s_pqb + hq * s_pqh + (pid_m * BLOCK_M).to(tl.int64) * s_pqs \
+                + rows[:, None] * s_pqs
+        else:
+            t_l = t
+            phiq_base = phiq_ptr + b * s_pqb + hq * s_pqh + ri[:, None] * s_pqs
+        kv_base = kv_ptr + b * s_kvb + hk * s_kvh + t_l * s_kvc
         # phi(q) . state[t], reading phi(q) and the fp32 state in Dqk slices to keep registers low
         for d0 in range(0, BLOCK_DQK, STATE_BLOCK_D):
             dcols = d0 + rdc
             phiq_d = tl.load(phiq_base + dcols[None, :] * s_pqd, mask=row_ok[:, None] & (dcols[None, :] < DQK), other=0.0)
             phiq_d = phiq_d.to(tl.float32)
             kv = tl.load(kv_base + dcols[:, None] * s_kvd + re[None, :], mask=(dcols[:, None] < DQK) & dv_ok[None, :], other=0.0)
-            ksum = tl.load(ksum_ptr + b * s_ksb + hk * s_ksh + t * s_ksc + dcols, mask=dcols < DQK, other=0.0)
+            ksum = tl.load(ksum_ptr + b * s_ksb + hk * s_ksh + t_l * s_ksc + dcols, mask=dcols < DQK, other=0.0)
             if IEEE:
                 acc += tl.dot(phiq_d, kv, input_precision="ieee", out_dtype=tl.float32)
             else:
@@ -176,8 +219,16 @@ def hybrid_attention_fwd_kernel(
         far_lo = tl.maximum(t * CHUNK, (PREFIX // BLOCK_N) * BLOCK_N)
         for start in range(far_lo, far_hi, BLOCK_N):
             rj = start + rn
-            phik = tl.load(phik_base + rj[None, :] * s_pks + rd[:, None] * s_pkd, mask=(rj[None, :] < SK) & dqk_ok[:, None], other=0.0)
-            v = tl.load(v_base + rj[:, None] * s_vs + re[None, :] * s_vd, mask=(rj[:, None] < SK) & dv_ok[None, :], other=0.0)
+            if LONG_OFFSETS:
+                phik_blk = phik_base + tl.cast(start, tl.int64) * s_pks
+                v_blk = v_base + tl.cast(start, tl.int64) * s_vs
+                rk = rn
+            else:
+                phik_blk = phik_base
+                v_blk = v_base
+                rk = rj
+            phik = tl.load(phik_blk + rk[None, :] * s_pks + rd[:, None] * s_pkd, mask=(rj[None, :] < SK) & dqk_ok[:, None], other=0.0)
+            v = tl.load(v_blk + rk[:, None] * s_vs + re[None, :] * s_vd, mask=(rj[:, None] < SK) & dv_ok[None, :], other=0.0)
             if UPCAST:
                 phik = phik.to(tl.float32)
                 v = v.to(tl.float32)
@@ -191,8 +242,12 @@ def hybrid_attention_fwd_kernel(
     den_ok = l_i != 0.0
     out = acc / tl.where(den_ok, l_i, 1.0)[:, None]
     out = tl.where(den_ok[:, None], out, 0.0)
+    if LONG_OFFSETS:
+        o_rows = o_ptr + b * s_ob + hq * s_oh + (pid_m * BLOCK_M).to(tl.int64) * s_os
+    else:
+        o_rows = o_ptr + b * s_ob + hq * s_oh
     tl.store(
-        o_ptr + b * s_ob + hq * s_oh + ri[:, None] * s_os + re[None, :] * s_od,
+        o_rows + rows[:, None] * s_os + re[None, :] * s_od,
         out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :],
     )
 
@@ -211,6 +266,11 @@ def fwd_config(block_dqk: int, block_dv: int, dtype: torch.dtype) -> dict:
     BLOCK_M = 128 reaches 255 registers at D = 128 (measured with the AOT check)."""
     wide = max(block_dqk, block_dv) >= 256 or dtype == torch.float32
     return {"BLOCK_M": 64, "BLOCK_N": 32 if wide else 64, "num_warps": 8, "num_stages": 2}
+
+
+def long_offsets(*tensors) -> bool:
+    """Whether an element offset within one batch of `tensors` (batch bases are 64-bit) can pass int32."""
+    return capabilities.max_offset(*(t[0] for t in tensors)) > capabilities.INT32_OFFSETS
 
 
 def hybrid_attention(q, k, v, phi_q, phi_k, *, prefix: int, window: int, scale: float, out=None) -> torch.Tensor:
@@ -238,7 +298,7 @@ def hybrid_attention(q, k, v, phi_q, phi_k, *, prefix: int, window: int, scale: 
             hkv, phik_c.shape[2], dqk, dv, prefix - first * CHUNK,
             *phik_c.stride(), *v_c.stride(), *kv_sums.stride()[:4], *k_sums.stride()[:3],
             CHUNK=CHUNK, BLOCK_N=STATE_BLOCK_N, BLOCK_DQK=block_dqk, BLOCK_DV=STATE_BLOCK_DV, UPCAST=upcast,
-            num_warps=STATE_WARPS,
+            LONG_OFFSETS=long_offsets(phik_c, v_c, kv_sums, k_sums), num_warps=STATE_WARPS,
         )
         kv_sums.cumsum_(dim=2)  # per-chunk sums -> exclusive prefix sums over chunks
         k_sums.cumsum_(dim=2)
@@ -252,6 +312,7 @@ def hybrid_attention(q, k, v, phi_q, phi_k, *, prefix: int, window: int, scale: 
         CHUNK=CHUNK, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, STATE_BLOCK_D=STATE_BLOCK_D,
         UPCAST=upcast, IEEE=q.dtype == torch.float32,
+        LONG_OFFSETS=long_offsets(q, k, v, phi_q, phi_k, kv_state, k_state, out),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
@@ -285,7 +346,7 @@ def aot_specs() -> list[AOTSpec]:
                            **_int_args("HKV", "SK", "DQK", "DV", "PREFIX"), **_strides("pk"), **_strides("v"),
                            **_strides("kv", "bhcd"), **_int_args("s_ksb", "s_ksh", "s_ksc")},
                 constexprs={"CHUNK": CHUNK, "BLOCK_N": STATE_BLOCK_N, "BLOCK_DQK": block_dqk, "BLOCK_DV": STATE_BLOCK_DV,
-                            "UPCAST": False, **{n: 1 for n in ("s_pkd", "s_vd", "s_kvd")}},
+                            "UPCAST": False, "LONG_OFFSETS": False, **{n: 1 for n in ("s_pkd", "s_vd", "s_kvd")}},
                 num_warps=STATE_WARPS, num_stages=1,
                 hot=half,
             ))
@@ -304,9 +365,14 @@ def aot_specs() -> list[AOTSpec]:
                     },
                     constexprs={"CHUNK": CHUNK, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
                                 "BLOCK_DQK": block_dqk, "BLOCK_DV": block_dv, "STATE_BLOCK_D": STATE_BLOCK_D,
-                                "UPCAST": False, "IEEE": not half,
+                                "UPCAST": False, "IEEE": not half, "LONG_OFFSETS": False,
                                 **{n: 1 for n in ("s_qd", "s_kd", "s_vd", "s_pqd", "s_pkd", "s_kvd", "s_od")}},
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                     hot=half and (block_dqk, block_dv) in hot_dims,
                 ))
+    # The 64-bit variants compile too (a rare path: not held to the no-spill rule).
+    specs += [dataclasses.replace(spec, name=spec.name + "_long", hot=False,
+                                  constexprs={**spec.constexprs, "LONG_OFFSETS": True})
+              for spec in list(specs) if spec.name in ("chunk_state_bf16_dqk128", "fwd_bf16_dqk128_dv128",
+                                                       "fwd_bf16_dqk256_dv128")]
     return specs
