@@ -47,6 +47,14 @@ class AOTSpec:
     divisible_by_16: tuple[str, ...] = ()
 
 
+def long_offsets(*tensors) -> bool:
+    """Whether an element offset within one of `tensors` (from its data pointer, where kernels index from)
+    can pass int32: the launchers then set a kernel's LONG_OFFSETS (64-bit offsets where they grow)."""
+    from dsattn import capabilities
+
+    return capabilities.max_offset(*tensors) > capabilities.INT32_OFFSETS
+
+
 class launch:
     """`launch(kernel)[grid](*args, **kwargs)`: how every launcher starts a kernel, so that dsattn's custom ops
     (torch.library.triton_op, dsattn._library) trace. Compiled Triton goes through torch.library.wrap_triton

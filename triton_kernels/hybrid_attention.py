@@ -27,9 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsattn import capabilities
-
-from ._common import TRITON_DTYPE as TRITON_NAME, AOTSpec, interpreting, launch, ptr
+from ._common import AOTSpec, TRITON_DTYPE as TRITON_NAME, interpreting, launch, long_offsets, ptr
 
 CHUNK = 256  # keys per far-state chunk (multiple of BLOCK_N)
 STATE_BLOCK_DV = 64
@@ -268,11 +266,6 @@ def fwd_config(block_dqk: int, block_dv: int, dtype: torch.dtype) -> dict:
     return {"BLOCK_M": 64, "BLOCK_N": 32 if wide else 64, "num_warps": 8, "num_stages": 2}
 
 
-def long_offsets(*tensors) -> bool:
-    """Whether an element offset within one batch of `tensors` (batch bases are 64-bit) can pass int32."""
-    return capabilities.max_offset(*(t[0] for t in tensors)) > capabilities.INT32_OFFSETS
-
-
 def hybrid_attention(q, k, v, phi_q, phi_k, *, prefix: int, window: int, scale: float, out=None) -> torch.Tensor:
     """Launch both kernels. q/phi_q [B, Hq, Sq, Dqk], k/phi_k [B, Hkv, Sk, Dqk], v [B, Hkv, Sk, Dv]: any
     strides, one dtype; validation is done by dsattn.ops.hybrid_attention. `out` (optional) receives the result."""
@@ -298,7 +291,8 @@ def hybrid_attention(q, k, v, phi_q, phi_k, *, prefix: int, window: int, scale: 
             hkv, phik_c.shape[2], dqk, dv, prefix - first * CHUNK,
             *phik_c.stride(), *v_c.stride(), *kv_sums.stride()[:4], *k_sums.stride()[:3],
             CHUNK=CHUNK, BLOCK_N=STATE_BLOCK_N, BLOCK_DQK=block_dqk, BLOCK_DV=STATE_BLOCK_DV, UPCAST=upcast,
-            LONG_OFFSETS=long_offsets(phik_c, v_c, kv_sums, k_sums), num_warps=STATE_WARPS,
+            # per batch: batch bases are already 64-bit
+            LONG_OFFSETS=long_offsets(*(t[0] for t in (phik_c, v_c, kv_sums, k_sums))), num_warps=STATE_WARPS,
         )
         kv_sums.cumsum_(dim=2)  # per-chunk sums -> exclusive prefix sums over chunks
         k_sums.cumsum_(dim=2)
@@ -312,7 +306,7 @@ def hybrid_attention(q, k, v, phi_q, phi_k, *, prefix: int, window: int, scale: 
         CHUNK=CHUNK, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, STATE_BLOCK_D=STATE_BLOCK_D,
         UPCAST=upcast, IEEE=q.dtype == torch.float32,
-        LONG_OFFSETS=long_offsets(q, k, v, phi_q, phi_k, kv_state, k_state, out),
+        LONG_OFFSETS=long_offsets(*(t[0] for t in (q, k, v, phi_q, phi_k, kv_state, k_state, out))),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

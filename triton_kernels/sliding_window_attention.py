@@ -27,9 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsattn import capabilities
-
-from ._common import AOTSpec, interpreting, launch, ptr
+from ._common import AOTSpec, interpreting, launch, long_offsets, ptr
 
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
@@ -639,11 +637,6 @@ def _num_splits(keys: int, programs: int, device: torch.device) -> int:
     want = max(1, (2 * sms) // max(1, programs))
     most = max(1, keys // MIN_KEYS_PER_SPLIT)
     return int(min(want, most, MAX_SPLITS))
-
-
-def long_offsets(*tensors) -> bool:
-    """Whether an element offset within one of `tensors` (from its data pointer) can pass int32."""
-    return capabilities.max_offset(*tensors) > capabilities.INT32_OFFSETS
 
 
 def check_head_dims(dim_qk: int, dim_v: int) -> None:

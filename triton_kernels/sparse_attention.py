@@ -24,9 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsattn import capabilities
-
-from ._common import AOTSpec, TRITON_DTYPE, interpreting, launch, ptr
+from ._common import AOTSpec, TRITON_DTYPE, interpreting, launch, long_offsets, ptr
 
 BLOCK_N = 32  # gathered K/V rows per step
 BLOCK_DK = 64  # Dqk chunk per tl.dot
@@ -189,11 +187,6 @@ def num_splits(programs: int, topk: int, device: torch.device) -> int:
     if programs >= sms:
         return 1
     return max(1, min(MAX_SPLITS, triton.cdiv(topk, BLOCK_N), triton.cdiv(2 * sms, programs)))
-
-
-def long_offsets(*tensors) -> bool:
-    """Whether an element offset within one of `tensors` (from its data pointer) can pass int32."""
-    return capabilities.max_offset(*tensors) > capabilities.INT32_OFFSETS
 
 
 def sparse_attention(
