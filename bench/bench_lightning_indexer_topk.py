@@ -16,8 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dsattn import capabilities
 from dsattn._backend import unusable_reason
-from dsattn.ops.lightning_indexer_topk import KERNELS, lightning_indexer_topk
+from dsattn.ops.lightning_indexer_topk import lightning_indexer_topk
 
 OP = "lightning_indexer_topk"
 
@@ -46,7 +47,7 @@ def _run(run_bench, provider, q, k, weights, top_k, device, shape):
         fn = lambda: transformers_indexer(q, k, weights, top_k, scale, visible)  # noqa: E731
     else:
         backend = provider.removeprefix("dsattn-")
-        reason = unusable_reason(backend, torch.device(device), KERNELS.get(backend))
+        reason = unusable_reason(backend, torch.device(device), capabilities.of(OP)[backend].kernel)
         if reason:
             pytest.skip(reason)
         fn = lambda: lightning_indexer_topk(q, k, weights, top_k, scale=scale, backend=backend)  # noqa: E731

@@ -73,9 +73,10 @@ CAPABILITIES: dict[str, dict[str, Capability]] = {
     # 64-bit offsets where they can pass int32 (LONG_OFFSETS): no offset limit.
     "sparse_attention": {"triton": Capability(dtypes=KERNEL_FLOATS), "torch": TORCH},
     "topk_sparse_attention": {"triton": Capability(dtypes=KERNEL_FLOATS), "torch": TORCH},
-    # Its output is indices: nothing to differentiate, so every backend serves grad-mode calls.
+    # Its output is indices: nothing to differentiate, so every backend serves grad-mode calls. top_k is
+    # min(top_k, Sk). The Triton kernel's offsets are 64-bit between tiles (its launcher checks the tiles).
     "lightning_indexer_topk": {
-        "triton": Capability(dtypes=KERNEL_FLOATS, backward=True, max_top_k=2048, max_offset=INT32_OFFSETS),
+        "triton": Capability(dtypes=KERNEL_FLOATS, backward=True, max_top_k=2048),
         "cuda": Capability(dtypes=KERNEL_FLOATS, backward=True, kernel="topk_select"),
         "cpp": Capability(dtypes=KERNEL_FLOATS, backward=True, kernel="topk_select"),
         "torch": TORCH,

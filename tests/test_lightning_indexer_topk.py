@@ -1,5 +1,7 @@
-"""lightning_indexer_topk: streaming reference vs brute force (float64), the Triton kernel (interpreter here)
-vs brute force, index sets, padding, strided inputs, every output written, peak memory, bad input."""
+"""lightning_indexer_topk: the oracle and the streaming torch backend vs brute force (float64), the Triton
+kernel (interpreter here) vs brute force, index sets, padding, strided inputs (64-bit row offsets), every
+output written, peak memory, bad input; the custom op (inputs requiring grad, opcheck on every backend here,
+fake tensors, torch.compile fullgraph)."""
 
 import importlib
 import subprocess
@@ -10,7 +12,10 @@ import pytest
 import torch
 
 import dsattn
-ref = importlib.import_module("dsattn.reference.lightning_indexer_topk")
+from dsattn import _backend
+from dsattn.torch_backend import lightning_indexer_topk as torch_backend
+
+ref = importlib.import_module("dsattn.reference.lightning_indexer_topk")  # the package exports the function
 
 
 def brute_force(q_idx, k_idx, weights, top_k, scale, causal, relu=True):
@@ -53,17 +58,35 @@ def check_against_brute_force(got, scores, top_k, rtol=1e-5):
 @pytest.mark.parametrize(
     "b,sq,sk,hi,d,top_k,causal",
     [(1, 1, 1, 1, 4, 1, True), (2, 17, 17, 3, 8, 7, True), (1, 9, 40, 2, 16, 64, True), (2, 13, 29, 4, 8, 5, False),
-     (1, 33, 33, 2, 8, 33, True)],
+     (1, 33, 33, 2, 8, 33, True), (1, 12, 5, 2, 8, 3, True)],  # last: Sq > Sk, rows that see no key
 )
-def test_reference_equals_brute_force(b, sq, sk, hi, d, top_k, causal):
+@pytest.mark.parametrize("impl", ["oracle", "torch"])
+@pytest.mark.parametrize("relu", [True, False])
+def test_reference_and_torch_backend_equal_brute_force(b, sq, sk, hi, d, top_k, causal, impl, relu):
     q = torch.randn(b, sq, hi, d, dtype=torch.float64)
     k = torch.randn(b, sk, d, dtype=torch.float64)
     w = torch.randn(b, sq, hi, dtype=torch.float64)
     scale = d**-0.5
-    # Small chunks so the running top-k merge across key chunks and query chunks is exercised.
-    got = ref.lightning_indexer_topk(q, k, w, top_k, scale=scale, causal=causal, query_chunk=5, key_chunk=6)
+    if impl == "oracle":
+        got = ref.lightning_indexer_topk(q, k, w, top_k, scale=scale, causal=causal, relu=relu)
+    else:  # small chunks: the running top-k merges across key chunks and query chunks
+        got = torch_backend.lightning_indexer_topk(q, k, w, top_k, scale=scale, causal=causal, relu=relu,
+                                                   query_chunk=5, key_chunk=6)
     assert got.dtype == torch.int32 and got.shape == (b, sq, top_k)
-    check_against_brute_force(got, brute_force(q, k, w, top_k, scale, causal), top_k)
+    check_against_brute_force(got, brute_force(q, k, w, top_k, scale, causal, relu=relu), top_k)
+
+
+def test_invisible_keys_never_reach_a_row():
+    """NaN keys after a row's position change nothing for that row (oracle and every backend here)."""
+    q, k, w = torch.randn(1, 6, 2, 8), torch.randn(1, 10, 8), torch.rand(1, 6, 2)
+    expected = ref.lightning_indexer_topk(q, k, w, 4)
+    poisoned = k.clone()
+    poisoned[:, 7:] = float("nan")  # rows 0, 1, 2 (positions 4, 5, 6) cannot see keys 7..9
+    backends = [b for b in _backends_here() if _device(b) == "cpu"]
+    for got in [ref.lightning_indexer_topk(q, poisoned, w, 4)] + [
+            dsattn.lightning_indexer_topk(q, poisoned, w, 4, backend=b) for b in backends]:
+        check_against_brute_force(got[:, :3], brute_force(q, k, w, 4, 8**-0.5, True)[:, :3], 4)
+        assert torch.equal(got[:, :3] < 0, expected[:, :3] < 0)
 
 
 def test_public_op_matches_reference_and_pads_rows_with_few_visible_keys():
@@ -84,19 +107,19 @@ def test_non_contiguous_inputs():
 
 
 def test_streaming_never_holds_the_score_matrix(monkeypatch):
-    """Every score block the reference computes is at most query_chunk x key_chunk x Hi: O(S x top_k)
+    """Every score block the torch backend computes is at most query_chunk x key_chunk x Hi: O(S x top_k)
     working memory for long S, never [B, Sq, Hi, Sk]."""
     seen = []
-    real = ref.indexer_scores
+    real = torch_backend.indexer_scores
 
     def spy(q_idx, k_idx, weights, scale, relu=True):
         seen.append((q_idx.shape[1], k_idx.shape[1]))
         return real(q_idx, k_idx, weights, scale, relu=relu)
 
-    monkeypatch.setattr(ref, "indexer_scores", spy)
+    monkeypatch.setattr(torch_backend, "indexer_scores", spy)
     sq = 3000
-    ref.lightning_indexer_topk(torch.randn(1, sq, 2, 4), torch.randn(1, sq, 4), torch.rand(1, sq, 2), 16,
-                               query_chunk=256, key_chunk=512)
+    torch_backend.lightning_indexer_topk(torch.randn(1, sq, 2, 4), torch.randn(1, sq, 4), torch.rand(1, sq, 2), 16,
+                                         query_chunk=256, key_chunk=512)
     assert seen and max(c_q for c_q, _ in seen) <= 256 and max(c_k for _, c_k in seen) <= 512
 
 
@@ -116,8 +139,12 @@ def test_bad_input_is_named():
         dsattn.lightning_indexer_topk(q, k.int(), w, 2)
     with pytest.raises(ValueError, match="backend='cuda' cannot run here"):
         dsattn.lightning_indexer_topk(q, k, w, 2, backend="cuda")
-    with pytest.raises(TypeError, match="backend='triton' supports"):
+    with pytest.raises(TypeError, match="backend='triton' takes float16, bfloat16, float32 inputs, got float64"):
         dsattn.lightning_indexer_topk(q.double(), k.double(), w, 2, backend="triton")
+    with pytest.raises(ValueError, match="scale must be a positive finite number"):
+        dsattn.lightning_indexer_topk(q, k, w, 2, scale=float("nan"))
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        dsattn.lightning_indexer_topk(q, k, w, 2, causal=1)
 
 
 # ----------------------------------------------------------------------------------------------- Triton
@@ -226,6 +253,20 @@ def test_triton_without_relu_ranks_raw_scores(triton_device):
         check_against_brute_force(got[:, h], scores, top_k)
 
 
+def test_triton_top_k_limit_is_declared(triton_device):
+    """min(top_k, Sk) is what the kernel holds: a top_k beyond its limit with a short cache runs; one that
+    the rows can fill is a named error for an explicit backend='triton' (auto takes another backend)."""
+    from dsattn import capabilities
+
+    limit = capabilities.of("lightning_indexer_topk")["triton"].max_top_k
+    q, k, w = _inputs(1, 2, 40, 2, 8, torch.float32, triton_device)
+    got = dsattn.lightning_indexer_topk(q, k, w, 2 * limit, backend="triton")
+    check_against_brute_force(got, brute_force(q, k, w, 2 * limit, 8**-0.5, True), 2 * limit)
+    long_k = torch.randn(1, limit + 1, 8, device=triton_device)
+    with pytest.raises(ValueError, match=f"backend='triton' takes top_k up to {limit}, got {limit + 1}"):
+        dsattn.lightning_indexer_topk(q, long_k, w, limit + 1, backend="triton")
+
+
 def test_auto_backend_and_non_float_weights_dtype(triton_device):
     """bf16 q/k with fp32 weights (transformers passes its weights in fp32); auto picks Triton on CUDA."""
     q, k, w = _inputs(1, 8, 8, 4, 16, torch.bfloat16, triton_device)
@@ -254,3 +295,113 @@ def test_torch_backend_peak_memory_is_linear_in_s():
     assert run.returncode == 0, run.stderr[-3000:]
     growth = int(run.stdout.split()[-1])
     assert growth < 192 * 2**20, f"peak RSS grew by {growth / 2**20:.0f} MiB (full scores: 1024 MiB)"
+
+
+# ------------------------------------------------------------------------------------------- 64-bit offsets
+def _sparse_view(path, size, stride, values):
+    """A view with `stride` over a sparse file mapped as float32 storage: the strides reach past 2^31
+    elements, while only the pages of the elements written (`values`) take memory."""
+    numel = sum((n - 1) * st for n, st in zip(size, stride)) + 1
+    with open(path, "wb") as f:
+        f.truncate(numel * 4)
+    storage = torch.from_file(str(path), shared=True, size=numel, dtype=torch.float32)
+    view = storage.as_strided(size, stride)
+    view.copy_(values)
+    return view
+
+
+def test_triton_row_and_key_offsets_past_int32(triton_device, tmp_path):
+    """Row strides whose offsets pass 2^31 elements within one batch (what a [B, S, H, D] view of many heads
+    reaches at long S): the kernel's 64-bit row and key-block bases address them (int32 would wrap)."""
+    if triton_device != "cpu":
+        pytest.skip("builds the strided views over a sparse file on the host")
+    sq, sk, hi, d, top_k = 5, 70, 16, 16, 6  # 16 heads: one query row per tile (BLOCK_M = 1)
+    q_vals, k_vals, w = torch.randn(1, sq, hi, d), torch.randn(1, sk, d), torch.randn(1, sq, hi)
+    q = _sparse_view(tmp_path / "q", (1, sq, hi, d), (0, 2**29 + hi * d, d, 1), q_vals)
+    k = _sparse_view(tmp_path / "k", (1, sk, d), (0, 2**25 + d, 1), k_vals)  # 64 keys a tile: < 2^31
+    assert q.stride(1) * (sq - 1) > 2**31 and k.stride(1) * (sk - 1) > 2**31
+    got = dsattn.lightning_indexer_topk(q, k, w, top_k, causal=False, backend="triton")
+    check_against_brute_force(got, brute_force(q_vals, k_vals, w, top_k, d**-0.5, False), top_k)
+
+
+def test_triton_tile_offsets_past_int32_are_refused():
+    """Within a tile (BLOCK_M rows, BLOCK_N keys) the kernel's offsets are int32: a row stride that passes
+    2^31 inside one tile is a named error before any launch (meta tensors: no memory)."""
+    pytest.importorskip("triton")
+    from dsattn.triton_kernels.lightning_indexer_topk import indexer_topk
+
+    q = torch.empty_strided((1, 1, 16, 2, 16), (0, 0, 2**30, 16, 1), device="meta")
+    k = torch.empty(1, 1, 40, 16, device="meta")
+    with pytest.raises(ValueError, match="a tile of q_idx spans more than 2\\^31 elements"):
+        indexer_topk(q, k, torch.empty(1, 1, 16, 2, device="meta"), 4, scale=1.0, causal=True)
+
+
+# ----------------------------------------------------------------------------------------- the custom op
+def _device(backend: str) -> str:
+    """Triton and CUDA run on the GPU where there is one (else Triton in the interpreter on CPU tensors)."""
+    return "cuda" if backend in ("triton", "cuda") and torch.cuda.is_available() else "cpu"
+
+
+def _backends_here():
+    kernel = {"cpp": "topk_select", "cuda": "topk_select"}
+    return [b for b in ("torch", "cpp", "triton", "cuda")
+            if _backend.unusable_reason(b, torch.device(_device(b)), kernel.get(b)) is None]
+
+
+def _grad_inputs(b, sq, sk, hi, d, device="cpu"):
+    q, k, w = torch.randn(b, sq, hi, d), torch.randn(b, sk, d), torch.randn(b, sq, hi)
+    return [t.to(device).requires_grad_(True) for t in (q, k, w)]
+
+
+@pytest.mark.parametrize("backend", ["auto", *_backends_here()])
+def test_inputs_requiring_grad(backend):
+    """Indices are not differentiated: with float inputs requiring grad every backend runs (none is refused
+    for lack of a backward), and the output has no grad_fn."""
+    q, k, w = _grad_inputs(2, 9, 13, 3, 8, _device(backend))
+    got = dsattn.lightning_indexer_topk(q, k, w, 5, backend=backend)
+    assert got.grad_fn is None and not got.requires_grad and got.dtype == torch.int32
+    check_against_brute_force(got, brute_force(q.detach(), k.detach(), w.detach(), 5, 8**-0.5, True), 5)
+    with torch.no_grad():
+        assert torch.equal(dsattn.lightning_indexer_topk(q, k, w, 5, backend=backend), got)
+
+
+@pytest.mark.parametrize("backend", _backends_here())
+def test_opcheck(backend):
+    q, k, w = _grad_inputs(2, 4, 6, 2, 4, _device(backend))
+    torch.library.opcheck(torch.ops.dsattn.lightning_indexer_topk, (q, k, w, 3, 0.3, True, backend))
+
+
+@pytest.mark.parametrize("backend", _backends_here())
+def test_op_runs_on_fake_tensors(backend):
+    """The op function reads no tensor data on the host (decode and prefill shapes): it runs under
+    FakeTensorMode, where any .item() / int(tensor) would raise."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        for sq, sk in ((1, 300), (40, 40)):
+            q, k, w = _grad_inputs(2, sq, sk, 4, 8, _device(backend))
+            out = torch.ops.dsattn.lightning_indexer_topk(q, k, w, 7, 0.3, True, backend)
+            assert out.shape == (2, sq, 7) and out.dtype == torch.int32
+
+
+@pytest.mark.parametrize("backend", _backends_here())
+def test_compiles_fullgraph_and_equals_eager(backend):
+    """torch.compile(fullgraph=True) on aot_eager and inductor: prefill, and a decode step (one query over a
+    longer cache), inputs requiring grad: the same selection as eager, no graph break."""
+    q, k, w = _grad_inputs(1, 9, 9, 2, 8, _device(backend))
+
+    def prefill(q, k, w):
+        return dsattn.lightning_indexer_topk(q, k, w, 6, backend=backend)
+
+    def decode(q, k, w):
+        return dsattn.lightning_indexer_topk(q[:, -1:], k, w[:, -1:], 6, scale=0.5, backend=backend)
+
+    for fn, scale, rows in ((prefill, 8**-0.5, slice(None)), (decode, 0.5, slice(-1, None))):
+        eager = fn(q, k, w)
+        expected = brute_force(q.detach()[:, rows], k.detach(), w.detach()[:, rows], 6, scale, True)
+        for compiler in ("aot_eager", "inductor"):
+            torch._dynamo.reset()
+            got = torch.compile(fn, fullgraph=True, backend=compiler)(q, k, w)
+            assert got.grad_fn is None and torch.equal(got < 0, eager < 0), (fn.__name__, compiler)
+            check_against_brute_force(got, expected, 6)
+    torch._dynamo.reset()

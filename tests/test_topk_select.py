@@ -1,6 +1,6 @@
 """torch.ops.dsattn_C.topk_select (radix-select top-k: CPU twin here, CUDA kernel on a GPU) against a float64
 stable-sort reference (indices exact: ties go to the lower index), and lightning_indexer_topk's "cpp"/"cuda"
-backends (top_k > 2048) against its torch streaming reference."""
+backends (top_k > 2048) against its torch backend (the streaming top-k)."""
 
 import importlib
 import pytest
@@ -152,7 +152,7 @@ def test_indexer_compiled_backends_are_named():
     q, k, w = _indexer_inputs(1, 4, 8, 2, 8)
     with pytest.raises(ValueError, match="backend='cuda' cannot run here"):
         dsattn.lightning_indexer_topk(q, k, w, 4, backend="cuda")
-    with pytest.raises(TypeError, match="backend='cpp' supports"):
+    with pytest.raises(TypeError, match="backend='cpp' takes float16, bfloat16, float32 inputs, got float64"):
         dsattn.lightning_indexer_topk(q.double(), k.double(), w, 4, backend="cpp")
 
 

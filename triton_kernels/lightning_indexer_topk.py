@@ -20,18 +20,22 @@ KP is the smallest of KP_CHOICES >= top_k; only the first top_k are stored (-1 f
 The same kernel serves topk_sparse_attention's selection: G independent "groups" (query heads, each with one
 index head, unit weights, no relu) whose key tensor is shared by GROUPS consecutive groups (GQA).
 
-Limits: top_k <= 2048 (KP = 4096 needs twice the registers of the 2048 configs, which already take 8 warps);
-larger top_k use the query-chunked streaming top-k of dsattn.reference (torch) - the op dispatches there.
+Limits (declared in dsattn.capabilities): top_k <= 2048 (KP = 4096 needs twice the registers of the 2048
+configs, which already take 8 warps); larger top_k go to the compiled radix select or the torch backend.
+Offsets: 64-bit row and key-block bases, 32-bit offsets within a tile of BLOCK_M rows / BLOCK_N keys.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import AOTSpec, TRITON_DTYPE, interpreting, ptr
+from dsattn import capabilities
 
-KP_CHOICES = (16, 128, 512, 2048)  # running top-k widths (powers of two) the launcher compiles
-MAX_TOP_K = KP_CHOICES[-1]
+from ._common import AOTSpec, TRITON_DTYPE, interpreting, launch, ptr
+
+MAX_TOP_K = capabilities.of("lightning_indexer_topk")["triton"].max_top_k
+KP_CHOICES = (16, 128, 512, MAX_TOP_K)  # running top-k widths (powers of two) the launcher compiles
+assert MAX_TOP_K & (MAX_TOP_K - 1) == 0, "the widest running top-k is a power of two"
 BLOCK_N = 64  # keys per tl.dot
 MAX_BLOCK_D = 128  # head dim per tl.dot (larger D: several chunks)
 MAX_SPLITS = 64  # decode split-K fan-out
@@ -129,20 +133,25 @@ def lightning_indexer_topk_kernel(
 
     # Dot rows: r = m * HI_PAD + h (a head chunk of HI_PAD heads per dot).
     offs_r = tl.arange(0, BLOCK_M * HI_PAD)
-    r_m = row0 + offs_r // HI_PAD
+    r_local = offs_r // HI_PAD
+    r_m = row0 + r_local
     r_h = offs_r % HI_PAD
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    q_base = q_ptr + b64 * stride_qb + g64 * stride_qg
+    # 64-bit row bases (scalars), 32-bit offsets within a tile: a [B, S, H, D] view's row stride H x D times
+    # S passes 2^31 at real sizes (topk_sparse_attention's selection at S=128k with 128 heads of 192).
+    q_base = q_ptr + b64 * stride_qb + g64 * stride_qg + tl.cast(row0, tl.int64) * stride_qm
     k_base = k_ptr + b64 * stride_kb + kv64 * stride_kg
-    w_base = w_ptr + b64 * stride_wb + g64 * stride_wg
+    w_base = w_ptr + b64 * stride_wb + g64 * stride_wg + tl.cast(row0, tl.int64) * stride_wm
     if HEAD_CHUNKS * D_CHUNKS == 1:  # the whole q tile stays in registers across the key loop
-        q_tile = tl.load(q_base + r_m[:, None] * stride_qm + r_h[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+        q_tile = tl.load(q_base + r_local[:, None] * stride_qm + r_h[:, None] * stride_qh
+                         + offs_d[None, :] * stride_qd,
                          mask=((r_m < SQ) & (r_h < HI))[:, None] & (offs_d < D)[None, :], other=0.0)
         if UPCAST:  # the interpreter's bf16 tl.dot is wrong
             q_tile = q_tile.to(tl.float32)
         if not UNIT_WEIGHTS:
-            w_tile = tl.load(w_base + r_m * stride_wm + r_h * stride_wh, mask=(r_m < SQ) & (r_h < HI), other=0.0)
+            w_tile = tl.load(w_base + r_local * stride_wm + r_h * stride_wh, mask=(r_m < SQ) & (r_h < HI),
+                             other=0.0)
             w_tile = w_tile.to(tl.float32)
 
     piece_ids = tl.arange(0, SB // BLOCK_N)
@@ -155,6 +164,7 @@ def lightning_indexer_topk_kernel(
         for p in range(0, n_pieces):
             keys = start + p * BLOCK_N + offs_n
             key_mask = keys < key_hi
+            k_block = k_base + tl.cast(start + p * BLOCK_N, tl.int64) * stride_kn
             score = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for hc in tl.static_range(HEAD_CHUNKS):
                 heads = hc * HI_PAD + r_h
@@ -165,11 +175,12 @@ def lightning_indexer_topk_kernel(
                         q_chunk = q_tile
                     else:
                         q_chunk = tl.load(
-                            q_base + r_m[:, None] * stride_qm + heads[:, None] * stride_qh + d[None, :] * stride_qd,
+                            q_base + r_local[:, None] * stride_qm + heads[:, None] * stride_qh
+                            + d[None, :] * stride_qd,
                             mask=((r_m < SQ) & (heads < HI))[:, None] & (d < D)[None, :], other=0.0)
                         if UPCAST:
                             q_chunk = q_chunk.to(tl.float32)
-                    k_chunk = tl.load(k_base + keys[None, :] * stride_kn + d[:, None] * stride_kd,
+                    k_chunk = tl.load(k_block + offs_n[None, :] * stride_kn + d[:, None] * stride_kd,
                                       mask=key_mask[None, :] & (d < D)[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
                     if UPCAST:
                         k_chunk = k_chunk.to(tl.float32)
@@ -186,7 +197,7 @@ def lightning_indexer_topk_kernel(
                     if HEAD_CHUNKS * D_CHUNKS == 1:
                         w_chunk = w_tile
                     else:
-                        w_chunk = tl.load(w_base + r_m * stride_wm + heads * stride_wh,
+                        w_chunk = tl.load(w_base + r_local * stride_wm + heads * stride_wh,
                                           mask=(r_m < SQ) & (heads < HI), other=0.0).to(tl.float32)
                     acc = acc * w_chunk[:, None]
                 score += tl.sum(tl.reshape(acc, [BLOCK_M, HI_PAD, BLOCK_N]), axis=1)
@@ -271,10 +282,6 @@ def decode_packed(keys: torch.Tensor) -> torch.Tensor:
     return torch.where(keys == -(2**63), -1, index).to(torch.int32)
 
 
-def _span(t: torch.Tensor) -> int:
-    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0) + 1
-
-
 def indexer_topk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -305,9 +312,6 @@ def indexer_topk(
         return out
     if sk == 0:
         return out.fill_(-1)
-    for name, t in (("q_idx", q[0, 0]), ("k_idx", k[0, 0]), ("weights", None if weights is None else weights[0, 0])):
-        if t is not None and _span(t) >= 2**31:
-            raise ValueError(f"dsattn.lightning_indexer_topk: one batch of {name} spans >= 2**31 elements")
     if weights is None:
         w, w_strides = q, (0, 0, 0, 0)  # never read
     else:
@@ -315,6 +319,14 @@ def indexer_topk(
         w_strides = w.stride()
     cfg = block_config(hi, d, top_k)
     num_warps = cfg.pop("num_warps")
+    # The kernel's offsets are int32 within a tile (BLOCK_M rows, BLOCK_N keys), 64-bit between tiles.
+    tiles = {"q_idx": q[0, 0, : cfg["BLOCK_M"]], "k_idx": k[0, 0, :BLOCK_N]}
+    if weights is not None:
+        tiles["weights"] = w[0, 0, : cfg["BLOCK_M"]]
+    for name, t in tiles.items():
+        if capabilities.max_offset(t) > capabilities.INT32_OFFSETS:
+            raise ValueError(f"dsattn.lightning_indexer_topk: a tile of {name} spans more than 2^31 elements "
+                             f"(strides {tuple(t.stride())})")
     m_blocks = triton.cdiv(sq, cfg["BLOCK_M"])
     keys = min(sk, sk - sq + cfg["BLOCK_M"]) if causal else sk  # the first row block's (the fewest) keys
     if splits is None:
@@ -324,7 +336,7 @@ def indexer_topk(
     target = out
     if splits > 1:
         target = torch.empty((b, ng, sq, splits, cfg["KP"]), dtype=torch.int64, device=q.device)
-    lightning_indexer_topk_kernel[(m_blocks * splits, b * ng)](
+    launch(lightning_indexer_topk_kernel)[(m_blocks * splits, b * ng)](
         q, k, w, target,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3), q.stride(4),
         *k.stride(), *w_strides,

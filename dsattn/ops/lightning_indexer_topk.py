@@ -1,27 +1,28 @@
-"""dsattn.lightning_indexer_topk: DeepSeek-V3.2's indexer scores + top-k, never materializing the scores."""
+"""lightning_indexer_topk: the custom op torch.ops.dsattn.lightning_indexer_topk and its functional entry
+(validate, pick a backend from dsattn.capabilities, call the op). DeepSeek-V3.2's indexer scores + top-k,
+never materializing the [B, Sq, Hi, Sk] scores.
+
+The output is int32 indices: nothing to differentiate, so the op has no backward, its output no grad_fn, and
+every backend serves calls whose float inputs require grad (capabilities declares them all able to)."""
 
 import torch
 
-from dsattn import _backend, _checks
-from dsattn.reference.lightning_indexer_topk import QUERY_CHUNK, KEY_CHUNK, indexer_scores
-from dsattn.reference.lightning_indexer_topk import lightning_indexer_topk as _indexer_torch
+from dsattn import _backend, _checks, capabilities
+from dsattn._library import define_op
+from dsattn.torch_backend import lightning_indexer_topk as _torch
+from dsattn.torch_backend.lightning_indexer_topk import KEY_CHUNK, QUERY_CHUNK, indexer_scores
 
 OP = "lightning_indexer_topk"
-IMPLEMENTED = ("triton", "cuda", "cpp", "torch")
-KERNELS = {"cuda": "topk_select", "cpp": "topk_select"}
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-TRITON_MAX_TOP_K = 2048  # dsattn.triton_kernels.lightning_indexer_topk.MAX_TOP_K (not imported: Triton is optional)
+# On CPU the compiled radix select beats the torch streaming top-k clearly only for larger top_k; below,
+# torch is kept: its torch.topk breaks ties as transformers' own V3.2 indexer does, and ties are common where
+# few index heads relu to exactly 0 (small models), so patched V3.2 then equals its eager path exactly.
+CPP_FROM_TOP_K = 2048
 
 
 def _auto_order(device: torch.device, top_k: int, sk: int):
-    large = min(top_k, sk) > TRITON_MAX_TOP_K
-    if device.type == "cuda":
-        return ("cuda", "triton", "torch") if large else ("triton", "cuda", "torch")
-    # CPU: the radix select wins clearly only at large top_k (bench_lightning_indexer_topk.py: 0.53 vs 0.92 s at
-    # S=5120 top_k 4096; 12.9 vs 14.7 ms at 1024/64, 66 vs 69 ms at 2048/256). Below 2048 the torch path is
-    # kept: its torch.topk breaks ties as transformers' own V3.2 indexer does, and ties are common where few
-    # index heads relu to exactly 0 (small models), so patched V3.2 then equals its eager path exactly.
-    return ("cpp", "torch") if large else ("torch", "cpp")
+    if device.type == "cuda":  # Triton takes min(top_k, Sk) up to its declared max_top_k; beyond, CUDA
+        return ("triton", "cuda", "torch")
+    return ("cpp", "torch") if min(top_k, sk) > CPP_FROM_TOP_K else ("torch",)
 
 
 def check_indexer_inputs(q_idx, k_idx, weights, top_k, scale):
@@ -38,18 +39,29 @@ def check_indexer_inputs(q_idx, k_idx, weights, top_k, scale):
     return _checks.check_scale(OP, scale, d**-0.5)
 
 
+def _select(backend: str, q_idx, k_idx, weights, top_k: int) -> str:
+    # Rows never list more than Sk keys: the kernels run at min(top_k, Sk) and pad with -1.
+    request = capabilities.Request(dtype=torch.promote_types(q_idx.dtype, k_idx.dtype),
+                                   grad=_backend.needs_grad(q_idx, k_idx, weights),
+                                   top_k=max(1, min(top_k, k_idx.shape[1])),
+                                   offset=capabilities.max_offset(q_idx, k_idx, weights))
+    return _backend.select_backend(OP, backend, q_idx.device, request,
+                                   auto_order=_auto_order(q_idx.device, top_k, k_idx.shape[1]))
+
+
 def triton_topk(q, k, weights, top_k, *, scale, causal, relu=True):
     """The Triton kernel on q [B, G, Sq, Hi, D], k [B, Gk, Sk, D], weights [B, G, Sq, Hi] or None (unit):
     int32 [B, G, Sq, top_k]. Rows never list more than Sk keys, so the kernel runs at min(top_k, Sk) and the
-    rest is -1; None when that still exceeds the kernel's top_k limit (the caller streams in torch then)."""
-    from dsattn.triton_kernels.lightning_indexer_topk import MAX_TOP_K, indexer_topk
+    rest is -1; None when that still exceeds the kernel's top_k limit (the caller selects otherwise then).
+    No host reads: it traces inside a custom op."""
+    from dsattn.triton_kernels import lightning_indexer_topk as _triton
 
     b, g, sq = q.shape[:3]
     sk = k.shape[2]
     kept = max(1, min(top_k, sk))
-    if kept > MAX_TOP_K:
+    if kept > _triton.MAX_TOP_K:
         return None
-    out = indexer_topk(q, k, weights, kept, scale=scale, causal=causal, relu=relu)
+    out = _triton.indexer_topk(q, k, weights, kept, scale=scale, causal=causal, relu=relu)
     if kept < top_k:
         out = torch.cat([out, out.new_full((b, g, sq, top_k - kept), -1)], dim=-1)
     return out
@@ -58,7 +70,8 @@ def triton_topk(q, k, weights, top_k, *, scale, causal, relu=True):
 def select_topk(q_idx, k_idx, weights, top_k, *, scale, causal, query_chunk=QUERY_CHUNK, key_chunk=KEY_CHUNK):
     """The "cuda" / "cpp" path: per batch and query chunk, fp32 scores [chunk_q, Sk] from indexer_scores over key
     chunks, then the compiled radix-select torch.ops.dsattn_C.topk_select with each row's causal length. Memory
-    O(chunk_q x Sk + chunk_q x Hi x key_chunk): never [B, Sq, Sk] nor [chunk_q, Hi, Sk]."""
+    O(chunk_q x Sk + chunk_q x Hi x key_chunk): never [B, Sq, Sk] nor [chunk_q, Hi, Sk]. Bounds are Python
+    ints (no host read), so it traces."""
     b, sq = q_idx.shape[:2]
     sk = k_idx.shape[1]
     out = torch.full((b, sq, top_k), -1, dtype=torch.int32, device=q_idx.device)
@@ -82,6 +95,19 @@ def select_topk(q_idx, k_idx, weights, top_k, *, scale, causal, query_chunk=QUER
     return out
 
 
+def _lightning_indexer_topk(q_idx: torch.Tensor, k_idx: torch.Tensor, weights: torch.Tensor, top_k: int,
+                            scale: float, causal: bool, backend: str) -> torch.Tensor:
+    if backend in ("cuda", "cpp"):
+        return select_topk(q_idx, k_idx, weights, top_k, scale=scale, causal=causal)
+    if backend == "triton":  # the selection guarantees min(top_k, Sk) within the kernel's limit
+        out = triton_topk(q_idx[:, None], k_idx[:, None], weights[:, None], top_k, scale=scale, causal=causal)
+        return out.squeeze(1)
+    return _torch.lightning_indexer_topk(q_idx, k_idx, weights, top_k, scale=scale, causal=causal)
+
+
+lightning_indexer_topk_op = define_op(OP, _lightning_indexer_topk)
+
+
 def lightning_indexer_topk(q_idx, k_idx, weights, top_k, *, scale=None, causal=True, backend="auto"):
     """score[b,i,j] = sum_h weights[b,i,h] * relu(scale * q_idx[b,i,h,:] . k_idx[b,j,:]) (transformers'
     DeepSeek-V3.2 indexer: pass its softmax_scale as `scale` and its head-scaled weights as `weights`).
@@ -89,28 +115,18 @@ def lightning_indexer_topk(q_idx, k_idx, weights, top_k, *, scale=None, causal=T
     q_idx [B, Sq, Hi, D], k_idx [B, Sk, D], weights [B, Sq, Hi]; scale defaults to D ** -0.5. Returns int32
     [B, Sq, top_k]: the top_k highest-scoring visible keys (causal: j <= i + Sk - Sq), highest first, -1 where
     fewer are visible. Ties among equal scores: "cuda"/"cpp" take the lower index; others break them arbitrarily.
+    Indices are not differentiated: inputs may require grad, the output never has a grad_fn.
 
     "triton": one streaming kernel (running top-k in registers, scores never stored) for
-    min(top_k, Sk) <= 2048 and fp16/bf16/fp32; a larger top_k takes the torch query-chunked streaming top-k.
+    min(top_k, Sk) <= 2048 and fp16/bf16/fp32.
     "cuda" / "cpp" (any top_k, fp16/bf16/fp32): fp32 scores of a query chunk against all keys [chunk_q, Sk]
     (torch matmuls), then a compiled radix-select top-k per row (csrc/{cuda,cpu}/topk_select.*).
-    "torch": the query-chunked streaming reference (dsattn.reference.lightning_indexer_topk).
-    "auto": when min(top_k, Sk) <= 2048 triton on CUDA, torch on CPU; beyond, cuda on CUDA, cpp on CPU.
+    "torch": the query-chunked streaming top-k (dsattn.torch_backend.lightning_indexer_topk), any dtype.
+    "auto": triton on CUDA, beyond its limits cuda, then torch; on CPU torch, cpp when min(top_k, Sk) > 2048.
+    The limits are declared in dsattn.capabilities.
     """
     scale = check_indexer_inputs(q_idx, k_idx, weights, top_k, scale)
     if not isinstance(causal, bool):
         raise TypeError(f"dsattn.{OP}: causal must be a bool, got {type(causal).__name__}")
-    triton_ok = q_idx.dtype in TRITON_DTYPES and k_idx.dtype in TRITON_DTYPES
-    if backend in ("triton", "cuda", "cpp") and not triton_ok:
-        raise TypeError(f"dsattn.{OP}: backend={backend!r} supports float16, bfloat16, float32; got q_idx "
-                        f"{q_idx.dtype}, k_idx {k_idx.dtype}")
-    implemented = IMPLEMENTED if triton_ok else ("torch",)
-    chosen = _backend.select_backend(OP, backend, q_idx.device, implemented, kernels=KERNELS,
-                                     auto_order=_auto_order(q_idx.device, top_k, k_idx.shape[1]))
-    if chosen in ("cuda", "cpp"):
-        return select_topk(q_idx, k_idx, weights, top_k, scale=scale, causal=causal)
-    if chosen == "triton":
-        out = triton_topk(q_idx[:, None], k_idx[:, None], weights[:, None], top_k, scale=scale, causal=causal)
-        if out is not None:
-            return out[:, 0]
-    return _indexer_torch(q_idx, k_idx, weights, top_k, scale=scale, causal=causal)
+    chosen = _select(backend, q_idx, k_idx, weights, top_k)
+    return lightning_indexer_topk_op(q_idx, k_idx, weights, top_k, scale, causal, chosen)

@@ -1,58 +1,48 @@
-"""DeepSeek-V3.2 lightning indexer + top-k selection in plain PyTorch (the oracle and the "torch" backend).
+"""DeepSeek-V3.2 lightning indexer + top-k, the oracle: the dense score matrix and an explicit visibility mask,
+written for clarity (O(Sq x Hi x Sk) memory: tests only). The streaming code is the "torch" backend
+(dsattn.torch_backend.lightning_indexer_topk).
 
 score[b, i, j] = sum_h weights[b, i, h] * relu(scale * q_idx[b, i, h, :] . k_idx[b, j, :])
 
-The scores are streamed: queries in chunks, keys in chunks, and a running top-k per query is merged with each
-key chunk, so neither [B, Sq, Hi, Sk] nor [B, Sq, Sk] ever exists (memory O(chunk_q x (top_k + chunk_k) x Hi)).
+Query i sits at position p = i + Sk - Sq; with causal=True key j is visible iff j <= p. Each row lists the
+indices of its top_k highest-scoring visible keys, highest first, then -1 where fewer keys are visible.
+A key a row cannot see never takes part in its ranking.
 """
 
 import torch
 
-QUERY_CHUNK = 256
-KEY_CHUNK = 2048
+
+def visible_mask(seq_q: int, seq_k: int, causal: bool, device=None) -> torch.Tensor:
+    """bool [Sq, Sk]: key j visible to query i."""
+    position = torch.arange(seq_q, device=device)[:, None] + (seq_k - seq_q)
+    key = torch.arange(seq_k, device=device)[None, :]
+    return key <= position if causal else torch.ones(seq_q, seq_k, dtype=torch.bool, device=device)
 
 
-def indexer_scores(q_idx, k_idx, weights, scale, *, relu=True) -> torch.Tensor:
-    """Scores of a query chunk against a key chunk: [B, cq, Hi, D] x [B, ck, D] -> [B, cq, ck] (float32/64)."""
+def indexer_scores(q_idx, k_idx, weights, scale: float, *, relu: bool = True) -> torch.Tensor:
+    """[B, Sq, Hi, D], [B, Sk, D], [B, Sq, Hi] -> [B, Sq, Sk] in float32 (float64 for float64 q_idx)."""
     compute = torch.float64 if q_idx.dtype == torch.float64 else torch.float32
-    s = torch.einsum("bqhd,bkd->bqhk", q_idx.to(compute), k_idx.to(compute)) * scale
+    per_head = torch.einsum("bihd,bjd->bihj", q_idx.to(compute), k_idx.to(compute)) * scale
     if relu:
-        s = torch.relu(s)
-    return torch.einsum("bqhk,bqh->bqk", s, weights.to(compute))
+        per_head = torch.relu(per_head)
+    return (weights.to(compute)[..., None] * per_head).sum(dim=2)
 
 
-def lightning_indexer_topk(
-    q_idx, k_idx, weights, top_k, *, scale=None, causal=True, relu=True,
-    query_chunk: int = QUERY_CHUNK, key_chunk: int = KEY_CHUNK,
-) -> torch.Tensor:
-    """q_idx [B, Sq, Hi, D], k_idx [B, Sk, D], weights [B, Sq, Hi] -> int32 [B, Sq, top_k]: indices of the
-    highest scores among visible keys (causal: j <= i + Sk - Sq), in descending score order, -1 padded.
-    `relu=False` ranks raw weighted dot products (used by topk_sparse_attention; not part of the public op)."""
+def lightning_indexer_topk(q_idx, k_idx, weights, top_k: int, *, scale: float | None = None, causal: bool = True,
+                           relu: bool = True) -> torch.Tensor:
+    """q_idx [B, Sq, Hi, D], k_idx [B, Sk, D], weights [B, Sq, Hi] -> int32 [B, Sq, top_k]. scale defaults
+    to D ** -0.5. `relu=False` ranks the raw weighted dot products (topk_sparse_attention's selection)."""
     b, sq, _, d = q_idx.shape
     sk = k_idx.shape[1]
     scale = d**-0.5 if scale is None else scale
     out = torch.full((b, sq, top_k), -1, dtype=torch.int32, device=q_idx.device)
-    if sq == 0 or sk == 0:
+    n = min(top_k, sk)
+    if sq == 0 or n == 0:
         return out
-    compute = torch.float64 if q_idx.dtype == torch.float64 else torch.float32
-    for qs in range(0, sq, query_chunk):
-        qe = min(qs + query_chunk, sq)
-        pos = torch.arange(qs, qe, device=q_idx.device) + (sk - sq)  # absolute query positions
-        last_key = min(sk, int(pos[-1]) + 1) if causal else sk
-        best_s = torch.full((b, qe - qs, 0), float("-inf"), dtype=compute, device=q_idx.device)
-        best_i = torch.empty((b, qe - qs, 0), dtype=torch.int64, device=q_idx.device)
-        for ks in range(0, last_key, key_chunk):
-            ke = min(ks + key_chunk, last_key)
-            s = indexer_scores(q_idx[:, qs:qe], k_idx[:, ks:ke], weights[:, qs:qe], scale, relu=relu)
-            idx = torch.arange(ks, ke, device=q_idx.device).expand(b, qe - qs, -1)
-            if causal:
-                s = s.masked_fill(idx > pos[None, :, None], float("-inf"))
-            cand_s = torch.cat([best_s, s], dim=-1)
-            cand_i = torch.cat([best_i, idx], dim=-1)
-            keep = min(top_k, cand_s.shape[-1])
-            best_s, sel = cand_s.topk(keep, dim=-1)
-            best_i = cand_i.gather(-1, sel)
-        n = best_s.shape[-1]
-        chosen = torch.where(torch.isfinite(best_s), best_i, torch.full_like(best_i, -1))
-        out[:, qs:qe, :n] = chosen.to(torch.int32)
+    visible = visible_mask(sq, sk, causal, q_idx.device).expand(b, sq, sk)
+    scores = indexer_scores(q_idx, k_idx, weights, scale, relu=relu)
+    scores = torch.where(visible, scores, torch.tensor(float("-inf"), dtype=scores.dtype))
+    best = scores.topk(n, dim=-1).indices
+    # Past a row's visible keys the top n holds invisible ones (ranked -inf): those slots are "no key".
+    out[..., :n] = torch.where(visible.gather(-1, best), best, -1).to(torch.int32)
     return out
