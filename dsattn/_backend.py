@@ -95,7 +95,6 @@ def select_backend(
     request: capabilities.Request,
     *,
     auto_order: Sequence[str] | None = None,
-    **legacy,
 ) -> str:
     """Resolve `backend` for `op` on `device` from the op's declared capabilities (dsattn.capabilities).
 
@@ -104,8 +103,6 @@ def select_backend(
     torch backend takes everything. An explicit backend that the op lacks, that cannot run here or that
     refuses the request is an error naming the op, the backend and the limit.
     """
-    if not isinstance(request, capabilities.Request):  # TEMPORARY: ops not yet on capabilities
-        return _record(op, _legacy_select_backend(op, backend, device, request, auto_order=auto_order, **legacy))
     declared = capabilities.of(op)
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"dsattn.{op}: backend must be one of {BACKENDS}, got {backend!r}")
@@ -141,42 +138,3 @@ def check_backward(op: str, backend: str) -> None:
     gradient was wanted, so reaching here without one is a bug, reported instead of a wrong gradient."""
     if not capabilities.of(op)[backend].backward:
         raise RuntimeError(f"dsattn.{op}: backend={backend!r} has no backward, but autograd reached it")
-
-
-def _legacy_select_backend(
-    op: str,
-    backend: str,
-    device: torch.device,
-    implemented: Sequence[str],
-    *,
-    kernels: dict[str, str] | None = None,
-    auto_order: Sequence[str] | None = None,
-) -> str:
-    """Resolve `backend` for `op` on `device` to one of `implemented`.
-
-    kernels: compiled op name per compiled backend ({"cpp": "int4_matmul", "cuda": "int4_gemv"}).
-    An explicit backend that the op lacks or that cannot run here is a ValueError naming it.
-    """
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"dsattn.{op}: backend must be one of {BACKENDS}, got {backend!r}")
-    source = "backend"
-    if backend == "auto":
-        env = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-        if env not in BACKENDS:
-            raise ValueError(f"dsattn.{op}: env {ENV_VAR} must be one of {BACKENDS}, got {env!r}")
-        backend, source = env, f"env {ENV_VAR}"
-    kernels = kernels or {}
-    if backend != "auto":
-        if backend not in implemented:
-            raise ValueError(
-                f"dsattn.{op}: {source}={backend!r} is not implemented for this op; it has {tuple(implemented)}"
-            )
-        reason = unusable_reason(backend, device, kernels.get(backend))
-        if reason is not None:
-            raise ValueError(f"dsattn.{op}: {source}={backend!r} cannot run here: {reason}")
-        return backend
-    order = auto_order or AUTO_ORDER.get(device.type, ("torch",))
-    for candidate in order:
-        if candidate in implemented and unusable_reason(candidate, device, kernels.get(candidate)) is None:
-            return candidate
-    return "torch"

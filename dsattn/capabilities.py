@@ -62,7 +62,6 @@ class Capability:
 
 
 TORCH = Capability(backward=True)
-TRITON_ATTENTION = Capability(dtypes=KERNEL_FLOATS, max_head_dim=256, max_offset=INT32_OFFSETS)
 # 64-bit offsets where they grow with the sequence: no offset limit.
 TRITON_SLIDING_WINDOW = Capability(dtypes=KERNEL_FLOATS, max_head_dim=256)
 

@@ -28,12 +28,9 @@ def _auto_order(device: torch.device, m: int):
     return ("cpp", "torch")
 
 
-@torch.compiler.assume_constant_result
 def select(op: str, backend: str, device: torch.device, dtype: torch.dtype, grad: bool, group_size: int | None,
            auto_order) -> str:
-    """_backend.select_backend for a Request(dtype, grad, group_size). Under torch.compile it runs at trace
-    time and its answer is a constant (it depends only on these Python values, which the compiled graph guards,
-    and on the build): whether a compiled kernel is built is a dispatcher query dynamo cannot trace."""
+    """_backend.select_backend for a Request(dtype, grad, group_size)."""
     request = capabilities.Request(dtype=dtype, grad=grad, group_size=group_size)
     return _backend.select_backend(op, backend, device, request, auto_order=auto_order)
 

@@ -1,6 +1,6 @@
-"""Plain-PyTorch reference implementations of every dsattn op: written for clarity, proven in float64
-against brute-force loops (tests/), and the CPU fallback ("torch" backend). The long-context ones work in
-chunks so that no O(seq^2) tensor exists."""
+"""The oracles: plain-PyTorch implementations of every dsattn op, written for clarity (dense, O(seq^2) memory:
+for tests), proven in float64 against brute-force loops, and what every backend is tested against. The
+tuned chunked code that serves backend="torch" is dsattn.torch_backend."""
 
 from dsattn.reference.hybrid_attention import hybrid_attention
 from dsattn.reference.int4 import pack_int4, unpack_int4
