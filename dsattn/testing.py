@@ -76,6 +76,25 @@ def non_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------- AOT compile
+def largest_tensor(fn) -> int:
+    """The most elements any single tensor fn creates (forward and backward)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            self.numel = max([self.numel, *sizes])
+            return out
+
+    with Largest() as mode:
+        fn()
+    return mode.numel
+
+
 def outputs_and_grads(fn, inputs, grad_outputs=None):
     """fn(*inputs) and the gradients of every floating tensor input that requires grad (None for the
     others), for grad_outputs (default: fixed random cotangents, one per floating output)."""

@@ -11,7 +11,8 @@ import dsattn
 from dsattn.ops.hybrid_attention import hybrid_attention
 from dsattn.reference.hybrid_attention import hybrid_attention as hybrid_reference
 from dsattn.reference.linear_attention import FEATURE_MAPS, feature_map
-from dsattn.testing import assert_close, assert_compiles, assert_grads_match, non_contiguous, poisoned, tolerance
+from dsattn.testing import (assert_close, assert_compiles, assert_grads_match, largest_tensor, non_contiguous,
+                            poisoned, tolerance)
 from dsattn.torch_backend import hybrid_attention as torch_backend
 
 
@@ -285,31 +286,12 @@ def test_gradcheck_float64_torch_backend(short_chunks):
                                     inputs, fast_mode=True)
 
 
-def _largest_tensor(fn):
-    """The most elements any single tensor fn creates (forward and backward)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    class Largest(TorchDispatchMode):
-        numel = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-            self.numel = max([self.numel, *sizes])
-            return out
-
-    with Largest() as mode:
-        fn()
-    return mode.numel
-
-
 def test_backward_memory_chunks():
     """Forward and backward go chunk by chunk: nothing near [Sq, Sk] (2 x 1024 x 1024 elements); the largest
     tensors are the inputs, their gradients and one chunk's scores over its prefix + band keys."""
     q, k, v = _grad_inputs(1, 2, 1, 1024, 1024, 8, 8, torch.float32)
     prefix, window, chunk = 16, 16, torch_backend.QUERY_CHUNK
-    assert _largest_tensor(lambda: hybrid_attention(q, k, v, prefix=prefix, window=window).sum().backward()) \
+    assert largest_tensor(lambda: hybrid_attention(q, k, v, prefix=prefix, window=window).sum().backward()) \
         <= max(2 * 1024 * 8, 2 * chunk * (prefix + chunk + window))
     assert q.grad is not None and k.grad is not None
 

@@ -448,25 +448,6 @@ def test_gradcheck_float64_torch_backend(short_chunks, causal):
                                     fast_mode=True)
 
 
-def _largest_tensor(fn):
-    """The most elements any single tensor fn creates (forward and backward)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    class Largest(TorchDispatchMode):
-        numel = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-            self.numel = max([self.numel, *sizes])
-            return out
-
-    with Largest() as mode:
-        fn()
-    return mode.numel
-
-
 def test_backward_memory_chunks():
     """Forward and backward go chunk by chunk: no tensor near [S, S] (here 2 x 512 x 512 elements); the
     largest are the inputs and their gradients."""
@@ -477,7 +458,7 @@ def test_backward_memory_chunks():
                                            output_final_state=True)
         (o.sum() + state.S.sum()).backward()
 
-    assert _largest_tensor(step) <= 2 * 512 * 8
+    assert testing.largest_tensor(step) <= 2 * 512 * 8
     assert q.grad is not None and S0.grad is not None
 
 
