@@ -45,3 +45,29 @@ def test_hybrid_attention_cpu(run_bench, provider, s):
         fn = lambda: hybrid_attention(q, k, v, prefix=256, window=128, backend="torch")  # noqa: E731
     run_bench(fn, op="hybrid_attention", provider=provider, shape=_shape(s, 4, 64, 128, prefix=256), device="cpu",
               dtype=torch.float32, baseline=provider == "torch-sdpa")
+
+
+def _training_forward(provider, q, k, v, prefix, window):
+    if provider == "torch-sdpa":
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    backend = provider.removeprefix("dsattn-")
+    return lambda: hybrid_attention(q, k, v, prefix=prefix, window=window, backend=backend)
+
+
+@pytest.mark.parametrize("s", [1024, 4096])
+@pytest.mark.parametrize("provider", ["torch-sdpa", "dsattn-torch"])
+def test_fwd_bwd_cpu(run_training_bench, provider, s):
+    q, k, v = (t.requires_grad_(True) for t in _qkv(s, 4, 64, torch.float32, "cpu"))
+    run_training_bench(_training_forward(provider, q, k, v, 256, 128), (q, k, v), op="hybrid_attention",
+                       provider=provider, shape=_shape(s, 4, 64, 128, prefix=256), device="cpu", dtype=torch.float32,
+                       baseline=provider == "torch-sdpa", memory=provider.startswith("dsattn"))
+
+
+@pytest.mark.gpu_only
+@pytest.mark.parametrize("provider", ["torch-sdpa", "dsattn-triton"])
+def test_fwd_bwd_gpu(run_training_bench, provider):
+    s = 16384
+    q, k, v = (t.requires_grad_(True) for t in _qkv(s, 32, 128, torch.bfloat16, "cuda"))
+    run_training_bench(_training_forward(provider, q, k, v, PREFIX, 512), (q, k, v), op="hybrid_attention",
+                       provider=provider, shape=_shape(s, 32, 128, 512), device="cuda", dtype=torch.bfloat16,
+                       baseline=provider == "torch-sdpa", memory=True)

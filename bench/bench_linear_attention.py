@@ -67,3 +67,39 @@ def test_linear_attention_cpu(run_bench, bench_device, provider, seq):
         pytest.skip("CPU-size case")
     q, k, v = _inputs(1, 4, seq, 64, torch.float32, "cpu")
     _bench(run_bench, provider, q, k, v, {"B": 1, "H": 4, "S": seq, "D": 64}, "cpu")
+
+
+def _training_forward(provider, q, k, v):
+    """What a training step differentiates. fla gets phi(q), phi(k) inside the step (as dsattn fuses them)."""
+    if provider == "torch-sdpa":
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if provider == "fla":
+        chunk_linear_attn = _fla_chunk()
+
+        def fla_step():
+            fq, fk, vt = (t.transpose(1, 2) for t in (feature_map(q, "elu"), feature_map(k, "elu"), v))
+            out = chunk_linear_attn(fq, fk, vt, scale=1.0, normalize=True)
+            return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
+
+        return fla_step
+    backend = provider.removeprefix("dsattn-")
+    return lambda: linear_attention(q, k, v, feature_map="elu", backend=backend)
+
+
+@pytest.mark.parametrize("seq", [1024, 4096])
+@pytest.mark.parametrize("provider", ["torch-sdpa", "dsattn-torch"])
+def test_fwd_bwd_cpu(run_training_bench, provider, seq):
+    q, k, v = (t.requires_grad_(True) for t in _inputs(1, 4, seq, 64, torch.float32, "cpu"))
+    run_training_bench(_training_forward(provider, q, k, v), (q, k, v), op=OP, provider=provider,
+                       shape={"B": 1, "H": 4, "S": seq, "D": 64}, device="cpu", dtype=torch.float32,
+                       baseline=provider == "torch-sdpa", memory=provider.startswith("dsattn"))
+
+
+@pytest.mark.gpu_only
+@pytest.mark.parametrize("provider", ["torch-sdpa", "dsattn-triton", "fla"])
+def test_fwd_bwd_gpu(run_training_bench, provider):
+    seq = 16384
+    q, k, v = (t.requires_grad_(True) for t in _inputs(1, 32, seq, 128, torch.bfloat16, "cuda"))
+    run_training_bench(_training_forward(provider, q, k, v), (q, k, v), op=OP, provider=provider,
+                       shape={"B": 1, "H": 32, "S": seq, "D": 128}, device="cuda", dtype=torch.bfloat16,
+                       baseline=provider == "torch-sdpa", memory=True)

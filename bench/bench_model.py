@@ -20,13 +20,10 @@ Skipped cases are appended to the JSON-lines file named by DSATTN_BENCH_SKIPS (t
 
 Peak memory (peak_memory_mb). GPU: run_bench's torch.cuda.max_memory_allocated over the timed rounds (weights
 included); the call's own peak above what was allocated before it is extra_info["call_peak_mb"]. CPU: the
-resident-set high-water mark of one call above the RSS before it: glibc's free memory is handed back first
-(malloc_trim) so it cannot hide new allocations, then Linux's VmHWM is reset (write "5" to
-/proc/self/clear_refs) and read back from /proc/self/status after the call. (ru_maxrss never resets and
-tracemalloc does not see torch's allocator.) Where clear_refs is unavailable the CPU value is left empty.
+resident-set high-water mark of one call above the RSS before it (dsattn.testing.call_peak_mb). Where
+/proc/self/clear_refs is unavailable the CPU value is left empty.
 """
 
-import ctypes
 import gc
 import json
 import os
@@ -36,6 +33,7 @@ import pytest
 import torch
 
 import dsattn
+from dsattn import testing
 from dsattn.models import prefill_cache, with_cache
 from dsattn.patching.attention import LAYER_STATE_ATTR
 
@@ -133,49 +131,9 @@ def _check_budget(case):
 
 # --- peak memory of one call ---------------------------------------------------------------------------------
 
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
-
-
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_rss_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def measure_call(fn):
     """(result, peak MB of this call above the memory in use before it, or None if it cannot be measured)."""
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        out = fn()
-        torch.cuda.synchronize()
-        return out, (torch.cuda.max_memory_allocated() - before) / 2**20
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-    before = _status_kb("VmRSS")
-    ok = _reset_rss_peak()
-    out = fn()
-    peak = _status_kb("VmHWM")
-    return out, (peak - before) / 1024 if ok else None
+    return testing.call_peak_mb(fn, DEVICE)
 
 
 # --- fidelity vs the dense model ------------------------------------------------------------------------------

@@ -118,3 +118,42 @@ def test_bf16_matmul_rate(run_bench):
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     run_bench(lambda: a @ a, op="bf16_matmul", provider="torch", shape=dict(M=8192, N=8192, K=8192),
               device="cuda", dtype=torch.bfloat16, baseline=True, useful_gflop=2 * 8192**3 / 1e9)
+
+
+def _training_forward(provider, q, k, v, window):
+    """The forward a training step differentiates: SDPA through autograd with the dense window mask, dsattn on
+    one backend, or the GPU anchors."""
+    return _provider_fn(provider, q, k, v, window)
+
+
+# S=16384 measures backward memory (issue 14: below 3x the inputs plus their gradients); SDPA's dense mask and
+# probabilities there are O(S^2) (several GB per head group), so it runs only at the smaller sizes.
+CPU_TRAINING = [dict(B=1, H=8, S=1024, D=64, window=128), dict(B=1, H=8, S=4096, D=64, window=512),
+                dict(B=1, H=8, S=16384, D=64, window=512)]
+
+
+@pytest.mark.parametrize("shape", CPU_TRAINING, ids=lambda s: f"S{s['S']}-w{s['window']}")
+@pytest.mark.parametrize("provider", ["torch-sdpa", "dsattn-torch"])
+def test_fwd_bwd_cpu(run_training_bench, provider, shape):
+    if provider == "torch-sdpa" and shape["S"] > 4096:
+        pytest.skip("dense SDPA's O(S^2) mask and probabilities: not run at S=16384")
+    q, k, v = (t.requires_grad_(True) for t in
+               _inputs(shape["B"], shape["H"], shape["H"], shape["S"], shape["S"], shape["D"], torch.float32, "cpu"))
+    _, extra = run_training_bench(_training_forward(provider, q, k, v, shape["window"]), (q, k, v), op=OP,
+                                  provider=provider, shape=shape, device="cpu", dtype=torch.float32,
+                                  baseline=provider == "torch-sdpa", memory=provider.startswith("dsattn"))
+    if extra.get("peak_over_inputs_and_grads") is not None and shape["S"] >= 16384:
+        assert extra["peak_over_inputs_and_grads"] < 3, extra
+
+
+@pytest.mark.gpu_only
+@pytest.mark.parametrize("provider", ["flex", "flash-attn", "dsattn-triton"])
+def test_fwd_bwd_gpu(run_training_bench, provider):
+    """Goal (issue 14): S=32k, window 4k fwd+bwd at least FlexAttention's speed."""
+    shape = dict(B=1, H=32, S=32768, D=128, window=4096)
+    q, k, v = (t.requires_grad_(True) for t in _inputs(1, 32, 32, 32768, 32768, 128, torch.bfloat16, "cuda"))
+    try:
+        run_training_bench(_training_forward(provider, q, k, v, shape["window"]), (q, k, v), op=OP,
+                           provider=provider, shape=shape, device="cuda", dtype=torch.bfloat16, baseline=provider == "flex", memory=True)
+    except torch.OutOfMemoryError:
+        pytest.skip(f"{provider} ran out of memory at {shape}")

@@ -71,3 +71,34 @@ def run_bench(benchmark):
         return benchmark(fn)
 
     return run
+
+
+@pytest.fixture
+def run_training_bench(run_bench):
+    """run_training_bench(forward, inputs, op=..., provider=..., shape=..., device=..., dtype=..., baseline=False,
+    memory=False) times one training step of an attention call, forward() then the gradients of `inputs` for a
+    fixed random cotangent, as op "<op> fwd+bwd". memory=True also measures one step's peak memory above what was
+    in use before it (dsattn.testing.call_peak_mb) against the inputs plus their gradients, in extra_info
+    (peak_memory_mb, inputs_and_grads_mb, peak_over_inputs_and_grads)."""
+    from dsattn import testing
+
+    def run(forward, inputs, *, op: str, memory: bool = False, **kw):
+        cotangent = []
+
+        def step():
+            out = forward()
+            if not cotangent:
+                cotangent.append(torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out))
+            return torch.autograd.grad(out, inputs, cotangent[0])
+
+        extra = {}
+        if memory:
+            step()  # the cotangent and any one-time allocations (compiled kernels) outside the measured call
+            _, peak = testing.call_peak_mb(step, kw["device"])
+            held = 2 * sum(t.numel() * t.element_size() for t in inputs) / 2**20
+            extra = dict(peak_memory_mb=peak, inputs_and_grads_mb=held,
+                         peak_over_inputs_and_grads=None if peak is None else peak / held)
+        result = run_bench(step, op=f"{op} fwd+bwd", **kw, **extra)
+        return result, extra
+
+    return run

@@ -95,6 +95,49 @@ def largest_tensor(fn) -> int:
     return mode.numel
 
 
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_rss_peak() -> bool:
+    """Reset Linux's resident-set high-water mark (VmHWM) of this process; False where that is unavailable."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def call_peak_mb(fn, device="cpu"):
+    """(fn(), the peak memory in MB of that call above what was in use before it, or None where it cannot be
+    measured). CUDA: torch.cuda.max_memory_allocated. CPU: the resident-set high-water mark; glibc's free
+    memory is handed back first (malloc_trim) so it cannot hide new allocations, then VmHWM is reset
+    (/proc/self/clear_refs) and read back after the call (ru_maxrss never resets; tracemalloc does not see
+    torch's allocator)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, (torch.cuda.max_memory_allocated() - before) / 2**20
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    before = _status_kb("VmRSS")
+    ok = reset_rss_peak()
+    out = fn()
+    return out, (_status_kb("VmHWM") - before) / 1024 if ok else None
+
+
 def outputs_and_grads(fn, inputs, grad_outputs=None):
     """fn(*inputs) and the gradients of every floating tensor input that requires grad (None for the
     others), for grad_outputs (default: fixed random cotangents, one per floating output)."""

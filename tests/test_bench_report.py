@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dsattn import bench_report
+from dsattn import bench_report, testing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,6 +51,36 @@ def test_ratio_is_baseline_over_provider():
     bench_report.with_ratios(rows)
     assert rows[1]["ratio"] == pytest.approx(4.0)
     assert "4.00x" in bench_report.markdown(rows)
+
+
+TRAINING_BENCHES = {"sliding_window_attention": "bench_sliding_window_attention.py",
+                    "sparse_attention": "bench_sparse_attention.py", "linear_attention": "bench_linear_attention.py",
+                    "hybrid_attention": "bench_hybrid_attention.py"}
+
+
+def test_fwd_bwd_benchmarks_run_on_cpu_at_small_sizes(tmp_path):
+    """Every attention op's forward+backward benchmark (the smallest CPU case) runs: dsattn's training step and
+    SDPA's through autograd, timed in one run, with dsattn's peak memory against its inputs plus gradients."""
+    pytest.importorskip("pytest_benchmark")
+    out_json = tmp_path / "training.json"
+    files = [os.path.join(ROOT, "bench", name) for name in TRAINING_BENCHES.values()]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, "-k", "fwd_bwd_cpu and 1024",
+         f"--benchmark-json={out_json}", "--benchmark-min-rounds=1", "--benchmark-max-time=0.01"],
+        cwd=ROOT, env=child_env(), capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out_json.read_text())
+    seen = {(b["extra_info"]["op"], b["extra_info"]["provider"]): b for b in data["benchmarks"]}
+    for op in TRAINING_BENCHES:
+        assert (f"{op} fwd+bwd", "torch-sdpa") in seen, sorted(seen)
+        ours = seen[(f"{op} fwd+bwd", "dsattn-torch")]
+        assert ours["stats"]["median"] > 0
+        if testing.reset_rss_peak():
+            assert ours["extra_info"]["peak_memory_mb"] is not None and ours["extra_info"]["inputs_and_grads_mb"] > 0
+    rows, _ = bench_report.load_rows([str(out_json)])
+    bench_report.with_ratios(rows)
+    assert "fwd+bwd" in bench_report.markdown(rows)
 
 
 def _load_bench_model():
@@ -120,7 +150,7 @@ def test_skips_are_recorded(tmp_path, monkeypatch):
 def test_cpu_peak_memory_sees_a_torch_allocation():
     pytest.importorskip("transformers")
     bench_model = _load_bench_model()
-    if bench_model.DEVICE != "cpu" or not bench_model._reset_rss_peak():
+    if bench_model.DEVICE != "cpu" or not testing.reset_rss_peak():
         pytest.skip("CPU with /proc/self/clear_refs only")
     import torch
 
