@@ -77,6 +77,23 @@ def _grouped_backward_fake(grad_out, x, qweight, scales, zeros, group_size, expe
 int4_grouped_matmul_backward_op = define_op(OP + "_backward", _grouped_backward, fake=_grouped_backward_fake)
 
 
+def _weight_grad_ste(grad_out: torch.Tensor, x: torch.Tensor, expert_ids: torch.Tensor,
+                     weights: Optional[torch.Tensor], num_experts: int) -> torch.Tensor:
+    return _torch.weight_grad_ste(grad_out, x, expert_ids, weights, num_experts)
+
+
+def _weight_grad_ste_fake(grad_out, x, expert_ids, weights, num_experts):
+    from dsattn.torch_backend.int4_matmul import compute_dtype
+
+    return x.new_empty(num_experts, grad_out.shape[-1], x.shape[1], dtype=compute_dtype(x.dtype))
+
+
+# Quantization-aware training (dsattn.nn.Int4Experts(train_mode=True)): the latent float expert weights'
+# straight-through gradient [E, N, K] (compute dtype); opaque like the backward (it reads the routing back).
+int4_grouped_matmul_weight_grad_ste_op = define_op(OP + "_weight_grad_ste", _weight_grad_ste,
+                                                   fake=_weight_grad_ste_fake)
+
+
 def _setup_context(ctx, inputs, output):
     x, qweight, scales, zeros, group_size, expert_ids, weights, backend = inputs
     ctx.save_for_backward(x, qweight, scales, zeros, expert_ids, weights)

@@ -1,6 +1,7 @@
 """int4_grouped_matmul one expert at a time (the "torch" backend, and the "cpp" backend with the compiled
 int4_matmul as the per-expert GEMM), and its backward (dx and the routing weights' gradient; the int4 weights
-are frozen).
+are frozen). For quantization-aware training (dsattn.nn.Int4Experts(train_mode=True)) the latent float expert
+weights' straight-through gradient, weight_grad_ste.
 
 Pair p of the flattened expert_ids [P] reads x row p // slots: out[p] = x[p // slots] @ dequantize(W[e]).T
 (* weights[p]) with e = expert_ids[p], for qweight [E, N, K/8], scales / zeros [E, N, K/g]; ids outside
@@ -78,3 +79,19 @@ def int4_grouped_matmul_backward(grad_out, x, qweight, scales, zeros, group_size
             dweights[pairs] = (g_e * y).sum(-1)
     return (None if dx is None else dx.to(x.dtype),
             None if dweights is None else dweights.to(weights.dtype).reshape(expert_ids.shape))
+
+
+def weight_grad_ste(grad_out, x, expert_ids, weights, num_experts: int):
+    """The straight-through estimate of the latent float expert weights' gradient [E, N, K] in the compute
+    dtype (fp32, fp64 for fp64 x): dW[e] = sum over the pairs p routed to e of (grad[p] * weights[p])^T @
+    x[p // slots], one GEMM per expert present; experts no pair reached and dropped pairs contribute zeros."""
+    compute = _dense.compute_dtype(x.dtype)
+    n, k = grad_out.shape[-1], x.shape[1]
+    slots = expert_ids.shape[1] if expert_ids.dim() == 2 else 1
+    g = grad_out.reshape(-1, n).to(compute)
+    flat_weights = None if weights is None else weights.reshape(-1).to(compute)
+    dw = torch.zeros(num_experts, n, k, dtype=compute, device=x.device)
+    for expert, pairs in _experts(expert_ids, num_experts):
+        g_e = g[pairs] if flat_weights is None else g[pairs] * flat_weights[pairs, None]
+        torch.mm(g_e.T, x[pairs // slots].to(compute), out=dw[expert])
+    return dw

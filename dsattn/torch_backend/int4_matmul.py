@@ -1,6 +1,8 @@
 """int4_matmul in chunked PyTorch (the "torch" backend): x @ dequantize(W).T (+ bias), dequantizing
 ROWS_PER_CHUNK output rows of the weight at a time, never the whole [N, K] weight; and its backward
-dx = grad @ dequantize(W) by the same chunks (the int4 weight is frozen: no gradient for it).
+dx = grad @ dequantize(W) by the same chunks (the int4 weight is frozen: no gradient for it). For
+quantization-aware training (dsattn.nn.Int4Linear(train_mode=True)) the latent float weight's
+straight-through gradient, weight_grad_ste.
 
 Layout (dsattn.reference.int4): qweight int32 [N, K/8], element (n, 8j + i) in bits [4i, 4i+4) of
 qweight[n, j]; scales [N, K/g], zeros uint8 [N, K/g]; w = (q - zero) * scale; with AWQ scaling, x is multiplied
@@ -73,3 +75,12 @@ def bias_backward(grad_out, bias_dtype: torch.dtype):
     """dbias [N]: grad_out summed over every leading dim, accumulated in fp32 (fp64 for fp64)."""
     n = grad_out.shape[-1]
     return grad_out.reshape(-1, n).to(compute_dtype(bias_dtype)).sum(0).to(bias_dtype)
+
+
+def weight_grad_ste(grad_out, x, weight_dtype: torch.dtype):
+    """The straight-through estimate of the latent float weight's gradient [N, K] in weight_dtype:
+    grad_out^T @ x over every leading dim (the rounding to int4 is treated as the identity), accumulated in
+    fp32 (fp64 for fp64)."""
+    compute = torch.float64 if torch.float64 in (x.dtype, weight_dtype) else torch.float32
+    n, k = grad_out.shape[-1], x.shape[-1]
+    return (grad_out.reshape(-1, n).to(compute).T @ x.reshape(-1, k).to(compute)).to(weight_dtype)
