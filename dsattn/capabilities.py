@@ -70,8 +70,9 @@ CAPABILITIES: dict[str, dict[str, Capability]] = {
     "sliding_window_attention": {"triton": dataclasses.replace(TRITON_SLIDING_WINDOW, backward=True), "torch": TORCH},
     "sliding_window_attention_varlen": {"triton": TRITON_SLIDING_WINDOW, "torch": TORCH},
     # 64-bit offsets where they can pass int32 (LONG_OFFSETS): no offset limit.
-    "sparse_attention": {"triton": Capability(dtypes=KERNEL_FLOATS), "torch": TORCH},
-    "topk_sparse_attention": {"triton": Capability(dtypes=KERNEL_FLOATS), "torch": TORCH},
+    # Triton backward: FlashAttention-2 style over the listed (topk: selected) keys, dk/dv by fp32 atomics.
+    "sparse_attention": {"triton": Capability(dtypes=KERNEL_FLOATS, backward=True), "torch": TORCH},
+    "topk_sparse_attention": {"triton": Capability(dtypes=KERNEL_FLOATS, backward=True), "torch": TORCH},
     # Its output is indices: nothing to differentiate, so every backend serves grad-mode calls. top_k is
     # min(top_k, Sk). The Triton kernel's offsets are 64-bit between tiles (its launcher checks the tiles).
     "lightning_indexer_topk": {

@@ -329,6 +329,17 @@ def test_every_launch_config_is_compiled_ahead_of_time():
                 for split in ("", "_split"):
                     name = f"fwd_{kernels.TRITON_DTYPE[dtype]}_h{block_h}_dv{block_dv}{split}"
                     assert (name, num_warps, num_stages) in specs, name
+    # Training, 16-bit at the usual head dims (64/64, 128/128, MLA 192/128 and 576/512): the forward that
+    # writes lse and the backward.
+    for dtype in (torch.float16, torch.bfloat16):
+        for groups in (1, 3, 16, 17, 32, 33, 64, 128):
+            for dqk, dv in ((64, 64), (128, 128), (192, 128), (576, 512)):
+                block_h, block_dv, num_warps, num_stages = kernels.block_config(groups, dv)
+                name = f"fwd_lse_{kernels.TRITON_DTYPE[dtype]}_h{block_h}_dv{block_dv}"
+                assert (name, num_warps, num_stages) in specs, name
+                block_h, block_dq, block_dv, num_warps, num_stages = kernels.bwd_block_config(groups, dqk, dv)
+                name = f"bwd_{kernels.TRITON_DTYPE[dtype]}_h{block_h}_dq{block_dq}_dv{block_dv}"
+                assert (name, num_warps, num_stages) in specs, name
 
 
 # ----------------------------------------------------------------------------------------- the custom op
@@ -399,14 +410,103 @@ def test_backward_memory_chunks(strategy, monkeypatch):
 
 
 def test_no_silent_detach(triton_device):
-    """A gradient is wanted: auto takes a backend with a backward; an explicit one without raises first."""
+    """A gradient is wanted: auto and an explicit backend="triton" both return a graph, and with "triton" it
+    is the Triton backward that runs (and is correct)."""
+    from dsattn.triton_kernels import sparse_attention as kernels
+
     q, k, v = _grad_inputs(1, 2, 1, 5, 9, 16, 16, device=triton_device)
     indices = _random_indices((1, 5), 4, 9, device=triton_device)
     assert sparse_attention(q, k, v, indices).grad_fn is not None
-    with pytest.raises(ValueError, match="sparse_attention: backend='triton' has no backward"):
-        sparse_attention(q, k, v, indices, backend="triton")
+    calls = []
+    backward = kernels.sparse_attention_backward
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "sparse_attention_backward", lambda *a, **kw: calls.append(1) or backward(*a, **kw))
+        assert_grads_match(lambda q, k, v: sparse_attention(q, k, v, indices, backend="triton"),
+                           lambda q, k, v: sparse_attention_ref(q, k, v, indices), [q, k, v],
+                           tolerance(q.dtype, tf32=triton_device == "cuda"), name="sparse_attention")
+    assert calls, "backend='triton' did not run the Triton backward"
     with torch.no_grad():
         assert_close(sparse_attention(q, k, v, indices, backend="triton"), sparse_attention_ref(q, k, v, indices))
+
+
+TRITON_GRAD_CASES = {
+    # name: (b, hq, hkv, sq, sk, dqk, dv, topk, per_head, causal, transposed, dtype)
+    "gqa_dqk_ne_dv_chunked_prefill": (2, 4, 2, 7, 19, 24, 16, 9, False, True, False, torch.float32),
+    "per_head_two_topk_blocks_strided": (1, 6, 3, 5, 30, 32, 32, 40, True, False, True, torch.float32),
+    "mla_dims_mqa": (1, 8, 1, 3, 29, 192, 128, 16, False, True, False, torch.float32),
+    "mla_latent_576_512": (1, 16, 1, 2, 20, 576, 512, 8, False, True, False, torch.float32),
+    "two_head_blocks": (1, 66, 1, 2, 11, 16, 16, 5, False, False, False, torch.float32),
+    "bf16_gqa": (1, 4, 2, 9, 13, 16, 8, 6, False, True, False, torch.bfloat16),
+    "bf16_per_head_strided": (1, 4, 2, 6, 21, 64, 64, 12, True, True, True, torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("case", list(TRITON_GRAD_CASES))
+def test_triton_gradients_match_float64_autograd_of_the_oracle(triton_device, case):
+    """The Triton backward (through the functional entry: the training forward saves lse) on lists with -1
+    entries, an all -1 row, a duplicated key (its gradient counts once per listing) and, causal, keys after
+    the query's position (Sq < Sk: query i at i + Sk - Sq)."""
+    b, hq, hkv, sq, sk, dqk, dv, topk, per_head, causal, transposed, dtype = TRITON_GRAD_CASES[case]
+    inputs = _grad_inputs(b, hq, hkv, sq, sk, dqk, dv, dtype, triton_device, transposed=transposed)
+    indices = _random_indices((b, hkv, sq) if per_head else (b, sq), topk, sk, device=triton_device)
+    indices[..., 1, :] = -1  # a row with no key: zeros out, zero gradients
+    indices[..., -1, -2:] = indices[..., -1, :1]  # a duplicated key
+    if causal:
+        indices[..., 0, 0] = sk - 1  # a listed future key (query 0 sits at Sk - Sq)
+    rtol = tolerance(dtype, tf32=triton_device == "cuda")
+    assert_grads_match(lambda q, k, v: sparse_attention(q, k, v, indices, causal=causal, scale=0.3, backend="triton"),
+                       lambda q, k, v: sparse_attention_ref(q, k, v, indices, causal=causal, scale=0.3), inputs, rtol,
+                       name=f"sparse_attention triton ({case})")
+
+
+def test_triton_gradients_of_rows_without_keys_are_zero(triton_device):
+    """Rows that list only -1 or only future keys: zero output, and they give no gradient anywhere."""
+    q, k, v = _grad_inputs(1, 2, 1, 4, 10, 16, 16, device=triton_device)
+    indices = torch.tensor([[[0, 6, -1], [-1, -1, -1], [9, -1, 9], [3, 9, 1]]], dtype=torch.int32,
+                           device=triton_device)  # row 2 sits at position 8: keys 9 are future
+    out = sparse_attention(q, k, v, indices, causal=True, backend="triton")
+    grad = torch.zeros_like(out)
+    grad[:, :, 1:3] = 1.0  # only the empty rows carry a cotangent
+    out.backward(grad)
+    assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))
+    for t in (q, k, v):
+        assert torch.equal(t.grad, torch.zeros_like(t)), "a row without keys produced a gradient"
+
+
+def test_triton_backward_keeps_non_finite_unlisted_keys_out(triton_device):
+    """NaN / Inf in k/v rows no row lists (or lists only as a future key, or as -1) reach neither the outputs
+    nor any gradient of the Triton backward: equal to the clean inputs'."""
+    q, k, v = _inputs(1, 2, 1, 4, 8, 16, 16, device=triton_device)
+    indices = torch.tensor([[[0, 1, -1], [1, 2, 7], [0, 3, -1], [3, 2, 1]]], dtype=torch.int32, device=triton_device)
+    bad_k, bad_v = k.clone(), v.clone()
+    bad_k[:, :, 7], bad_v[:, :, 7] = float("nan"), float("inf")  # row 1 lists key 7 after its position
+    bad_k[:, :, 5], bad_v[:, :, 6] = float("-inf"), float("nan")  # listed by no row
+    results = []
+    for leaves in ([t.clone().requires_grad_(True) for t in (q, k, v)],
+                   [t.clone().requires_grad_(True) for t in (q, bad_k, bad_v)]):
+        out = sparse_attention(*leaves, indices, causal=True, backend="triton")
+        out.backward(torch.ones_like(out))
+        results.append([out, *(t.grad for t in leaves)])
+    for clean, dirty in zip(*results):
+        assert torch.equal(clean, dirty)
+
+
+def test_triton_backward_through_the_public_op(triton_device):
+    """torch.ops.dsattn.sparse_attention called directly (no saved lse), int64 per-head lists: its backward
+    recomputes (out, lse) with the training forward."""
+    q, k, v = _grad_inputs(1, 4, 2, 6, 17, 16, 8, device=triton_device)
+    indices = _random_indices((1, 2, 6), 7, 17, device=triton_device).long()
+    assert_grads_match(lambda q, k, v: torch.ops.dsattn.sparse_attention(q, k, v, indices, True, 0.3, "triton"),
+                       lambda q, k, v: sparse_attention_ref(q, k, v, indices, causal=True, scale=0.3), [q, k, v],
+                       tolerance(q.dtype, tf32=triton_device == "cuda"), name="sparse_attention")
+
+
+def test_triton_backward_compiles(triton_device):
+    """The Triton training forward and backward ops under torch.compile(fullgraph, aot_eager)."""
+    inputs = [*_grad_inputs(1, 4, 2, 7, 13, 16, 8, device=triton_device, transposed=True),
+              _random_indices((1, 7), 5, 13, device=triton_device)]
+    assert_compiles(lambda q, k, v, i: sparse_attention(q, k, v, i, causal=True, backend="triton"), inputs,
+                    backends=("aot_eager",), name="sparse_attention triton")
 
 
 def test_opcheck():
@@ -415,7 +515,10 @@ def test_opcheck():
     indices = _random_indices((1, 5), 6, 11)
     for backend in backends:
         torch.library.opcheck(torch.ops.dsattn.sparse_attention,
-                              (q.requires_grad_(backend == "torch"), k, v, indices, True, 0.25, backend))
+                              (q.requires_grad_(True), k, v, indices, True, 0.25, backend))
+    if "triton" in backends:
+        torch.library.opcheck(torch.ops.dsattn.sparse_attention_fwd_lse,
+                              (q.requires_grad_(True), k.requires_grad_(True), v, indices, True, 0.25))
     # Per-head int64 lists: schema and fake kernel (the traced autograd path is the one above).
     torch.library.opcheck(torch.ops.dsattn.sparse_attention,
                           (q, k, v, _random_indices((1, 2, 5), 6, 11).long(), True, 0.25, "torch"),

@@ -206,21 +206,62 @@ def test_backward_memory_chunks(monkeypatch):
 
 
 def test_no_silent_detach(triton_device):
-    """A gradient is wanted: auto takes a backend with a backward; an explicit one without raises first."""
+    """A gradient is wanted: auto and an explicit backend="triton" both return a graph, and with "triton" it
+    is the sparse-attention Triton backward that runs (and is correct)."""
+    from dsattn.triton_kernels import sparse_attention as kernels
+
     q, k, v = _grad_inputs(1, 2, 1, 7, 7, 16, 16, device=triton_device)
     assert dsattn.topk_sparse_attention(q, k, v, 3).grad_fn is not None
-    with pytest.raises(ValueError, match="topk_sparse_attention: backend='triton' has no backward"):
-        dsattn.topk_sparse_attention(q, k, v, 3, backend="triton")
+    calls = []
+    backward = kernels.sparse_attention_backward
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "sparse_attention_backward", lambda *a, **kw: calls.append(1) or backward(*a, **kw))
+        assert_grads_match(lambda q, k, v: dsattn.topk_sparse_attention(q, k, v, 3, backend="triton"),
+                           lambda q, k, v: reference(q, k, v, 3), [q, k, v],
+                           tolerance(q.dtype, tf32=triton_device == "cuda"), name="topk_sparse_attention")
+    assert calls, "backend='triton' did not run the Triton backward"
     with torch.no_grad():
         assert_close(dsattn.topk_sparse_attention(q, k, v, 3, backend="triton"), reference(q, k, v, 3))
 
 
+@pytest.mark.parametrize(
+    "b,hq,hkv,sq,sk,dqk,dv,top_k,causal,transposed,dtype",
+    [
+        (2, 4, 2, 6, 11, 24, 16, 4, True, False, torch.float32),  # GQA (dk/dv summed over the group), Sq < Sk
+        (1, 3, 1, 8, 8, 16, 24, 3, False, True, torch.float32),  # MQA, non-causal, non-contiguous, Dv > Dqk
+        (1, 2, 1, 7, 4, 16, 16, 2, True, False, torch.float32),  # Sq > Sk: rows that see nothing
+        (1, 2, 2, 6, 6, 16, 16, 50, True, False, torch.float32),  # top_k >= Sk: dense
+        (1, 4, 2, 6, 11, 32, 16, 5, True, False, torch.bfloat16),
+    ],
+)
+def test_triton_gradients_match_float64_autograd_of_the_oracle(triton_device, b, hq, hkv, sq, sk, dqk, dv, top_k,
+                                                                 causal, transposed, dtype):
+    """Gradients through the keys the Triton path selects (the training forward saves its selection and lse)."""
+    inputs = _grad_inputs(b, hq, hkv, sq, sk, dqk, dv, dtype, triton_device, transposed=transposed)
+    assert_grads_match(
+        lambda q, k, v: dsattn.topk_sparse_attention(q, k, v, top_k, causal=causal, scale=0.3, backend="triton"),
+        lambda q, k, v: reference(q, k, v, top_k, causal=causal, scale=0.3), inputs,
+        tolerance(dtype, tf32=triton_device == "cuda"), name="topk_sparse_attention triton")
+
+
+def test_triton_backward_through_the_public_op(triton_device):
+    """torch.ops.dsattn.topk_sparse_attention called directly (nothing saved): its backward selects again and
+    recomputes (out, lse) with the training forward."""
+    q, k, v = _grad_inputs(1, 4, 2, 6, 11, 16, 8, device=triton_device)
+    assert_grads_match(lambda q, k, v: torch.ops.dsattn.topk_sparse_attention(q, k, v, 4, True, 0.3, "triton"),
+                       lambda q, k, v: reference(q, k, v, 4, causal=True, scale=0.3), [q, k, v],
+                       tolerance(q.dtype, tf32=triton_device == "cuda"), name="topk_sparse_attention")
+
+
 def test_opcheck():
-    q, k, v = (t.detach() for t in _grad_inputs(1, 4, 2, 5, 9, 16, 8))
+    q, k, v = (t.detach() for t in _grad_inputs(1, 4, 2, 3, 7, 16, 8))
     backends = ["torch"] + (["triton"] if dsattn._backend.unusable_reason("triton", q.device) is None else [])
     for backend in backends:
         torch.library.opcheck(torch.ops.dsattn.topk_sparse_attention,
-                              (q.requires_grad_(backend == "torch"), k, v, 3, True, 0.25, backend))
+                              (q.requires_grad_(True), k, v, 3, True, 0.25, backend))
+    if "triton" in backends:
+        torch.library.opcheck(torch.ops.dsattn.topk_sparse_attention_fwd_lse,
+                              (q.requires_grad_(True), k.requires_grad_(True), v, 3, True, 0.25))
 
 
 def test_compiles_fullgraph_and_equals_eager():

@@ -61,18 +61,48 @@ def _select(backend: str, q, k, v) -> str:
     return _backend.select_backend(OP, backend, q.device, request, auto_order=AUTO_ORDER.get(q.device.type))
 
 
+def _triton_indices(indices: torch.Tensor, seq_k: int) -> torch.Tensor:
+    if indices.dtype != torch.int32:  # int64 entries outside [-1, Sk) must not wrap into range
+        indices = torch.where((indices < -1) | (indices >= seq_k), -1, indices).to(torch.int32)
+    return indices
+
+
 def _sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, causal: bool,
                       scale: float, backend: str) -> torch.Tensor:
     if backend == "triton":
         from dsattn.triton_kernels import sparse_attention as _triton
 
-        if indices.dtype != torch.int32:  # int64 entries outside [-1, Sk) must not wrap into range
-            indices = torch.where((indices < -1) | (indices >= k.shape[2]), -1, indices).to(torch.int32)
-        return _triton.sparse_attention(q, k, v, indices, causal=causal, scale=scale)
+        return _triton.sparse_attention(q, k, v, _triton_indices(indices, k.shape[2]), causal=causal, scale=scale)
     return _torch.sparse_attention(q, k, v, indices, causal=causal, scale=scale)
 
 
 sparse_attention_op = define_op(OP, _sparse_attention)
+
+
+def _sparse_attention_fwd_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, causal: bool,
+                              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton's training forward: (out, the rows' base-2 log-sum-exp fp32 [B, Hq, Sq]); internal (the public
+    op returns only out), so that the backward reuses the forward's lse instead of recomputing it."""
+    from dsattn.triton_kernels import sparse_attention as _triton
+
+    return _triton.sparse_attention_fwd_lse(q, k, v, _triton_indices(indices, k.shape[2]), causal=causal, scale=scale)
+
+
+sparse_attention_fwd_lse_op = define_op(OP + "_fwd_lse", _sparse_attention_fwd_lse)
+
+
+def _sparse_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          indices: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, causal: bool,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton's backward as an op of its own, so that AOTAutograd traces it as one call. Also the backward of
+    topk_sparse_attention's Triton path (per-query-head lists over per-query-head K/V)."""
+    from dsattn.triton_kernels import sparse_attention as _triton
+
+    return _triton.sparse_attention_backward(grad_out.to(q.dtype), q, k, v, _triton_indices(indices, k.shape[2]),
+                                             out, lse, causal=causal, scale=scale)
+
+
+sparse_attention_bwd_op = define_op(OP + "_bwd", _sparse_attention_bwd)
 
 
 def _setup_context(ctx, inputs, output):
@@ -85,11 +115,35 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     q, k, v, indices = ctx.saved_tensors
     _backend.check_backward(OP, ctx.backend)
-    dq, dk, dv = _torch.sparse_attention_backward(grad_out, q, k, v, indices, **ctx.options)
+    if ctx.backend == "triton":
+        # Reached when the public op is called directly with backend="triton" (the functional entry takes
+        # the _fwd_lse op instead, which saves lse): recompute (out, lse) with the training forward.
+        causal, scale = ctx.options["causal"], ctx.options["scale"]
+        out, lse = sparse_attention_fwd_lse_op(q, k, v, indices, causal, scale)
+        dq, dk, dv = sparse_attention_bwd_op(grad_out, q, k, v, indices, out, lse, causal, scale)
+    else:
+        dq, dk, dv = _torch.sparse_attention_backward(grad_out, q, k, v, indices, **ctx.options)
     return dq, dk, dv, None, None, None, None
 
 
 sparse_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _setup_context_fwd_lse(ctx, inputs, output):
+    q, k, v, indices, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, indices, out, lse)
+    ctx.options = (causal, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_fwd_lse(ctx, grad_out, grad_lse):
+    q, k, v, indices, out, lse = ctx.saved_tensors
+    dq, dk, dv = sparse_attention_bwd_op(grad_out, q, k, v, indices, out, lse, *ctx.options)
+    return dq, dk, dv, None, None, None
+
+
+sparse_attention_fwd_lse_op.register_autograd(_backward_fwd_lse, setup_context=_setup_context_fwd_lse)
 
 
 def sparse_attention(
@@ -108,9 +162,9 @@ def sparse_attention(
     indices [B, Sq, topk] or [B, Hkv, Sq, topk], int32 (int64 accepted). Returns [B, Hq, Sq, Dv] in q's
     dtype. Cost O(Sq x topk x D); no O(Sq x Sk) tensor.
 
-    Backends: "triton" (CUDA; fp16/bf16/fp32, any head dims, split-K for decode; no backward yet), "torch"
-    (chunked, "gather" or "dense" per call shape; has a backward). "auto": Triton on CUDA, torch on CPU, for
-    float64 and when a gradient is needed.
+    Backends: "triton" (CUDA; fp16/bf16/fp32, any head dims, split-K for decode; a FlashAttention-2 style
+    backward over the listed keys, dk/dv by fp32 atomics), "torch" (chunked, "gather" or "dense" per call
+    shape; has a backward). "auto": Triton on CUDA, torch on CPU and for float64.
     """
     shape = _checks.check_qkv(OP, q, k, v)
     if not isinstance(causal, bool):
@@ -118,4 +172,6 @@ def sparse_attention(
     scale = _checks.check_scale(OP, scale, shape.dim_qk**-0.5)
     _check_indices(indices, shape, q)
     chosen = _select(backend, q, k, v)
+    if chosen == "triton" and _backend.needs_grad(q, k, v):
+        return sparse_attention_fwd_lse_op(q, k, v, indices, causal, scale)[0]
     return sparse_attention_op(q, k, v, indices, causal, scale, chosen)
