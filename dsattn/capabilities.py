@@ -66,9 +66,10 @@ TORCH = Capability(backward=True)
 TRITON_SLIDING_WINDOW = Capability(dtypes=KERNEL_FLOATS, max_head_dim=256)
 
 CAPABILITIES: dict[str, dict[str, Capability]] = {
-    # The Triton backward (FlashAttention-2 style) covers the padded op; varlen's backward runs on torch.
+    # The Triton backward (FlashAttention-2 style) covers the padded op and varlen (same kernels, per sequence).
     "sliding_window_attention": {"triton": dataclasses.replace(TRITON_SLIDING_WINDOW, backward=True), "torch": TORCH},
-    "sliding_window_attention_varlen": {"triton": TRITON_SLIDING_WINDOW, "torch": TORCH},
+    "sliding_window_attention_varlen": {"triton": dataclasses.replace(TRITON_SLIDING_WINDOW, backward=True),
+                                        "torch": TORCH},
     # 64-bit offsets where they can pass int32 (LONG_OFFSETS): no offset limit.
     # Triton backward: FlashAttention-2 style over the listed (topk: selected) keys, dk/dv by fp32 atomics.
     "sparse_attention": {"triton": Capability(dtypes=KERNEL_FLOATS, backward=True), "torch": TORCH},

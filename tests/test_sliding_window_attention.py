@@ -376,8 +376,7 @@ def test_backward_memory_chunks(monkeypatch):
 
 
 def test_no_silent_detach(triton_device):
-    """A gradient is wanted: triton now has a backward, which is what runs (and is correct); varlen's Triton
-    backend has none, so an explicit request raises before any kernel."""
+    """A gradient is wanted: triton has a backward, which is what runs (and is correct)."""
     q, k, v, s = _grad_inputs(1, 2, 1, 9, 9, 16, 16, torch.float32, triton_device)
     assert swa(q, k, v, 4, sinks=s).grad_fn is not None
     from dsattn.triton_kernels import sliding_window_attention as kernels
@@ -392,10 +391,6 @@ def test_no_silent_detach(triton_device):
     assert calls, "backend='triton' did not run the Triton backward"
     with torch.no_grad():
         assert_close(swa(q, k, v, 4, sinks=s, backend="triton"), reference(q, k, v, 4, sinks=s))
-    cu = _cu([9], triton_device)
-    with pytest.raises(ValueError, match="sliding_window_attention_varlen: backend='triton' has no backward"):
-        sliding_window_attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu,
-                                        9, 9, 4, backend="triton")
 
 
 @pytest.mark.parametrize(
@@ -446,6 +441,71 @@ def test_varlen_gradients_match_the_oracle():
                        name="sliding_window_attention_varlen")
 
 
+def _varlen_grad_inputs(lens_q, lens_k, hq, hkv, dqk, dv, dtype, device, sinks, strided):
+    q = torch.randn(sum(lens_q), hq, dqk, dtype=dtype, device=device)
+    k = torch.randn(sum(lens_k), hkv, dqk, dtype=dtype, device=device)
+    v = torch.randn(sum(lens_k), hkv, dv, dtype=dtype, device=device)
+    if strided:  # head-major memory for q, a strided head dim for k and v
+        q = q.transpose(0, 1).contiguous().transpose(0, 1)
+        k, v = non_contiguous(k), non_contiguous(v)
+        assert not any(t.is_contiguous() for t in (q, k, v))
+    s = torch.randn(hq, dtype=dtype, device=device) if sinks else None
+    leaves = [None if t is None else t.requires_grad_(True) for t in (q, k, v, s)]
+    return leaves, _cu(lens_q, device), _cu(lens_k, device)
+
+
+@pytest.mark.parametrize(
+    "lens_q,lens_k,hq,hkv,dqk,dv,window,causal,sinks,strided,dtype",
+    [
+        # GQA, Dqk != Dv, an empty q sequence, Sq < Sk, decode-like (one row over 9 keys)
+        ([13, 0, 29, 5, 1], [13, 4, 41, 5, 9], 4, 2, 16, 8, 5, True, True, False, torch.float32),
+        # window >= every length; a sequence without keys (its rows see nothing); strided inputs
+        ([7, 30, 3], [20, 30, 0], 2, 1, 12, 12, 100, True, True, True, torch.float32),
+        # symmetric window 1 (the diagonal only; with sinks, else dq and dk are exactly 0)
+        ([11, 0, 23, 6], [11, 5, 23, 17], 2, 2, 16, 16, 1, False, True, False, torch.float32),
+        # unmasked interior tiles in a sequence that starts off the tile grid (token 33 / 45)
+        ([33, 70], [45, 90], 2, 1, 16, 16, 40, True, True, False, torch.float32),
+        ([33, 70], [33, 90], 1, 1, 16, 8, 30, False, False, False, torch.float32),
+        # 16 bit at its tiles: GQA 4, strided, sinks
+        ([37, 0, 64], [50, 9, 64], 4, 1, 32, 16, 9, True, True, True, torch.bfloat16),
+        ([21, 40], [21, 55], 2, 2, 16, 24, 200, False, True, False, torch.bfloat16),
+    ],
+)
+def test_triton_varlen_gradients_match_float64_autograd_of_the_oracle(
+        triton_device, lens_q, lens_k, hq, hkv, dqk, dv, window, causal, sinks, strided, dtype):
+    from dsattn.triton_kernels import sliding_window_attention as kernels
+
+    inputs, cu_q, cu_k = _varlen_grad_inputs(lens_q, lens_k, hq, hkv, dqk, dv, dtype, triton_device, sinks, strided)
+    max_q, max_k = max(lens_q), max(lens_k)
+
+    def run(q, k, v, s):
+        return sliding_window_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window, causal=causal, sinks=s,
+                                               backend="triton")
+
+    def oracle(q, k, v, s):
+        return reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window, causal=causal, sinks=s)
+
+    calls = []
+    backward = kernels.sliding_window_attention_varlen_backward
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "sliding_window_attention_varlen_backward", lambda *a: calls.append(1) or backward(*a))
+        assert_grads_match(run, oracle, inputs, 1e-5 if dtype == torch.float32 else tolerance(dtype),
+                           name="sliding_window_attention_varlen")
+    assert calls, "backend='triton' did not run the Triton varlen backward"
+
+
+def test_triton_varlen_backward_through_the_public_op(triton_device):
+    """torch.ops.dsattn.sliding_window_attention_varlen called directly (no saved lse): its backward
+    recomputes it, with the key count for max_seqlen_k."""
+    (q, k, v, s), cu_q, cu_k = _varlen_grad_inputs([6, 0, 9], [6, 3, 15], 2, 1, 16, 8, torch.float32, triton_device,
+                                                   True, False)
+    assert_grads_match(
+        lambda q, k, v, s: torch.ops.dsattn.sliding_window_attention_varlen(q, k, v, cu_q, cu_k, 9, 4, True, 0.3, s,
+                                                                            "triton"),
+        lambda q, k, v, s: reference_varlen(q, k, v, cu_q, cu_k, 9, 15, 4, scale=0.3, sinks=s), [q, k, v, s], 1e-5,
+        name="sliding_window_attention_varlen")
+
+
 def test_opcheck():
     q, k, v, s = (t.detach() for t in _grad_inputs(1, 4, 2, 11, 13, 16, 8, torch.float32))
     backends = ["torch"] + (["triton"] if dsattn._backend.unusable_reason("triton", q.device) is None else [])
@@ -460,6 +520,15 @@ def test_opcheck():
     for backend in backends:
         torch.library.opcheck(torch.ops.dsattn.sliding_window_attention_varlen,
                               (qv.detach(), kv, vv, cu_q, cu_k, 7, 5, True, 0.25, s, backend))
+
+
+def test_opcheck_varlen_triton_training(triton_device):
+    """The varlen Triton training op with inputs that require grad (its backward op traced too)."""
+    (q, k, v, s), cu_q, cu_k = (_varlen_grad_inputs([3, 5], [4, 6], 2, 1, 16, 8, torch.float32, triton_device,
+                                                    True, False))
+    q, k, v, s = (t.detach() for t in (q, k, v, s))
+    torch.library.opcheck(torch.ops.dsattn.sliding_window_attention_varlen_fwd_lse,
+                          (q.requires_grad_(True), k.requires_grad_(True), v, cu_q, cu_k, 5, 6, 3, False, 0.25, s))
 
 
 def test_compiles_fullgraph_and_equals_eager():

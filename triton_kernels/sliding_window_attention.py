@@ -11,7 +11,7 @@ Three kernels share one inner loop (`_attend_key_range`: online softmax in base 
   window; the combine kernel merges the splits' (output, log-sum-exp) pairs and the sink.
 - Training: the prefill kernel with WRITE_LSE saves each row's base-2 log-sum-exp, and the FlashAttention-2
   style backward (`..._bwd_preprocess_kernel`, `..._bwd_dkdv_kernel`, `..._bwd_dq_kernel`) recomputes the
-  probabilities from it over the window's blocks only (the padded op; varlen's backward runs on torch).
+  probabilities from it over the window's blocks only; varlen runs the same kernels per sequence.
 Head dims are padded to powers of two with masks (up to 256); any strides; fp16/bf16/fp32 (fp32 dots as
 tf32x3: fp32-accurate on tensor cores). Visibility is SPEC's: query i at p = i + Sk - Sq sees
 p - window < j <= p (causal) or |p - j| < window (causal=False); `sinks` add e^(sink - m) to the
@@ -132,9 +132,10 @@ def sliding_window_attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, TF32X3: tl.constexpr, LONG_OFFSETS: tl.constexpr, WRITE_LSE: tl.constexpr = False,
 ):
-    """WRITE_LSE (for the backward; not with IS_VARLEN): also store each row's log-sum-exp in base 2,
+    """WRITE_LSE (for the backward): also store each row's log-sum-exp in base 2,
     lse[b, h, i] = log2(sum_j 2^(scale log2(e) s_ij) + 2^(log2(e) sink)) (the natural one times log2(e)),
-    +inf for a row with an empty denominator, into a contiguous fp32 [B, HQ, SEQ_Q]."""
+    +inf for a row with an empty denominator, into a contiguous fp32 [B, HQ, SEQ_Q] (varlen: [HQ, SEQ_Q] with
+    SEQ_Q the packed token count)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     batch = pid_bh // HQ
@@ -216,7 +217,10 @@ def sliding_window_attention_fwd_kernel(
     out = _finish_rows(acc, l_i, m_i, sink_log2, HAS_SINKS)
     if WRITE_LSE:
         lse = _row_lse(l_i, m_i, sink_log2, HAS_SINKS)
-        lse_rows = lse_ptr + (batch * HQ + head).to(tl.int64) * SEQ_Q + offs_m
+        if IS_VARLEN:  # [HQ, SEQ_Q] over the packed tokens (q_start + rows: the block's tokens)
+            lse_rows = lse_ptr + head.to(tl.int64) * SEQ_Q + q_start + rows
+        else:
+            lse_rows = lse_ptr + (batch * HQ + head).to(tl.int64) * SEQ_Q + offs_m
         tl.store(lse_rows, lse, mask=row_valid)
     o_base = o_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + q_start * stride_os
     tl.store(o_base + rows[:, None] * stride_os + offs_dv[None, :] * stride_od,
@@ -395,8 +399,22 @@ def _dkdv_query_range(
 
 
 @triton.jit
+def _sequence(cu_seqlens_q_ptr, cu_seqlens_k_ptr, seq, SEQ_Q, SEQ_K, IS_VARLEN: tl.constexpr):
+    """(first q token, q length, first k token, k length) of sequence `seq`: from cu_seqlens (varlen; 64-bit
+    starts) or the padded shape (starts 0)."""
+    if IS_VARLEN:
+        q_start = tl.load(cu_seqlens_q_ptr + seq)
+        seqlen_q = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+        k_start = tl.load(cu_seqlens_k_ptr + seq)
+        seqlen_k = tl.load(cu_seqlens_k_ptr + seq + 1) - k_start
+        return q_start.to(tl.int64), seqlen_q, k_start.to(tl.int64), seqlen_k
+    else:
+        return 0, SEQ_Q, 0, SEQ_K
+
+
+@triton.jit
 def sliding_window_attention_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -405,38 +423,44 @@ def sliding_window_attention_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
     HKV, GROUPS, SEQ_Q, SEQ_K, DQK, DV, window, qk_scale, qk_scale_log2,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
-    BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, TF32X3: tl.constexpr,
+    BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, TF32X3: tl.constexpr, IS_VARLEN: tl.constexpr = False,
 ):
     """dK, dV of one key block of one kv head: the sum over its GROUPS query heads. lse/delta: contiguous
-    fp32 [B, HQ, SEQ_Q] (lse in base 2, as the forward writes it)."""
+    fp32 [B, HQ, SEQ_Q] (lse in base 2, as the forward writes it). IS_VARLEN: batch is the sequence (as in
+    the forward: tokens from cu_seqlens, batch strides 0), lse/delta are [HQ, SEQ_Q] over the packed tokens
+    (SEQ_Q their count), and the grid covers the longest sequence's keys (idle blocks store nothing)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     batch = pid_bh // HKV
     kv_head = pid_bh % HKV
+    q_start, seqlen_q, k_start, seqlen_k = _sequence(cu_seqlens_q_ptr, cu_seqlens_k_ptr, batch, SEQ_Q, SEQ_K,
+                                                     IS_VARLEN)
     n_first = pid_n * BLOCK_N
     cols = n_first + tl.arange(0, BLOCK_N)
-    col_ok = cols < SEQ_K
+    col_ok = cols < seqlen_k
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = tl.load(k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    k = tl.load(k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh + k_start * stride_ks
                 + cols[:, None].to(tl.int64) * stride_ks + offs_dqk[None, :] * stride_kd,
                 mask=col_ok[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
-    v = tl.load(v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    v = tl.load(v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh + k_start * stride_vs
                 + cols[:, None].to(tl.int64) * stride_vs + offs_dv[None, :] * stride_vd,
                 mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    q_offset = SEQ_K - SEQ_Q  # query row i sits at position i + q_offset
-    n_last = tl.minimum(n_first + BLOCK_N, SEQ_K) - 1
+    q_offset = seqlen_k - seqlen_q  # query row i sits at position i + q_offset
+    n_last = tl.minimum(n_first + BLOCK_N, seqlen_k) - 1
     # Rows whose window reaches the block: positions [n_first (- window + 1), n_last + window - 1].
     if CAUSAL:
         lo = tl.maximum(n_first - q_offset, 0)
     else:
         lo = tl.maximum(n_first - window + 1 - q_offset, 0)
     lo = (lo // BLOCK_M) * BLOCK_M
-    hi = tl.minimum(n_last + window - q_offset, SEQ_Q)
+    hi = tl.minimum(n_last + window - q_offset, seqlen_q)
     hi = tl.maximum(hi, lo)
+    if IS_VARLEN:
+        hi = tl.where(n_first < seqlen_k, hi, lo)  # a block past this sequence's keys
     # Row blocks that see every key of the block: first position >= the last key (causal) or
     # last key - window + 1 (symmetric), and at least 0; last position <= first key + window - 1.
     if CAUSAL:
@@ -445,34 +469,37 @@ def sliding_window_attention_bwd_dkdv_kernel(
         need = n_first + BLOCK_N - window
     need = tl.maximum(need, 0)
     full_lo = tl.maximum(lo, tl.cdiv(tl.maximum(need - q_offset, 0), BLOCK_M) * BLOCK_M)
-    full_hi = (tl.maximum(tl.minimum(n_first + window - q_offset, SEQ_Q), 0) // BLOCK_M) * BLOCK_M
-    no_full = (full_hi <= full_lo) | (n_first + BLOCK_N > SEQ_K)
+    full_hi = (tl.maximum(tl.minimum(n_first + window - q_offset, seqlen_q), 0) // BLOCK_M) * BLOCK_M
+    no_full = (full_hi <= full_lo) | (n_first + BLOCK_N > seqlen_k)
     full_lo = tl.where(no_full, hi, full_lo)
     full_hi = tl.where(no_full, hi, full_hi)
     dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for g in range(GROUPS):
         head = kv_head * GROUPS + g
-        q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-        do_base = do_ptr + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
-        row_base = (batch * HKV * GROUPS + head).to(tl.int64) * SEQ_Q
+        q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + q_start * stride_qs
+        do_base = do_ptr + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh + q_start * stride_dos
+        if IS_VARLEN:
+            row_base = head.to(tl.int64) * SEQ_Q + q_start
+        else:
+            row_base = (batch * HKV * GROUPS + head).to(tl.int64) * SEQ_Q
         dk, dv = _dkdv_query_range(
             dk, dv, k, v, q_base, do_base, lse_ptr + row_base, delta_ptr + row_base, stride_qs, stride_qd,
-            stride_dos, stride_dod, cols, col_ok, lo, full_lo, SEQ_Q, q_offset, window, qk_scale_log2,
+            stride_dos, stride_dod, cols, col_ok, lo, full_lo, seqlen_q, q_offset, window, qk_scale_log2,
             offs_dqk, offs_dv, DQK, DV, CAUSAL, True, BLOCK_M, UPCAST, TF32X3)
         dk, dv = _dkdv_query_range(
             dk, dv, k, v, q_base, do_base, lse_ptr + row_base, delta_ptr + row_base, stride_qs, stride_qd,
-            stride_dos, stride_dod, cols, col_ok, full_lo, full_hi, SEQ_Q, q_offset, window, qk_scale_log2,
+            stride_dos, stride_dod, cols, col_ok, full_lo, full_hi, seqlen_q, q_offset, window, qk_scale_log2,
             offs_dqk, offs_dv, DQK, DV, CAUSAL, False, BLOCK_M, UPCAST, TF32X3)
         dk, dv = _dkdv_query_range(
             dk, dv, k, v, q_base, do_base, lse_ptr + row_base, delta_ptr + row_base, stride_qs, stride_qd,
-            stride_dos, stride_dod, cols, col_ok, full_hi, hi, SEQ_Q, q_offset, window, qk_scale_log2,
+            stride_dos, stride_dod, cols, col_ok, full_hi, hi, seqlen_q, q_offset, window, qk_scale_log2,
             offs_dqk, offs_dv, DQK, DV, CAUSAL, True, BLOCK_M, UPCAST, TF32X3)
     dk = dk * qk_scale
-    tl.store(dk_ptr + batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh
+    tl.store(dk_ptr + batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh + k_start * stride_dks
              + cols[:, None].to(tl.int64) * stride_dks + offs_dqk[None, :] * stride_dkd,
              dk.to(dk_ptr.dtype.element_ty), mask=col_ok[:, None] & (offs_dqk[None, :] < DQK))
-    tl.store(dv_ptr + batch.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh
+    tl.store(dv_ptr + batch.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh + k_start * stride_dvs
              + cols[:, None].to(tl.int64) * stride_dvs + offs_dv[None, :] * stride_dvd,
              dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DV))
 
@@ -515,7 +542,7 @@ def _dq_key_range(
 
 @triton.jit
 def sliding_window_attention_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -523,54 +550,62 @@ def sliding_window_attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqs, stride_dqd,
     HQ, GROUPS, SEQ_Q, SEQ_K, DQK, DV, window, qk_scale, qk_scale_log2,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
-    BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, TF32X3: tl.constexpr,
+    BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, TF32X3: tl.constexpr, IS_VARLEN: tl.constexpr = False,
 ):
-    """dQ of one query block of one query head over the key blocks its window reaches (as the forward)."""
+    """dQ of one query block of one query head over the key blocks its window reaches (as the forward).
+    IS_VARLEN: as the dK/dV kernel's."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     batch = pid_bh // HQ
     head = pid_bh % HQ
     kv_head = head // GROUPS
+    q_start, seqlen_q, k_start, seqlen_k = _sequence(cu_seqlens_q_ptr, cu_seqlens_k_ptr, batch, SEQ_Q, SEQ_K,
+                                                     IS_VARLEN)
     m_first = pid_m * BLOCK_M
     offs_m = m_first + tl.arange(0, BLOCK_M)
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_valid = offs_m < SEQ_Q
-    q_pos = offs_m + (SEQ_K - SEQ_Q)
-    q = tl.load(q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    row_valid = offs_m < seqlen_q
+    q_pos = offs_m + (seqlen_k - seqlen_q)
+    q = tl.load(q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + q_start * stride_qs
                 + offs_m[:, None].to(tl.int64) * stride_qs + offs_dqk[None, :] * stride_qd,
                 mask=row_valid[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
-    do = tl.load(do_ptr + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+    do = tl.load(do_ptr + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh + q_start * stride_dos
                  + offs_m[:, None].to(tl.int64) * stride_dos + offs_dv[None, :] * stride_dod,
                  mask=row_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    row_base = pid_bh.to(tl.int64) * SEQ_Q
+    if IS_VARLEN:
+        row_base = head.to(tl.int64) * SEQ_Q + q_start
+    else:
+        row_base = pid_bh.to(tl.int64) * SEQ_Q
     lse = tl.load(lse_ptr + row_base + offs_m, mask=row_valid, other=float("inf"))
     delta = tl.load(delta_ptr + row_base + offs_m, mask=row_valid, other=0.0)
     # The forward's key range and its unmasked interior.
-    m_last = tl.minimum(m_first + BLOCK_M, SEQ_Q) - 1
-    lo = tl.maximum(m_first + (SEQ_K - SEQ_Q) - window + 1, 0)
+    m_last = tl.minimum(m_first + BLOCK_M, seqlen_q) - 1
+    lo = tl.maximum(m_first + (seqlen_k - seqlen_q) - window + 1, 0)
     lo = (lo // BLOCK_N) * BLOCK_N
     if CAUSAL:
-        hi = tl.minimum(m_last + (SEQ_K - SEQ_Q) + 1, SEQ_K)
+        hi = tl.minimum(m_last + (seqlen_k - seqlen_q) + 1, seqlen_k)
     else:
-        hi = tl.minimum(m_last + (SEQ_K - SEQ_Q) + window, SEQ_K)
+        hi = tl.minimum(m_last + (seqlen_k - seqlen_q) + window, seqlen_k)
     hi = tl.maximum(hi, lo)
-    p_first = m_first + (SEQ_K - SEQ_Q)
-    p_last = m_first + BLOCK_M - 1 + (SEQ_K - SEQ_Q)
+    if IS_VARLEN:
+        hi = tl.where(m_first < seqlen_q, hi, lo)  # a block past this sequence's queries
+    p_first = m_first + (seqlen_k - seqlen_q)
+    p_last = m_first + BLOCK_M - 1 + (seqlen_k - seqlen_q)
     full_lo = tl.maximum(lo, tl.cdiv(tl.maximum(p_last - window + 1, 0), BLOCK_N) * BLOCK_N)
     if CAUSAL:
-        full_hi = tl.minimum(p_first + 1, SEQ_K)
+        full_hi = tl.minimum(p_first + 1, seqlen_k)
     else:
-        full_hi = tl.minimum(p_first + window, SEQ_K)
+        full_hi = tl.minimum(p_first + window, seqlen_k)
     full_hi = (tl.maximum(full_hi, 0) // BLOCK_N) * BLOCK_N
-    no_full = (full_hi <= full_lo) | (m_first + BLOCK_M > SEQ_Q) | (p_first < 0)
+    no_full = (full_hi <= full_lo) | (m_first + BLOCK_M > seqlen_q) | (p_first < 0)
     full_lo = tl.where(no_full, hi, full_lo)
     full_hi = tl.where(no_full, hi, full_hi)
-    k_base = k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    v_base = v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    k_base = k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh + k_start * stride_ks
+    v_base = v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh + k_start * stride_vs
     dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
     dq = _dq_key_range(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
                        q_pos, row_valid, lo, full_lo, window, qk_scale_log2, offs_dqk, offs_dv, DQK, DV,
@@ -582,7 +617,7 @@ def sliding_window_attention_bwd_dq_kernel(
                        q_pos, row_valid, full_hi, hi, window, qk_scale_log2, offs_dqk, offs_dv, DQK, DV,
                        CAUSAL, True, BLOCK_N, UPCAST, TF32X3)
     dq = dq * qk_scale
-    tl.store(dq_ptr + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh
+    tl.store(dq_ptr + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh + q_start * stride_dqs
              + offs_m[:, None].to(tl.int64) * stride_dqs + offs_dqk[None, :] * stride_dqd,
              dq.to(dq_ptr.dtype.element_ty), mask=row_valid[:, None] & (offs_dqk[None, :] < DQK))
 
@@ -765,51 +800,73 @@ def preprocess_block_m(block_dv: int) -> int:
     return 64 if block_dv <= 128 else 32
 
 
+def _bwd(grad_out, q, k, v, out, lse, grads, cu_q, cu_k, strides, shape, window, causal, scale):
+    """The three backward kernels into grads = (dq, dk, dv). strides: (q, k, v, grad_out, out, dq, dk, dv) each
+    (b, h, s, d); shape: (batch, HQ, HKV, SEQ_Q, SEQ_K, max_seqlen_q, max_seqlen_k), for varlen batch = the
+    sequences and SEQ_Q / SEQ_K the packed token counts. Returns delta = rowsum(dO O), fp32 laid out as lse."""
+    batch, hq, hkv, seq_q, seq_k, max_q, max_k = shape
+    dq, dk, dv_ = grads
+    dqk, dv = q.shape[-1], v.shape[-1]
+    groups = hq // hkv
+    varlen = cu_q is not None
+    block_dqk, block_dv = _pow2(dqk), _pow2(dv)
+    upcast = interpreting() and q.dtype == torch.bfloat16
+    tf32x3 = q.dtype == torch.float32
+    # delta is per (head, row) whatever the layout: varlen's packed tokens are one long padded sequence here.
+    pre_batch = 1 if varlen else batch
+    delta = torch.empty(*((hq,) if varlen else (batch, hq)), seq_q, dtype=torch.float32, device=q.device)
+    pre_m = preprocess_block_m(block_dv)
+    launch(sliding_window_attention_bwd_preprocess_kernel)[(triton.cdiv(seq_q, pre_m), pre_batch * hq)](
+        out, grad_out, delta, *strides[4], *strides[3], hq, seq_q, dv,
+        BLOCK_M=pre_m, BLOCK_DV=block_dv, num_warps=4,
+    )
+    cfg = bwd_config("dkdv", block_dqk, block_dv, q.dtype)
+    launch(sliding_window_attention_bwd_dkdv_kernel)[(triton.cdiv(max_k, cfg["BLOCK_N"]), batch * hkv)](
+        q, k, v, grad_out, lse, delta, dk, dv_, cu_q, cu_k, *strides[0], *strides[1], *strides[2], *strides[3],
+        *strides[6], *strides[7], hkv, groups, seq_q, seq_k, dqk, dv, window, scale, scale * LOG2E,
+        CAUSAL=causal, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+        UPCAST=upcast, TF32X3=tf32x3, IS_VARLEN=varlen, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    cfg = bwd_config("dq", block_dqk, block_dv, q.dtype)
+    launch(sliding_window_attention_bwd_dq_kernel)[(triton.cdiv(max_q, cfg["BLOCK_M"]), batch * hq)](
+        q, k, v, grad_out, lse, delta, dq, cu_q, cu_k, *strides[0], *strides[1], *strides[2], *strides[3],
+        *strides[5], hq, groups, seq_q, seq_k, dqk, dv, window, scale, scale * LOG2E,
+        CAUSAL=causal, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+        UPCAST=upcast, TF32X3=tf32x3, IS_VARLEN=varlen, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return delta
+
+
+def _dsinks(sinks, lse, delta, head_dim):
+    """dsinks[h] = -sum over h's rows of 2^(log2(e) sink_h - lse) delta (fp32 torch reduction)."""
+    if sinks is None:
+        return None
+    shape = [1] * lse.dim()
+    shape[head_dim] = -1
+    p_sink = torch.exp2(sinks.float().view(shape) * LOG2E - lse)
+    return -(p_sink * delta).sum([d for d in range(lse.dim()) if d != head_dim]).to(sinks.dtype)
+
+
 def sliding_window_attention_backward(grad_out, q, k, v, out, lse, window, causal, scale, sinks):
-    """(dq, dk, dv, dsinks) from the forward's out and base-2 lse (sliding_window_attention_fwd_lse).
-    dsinks[h] = -sum_{b,i} 2^(log2(e) sink_h - lse) delta (fp32 torch reduction; None without sinks)."""
+    """(dq, dk, dv, dsinks) from the forward's out and base-2 lse (sliding_window_attention_fwd_lse); dsinks
+    None without sinks."""
     batch, hq, seq_q, dqk = q.shape
     hkv, seq_k, dv = k.shape[1], k.shape[2], v.shape[3]
-    groups = hq // hkv
-    dq = torch.zeros_like(q)
-    dk = torch.zeros_like(k)
-    dv_ = torch.zeros_like(v)
+    grads = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
     delta = torch.zeros(batch, hq, seq_q, dtype=torch.float32, device=q.device)
-    block_dqk, block_dv = _pow2(dqk), _pow2(dv)
     if grad_out.numel() and seq_k:
         window = min(window, seq_k + seq_q)
-        upcast = interpreting() and q.dtype == torch.bfloat16
-        tf32x3 = q.dtype == torch.float32
-        pre_m = preprocess_block_m(block_dv)
-        launch(sliding_window_attention_bwd_preprocess_kernel)[(triton.cdiv(seq_q, pre_m), batch * hq)](
-            out, grad_out, delta, *out.stride(), *grad_out.stride(), hq, seq_q, dv,
-            BLOCK_M=pre_m, BLOCK_DV=block_dv, num_warps=4,
-        )
-        cfg = bwd_config("dkdv", block_dqk, block_dv, q.dtype)
-        launch(sliding_window_attention_bwd_dkdv_kernel)[(triton.cdiv(seq_k, cfg["BLOCK_N"]), batch * hkv)](
-            q, k, v, grad_out, lse, delta, dk, dv_, *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(),
-            *dk.stride(), *dv_.stride(), hkv, groups, seq_q, seq_k, dqk, dv, window, scale, scale * LOG2E,
-            CAUSAL=causal, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
-            UPCAST=upcast, TF32X3=tf32x3, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
-        cfg = bwd_config("dq", block_dqk, block_dv, q.dtype)
-        launch(sliding_window_attention_bwd_dq_kernel)[(triton.cdiv(seq_q, cfg["BLOCK_M"]), batch * hq)](
-            q, k, v, grad_out, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(),
-            *dq.stride(), hq, groups, seq_q, seq_k, dqk, dv, window, scale, scale * LOG2E,
-            CAUSAL=causal, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
-            UPCAST=upcast, TF32X3=tf32x3, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
-    dsinks = None
-    if sinks is not None:
-        p_sink = torch.exp2(sinks.float()[None, :, None] * LOG2E - lse)
-        dsinks = -(p_sink * delta).sum((0, 2)).to(sinks.dtype)
-    return dq, dk, dv_, dsinks
+        strides = tuple(t.stride() for t in (q, k, v, grad_out, out, *grads))
+        delta = _bwd(grad_out, q, k, v, out, lse, grads, None, None, strides,
+                     (batch, hq, hkv, seq_q, seq_k, seq_q, seq_k), window, causal, scale)
+    return (*grads, _dsinks(sinks, lse, delta, 1))
 
 
 def sliding_window_attention_varlen(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, window, causal, scale, sinks, out=None
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, window, causal, scale, sinks, out=None, lse=None
 ):
-    """q [total_q, Hq, Dqk], k [total_k, Hkv, Dqk], v [total_k, Hkv, Dv], cu_seqlens int32 [n + 1]."""
+    """q [total_q, Hq, Dqk], k [total_k, Hkv, Dqk], v [total_k, Hkv, Dv], cu_seqlens int32 [n + 1].
+    lse: a contiguous fp32 [Hq, total_q] to write the rows' base-2 log-sum-exp into (the training forward)."""
     total_q, hq, dqk = q.shape
     hkv, dv = k.shape[1], v.shape[2]
     check_head_dims(dqk, dv)
@@ -822,7 +879,34 @@ def sliding_window_attention_varlen(
     # Token-major [T, H, D]: the batch stride is 0 and the token stride is the sequence stride.
     strides = tuple((0, t.stride(1), t.stride(0), t.stride(2)) for t in (q, k, v, out))
     return _fwd(q, k, v, out, sinks, cu_seqlens_q, cu_seqlens_k, strides,
-                (num_seqs, hq, hq // hkv, 0, 0, max_seqlen_q), window, causal, scale)
+                (num_seqs, hq, hq // hkv, 0 if lse is None else total_q, 0, max_seqlen_q), window, causal, scale,
+                lse=lse)
+
+
+def sliding_window_attention_varlen_fwd_lse(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, window, causal,
+                                            scale, sinks):
+    """The varlen forward for training: (out, lse), lse fp32 [Hq, total_q] (base 2, as the padded one's)."""
+    lse = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float32, device=q.device)
+    out = sliding_window_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, window, causal,
+                                          scale, sinks, lse=lse)
+    return out, lse
+
+
+def sliding_window_attention_varlen_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                             max_seqlen_q, max_seqlen_k, window, causal, scale, sinks):
+    """(dq, dk, dv, dsinks) of the varlen op from its out and lse (sliding_window_attention_varlen_fwd_lse):
+    the padded kernels with each sequence's bounds read from cu_seqlens, over the packed tensors in place."""
+    total_q, hq, dqk = q.shape
+    total_k, hkv, dv = k.shape[0], k.shape[1], v.shape[2]
+    grads = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
+    delta = torch.zeros(hq, total_q, dtype=torch.float32, device=q.device)
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    if grad_out.numel() and total_k and num_seqs and max_seqlen_q and max_seqlen_k:
+        window = min(window, max_seqlen_q + max_seqlen_k)
+        strides = tuple((0, t.stride(1), t.stride(0), t.stride(2)) for t in (q, k, v, grad_out, out, *grads))
+        delta = _bwd(grad_out, q, k, v, out, lse, grads, cu_seqlens_q, cu_seqlens_k, strides,
+                     (num_seqs, hq, hkv, total_q, total_k, max_seqlen_q, max_seqlen_k), window, causal, scale)
+    return (*grads, _dsinks(sinks, lse, delta, 0))
 
 
 # ----------------------------------------------------------------------------------------- AOT
@@ -876,7 +960,7 @@ def _bwd_specs(dtype, p, tag, block_dqk, block_dv) -> list[AOTSpec]:
         cfg = bwd_config(kind, block_dqk, block_dv, dtype)
         grads = ("dk", "dv") if kind == "dkdv" else ("dq",)
         signature = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "do_ptr": p, "lse_ptr": "*fp32", "delta_ptr": "*fp32",
-                     **{f"{g}_ptr": p for g in grads},
+                     **{f"{g}_ptr": p for g in grads}, "cu_seqlens_q_ptr": "*i32", "cu_seqlens_k_ptr": "*i32",
                      **_strides("q"), **_strides("k"), **_strides("v"), **_strides("do"),
                      **{k_: v_ for g in grads for k_, v_ in _strides(g).items()},
                      "HKV" if kind == "dkdv" else "HQ": "i32", "GROUPS": "i32", "SEQ_Q": "i32", "SEQ_K": "i32",
@@ -885,10 +969,15 @@ def _bwd_specs(dtype, p, tag, block_dqk, block_dv) -> list[AOTSpec]:
             name=f"bwd_{kind}_{tag}", kernel=kernel, signature=signature,
             constexprs=dict(**_unit_head_strides("q", "k", "v", "do", *grads), CAUSAL=True, BLOCK_M=cfg["BLOCK_M"],
                             BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, UPCAST=False,
-                            TF32X3=dtype == torch.float32),
+                            TF32X3=dtype == torch.float32, IS_VARLEN=False),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], divisible_by_16=_aligned(signature),
             hot=dtype != torch.float32,
         ))
+    if dtype != torch.float32 and block_dqk == block_dv and block_dqk <= 128:
+        # Varlen training (packed sequences) at the common head dims, 16-bit: the same kernels, IS_VARLEN.
+        specs += [dataclasses.replace(spec, name=spec.name.replace(f"_{tag}", f"_varlen_{tag}"),
+                                      constexprs={**spec.constexprs, "IS_VARLEN": True})
+                  for spec in list(specs) if "IS_VARLEN" in spec.constexprs]
     return specs
 
 

@@ -212,6 +212,9 @@ def sliding_window_attention_varlen(
     scale = _checks.check_scale(op, scale, dqk**-0.5)
     sinks = _check_sinks(op, sinks, hq, q)
     chosen = _select(op, backend, q, k, v, sinks, dqk, v.shape[2])
+    if chosen == "triton" and _backend.needs_grad(q, k, v, sinks):
+        return sliding_window_attention_varlen_fwd_lse_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                          max_seqlen_k, window, causal, scale, sinks)[0]
     return sliding_window_attention_varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, window, causal,
                                               scale, sinks, chosen)
 
@@ -224,7 +227,7 @@ def _sliding_window_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.
 
         return _triton.sliding_window_attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, window, causal, scale,
-            None if sinks is None else sinks.to(torch.float32).contiguous())
+            _triton_sinks(sinks))
     return _torch.sliding_window_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, window, causal=causal,
                                                   scale=scale, sinks=sinks)
 
@@ -237,19 +240,94 @@ def _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, window, caus
 sliding_window_attention_varlen_op = define_op(OP_VARLEN, _sliding_window_attention_varlen, fake=_varlen_fake)
 
 
+def _sliding_window_attention_varlen_fwd_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                             cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                                             max_seqlen_q: int, max_seqlen_k: int, window: int, causal: bool,
+                                             scale: float, sinks: Optional[torch.Tensor]
+                                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton's varlen training forward: (out, lse fp32 [Hq, total_q]); max_seqlen_k only sizes the
+    backward's grid (kept here so that the backward needs no host read of the offsets)."""
+    from dsattn.triton_kernels import sliding_window_attention as _triton
+
+    return _triton.sliding_window_attention_varlen_fwd_lse(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                           window, causal, scale, _triton_sinks(sinks))
+
+
+sliding_window_attention_varlen_fwd_lse_op = define_op(OP_VARLEN + "_fwd_lse", _sliding_window_attention_varlen_fwd_lse)
+
+
+def _sliding_window_attention_varlen_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                                         v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                                         cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                                         max_seqlen_k: int, window: int, causal: bool, scale: float,
+                                         sinks: Optional[torch.Tensor]
+                                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton's varlen backward as one op (dsinks: zeros [Hq] without sinks), as the padded one."""
+    from dsattn.triton_kernels import sliding_window_attention as _triton
+
+    dq, dk, dv, dsinks = _triton.sliding_window_attention_varlen_backward(
+        grad_out.to(q.dtype), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window,
+        causal, scale, _triton_sinks(sinks))
+    if dsinks is None:
+        return dq, dk, dv, q.new_zeros(q.shape[1], dtype=torch.float32)
+    return dq, dk, dv, dsinks.to(sinks.dtype)
+
+
+sliding_window_attention_varlen_bwd_op = define_op(OP_VARLEN + "_bwd", _sliding_window_attention_varlen_bwd)
+
+
+def _triton_backward_varlen(grad_out, q, k, v, sinks, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                            max_seqlen_k, window, causal, scale):
+    dq, dk, dv, dsinks = sliding_window_attention_varlen_bwd_op(
+        grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window, causal, scale,
+        sinks)
+    return dq, dk, dv, None if sinks is None else dsinks
+
+
 def _setup_context_varlen(ctx, inputs, output):
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, window, causal, scale, sinks, backend = inputs
     ctx.save_for_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, sinks)
     ctx.options = dict(window=window, causal=causal, scale=scale)
+    ctx.max_seqlen_q = max_seqlen_q
     ctx.backend = backend
 
 
 def _backward_varlen(ctx, grad_out):
     q, k, v, cu_seqlens_q, cu_seqlens_k, sinks = ctx.saved_tensors
     _backend.check_backward(OP_VARLEN, ctx.backend)
-    dq, dk, dv, dsinks = _torch.sliding_window_attention_varlen_backward(
-        grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, sinks=sinks, **ctx.options)
+    if ctx.backend == "triton":
+        # The public op called directly (the functional entry takes the _fwd_lse op, which saves lse and
+        # max_seqlen_k): recompute (out, lse). No max_seqlen_k here: the key count bounds it (idle key blocks
+        # past a sequence's end cost a launch, not a host read of the offsets, which would not trace).
+        args = (cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q, k.shape[0])
+        o = ctx.options
+        out, lse = sliding_window_attention_varlen_fwd_lse_op(q, k, v, *args, o["window"], o["causal"], o["scale"],
+                                                              sinks)
+        dq, dk, dv, dsinks = _triton_backward_varlen(grad_out, q, k, v, sinks, out, lse, *args, **ctx.options)
+    else:
+        dq, dk, dv, dsinks = _torch.sliding_window_attention_varlen_backward(
+            grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, sinks=sinks, **ctx.options)
     return dq, dk, dv, None, None, None, None, None, None, dsinks, None
 
 
 sliding_window_attention_varlen_op.register_autograd(_backward_varlen, setup_context=_setup_context_varlen)
+
+
+def _setup_context_varlen_fwd_lse(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window, causal, scale, sinks = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, sinks, out, lse, cu_seqlens_q, cu_seqlens_k)
+    ctx.options = dict(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, window=window, causal=causal,
+                       scale=scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_varlen_fwd_lse(ctx, grad_out, grad_lse):
+    q, k, v, sinks, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    dq, dk, dv, dsinks = _triton_backward_varlen(grad_out, q, k, v, sinks, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                                 **ctx.options)
+    return dq, dk, dv, None, None, None, None, None, None, None, dsinks
+
+
+sliding_window_attention_varlen_fwd_lse_op.register_autograd(_backward_varlen_fwd_lse,
+                                                             setup_context=_setup_context_varlen_fwd_lse)
