@@ -17,7 +17,7 @@ from dsattn.ops.sparse_attention import sparse_attention
 from dsattn.ops.topk_sparse_attention import topk_sparse_attention
 from dsattn.quant.int4 import Int4Weight, quantize_int4
 from dsattn import nn, registry
-from dsattn.patching import patch, unpatch
+from dsattn.patching import patch, patch_summary, unpatch
 
 __all__ = [
     "Int4Weight",
@@ -28,6 +28,7 @@ __all__ = [
     "linear_attention",
     "nn",
     "patch",
+    "patch_summary",
     "quantize_int4",
     "reference",
     "registry",

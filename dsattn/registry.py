@@ -1,13 +1,15 @@
 """Names -> implementations, so that a new attention kernel, quantizer or model family registers in its own file
 without touching the core.
 
-- attention kernels: name -> factory(options) -> fn(q, k, v, *, scale, sinks, indices, window) on [B, H, S, D]
-- quantizers: name -> fn(model, options) -> model
+- attention kernels: name -> factory(**options) -> fn(q, k, v, *, scale, sinks, indices, window) on [B, H, S, D];
+  the factory's keyword parameters are the options the mode takes (patch rejects any other)
+- quantizers: name -> fn(model, state, options), registered with the option names it takes
 - model types: transformers `config.model_type` -> patcher (a ModelPatcher in dsattn.patching)
 """
 
 ATTENTION_KERNELS: dict = {}
 QUANTIZERS: dict = {}
+QUANTIZER_OPTIONS: dict = {}
 MODEL_TYPES: dict = {}
 
 
@@ -25,8 +27,24 @@ def register_attention(name: str):
     return _register(ATTENTION_KERNELS, "attention kernel", name)
 
 
-def register_quantizer(name: str):
+def register_quantizer(name: str, options: tuple[str, ...] = ()):
+    """options: the patch options this quantizer takes (e.g. group_size); patch rejects any other."""
+    QUANTIZER_OPTIONS[name] = tuple(options)
     return _register(QUANTIZERS, "quantizer", name)
+
+
+def attention_options(name: str) -> tuple[str, ...]:
+    """The patch options attention mode `name` takes: its factory's keyword parameters."""
+    import inspect
+
+    factory = lookup("attention", name)
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return tuple(p.name for p in inspect.signature(factory).parameters.values() if p.kind in kinds)
+
+
+def quantizer_options(name: str) -> tuple[str, ...]:
+    lookup("quantize", name)
+    return QUANTIZER_OPTIONS[name]
 
 
 def register_model_type(name: str, patcher) -> None:

@@ -99,13 +99,54 @@ def test_int4_quantize_and_unpatch_restores(model, batch):
 
 
 def test_keep_first_last_layers_in_16_bit(model):
+    if model.config.num_hidden_layers <= 2:
+        # Only the first and last layers: keeping them leaves nothing to quantize, which is an error, not a no-op.
+        with pytest.raises(ValueError, match="would change nothing.*keep_first_last=True"):
+            dsattn.patch(model, quantize="int4", group_size=32)
+        assert dsattn.patch_summary(model) is None and not any(
+            type(m).__name__.startswith("Int4") for m in model.modules())
+        model = tiny_model(model.config.model_type, **(MODEL_KW[model.config.model_type] | {"layers": 4}))
     dsattn.patch(model, quantize="int4", group_size=32)
     try:
         names = [n for n, m in model.named_modules() if type(m).__name__.startswith("Int4")]
         last = model.config.num_hidden_layers - 1
-        assert not any(f"layers.0." in n or f"layers.{last}." in n for n in names)
+        assert names and not any(f"layers.0." in n or f"layers.{last}." in n for n in names)
+        summary = dsattn.patch_summary(model)
+        assert sorted(summary["quantized"]) == sorted(names)
+        assert any("first or last" in s["reason"] and ".layers.0." in s["module"] for s in summary["skipped"])
+        assert summary["weight_bytes_after"] < summary["weight_bytes_before"]
     finally:
         dsattn.unpatch(model)
+
+
+def test_unknown_or_foreign_options_are_type_errors(model):
+    """A misspelt option, or one of another mode or of no quantizer, is a TypeError naming it and what is
+    accepted; nothing is changed."""
+    implementation = model.config._attn_implementation
+    mode = "sliding_window"
+    cases = [(dict(attention=mode, windw=64), "'windw'.*window"), (dict(attention=mode, top_k=8), "'top_k'"),
+             (dict(quantize="int4", window=8), "'window'.*group_size"),
+             (dict(attention=mode, quantize="int4", feature_map="elu"), "'feature_map'.*group_size.*window")]
+    for kw, message in cases:
+        with pytest.raises(TypeError, match=message):
+            dsattn.patch(model, **kw)
+        assert dsattn.patch_summary(model) is None and model.config._attn_implementation == implementation
+
+
+def test_patch_reports_what_it_did(model, caplog):
+    skip_unless_supported(model, "sliding_window")
+    with caplog.at_level("INFO", logger="dsattn"):
+        dsattn.patch(model, attention="sliding_window", window=16)
+    try:
+        summary = dsattn.patch_summary(model)
+        assert summary["attention"] == "sliding_window" and summary["options"] == {"window": 16}
+        assert len(summary["attention_layers"]) == model.config.num_hidden_layers
+        assert summary["quantized"] == [] and summary["weight_bytes_after"] == summary["weight_bytes_before"]
+        assert any("attention=sliding_window" in r.getMessage() and "window=16" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        dsattn.unpatch(model)
+    assert dsattn.patch_summary(model) is None
 
 
 def test_errors_list_what_is_supported(model):

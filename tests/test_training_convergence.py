@@ -21,8 +21,10 @@ V32 = {"index_topk": 16, "index_n_heads": 16}
 EXACT = [("deepseek_v3", "topk", {"top_k": 4096}), ("deepseek_v3", "sliding_window", {"window": 4096}),
          ("deepseek_v32", "sparse", {}), ("llama", "sliding_window", {"window": 4096}),
          ("llama", "hybrid", {"prefix": 4096})]
-APPROX = [("deepseek_v3", "topk", {"top_k": 8}), ("deepseek_v3", "sliding_window", {"window": 12}),
-          ("llama", "linear", {}), ("llama", "hybrid", {"prefix": 4, "window": 8})]
+APPROX = [("deepseek_v3", dict(attention="topk", top_k=8)), ("deepseek_v3", dict(attention="sliding_window", window=12)),
+          ("llama", dict(attention="linear")), ("llama", dict(attention="hybrid", prefix=4, window=8)),
+          # int4 quantization-aware training: float weights quantized every step, the int4 kernels, STE
+          ("llama", dict(quantize="int4", group_size=32, keep_first_last=False, train_mode=True))]
 
 
 def make(model_type):
@@ -79,10 +81,12 @@ def test_exact_modes_train_like_the_unpatched_model(model_type, mode, options, b
             assert err <= 1e-3, f"step {step} {name}: gradient relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("model_type,mode,options", APPROX, ids=[f"{t}-{m}" for t, m, _ in APPROX])
-def test_approximate_modes_lower_the_loss(model_type, mode, options, batches):
+@pytest.mark.parametrize("model_type,options", APPROX,
+                         ids=[f"{t}-{o.get('attention') or o.get('quantize')}" for t, o in APPROX])
+def test_approximate_modes_lower_the_loss(model_type, options, batches):
     model = make(model_type)
-    dsattn.patch(model, attention=mode, **options)
+    dsattn.patch(model, **options)
+    mode = options.get("attention") or options.get("quantize")
     losses, _ = train(model, batches)
     assert all(torch.isfinite(torch.tensor(losses)))
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5

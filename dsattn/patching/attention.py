@@ -14,7 +14,7 @@ DEFAULT_WINDOW = 4096
 
 
 @register_attention("sliding_window")
-def sliding_window(window: int | None = None, **_):
+def sliding_window(window: int | None = None):
     """window= given: every layer uses it (capped at a layer's own window). Left out: a layer's own window when
     the model passes one (DeepSeek-V4, Qwen2's sliding layers), else DEFAULT_WINDOW."""
     if window is not None:
@@ -31,7 +31,7 @@ def sliding_window(window: int | None = None, **_):
 
 
 @register_attention("topk")
-def topk(top_k: int = 2048, **_):
+def topk(top_k: int = 2048):
     dsattn._checks.check_int("patch", "top_k", top_k, minimum=1)
 
     def fn(q, k, v, *, scale, sinks=None, indices=None, model_window=None, layer=None):
@@ -41,7 +41,7 @@ def topk(top_k: int = 2048, **_):
 
 
 @register_attention("sparse")
-def sparse(**_):
+def sparse():
     def fn(q, k, v, *, scale, sinks=None, indices=None, model_window=None, layer=None):
         if indices is None:
             raise ValueError("dsattn: attention='sparse' needs the model's indexer indices (DeepSeek-V3.2 only)")
@@ -55,7 +55,7 @@ LAYER_STATE_ATTR = "_dsattn_layer_state"
 
 
 @register_attention("linear")
-def linear(feature_map: str = "elu", **_):
+def linear(feature_map: str = "elu"):
     """Generation carries each layer's linear-attention state (S, z) on the attention module, so a decode
     step folds in only the new keys instead of re-running linear attention over the whole KV cache (which
     costs Dk x Dv per key). The state is reused only when it belongs to this sequence: no grad, no per-row
@@ -86,7 +86,7 @@ def linear(feature_map: str = "elu", **_):
 
 
 @register_attention("hybrid")
-def hybrid(prefix: int = 2048, window: int = 0, feature_map: str = "elu", **_):
+def hybrid(prefix: int = 2048, window: int = 0, feature_map: str = "elu"):
     def fn(q, k, v, *, scale, sinks=None, indices=None, model_window=None, layer=None):
         return dsattn.hybrid_attention(q, k, v, prefix=prefix, window=window, feature_map=feature_map, scale=scale)
 

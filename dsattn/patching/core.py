@@ -11,6 +11,7 @@ Before loading (class level, like Liger-Kernel's apply_liger_kernel_to_*): `patc
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable
 
 from torch import nn
@@ -19,6 +20,7 @@ from dsattn import registry
 from dsattn.patching.attention import LAYER_STATE_ATTR, transformers_attention
 
 STATE_ATTR = "_dsattn_patch_state"
+logger = logging.getLogger("dsattn")
 
 
 @dataclasses.dataclass
@@ -43,6 +45,12 @@ class PatchState:
     restore: list = dataclasses.field(default_factory=list)  # callables undoing hooks
     attention: str | None = None
     quantize: str | None = None
+    options: dict = dataclasses.field(default_factory=dict)
+    attention_layers: list = dataclasses.field(default_factory=list)  # names of the attention modules patched
+    quantized: list = dataclasses.field(default_factory=list)  # names of the modules quantized
+    skipped: list = dataclasses.field(default_factory=list)  # (name, why) of the modules a quantizer left
+    weight_bytes_before: int = 0
+    weight_bytes_after: int = 0
 
 
 def replace_module(state: PatchState, parent: nn.Module, name: str, new: nn.Module) -> None:
@@ -51,7 +59,9 @@ def replace_module(state: PatchState, parent: nn.Module, name: str, new: nn.Modu
 
 
 def _resolve(model_type, attention, quantize, options):
-    """Validate a patch request for `model_type` before anything changes; returns (patcher, kernel, quantizer)."""
+    """Validate a patch request for `model_type` before anything changes; returns (patcher, kernel, quantizer).
+    Every option must be one the chosen attention mode or quantizer takes: anything else (a typo, another
+    mode's option) is a TypeError naming it and listing the accepted ones."""
     patcher = registry.lookup("model type", model_type)
     if attention is None and quantize is None:
         raise ValueError("dsattn.patch: give attention= and/or quantize=; attention kernels: "
@@ -62,8 +72,50 @@ def _resolve(model_type, attention, quantize, options):
                          f"supported: {list(patcher.attention_modes)}")
     quantizer = registry.lookup("quantize", quantize) if quantize is not None else None
     factory = registry.lookup("attention", attention) if attention is not None else None
-    kernel = factory(**options) if factory else None  # validates options
+    taken = set(registry.attention_options(attention)) if attention is not None else set()
+    accepted = taken | (set(registry.quantizer_options(quantize)) if quantize is not None else set())
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        chosen = ", ".join(f"{k}={v!r}" for k, v in (("attention", attention), ("quantize", quantize)) if v)
+        raise TypeError(f"dsattn.patch: unexpected option{'s' if len(unknown) > 1 else ''} "
+                        f"{', '.join(map(repr, unknown))} for {chosen}; it takes: {sorted(accepted) or 'no options'}")
+    kernel = factory(**{k: v for k, v in options.items() if k in taken}) if factory else None  # validates values
     return patcher, kernel, quantizer
+
+
+def _weight_bytes(model) -> int:
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _attention_modules(model) -> list[str]:
+    """The attention modules whose forward goes through the model's attention implementation."""
+    return [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in ("self_attn", "attn")]
+
+
+def patch_summary(model) -> dict | None:
+    """What dsattn.patch did to `model` (None when it is not patched): attention mode, quantizer and options,
+    the attention layers patched, the modules quantized and those left out (with why), and the parameter +
+    buffer bytes before and after."""
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        return None
+    return dict(attention=state.attention, quantize=state.quantize, options=dict(state.options),
+                attention_layers=list(state.attention_layers), quantized=list(state.quantized),
+                skipped=[dict(module=name, reason=why) for name, why in state.skipped],
+                weight_bytes_before=state.weight_bytes_before, weight_bytes_after=state.weight_bytes_after)
+
+
+def _log_summary(model_type: str, state: PatchState) -> None:
+    parts = []
+    if state.attention:
+        parts.append(f"attention={state.attention} on {len(state.attention_layers)} layers")
+    if state.quantize:
+        parts.append(f"quantize={state.quantize}: {len(state.quantized)} modules quantized, "
+                     f"{len(state.skipped)} left out")
+    options = f" ({', '.join(f'{k}={v!r}' for k, v in state.options.items())})" if state.options else ""
+    logger.info("dsattn.patch %s: %s%s; weights %.1f MB -> %.1f MB", model_type, "; ".join(parts), options,
+                state.weight_bytes_before / 2**20, state.weight_bytes_after / 2**20)
 
 
 def patch(model, *, attention=None, quantize=None, **options):
@@ -72,7 +124,9 @@ def patch(model, *, attention=None, quantize=None, **options):
     attention: "sliding_window" (window=), "topk" (top_k=), "sparse" (DeepSeek-V3.2: its indexer runs on
     dsattn.lightning_indexer_topk, its indices go to dsattn.sparse_attention), "linear" (feature_map=),
     "hybrid" (prefix=, window=, feature_map=). quantize: "int4" (group_size=128, symmetric=False, skip=(),
-    keep_first_last=True). Patching again first undoes the previous patch.
+    keep_first_last=True). Any other option is a TypeError; a quantization that would replace nothing is a
+    ValueError. Patching again first undoes the previous patch. What was done is logged at INFO on the "dsattn"
+    logger and kept for dsattn.patch_summary(model).
 
     `model` may also be a model type ("deepseek_v3") or a model class (DeepseekV3ForCausalLM): then models
     created afterwards with from_pretrained / from_config come out patched (see the module docstring).
@@ -89,24 +143,37 @@ def patch(model, *, attention=None, quantize=None, **options):
         patcher.check_options(config, attention, options)
     unpatch(model)
 
-    state = PatchState(attention=attention, quantize=quantize)
-    if kernel is not None:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
-
-        name = f"dsattn_{attention}_{id(model):x}"
-        state.attn_implementation = config._attn_implementation
-        attention_forward = transformers_attention(kernel, attention)
-        if patcher.wrap_attention is not None:
-            attention_forward = patcher.wrap_attention(attention_forward, model, state)
-        AttentionInterface.register(name, attention_forward)
-        AttentionMaskInterface.register(name, {"sdpa": sdpa_mask, "eager": eager_mask}[patcher.mask_function])
-        model.set_attn_implementation(name)
-        for hook in patcher.hooks:
-            hook(model, state, attention, options)
-    if quantizer is not None:
-        quantizer(model, state, options)
+    state = PatchState(attention=attention, quantize=quantize, options=dict(options),
+                       weight_bytes_before=_weight_bytes(model))
     setattr(model, STATE_ATTR, state)
+    try:
+        if kernel is not None:
+            from transformers import AttentionInterface
+            from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+            name = f"dsattn_{attention}_{id(model):x}"
+            state.attn_implementation = config._attn_implementation
+            attention_forward = transformers_attention(kernel, attention)
+            if patcher.wrap_attention is not None:
+                attention_forward = patcher.wrap_attention(attention_forward, model, state)
+            AttentionInterface.register(name, attention_forward)
+            AttentionMaskInterface.register(name, {"sdpa": sdpa_mask, "eager": eager_mask}[patcher.mask_function])
+            model.set_attn_implementation(name)
+            state.attention_layers = _attention_modules(model)
+            for hook in patcher.hooks:
+                hook(model, state, attention, options)
+        if quantizer is not None:
+            quantizer(model, state, options)
+            if not state.quantized:
+                reasons = "; ".join(f"{n}: {why}" for n, why in state.skipped[:3]) or "no nn.Linear or experts module"
+                raise ValueError(f"dsattn.patch: quantize={quantize!r} would change nothing in this model "
+                                 f"({reasons}{' ...' if len(state.skipped) > 3 else ''}); adjust group_size=, "
+                                 f"skip= or keep_first_last=")
+    except BaseException:
+        unpatch(model)
+        raise
+    state.weight_bytes_after = _weight_bytes(model)
+    _log_summary(model_type, state)
     return model
 
 

@@ -4,6 +4,7 @@ import fnmatch
 
 from torch import nn
 
+from dsattn._checks import check_int
 from dsattn.nn.int4_linear import Int4Experts, Int4Linear
 from dsattn.patching.core import replace_module
 from dsattn.registry import register_quantizer
@@ -21,25 +22,41 @@ def _layer_index(name: str):
 DEFAULT_SKIP = ("*lm_head*", "*indexer.weights_proj")
 
 
-@register_quantizer("int4")
+@register_quantizer("int4", options=("group_size", "symmetric", "skip", "keep_first_last", "train_mode"))
 def quantize_int4_model(model, state, options):
+    """Replace every nn.Linear and fused-experts module the options allow; record each candidate left out, with
+    why, in state.skipped (patch_summary shows them; patch refuses a quantization that replaces nothing)."""
     group_size = options.get("group_size", 128)
+    check_int("patch", "group_size", group_size, minimum=1)
     symmetric = options.get("symmetric", False)
-    skip = tuple(options.get("skip", DEFAULT_SKIP))
+    skip = options.get("skip", DEFAULT_SKIP)
+    skip = (skip,) if isinstance(skip, str) else tuple(skip)
     keep_first_last = options.get("keep_first_last", True)
+    train_mode = options.get("train_mode", False)  # quantization-aware training: float weights, int4 kernels, STE
+    if not isinstance(train_mode, bool):
+        raise TypeError(f"dsattn.patch: train_mode must be a bool, got {type(train_mode).__name__}")
     num_layers = getattr(model.config, "num_hidden_layers", None)
     for name, module in list(model.named_modules()):
-        if any(fnmatch.fnmatch(name, pattern) for pattern in skip):
+        is_linear = type(module) is nn.Linear  # exactly: subclasses (V4's grouped o_a_proj) reshape inputs
+        is_experts = hasattr(module, "gate_up_proj") and hasattr(module, "down_proj") and \
+            isinstance(getattr(module, "gate_up_proj"), nn.Parameter)
+        if not (is_linear or is_experts):
             continue
+        pattern = next((p for p in skip if fnmatch.fnmatch(name, p)), None)
         layer = _layer_index(name)
+        if pattern is not None:
+            state.skipped.append((name, f"matches skip pattern {pattern!r}"))
+            continue
         if keep_first_last and layer is not None and num_layers and layer in (0, num_layers - 1):
+            state.skipped.append((name, f"decoder layer {layer} is the first or last (keep_first_last=True)"))
             continue
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        # Exactly nn.Linear: subclasses (V4's grouped o_a_proj) reshape inputs in their own forward.
-        if type(module) is nn.Linear and module.in_features % group_size == 0:
-            replace_module(state, parent, attr, Int4Linear.from_linear(module, group_size, symmetric=symmetric))
-        elif hasattr(module, "gate_up_proj") and hasattr(module, "down_proj") and \
-                isinstance(getattr(module, "gate_up_proj"), nn.Parameter):
-            if module.gate_up_proj.shape[-1] % group_size == 0 and module.down_proj.shape[-1] % group_size == 0:
-                replace_module(state, parent, attr, Int4Experts.from_experts(module, group_size, symmetric=symmetric))
+        dims = (module.in_features,) if is_linear else (module.gate_up_proj.shape[-1], module.down_proj.shape[-1])
+        if any(d % group_size for d in dims):
+            state.skipped.append((name, f"group_size={group_size} does not divide its input dim {dims}"))
+            continue
+        new = Int4Linear.from_linear(module, group_size, symmetric=symmetric, train_mode=train_mode) if is_linear \
+            else Int4Experts.from_experts(module, group_size, symmetric=symmetric, train_mode=train_mode)
+        replace_module(state, parent, attr, new)
+        state.quantized.append(name)
