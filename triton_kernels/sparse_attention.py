@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ._common import AOTSpec, TRITON_DTYPE, interpreting, launch, long_offsets, ptr
+from .sliding_window_attention import _dot
 
 BLOCK_N = 32  # gathered K/V rows per step
 BLOCK_DK = 64  # Dqk chunk per tl.dot
@@ -53,6 +54,7 @@ def sparse_attention_fwd_kernel(
     scale_log2, last_key_shift,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     SPLIT: tl.constexpr, UPCAST: tl.constexpr, LONG_OFFSETS: tl.constexpr, WRITE_LSE: tl.constexpr = False,
+    TF32X3: tl.constexpr = False,
 ):
     pid_row = tl.program_id(0)  # query row x split
     pid_head = tl.program_id(1)  # batch x kv head x head block x dv block
@@ -110,7 +112,7 @@ def sparse_attention_fwd_kernel(
             if UPCAST:  # the interpreter's bf16 tl.dot is wrong
                 q_chunk = q_chunk.to(tl.float32)
                 k_chunk = k_chunk.to(tl.float32)
-            scores = tl.dot(q_chunk, k_chunk, scores, out_dtype=tl.float32)
+            scores = _dot(q_chunk, k_chunk, scores, TF32X3)
         scores = tl.where(valid[None, :], scores * scale_log2, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -122,6 +124,8 @@ def sparse_attention_fwd_kernel(
                           mask=valid[:, None] & dv_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_DV]
         if UPCAST:
             pv = tl.dot(p, v_chunk.to(tl.float32), out_dtype=tl.float32)
+        elif TF32X3:  # fp32 training: fp32-accurate on tensor cores (the backward recomputes p from this lse)
+            pv = _dot(p, v_chunk, tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32), True)
         else:
             pv = tl.dot(p.to(v_chunk.dtype), v_chunk, out_dtype=tl.float32)
         acc = acc * alpha[:, None] + pv
@@ -183,7 +187,7 @@ def sparse_attention_bwd_kernel(
     HEAD_BLOCKS, SLICES, DQ_SLICES, DV_SLICES,
     scale, scale_log2, last_key_shift,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DQ: tl.constexpr,
-    BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, LONG_OFFSETS: tl.constexpr,
+    BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, LONG_OFFSETS: tl.constexpr, TF32X3: tl.constexpr,
 ):
     """o, lse, dq: contiguous [B, Hq, Sq, Dv] / [B, Hq, Sq] (base 2) / [B, Hq, Sq, Dqk]; dk, dv: contiguous
     fp32 [B, Hkv, Sk, D], zeroed. Slice j of a program: dq and dk columns [j BLOCK_DQ, (j + 1) BLOCK_DQ) when
@@ -263,12 +267,13 @@ def sparse_attention_bwd_kernel(
             if UPCAST:
                 q_chunk = q_chunk.to(tl.float32)
                 k_chunk = k_chunk.to(tl.float32)
-            scores = tl.dot(q_chunk, k_chunk, scores, out_dtype=tl.float32)
+            scores = _dot(q_chunk, k_chunk, scores, TF32X3)
         # Masked by where (not by multiplying): an unlisted or future key never enters a row's arithmetic.
         p = tl.where(valid[None, :], tl.exp2(scores * scale_log2 - lse[:, None]), 0.0)
 
         if do_dv:
-            dv_tile = tl.dot(tl.trans(p.to(do_slice.dtype)), do_slice, out_dtype=tl.float32)  # [BLOCK_N, BLOCK_DV]
+            dv_tile = _dot(tl.trans(p.to(do_slice.dtype)), do_slice, tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32),
+                           TF32X3)
             tl.atomic_add(dv_base + key[:, None] * DV + offs_dv[None, :], dv_tile,
                           mask=valid[:, None] & dv_mask[None, :], sem="relaxed")
         if do_dq:
@@ -283,14 +288,15 @@ def sparse_attention_bwd_kernel(
                 if UPCAST:
                     do_chunk = do_chunk.to(tl.float32)
                     v_chunk = v_chunk.to(tl.float32)
-                dp = tl.dot(do_chunk, v_chunk, dp, out_dtype=tl.float32)
+                dp = _dot(do_chunk, v_chunk, dp, TF32X3)
             ds = tl.where(valid[None, :], p * (dp - delta[:, None]), 0.0) * scale  # d(loss)/d(q.k)
             k_slice = tl.load(k_base + key[:, None] * stride_kn + offs_dq[None, :] * stride_kd,
                               mask=valid[:, None] & dq_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_DQ]
             if UPCAST:
                 k_slice = k_slice.to(tl.float32)
-            dq = tl.dot(ds.to(k_slice.dtype), k_slice, dq, out_dtype=tl.float32)
-            dk_tile = tl.dot(tl.trans(ds.to(q_slice.dtype)), q_slice, out_dtype=tl.float32)  # [BLOCK_N, BLOCK_DQ]
+            dq = _dot(ds.to(k_slice.dtype), k_slice, dq, TF32X3)
+            dk_tile = _dot(tl.trans(ds.to(q_slice.dtype)), q_slice, tl.zeros([BLOCK_N, BLOCK_DQ], dtype=tl.float32),
+                           TF32X3)
             tl.atomic_add(dk_base + key[:, None] * DQK + offs_dq[None, :], dk_tile,
                           mask=valid[:, None] & dq_mask[None, :], sem="relaxed")
     if do_dq:
@@ -398,6 +404,8 @@ def sparse_attention(
         SPLIT=splits > 1, UPCAST=interpreting() and q.dtype == torch.bfloat16,
         # the int32 offsets: within one (batch, kv head) slice of k/v and one query row's GQA group of q
         LONG_OFFSETS=long_offsets(q[0, :groups, 0], k[0, 0], v[0, 0]), WRITE_LSE=lse_out is not None,
+        # fp32 training: tf32x3 dots (fp32-accurate) in the forward that saves lse and in the backward
+        TF32X3=lse_out is not None and q.dtype == torch.float32,
         num_warps=num_warps, num_stages=num_stages,
     )
     if splits > 1:
@@ -452,7 +460,7 @@ def sparse_attention_backward(grad_out, q, k, v, indices, out, lse, *, causal: b
             UPCAST=interpreting() and q.dtype == torch.bfloat16,
             LONG_OFFSETS=long_offsets(q[0, :groups, 0], grad_out[0, :groups, 0], k[0, 0], v[0, 0], dk[0, 0],
                                       dv_[0, 0]),
-            num_warps=num_warps, num_stages=num_stages,
+            TF32X3=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
         )
     return dq, dk.to(k.dtype), dv_.to(v.dtype)
 
@@ -499,7 +507,7 @@ def aot_specs() -> list[AOTSpec]:
                         signature=_fwd_signature(dtype, split),
                         constexprs={"BLOCK_H": block_h, "BLOCK_N": BLOCK_N, "BLOCK_DK": BLOCK_DK,
                                     "BLOCK_DV": block_dv, "SPLIT": split, "UPCAST": False, "LONG_OFFSETS": False,
-                                    **{name: 1 for name in UNIT_STRIDES}},
+                                    "WRITE_LSE": False, "TF32X3": False, **{name: 1 for name in UNIT_STRIDES}},
                         divisible_by_16=ALIGNED,
                         num_warps=num_warps,
                         num_stages=num_stages,
@@ -513,7 +521,7 @@ def aot_specs() -> list[AOTSpec]:
             kernel=sparse_attention_fwd_kernel,
             signature={**_fwd_signature(dtype, False), **{name: "i32" for name in UNIT_STRIDES}},
             constexprs={"BLOCK_H": 64, "BLOCK_N": BLOCK_N, "BLOCK_DK": BLOCK_DK, "BLOCK_DV": 128, "SPLIT": False,
-                        "UPCAST": False, "LONG_OFFSETS": False},
+                        "UPCAST": False, "LONG_OFFSETS": False, "WRITE_LSE": False, "TF32X3": False},
             num_warps=8,
             num_stages=2,
             hot=False,
@@ -552,16 +560,16 @@ def _training_specs() -> list[AOTSpec]:
         for block_h in BLOCK_HS if dtype != torch.float32 else BLOCK_HS[:1]:
             for width in (64, 128, 256):
                 _, _, num_warps, num_stages = block_config(block_h, width)
-                if dtype != torch.float32:
-                    specs.append(AOTSpec(
-                        name=f"fwd_lse_{TRITON_DTYPE[dtype]}_h{block_h}_dv{width}",
-                        kernel=sparse_attention_fwd_kernel,
-                        signature=_fwd_signature(dtype, False),
-                        constexprs={"BLOCK_H": block_h, "BLOCK_N": BLOCK_N, "BLOCK_DK": BLOCK_DK, "BLOCK_DV": width,
-                                    "SPLIT": False, "UPCAST": False, "LONG_OFFSETS": False, "WRITE_LSE": True,
-                                    **{name: 1 for name in UNIT_STRIDES}},
-                        divisible_by_16=ALIGNED, num_warps=num_warps, num_stages=num_stages,
-                    ))
+                specs.append(AOTSpec(
+                    name=f"fwd_lse_{TRITON_DTYPE[dtype]}_h{block_h}_dv{width}",
+                    kernel=sparse_attention_fwd_kernel,
+                    signature=_fwd_signature(dtype, False),
+                    constexprs={"BLOCK_H": block_h, "BLOCK_N": BLOCK_N, "BLOCK_DK": BLOCK_DK, "BLOCK_DV": width,
+                                "SPLIT": False, "UPCAST": False, "LONG_OFFSETS": False, "WRITE_LSE": True,
+                                "TF32X3": dtype == torch.float32, **{name: 1 for name in UNIT_STRIDES}},
+                    divisible_by_16=ALIGNED, num_warps=num_warps, num_stages=num_stages,
+                    hot=dtype != torch.float32,
+                ))
                 if width > BWD_MAX_SLICE:
                     continue
                 _, block_dq, block_dv, num_warps, num_stages = bwd_block_config(block_h, width, width)
@@ -581,7 +589,7 @@ def _training_specs() -> list[AOTSpec]:
                     signature=signature,
                     constexprs={"BLOCK_H": block_h, "BLOCK_N": BLOCK_N, "BLOCK_DK": BLOCK_DK, "BLOCK_DQ": block_dq,
                                 "BLOCK_DV": block_dv, "UPCAST": False, "LONG_OFFSETS": False,
-                                **{name: 1 for name in BWD_UNIT_STRIDES}},
+                                "TF32X3": dtype == torch.float32, **{name: 1 for name in BWD_UNIT_STRIDES}},
                     divisible_by_16=BWD_ALIGNED, num_warps=num_warps, num_stages=num_stages,
                     hot=dtype != torch.float32,
                 ))
