@@ -27,10 +27,11 @@ PACKAGES = [
     "dsattn.quant",
     "dsattn.patching",
     "dsattn.triton_kernels",
+    "dsattn.bench",
 ]
 # Triton sources live in triton_kernels/ but install as dsattn.triton_kernels: the top-level import name
 # `triton_kernels` belongs to the Triton project (vLLM and others install it).
-PACKAGE_DIR = {"dsattn.triton_kernels": "triton_kernels"}
+PACKAGE_DIR = {"dsattn.triton_kernels": "triton_kernels", "dsattn.bench": "bench"}
 
 
 def _find_cuda_home():

@@ -8,7 +8,8 @@ memory), report.md (median, ratio vs the PyTorch baseline, model table, skipped 
 env.json (versions, devices) and, unless --no-fidelity, fidelity.json / fidelity.md (dsattn.fidelity: a
 trained tiny DeepSeek-V3, perplexity / KL / top-1 per mode). The kernel and model runs are separate pytest
 sessions with their own timeouts, so one running out of time does not lose the other's JSON.
-Benchmarks live in the checkout's bench/ folder (GPU-size cases run only on a GPU).
+Benchmarks live in the checkout's bench/ folder, installed with the wheel as dsattn/bench (GPU-size cases run
+only on a GPU); their dependencies are the extra dsattn[bench].
 """
 
 import argparse
@@ -24,15 +25,29 @@ import torch
 from dsattn import bench_report, info
 
 
+BENCH_EXTRA = 'pip install "dsattn[bench]"'
+
+
 def bench_dir() -> str:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(here, "bench")
-    if not os.path.isfile(os.path.join(path, "conftest.py")):
-        raise SystemExit(
-            f"dsattn bench: no bench/ folder next to the package ({path}); run it from a source checkout "
-            "installed with `pip install --no-build-isolation -e .`"
-        )
-    return path
+    """The benchmark files: the checkout's bench/ (editable install) or the installed dsattn/bench (wheel)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for path in (os.path.join(os.path.dirname(here), "bench"), os.path.join(here, "bench")):
+        if os.path.isfile(os.path.join(path, "conftest.py")):
+            return path
+    raise SystemExit(f"dsattn bench: the benchmark files are missing from this installation ({here}); reinstall "
+                     "dsattn (`pip install --no-build-isolation dsattn`, or `-e .` in a checkout)")
+
+
+def check_dependencies() -> None:
+    """The benchmarks run under pytest-benchmark and the report draws with matplotlib: name the extra to install
+    when they are missing, instead of failing inside a child process."""
+    import importlib.util
+
+    missing = [name for name, module in (("pytest", "pytest"), ("pytest-benchmark", "pytest_benchmark"),
+                                         ("matplotlib", "matplotlib"), ("transformers", "transformers"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise SystemExit(f"dsattn bench needs {', '.join(missing)}: {BENCH_EXTRA}")
 
 
 MODEL_BENCH = "bench_model.py"
@@ -96,6 +111,8 @@ def main(argv=None) -> int:
                              "the seconds-long quick model)")
     parser.add_argument("--fidelity-threads", type=int, default=None, help="torch threads for the fidelity run")
     args = parser.parse_args(argv)
+    check_dependencies()
+    bench_dir()
 
     os.makedirs(args.out, exist_ok=True)
     env = info.collect()

@@ -187,3 +187,16 @@ def test_readme_block_gets_the_fastest_dsattn_provider_of_the_gpu_rows(tmp_path)
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="results-table"):
         bench_report.update_readme(str(readme), table)
+
+
+def test_bench_names_the_extra_to_install_when_its_dependencies_are_missing(monkeypatch):
+    import importlib.util
+
+    from dsattn import benchmark
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "pytest_benchmark" else find_spec(name, *a))
+    with pytest.raises(SystemExit, match=r'pytest-benchmark: pip install "dsattn\[bench\]"'):
+        benchmark.main(["--out", "unused"])
+    assert os.path.isfile(os.path.join(benchmark.bench_dir(), "conftest.py"))
