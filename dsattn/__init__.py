@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 from dsattn import reference
 from dsattn.ops.hybrid_attention import hybrid_attention
+from dsattn.ops.indexer_kl_loss import indexer_kl_loss
 from dsattn.ops.int4_grouped_matmul import int4_grouped_matmul
 from dsattn.ops.int4_matmul import int4_matmul
 from dsattn.ops.lightning_indexer_topk import lightning_indexer_topk
@@ -25,6 +26,7 @@ __all__ = [
     "int4_grouped_matmul",
     "int4_matmul",
     "lightning_indexer_topk",
+    "indexer_kl_loss",
     "linear_attention",
     "nn",
     "patch",

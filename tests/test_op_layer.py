@@ -17,6 +17,7 @@ OPS = {
     "sliding_window_attention_varlen": "sliding_window_attention",
     "sparse_attention": "sparse_attention",
     "lightning_indexer_topk": "lightning_indexer_topk",
+    "indexer_kl_loss": "indexer_kl_loss",
     "topk_sparse_attention": "topk_sparse_attention",
     "linear_attention": "linear_attention",
     "hybrid_attention": "hybrid_attention",
