@@ -7,7 +7,7 @@ import torch
 
 from dsattn import _backend, _checks, capabilities
 from dsattn._library import define_op
-from dsattn.reference.linear_attention import FEATURE_MAPS, feature_map as _feature_map
+from dsattn.reference.linear_attention import FEATURE_MAPS
 from dsattn.torch_backend import hybrid_attention as _torch
 
 OP = "hybrid_attention"
@@ -27,12 +27,37 @@ def _hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix:
     if backend == "triton":
         from dsattn.triton_kernels import hybrid_attention as _triton
 
-        return _triton.hybrid_attention(q, k, v, _feature_map(q, feature_map), _feature_map(k, feature_map),
-                                        prefix=prefix, window=window, scale=scale)
+        return _triton.hybrid_attention(q, k, v, prefix=prefix, window=window, feature_map=feature_map, scale=scale)
     return _torch.hybrid_attention(q, k, v, prefix=prefix, window=window, feature_map=feature_map, scale=scale)
 
 
 hybrid_attention_op = define_op(OP, _hybrid_attention)
+
+
+def _hybrid_attention_fwd_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, window: int,
+                                feature_map: str, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton's training forward: (out, per-row stats fp32 [B, Hq, Sq, 3], amax int32 [B, Hq, Sq]); internal
+    (the public op returns only out), so that the backward recomputes the weights from the forward's rows."""
+    from dsattn.triton_kernels import hybrid_attention as _triton
+
+    return _triton.hybrid_attention_fwd_stats(q, k, v, prefix=prefix, window=window, feature_map=feature_map,
+                                              scale=scale)
+
+
+hybrid_attention_fwd_stats_op = define_op(OP + "_fwd_stats", _hybrid_attention_fwd_stats)
+
+
+def _hybrid_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                          stats: torch.Tensor, amax: torch.Tensor, prefix: int, window: int, feature_map: str,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton's backward as an op of its own, so that AOTAutograd traces it as one call."""
+    from dsattn.triton_kernels import hybrid_attention as _triton
+
+    return _triton.hybrid_attention_backward(grad_out, q, k, v, out, stats, amax, prefix=prefix, window=window,
+                                             feature_map=feature_map, scale=scale)
+
+
+hybrid_attention_bwd_op = define_op(OP + "_bwd", _hybrid_attention_bwd)
 
 
 def _setup_context(ctx, inputs, output):
@@ -45,11 +70,37 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     q, k, v = ctx.saved_tensors
     _backend.check_backward(OP, ctx.backend)
-    dq, dk, dv = _torch.hybrid_attention_backward(grad_out, q, k, v, **ctx.options)
+    o = ctx.options
+    if ctx.backend == "triton":
+        # Reached when the public op is called directly with backend="triton" (the functional entry takes the
+        # _fwd_stats op instead): recompute (out, stats) with the training forward.
+        out, stats, amax = hybrid_attention_fwd_stats_op(q, k, v, o["prefix"], o["window"], o["feature_map"],
+                                                         o["scale"])
+        dq, dk, dv = hybrid_attention_bwd_op(grad_out, q, k, v, out, stats, amax, o["prefix"], o["window"],
+                                             o["feature_map"], o["scale"])
+    else:
+        dq, dk, dv = _torch.hybrid_attention_backward(grad_out, q, k, v, **o)
     return dq, dk, dv, None, None, None, None, None
 
 
 hybrid_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _setup_context_fwd_stats(ctx, inputs, output):
+    q, k, v, prefix, window, feature_map, scale = inputs
+    out, stats, amax = output
+    ctx.save_for_backward(q, k, v, out, stats, amax)
+    ctx.options = (prefix, window, feature_map, scale)
+    ctx.mark_non_differentiable(stats, amax)
+
+
+def _backward_fwd_stats(ctx, grad_out, grad_stats, grad_amax):
+    q, k, v, out, stats, amax = ctx.saved_tensors
+    dq, dk, dv = hybrid_attention_bwd_op(grad_out, q, k, v, out, stats, amax, *ctx.options)
+    return dq, dk, dv, None, None, None, None
+
+
+hybrid_attention_fwd_stats_op.register_autograd(_backward_fwd_stats, setup_context=_setup_context_fwd_stats)
 
 
 def hybrid_attention(q, k, v, *, prefix=2048, window=0, feature_map="elu", scale=None, backend="auto"):
@@ -57,9 +108,10 @@ def hybrid_attention(q, k, v, *, prefix=2048, window=0, feature_map="elu", scale
     [B, Hq, Sq, Dv] in q's dtype. Causal; query i sits at position i + Sk - Sq. prefix >= 0 and window >= 0
     keys are exact (window = 0: no band); prefix >= Sk is causal softmax attention.
 
-    Backends: "triton" (CUDA; fp16/bf16/fp32, head dims up to 256), "torch" (chunked over queries,
-    O(chunk x (prefix + window)) memory, with a backward). "auto": Triton on CUDA, the torch backend on CPU,
-    for what the kernel does not take (float64, wider heads) and when a gradient is needed."""
+    Backends: "triton" (CUDA; fp16/bf16/fp32, head dims up to 256; a backward that recomputes the weights from
+    per-row statistics, FlashAttention-2 style for the exact keys and by chunk states for the far keys), "torch"
+    (chunked over queries, O(chunk x (prefix + window)) memory, with a backward). "auto": Triton on CUDA, the
+    torch backend on CPU and for what the kernel does not take (float64, wider heads)."""
     shape = _checks.check_qkv(OP, q, k, v)
     prefix = _checks.check_int(OP, "prefix", prefix, minimum=0)
     window = _checks.check_int(OP, "window", window, minimum=0)
@@ -70,4 +122,6 @@ def hybrid_attention(q, k, v, *, prefix=2048, window=0, feature_map="elu", scale
     chosen = _backend.select_backend(OP, backend, q.device, request, auto_order=AUTO_ORDER.get(q.device.type))
     # int32 arithmetic inside the kernel; the clamp keeps "prefix = everything" values like 2**40 harmless
     prefix, window = min(prefix, shape.seq_k + 1), min(window, shape.seq_k + 1)
+    if chosen == "triton" and request.grad:
+        return hybrid_attention_fwd_stats_op(q, k, v, prefix, window, feature_map, scale)[0]
     return hybrid_attention_op(q, k, v, prefix, window, feature_map, scale, chosen)

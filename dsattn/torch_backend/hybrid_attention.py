@@ -9,6 +9,14 @@ as a small masked phi(q) phi(k)^T product. Memory O(chunk x (prefix + chunk + wi
 The chunks share only the state, so the backward recomputes one chunk at a time under autograd (the states
 each chunk read are recomputed and kept: O(Sq / chunk x Dqk x Dv)) and walks them in reverse, carrying the
 state's cotangent back to the keys that entered it.
+
+"exp" is exactly exp(x), so phi(q).phi(k) = sum_d e^(q_d + k_d) overflows for large inputs unless shifted. Only
+shifts that cancel are used: the state holds sum_j e^(k_jd - R_d) v_j with R_d the running max of dim d over
+its keys (rescaled when R grows), the tail keys are shifted by their own per-dim max, and each row's numerator
+and denominator are both multiplied by e^(-c_i), c_i the largest exponent the row forms over the keys it sees
+(0 for the exact part, whose terms e^(s - m) are <= 1): every term is <= 1 and the largest about 1 (see
+_exp_shifted for the one factor that can exceed 1). The shifts are constants (detached): the gradient is
+that of the unshifted formula.
 """
 
 import dataclasses
@@ -54,16 +62,59 @@ def plan(sq: int, sk: int, prefix: int, window: int, chunk: int = QUERY_CHUNK):
         yield Chunk(i0, i1, n_prefix, band_lo, band_hi, absorb_lo, state_hi, tail_hi)
 
 
-def absorb(k_r, v_r, feature_map: str, dtype: torch.dtype):
-    """(phi(k)^T v [B, Hkv, Dqk, Dv], sum phi(k) [B, Hkv, Dqk]) of keys k_r/v_r [B, Hkv, n, D]."""
-    fk = apply_feature_map(k_r.to(dtype), feature_map)
+def absorb(k_r, v_r, feature_map: str, dtype: torch.dtype, shift=None):
+    """(phi(k)^T v [B, Hkv, Dqk, Dv], sum phi(k) [B, Hkv, Dqk]) of keys k_r/v_r [B, Hkv, n, D]; for "exp",
+    phi(k) = e^(k - shift) with shift [B, Hkv, Dqk] (a constant)."""
+    if feature_map == "exp":
+        fk = torch.exp(k_r.to(dtype) - _finite(shift)[:, :, None])
+    else:
+        fk = apply_feature_map(k_r.to(dtype), feature_map)
     return fk.transpose(-1, -2) @ v_r.to(dtype), fk.sum(dim=2)
 
 
-def attend_chunk(q_c, k_exact, v_exact, exact_keys, k_tail, v_tail, tail_lo: int, state_kv, state_k, c: Chunk,
-                 sq: int, sk: int, prefix: int, window: int, feature_map: str, scale: float):
+def _finite(x):
+    """x with -inf (an empty max) as 0: a shift to subtract, never a NaN from -inf - -inf."""
+    return torch.where(x == float("-inf"), torch.zeros((), dtype=x.dtype, device=x.device), x)
+
+
+def _rescale(old, new):
+    """e^(old - new) for shifts old <= new; 0 where old is -inf (nothing was there)."""
+    return torch.where(old == float("-inf"), torch.zeros((), dtype=old.dtype, device=old.device),
+                       torch.exp(old - _finite(new)))
+
+
+@dataclasses.dataclass(frozen=True)
+class State:
+    """Far-key sums: kv = sum phi(k)^T v [B, Hkv, Dqk, Dv], k = sum phi(k) [B, Hkv, Dqk]; for "exp" phi(k) is
+    e^(k - shift), shift [B, Hkv, Dqk] the running per-dim max over the keys in the state (-inf: none)."""
+
+    kv: torch.Tensor
+    k: torch.Tensor
+    shift: torch.Tensor | None
+
+    @staticmethod
+    def empty(b, hkv, dqk, dv, dtype, device, feature_map):
+        shift = torch.full((b, hkv, dqk), float("-inf"), dtype=dtype, device=device) if feature_map == "exp" else None
+        return State(torch.zeros(b, hkv, dqk, dv, dtype=dtype, device=device),
+                     torch.zeros(b, hkv, dqk, dtype=dtype, device=device), shift)
+
+    def add(self, k_r, v_r, feature_map: str) -> "State":
+        """The state after also absorbing keys k_r / v_r [B, Hkv, n, D] (no autograd through the shift)."""
+        dtype = self.kv.dtype
+        if feature_map != "exp":
+            d_kv, d_k = absorb(k_r, v_r, feature_map, dtype)
+            return State(self.kv + d_kv, self.k + d_k, None)
+        shift = torch.maximum(self.shift, k_r.detach().to(dtype).amax(dim=2))
+        d_kv, d_k = absorb(k_r, v_r, feature_map, dtype, shift)
+        r = _rescale(self.shift, shift)
+        return State(self.kv * r[..., None] + d_kv, self.k * r + d_k, shift)
+
+
+def attend_chunk(q_c, k_exact, v_exact, exact_keys, k_tail, v_tail, tail_lo: int, state_kv, state_k, state_shift,
+                 c: Chunk, sq: int, sk: int, prefix: int, window: int, feature_map: str, scale: float):
     """Output rows c.i0 .. c.i1 (q_c [B, Hq, C, Dqk]) in the compute dtype of the state. k_exact/v_exact
-    [B, Hkv, n, D] are the keys at positions exact_keys [n]; k_tail/v_tail the far keys from tail_lo on."""
+    [B, Hkv, n, D] are the keys at positions exact_keys [n]; k_tail/v_tail the far keys from tail_lo on; the
+    state (state_kv, state_k, state_shift) as in State."""
     b, hq, rows, dqk = q_c.shape
     hkv, dtype = state_kv.shape[1], state_kv.dtype
     groups = hq // hkv
@@ -87,18 +138,60 @@ def attend_chunk(q_c, k_exact, v_exact, exact_keys, k_tail, v_tail, tail_lo: int
     den = weights.sum(dim=-1, keepdim=True)
 
     # Far keys: the state, then the tail keys up to each row's own bound.
-    fq = apply_feature_map(qf, feature_map)
+    if feature_map == "exp":
+        n_tail = (pos[:, 0] - window + 1 - tail_lo).clamp(0, k_tail.shape[2])
+        fq, fq_tail, fk_tail, num, den = _exp_shifted(qf, k_tail, n_tail, state_shift, num, den)
+    else:
+        fq = fq_tail = apply_feature_map(qf, feature_map)
+        fk_tail = apply_feature_map(k_tail.to(dtype), feature_map)
     num = num + fq @ state_kv
     den = den + fq @ state_k[..., None]
     if k_tail.shape[2]:
         jt = torch.arange(tail_lo, tail_lo + k_tail.shape[2], device=q_c.device)[None, :]
-        a = (fq @ apply_feature_map(k_tail.to(dtype), feature_map).transpose(-1, -2)).view(b, hkv, groups, rows, -1)
+        a = (fq_tail @ fk_tail.transpose(-1, -2)).view(b, hkv, groups, rows, -1)
         a = torch.where(jt <= pos - window, a, zero).view(b, hkv, groups * rows, -1)  # tail keys >= prefix
         num = num + a @ v_tail.to(dtype)
         den = den + a.sum(dim=-1, keepdim=True)
     safe = torch.where(den == 0, torch.ones_like(den), den)
     out = torch.where(den == 0, zero, num / safe)  # no visible key (or far terms summing to 0): zeros
     return out.view(b, hq, rows, -1)
+
+
+def _exp_shifted(qf, k_tail, n_tail, state_shift, num, den):
+    """The "exp" map with shifts that cancel: (e^(q + R - c) for the state, e^(q + beta - c) and e^(k - beta)
+    for the tail, and the exact num / den times e^-c). R is the state's per-dim shift, beta the tail keys'
+    per-dim max (their finite values: a NaN / inf key stays out of the other rows' shifts, the mask removes its
+    terms). c_i is the row's largest exponent over the keys it sees (0 at least when it has exact keys, whose
+    terms are <= 1): n_tail [rows] tail keys for row i, whose per-dim max is a running max over the tail. A
+    row's factor e^(q + beta - c) exceeds 1 only by keys it does not see; it is capped at e^80 (its terms
+    then underflow only where a key it does not see exceeds every key it sees by ~80 in that dim)."""
+    b, hkv, n, dqk = qf.shape
+    rows = n_tail.shape[0]
+    zero = torch.zeros((), dtype=qf.dtype, device=qf.device)
+    neg_inf = torch.tensor(float("-inf"), dtype=qf.dtype, device=qf.device)
+    with torch.no_grad():
+        q0 = qf.detach()
+        c = torch.where(den > 0, zero, neg_inf)  # [B, Hkv, G * rows, 1]
+        c = torch.maximum(c, (q0 + state_shift[:, :, None, :]).amax(dim=-1, keepdim=True))
+        if k_tail.shape[2]:
+            kt = k_tail.detach().to(qf.dtype)
+            running = torch.where(torch.isfinite(kt), kt, neg_inf).cummax(dim=2).values  # [B, Hkv, T, Dqk]
+            beta = running[:, :, -1]
+            seen = running[:, :, (n_tail - 1).clamp(min=0)]  # [B, Hkv, rows, Dqk]: max over the keys row i sees
+            seen = torch.where((n_tail > 0)[:, None], seen, neg_inf)
+            g = (q0.view(b, hkv, -1, rows, dqk) + seen[:, :, None]).amax(dim=-1, keepdim=True).view(b, hkv, n, 1)
+            c = torch.maximum(c, g)
+        else:
+            beta = torch.full_like(state_shift, float("-inf"))
+        c = _finite(c)
+        exact_scale = torch.where(den > 0, torch.exp(-c), zero)
+
+    def phi_q(shift):  # e^(q + shift - c), 0 in dims without keys
+        s = shift[:, :, None, :]
+        return torch.where(s == float("-inf"), zero, torch.exp((qf + _finite(s) - c).clamp(max=80.0)))
+
+    fk_tail = torch.exp(k_tail.to(qf.dtype) - _finite(beta)[:, :, None, :])
+    return phi_q(state_shift), phi_q(beta), fk_tail, num * exact_scale, den * exact_scale
 
 
 def _exact_keys(c: Chunk, device):
@@ -120,15 +213,13 @@ def hybrid_attention(q, k, v, *, prefix: int, window: int, feature_map: str, sca
     hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
     dtype = compute_dtype(q.dtype)
     out = torch.zeros(b, hq, sq, dv, dtype=q.dtype, device=q.device)
-    state_kv = torch.zeros(b, hkv, dqk, dv, dtype=dtype, device=q.device)
-    state_k = torch.zeros(b, hkv, dqk, dtype=dtype, device=q.device)
+    state = State.empty(b, hkv, dqk, dv, dtype, q.device, feature_map)
     for c in plan(sq, sk, prefix, window, chunk):
         if c.state_hi > c.absorb_lo:
-            d_kv, d_k = absorb(k[:, :, c.absorb_lo : c.state_hi], v[:, :, c.absorb_lo : c.state_hi], feature_map, dtype)
-            state_kv, state_k = state_kv + d_kv, state_k + d_k
+            state = state.add(k[:, :, c.absorb_lo : c.state_hi], v[:, :, c.absorb_lo : c.state_hi], feature_map)
         o = attend_chunk(q[:, :, c.i0 : c.i1], _gather(k, c), _gather(v, c), _exact_keys(c, q.device),
-                         k[:, :, c.state_hi : c.tail_hi], v[:, :, c.state_hi : c.tail_hi], c.state_hi, state_kv,
-                         state_k, c, sq, sk, prefix, window, feature_map, scale)
+                         k[:, :, c.state_hi : c.tail_hi], v[:, :, c.state_hi : c.tail_hi], c.state_hi, state.kv,
+                         state.k, state.shift, c, sq, sk, prefix, window, feature_map, scale)
         out[:, :, c.i0 : c.i1] = o.to(q.dtype)
     return out
 
@@ -142,34 +233,38 @@ def hybrid_attention_backward(grad_out, q, k, v, *, prefix: int, window: int, fe
     chunks = list(plan(sq, sk, prefix, window, chunk))
     states = []
     with torch.no_grad():
-        state_kv = torch.zeros(b, hkv, dqk, dv, dtype=dtype, device=q.device)
-        state_k = torch.zeros(b, hkv, dqk, dtype=dtype, device=q.device)
+        state = State.empty(b, hkv, dqk, dv, dtype, q.device, feature_map)
         for c in chunks:
             if c.state_hi > c.absorb_lo:
-                d_kv, d_k = absorb(k[:, :, c.absorb_lo : c.state_hi], v[:, :, c.absorb_lo : c.state_hi], feature_map,
-                                   dtype)
-                state_kv, state_k = state_kv + d_kv, state_k + d_k
-            states.append((state_kv, state_k))
+                state = state.add(k[:, :, c.absorb_lo : c.state_hi], v[:, :, c.absorb_lo : c.state_hi], feature_map)
+            states.append(state)
     dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=dtype, device=k.device)
     dv_ = torch.zeros(v.shape, dtype=dtype, device=v.device)
-    # Cotangent of the state summed over this and every later chunk: what the keys absorbed here receive.
+    # Cotangent of the state summed over this and every later chunk: what the keys absorbed here receive. For
+    # "exp" it is kept in this chunk's shift: a later state holds a key's term as e^(k - R_later), so its
+    # cotangent enters as g_later * e^(R_here - R_later) (<= 1: the shift only grows).
     g_kv = torch.zeros(b, hkv, dqk, dv, dtype=dtype, device=q.device)
     g_k = torch.zeros(b, hkv, dqk, dtype=dtype, device=q.device)
+    later_shift = None
 
     def leaf(t):
         return t.detach().to(dtype).requires_grad_(True)
 
-    for c, (s_kv, s_k) in zip(reversed(chunks), reversed(states)):
+    for c, s in zip(reversed(chunks), reversed(states)):
+        if later_shift is not None:
+            r = _rescale(s.shift, later_shift)
+            g_kv, g_k = g_kv * r[..., None], g_k * r
+        later_shift = s.shift
         with torch.enable_grad():
             q_c = leaf(q[:, :, c.i0 : c.i1])
             k_pre, v_pre = leaf(k[:, :, : c.n_prefix]), leaf(v[:, :, : c.n_prefix])
             k_band, v_band = leaf(k[:, :, c.band_lo : c.band_hi]), leaf(v[:, :, c.band_lo : c.band_hi])
             k_tail, v_tail = leaf(k[:, :, c.state_hi : c.tail_hi]), leaf(v[:, :, c.state_hi : c.tail_hi])
-            s_kv_leaf, s_k_leaf = leaf(s_kv), leaf(s_k)
+            s_kv_leaf, s_k_leaf = leaf(s.kv), leaf(s.k)
             o = attend_chunk(q_c, torch.cat([k_pre, k_band], dim=2), torch.cat([v_pre, v_band], dim=2),
-                             _exact_keys(c, q.device), k_tail, v_tail, c.state_hi, s_kv_leaf, s_k_leaf, c, sq, sk,
-                             prefix, window, feature_map, scale)
+                             _exact_keys(c, q.device), k_tail, v_tail, c.state_hi, s_kv_leaf, s_k_leaf, s.shift, c,
+                             sq, sk, prefix, window, feature_map, scale)
             grads = torch.autograd.grad(o, (q_c, k_pre, v_pre, k_band, v_band, k_tail, v_tail, s_kv_leaf, s_k_leaf),
                                         grad_out[:, :, c.i0 : c.i1].to(dtype), allow_unused=True,
                                         materialize_grads=True)
@@ -184,7 +279,7 @@ def hybrid_attention_backward(grad_out, q, k, v, *, prefix: int, window: int, fe
         if c.state_hi > c.absorb_lo:
             with torch.enable_grad():
                 k_r, v_r = leaf(k[:, :, c.absorb_lo : c.state_hi]), leaf(v[:, :, c.absorb_lo : c.state_hi])
-                gk, gv = torch.autograd.grad(absorb(k_r, v_r, feature_map, dtype), (k_r, v_r), (g_kv, g_k))
+                gk, gv = torch.autograd.grad(absorb(k_r, v_r, feature_map, dtype, s.shift), (k_r, v_r), (g_kv, g_k))
             dk[:, :, c.absorb_lo : c.state_hi] += gk
             dv_[:, :, c.absorb_lo : c.state_hi] += gv
     return dq.to(q.dtype), dk.to(k.dtype), dv_.to(v.dtype)
