@@ -101,6 +101,8 @@ CAPABILITIES: dict[str, dict[str, Capability]] = {
         "cpp": Capability(dtypes=KERNEL_FLOATS, kernel="int4_matmul"),
         "triton": Capability(dtypes=KERNEL_FLOATS, group_size_multiple=16),
     },
+    # int8: weight frozen (torch's backward: x, bias); the Triton kernel's group sizes as int4's (BLOCK_K divides them).
+    "int8_matmul": {"torch": TORCH, "triton": Capability(dtypes=KERNEL_FLOATS, group_size_multiple=16)},
     "int4_unpack": {
         "torch": Capability(dtypes=(torch.int32,)),
         "triton": Capability(dtypes=(torch.int32,)),

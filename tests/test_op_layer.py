@@ -23,6 +23,7 @@ OPS = {
     "hybrid_attention": "hybrid_attention",
     "int4_matmul": "int4_matmul",
     "int4_grouped_matmul": "int4_grouped_matmul",
+    "int8_matmul": "int8_matmul",
 }
 
 # An op whose Triton backend composes other ops' kernels (selection by the indexer kernel, then sparse attention).

@@ -11,6 +11,7 @@ KERNEL_MODULES = (
     "int4_grouped_matmul",
     "int4_matmul",
     "int4_unpack",
+    "int8_matmul",
     "lightning_indexer_topk",
     "linear_attention",
     "sliding_window_attention",

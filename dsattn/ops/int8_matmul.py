@@ -1,0 +1,92 @@
+"""int8_matmul: the custom op torch.ops.dsattn.int8_matmul and its functional entry dsattn.int8_matmul
+(validate, pick a backend from dsattn.capabilities, call the op): x @ w.dequantize().T (+ bias) without
+materializing the dequantized weight.
+
+The op takes the Int8Weight's fields (x, qweight, scales, group_size, bias, backend); the entry unpacks the
+Int8Weight. Gradients: x and bias (the int8 weight is frozen), computed by the torch backend's chunked
+dequant whichever backend ran the forward; the Triton kernel declares no backward, so with a gradient
+wanted "auto" takes the torch backend.
+"""
+
+from typing import Optional
+
+import torch
+
+from dsattn import _backend, _checks
+from dsattn._library import define_op
+from dsattn.ops.int4_matmul import select
+from dsattn.quant.int8 import check_int8_weight
+from dsattn.torch_backend import int8_matmul as _torch
+from dsattn.torch_backend.int4_matmul import bias_backward
+
+OP = "int8_matmul"
+
+
+def check_frozen(**tensors) -> None:
+    """The int8 weight gets no gradient: a scale that requires one is an error, not a silently dropped grad."""
+    for name, t in tensors.items():
+        if _backend.needs_grad(t):
+            raise ValueError(f"dsattn.{OP}: {name} requires grad, but the int8 weight is frozen (gradients reach "
+                             "x and bias only); detach it")
+
+
+def _auto_order(device: torch.device):
+    return ("triton", "torch") if device.type == "cuda" else ("torch",)
+
+
+def _int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: Optional[int],
+                 bias: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+    if backend == "torch":
+        return _torch.int8_matmul(x, qweight, scales, group_size, bias)
+    from dsattn.triton_kernels import int8_matmul as _triton
+
+    n, k = qweight.shape[0], x.shape[-1]
+    out = _triton.int8_matmul(x.reshape(-1, k), qweight, scales, group_size, bias)
+    return out.reshape(*x.shape[:-1], n)
+
+
+int8_matmul_op = define_op(OP, _int8_matmul)
+
+
+def _setup_context(ctx, inputs, output):
+    x, qweight, scales, group_size, bias, backend = inputs
+    ctx.save_for_backward(qweight, scales)
+    ctx.group_size, ctx.backend = group_size, backend
+    ctx.x_dtype = x.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad_out):
+    qweight, scales = ctx.saved_tensors
+    _backend.check_backward(OP, ctx.backend)
+    need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
+    dx = _torch.int8_matmul_backward_x(grad_out, qweight, scales, ctx.group_size,
+                                       x_dtype=ctx.x_dtype) if need_x else None
+    dbias = bias_backward(grad_out, ctx.bias_dtype) if need_bias else None
+    return dx, None, None, None, dbias, None
+
+
+int8_matmul_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def int8_matmul(x, w, bias=None, *, backend="auto"):
+    """x [..., K] (fp16/bf16/fp32/fp64), w: Int8Weight [N, K] -> [..., N] in x's dtype.
+
+    Backends: "triton" (CUDA; int8 tiles dequantized in the K loop, fp32 accumulation; fp16/bf16 x, fp32 x as
+    tf32x3; grouped scales need group_size % 16 == 0), "torch" (row-chunked dequant, on the CPU torch's own
+    int8 GEMM for fp16/bf16 x with per-channel scales; the only one for float64 and the one with a
+    backward). "auto": triton on CUDA, else torch; torch when a gradient (x or bias requiring grad) is wanted.
+    """
+    _checks.check_tensor(OP, "x", x, dtypes=_checks.FLOAT_DTYPES)
+    n, k = check_int8_weight(OP, w)
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"dsattn.{OP}: x's last dim must be K={k}, got shape {tuple(x.shape)}")
+    if bias is not None:
+        _checks.check_tensor(OP, "bias", bias, ndim=1, dtypes=_checks.FLOAT_DTYPES)
+        if bias.shape[0] != n:
+            raise ValueError(f"dsattn.{OP}: bias must have N={n} elements, got {bias.shape[0]}")
+    _checks.check_same_device(OP, x=x, qweight=w.qweight, bias=bias)
+    check_frozen(**{"w.scales": w.scales})
+    chosen = select(OP, backend, x.device, x.dtype, _backend.needs_grad(x, bias), w.group_size,
+                    _auto_order(x.device))
+    return int8_matmul_op(x, w.qweight, w.scales, w.group_size, bias, chosen)

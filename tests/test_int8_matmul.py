@@ -1,0 +1,349 @@
+"""int8 weights: quantize_int8 / Int8Weight, int8_matmul on the torch and Triton (interpreter) backends against
+x @ dequantize().T in float64, its gradients, Int8Linear and patch(quantize="int8")."""
+
+import dataclasses
+import inspect
+
+import pytest
+import torch
+
+import dsattn
+from dsattn import _backend
+from dsattn.reference.int8_matmul import int8_matmul as oracle
+from dsattn.testing import assert_close, assert_grads_match, non_contiguous, poisoned, tolerance
+from dsattn.torch_backend import int8_matmul as torch_backend
+
+
+def expected(x, w, bias=None):
+    out = x.double() @ w.dequantize(torch.float64).T
+    return out + bias.double() if bias is not None else out
+
+
+def quantized(n, k, group_size=None, dtype=torch.float32):
+    return dsattn.quantize_int8((torch.randn(n, k) * 0.5).to(dtype), group_size=group_size)
+
+
+def _oracle(w):
+    return lambda x, bias: oracle(x, w.qweight, w.scales, w.group_size, bias)
+
+
+# ----------------------------------------------------------------------------------------- format
+def test_spec_signatures():
+    """SPEC's public API (tests outside this repo call these names)."""
+    from test_api import _plain
+
+    assert _plain(inspect.signature(dsattn.quantize_int8)) == "(weight, *, group_size=None)"
+    assert _plain(inspect.signature(dsattn.int8_matmul)) == "(x, w, bias=None, *, backend='auto')"
+    assert _plain(inspect.signature(dsattn.nn.Int8Linear.from_linear)) == "(linear, group_size=None)"
+    assert issubclass(dsattn.nn.Int8Linear, torch.nn.Module) and callable(dsattn.Int8Weight.dequantize)
+    assert {"int8_matmul", "quantize_int8", "Int8Weight"} <= set(dsattn.__all__)
+    assert "int8" in dsattn.registry.quantizers()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group_size", [None, 16, 64])
+def test_round_trip_within_half_a_step(dtype, group_size):
+    weight = torch.randn(37, 128).to(dtype) * 3
+    weight[5] = 0  # an all-zero row: a finite scale, zero codes
+    w = dsattn.quantize_int8(weight, group_size=group_size)
+    assert w.qweight.dtype == torch.int8 and w.qweight.shape == (37, 128)
+    assert w.scales.dtype == (torch.float32 if dtype == torch.float32 else dtype)
+    assert w.scales.shape == ((37,) if group_size is None else (37, 128 // group_size))
+    # the largest element gets code 127 (bf16 scales, rounded up by up to 2^-7: 126 or 127)
+    assert int(w.qweight.abs().max()) >= (126 if dtype == torch.bfloat16 else 127) and int(w.qweight.min()) >= -127
+    assert torch.isfinite(w.scales).all() and not w.qweight[5].any()
+    step = w.scales.double()[:, None] if group_size is None else w.scales.double().repeat_interleave(group_size, 1)
+    err = (weight.double() - w.dequantize(torch.float64)).abs()
+    assert (err <= step * (0.5 + 1e-5)).all(), (err / step).max()
+    assert w.dequantize().dtype == w.scales.dtype
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_refused(bad):
+    weight = torch.randn(8, 32)
+    weight[3, 7] = bad
+    with pytest.raises(ValueError, match="weight has NaN or Inf"):
+        dsattn.quantize_int8(weight)
+    with pytest.raises(ValueError, match="weight has NaN or Inf"):
+        dsattn.quantize_int8(weight, group_size=16)
+
+
+def test_bad_group_sizes_and_weights():
+    weight = torch.randn(8, 64)
+    for group_size, error, message in [(0, ValueError, "group_size must be >= 1"), (-16, ValueError, ">= 1"),
+                                       (48, ValueError, "must divide the input dim K=64"),
+                                       (32.0, TypeError, "group_size must be an int or None"),
+                                       (True, TypeError, "group_size must be an int or None")]:
+        with pytest.raises(error, match=message):
+            dsattn.quantize_int8(weight, group_size=group_size)
+    with pytest.raises(ValueError, match="weight must be 2-D"):
+        dsattn.quantize_int8(weight[0])
+    with pytest.raises(TypeError, match="weight must be floating point"):
+        dsattn.quantize_int8(weight.int())
+
+
+def test_int8_weight_fields_that_disagree_are_named():
+    per_channel, grouped = quantized(8, 64), quantized(8, 64, 32)
+    x = torch.randn(2, 64)
+    bad = [
+        (per_channel, dict(qweight=per_channel.qweight.int()), TypeError, "w.qweight must have dtype"),
+        (per_channel, dict(qweight=per_channel.qweight[0]), ValueError, "w.qweight must be 2-D"),
+        (per_channel, dict(scales=per_channel.scales.double()), TypeError, "w.scales must have dtype"),
+        (per_channel, dict(scales=per_channel.scales[:7]), ValueError, r"w.scales must be \[N\] = \[8\]"),
+        (per_channel, dict(scales=grouped.scales), ValueError, r"w.scales must be \[N\] = \[8\]"),
+        (grouped, dict(group_size=None), ValueError, r"w.scales must be \[N\] = \[8\]"),
+        (grouped, dict(group_size=16), ValueError, r"w.scales must be \[N, K/group_size\] = \[8, 4\]"),
+        (grouped, dict(group_size=48), ValueError, "must divide the input dim K=64"),
+        (grouped, dict(group_size=0), ValueError, "group_size must be >= 1"),
+        (grouped, dict(group_size="32"), TypeError, "group_size must be an int"),
+        (grouped, dict(scales=grouped.scales[:, :1]), ValueError, r"w.scales must be \[N, K/group_size\]"),
+    ]
+    for w, fields, error, message in bad:
+        broken = dataclasses.replace(w, **fields)
+        for backend in ("auto", "torch", "triton"):
+            with pytest.raises(error, match=message):
+                dsattn.int8_matmul(x, broken, backend=backend)
+        with pytest.raises(error, match=message):
+            broken.dequantize()
+    with pytest.raises(TypeError, match="w must be a dsattn.Int8Weight"):
+        dsattn.int8_matmul(x, quantized(8, 64).qweight)
+    with pytest.raises(ValueError, match="x's last dim must be K=64"):
+        dsattn.int8_matmul(torch.randn(2, 32), per_channel)
+    with pytest.raises(ValueError, match="bias must have N=8"):
+        dsattn.int8_matmul(x, per_channel, torch.randn(9))
+
+
+# ----------------------------------------------------------------------------------------- forward
+@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("n,k", [(48, 64), (96, 128)])
+@pytest.mark.parametrize("group_size", [None, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_backends_equal_dequantized_matmul(triton_device, m, n, k, group_size, dtype):
+    from dsattn.triton_kernels import int8_matmul as tk
+
+    w = quantized(n, k, group_size).to(triton_device)
+    x = torch.randn(m, k, device=triton_device).to(dtype)
+    bias = torch.randn(n, device=triton_device)
+    out = poisoned((m, n), dtype, triton_device)  # every element must be written
+    tk.int8_matmul(x, w.qweight, w.scales, group_size, bias, out=out)
+    assert_close(out, expected(x, w, bias), tolerance(dtype), name="triton")
+    if triton_device == "cpu":
+        got = torch_backend.int8_matmul(x, w.qweight, w.scales, group_size, bias)
+        assert got.dtype == dtype
+        assert_close(got, expected(x, w, bias), tolerance(dtype), name="torch")
+
+
+@pytest.mark.parametrize("k", [48, 50])  # 48: a 16-wide K tile divides it; 50: the masked last K tile
+def test_triton_per_channel_any_k(triton_device, k):
+    w = quantized(37, k).to(triton_device)
+    x = torch.randn(5, k, device=triton_device)
+    assert_close(dsattn.int8_matmul(x, w, backend="triton"), expected(x, w), tolerance(torch.float32))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_api_leading_dims_noncontiguous_bias(triton_device, backend, group_size):
+    dev = triton_device if backend == "triton" else "cpu"
+    w = quantized(24, 128, group_size, dtype=torch.float16).to(dev)
+    x = non_contiguous(torch.randn(2, 3, 128, device=dev))
+    assert not x.is_contiguous()
+    bias = torch.randn(24, device=dev, dtype=torch.bfloat16)
+    got = dsattn.int8_matmul(x, w, bias, backend=backend)
+    assert got.shape == (2, 3, 24) and got.dtype == torch.float32
+    assert_close(got, expected(x, w, bias), tolerance(torch.float32))
+    xb = x.to(torch.bfloat16)
+    assert_close(dsattn.int8_matmul(xb, w, bias, backend=backend), expected(xb, w, bias), tolerance(torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_per_channel_16_bit_uses_torch_int8_gemm(monkeypatch, dtype):
+    """fp16/bf16 x with per-channel scales in x's dtype: torch._weight_int8pack_mm, equal to the chunks within
+    the dtype's tolerance; fp32 x and grouped scales take the chunks."""
+    if not hasattr(torch, "_weight_int8pack_mm"):
+        pytest.skip("this torch has no _weight_int8pack_mm")
+    calls = []
+    real = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(1) or real(*a))
+    w = quantized(70, 96, dtype=dtype)
+    x = torch.randn(2, 5, 96).to(dtype)
+    bias = torch.randn(70, dtype=dtype)
+    got = dsattn.int8_matmul(x, w, bias, backend="torch")
+    assert calls and got.dtype == dtype and got.shape == (2, 5, 70)
+    assert_close(got, expected(x, w, bias), tolerance(dtype))
+    chunks = torch_backend.int8_matmul(x, w.qweight, w.scales, None, bias, rows_per_chunk=32)
+    assert_close(got, chunks.double(), tolerance(dtype))
+    calls.clear()
+    dsattn.int8_matmul(x.float(), w)
+    dsattn.int8_matmul(x, quantized(70, 96, 32, dtype=dtype))
+    assert not calls
+
+
+def test_torch_backend_row_chunks_equal_brute_force():
+    n, k, g = 37, 96, 32
+    for group_size in (None, g):
+        w = quantized(n, k, group_size)
+        x = torch.randn(2, 3, k, dtype=torch.float64)
+        bias = torch.randn(n, dtype=torch.float64)
+        scale = w.scales.double()[:, None] if group_size is None else w.scales.double().repeat_interleave(g, 1)
+        brute = torch.einsum("abk,nk->abn", x, w.qweight.double() * scale) + bias
+        assert_close(oracle(x, w.qweight, w.scales, group_size, bias), brute, 1e-12)
+        got = torch_backend.int8_matmul(x, w.qweight, w.scales, group_size, bias, rows_per_chunk=16)
+        assert_close(got, brute, 1e-12)
+
+
+# ----------------------------------------------------------------------------------------- gradients
+@pytest.mark.parametrize("lead,n,k,group_size,dtype,transposed", [
+    ((7,), 37, 96, None, torch.float32, False),
+    ((2, 5), 19, 128, 64, torch.float32, True),
+    ((3,), 24, 64, None, torch.bfloat16, True),
+    ((3,), 24, 64, 16, torch.bfloat16, False),
+])
+def test_gradients_match_float64_autograd_of_the_oracle(lead, n, k, group_size, dtype, transposed):
+    w = quantized(n, k, group_size)
+    x = torch.randn(*lead, k).to(dtype)
+    x = (non_contiguous(x) if transposed else x).requires_grad_(True)
+    bias = torch.randn(n, dtype=dtype, requires_grad=True)
+    assert_grads_match(lambda x, b: dsattn.int8_matmul(x, w, b), _oracle(w), [x, bias], tolerance(dtype),
+                       name="int8_matmul")
+
+
+def test_gradient_of_x_only_bias_only_and_row_chunks(monkeypatch):
+    monkeypatch.setattr(torch_backend, "ROWS_PER_CHUNK", 8)
+    for group_size in (None, 32):
+        w = quantized(21, 64, group_size)
+        x = torch.randn(4, 64, requires_grad=True)
+        bias = torch.randn(21)
+        assert_grads_match(lambda x, b: dsattn.int8_matmul(x, w, b), _oracle(w), [x, bias], name="dx")
+        x, bias = x.detach(), bias.requires_grad_(True)
+        assert_grads_match(lambda x, b: dsattn.int8_matmul(x, w, b), _oracle(w), [x, bias], name="dbias")
+
+
+def test_gradcheck_float64():
+    for group_size in (None, 16):
+        w = quantized(11, 32, group_size)
+        x = torch.randn(2, 3, 32, dtype=torch.float64, requires_grad=True)
+        bias = torch.randn(11, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda x, b: dsattn.int8_matmul(x, w, b), (x, bias))
+
+
+def test_no_silent_detach_and_frozen_scales(triton_device):
+    w = quantized(16, 64).to(triton_device)
+    x = torch.randn(3, 64, device=triton_device, requires_grad=True)
+    assert dsattn.int8_matmul(x, w).grad_fn is not None
+    with pytest.raises(ValueError, match="int8_matmul: backend='triton' has no backward"):
+        dsattn.int8_matmul(x, w, backend="triton")
+    with torch.no_grad():
+        assert_close(dsattn.int8_matmul(x, w, backend="triton"), expected(x, w), tolerance(torch.float32))
+    w.scales.requires_grad_(True)
+    with pytest.raises(ValueError, match="w.scales requires grad, but the int8 weight is frozen"):
+        dsattn.int8_matmul(x.detach(), w)
+
+
+def test_triton_refuses_group_sizes_it_cannot_tile(triton_device):
+    w = quantized(8, 48, 24).to(triton_device)
+    x = torch.randn(2, 48, device=triton_device)
+    with pytest.raises(ValueError, match="group_size % 16"):
+        dsattn.int8_matmul(x, w, backend="triton")
+    assert_close(dsattn.int8_matmul(x.cpu(), w.to("cpu")), expected(x, w), tolerance(torch.float32))
+
+
+def test_tile_k_never_straddles_a_group():
+    from dsattn.triton_kernels import int8_matmul as tk
+
+    assert tk.tile_k(4096, None, 128) == (128, True) and tk.tile_k(48, None, 64) == (16, True)
+    assert tk.tile_k(50, None, 64) == (64, False)
+    for g in (16, 32, 48, 96, 128):
+        bk, even = tk.tile_k(g * 3, g, 128)
+        assert even and g % bk == 0 and bk >= 16
+
+
+def test_opcheck():
+    x, bias = torch.randn(2, 3, 64), torch.randn(24)
+    for group_size in (None, 32):
+        w = quantized(24, 64, group_size)
+        torch.library.opcheck(torch.ops.dsattn.int8_matmul, (x.clone().requires_grad_(True), w.qweight, w.scales,
+                                                            group_size, bias.clone().requires_grad_(True), "torch"))
+        torch.library.opcheck(torch.ops.dsattn.int8_matmul, (x[0], w.qweight, w.scales, group_size, None, "torch"))
+        if _backend.unusable_reason("triton", x.device) is None:
+            torch.library.opcheck(torch.ops.dsattn.int8_matmul, (x, w.qweight, w.scales, group_size, bias, "triton"))
+
+
+# ----------------------------------------------------------------------------------------- module, patch
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_int8_linear_from_linear_and_state_dict(group_size):
+    lin = torch.nn.Linear(64, 24)
+    mod = dsattn.nn.Int8Linear.from_linear(lin, group_size=group_size)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert_close(mod(x), lin(x), 1e-2)  # int8 quantization error
+        assert_close(mod(x), expected(x, mod.int8_weight(), lin.bias), 1e-5)
+    state = mod.state_dict()
+    assert set(state) == {"qweight", "scales", "bias"} and state["qweight"].dtype == torch.int8
+    fresh = dsattn.nn.Int8Linear(64, 24, group_size=group_size, dtype=torch.float32)
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), mod(x))
+    out = mod(x.requires_grad_(True))  # the bias is a Parameter: its gradient is wanted too
+    out.sum().backward()
+    assert_close(mod.bias.grad, torch.full((24,), 3.0))
+    assert_close(x.grad, torch.ones(3, 24) @ mod.int8_weight().dequantize(torch.float32))
+    with pytest.raises(ValueError, match="must divide the input dim K=64"):
+        dsattn.nn.Int8Linear(64, 24, group_size=48)
+
+
+def test_patch_int8_tiny_llama_logits_and_summary():
+    from dsattn.models import tiny_model
+
+    model = tiny_model("llama", layers=4)
+    ids = torch.randint(0, model.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        ref = model(ids).logits
+        dsattn.patch(model, quantize="int8")
+        try:
+            names = [n for n, m in model.named_modules() if isinstance(m, dsattn.nn.Int8Linear)]
+            logits = model(ids).logits
+            summary = dsattn.patch_summary(model)
+        finally:
+            dsattn.unpatch(model)
+        assert torch.equal(model(ids).logits, ref)
+    assert names and all(".layers.1." in n or ".layers.2." in n for n in names)
+    assert len(names) == 2 * 7  # q, k, v, o, gate, up, down in the two middle layers
+    assert summary["quantize"] == "int8" and sorted(summary["quantized"]) == sorted(names)
+    reasons = {s["module"]: s["reason"] for s in summary["skipped"]}
+    assert "first or last" in reasons["model.layers.0.self_attn.q_proj"] and "skip pattern" in reasons["lm_head"]
+    assert summary["weight_bytes_after"] < summary["weight_bytes_before"]
+    assert_close(logits, ref, 1e-2, name="int8 logits")
+    assert (logits - ref).abs().max() > 0
+
+
+def test_patch_int8_options():
+    from dsattn.models import tiny_model
+
+    model = tiny_model("llama", layers=4)
+    dsattn.patch(model, quantize="int8", group_size=32, keep_first_last=False, skip=("*lm_head*", "*mlp*"))
+    try:
+        mods = {n: m for n, m in model.named_modules() if isinstance(m, dsattn.nn.Int8Linear)}
+        assert len(mods) == 4 * 4 and all(m.group_size == 32 for m in mods.values())
+    finally:
+        dsattn.unpatch(model)
+    with pytest.raises(TypeError, match="symmetric"):
+        dsattn.patch(model, quantize="int8", symmetric=True)
+    with pytest.raises(ValueError, match="would change nothing.*does not divide"):
+        dsattn.patch(model, quantize="int8", group_size=48, keep_first_last=False)
+    assert dsattn.patch_summary(model) is None
+
+
+def test_compiles_fullgraph_and_equals_eager():
+    from dsattn.testing import assert_compiles
+
+    for group_size in (None, 32):
+        w = quantized(24, 64, group_size)
+        x = non_contiguous(torch.randn(2, 5, 64)).requires_grad_(True)
+        bias = torch.randn(24, requires_grad=True)
+        assert_compiles(lambda x, b: dsattn.int8_matmul(x, w, b), [x, bias], backends=("aot_eager",),
+                        name="int8_matmul")
+    mod = dsattn.nn.Int8Linear.from_linear(torch.nn.Linear(64, 24)).eval()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(mod)(torch.randn(3, 64, dtype=torch.float32))
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
