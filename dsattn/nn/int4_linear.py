@@ -19,7 +19,7 @@ from torch import nn
 from dsattn.ops.int4_grouped_matmul import (int4_grouped_matmul, int4_grouped_matmul_backward_op,
                                             int4_grouped_matmul_weight_grad_ste_op)
 from dsattn.ops.int4_matmul import int4_matmul
-from dsattn.quant.int4 import Int4Weight, quantize_int4
+from dsattn.quant.int4 import Int4Weight, check_group_size, quantize_int4
 from dsattn.torch_backend import int4_matmul as _torch_int4
 
 
@@ -28,8 +28,8 @@ def quantize_latent(weight: torch.Tensor, group_size: int, symmetric: bool) -> I
     groups lie along K, so row chunks quantize independently): its temporaries stay below the whole weight."""
     n = weight.shape[0]
     if n <= _torch_int4.ROWS_PER_CHUNK:
-        return quantize_int4(weight, group_size=group_size, symmetric=symmetric)
-    parts = [quantize_int4(weight[start:stop], group_size=group_size, symmetric=symmetric)
+        return quantize_int4(weight, group_size=group_size, symmetric=symmetric, check_finite=False)
+    parts = [quantize_int4(weight[start:stop], group_size=group_size, symmetric=symmetric, check_finite=False)
              for start, stop in _torch_int4._row_chunks(n, None)]
     return Int4Weight(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]),
                       torch.cat([p.zeros for p in parts]), group_size, symmetric)
@@ -69,8 +69,7 @@ class Int4Linear(nn.Module):
     def __init__(self, in_features, out_features, bias=True, *, group_size=128, symmetric=False, train_mode=False,
                  dtype=torch.float16, device=None):
         super().__init__()
-        if in_features % group_size != 0:
-            raise ValueError(f"Int4Linear: group_size ({group_size}) must divide in_features ({in_features})")
+        check_group_size("nn.Int4Linear", group_size, in_features)
         self.in_features, self.out_features = in_features, out_features
         self.group_size, self.symmetric, self.train_mode = group_size, symmetric, train_mode
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
@@ -202,8 +201,10 @@ class Int4Experts(nn.Module):
                  train_mode=False, dtype=torch.float16, device=None):
         super().__init__()
         for name, k in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size)):
-            if k % group_size != 0:
-                raise ValueError(f"Int4Experts: group_size ({group_size}) must divide {name} ({k})")
+            try:
+                check_group_size("nn.Int4Experts", group_size, k)
+            except ValueError as e:
+                raise ValueError(f"{e} ({name})") from None
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.group_size, self.symmetric, self.train_mode = group_size, symmetric, train_mode
         self.act_fn = act_fn

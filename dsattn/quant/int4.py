@@ -1,4 +1,5 @@
-"""Group-wise 4-bit weights: the format (Int4Weight), the quantizer, and importers for AWQ / GPTQ checkpoints.
+"""Group-wise 4-bit weights: the format (Int4Weight), the quantizer, and importers for AWQ / GPTQ /
+compressed-tensors checkpoints (whole models: dsattn.quant.checkpoint).
 
 Layout shared by every int4 kernel (dsattn.reference.int4): qweight int32 [N, K/8], element (n, 8j + i) in
 bits [4i, 4i+4) of qweight[n, j]; scales [N, K/g] (fp16/bf16/fp32); zeros uint8 [N, K/g] (8 for symmetric);
@@ -81,44 +82,125 @@ class Int4Weight:
     @classmethod
     def from_awq(cls, qweight, qzeros, scales, group_size) -> "Int4Weight":
         """AutoAWQ GEMM layout: qweight int32 [K, N/8] and qzeros int32 [K/g, N/8], both packed along N in
-        AWQ's interleaved order (0, 2, 4, 6, 1, 3, 5, 7); scales [K/g, N]; w = (q - z) * s."""
-        order = torch.tensor(AWQ_ORDER, device=qweight.device)
+        AWQ's interleaved order (0, 2, 4, 6, 1, 3, 5, 7); scales [K/g, N]; w = (q - z) * s. Repacked along K
+        a slice of rows at a time: no temporary as large as the weight."""
+        op = "Int4Weight.from_awq"
+        _checks.check_tensor(op, "qweight", qweight, ndim=2, dtypes=(torch.int32,))
+        _checks.check_tensor(op, "scales", scales, ndim=2, dtypes=SCALE_DTYPES)
+        k, n = qweight.shape[0], scales.shape[1]
+        check_group_size(op, group_size, k)
+        _check_shape(op, "qweight", qweight, (k, n // 8), "[K, N/8] (N from scales [K/g, N], a multiple of 8)",
+                     exact=n % 8 == 0)
+        _check_shape(op, "scales", scales, (k // group_size, n), "[K/group_size, N]")
+        _check_packed_zeros(op, qzeros, (k // group_size, n // 8), "[K/group_size, N/8]")
+        _checks.check_same_device(op, qweight=qweight, qzeros=qzeros, scales=scales)
+        inverse = torch.tensor(AWQ_ORDER, device=qweight.device).argsort()  # column c of a word is nibble inverse[c]
 
-        def unpack_awq(packed):  # [R, N/8] -> [R, N]
-            nib = unpack_int4(packed).reshape(packed.shape[0], -1, 8)
-            out = torch.empty_like(nib)
-            out[:, :, order] = nib
-            return out.reshape(packed.shape[0], -1)
+        def unpack_awq(packed):  # [R, N/8] -> [R, N] in column order
+            return unpack_int4(packed).reshape(packed.shape[0], -1, 8)[:, :, inverse].reshape(packed.shape[0], -1)
 
-        q = unpack_awq(qweight).T.contiguous()  # [N, K]
-        check_group_size("Int4Weight.from_awq", group_size, q.shape[1])
+        out = torch.empty(n, k // 8, dtype=torch.int32, device=qweight.device)
+        rows = max(8, k // 64 * 8)  # temporaries of about N*K/8 elements
+        for start in range(0, k, rows):
+            stop = min(k, start + rows)
+            out[:, start // 8:stop // 8] = pack_int4(unpack_awq(qweight[start:stop]).T)
         zeros = unpack_awq(qzeros).T.contiguous()  # [N, K/g]
-        return cls(pack_int4(q), scales.T.contiguous(), zeros.to(torch.uint8), group_size, symmetric=False)
+        return cls(out, scales.T.contiguous(), zeros, group_size, symmetric=False)
 
     @classmethod
     def from_gptq(cls, qweight, qzeros, scales, group_size, g_idx=None) -> "Int4Weight":
-        """GPTQ (AutoGPTQ/GPTQModel v1 checkpoints): qweight int32 [K/8, N] packed along K; qzeros int32
-        [K/g, N/8] packed along N, storing zero - 1; scales [K/g, N]. Only the trivial g_idx (k // g, i.e.
-        desc_act=False or already reordered) is supported."""
-        q = unpack_int4(qweight.T.contiguous())  # [N, K]: unpacking along the packed K axis
-        k = q.shape[1]
-        check_group_size("Int4Weight.from_gptq", group_size, k)
-        if g_idx is not None:
-            trivial = torch.arange(k, device=g_idx.device) // group_size
-            if g_idx.shape != (k,) or not torch.equal(g_idx.to(torch.int64), trivial):
-                raise ValueError("dsattn.Int4Weight.from_gptq: g_idx must be the trivial k // group_size "
-                                 "(act-order checkpoints need their rows reordered first)")
-        zeros = ((unpack_int4(qzeros).to(torch.int16) + 1) & 0xF).T.contiguous()  # [N, K/g]
-        return cls(pack_int4(q), scales.T.contiguous(), zeros.to(torch.uint8), group_size, symmetric=False)
+        """GPTQ (AutoGPTQ/GPTQModel v1 checkpoints): qweight int32 [K/8, N] packed along K (the nibble order of
+        dsattn's layout, so its transpose is qweight as it is); qzeros int32 [K/g, N/8] packed along N, storing
+        zero - 1; scales [K/g, N]. Only the trivial g_idx (k // g, i.e. desc_act=False or already reordered) is
+        supported."""
+        op = "Int4Weight.from_gptq"
+        _checks.check_tensor(op, "qweight", qweight, ndim=2, dtypes=(torch.int32,))
+        _checks.check_tensor(op, "scales", scales, ndim=2, dtypes=SCALE_DTYPES)
+        k, n = qweight.shape[0] * 8, qweight.shape[1]
+        check_group_size(op, group_size, k)
+        _check_shape(op, "scales", scales, (k // group_size, n), "[K/group_size, N] for qweight [K/8, N]")
+        _check_packed_zeros(op, qzeros, (k // group_size, n // 8), "[K/group_size, N/8]", exact=n % 8 == 0)
+        _checks.check_same_device(op, qweight=qweight, qzeros=qzeros, scales=scales)
+        check_trivial_g_idx(op, g_idx, k, group_size)
+        zeros = ((unpack_int4(qzeros) + 1) & 0xF).T.contiguous()  # [N, K/g]
+        return cls(qweight.T.contiguous(), scales.T.contiguous(), zeros, group_size, symmetric=False)
+
+    @classmethod
+    def from_compressed_tensors(cls, weight_packed, weight_scale, weight_zero_point=None, group_size=None, *,
+                                weight_shape=None, g_idx=None) -> "Int4Weight":
+        """compressed-tensors "pack-quantized" W4A16: weight_packed int32 [N, K/8] (compressed_tensors'
+        pack_to_int32 of int8 q in [-8, 7] along the input dim: nibble i of a word holds q + 8 of column
+        8j + i, dsattn's own layout, so it is taken as it is); weight_scale [N, K/g]; weight_zero_point (asymmetric
+        only) int32 [ceil(N/8), K/g] packed along the output dim (or int8 [N, K/g] unpacked);
+        w = (q - zero_point) * scale, i.e. zeros = zero_point + 8. group_size None: K / weight_scale's columns
+        (strategy "channel" is one group of K). weight_shape, when given, must be [N, K]."""
+        op = "Int4Weight.from_compressed_tensors"
+        _checks.check_tensor(op, "weight_packed", weight_packed, ndim=2, dtypes=(torch.int32,))
+        _checks.check_tensor(op, "weight_scale", weight_scale, ndim=2, dtypes=SCALE_DTYPES)
+        n, k = weight_packed.shape[0], weight_packed.shape[1] * 8
+        if weight_shape is not None:
+            shape = [int(v) for v in weight_shape]  # a host read of 2 numbers: loading, not a traced path
+            if shape != [n, k]:
+                raise ValueError(f"dsattn.{op}: weight_shape {shape} does not match weight_packed "
+                                 f"{list(weight_packed.shape)} (= [N, K/8]; K must be a multiple of 8)")
+        if group_size is None:
+            groups = weight_scale.shape[1]
+            if groups == 0 or k % groups != 0:
+                raise ValueError(f"dsattn.{op}: weight_scale {list(weight_scale.shape)} has no whole number of "
+                                 f"groups in K={k}; pass group_size")
+            group_size = k // groups
+        check_group_size(op, group_size, k)
+        _check_shape(op, "weight_scale", weight_scale, (n, k // group_size), "[N, K/group_size]")
+        _checks.check_same_device(op, weight_packed=weight_packed, weight_scale=weight_scale,
+                                  weight_zero_point=weight_zero_point)
+        check_trivial_g_idx(op, g_idx, k, group_size)
+        if weight_zero_point is None:
+            zeros = torch.full((n, k // group_size), SYMMETRIC_ZERO, dtype=torch.uint8, device=weight_packed.device)
+            return cls(weight_packed.contiguous(), weight_scale.contiguous(), zeros, group_size, symmetric=True)
+        _checks.check_tensor(op, "weight_zero_point", weight_zero_point, ndim=2, dtypes=(torch.int32, torch.int8))
+        if weight_zero_point.dtype == torch.int8:
+            _check_shape(op, "weight_zero_point", weight_zero_point, (n, k // group_size), "int8 [N, K/group_size]")
+            if weight_zero_point.numel() and (weight_zero_point.min() < -8 or weight_zero_point.max() > 7):
+                raise ValueError(f"dsattn.{op}: weight_zero_point (int8) must lie in [-8, 7]")
+            zeros = (weight_zero_point + SYMMETRIC_ZERO).to(torch.uint8)
+        else:
+            _check_shape(op, "weight_zero_point", weight_zero_point, ((n + 7) // 8, k // group_size),
+                         "int32 [ceil(N/8), K/group_size] (packed along N)")
+            zeros = unpack_int4(weight_zero_point.T.contiguous())[:, :n].T.contiguous()  # stored zero_point + 8
+        return cls(weight_packed.contiguous(), weight_scale.contiguous(), zeros, group_size, symmetric=False)
 
 
-def quantize_int4(weight, *, group_size=128, symmetric=False, act_scales=None) -> Int4Weight:
+def _check_shape(op: str, name: str, t, shape, meaning: str, *, exact: bool = True) -> None:
+    if not exact or tuple(t.shape) != tuple(shape):
+        raise ValueError(f"dsattn.{op}: {name} must be {meaning} = {list(shape)}, got {list(t.shape)}")
+
+
+def _check_packed_zeros(op: str, qzeros, shape, meaning: str, *, exact: bool = True) -> None:
+    _checks.check_tensor(op, "qzeros", qzeros, ndim=2, dtypes=(torch.int32,))
+    _check_shape(op, "qzeros", qzeros, shape, meaning, exact=exact)
+
+
+def check_trivial_g_idx(op: str, g_idx, k: int, group_size: int) -> None:
+    """g_idx (the group of each input row) must be k // group_size: act-order checkpoints need their rows
+    reordered first. A host read of [K] integers, at load time."""
+    if g_idx is None:
+        return
+    _checks.check_tensor(op, "g_idx", g_idx, ndim=1, dtypes=(torch.int32, torch.int64))
+    trivial = torch.arange(k, device=g_idx.device) // group_size
+    if g_idx.shape != (k,) or not torch.equal(g_idx.to(torch.int64), trivial):
+        raise ValueError(f"dsattn.{op}: g_idx must be the trivial k // group_size over K={k} "
+                         "(act-order checkpoints need their rows reordered first)")
+
+
+def quantize_int4(weight, *, group_size=128, symmetric=False, act_scales=None, check_finite=True) -> Int4Weight:
     """Round-to-nearest group-wise int4 over the input dim of weight [N, K].
 
     asymmetric: scale = (max - min) / 15, zero = round(-min / scale); symmetric: scale = absmax / 7, zero 8.
     Every element lands within half a step (scale / 2) of the original, measured with the stored scale.
     act_scales [K] (mean |x| per input channel): AWQ-style s = act_scales ** AWQ_ALPHA (normalized), W * s is
     quantized and 1/s is kept as input_scale. Scales are in weight's dtype (fp16/bf16), else fp32.
+    A NaN / Inf in weight or act_scales is a ValueError (check_finite=False skips that host read: quantization-
+    aware training re-quantizes its latent weight every step).
     """
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"dsattn.{OP}: weight must be a torch.Tensor, got {type(weight).__name__}")
@@ -128,6 +210,9 @@ def quantize_int4(weight, *, group_size=128, symmetric=False, act_scales=None) -
         raise TypeError(f"dsattn.{OP}: weight must be floating point, got {weight.dtype}")
     n, k = weight.shape
     check_group_size(OP, group_size, k)
+    if check_finite and not torch.isfinite(weight).all():
+        bad = (~torch.isfinite(weight)).nonzero()[0].tolist()
+        raise ValueError(f"dsattn.{OP}: weight must be finite, got {weight[bad[0], bad[1]].item()} at {bad}")
     scale_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float32
     w = weight.detach().to(torch.float32)
     input_scale = None
@@ -136,6 +221,8 @@ def quantize_int4(weight, *, group_size=128, symmetric=False, act_scales=None) -
             raise ValueError(f"dsattn.{OP}: act_scales must be a tensor of shape [K={k}]")
         if act_scales.device != weight.device:
             raise ValueError(f"dsattn.{OP}: act_scales is on {act_scales.device} but weight is on {weight.device}")
+        if check_finite and not torch.isfinite(act_scales).all():
+            raise ValueError(f"dsattn.{OP}: act_scales must be finite")
         s = act_scales.detach().to(torch.float32).clamp(min=1e-5) ** AWQ_ALPHA
         s = s / (s.max() * s.min()).sqrt()
         w = w * s[None, :]
