@@ -176,7 +176,7 @@ def test_unsupported_model_type_is_an_error():
 
 def test_registry_lists_kernels_quantizers_and_model_types():
     assert set(dsattn.registry.attention_kernels()) == {"sliding_window", "topk", "sparse", "linear", "hybrid"}
-    assert dsattn.registry.quantizers() == ["int4"]
+    assert dsattn.registry.quantizers() == ["int4", "int8"]
     assert {"deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "llama", "qwen2"} <= set(
         dsattn.registry.model_types())
     with pytest.raises(ValueError, match="already registered"):
