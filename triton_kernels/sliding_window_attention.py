@@ -357,6 +357,21 @@ def _visible(rows_pos, cols, row_ok, col_ok, window, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(base, stride_s, stride_d, idx, idx_ok, offs_d, D, MASKED: tl.constexpr, UPCAST: tl.constexpr):
+    """The [len(idx), BLOCK_D] tile of rows idx (64-bit offsets) of a [S, D] view at base, zero past D and,
+    MASKED, where not idx_ok: the backward's q / dO (by rows) and k / v (by keys) tiles. UPCAST: bf16 to fp32
+    for the interpreter's tl.dot."""
+    ptrs = base + idx[:, None].to(tl.int64) * stride_s + offs_d[None, :] * stride_d
+    if MASKED:
+        x = tl.load(ptrs, mask=idx_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    else:
+        x = tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _dkdv_query_range(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_qd, stride_dos, stride_dod,
     cols, col_ok, lo, hi, seqlen_q, q_offset, window, qk_scale_log2, offs_dqk, offs_dv, DQK, DV,
@@ -369,21 +384,14 @@ def _dkdv_query_range(
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < seqlen_q
-        q_ptrs = q_base + rows[:, None].to(tl.int64) * stride_qs + offs_dqk[None, :] * stride_qd
-        do_ptrs = do_base + rows[:, None].to(tl.int64) * stride_dos + offs_dv[None, :] * stride_dod
+        q = _load_tile(q_base, stride_qs, stride_qd, rows, row_ok, offs_dqk, DQK, MASKED, UPCAST)
+        do = _load_tile(do_base, stride_dos, stride_dod, rows, row_ok, offs_dv, DV, MASKED, UPCAST)
         if MASKED:
-            q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
-            do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
             lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
             delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         else:
-            q = tl.load(q_ptrs, mask=offs_dqk[None, :] < DQK, other=0.0)
-            do = tl.load(do_ptrs, mask=offs_dv[None, :] < DV, other=0.0)
             lse = tl.load(lse_base + rows)
             delta = tl.load(delta_base + rows)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
         s_t = _dot(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), TF32X3)
         p_t = tl.exp2(s_t * qk_scale_log2 - lse[None, :])
         if MASKED:
@@ -440,15 +448,10 @@ def sliding_window_attention_bwd_dkdv_kernel(
     col_ok = cols < seqlen_k
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = tl.load(k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh + k_start * stride_ks
-                + cols[:, None].to(tl.int64) * stride_ks + offs_dqk[None, :] * stride_kd,
-                mask=col_ok[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
-    v = tl.load(v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh + k_start * stride_vs
-                + cols[:, None].to(tl.int64) * stride_vs + offs_dv[None, :] * stride_vd,
-                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = _load_tile(k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh + k_start * stride_ks,
+                   stride_ks, stride_kd, cols, col_ok, offs_dqk, DQK, True, UPCAST)
+    v = _load_tile(v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh + k_start * stride_vs,
+                   stride_vs, stride_vd, cols, col_ok, offs_dv, DV, True, UPCAST)
     q_offset = seqlen_k - seqlen_q  # query row i sits at position i + q_offset
     n_last = tl.minimum(n_first + BLOCK_N, seqlen_k) - 1
     # Rows whose window reaches the block: positions [n_first (- window + 1), n_last + window - 1].
@@ -516,17 +519,8 @@ def _dq_key_range(
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < hi
-        k_ptrs = k_base + cols[:, None].to(tl.int64) * stride_ks + offs_dqk[None, :] * stride_kd
-        v_ptrs = v_base + cols[:, None].to(tl.int64) * stride_vs + offs_dv[None, :] * stride_vd
-        if MASKED:
-            k = tl.load(k_ptrs, mask=col_ok[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
-            v = tl.load(v_ptrs, mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        else:
-            k = tl.load(k_ptrs, mask=offs_dqk[None, :] < DQK, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_dv[None, :] < DV, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _load_tile(k_base, stride_ks, stride_kd, cols, col_ok, offs_dqk, DQK, MASKED, UPCAST)
+        v = _load_tile(v_base, stride_vs, stride_vd, cols, col_ok, offs_dv, DV, MASKED, UPCAST)
         s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), TF32X3)
         p = tl.exp2(s * qk_scale_log2 - lse[:, None])
         if MASKED:
@@ -567,15 +561,10 @@ def sliding_window_attention_bwd_dq_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     row_valid = offs_m < seqlen_q
     q_pos = offs_m + (seqlen_k - seqlen_q)
-    q = tl.load(q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + q_start * stride_qs
-                + offs_m[:, None].to(tl.int64) * stride_qs + offs_dqk[None, :] * stride_qd,
-                mask=row_valid[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
-    do = tl.load(do_ptr + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh + q_start * stride_dos
-                 + offs_m[:, None].to(tl.int64) * stride_dos + offs_dv[None, :] * stride_dod,
-                 mask=row_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = _load_tile(q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + q_start * stride_qs,
+                   stride_qs, stride_qd, offs_m, row_valid, offs_dqk, DQK, True, UPCAST)
+    do = _load_tile(do_ptr + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh + q_start * stride_dos,
+                    stride_dos, stride_dod, offs_m, row_valid, offs_dv, DV, True, UPCAST)
     if IS_VARLEN:
         row_base = head.to(tl.int64) * SEQ_Q + q_start
     else:

@@ -180,7 +180,8 @@ def sliding_window_attention_varlen(
     k/v rows); max_seqlen_q / max_seqlen_k must be >= every sequence's length (they size the kernel grid).
     Within a sequence the semantics are sliding_window_attention's (its queries at the end of its keys);
     sequences never see each other. A query row of a sequence with no visible key (e.g. no keys) outputs
-    zeros. Returns [total_q, Hq, Dv] in q's dtype.
+    zeros. Returns [total_q, Hq, Dv] in q's dtype. Backends as sliding_window_attention's; Triton's backward
+    runs the same kernels over the packed tensors.
     """
     op = OP_VARLEN
     window = _check_window_and_flags(op, window, causal)
