@@ -80,15 +80,14 @@ def test_from_awq_and_gptq_match_the_weight_they_came_from():
     that the AWQ importer repacks in several row slices."""
     w = dsattn.quantize_int4(torch.randn(24, 512), group_size=64)
     ref = w.dequantize(torch.float64)
-    a = awq_tensors(w)
-    assert torch.equal(dsattn.Int4Weight.from_awq(a["qweight"], a["qzeros"], a["scales"], 64).dequantize(torch.float64), ref)
-    gq = gptq_tensors(w)
-    got = dsattn.Int4Weight.from_gptq(gq["qweight"], gq["qzeros"], gq["scales"], 64, g_idx=gq["g_idx"])
-    assert torch.equal(got.dequantize(torch.float64), ref)
-    # the importers never build a tensor as large as the weight
-    n, k = w.shape
-    assert largest_tensor(lambda: dsattn.Int4Weight.from_awq(a["qweight"], a["qzeros"], a["scales"], 64)) <= n * k // 8
-    assert largest_tensor(lambda: dsattn.Int4Weight.from_gptq(gq["qweight"], gq["qzeros"], gq["scales"], 64)) <= n * k // 8
+    a, gq = awq_tensors(w), gptq_tensors(w)
+    from_awq = lambda: dsattn.Int4Weight.from_awq(a["qweight"], a["qzeros"], a["scales"], 64)  # noqa: E731
+    from_gptq = lambda: dsattn.Int4Weight.from_gptq(gq["qweight"], gq["qzeros"], gq["scales"], 64,  # noqa: E731
+                                                    g_idx=gq["g_idx"])
+    assert torch.equal(from_awq().dequantize(torch.float64), ref)
+    assert torch.equal(from_gptq().dequantize(torch.float64), ref)
+    n, k = w.shape  # the importers never build a tensor as large as the weight
+    assert largest_tensor(from_awq) <= n * k // 8 and largest_tensor(from_gptq) <= n * k // 8
 
 
 # ----------------------------------------------------------------------------------------- model loader
@@ -158,6 +157,27 @@ def test_loaded_checkpoint_gives_the_patched_models_logits(fmt, tmp_path):
         assert torch.equal(fresh(ids).logits, reference(ids).logits)
 
 
+def test_loader_fills_a_model_built_on_the_meta_device(tmp_path):
+    """The real-size use: the model is built without memory (meta), the checkpoint supplies every tensor."""
+    import transformers
+    from safetensors.torch import save_file
+
+    from dsattn.models import tiny_config
+
+    reference = _int4_model()
+    save_file(_checkpoint(reference, "awq"), str(tmp_path / "a.safetensors"))
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama", layers=4, hidden=64),
+                                                              attn_implementation="eager").eval()
+    report = dsattn.quant.load_int4_checkpoint(model, tmp_path / "a.safetensors", group_size=32, device="cpu")
+    assert report["missing"] == [] and len(report["quantized"]) == 28
+    assert all(t.device.type == "cpu" for t in model.state_dict().values())
+    model.model.rotary_emb = type(model.model.rotary_emb)(model.config)  # non-persistent: in no checkpoint
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "awq", "gptq"])
 def test_loader_never_builds_a_weight_sized_tensor(fmt, tmp_path):
     from safetensors.torch import save_file
@@ -189,7 +209,7 @@ def test_loader_refuses_what_does_not_fit(tmp_path):
     with pytest.raises(ValueError, match="neither AWQ"):  # a model whose linears have other shapes
         dsattn.quant.load_int4_checkpoint(tiny_model("llama", layers=4, hidden=128), tmp_path / "q.safetensors")
     small = tiny_model("llama", layers=2, hidden=64)
-    with pytest.raises(ValueError, match=r"'model.layers.2.mlp.down_proj' \(14 modules in all\), but the model has no such module"):
+    with pytest.raises(ValueError, match=r"'model.layers.2.mlp.down_proj' \(14 modules in all\), but the model has no"):
         dsattn.quant.load_int4_checkpoint(small, tmp_path / "q.safetensors")
     assert not any(isinstance(m, dsattn.nn.Int4Linear) for m in small.modules())  # refused before any change
     report = dsattn.quant.load_int4_checkpoint(small, tmp_path / "q.safetensors", strict=False)
@@ -207,24 +227,27 @@ def test_importers_name_wrong_shapes_and_dtypes():
     n, k, g = 16, 64, 32
     w = dsattn.quantize_int4(torch.randn(n, k), group_size=g)
     a, gq = awq_tensors(w), gptq_tensors(w)
+    qa, za, sa = a["qweight"], a["qzeros"], a["scales"]
+    qg, zg, sg = gq["qweight"], gq["qzeros"], gq["scales"]
     awq = dsattn.Int4Weight.from_awq
     gptq = dsattn.Int4Weight.from_gptq
     ctw = dsattn.Int4Weight.from_compressed_tensors
-    cases = [
-        (lambda: awq(a["qweight"].float(), a["qzeros"], a["scales"], g), TypeError, "from_awq: qweight must have dtype"),
-        (lambda: awq(a["qweight"][:, :1], a["qzeros"], a["scales"], g), ValueError, r"from_awq: qweight must be \[K, N/8\]"),
-        (lambda: awq(a["qweight"], a["qzeros"], a["scales"][:1], g), ValueError, r"from_awq: scales must be \[K/group_size, N\]"),
-        (lambda: awq(a["qweight"], a["qzeros"][:, :1], a["scales"], g), ValueError, r"from_awq: qzeros must be"),
-        (lambda: awq(a["qweight"], a["qzeros"].to(torch.int64), a["scales"], g), TypeError, "from_awq: qzeros must have dtype"),
-        (lambda: awq(a["qweight"], a["qzeros"], a["scales"].int(), g), TypeError, "from_awq: scales must have dtype"),
-        (lambda: awq(a["qweight"], a["qzeros"], a["scales"], 48), ValueError, "from_awq: group_size"),
-        (lambda: gptq(gq["qweight"][None], gq["qzeros"], gq["scales"], g), ValueError, "from_gptq: qweight must be 2-D"),
-        (lambda: gptq(gq["qweight"], gq["qzeros"], gq["scales"][:, :3], g), ValueError, r"from_gptq: scales must be"),
-        (lambda: gptq(gq["qweight"], gq["qzeros"][:1], gq["scales"], g), ValueError, r"from_gptq: qzeros must be"),
-        (lambda: gptq(gq["qweight"], gq["qzeros"], gq["scales"], g, g_idx=gq["g_idx"][:5]), ValueError, "from_gptq: g_idx"),
-        (lambda: gptq(gq["qweight"], gq["qzeros"], gq["scales"], g, g_idx=gq["g_idx"].float()), TypeError, "from_gptq: g_idx must have dtype"),
-        (lambda: ctw(w.qweight.to(torch.int64), w.scales), TypeError, "from_compressed_tensors: weight_packed must have dtype"),
-        (lambda: ctw(w.qweight, w.scales[:3]), ValueError, r"from_compressed_tensors: weight_scale must be \[N, K/group_size\]"),
+    cases = [  # (call, error, message)
+        (lambda: awq(qa.float(), za, sa, g), TypeError, "from_awq: qweight must have dtype"),
+        (lambda: awq(qa[:, :1], za, sa, g), ValueError, r"from_awq: qweight must be \[K, N/8\]"),
+        (lambda: awq(qa, za, sa[:1], g), ValueError, r"from_awq: scales must be \[K/group_size, N\]"),
+        (lambda: awq(qa, za[:, :1], sa, g), ValueError, r"from_awq: qzeros must be"),
+        (lambda: awq(qa, za.to(torch.int64), sa, g), TypeError, "from_awq: qzeros must have dtype"),
+        (lambda: awq(qa, za, sa.int(), g), TypeError, "from_awq: scales must have dtype"),
+        (lambda: awq(qa, za, sa, 48), ValueError, "from_awq: group_size"),
+        (lambda: gptq(qg[None], zg, sg, g), ValueError, "from_gptq: qweight must be 2-D"),
+        (lambda: gptq(qg, zg, sg[:, :3], g), ValueError, r"from_gptq: scales must be"),
+        (lambda: gptq(qg, zg[:1], sg, g), ValueError, r"from_gptq: qzeros must be"),
+        (lambda: gptq(qg, zg, sg, g, g_idx=gq["g_idx"][:5]), ValueError, "from_gptq: g_idx"),
+        (lambda: gptq(qg, zg, sg, g, g_idx=gq["g_idx"].float()), TypeError, "from_gptq: g_idx must have dtype"),
+        (lambda: ctw(w.qweight.long(), w.scales), TypeError, "from_compressed_tensors: weight_packed must have dtype"),
+        (lambda: ctw(w.qweight, w.scales[:3]), ValueError,
+         r"from_compressed_tensors: weight_scale must be \[N, K/group_size\]"),
         (lambda: ctw(w.qweight, w.scales, group_size=16), ValueError, "from_compressed_tensors: weight_scale must be"),
         (lambda: ctw(w.qweight, w.scales[:, :1].expand(n, 3).contiguous()), ValueError, "no whole number of groups"),
         (lambda: ctw(w.qweight, w.scales, weight_shape=torch.tensor([n, k + 1])), ValueError, "weight_shape"),
@@ -263,7 +286,7 @@ def test_modules_refuse_group_sizes_the_format_does_not_take():
     act = torch.nn.SiLU()
     with pytest.raises(ValueError, match="Int4Experts: group_size must be a positive multiple of 8.*got 12"):
         dsattn.nn.Int4Experts(2, 12, 12, act, group_size=12)
-    with pytest.raises(ValueError, match=r"Int4Experts: group_size \(32\) must divide the input dim K=48 \(intermediate_size\)"):
+    with pytest.raises(ValueError, match=r"Int4Experts: group_size \(32\) must divide the input dim K=48 \(intermed"):
         dsattn.nn.Int4Experts(2, 64, 48, act, group_size=32)
     with pytest.raises(ValueError, match="Int4Linear: group_size must be a positive multiple of 8.*got 12"):
         dsattn.nn.Int4Linear(12, 4, group_size=12)
