@@ -99,26 +99,37 @@ def _int4_model(seed=0):
     return dsattn.patch(model, quantize="int4", group_size=32, keep_first_last=False)
 
 
-def _checkpoint(model, fmt, *, plain=True):
-    """model's Int4Linear weights in fmt's tensors (+ every other state-dict tensor when plain)."""
-    from dsattn.nn import Int4Linear
+def _format_tensors(w, fmt):
+    if fmt == "compressed-tensors":
+        packed, scale, zp = ct_pack(w)
+        return {"weight_packed": packed, "weight_scale": scale, "weight_zero_point": zp,
+                "weight_shape": torch.tensor(list(w.shape))}
+    return awq_tensors(w) if fmt == "awq" else gptq_tensors(w)
 
-    tensors, quantized = {}, set()
+
+def _checkpoint(model, fmt, *, plain=True):
+    """model's Int4Linear / Int4Experts weights in fmt's tensors, experts as per-expert gate/up/down linears as
+    checkpoints store them (+ every other state-dict tensor when plain)."""
+    from dsattn.nn import Int4Experts, Int4Linear
+
+    weights = {}  # checkpoint module -> Int4Weight
     for name, mod in model.named_modules():
-        if not isinstance(mod, Int4Linear):
-            continue
-        quantized.add(name)
-        w = mod.int4_weight()
-        if fmt == "compressed-tensors":
-            packed, scale, zp = ct_pack(w)
-            parts = {"weight_packed": packed, "weight_scale": scale, "weight_zero_point": zp,
-                     "weight_shape": torch.tensor(list(w.shape))}
-        else:
-            parts = awq_tensors(w) if fmt == "awq" else gptq_tensors(w)
-        tensors.update({f"{name}.{s}": t.contiguous() for s, t in parts.items()})
+        if isinstance(mod, Int4Linear):
+            weights[name] = mod.int4_weight()
+        elif isinstance(mod, Int4Experts):
+            inter = mod.intermediate_size
+            for e in range(mod.num_experts):
+                gu = mod.int4_weight("gate_up", e)
+                for proj, rows in (("gate_proj", slice(0, inter)), ("up_proj", slice(inter, 2 * inter))):
+                    weights[f"{name}.{e}.{proj}"] = dsattn.Int4Weight(gu.qweight[rows], gu.scales[rows],
+                                                                      gu.zeros[rows], gu.group_size)
+                weights[f"{name}.{e}.down_proj"] = mod.int4_weight("down", e)
+    tensors = {f"{name}.{s}": t.contiguous() for name, w in weights.items()
+               for s, t in _format_tensors(w, fmt).items()}
     if plain:
         for key, t in model.state_dict().items():
-            if key.rpartition(".")[0] not in quantized:
+            owner = model.get_submodule(key.rpartition(".")[0]) if "." in key else model
+            if not isinstance(owner, (Int4Linear, Int4Experts)):
                 tensors[key] = t.contiguous()
     return tensors
 
@@ -155,6 +166,37 @@ def test_loaded_checkpoint_gives_the_patched_models_logits(fmt, tmp_path):
     ids = torch.randint(0, 100, (2, 11))
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, reference(ids).logits)
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_per_expert_checkpoint_fills_fused_int4_experts(fmt, tmp_path):
+    """A DeepSeek-V3 checkpoint stores each routed expert as three linears; transformers fuses them
+    (gate_up_proj [E, 2I, H] = [gate; up], down_proj): they load into one Int4Experts per layer."""
+    from safetensors.torch import save_file
+
+    from dsattn.models import tiny_model
+
+    if fmt == "compressed-tensors":
+        pytest.importorskip("compressed_tensors")
+    pytest.importorskip("transformers")
+    reference = dsattn.patch(tiny_model("deepseek_v3", layers=3, hidden=64), quantize="int4", group_size=32,
+                             keep_first_last=False)
+    tensors = _checkpoint(reference, fmt)
+    assert any(key.startswith("model.layers.1.mlp.experts.3.up_proj.") for key in tensors)
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    fresh = tiny_model("deepseek_v3", layers=3, hidden=64, seed=1)
+    report = dsattn.quant.load_int4_checkpoint(fresh, tmp_path / "m.safetensors", group_size=32)
+    assert {"model.layers.1.mlp.experts", "model.layers.2.mlp.experts"} <= set(report["quantized"])
+    assert report["unused"] == [] and report["missing"] == [], report
+    assert isinstance(fresh.model.layers[2].mlp.experts, dsattn.nn.Int4Experts)
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, reference(ids).logits)
+    for key in [key for key in tensors if key.startswith("model.layers.2.mlp.experts.1.down_proj.")]:
+        del tensors[key]
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    with pytest.raises(ValueError, match="no int4 weights for model.layers.2.mlp.experts.1.down_proj"):
+        dsattn.quant.load_int4_checkpoint(tiny_model("deepseek_v3", layers=3, hidden=64), tmp_path / "m.safetensors")
 
 
 def test_loader_fills_a_model_built_on_the_meta_device(tmp_path):

@@ -6,8 +6,10 @@ Formats, told apart per module by the tensor names (and, for AWQ vs GPTQ, by the
   `.weight_zero_point` (asymmetric), `.weight_shape`, `.weight_g_idx` (trivial only);
 - AutoAWQ GEMM: `<m>.qweight` [K, N/8], `.qzeros`, `.scales`;
 - GPTQ v1 (AutoGPTQ / GPTQModel): `<m>.qweight` [K/8, N], `.qzeros`, `.scales`, `.g_idx` (trivial only).
-Every other tensor that names a parameter or buffer of the model (embeddings, norms, an unquantized lm_head,
-biases) is copied into it.
+Routed experts stored as per-expert linears `<experts>.<e>.{gate,up,down}_proj` (DeepSeek-V3, Qwen-MoE
+checkpoints) fill the transformers fused-experts module at `<experts>` (gate_up_proj = [gate; up]): it becomes
+one Int4Experts. Every other tensor that names a parameter or buffer of the model (embeddings, norms, an
+unquantized lm_head, biases) is copied into it.
 """
 
 import json
@@ -21,6 +23,7 @@ from dsattn.quant.int4 import Int4Weight
 OP = "load_int4_checkpoint"
 CT_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 def _files(path) -> list[str]:
@@ -91,12 +94,32 @@ def _group_size(module_name: str, k: int, groups: int, expected):
     return found
 
 
+def _expert_groups(packed, modules) -> dict:
+    """Per-expert linears `<experts>.<e>.{gate,up,down}_proj` of a transformers fused-experts module (3-D
+    gate_up_proj [E, 2I, H] and down_proj [E, H, I] parameters): {experts module: {(e, projection): name}}."""
+    groups = {}
+    for name in packed:
+        parent, _, proj = name.rpartition(".")
+        parent, _, expert = parent.rpartition(".")
+        fused = modules.get(parent)
+        if proj in EXPERT_PROJECTIONS and expert.isdigit() and all(
+                getattr(getattr(fused, p, None), "dim", lambda: 0)() == 3 for p in ("gate_up_proj", "down_proj")):
+            groups.setdefault(parent, {})[int(expert), proj] = name
+    return groups
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
 def load_int4_checkpoint(model: nn.Module, path, *, group_size=None, strict=True, device=None) -> dict:
     """Load the int4 checkpoint at path (a .safetensors file or a directory of shards) into model in place.
 
     Each checkpoint module holding packed int4 tensors must be an nn.Linear of model with the same name and
-    shape; it is replaced by an Int4Linear with those weights (scales keep the checkpoint's dtype; the bias is
-    the checkpoint's `<m>.bias`, else the linear's own). group_size: the argument, else config.json's
+    shape, replaced by an Int4Linear with those weights (scales keep the checkpoint's dtype; the bias is the
+    checkpoint's `<m>.bias`, else the linear's own), or an expert of a fused-experts module, all of whose experts
+    the checkpoint then holds (the module becomes an Int4Experts). group_size: the argument, else config.json's
     quantization_config (next to the file), else each module's scales; whichever is stated must match the
     scales. device: where the int4 buffers go (default: the linear's device, cpu for a meta one). Other tensors
     naming a parameter or buffer of model are copied in (onto a meta parameter: replace it). strict: a packed
@@ -107,7 +130,7 @@ def load_int4_checkpoint(model: nn.Module, path, *, group_size=None, strict=True
     """
     from safetensors import safe_open
 
-    from dsattn.nn.int4_linear import Int4Linear
+    from dsattn.nn.int4_linear import Int4Experts, Int4Linear
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"dsattn.{OP}: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -132,24 +155,9 @@ def load_int4_checkpoint(model: nn.Module, path, *, group_size=None, strict=True
             packed[prefix] = "compressed-tensors"
         elif suffix == "qweight":
             packed[prefix] = "gptq" if prefix + ".g_idx" in where else "awq-or-gptq"
-    modules = dict(model.named_modules())
-    report = {"format": {}, "quantized": [], "loaded": [], "unused": [], "missing": []}
-    used = set()
-    unfit = [name for name in packed if not isinstance(modules.get(name), nn.Linear)]
-    if strict and unfit:  # before anything changes
-        found = modules.get(unfit[0])
-        found = "no such module" if found is None else type(found).__name__
-        raise ValueError(f"dsattn.{OP}: the checkpoint holds int4 weights for {unfit[0]!r} ({len(unfit)} modules "
-                         f"in all), but the model has {found} there (an nn.Linear is needed; strict=False skips them)")
-    for name, fmt in packed.items():
-        suffixes = CT_SUFFIXES if fmt == "compressed-tensors" else GPTQ_SUFFIXES
-        keys = [f"{name}.{s}" for s in suffixes if f"{name}.{s}" in where]
-        linear = modules.get(name)
-        if name in unfit:
-            report["unused"].extend(keys)
-            used.update(keys)
-            continue
-        n, k = linear.out_features, linear.in_features
+    def read(name, n, k):
+        """(name's Int4Weight for a [n, k] weight, its format)."""
+        fmt = packed[name]
         if fmt == "compressed-tensors":
             scale = get(name + ".weight_scale")
             if scale is None or scale.dim() != 2:
@@ -177,13 +185,66 @@ def load_int4_checkpoint(model: nn.Module, path, *, group_size=None, strict=True
                 w = Int4Weight.from_gptq(get(name + ".qweight"), get(name + ".qzeros"), scales, g,
                                          g_idx=get(name + ".g_idx"))
         if w.shape != (n, k):
-            raise ValueError(f"dsattn.{OP}: {name}: checkpoint weight is {list(w.shape)}, the model's linear "
+            raise ValueError(f"dsattn.{OP}: {name}: checkpoint weight is {list(w.shape)}, the model's "
                              f"[out_features, in_features] = {[n, k]}")
-        target = device if device is not None else (
-            "cpu" if linear.weight.device.type == "meta" else linear.weight.device)
-        bias_dtype = linear.weight.dtype
-        module = Int4Linear(k, n, linear.bias is not None or name + ".bias" in where, group_size=g,
-                            dtype=bias_dtype, device=target)
+        return w, fmt
+
+    def keys_of(name):
+        suffixes = CT_SUFFIXES if packed[name] == "compressed-tensors" else GPTQ_SUFFIXES
+        return [f"{name}.{s}" for s in suffixes if f"{name}.{s}" in where]
+
+    def place(module_device):
+        return device if device is not None else ("cpu" if module_device.type == "meta" else module_device)
+
+    modules = dict(model.named_modules())
+    report = {"format": {}, "quantized": [], "loaded": [], "unused": [], "missing": []}
+    used = set()
+    experts = _expert_groups(packed, modules)  # fused-experts module -> {(expert, projection): name}
+    in_experts = {name for group in experts.values() for name in group.values()}
+    unfit = [name for name in packed if name not in in_experts and not isinstance(modules.get(name), nn.Linear)]
+    if strict and unfit:  # before anything changes
+        found = modules.get(unfit[0])
+        found = "no such module" if found is None else type(found).__name__
+        raise ValueError(f"dsattn.{OP}: the checkpoint holds int4 weights for {unfit[0]!r} ({len(unfit)} modules "
+                         f"in all), but the model has {found} there (an nn.Linear or transformers' fused experts "
+                         "is needed; strict=False skips them)")
+    for name in unfit:
+        report["unused"].extend(keys_of(name))
+        used.update(keys_of(name))
+    for parent_name, group in experts.items():
+        fused = modules[parent_name]
+        num_experts, two_i, hidden = fused.gate_up_proj.shape
+        inter = two_i // 2
+        missing = [f"{parent_name}.{e}.{proj}" for e in range(num_experts) for proj in EXPERT_PROJECTIONS
+                   if (e, proj) not in group]
+        if missing:
+            raise ValueError(f"dsattn.{OP}: {parent_name} has {num_experts} experts, but the checkpoint has no int4 "
+                             f"weights for {missing[0]} ({len(missing)} in all)")
+        module = None
+        for e in range(num_experts):
+            (gate, fmt), (up, _) = read(group[e, "gate_proj"], inter, hidden), read(group[e, "up_proj"], inter, hidden)
+            down, _ = read(group[e, "down_proj"], hidden, inter)
+            if module is None:
+                module = Int4Experts(num_experts, hidden, inter, fused.act_fn, group_size=gate.group_size,
+                                     dtype=gate.scales.dtype, device=place(fused.gate_up_proj.device))
+            # transformers' gate_up_proj is [gate; up] along the output dim
+            module.load_int4("gate_up", e, Int4Weight(torch.cat([gate.qweight, up.qweight]),
+                                                      torch.cat([gate.scales, up.scales]),
+                                                      torch.cat([gate.zeros, up.zeros]), gate.group_size))
+            module.load_int4("down", e, down)
+        _replace(model, parent_name, module)
+        report["format"][parent_name] = fmt
+        report["quantized"].append(parent_name)
+        used.update(key for name in group.values() for key in keys_of(name))
+    for name in packed:
+        if name in unfit or name in in_experts:
+            continue
+        linear = modules[name]
+        keys = keys_of(name)
+        w, fmt = read(name, linear.out_features, linear.in_features)
+        target = place(linear.weight.device)
+        module = Int4Linear(linear.in_features, linear.out_features, linear.bias is not None or name + ".bias" in where,
+                            group_size=w.group_size, dtype=linear.weight.dtype, device=target)
         module.load_int4(w.to(target))
         if module.bias is not None:
             bias = get(name + ".bias")
@@ -194,8 +255,7 @@ def load_int4_checkpoint(model: nn.Module, path, *, group_size=None, strict=True
                     module.bias.copy_(bias)
             if name + ".bias" in where:
                 keys.append(name + ".bias")
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, module)
+        _replace(model, name, module)
         report["format"][name] = fmt
         report["quantized"].append(name)
         used.update(keys)
