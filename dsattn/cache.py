@@ -25,8 +25,8 @@ from dsattn.reference.linear_attention import LinearAttentionState
 
 
 class LinearAttentionCache:
-    """The running LinearAttentionState (S [B, Hq, Dk, Dv], z [B, Hq, Dk], fp32) of each layer, keyed by
-    layer_idx, and how many tokens each state has absorbed."""
+    """The running LinearAttentionState (S [B, Hq, Dk, Dv], z [B, Hq, Dk], fp32, and for "exp" the shift m
+    [B, Hq, Dk]) of each layer, keyed by layer_idx, and how many tokens each state has absorbed."""
 
     def __init__(self):
         self._states: dict[int, LinearAttentionState] = {}
@@ -51,13 +51,16 @@ class LinearAttentionCache:
         return self.seen_tokens(layer_idx)
 
     def update(self, layer_idx: int, state, num_new_tokens: int) -> None:
-        """Store the layer's state after `num_new_tokens` more tokens (state: LinearAttentionState or (S, z))."""
+        """Store the layer's state after `num_new_tokens` more tokens (state: LinearAttentionState, (S, z) or
+        (S, z, m))."""
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
             raise ValueError(f"LinearAttentionCache: layer_idx must be an int >= 0, got {layer_idx!r}")
         if isinstance(num_new_tokens, bool) or not isinstance(num_new_tokens, int) or num_new_tokens < 0:
             raise ValueError(f"LinearAttentionCache: num_new_tokens must be an int >= 0, got {num_new_tokens!r}")
-        if not isinstance(state, tuple) or len(state) != 2 or not all(isinstance(t, torch.Tensor) for t in state):
-            raise TypeError("LinearAttentionCache: state must be a LinearAttentionState(S, z) of tensors")
+        if not isinstance(state, tuple) or len(state) not in (2, 3) or \
+                not all(isinstance(t, torch.Tensor) for t in state[:2]) or \
+                not (len(state) == 2 or state[2] is None or isinstance(state[2], torch.Tensor)):
+            raise TypeError("LinearAttentionCache: state must be a LinearAttentionState(S, z[, m]) of tensors")
         self._states[layer_idx] = LinearAttentionState(*state)
         self._seen[layer_idx] = self._seen.get(layer_idx, 0) + num_new_tokens
 
@@ -85,6 +88,7 @@ class LinearAttentionCache:
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
         """Beam search: keep batch rows beam_idx (like transformers' Cache.reorder_cache)."""
-        for layer_idx, (S, z) in self._states.items():
-            index = beam_idx.to(S.device)
-            self._states[layer_idx] = LinearAttentionState(S.index_select(0, index), z.index_select(0, index))
+        for layer_idx, state in self._states.items():
+            index = beam_idx.to(state.S.device)
+            self._states[layer_idx] = LinearAttentionState(*(None if t is None else t.index_select(0, index)
+                                                             for t in state))

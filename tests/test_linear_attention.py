@@ -1,7 +1,9 @@
 """linear_attention: the oracle and the torch backend against a brute-force loop (float64); the Triton chunked
-and recurrent kernels against the oracle (interpreter on CPU); state round trips; the custom op (opcheck,
+and recurrent kernels against the oracle (interpreter on CPU); the exact "exp" map at inputs whose exp
+overflows, against a float64 computation in log space; state round trips; the custom op (opcheck,
 gradients of o and the final state through q, k, v and the initial state against float64 autograd of the
-oracle, torch.compile, no silent detach); bad input; the generation cache."""
+oracle, torch.compile, no silent detach); bad input; the generation cache. States are compared unscaled
+(LinearAttentionState.unscaled(): the "exp" map's backends store them shifted)."""
 
 import pytest
 import torch
@@ -32,7 +34,7 @@ def brute_force(q, k, v, fmap, causal, normalize, eps=1e-6, state=None):
                 S = sum((torch.outer(fk[j], vv[j]) for j in range(last + 1)), torch.zeros(dk, dv, dtype=torch.float64))
                 z = fk[: last + 1].sum(0)
                 if state is not None:
-                    S, z = S + state.S[bi, h].double(), z + state.z[bi, h].double()
+                    S, z = S + state.unscaled().S[bi, h].double(), z + state.unscaled().z[bi, h].double()
                 num = fq @ S
                 out[bi, h, i] = num / (fq @ z + eps) if normalize else num
     return out
@@ -50,7 +52,7 @@ def as_double_reference(q, k, v, **kw):
     """The reference on the same (rounded) inputs, in float64: the expected value for any dtype."""
     state = kw.pop("initial_state", None)
     if state is not None:
-        state = LinearAttentionState(state.S.double().cpu(), state.z.double().cpu())
+        state = LinearAttentionState(*(None if t is None else t.double().cpu() for t in state))
     return reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), initial_state=state, **kw)
 
 
@@ -59,10 +61,10 @@ def fp32_tol(device):
 
 
 def run_torch_backend(q, k, v, *, initial_state=None, output_final_state=False, **kw):
-    """The torch backend with the reference's calling convention."""
-    S0, z0 = (None, None) if initial_state is None else initial_state
-    o, S, z = torch_backend.linear_attention(q, k, v, S0, z0, **kw)
-    return (o, LinearAttentionState(S, z)) if output_final_state else o
+    """The torch backend with the reference's calling convention (the final state unscaled)."""
+    S0, z0, m0 = (None, None, None) if initial_state is None else LinearAttentionState(*initial_state)
+    o, S, z, m = torch_backend.linear_attention(q, k, v, S0, z0, m0, **kw)
+    return (o, LinearAttentionState(S, z, m).unscaled()) if output_final_state else o
 
 
 @pytest.fixture(params=["oracle", "torch"])
@@ -71,6 +73,7 @@ def implementation(request, monkeypatch):
     if request.param == "oracle":
         return reference
     monkeypatch.setattr(torch_backend, "CHUNK", 4)
+    monkeypatch.setattr(torch_backend, "EXP_CHUNK", 3)
     monkeypatch.setattr(torch_backend, "LONG_CHUNK", 8)
     return run_torch_backend
 
@@ -86,17 +89,24 @@ def test_reference_and_torch_backend_match_brute_force(implementation, fmap, cau
         testing.assert_close(got, brute_force(q, k, v, fmap, causal, normalize), 1e-10)
 
 
-def test_reference_and_torch_backend_across_chunks_with_state_and_offset(implementation):
-    """Several chunks, an initial state, and causal Sq < Sk (query i at i + Sk - Sq); the final state."""
+@pytest.mark.parametrize("fmap", ["elu", "exp"])
+def test_reference_and_torch_backend_across_chunks_with_state_and_offset(implementation, fmap):
+    """Several chunks, an initial state (for "exp" also a shifted one), and causal Sq < Sk (query i at
+    i + Sk - Sq); the final state."""
     q, k, v = make_inputs(1, 2, 1, 30, 35, 4, 3, torch.float64)
-    state = LinearAttentionState(torch.rand(1, 2, 4, 3, dtype=torch.float64), torch.rand(1, 2, 4, dtype=torch.float64))
-    for causal in (True, False):
-        got, final = implementation(q, k, v, feature_map="elu", causal=causal, initial_state=state,
-                                    output_final_state=True)
-        testing.assert_close(got, brute_force(q, k, v, "elu", causal, True, state=state), 1e-10)
-        fk = feature_map(k, "elu").repeat_interleave(2, dim=1)
-        testing.assert_close(final.S, state.S + fk.transpose(-1, -2) @ v.repeat_interleave(2, dim=1), 1e-12, name="S")
-        testing.assert_close(final.z, state.z + fk.sum(2), 1e-12, name="z")
+    S0, z0 = torch.rand(1, 2, 4, 3, dtype=torch.float64), torch.rand(1, 2, 4, dtype=torch.float64)
+    states = [LinearAttentionState(S0, z0)]
+    if fmap == "exp":
+        states.append(LinearAttentionState(S0, z0, torch.randn(1, 2, 4, dtype=torch.float64)))
+    for state in states:
+        for causal in (True, False):
+            got, final = implementation(q, k, v, feature_map=fmap, causal=causal, initial_state=state,
+                                        output_final_state=True)
+            testing.assert_close(got, brute_force(q, k, v, fmap, causal, True, state=state), 1e-10)
+            fk = feature_map(k, fmap).repeat_interleave(2, dim=1)
+            S_ref = state.unscaled().S + fk.transpose(-1, -2) @ v.repeat_interleave(2, dim=1)
+            testing.assert_close(final.S, S_ref, 1e-12, name="S")
+            testing.assert_close(final.z, state.unscaled().z + fk.sum(2), 1e-12, name="z")
 
 
 def test_reference_keeps_invisible_nan_out():
@@ -107,13 +117,66 @@ def test_reference_keeps_invisible_nan_out():
     assert torch.isfinite(o[:, :, :4]).all()
 
 
-def test_exp_feature_map_is_stable():
-    x = torch.tensor([[1000.0, 999.0, -1000.0]])
-    y = feature_map(x, "exp")
-    assert torch.isfinite(y).all() and y.max() == 1.0
-    q, k, v = make_inputs(1, 2, 2, 33, 33, 8, 8)
-    o = dsattn.linear_attention(q * 300, k * 300, v, feature_map="exp", backend="torch")
-    assert torch.isfinite(o).all()
+def test_exp_feature_map_is_exactly_exp():
+    x = torch.randn(3, 7, dtype=torch.float64) * 5
+    assert torch.equal(feature_map(x, "exp"), torch.exp(x))
+
+
+def log_space(q, k, v, causal, eps=1e-6, state=None):
+    """Normalized "exp" linear attention in float64 from the exponents q_id + k_jd, shifted per row by their
+    max (the terms exp(q_id + k_jd) themselves overflow even float64 at these inputs). state: (S, z, m)."""
+    q, k, v = q.double().cpu(), k.double().cpu(), v.double().cpu()
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    sq, sk = q.shape[2], k.shape[2]
+    lw = torch.logsumexp(q[:, :, :, None, :] + k[:, :, None, :, :], dim=-1)  # [B, H, Sq, Sk]: log phi(q).phi(k)
+    if causal:
+        visible = torch.arange(sk)[None, :] <= torch.arange(sq)[:, None] + (sk - sq)
+        lw = lw.masked_fill(~visible, float("-inf"))
+    c = lw.amax(dim=-1, keepdim=True)
+    num, den = torch.exp(lw - c) @ v, torch.exp(lw - c).sum(-1, keepdim=True)
+    if state is not None:  # phi(q).z0 = sum_d exp(q_d + m_d) z_d, likewise for S0
+        ls = q + state.m.double()[:, :, None]  # [B, H, Sq, Dk]
+        c = torch.maximum(c, ls.amax(-1, keepdim=True))
+        num = torch.exp(lw - c) @ v + torch.exp(ls - c) @ state.S.double()
+        den = torch.exp(lw - c).sum(-1, keepdim=True) + (torch.exp(ls - c) * state.z.double()[:, :, None]).sum(-1, keepdim=True)
+    return num / (den + eps * torch.exp(-c))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_exp_feature_map_at_overflowing_inputs(device, backend, monkeypatch):
+    """q, k ~ +-300 (exp(q) . exp(k) overflows float64): finite and equal to the log-space computation,
+    causal (Sq < Sk) and not, and two calls with the carried (shifted) state equal one."""
+    if backend == "triton":
+        from conftest import requires_backend
+
+        requires_backend("triton", device)
+    monkeypatch.setattr(torch_backend, "EXP_CHUNK", 8)
+    monkeypatch.setattr(torch_backend, "LONG_CHUNK", 16)
+    q, k, v = make_inputs(1, 4, 2, 37, 45, 8, 16, device=device)
+    q, k = q * 300, k * 300
+    for causal in (True, False):
+        o, state = dsattn.linear_attention(q, k, v, feature_map="exp", causal=causal, output_final_state=True,
+                                           backend=backend)
+        assert torch.isfinite(o).all() and torch.isfinite(state.S).all() and torch.isfinite(state.z).all()
+        testing.assert_close(o, log_space(q, k, v, causal), 1e-4, name=f"causal={causal}")
+        testing.assert_close(state.m, k.amax(dim=2).repeat_interleave(2, dim=1), 0, name="m")
+    # The second call reads the first call's shifted state (its m ~ 600..900).
+    cut = 20
+    _, first = dsattn.linear_attention(q[:, :, :cut], k[:, :, :cut], v[:, :, :cut], feature_map="exp",
+                                       output_final_state=True, backend=backend)
+    second, final = dsattn.linear_attention(q[:, :, cut:], k[:, :, cut:], v[:, :, cut:], feature_map="exp",
+                                            initial_state=first, output_final_state=True, backend=backend)
+    testing.assert_close(second, log_space(q, k, v, True)[:, :, cut:], 1e-4, name="second call")
+    testing.assert_close(second, log_space(q[:, :, cut:], k[:, :, cut:], v[:, :, cut:], True, state=first),
+                         1e-4, name="second call from the state")
+    assert torch.isfinite(final.S).all()
+    # Decode (the recurrent kernel on triton) from the state of the first 42 keys (a non-causal reduce).
+    _, state = dsattn.linear_attention(q[:, :, :1], k[:, :, :42], v[:, :, :42], feature_map="exp", causal=False,
+                                       output_final_state=True, backend=backend)
+    o = dsattn.linear_attention(q[:, :, -3:], k[:, :, -3:], v[:, :, -3:], feature_map="exp", initial_state=state,
+                                backend=backend)
+    testing.assert_close(o, log_space(q, k, v, True)[:, :, -3:], 1e-4, name="decode")
 
 
 # ------------------------------------------------------------------------------------------- triton
@@ -122,7 +185,8 @@ def run_triton(q, k, v, *, kernel=None, out=None, segments=None, **kw):
 
     kw.setdefault("eps", 1e-6)
     state = kw.pop("initial_state", None)
-    return triton_linear_attention(q, k, v, initial_state=state, kernel=kernel, out=out, segments=segments, **kw)
+    o, final = triton_linear_attention(q, k, v, initial_state=state, kernel=kernel, out=out, segments=segments, **kw)
+    return o, None if final is None else LinearAttentionState(*final).unscaled()
 
 
 @pytest.mark.parametrize("fmap", FEATURE_MAPS)
@@ -131,7 +195,7 @@ def run_triton(q, k, v, *, kernel=None, out=None, segments=None, **kw):
 def test_triton_chunk_matches_reference(triton_device, fmap, causal, normalize):
     q, k, v = make_inputs(1, 2, 1, 67, 67, 24, 40, device=triton_device, positive=fmap == "identity")
     kw = dict(feature_map=fmap, causal=causal, normalize=normalize, output_final_state=True)
-    (o, (S, z)) = run_triton(q, k, v, kernel="chunk", **kw)
+    o, (S, z, _) = run_triton(q, k, v, kernel="chunk", **kw)
     o_ref, state_ref = as_double_reference(q, k, v, **kw)
     tol = fp32_tol(triton_device)
     testing.assert_close(o, o_ref, tol)
@@ -158,8 +222,8 @@ def test_triton_recurrent_equals_chunk(triton_device, fmap):
                                  torch.rand(1, 2, 24, device=triton_device))
     for normalize in (True, False):
         kw = dict(feature_map=fmap, causal=True, normalize=normalize, initial_state=state, output_final_state=True)
-        o_rec, (S_rec, z_rec) = run_triton(q, k, v, kernel="recurrent", **kw)
-        o_chunk, (S_chunk, z_chunk) = run_triton(q, k, v, kernel="chunk", **kw)
+        o_rec, (S_rec, z_rec, _) = run_triton(q, k, v, kernel="recurrent", **kw)
+        o_chunk, (S_chunk, z_chunk, _) = run_triton(q, k, v, kernel="chunk", **kw)
         o_ref = as_double_reference(q, k, v, **{**kw, "output_final_state": False})
         testing.assert_close(o_rec, o_ref, fp32_tol(triton_device), name="recurrent")
         testing.assert_close(o_chunk, o_ref, fp32_tol(triton_device), name="chunk")
@@ -180,17 +244,17 @@ def test_two_halves_equal_the_whole(device, backend):
     first, state = dsattn.linear_attention(q[:, :, :cut], k[:, :, :cut], v[:, :, :cut], output_final_state=True, **kw)
     second, final = dsattn.linear_attention(q[:, :, cut:], k[:, :, cut:], v[:, :, cut:], initial_state=state,
                                             output_final_state=True, **kw)
-    assert isinstance(final, LinearAttentionState) and final.S.dtype == torch.float32
+    assert isinstance(final, LinearAttentionState) and final.S.dtype == torch.float32 and final.m is not None
     testing.assert_close(torch.cat([first, second], dim=2), whole, 1e-5)
-    testing.assert_close(final.S, whole_state.S, 1e-5, name="S")
-    testing.assert_close(final.z, whole_state.z, 1e-5, name="z")
+    testing.assert_close(final.unscaled().S, whole_state.unscaled().S, 1e-5, name="S")
+    testing.assert_close(final.unscaled().z, whole_state.unscaled().z, 1e-5, name="z")
     # Non-causal: the state of the two halves is the state of the whole.
     _, s1 = dsattn.linear_attention(q, k[:, :, :cut], v[:, :, :cut], causal=False, output_final_state=True, **kw)
     o2, s2 = dsattn.linear_attention(q, k[:, :, cut:], v[:, :, cut:], causal=False, initial_state=s1,
                                      output_final_state=True, **kw)
     o_all, s_all = dsattn.linear_attention(q, k, v, causal=False, output_final_state=True, **kw)
     testing.assert_close(o2, o_all, 1e-5, name="non-causal o")
-    testing.assert_close(s2.S, s_all.S, 1e-5, name="non-causal S")
+    testing.assert_close(s2.unscaled().S, s_all.unscaled().S, 1e-5, name="non-causal S")
 
 
 def test_triton_gqa_noncontiguous_offset_and_poison(triton_device):
@@ -204,7 +268,7 @@ def test_triton_gqa_noncontiguous_offset_and_poison(triton_device):
     o_ref, state_ref = as_double_reference(q, k, v, **kw)
     for kernel, rows in (("chunk", 37), ("recurrent", 5)):  # the interpreter's recurrent loop is slow: 5 queries
         out = testing.poisoned((2, 6, rows, 72), torch.float32, triton_device)
-        o, (S, z) = run_triton(q[:, :, -rows:], k, v, kernel=kernel, out=out, **kw)
+        o, (S, z, _) = run_triton(q[:, :, -rows:], k, v, kernel=kernel, out=out, **kw)
         assert o.data_ptr() == out.data_ptr()
         testing.assert_close(o, o_ref[:, :, -rows:], fp32_tol(triton_device), name=kernel)
         testing.assert_close(S, state_ref.S, fp32_tol(triton_device), name="S")
@@ -222,7 +286,7 @@ def test_triton_large_head_dims(triton_device, dk):
     q, k, v = make_inputs(1, 2, 1, 45, 45, dk, 40, device=triton_device)
     for causal in (True, False):
         kw = dict(feature_map="exp", causal=causal, normalize=True, output_final_state=True)
-        o, (S, _) = run_triton(q, k, v, kernel="chunk", **kw)
+        o, (S, _, _) = run_triton(q, k, v, kernel="chunk", **kw)
         o_ref, state_ref = as_double_reference(q, k, v, **kw)
         testing.assert_close(o, o_ref, fp32_tol(triton_device), name=f"causal={causal}")
         testing.assert_close(S, state_ref.S, fp32_tol(triton_device), name="S")
@@ -231,13 +295,16 @@ def test_triton_large_head_dims(triton_device, dk):
 @pytest.mark.parametrize("segments", [2, 4])
 def test_triton_sequence_segments(triton_device, segments):
     """The sequence cut into segments (reduce, prefix sum, parallel causal; segmented reduce/apply when
-    non-causal) == one serial walk == the reference, with an initial and a final state."""
+    non-causal) == one serial walk == the reference, with an initial and a final state; "exp" (4 segments)
+    combines the segments' shifted states."""
     q, k, v = make_inputs(1, 2, 1, 200, 200, 24, 40, device=triton_device)
     state = LinearAttentionState(torch.rand(1, 2, 24, 40, device=triton_device),
                                  torch.rand(1, 2, 24, device=triton_device))
+    if segments == 4:
+        state = state._replace(m=torch.randn(1, 2, 24, device=triton_device))
     for causal in (True, False):
-        kw = dict(feature_map="elu", causal=causal, normalize=True, initial_state=state, output_final_state=True)
-        o, (S, z) = run_triton(q, k, v, segments=segments, out=testing.poisoned((1, 2, 200, 40), q.dtype, q.device), **kw)
+        kw = dict(feature_map="exp" if segments == 4 else "elu", causal=causal, normalize=True, initial_state=state, output_final_state=True)
+        o, (S, z, _) = run_triton(q, k, v, segments=segments, out=testing.poisoned((1, 2, 200, 40), q.dtype, q.device), **kw)
         o_ref, state_ref = as_double_reference(q, k, v, **kw)
         testing.assert_close(o, o_ref, fp32_tol(triton_device), name=f"causal={causal}")
         testing.assert_close(S, state_ref.S, fp32_tol(triton_device), name="S")
@@ -248,9 +315,9 @@ def test_triton_sequence_segments(triton_device, segments):
 @pytest.mark.parametrize("causal", [True, False])
 def test_triton_half_precision(triton_device, dtype, causal):
     q, k, v = make_inputs(1, 4, 2, 70, 70, 32, 48, dtype=dtype, device=triton_device)
-    o, (S, z) = dsattn.linear_attention(q, k, v, causal=causal, feature_map="elu", output_final_state=True,
+    o, (S, z, m) = dsattn.linear_attention(q, k, v, causal=causal, feature_map="elu", output_final_state=True,
                                         backend="triton")
-    assert o.dtype == dtype and S.dtype == torch.float32 and z.dtype == torch.float32
+    assert o.dtype == dtype and S.dtype == torch.float32 and z.dtype == torch.float32 and m is None
     o_ref, state_ref = as_double_reference(q, k, v, causal=causal, feature_map="elu", output_final_state=True)
     testing.assert_close(o, o_ref, testing.tolerance(torch.bfloat16))
     testing.assert_close(S, state_ref.S, testing.tolerance(torch.bfloat16), name="S")
@@ -359,12 +426,12 @@ def test_cache_prefill_then_decode_equals_whole(device):
     cache.attend(3, q, k, v, backend="torch")  # another layer, independent
     whole, state = reference(q, k, v, feature_map="exp", output_final_state=True)
     testing.assert_close(torch.cat(outs, dim=2), whole, 1e-5)
-    testing.assert_close(cache.get_state(0).S, state.S, 1e-5)
+    testing.assert_close(cache.get_state(0).unscaled().S, state.S, 1e-5)
     assert cache.seen_tokens(0) == 12 and cache.get_seq_length(3) == 12 and len(cache) == 2
 
-    S_before = cache.get_state(0).S.clone()
+    S_before, m_before = cache.get_state(0).S.clone(), cache.get_state(0).m.clone()
     cache.reorder(torch.tensor([1, 1]))
-    assert torch.equal(cache.get_state(0).S[0], S_before[1])
+    assert torch.equal(cache.get_state(0).S[0], S_before[1]) and torch.equal(cache.get_state(0).m[0], m_before[1])
 
     cache.reset(3)
     assert 3 not in cache and 0 in cache and cache.seen_tokens(3) == 0
@@ -399,11 +466,13 @@ def _grad_inputs(b, hq, hkv, sq, sk, dk, dv, dtype, device="cpu", state=True, tr
 
 
 def _flat(fn, **kw):
-    """(o, S, z) of fn: every output gets a cotangent, so gradients also come back through the final state."""
+    """(o, S, z) of fn, the state unscaled: every output gets a cotangent, so gradients also come back
+    through the final state. m0: the initial state's shift (not differentiated)."""
 
-    def run(q, k, v, S0, z0):
-        o, state = fn(q, k, v, initial_state=None if S0 is None else LinearAttentionState(S0, z0),
+    def run(q, k, v, S0, z0, m0=None):
+        o, state = fn(q, k, v, initial_state=None if S0 is None else LinearAttentionState(S0, z0, m0),
                       output_final_state=True, **kw)
+        state = state.unscaled()
         return o, state.S, state.z
 
     return run
@@ -412,6 +481,7 @@ def _flat(fn, **kw):
 @pytest.fixture
 def short_chunks(monkeypatch):
     monkeypatch.setattr(torch_backend, "CHUNK", 8)
+    monkeypatch.setattr(torch_backend, "EXP_CHUNK", 4)
     monkeypatch.setattr(torch_backend, "LONG_CHUNK", 16)
 
 
@@ -420,6 +490,8 @@ def short_chunks(monkeypatch):
     [
         (2, 4, 2, 37, 37, 6, 5, "elu", True, True, True, False),  # GQA, Dk != Dv, an initial state
         (1, 2, 1, 13, 45, 8, 8, "exp", True, True, False, True),  # Sq < Sk (absorbed keys), non-contiguous
+        (2, 4, 2, 23, 30, 6, 5, "exp", True, True, True, False),  # exp: GQA, Dk != Dv, a shifted state
+        (1, 3, 1, 17, 26, 5, 4, "exp", False, True, True, True),  # exp non-causal
         (1, 3, 3, 21, 30, 4, 6, "relu", False, True, True, False),  # non-causal, Sq != Sk
         (1, 2, 1, 19, 19, 5, 3, "identity", True, False, True, True),  # unnormalized
         (1, 2, 2, 1, 1, 4, 4, "elu", True, True, True, False),  # one decode step
@@ -429,6 +501,8 @@ def test_gradients_match_float64_autograd_of_the_oracle(short_chunks, b, hq, hkv
                                                           normalize, state, transposed):
     inputs = _grad_inputs(b, hq, hkv, sq, sk, dk, dv, torch.float32, state=state, transposed=transposed,
                           positive=fmap == "identity")
+    if fmap == "exp" and state:
+        inputs.append(torch.randn(b, hq, dk))
     kw = dict(feature_map=fmap, causal=causal, normalize=normalize)
     testing.assert_grads_match(_flat(dsattn.linear_attention, **kw), _flat(reference, **kw), inputs, 1e-5,
                                name="linear_attention")
@@ -441,11 +515,14 @@ def test_gradients_in_16_bit(dtype):
                                name="linear_attention")
 
 
+@pytest.mark.parametrize("fmap", ["elu", "exp"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_gradcheck_float64_torch_backend(short_chunks, causal):
+def test_gradcheck_float64_torch_backend(short_chunks, causal, fmap):
     inputs = _grad_inputs(1, 2, 1, 10, 13, 3, 2, torch.float64)
-    assert torch.autograd.gradcheck(_flat(dsattn.linear_attention, causal=causal, backend="torch"), inputs,
-                                    fast_mode=True)
+    if fmap == "exp":
+        inputs.append(torch.randn(1, 2, 3, dtype=torch.float64))
+    assert torch.autograd.gradcheck(_flat(dsattn.linear_attention, causal=causal, feature_map=fmap,
+                                          backend="torch"), inputs, fast_mode=True)
 
 
 def test_backward_memory_chunks():
@@ -485,13 +562,15 @@ def test_no_silent_detach(triton_device):
 def test_opcheck():
     q, k, v, S0, z0 = (t.detach() for t in _grad_inputs(1, 4, 2, 5, 7, 16, 8, torch.float32))
     torch.library.opcheck(torch.ops.dsattn.linear_attention,
-                          (q.requires_grad_(True), k, v, S0.requires_grad_(True), z0, "elu", True, True, 1e-6, "torch"))
-    torch.library.opcheck(torch.ops.dsattn.linear_attention, (q, k, v, None, None, "exp", False, True, 1e-6, "torch"))
+                          (q.requires_grad_(True), k, v, S0.requires_grad_(True), z0, None, "elu", True, True, 1e-6,
+                           "torch"))
+    torch.library.opcheck(torch.ops.dsattn.linear_attention,
+                          (q, k, v, S0, z0, torch.randn_like(z0), "exp", False, True, 1e-6, "torch"))
     if dsattn._backend.unusable_reason("triton", q.device) is None:
         q, S0 = q.detach(), S0.detach()
         for causal in (True, False):
             torch.library.opcheck(torch.ops.dsattn.linear_attention,
-                                  (q, k, v, S0, z0, "elu", causal, True, 1e-6, "triton"))
+                                  (q, k, v, S0, z0, None, "elu", causal, True, 1e-6, "triton"))
 
 
 def test_compiles_fullgraph_and_equals_eager():

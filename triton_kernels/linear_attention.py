@@ -17,7 +17,14 @@ sequence is cut into segments (grid axis 2, fla's chunk scheme at a coarser grai
 segment's own state, a prefix sum in torch gives each segment its initial state, and CAUSAL runs every
 segment at once; extra memory is one state per segment.
 
-The whole Dk sits in one tile (BLOCK_DK = next_pow2(Dk) <= 256): the "exp" feature map needs the row's max
+"exp" is exactly exp(x), kept finite by shifts that cancel (as in dsattn.torch_backend.linear_attention): the
+state is stored scaled by exp(-m), m [Dk] the running max of the keys per feature dim, rescaled when a chunk
+raises it; each query row is shifted by c_i = max_d (q_id + m_d) and eps with it. A causal chunk scores its
+rows against keys shifted by the chunk's new max, which is exact unless that max rises far (> EXP_SPREAD) above
+the first key of the chunk: then a row's own keys could underflow against a later, invisible one, and the
+step shrinks to that first row alone (exact: a row always sees its own key); the next step starts after it.
+
+The whole Dk sits in one tile (BLOCK_DK = next_pow2(Dk) <= 256): the "exp" map's row shift needs the max
 over the head dim, and the scores need the full dot product. GQA: program (b, hq) reads k/v head hq // G in
 place. Inputs of any strides; o and the state are contiguous. Dot operands are the input dtype (fp16/bf16;
 fp32 inputs use tf32 on the GPU) with fp32 accumulation, the state is carried in fp32.
@@ -27,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dsattn.torch_backend.linear_attention import NO_KEY, rescale_state
+
 from ._common import AOTSpec, TRITON_DTYPE, interpreting, launch, ptr
 
 FEATURE_MAP_IDS = {"elu": 0, "relu": 1, "exp": 2, "identity": 3}
@@ -35,6 +44,11 @@ BLOCK_DKS = (32, 64, 128, 256)  # Dk < 32 is padded to 32
 MIN_SEG_LEN = 512  # shortest sequence segment worth its own program (see chunk_config)
 RECURRENT_MAX_SQ = 16  # causal calls with at most this many queries take the recurrent (decode) kernel
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_NO_KEY = tl.constexpr(NO_KEY)
+# A causal chunk whose keys raise the max of some feature dim more than this above the chunk's first key
+# (or the carried max) shrinks to that one row: up to here a row's largest term is >= exp(-EXP_SPREAD) and
+# the terms lost to fp32 underflow (< exp(-87)) are negligible against it.
+EXP_SPREAD = tl.constexpr(40.0)
 
 
 @triton.jit
@@ -44,18 +58,82 @@ def _feature_map(x, mask, FEATURE_MAP: tl.constexpr):
         y = tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
     elif FEATURE_MAP == 1:  # relu
         y = tl.maximum(x, 0.0)
-    elif FEATURE_MAP == 2:  # exp(x - max over the head dim): in (0, 1], depends on the row only
-        row_max = tl.max(tl.where(mask, x, float("-inf")), axis=-1, keep_dims=True)
-        row_max = tl.where(row_max == float("-inf"), 0.0, row_max)  # all-padding rows
-        y = tl.exp(tl.where(mask, x - row_max, 0.0))
+    elif FEATURE_MAP == 2:  # exp, unshifted: only for inputs known to be small (the kernels shift it)
+        y = tl.exp(tl.where(mask, x, 0.0))
     else:
         y = x
     return tl.where(mask, y, 0.0)
 
 
 @triton.jit
+def _shifted_readout(den, c, eps, NORMALIZE: tl.constexpr):
+    """Per row, the factor that turns num into the output when num, den stand for exp(-c) x the true sums:
+    eps is shifted with them; exp(min(c, 0)) scales num and den, exp(-max(c, 0)) eps, so none exceeds 1."""
+    if NORMALIZE:
+        low = tl.exp(tl.minimum(c, 0.0))
+        return low / (den * low + eps * tl.exp(-tl.maximum(c, 0.0)))
+    else:
+        return tl.exp(c)
+
+
+@triton.jit
+def _exp_token(q, k, v, S, z, m, mask, eps, NORMALIZE: tl.constexpr):
+    """One causal token of the "exp" map (fp32 q, k [BLOCK_DK], v [BLOCK_DV]; mask off: padding or no
+    token): the state (S, z, m) after its key, and its output o [BLOCK_DV] (the row shifted by its max)."""
+    m_new = tl.maximum(m, tl.where(mask, k, _NO_KEY))
+    rescale = tl.exp(m - m_new)
+    fk = tl.exp(tl.where(mask, k - m_new, float("-inf")))
+    S = S * rescale[:, None] + fk[:, None] * v[None, :]
+    z = z * rescale + fk
+    c = tl.max(tl.where(mask, q + m_new, _NO_KEY), axis=0)
+    fq = tl.exp(tl.where(mask, q + m_new - c, float("-inf")))
+    o = tl.sum(fq[:, None] * S, axis=0) * _shifted_readout(tl.sum(fq * z, axis=0), c, eps, NORMALIZE)
+    return o, S, z, m_new
+
+
+@triton.jit
+def _exp_chunk(q_chunk, k_chunk, v_chunk, o_chunk, q_offs, k_offs, v_offs, o_offs, S, z, m, k, m_new,
+               kk_mask, io_mask, eps, OUT_DTYPE: tl.constexpr, MODE: tl.constexpr, NORMALIZE: tl.constexpr,
+               DOT_FP32: tl.constexpr):
+    """One chunk of the "exp" map with the state and keys shifted by the chunk's new max m_new (CAUSAL when
+    that is exact, REDUCE, APPLY): writes the outputs of its rows (CAUSAL, APPLY) and returns the state
+    (S, z, m) after its keys (CAUSAL, REDUCE; k: its key tile as loaded, m_new: max(m, its column max))."""
+    dot_dtype = q_chunk.dtype.element_ty
+    if DOT_FP32:
+        dot_dtype = tl.float32
+    if MODE != 2:
+        rescale = tl.exp(m - m_new)
+        S = S * rescale[:, None]
+        z = z * rescale
+        m = m_new
+    if MODE != 1:
+        q = tl.load(q_chunk + q_offs, mask=kk_mask, other=0.0).to(tl.float32)
+        c = tl.max(tl.where(kk_mask, q + m[None, :], _NO_KEY), axis=1)
+        fq = tl.exp(tl.where(kk_mask, q + m[None, :] - c[:, None], float("-inf")))
+        fq_dot = fq.to(dot_dtype)
+        num = tl.dot(fq_dot, S.to(dot_dtype), out_dtype=tl.float32)
+        den = tl.sum(fq * z[None, :], axis=1)
+    if MODE != 2:
+        v_dot = tl.load(v_chunk + v_offs, mask=io_mask, other=0.0).to(dot_dtype)
+        fk = tl.exp(tl.where(kk_mask, k.to(tl.float32) - m[None, :], float("-inf")))
+    if MODE == 0:
+        scores = tl.dot(fq_dot, tl.trans(fk.to(dot_dtype)), out_dtype=tl.float32)
+        offs = tl.arange(0, scores.shape[0])
+        scores = tl.where(offs[:, None] >= offs[None, :], scores, 0.0)
+        num = tl.dot(scores.to(dot_dtype), v_dot, num, out_dtype=tl.float32)
+        den += tl.sum(scores, axis=1)
+    if MODE != 1:
+        o = num * _shifted_readout(den, c, eps, NORMALIZE)[:, None]
+        tl.store(o_chunk + o_offs, o.to(OUT_DTYPE), mask=io_mask)
+    if MODE != 2:
+        S = tl.dot(tl.trans(fk.to(dot_dtype)), v_dot, S, out_dtype=tl.float32)
+        z += tl.sum(fk, axis=0)
+    return S, z, m
+
+
+@triton.jit
 def linear_attention_chunk_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, s_in_ptr, z_in_ptr, s_out_ptr, z_out_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, s_in_ptr, z_in_ptr, m_in_ptr, s_out_ptr, z_out_ptr, m_out_ptr,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -104,53 +182,89 @@ def linear_attention_chunk_kernel(
     else:
         S = tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32)
         z = tl.zeros([BLOCK_DK], dtype=tl.float32)
+    # "exp": S and z are stored scaled by exp(-m); padding dims keep NO_KEY and zero state.
+    if HAS_INITIAL and FEATURE_MAP == 2:
+        m = tl.load(m_in_ptr + state_idx * DK + offs_dk, mask=dk_mask, other=_NO_KEY)
+    else:
+        m = tl.full([BLOCK_DK], _NO_KEY, dtype=tl.float32)
     causal_mask = offs_t[:, None] >= offs_t[None, :]
 
-    for t0 in range(seg_start, seg_end, BLOCK_T):
-        rows = t0 + offs_t
-        row_mask = rows < seg_end
-        if MODE != 1:  # queries: CAUSAL and APPLY
-            qk_mask = row_mask[:, None] & dk_mask[None, :]
-            q = tl.load(q_chunk + q_offs, mask=qk_mask, other=0.0)
-            fq = _feature_map(q.to(tl.float32), qk_mask, FEATURE_MAP)
-            if DOT_FP32:
-                fq_dot = fq
-                S_dot = S
-            else:
-                fq_dot = fq.to(q.dtype)
-                S_dot = S.to(q.dtype)
-            num = tl.dot(fq_dot, S_dot, out_dtype=tl.float32)  # [BLOCK_T, BLOCK_DV]
-            den = tl.sum(fq * z[None, :], axis=1)
-        if MODE != 2:  # keys: CAUSAL and REDUCE
+    if FEATURE_MAP == 2:
+        # Steps of BLOCK_T rows; a causal step whose keys raise some feature dim's max more than EXP_SPREAD
+        # above its first key (and the carried max) shrinks to that one row (exact: it sees its own key).
+        t0 = seg_start
+        while t0 < seg_end:
+            step = seg_end - t0
+            if MODE == 0:
+                rows_left = (offs_t < step)[:, None] & dk_mask[None, :]
+                k = tl.load(k_chunk + k_offs, mask=rows_left, other=0.0).to(tl.float32)
+                first = tl.load(k_chunk + offs_dk * stride_kd, mask=dk_mask, other=0.0).to(tl.float32)
+                k_max = tl.maximum(m, tl.max(tl.where(rows_left, k, _NO_KEY), axis=0))
+                spread = tl.max(tl.where(dk_mask, k_max - tl.maximum(m, first), 0.0))
+                step = tl.where(spread > EXP_SPREAD, 1, step)
+            step = tl.minimum(step, BLOCK_T)
+            row_mask = offs_t < step
             kk_mask = row_mask[:, None] & dk_mask[None, :]
-            k = tl.load(k_chunk + k_offs, mask=kk_mask, other=0.0)
-            v = tl.load(v_chunk + v_offs, mask=row_mask[:, None] & dv_mask[None, :], other=0.0)
-            fk = _feature_map(k.to(tl.float32), kk_mask, FEATURE_MAP)
-            if DOT_FP32:
-                fk_dot = fk
-                v_dot = v.to(tl.float32)
-            else:
-                fk_dot = fk.to(v.dtype)
-                v_dot = v
-        if MODE == 0:
-            scores = tl.dot(fq_dot, tl.trans(fk_dot), out_dtype=tl.float32)  # [BLOCK_T, BLOCK_T]
-            scores = tl.where(causal_mask, scores, 0.0)
-            if DOT_FP32:
-                num = tl.dot(scores, v_dot, num, out_dtype=tl.float32)
-            else:
-                num = tl.dot(scores.to(v.dtype), v_dot, num, out_dtype=tl.float32)
-            den += tl.sum(scores, axis=1)
-        if MODE != 1:
-            if NORMALIZE:
-                num = num / (den + eps)[:, None]
-            tl.store(o_chunk + o_offs, num.to(o_ptr.dtype.element_ty), mask=row_mask[:, None] & dv_mask[None, :])
-        if MODE != 2:
-            S = tl.dot(tl.trans(fk_dot), v_dot, S, out_dtype=tl.float32)
-            z += tl.sum(fk, axis=0)
-        q_chunk += BLOCK_T * stride_qm
-        k_chunk += BLOCK_T * stride_kn
-        v_chunk += BLOCK_T * stride_vn
-        o_chunk += BLOCK_T * DV
+            io_mask = row_mask[:, None] & dv_mask[None, :]
+            k = q_chunk  # APPLY reads no keys
+            m_new = m
+            if MODE != 2:
+                k = tl.load(k_chunk + k_offs, mask=kk_mask, other=0.0)
+                m_new = tl.maximum(m, tl.max(tl.where(kk_mask, k.to(tl.float32), _NO_KEY), axis=0))
+            S, z, m = _exp_chunk(q_chunk, k_chunk, v_chunk, o_chunk, q_offs, k_offs, v_offs, o_offs, S, z, m,
+                                 k, m_new, kk_mask, io_mask, eps, o_ptr.dtype.element_ty, MODE, NORMALIZE,
+                                 DOT_FP32)
+            t0 += step
+            q_chunk += step * stride_qm
+            k_chunk += step * stride_kn
+            v_chunk += step * stride_vn
+            o_chunk += step * DV
+    else:
+        for t0 in range(seg_start, seg_end, BLOCK_T):
+            rows = t0 + offs_t
+            row_mask = rows < seg_end
+            if MODE != 1:  # queries: CAUSAL and APPLY
+                qk_mask = row_mask[:, None] & dk_mask[None, :]
+                q = tl.load(q_chunk + q_offs, mask=qk_mask, other=0.0)
+                fq = _feature_map(q.to(tl.float32), qk_mask, FEATURE_MAP)
+                if DOT_FP32:
+                    fq_dot = fq
+                    S_dot = S
+                else:
+                    fq_dot = fq.to(q.dtype)
+                    S_dot = S.to(q.dtype)
+                num = tl.dot(fq_dot, S_dot, out_dtype=tl.float32)  # [BLOCK_T, BLOCK_DV]
+                den = tl.sum(fq * z[None, :], axis=1)
+            if MODE != 2:  # keys: CAUSAL and REDUCE
+                kk_mask = row_mask[:, None] & dk_mask[None, :]
+                k = tl.load(k_chunk + k_offs, mask=kk_mask, other=0.0)
+                v = tl.load(v_chunk + v_offs, mask=row_mask[:, None] & dv_mask[None, :], other=0.0)
+                fk = _feature_map(k.to(tl.float32), kk_mask, FEATURE_MAP)
+                if DOT_FP32:
+                    fk_dot = fk
+                    v_dot = v.to(tl.float32)
+                else:
+                    fk_dot = fk.to(v.dtype)
+                    v_dot = v
+            if MODE == 0:
+                scores = tl.dot(fq_dot, tl.trans(fk_dot), out_dtype=tl.float32)  # [BLOCK_T, BLOCK_T]
+                scores = tl.where(causal_mask, scores, 0.0)
+                if DOT_FP32:
+                    num = tl.dot(scores, v_dot, num, out_dtype=tl.float32)
+                else:
+                    num = tl.dot(scores.to(v.dtype), v_dot, num, out_dtype=tl.float32)
+                den += tl.sum(scores, axis=1)
+            if MODE != 1:
+                if NORMALIZE:
+                    num = num / (den + eps)[:, None]
+                tl.store(o_chunk + o_offs, num.to(o_ptr.dtype.element_ty), mask=row_mask[:, None] & dv_mask[None, :])
+            if MODE != 2:
+                S = tl.dot(tl.trans(fk_dot), v_dot, S, out_dtype=tl.float32)
+                z += tl.sum(fk, axis=0)
+            q_chunk += BLOCK_T * stride_qm
+            k_chunk += BLOCK_T * stride_kn
+            v_chunk += BLOCK_T * stride_vn
+            o_chunk += BLOCK_T * DV
 
     if STORE_FINAL:  # state tile offsets built here, not kept live across the loop
         offs_sk = tl.arange(0, BLOCK_DK)
@@ -158,11 +272,13 @@ def linear_attention_chunk_kernel(
         tl.store(s_out_ptr + state_idx * DK * DV + offs_sk[:, None] * DV + offs_sv[None, :], S,
                  mask=(offs_sk[:, None] < DK) & (offs_sv[None, :] < DV))
         tl.store(z_out_ptr + state_idx * DK + offs_sk, z, mask=(offs_sk < DK) & (offs_sk * 0 + dv_block == 0))
+        if FEATURE_MAP == 2:
+            tl.store(m_out_ptr + state_idx * DK + offs_sk, m, mask=(offs_sk < DK) & (offs_sk * 0 + dv_block == 0))
 
 
 @triton.jit
 def linear_attention_recurrent_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, s_in_ptr, z_in_ptr, s_out_ptr, z_out_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, s_in_ptr, z_in_ptr, m_in_ptr, s_out_ptr, z_out_ptr, m_out_ptr,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -170,7 +286,8 @@ def linear_attention_recurrent_kernel(
     FEATURE_MAP: tl.constexpr, NORMALIZE: tl.constexpr, HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """Causal, one token at a time: S += phi(k_t)^T v_t, z += phi(k_t), o_t = phi(q_t) S / (phi(q_t).z + eps)."""
+    """Causal, one token at a time: S += phi(k_t)^T v_t, z += phi(k_t), o_t = phi(q_t) S / (phi(q_t).z + eps);
+    "exp" with the state scaled by exp(-m) (m the running max per feature dim) and o_t's row shifted."""
     dv_block = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HQ
@@ -196,18 +313,25 @@ def linear_attention_recurrent_kernel(
     else:
         S = tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32)
         z = tl.zeros([BLOCK_DK], dtype=tl.float32)
+    if HAS_INITIAL and FEATURE_MAP == 2:
+        m = tl.load(m_in_ptr + bh64 * DK + offs_dk, mask=dk_mask, other=_NO_KEY)
+    else:
+        m = tl.full([BLOCK_DK], _NO_KEY, dtype=tl.float32)
 
     for _ in range(0, T):  # the row pointers advance one token per step
         q = tl.load(q_base + offs_dk * stride_qd, mask=dk_mask, other=0.0).to(tl.float32)
         k = tl.load(k_base + offs_dk * stride_kd, mask=dk_mask, other=0.0).to(tl.float32)
         v = tl.load(v_base + offs_dv * stride_vd, mask=dv_mask, other=0.0).to(tl.float32)
-        fq = _feature_map(q, dk_mask, FEATURE_MAP)
-        fk = _feature_map(k, dk_mask, FEATURE_MAP)
-        S += fk[:, None] * v[None, :]
-        z += fk
-        num = tl.sum(fq[:, None] * S, axis=0)  # [BLOCK_DV]
-        if NORMALIZE:
-            num = num / (tl.sum(fq * z, axis=0) + eps)
+        if FEATURE_MAP == 2:
+            num, S, z, m = _exp_token(q, k, v, S, z, m, dk_mask, eps, NORMALIZE)
+        else:
+            fq = _feature_map(q, dk_mask, FEATURE_MAP)
+            fk = _feature_map(k, dk_mask, FEATURE_MAP)
+            S += fk[:, None] * v[None, :]
+            z += fk
+            num = tl.sum(fq[:, None] * S, axis=0)  # [BLOCK_DV]
+            if NORMALIZE:
+                num = num / (tl.sum(fq * z, axis=0) + eps)
         tl.store(o_base + offs_dv, num.to(o_ptr.dtype.element_ty), mask=dv_mask)
         q_base += stride_qm
         k_base += stride_kn
@@ -217,6 +341,8 @@ def linear_attention_recurrent_kernel(
     if STORE_FINAL:
         tl.store(s_out_ptr + bh64 * DK * DV + state_offs, S, mask=state_mask)
         tl.store(z_out_ptr + bh64 * DK + offs_dk, z, mask=dk_mask & (offs_dk * 0 + dv_block == 0))  # one writer of z
+        if FEATURE_MAP == 2:
+            tl.store(m_out_ptr + bh64 * DK + offs_dk, m, mask=dk_mask & (offs_dk * 0 + dv_block == 0))
 
 
 # ------------------------------------------------------------------------------------------- launcher
@@ -224,22 +350,30 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def tile_config(block_dk: int, dtype: torch.dtype, mode: str = "causal") -> tuple[int, int, int]:
+def tile_config(block_dk: int, dtype: torch.dtype, mode: str = "causal",
+                feature_map: str = "elu") -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_DV, num_warps) of the chunk kernel for a head-dim tile. The chunk's q/k tiles, the
     scores and the state slice all live in registers; these are the largest that compile without spills
     on sm_80/sm_90 (tests/test_aot_compile.py): the Dk=256 tile (Dk 129..256, e.g. MLA's 192) is the
-    exception, compiled but allowed to spill. fp32 operands take twice the registers: half the chunk."""
+    exception, compiled but allowed to spill. fp32 operands take twice the registers: half the chunk. The
+    "exp" map's causal and apply steps carry their shifts (per row, per feature dim) too: smaller tiles."""
+    if feature_map == "exp" and mode == "causal":
+        if block_dk <= 32:
+            return (16 if dtype == torch.float32 else 32), 64, 8
+        return (16 if dtype == torch.float32 or block_dk > 64 else 32), (32 if block_dk <= 64 else 16), 8
+    if feature_map == "exp" and mode == "apply" and dtype == torch.float32 and block_dk == 32:
+        return 16, 64, 8
     if block_dk <= 64:
         return (16 if dtype == torch.float32 and block_dk == 64 else 32), 64, 8
-    if dtype == torch.float32:  # (reduce/apply at 16 x 128 fp32 get a stack frame under 8 warps on sm_80)
-        return 16, 32, (8 if mode == "causal" else 4)
+    if dtype == torch.float32:  # (16 x 128 fp32 on sm_80: reduce spills under 8 warps, apply under 4)
+        return 16, 32, (8 if mode == "causal" or (mode == "apply" and block_dk == 128) else 4)
     if block_dk <= 128:
         return 32, 32, 8
     return 16, 32, 8
 
 
 def chunk_config(dk: int, dv: int, heads: int, seq: int, dtype: torch.dtype, device: torch.device,
-                 segments: int | None = None, mode: str = "causal"):
+                 segments: int | None = None, mode: str = "causal", feature_map: str = "elu"):
     """(BLOCK_T, BLOCK_DK, BLOCK_DV, num_warps, segments, seg_len) for `heads` = B x Hq sequences of `seq`.
 
     The walk over a sequence is serial, so when the B x Hq x Dv/BLOCK_DV programs leave SMs idle the
@@ -247,12 +381,14 @@ def chunk_config(dk: int, dv: int, heads: int, seq: int, dtype: torch.dtype, dev
     segment to its state, a prefix sum gives each segment its initial state, and the segments then run in
     parallel."""
     block_dk = max(BLOCK_DKS[0], _next_pow2(dk))
-    block_t, block_dv, num_warps = tile_config(block_dk, dtype, mode)
+    block_t, block_dv, num_warps = tile_config(block_dk, dtype, mode, feature_map)
+    # The split depends on neither the mode nor the map: a call's reduce and causal passes cut alike.
+    split_t, split_dv, _ = tile_config(block_dk, dtype, "reduce")
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    wide = heads * triton.cdiv(dv, block_dv)
+    wide = heads * triton.cdiv(dv, split_dv)
     if segments is None:
         segments = 1 if wide >= 2 * sms else max(1, min(triton.cdiv(seq, MIN_SEG_LEN), triton.cdiv(8 * sms, wide)))
-    seg_len = max(block_t, triton.cdiv(triton.cdiv(max(seq, 1), segments), block_t) * block_t)
+    seg_len = max(split_t, triton.cdiv(triton.cdiv(max(seq, 1), segments), split_t) * split_t)
     segments = max(1, triton.cdiv(seq, seg_len))
     return block_t, block_dk, block_dv, num_warps, segments, seg_len
 
@@ -263,14 +399,27 @@ def recurrent_config(dk: int) -> tuple[int, int, int]:
     return block_dk, 32, 4 if block_dk <= 128 else 8
 
 
-def _zero_state(rows: int, segs: int, dk: int, dv: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _zero_state(rows: int, segs: int, dk: int, dv: int, device):
+    """(S, z, m) of no key: m is the "exp" map's shift (NO_KEY before any key; unused by the other maps)."""
     return (torch.zeros((rows, segs, dk, dv), dtype=torch.float32, device=device),
-            torch.zeros((rows, segs, dk), dtype=torch.float32, device=device))
+            torch.zeros((rows, segs, dk), dtype=torch.float32, device=device),
+            torch.full((rows, segs, dk), NO_KEY, dtype=torch.float32, device=device))
 
 
-def _empty_state(rows: int, segs: int, dk: int, dv: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _empty_state(rows: int, segs: int, dk: int, dv: int, device):
     return (torch.empty((rows, segs, dk, dv), dtype=torch.float32, device=device),
+            torch.empty((rows, segs, dk), dtype=torch.float32, device=device),
             torch.empty((rows, segs, dk), dtype=torch.float32, device=device))
+
+
+def _combine(a, b, exp: bool):
+    """The state after a's keys, then b's (states (S, z, m) [rows, n, ...], n broadcasting)."""
+    if not exp:
+        return a[0] + b[0], a[1] + b[1], a[2]
+    m = torch.maximum(a[2], b[2])
+    Sa, za = rescale_state(a[0], a[1], a[2], m)
+    Sb, zb = rescale_state(b[0], b[1], b[2], m)
+    return Sa + Sb, za + zb, m
 
 
 class _Pass:
@@ -281,24 +430,25 @@ class _Pass:
         self.b, self.hq, self.dk, self.dv = q.shape[0], q.shape[1], q.shape[3], v.shape[3]
         self.groups = self.hq // k.shape[1]
         self.flags = dict(FEATURE_MAP=FEATURE_MAP_IDS[feature_map], NORMALIZE=normalize)
+        self.feature_map = feature_map
+        self.exp = feature_map == "exp"
         self.eps = eps
         self.segments = segments
         self.no_state = torch.empty(1, dtype=torch.float32, device=q.device)  # fp32 stand-in for absent states
         self.dot_fp32 = q.dtype == torch.float32 or (interpreting() and q.dtype == torch.bfloat16)
 
     def chunk(self, mode, q, k, v, t, state_in, state_out, *, segments=None, state_segs=None):
-        """Chunk kernel over t rows (of q for causal/apply, of k/v for reduce). States are (S, z) shaped
+        """Chunk kernel over t rows (of q for causal/apply, of k/v for reduce). States are (S, z, m) shaped
         [B*Hq, state_segs, ...]; returns the number of segments used."""
         block_t, block_dk, block_dv, num_warps, segs, seg_len = chunk_config(
             self.dk, self.dv, self.b * self.hq, t, self.q.dtype, self.q.device,
-            self.segments if segments is None else segments, mode)
+            self.segments if segments is None else segments, mode, self.feature_map)
         if state_segs is None:
             state_segs = segs
-        s_in, z_in = state_in if state_in is not None else (self.no_state, self.no_state)
-        s_out, z_out = state_out if state_out is not None else (self.no_state, self.no_state)
+        none = (self.no_state,) * 3
         grid = (triton.cdiv(self.dv, block_dv), self.b * self.hq, segs)
         launch(linear_attention_chunk_kernel)[grid](
-            q, k, v, self.out, s_in, z_in, s_out, z_out, *q.stride(), *k.stride(), *v.stride(),
+            q, k, v, self.out, *(state_in or none), *(state_out or none), *q.stride(), *k.stride(), *v.stride(),
             self.hq, self.groups, t, self.dk, self.dv, seg_len, state_segs, self.eps,
             **self.flags, MODE=MODES[mode], HAS_INITIAL=state_in is not None, STORE_FINAL=state_out is not None,
             DOT_FP32=self.dot_fp32, BLOCK_T=block_t, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
@@ -319,10 +469,12 @@ class _Pass:
             return final
         partial = _empty_state(self.b * self.hq, segs, self.dk, self.dv, self.q.device)
         self.chunk("reduce", self.q, k, v, t, None, partial)
-        S, z = (p.sum(dim=1, keepdim=True) for p in partial)
-        if state is not None:
-            S, z = S + state[0], z + state[1]
-        return S, z
+        if self.exp:
+            m = partial[2].amax(dim=1, keepdim=True)
+            total = (*(x.sum(dim=1, keepdim=True) for x in rescale_state(*partial, m)), m)
+        else:
+            total = tuple(p.sum(dim=1, keepdim=True) for p in partial)
+        return total if state is None else _combine(state, total, self.exp)
 
     def causal(self, q, k, v, state, want_final, kernel):
         """Causal outputs of q over k/v (same length) from state; returns the final state if wanted."""
@@ -331,10 +483,9 @@ class _Pass:
         if kernel == "recurrent":
             final = _empty_state(rows, 1, self.dk, self.dv, q.device) if want_final else None
             block_dk, block_dv, num_warps = recurrent_config(self.dk)
-            s_in, z_in = state if state is not None else (self.no_state, self.no_state)
-            s_out, z_out = final if final is not None else (self.no_state, self.no_state)
+            none = (self.no_state,) * 3
             launch(linear_attention_recurrent_kernel)[(triton.cdiv(self.dv, block_dv), rows)](
-                q, k, v, self.out, s_in, z_in, s_out, z_out, *q.stride(), *k.stride(), *v.stride(),
+                q, k, v, self.out, *(state or none), *(final or none), *q.stride(), *k.stride(), *v.stride(),
                 self.hq, self.groups, t, self.dk, self.dv, self.eps, **self.flags,
                 HAS_INITIAL=state is not None, STORE_FINAL=final is not None,
                 BLOCK_DK=block_dk, BLOCK_DV=block_dv, num_warps=num_warps, num_stages=1,
@@ -345,16 +496,26 @@ class _Pass:
             final = _empty_state(rows, 1, self.dk, self.dv, q.device) if want_final else None
             self.chunk("causal", q, k, v, t, state, final, segments=1)
             return final
-        # Segments: reduce each, exclusive prefix sum (plus the initial state), then all segments at once.
+        # Segments: reduce each, exclusive prefix (from the initial state), then all segments at once.
         partial = _empty_state(rows, segs, self.dk, self.dv, q.device)
         self.chunk("reduce", q, k, v, t, None, partial)
-        inclusive = [p.cumsum(dim=1) for p in partial]
-        if state is not None:
-            inclusive = [c + s for c, s in zip(inclusive, state)]
-        start = state if state is not None else _zero_state(rows, 1, self.dk, self.dv, q.device)
-        prefix = tuple(torch.cat([s0, c[:, :-1]], dim=1).contiguous() for s0, c in zip(start, inclusive))
+        if self.exp:  # each prefix at the max of the keys before it (a later segment's max would underflow it)
+            running = state if state is not None else _zero_state(rows, 1, self.dk, self.dv, q.device)
+            prefixes = []
+            for i in range(segs):
+                prefixes.append(running)
+                running = _combine(running, tuple(p[:, i:i + 1] for p in partial), True)
+            prefix = tuple(torch.cat(parts, dim=1).contiguous() for parts in zip(*prefixes))
+            inclusive_last = running
+        else:
+            inclusive = [p.cumsum(dim=1) for p in partial]
+            if state is not None:
+                inclusive = [c + s for c, s in zip(inclusive, state)]
+            start = state if state is not None else _zero_state(rows, 1, self.dk, self.dv, q.device)
+            prefix = tuple(torch.cat([s0, c[:, :-1]], dim=1).contiguous() for s0, c in zip(start, inclusive))
+            inclusive_last = tuple(c[:, -1:].contiguous() for c in inclusive)
         self.chunk("causal", q, k, v, t, prefix, None)
-        return tuple(c[:, -1:].contiguous() for c in inclusive) if want_final else None
+        return inclusive_last if want_final else None
 
 
 def linear_attention(
@@ -372,10 +533,11 @@ def linear_attention(
     segments: int | None = None,
     out: torch.Tensor | None = None,
 ):
-    """Launcher; inputs validated by dsattn.ops.linear_attention. initial_state: (S, z) fp32 or None.
-    Returns (o, (S [B, Hq, Dk, Dv], z [B, Hq, Dk]) or None). For tests: `kernel` ("chunk" | "recurrent")
-    overrides the causal path choice, `segments` the sequence split, `out` (contiguous [B, Hq, Sq, Dv]) the
-    output buffer."""
+    """Launcher; inputs validated by dsattn.ops.linear_attention. initial_state: (S, z) or (S, z, m) fp32
+    (m None or absent: unscaled), or None. Returns (o, (S [B, Hq, Dk, Dv], z [B, Hq, Dk], m [B, Hq, Dk] or
+    None) or None); for "exp" S and z are scaled by exp(-m), the other maps return m None. For tests:
+    `kernel` ("chunk" | "recurrent") overrides the causal path choice, `segments` the sequence split, `out`
+    (contiguous [B, Hq, Sq, Dv]) the output buffer."""
     b, hq, sq, dk = q.shape
     sk, dv = k.shape[2], v.shape[3]
     if out is None:
@@ -383,8 +545,10 @@ def linear_attention(
     run = _Pass(q, k, v, out, feature_map, normalize, eps, segments)
     state = None  # kernel layout [B*Hq, 1, ...]
     if initial_state is not None:
-        state = (initial_state[0].reshape(b * hq, 1, dk, dv).contiguous(),
-                 initial_state[1].reshape(b * hq, 1, dk).contiguous())
+        S0, z0 = initial_state[0], initial_state[1]
+        m0 = initial_state[2] if len(initial_state) > 2 and initial_state[2] is not None else torch.zeros_like(z0)
+        state = (S0.reshape(b * hq, 1, dk, dv).contiguous(), z0.reshape(b * hq, 1, dk).contiguous(),
+                 m0.reshape(b * hq, 1, dk).contiguous())
 
     # Keys no query reads through the causal mask (non-causal: all of them; causal with Sq < Sk: the
     # first Sk - Sq) are first reduced into the state.
@@ -406,14 +570,16 @@ def linear_attention(
             else:
                 final = state if reduce_len > 0 else tuple(t.clone() for t in state)  # never alias the caller's
     if final is not None:
-        final = (final[0].reshape(b, hq, dk, dv), final[1].reshape(b, hq, dk))
+        final = (final[0].reshape(b, hq, dk, dv), final[1].reshape(b, hq, dk),
+                 final[2].reshape(b, hq, dk) if run.exp else None)
     return out, final
 
 
 # ------------------------------------------------------------------------------------------------ AOT
 def _signature(dtype: torch.dtype, chunk: bool) -> dict[str, str]:
     sig = {"q_ptr": ptr(dtype), "k_ptr": ptr(dtype), "v_ptr": ptr(dtype), "o_ptr": ptr(dtype),
-           "s_in_ptr": "*fp32", "z_in_ptr": "*fp32", "s_out_ptr": "*fp32", "z_out_ptr": "*fp32"}
+           "s_in_ptr": "*fp32", "z_in_ptr": "*fp32", "m_in_ptr": "*fp32",
+           "s_out_ptr": "*fp32", "z_out_ptr": "*fp32", "m_out_ptr": "*fp32"}
     for name, axes in (("q", "bhmd"), ("k", "bhnd"), ("v", "bhnd")):
         for axis in axes:
             sig[f"stride_{name}{axis}"] = "i32"
@@ -425,23 +591,31 @@ def _signature(dtype: torch.dtype, chunk: bool) -> dict[str, str]:
 
 def aot_specs() -> list[AOTSpec]:
     """Every config the launcher can pick: per dtype, BLOCK_DK (which fixes the tile) x mode for the chunk
-    kernel (the feature map and flags do not change the tile shapes: they are compiled with "exp", the
-    costliest map, normalized, with initial and final state), and BLOCK_DK for the recurrent kernel."""
+    kernel, compiled normalized, with initial and final state, for "exp" (its shifted steps) and, where
+    the other maps' tile differs, for "elu" (the costliest of the others); BLOCK_DK for the recurrent
+    kernel ("exp")."""
     specs = []
     for dtype in DTYPES:
         for block_dk in BLOCK_DKS:
-            for mode_name, mode in MODES.items():
-                block_t, block_dv, num_warps = tile_config(block_dk, dtype, mode_name)
+            kinds = [(mode_name, fmap) for mode_name in MODES for fmap in ("exp", "elu")
+                     if fmap == "exp" or tile_config(block_dk, dtype, mode_name, fmap)
+                     != tile_config(block_dk, dtype, mode_name, "exp")]
+            for mode_name, fmap in kinds:
+                block_t, block_dv, num_warps = tile_config(block_dk, dtype, mode_name, fmap)
+                suffix = "_elu" if fmap == "elu" else ""
                 specs.append(AOTSpec(
-                    name=f"chunk_{mode_name}_{TRITON_DTYPE[dtype]}_dk{block_dk}_dv{block_dv}",
+                    name=f"chunk_{mode_name}{suffix}_{TRITON_DTYPE[dtype]}_dk{block_dk}_dv{block_dv}",
                     kernel=linear_attention_chunk_kernel,
                     signature=_signature(dtype, chunk=True),
-                    constexprs={"FEATURE_MAP": FEATURE_MAP_IDS["exp"], "MODE": mode, "NORMALIZE": True,
+                    constexprs={"FEATURE_MAP": FEATURE_MAP_IDS[fmap], "MODE": MODES[mode_name], "NORMALIZE": True,
                                 "HAS_INITIAL": True, "STORE_FINAL": True, "DOT_FP32": dtype == torch.float32,
                                 "BLOCK_T": block_t, "BLOCK_DK": block_dk, "BLOCK_DV": block_dv},
                     num_warps=num_warps,
                     num_stages=1,
-                    hot=block_dk <= 128,
+                    # fp32 "exp" causal at Dk 128 keeps a small stack frame even at 16 x 16 (fp32 is not
+                    # the hot dtype; bf16/fp16 at Dk <= 128 are spill-free).
+                    hot=block_dk <= 128 and not (fmap == "exp" and mode_name == "causal" and block_dk == 128
+                                                 and dtype == torch.float32),
                 ))
             rec_dk, rec_dv, rec_warps = recurrent_config(block_dk)
             specs.append(AOTSpec(

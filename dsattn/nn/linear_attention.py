@@ -1,5 +1,5 @@
 """LinearAttention: dsattn.linear_attention as an nn.Module (q, k, v [B, H, S, D]); pass state= to carry the
-(S, z) state across calls (decode)."""
+LinearAttentionState (S, z and, for "exp", its shift m) across calls (decode)."""
 
 from torch import nn
 

@@ -10,6 +10,11 @@ The state (S [B, Hq, Dk, Dv], z [B, Hq, Dk], fp32; fp64 for fp64 inputs) carries
 the next: feeding two halves in sequence with the state equals feeding the whole. Keys a row cannot see
 never enter its arithmetic (a NaN there stays out).
 
+The state may be stored scaled (LinearAttentionState.m, a per (head, feature dim) shift): the sums it stands
+for are S * exp(m)[..., None] and z * exp(m). The backends keep the "exp" map's state that way, with m the
+running max of the keys seen in each feature dim, so that S and z stay finite whatever the keys' size. The
+oracle returns its state unscaled (m None) and takes either form.
+
 Feature maps (FEATURE_MAPS, applied to each row of q and k over the head dim; the one definition every
 backend uses):
   "elu"      elu(x) + 1                      (Katharopoulos et al.; positive)
@@ -29,11 +34,21 @@ FEATURE_MAPS = ("elu", "relu", "exp", "identity")
 
 
 class LinearAttentionState(NamedTuple):
-    """The running state after some keys: S = sum phi(k_j)^T v_j [B, Hq, Dk, Dv] and z = sum phi(k_j)
-    [B, Hq, Dk], both float32 (float64 when the inputs are float64)."""
+    """The running state after some keys: sum phi(k_j)^T v_j = S * exp(m)[..., None] [B, Hq, Dk, Dv] and
+    sum phi(k_j) = z * exp(m) [B, Hq, Dk], all float32 (float64 when the inputs are float64). m [B, Hq, Dk]
+    is a shift that is not differentiated (None: 0, the sums themselves; the "exp" map's states carry the
+    running max of the keys per feature dim there). Gradients flow through S and z."""
 
     S: torch.Tensor
     z: torch.Tensor
+    m: torch.Tensor | None = None
+
+    def unscaled(self) -> "LinearAttentionState":
+        """The sums themselves (m None): they overflow where exp(m) does."""
+        if self.m is None:
+            return self
+        scale = torch.exp(self.m.detach())
+        return LinearAttentionState(self.S * scale[..., None], self.z * scale)
 
 
 def feature_map(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -65,8 +80,8 @@ def linear_attention(
     output_final_state: bool = False,
 ):
     """q [B, Hq, Sq, Dk], k [B, Hkv, Sk, Dk], v [B, Hkv, Sk, Dv], Hq % Hkv == 0. Returns o [B, Hq, Sq, Dv] in
-    q's dtype, and the final state (over all Sk keys) when output_final_state. Computed in float32 (float64
-    for float64 inputs)."""
+    q's dtype, and the final state (over all Sk keys, unscaled) when output_final_state. Computed in float32
+    (float64 for float64 inputs)."""
     b, hq, sq, dk = q.shape
     hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -77,7 +92,8 @@ def linear_attention(
         S0 = torch.zeros(b, hq, dk, dv, dtype=acc, device=q.device)
         z0 = torch.zeros(b, hq, dk, dtype=acc, device=q.device)
     else:
-        S0, z0 = initial_state.S.to(acc), initial_state.z.to(acc)
+        state = LinearAttentionState(*(None if t is None else t.to(acc) for t in initial_state))
+        S0, z0 = state.unscaled()[:2]
 
     position = torch.arange(sq, device=q.device)[:, None] + (sk - sq)
     key = torch.arange(sk, device=q.device)[None, :]
