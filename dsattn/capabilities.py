@@ -83,7 +83,7 @@ CAPABILITIES: dict[str, dict[str, Capability]] = {
         "torch": TORCH,
     },
     # DeepSeek-V3.2's indexer loss: gradients of q_idx, k_idx, weights (the target q, k is a constant).
-    "indexer_kl_loss": {"torch": TORCH},
+    "indexer_kl_loss": {"triton": Capability(dtypes=KERNEL_FLOATS, backward=True, max_head_dim=256), "torch": TORCH},
     # head_dim is Dk (the kernels hold the whole q/k head dim in one tile, Dv in slices); offsets are 64-bit
     # (per-chunk int64 base pointers), so no offset limit.
     "linear_attention": {"triton": Capability(dtypes=KERNEL_FLOATS, max_head_dim=256), "torch": TORCH},

@@ -8,6 +8,7 @@ within the device limit).
 
 KERNEL_MODULES = (
     "hybrid_attention",
+    "indexer_kl_loss",
     "int4_grouped_matmul",
     "int4_matmul",
     "int4_unpack",

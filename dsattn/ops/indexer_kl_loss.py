@@ -76,8 +76,8 @@ def _check_indices(indices, b: int, sq: int, sk: int, q_idx) -> None:
 
 
 def _select(backend: str, q_idx, k_idx, weights, q) -> str:
-    request = capabilities.Request(dtype=torch.promote_types(q_idx.dtype, k_idx.dtype),
-                                   grad=_backend.needs_grad(q_idx, k_idx, weights),
+    dtype = torch.promote_types(torch.promote_types(q_idx.dtype, k_idx.dtype), q.dtype)
+    request = capabilities.Request(dtype=dtype, grad=_backend.needs_grad(q_idx, k_idx, weights),
                                    head_dim=max(q_idx.shape[3], q.shape[3]))
     return _backend.select_backend(OP, backend, q_idx.device, request, auto_order=AUTO_ORDER.get(q_idx.device.type))
 
