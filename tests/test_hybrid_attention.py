@@ -395,6 +395,15 @@ def test_triton_backward_matches_float64_autograd_of_the_oracle(triton_device, b
                        lambda q, k, v: hybrid_reference(q, k, v, **kw), inputs, 1e-4, name="hybrid_attention triton")
 
 
+def test_triton_op_called_directly_has_the_backward(triton_device):
+    """torch.ops.dsattn.hybrid_attention(..., "triton") itself (not the functional entry, which takes the
+    statistics-saving forward): its backward recomputes them."""
+    inputs = _grad_inputs(1, 2, 1, 20, 20, 8, 8, torch.float32, triton_device)
+    assert_grads_match(lambda q, k, v: torch.ops.dsattn.hybrid_attention(q, k, v, 3, 4, "exp", 0.25, "triton"),
+                       lambda q, k, v: hybrid_reference(q, k, v, prefix=3, window=4, feature_map="exp", scale=0.25),
+                       inputs, 1e-4, name="hybrid_attention triton op")
+
+
 def test_triton_backward_bf16(triton_device):
     inputs = _grad_inputs(1, 4, 2, 70, 300, 16, 8, torch.bfloat16, triton_device)
     kw = dict(prefix=5, window=9, feature_map="elu")

@@ -749,9 +749,11 @@ def fwd_config(block_dqk: int, block_dv: int, dtype: torch.dtype, exp: bool = Fa
     """Block sizes and warps of the main kernel for padded head dims and dtype. BLOCK_M = 64 with 8 warps: the
     kernel holds the softmax accumulator, a phi(q) . state slice and the far-key tiles at once, and
     BLOCK_M = 128 reaches 255 registers at D = 128 (measured with the AOT check). "exp" also holds the shifted
-    fp32 feature tiles: 32 keys per block."""
+    fp32 feature tiles: smaller blocks."""
     wide = max(block_dqk, block_dv) >= 256 or dtype == torch.float32
-    if exp:
+    if exp:  # 16 rows at head dim >= 128: no spill (32 rows spill a few bytes there)
+        if max(block_dqk, block_dv) >= 128:
+            return {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
     return {"BLOCK_M": 64, "BLOCK_N": 32 if wide else 64, "num_warps": 8, "num_stages": 2}
 
@@ -1020,9 +1022,6 @@ def aot_specs() -> list[AOTSpec]:
                 cfg = fwd_config(spec.constexprs["BLOCK_DQK"], spec.constexprs["BLOCK_DV"], torch.bfloat16, True)
                 exp_spec.constexprs.update(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
                 exp_spec.num_warps, exp_spec.num_stages = cfg["num_warps"], cfg["num_stages"]
-                # the shifted feature tiles still spill a few bytes at D = 128 (the main kernel is at 255
-                # registers): not held to the no-spill rule until the tail is restructured
-                exp_spec.hot = False
             specs.append(exp_spec)
     for block_dv in (64, 128):
         specs.append(AOTSpec(
