@@ -72,7 +72,7 @@ def _call(backend, **options):
 
 SHAPES = [  # b, sq, sk, hi, di, h, hkv, dqk
     (2, 6, 7, 3, 16, 4, 2, 8),  # GQA, Sq < Sk
-    (1, 5, 37, 4, 8, 2, 2, 24),  # several key tiles, Dqk != Di
+    (1, 5, 37, 4, 12, 2, 2, 24),  # several key tiles, Dqk != Di, odd Di
     (1, 8, 5, 2, 16, 3, 1, 16),  # Sq > Sk: the first rows see no key (causal); MQA
 ]
 
@@ -155,17 +155,31 @@ def test_target_gets_no_gradient(backend, device):
     assert dsattn.indexer_kl_loss(*y, backend=backend).grad_fn is None
 
 
-def test_nan_in_keys_a_row_cannot_use_stays_out():
-    x = [t.requires_grad_(i < 3) for i, t in enumerate(_inputs(1, 6, 9, 2, 8, 2, 1, 8))]
-    indices = torch.tensor([[[0, 1, -1], [2, 3, 1]] * 3], dtype=torch.int32)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_q_heads_per_kv_head(backend, device):
+    """70 q heads on one kv head: two q-head blocks of the Triton kernels; int64 lists."""
+    _usable(backend, device)
+    x = [t.requires_grad_(i < 3) for i, t in enumerate(_inputs(1, 3, 5, 2, 16, 70, 1, 16, device=device))]
+    indices = _indices(1, 3, 5, 4, device).long()
+    assert_grads_match(_call(backend, indices=indices), lambda *y: indexer_kl_loss_ref(*y, indices=indices), x,
+                       1e-5, name=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_keys_a_row_cannot_use_stays_out(backend, device):
+    _usable(backend, device)
+    x = [t.requires_grad_(i < 3) for i, t in enumerate(_inputs(1, 6, 9, 2, 8, 2, 1, 8, device=device))]
+    indices = torch.tensor([[[4, 1, -1], [2, 3, 1]] * 3], dtype=torch.int32, device=device)
     k_idx, k = x[1].detach().clone(), x[4].clone()
     k_idx[0, 8], k[0, 0, 8] = float("nan"), float("nan")  # never listed
-    k_idx[0, 0], k[0, 0, 0] = float("nan"), float("nan")  # key 0: padding for -1 must not read it
-    indices[..., 0] = torch.where(indices[..., 0] == 0, 4, indices[..., 0])
+    k_idx[0, 0], k[0, 0, 0] = float("nan"), float("nan")  # key 0: a gathered stand-in for -1 must not read it
     k_idx.requires_grad_(True)
-    loss = dsattn.indexer_kl_loss(x[0], k_idx, x[2], x[3], k, indices=indices, backend="torch")
+    loss = dsattn.indexer_kl_loss(x[0], k_idx, x[2], x[3], k, indices=indices, backend=backend)
     grads = torch.autograd.grad(loss, (x[0], k_idx, x[2]))
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    clean = [t.detach().clone() for t in (x[0], k_idx, x[2], x[3], k)]
+    clean[1][0, 0] = clean[1][0, 8] = clean[4][0, 0, 0] = clean[4][0, 0, 8] = 0.0
+    assert_close(loss, indexer_kl_loss_ref(*clean, indices=indices), 1e-5)
 
 
 def test_memory_stays_below_sq_by_sk():
