@@ -18,8 +18,12 @@ place where no gradient is recorded.
 
 import torch
 
-# Elements of gathered K plus V held per chunk (~64 MiB in fp32); score elements per "dense" chunk.
+# Elements of gathered K plus V held per chunk (~64 MiB in fp32), and at most half the elements of q, k and v
+# (not below MIN_CHUNK_ELEMENTS): the backward holds about three times a chunk (the gathered rows, their
+# gradients, the scores), so its peak stays within a small multiple of its inputs plus their gradients even
+# when K/V are few (MQA); score elements per "dense" chunk.
 CHUNK_ELEMENTS = 1 << 24
+MIN_CHUNK_ELEMENTS = 1 << 20
 DENSE_CHUNK_ELEMENTS = 1 << 21
 # "auto" takes "dense" when Hq x (keys a row sees, on average) is at most this many times Hkv x topk (rows
 # gathered): the crossover measured on a 2-core CPU (fp32, D=64, causal) from prefill to decode shapes.
@@ -69,7 +73,8 @@ def _attend(scores, v, equation: str, counts=None):
 def _gather_chunks(q, k, v, indices, chunk_size):
     b, sq, dqk = q.shape[0], q.shape[2], q.shape[3]
     if chunk_size is None:
-        chunk_size = max(1, CHUNK_ELEMENTS // max(1, b * k.shape[1] * indices.shape[-1] * (dqk + v.shape[3])))
+        budget = min(CHUNK_ELEMENTS, max(MIN_CHUNK_ELEMENTS, (q.numel() + k.numel() + v.numel()) // 2))
+        chunk_size = max(1, budget // max(1, b * k.shape[1] * indices.shape[-1] * (dqk + v.shape[3])))
     return range(0, sq, chunk_size), chunk_size
 
 
