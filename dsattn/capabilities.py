@@ -82,7 +82,8 @@ CAPABILITIES: dict[str, dict[str, Capability]] = {
         "cpp": Capability(dtypes=KERNEL_FLOATS, backward=True, kernel="topk_select"),
         "torch": TORCH,
     },
-    # DeepSeek-V3.2's indexer loss: gradients of q_idx, k_idx, weights (the target q, k is a constant).
+    # DeepSeek-V3.2's indexer loss: gradients of q_idx, k_idx, weights (the target q, k is a constant). head_dim
+    # is the index head dim Di (the Triton kernel holds a row's [Hi, Di] tile and its gradient in registers).
     "indexer_kl_loss": {"triton": Capability(dtypes=KERNEL_FLOATS, backward=True, max_head_dim=256), "torch": TORCH},
     # head_dim is Dk (the kernels hold the whole q/k head dim in one tile, Dv in slices); offsets are 64-bit
     # (per-chunk int64 base pointers), so no offset limit.

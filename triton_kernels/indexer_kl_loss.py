@@ -28,8 +28,13 @@ from ._common import AOTSpec, TRITON_DTYPE, interpreting, launch, ptr
 
 BLOCK_N = 32  # keys per step
 MAX_BLOCK_G = 64  # q heads per target tl.dot
-NUM_STAGES = 2
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_BLOCK_DQK = 128  # target head dim per tl.dot (larger: several chunks, e.g. MLA's 192 or absorbed 576)
+
+
+def num_stages(dtype: torch.dtype) -> int:
+    """fp32's tf32x3 operand tiles take 160 KB of shared memory unpipelined (the backward at Hi=64, Di=128):
+    no second stage for them."""
+    return 1 if dtype == torch.float32 else 2
 
 
 def _pow2(x: int, minimum: int = 16) -> int:
@@ -42,7 +47,7 @@ def indexer_kl_lse_kernel(
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     SQ, SK, H, GROUPS, G_BLOCKS, DQK, TOPK, scale, last_key_shift,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, DQK_CHUNKS: tl.constexpr,
     SPARSE: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """lse [B, H, SQ] fp32 (natural log; -inf for a row without keys)."""
@@ -62,10 +67,11 @@ def indexer_kl_lse_kernel(
     else:
         n_slots = SK
     idx_row = (b64 * SQ + i) * TOPK
-    q = tl.load(q_ptr + b64 * stride_qb + tl.cast(i, tl.int64) * stride_qm + heads[:, None].to(tl.int64) * stride_qh
-                + offs_dq[None, :] * stride_qd, mask=head_ok[:, None] & (offs_dq < DQK)[None, :], other=0.0)
-    if UPCAST:  # the interpreter's bf16 tl.dot is wrong
-        q = q.to(tl.float32)
+    q_rows = q_ptr + b64 * stride_qb + tl.cast(i, tl.int64) * stride_qm + heads[:, None].to(tl.int64) * stride_qh
+    if DQK_CHUNKS == 1:  # the q tile stays in registers across the key loop
+        q = tl.load(q_rows + offs_dq[None, :] * stride_qd, mask=head_ok[:, None] & (offs_dq < DQK)[None, :], other=0.0)
+        if UPCAST:  # the interpreter's bf16 tl.dot is wrong
+            q = q.to(tl.float32)
     k_base = k_ptr + b64 * stride_kb + kv.to(tl.int64) * stride_kh
     m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     total = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -78,12 +84,19 @@ def indexer_kl_lse_kernel(
         else:
             keys = slot.to(tl.int64)
             key_ok = slot < n_slots
-        kt = tl.load(k_base + keys[None, :] * stride_kn + offs_dq[:, None] * stride_kd,
-                     mask=key_ok[None, :] & (offs_dq < DQK)[:, None], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=PRECISION, out_dtype=tl.float32) * scale
-        s = tl.where(key_ok[None, :], s, float("-inf"))
+        s = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
+        for dc in tl.static_range(DQK_CHUNKS):
+            d = dc * BLOCK_DQK + offs_dq
+            if DQK_CHUNKS > 1:
+                q = tl.load(q_rows + d[None, :] * stride_qd, mask=head_ok[:, None] & (d < DQK)[None, :], other=0.0)
+                if UPCAST:
+                    q = q.to(tl.float32)
+            kt = tl.load(k_base + keys[None, :] * stride_kn + d[:, None] * stride_kd,
+                         mask=key_ok[None, :] & (d < DQK)[:, None], other=0.0)
+            if UPCAST:
+                kt = kt.to(tl.float32)
+            s = tl.dot(q, kt, s, input_precision=PRECISION, out_dtype=tl.float32)
+        s = tl.where(key_ok[None, :], s * scale, float("-inf"))
         new_m = tl.maximum(m, tl.max(s, axis=1))
         safe = tl.where(new_m == float("-inf"), 0.0, new_m)
         total = total * tl.exp(m - safe) + tl.sum(tl.exp(s - safe[:, None]), axis=1)
@@ -102,7 +115,8 @@ def indexer_kl_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     SQ, SK, HI, DI, H, GROUPS, G_BLOCKS, DQK, TOPK, scale, index_scale, last_key_shift,
     HI_PAD: tl.constexpr, BLOCK_DI: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DQK: tl.constexpr, SPARSE: tl.constexpr, CAUSAL: tl.constexpr, BACKWARD: tl.constexpr,
+    BLOCK_DQK: tl.constexpr, DQK_CHUNKS: tl.constexpr, SPARSE: tl.constexpr, CAUSAL: tl.constexpr,
+    BACKWARD: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Forward: kl [B, SQ] (0 for a row without keys) and lse_i [B, SQ]. BACKWARD: dq_idx [B, SQ, HI, DI] and
@@ -165,13 +179,17 @@ def indexer_kl_kernel(
             kv = c // G_BLOCKS
             heads = kv * GROUPS + (c % G_BLOCKS) * BLOCK_G + offs_g
             head_ok = heads < (kv + 1) * GROUPS
-            q = tl.load(q_base + heads[:, None].to(tl.int64) * stride_qh + offs_dq[None, :] * stride_qd,
-                        mask=head_ok[:, None] & (offs_dq < DQK)[None, :], other=0.0)
-            k = tl.load(k_base + kv.to(tl.int64) * stride_kh + keys[None, :] * stride_kn + offs_dq[:, None] * stride_kd,
-                        mask=key_ok[None, :] & (offs_dq < DQK)[:, None], other=0.0)
-            if UPCAST:
-                q, k = q.to(tl.float32), k.to(tl.float32)
-            s = tl.dot(q, k, input_precision=PRECISION, out_dtype=tl.float32) * scale
+            s = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
+            for dc in tl.static_range(DQK_CHUNKS):
+                d = dc * BLOCK_DQK + offs_dq
+                q = tl.load(q_base + heads[:, None].to(tl.int64) * stride_qh + d[None, :] * stride_qd,
+                            mask=head_ok[:, None] & (d < DQK)[None, :], other=0.0)
+                k = tl.load(k_base + kv.to(tl.int64) * stride_kh + keys[None, :] * stride_kn + d[:, None] * stride_kd,
+                            mask=key_ok[None, :] & (d < DQK)[:, None], other=0.0)
+                if UPCAST:
+                    q, k = q.to(tl.float32), k.to(tl.float32)
+                s = tl.dot(q, k, s, input_precision=PRECISION, out_dtype=tl.float32)
+            s = s * scale
             lse = tl.load(lse_base + heads.to(tl.int64) * SQ, mask=head_ok, other=float("inf"))
             p += tl.sum(tl.where(head_ok[:, None] & key_ok[None, :], tl.exp(s - lse[:, None]), 0.0), axis=0)
         p = p * inv_h
@@ -207,7 +225,9 @@ def _config(groups: int, dqk: int, hi: int, di: int) -> dict:
     """Tiles: the GQA group's q heads (up to MAX_BLOCK_G per dot) and the index heads, padded to tl.dot's 16
     rows; whole head dims (the capability caps them at 256)."""
     block_g = min(_pow2(groups), MAX_BLOCK_G)
-    return dict(BLOCK_G=block_g, BLOCK_N=BLOCK_N, BLOCK_DQK=_pow2(dqk), HI_PAD=_pow2(hi), BLOCK_DI=_pow2(di))
+    block_dqk = min(_pow2(dqk), MAX_BLOCK_DQK)
+    return dict(BLOCK_G=block_g, BLOCK_N=BLOCK_N, BLOCK_DQK=block_dqk, DQK_CHUNKS=triton.cdiv(dqk, block_dqk),
+                HI_PAD=_pow2(hi), BLOCK_DI=_pow2(di))
 
 
 def _common(q_idx, k_idx, indices, causal):
@@ -234,8 +254,9 @@ def _lse(q, k, idx, sparse, topk, causal, scale, cfg, flags, num_warps):
     if lse.numel():
         launch(indexer_kl_lse_kernel)[(sq, b * hkv * g_blocks)](
             q, k, idx, lse, *q.stride(), *k.stride(), sq, sk, h, groups, g_blocks, dqk, topk, float(scale), sk - sq,
-            BLOCK_G=cfg["BLOCK_G"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=cfg["BLOCK_DQK"], num_warps=num_warps,
-            num_stages=NUM_STAGES, **flags)
+            BLOCK_G=cfg["BLOCK_G"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=cfg["BLOCK_DQK"],
+            DQK_CHUNKS=cfg["DQK_CHUNKS"], num_warps=num_warps,
+            num_stages=num_stages(q.dtype), **flags)
     return lse
 
 
@@ -255,7 +276,8 @@ def _kl_launch(q_idx, k_idx, weights, q, k, idx, lse, lse_i, kl, g, dqi, dki, dw
         q_idx, k_idx, weights, q, k, idx, lse, lse_i, kl, g, dqi, dki, dw,
         *q_idx.stride(), *k_idx.stride(), *weights.stride(), *q.stride(), *k.stride(),
         sq, sk, hi, di, h, h // hkv, triton.cdiv(h // hkv, cfg["BLOCK_G"]), dqk, topk, float(scale),
-        float(index_scale), sk - sq, BACKWARD=backward, num_warps=num_warps(cfg, backward), num_stages=NUM_STAGES,
+        float(index_scale), sk - sq, BACKWARD=backward, num_warps=num_warps(cfg, backward),
+        num_stages=num_stages(q.dtype),
         **cfg, **_flags(q_idx.dtype, causal, sparse))
 
 
@@ -329,7 +351,8 @@ def _spec(kind: str, dtype: torch.dtype, dqk: int, *, groups: int = 1, backward:
     cfg = _config(groups, dqk, hi, di)
     flags = dict(SPARSE=sparse, CAUSAL=True, UPCAST=False, PRECISION="tf32x3" if dtype == torch.float32 else None)
     if kind == "lse":
-        constexprs = dict(BLOCK_G=cfg["BLOCK_G"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=cfg["BLOCK_DQK"], **flags)
+        constexprs = dict(BLOCK_G=cfg["BLOCK_G"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=cfg["BLOCK_DQK"],
+                          DQK_CHUNKS=cfg["DQK_CHUNKS"], **flags)
         name, warps = f"lse_{TRITON_DTYPE[dtype]}_g{cfg['BLOCK_G']}_dqk{dqk}", 4
     else:
         constexprs = dict(**cfg, BACKWARD=backward, **flags)
@@ -339,7 +362,7 @@ def _spec(kind: str, dtype: torch.dtype, dqk: int, *, groups: int = 1, backward:
                    kernel=indexer_kl_lse_kernel if kind == "lse" else indexer_kl_kernel,
                    signature=_signature(kind, dtype),
                    constexprs={**constexprs, **{n: 1 for n in UNIT_STRIDES[kind]}},
-                   divisible_by_16=ALIGNED[kind], num_warps=warps, num_stages=NUM_STAGES, hot=hot)
+                   divisible_by_16=ALIGNED[kind], num_warps=warps, num_stages=num_stages(dtype), hot=hot)
 
 
 def aot_specs() -> list[AOTSpec]:
@@ -350,4 +373,6 @@ def aot_specs() -> list[AOTSpec]:
         _spec("kl", torch.bfloat16, 192),
         _spec("kl", torch.bfloat16, 192, backward=True),
         _spec("kl", torch.bfloat16, 128, backward=True),
+        # fp32 (tf32x3 dots) is not the fast path: it compiles within shared memory and spills (reported).
+        _spec("kl", torch.float32, 192, backward=True, hot=False),
     ]

@@ -78,7 +78,7 @@ def _check_indices(indices, b: int, sq: int, sk: int, q_idx) -> None:
 def _select(backend: str, q_idx, k_idx, weights, q) -> str:
     dtype = torch.promote_types(torch.promote_types(q_idx.dtype, k_idx.dtype), q.dtype)
     request = capabilities.Request(dtype=dtype, grad=_backend.needs_grad(q_idx, k_idx, weights),
-                                   head_dim=max(q_idx.shape[3], q.shape[3]))
+                                   head_dim=q_idx.shape[3])
     return _backend.select_backend(OP, backend, q_idx.device, request, auto_order=AUTO_ORDER.get(q_idx.device.type))
 
 
@@ -174,9 +174,10 @@ def indexer_kl_loss(q_idx, k_idx, weights, q, k, *, indices=None, scale=None, in
     nothing (0 when none does). Returns a scalar (float32; float64 for float64 q_idx).
 
     Gradients reach q_idx, k_idx and weights; q and k are the target, a constant (never a gradient).
-    "torch": query and key chunks, two passes with an online log-sum-exp; "triton": the same two passes as
-    kernels (CUDA; fp16/bf16/fp32, head dims up to 256). "auto": Triton on CUDA, torch on CPU and float64.
-    Memory O(chunk_q x chunk_k x max(H, Hi)): never [B, Sq, Sk].
+    "torch": query and key chunks, two passes with an online log-sum-exp, memory O(chunk_q x chunk_k x
+    max(H, Hi)); "triton": the same two passes as kernels, one query row per program, O(B x H x Sq) state
+    (CUDA; fp16/bf16/fp32, index head dim Di up to 256, any Dqk). "auto": Triton on CUDA, torch on CPU and for
+    float64. Neither holds [B, Sq, Sk].
     """
     scale, index_scale = _check_inputs(q_idx, k_idx, weights, q, k, indices, scale, index_scale, causal)
     q, k = q.detach(), k.detach()
