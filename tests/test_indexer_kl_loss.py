@@ -116,6 +116,17 @@ def test_equal_distributions_give_zero_and_no_rows_give_zero():
         assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sq,sk,topk", [(3, 4, 0), (0, 4, None), (3, 0, None), (3, 0, 2)])
+def test_empty_shapes_give_zero(backend, sq, sk, topk, device):
+    _usable(backend, device)
+    x = [t.requires_grad_(i < 3) for i, t in enumerate(_inputs(1, sq, sk, 2, 16, 2, 1, 16, device=device))]
+    indices = None if topk is None else torch.full((1, sq, topk), -1, dtype=torch.int32, device=device)
+    loss = dsattn.indexer_kl_loss(*x, indices=indices, backend=backend)
+    grads = torch.autograd.grad(loss, x[:3])
+    assert loss.item() == 0.0 and all(g.shape == t.shape and not g.any() for g, t in zip(grads, x))
+
+
 # ---------------------------------------------------------------------------------------- backends
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("sparse", [False, True])

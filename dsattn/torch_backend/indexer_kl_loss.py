@@ -68,6 +68,8 @@ class _Tiles:
 
     def key_chunks(self, qs, qe):
         if self.clean is not None:
+            if self.sk == 0:  # every entry is "no key" (and there is no row to gather)
+                return []
             return [(ks, min(ks + self.key_chunk, self.clean.shape[-1]))
                     for ks in range(0, self.clean.shape[-1], self.key_chunk)]
         # Causal: keys after the chunk's last row are visible to none of its rows (and never read).
