@@ -3,6 +3,7 @@ for tests), proven in float64 against brute-force loops, and what every backend 
 tuned chunked code that serves backend="torch" is dsattn.torch_backend."""
 
 from dsattn.reference.hybrid_attention import hybrid_attention
+from dsattn.reference.indexer_kl_loss import indexer_kl_loss
 from dsattn.reference.int4 import pack_int4, unpack_int4
 from dsattn.reference.lightning_indexer_topk import lightning_indexer_topk
 from dsattn.reference.linear_attention import linear_attention
@@ -12,6 +13,7 @@ from dsattn.reference.topk_sparse_attention import topk_sparse_attention
 
 __all__ = [
     "hybrid_attention",
+    "indexer_kl_loss",
     "lightning_indexer_topk",
     "linear_attention",
     "pack_int4",
