@@ -140,17 +140,18 @@ def test_value_and_gradients_match_brute_force(backend, shape, causal, sparse, d
                        lambda *y: _brute_force(*y, indices, None, None, causal), x, 1e-5, name=backend)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16_and_strided_inputs(backend, device):
+def test_half_and_strided_inputs(backend, dtype, device):
     _usable(backend, device)
-    x = _inputs(1, 7, 11, 4, 32, 4, 2, 16, dtype=torch.bfloat16, device=device)
+    x = _inputs(1, 7, 11, 4, 32, 4, 2, 16, dtype=dtype, device=device)
     x = [non_contiguous(t) if t.dim() == 4 else t for t in x]
     for i in range(3):
         x[i].requires_grad_(True)
     indices = _indices(1, 7, 11, 8, device)
     for idx in (None, indices):
         assert_grads_match(_call(backend, indices=idx), lambda *y: indexer_kl_loss_ref(*y, indices=idx), x,
-                           tolerance(torch.bfloat16), name=f"{backend} bf16")
+                           tolerance(dtype), name=f"{backend} {dtype}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
