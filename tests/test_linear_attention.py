@@ -540,23 +540,96 @@ def test_backward_memory_chunks():
 
 
 def test_no_silent_detach(triton_device):
-    """A gradient is wanted (of q, or of the initial state only): auto takes a backend with a backward; an
-    explicit one without raises first; under no_grad the kernel still runs."""
+    """A gradient is wanted (of q, or of the initial state only): every backend, Triton included, keeps the
+    graph; under no_grad the kernel still runs."""
     q, k, v, S0, z0 = _grad_inputs(1, 2, 1, 9, 9, 16, 16, torch.float32, triton_device)
     state = LinearAttentionState(S0, z0)
     assert dsattn.linear_attention(q, k, v, initial_state=state).grad_fn is not None
-    with pytest.raises(ValueError, match="linear_attention: backend='triton' has no backward"):
-        dsattn.linear_attention(q, k, v, initial_state=state, backend="triton")
+    assert dsattn.linear_attention(q, k, v, initial_state=state, backend="triton").grad_fn is not None
     detached = [t.detach() for t in (q, k, v)]
-    with pytest.raises(ValueError, match="linear_attention: backend='triton' has no backward"):
-        dsattn.linear_attention(*detached, initial_state=state, backend="triton")
-    _, final = dsattn.linear_attention(*detached, initial_state=state, output_final_state=True)
+    _, final = dsattn.linear_attention(*detached, initial_state=state, output_final_state=True, backend="triton")
     assert final.S.grad_fn is not None
     with torch.no_grad():
         o, final = dsattn.linear_attention(q, k, v, initial_state=state, output_final_state=True, backend="triton")
         o_ref, final_ref = reference(q, k, v, initial_state=state, output_final_state=True)
     testing.assert_close(o, o_ref, fp32_tol(triton_device))
     testing.assert_close(final.S, final_ref.S, fp32_tol(triton_device), name="S")
+
+
+@pytest.fixture
+def triton_backward(monkeypatch):
+    """Counts the Triton backward's runs; the torch backward raises (a backward that silently fell back
+    would otherwise pass)."""
+    from dsattn.triton_kernels import linear_attention as kernels
+
+    calls = []
+    backward = kernels.linear_attention_backward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["feature_map"])
+        return backward(*args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the torch backward ran for a backend='triton' call")
+
+    monkeypatch.setattr(kernels, "linear_attention_backward", spy)
+    monkeypatch.setattr(torch_backend, "linear_attention_backward", refuse)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "b,hq,hkv,sq,sk,dk,dv,fmap,causal,normalize,state,transposed",
+    [
+        (2, 4, 2, 37, 37, 6, 5, "elu", True, True, True, False),  # GQA, Dk != Dv, an initial state
+        (1, 2, 1, 13, 45, 8, 8, "relu", True, True, False, True),  # Sq < Sk (absorbed keys), non-contiguous
+        (1, 4, 2, 19, 40, 5, 70, "elu", True, True, True, True),  # Sq < Sk with a state, two Dv slices
+        (1, 3, 1, 21, 30, 4, 6, "relu", False, True, True, False),  # non-causal, Sq != Sk
+        (2, 2, 1, 26, 17, 7, 9, "elu", False, True, False, True),  # non-causal, Sq > Sk, no state
+        (1, 2, 1, 19, 19, 5, 3, "identity", True, False, True, True),  # unnormalized
+        (1, 2, 2, 33, 50, 6, 4, "relu", False, False, True, False),  # unnormalized non-causal
+    ],
+)
+def test_triton_backward_matches_float64_autograd_of_the_oracle(triton_device, triton_backward, b, hq, hkv, sq, sk,
+                                                                dk, dv, fmap, causal, normalize, state,
+                                                                transposed):
+    inputs = _grad_inputs(b, hq, hkv, sq, sk, dk, dv, torch.float32, triton_device, state=state,
+                          transposed=transposed, positive=fmap == "identity")
+    kw = dict(feature_map=fmap, causal=causal, normalize=normalize)
+    testing.assert_grads_match(_flat(dsattn.linear_attention, backend="triton", **kw), _flat(reference, **kw),
+                               inputs, fp32_tol(triton_device), name="linear_attention triton")
+    assert triton_backward == [fmap]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_backward_in_16_bit(triton_device, triton_backward, dtype):
+    inputs = _grad_inputs(1, 4, 2, 45, 45, 16, 24, dtype, triton_device, transposed=True)
+    testing.assert_grads_match(_flat(dsattn.linear_attention, backend="triton"), _flat(reference), inputs,
+                               testing.tolerance(dtype), name="linear_attention triton")
+    assert triton_backward == ["elu"]
+
+
+def test_triton_backward_output_only(triton_device, triton_backward):
+    """Only o is used (no final state, no initial state): the final state's cotangent is absent."""
+    q, k, v, _, _ = _grad_inputs(1, 2, 1, 23, 23, 8, 8, torch.float32, triton_device, state=False)
+    dsattn.linear_attention(q, k, v, backend="triton").square().sum().backward()
+    grads = [t.grad for t in (q, k, v)]
+    ref = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    reference(*ref).square().sum().backward()
+    for g, r in zip(grads, ref):
+        testing.assert_close(g, r.grad, fp32_tol(triton_device))
+    assert triton_backward == ["elu"]
+
+
+def test_triton_exp_backward_is_the_torch_backward(triton_device, monkeypatch):
+    """"exp" on the Triton forward: its scaled state's backward is the torch backend's, and it is right."""
+    from dsattn.triton_kernels import linear_attention as kernels
+
+    monkeypatch.setattr(kernels, "linear_attention_backward", None)  # must not be reached
+    inputs = _grad_inputs(1, 4, 2, 21, 30, 6, 5, torch.float32, triton_device)
+    inputs.append(torch.randn(1, 4, 6, device=triton_device))
+    kw = dict(feature_map="exp")
+    testing.assert_grads_match(_flat(dsattn.linear_attention, backend="triton", **kw), _flat(reference, **kw),
+                               inputs, fp32_tol(triton_device), name="linear_attention triton exp")
 
 
 def test_opcheck():
@@ -567,8 +640,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.dsattn.linear_attention,
                           (q, k, v, S0, z0, torch.randn_like(z0), "exp", False, True, 1e-6, "torch"))
     if dsattn._backend.unusable_reason("triton", q.device) is None:
-        q, S0 = q.detach(), S0.detach()
-        for causal in (True, False):
+        for causal in (True, False):  # the Triton backward (q and S0 require grad)
             torch.library.opcheck(torch.ops.dsattn.linear_attention,
                                   (q, k, v, S0, z0, None, "elu", causal, True, 1e-6, "triton"))
 

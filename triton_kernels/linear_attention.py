@@ -1,4 +1,5 @@
-"""Linear (kernelized) attention in Triton: chunked causal, fused recurrent (decode) and non-causal forms.
+"""Linear (kernelized) attention in Triton: chunked causal, fused recurrent (decode) and non-causal forms,
+and a chunked backward.
 
     o_i = phi(q_i) S_i / (phi(q_i) . z_i + eps),   S_i = sum_{j<=i} phi(k_j)^T v_j,   z_i = sum_{j<=i} phi(k_j)
 
@@ -23,6 +24,13 @@ raises it; each query row is shifted by c_i = max_d (q_id + m_d) and eps with it
 rows against keys shifted by the chunk's new max, which is exact unless that max rises far (> EXP_SPREAD) above
 the first key of the chunk: then a row's own keys could underflow against a later, invisible one, and the
 step shrinks to that first row alone (exact: a row always sees its own key); the next step starts after it.
+
+The backward (maps other than "exp"; that one's is the torch backend's) recomputes per chunk, fla's
+chunk_linear_attn scheme without saved states: a forward walk (linear_attention_bwd_dq_kernel) rebuilds
+(S, z) before each chunk for dq and each row's 1 / (den + eps), a reverse walk
+(linear_attention_bwd_dkdv_kernel) carries (dS, dz) from the final state's cotangents for dk, dv and the
+initial state's gradient. Both are serial per (batch, q head, Dv slice); GQA's dk / dv are summed over the
+group by the launcher (see the formulas above linear_attention_backward).
 
 The whole Dk sits in one tile (BLOCK_DK = next_pow2(Dk) <= 256): the "exp" map's row shift needs the max
 over the head dim, and the scores need the full dot product. GQA: program (b, hq) reads k/v head hq // G in
@@ -575,6 +583,326 @@ def linear_attention(
     return out, final
 
 
+# ------------------------------------------------------------------------------------------- backward
+# The formulas (linear_attention_backward). Per query row i (num_i = phi(q_i) S_i, den_i = phi(q_i) . z_i,
+# o_i = num_i r_i with r_i = 1 / (den_i + eps); without normalize r_i = 1 and the den terms drop):
+#   dnum_i = do_i r_i,   dden_i = -(do_i . o_i) r_i          (delta_i = do_i . o_i, from the saved output)
+#   dphi(q_i) = dnum_i S_i^T + dden_i z_i                   (S_i, z_i: the state row i reads)
+#   dS_j = G_S + sum_{i sees j} phi(q_i)^T dnum_i,  dz_j = G_z + sum_{i sees j} dden_i phi(q_i)
+#   dv_j = phi(k_j) dS_j,   dphi(k_j) = v_j dS_j^T + dz_j
+# (G_S, G_z: the final state's cotangents; the initial state's gradient is dS, dz over every query.) The dq
+# pass walks forward carrying (S, z) as the forward does; the dk/dv pass walks backward carrying (dS, dz).
+# Both split Dv into BLOCK_DV slices like the forward: dphi(q) and dphi(k) sum over Dv, so each slice
+# writes its partial (the z / dz terms in slice 0 only) and the launcher sums them.
+
+
+@triton.jit
+def _feature_map_grad(x, FEATURE_MAP: tl.constexpr):
+    """phi'(x) elementwise of fp32 x (maps 0, 1, 3; "exp" takes the torch backward)."""
+    if FEATURE_MAP == 0:
+        return tl.where(x > 0, 1.0, tl.exp(tl.minimum(x, 0.0)))
+    elif FEATURE_MAP == 1:
+        return tl.where(x > 0, 1.0, 0.0)
+    else:
+        return tl.full(x.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def linear_attention_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, delta_ptr, s_in_ptr, z_in_ptr, dq_ptr, r_ptr,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dq_blk, HQ, GROUPS, T, DK, DV, eps,
+    FEATURE_MAP: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_INITIAL: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """dphi(q) phi'(q) of one (batch, q head) and Dv slice, T query rows in order: CAUSAL reads the keys of
+    the same rows (S, z advance per chunk), else the fixed state (S, z) every row reads. Writes r (slice 0)."""
+    dv_block = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HQ
+    hq = bh % HQ
+    hkv = hq // GROUPS
+    b64 = b.to(tl.int64)
+    bh64 = bh.to(tl.int64)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = dv_block * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    dk_mask = offs_dk < DK
+    dv_mask = offs_dv < DV
+    first = dv_block == 0
+    q_base = q_ptr + b64 * stride_qb + hq.to(tl.int64) * stride_qh
+    k_base = k_ptr + b64 * stride_kb + hkv.to(tl.int64) * stride_kh
+    v_base = v_ptr + b64 * stride_vb + hkv.to(tl.int64) * stride_vh
+    do_base = do_ptr + b64 * stride_dob + hq.to(tl.int64) * stride_doh
+    dq_base = dq_ptr + dv_block.to(tl.int64) * stride_dq_blk + bh64 * T * DK  # [blocks, B*HQ, T, DK]
+    if HAS_INITIAL:
+        S = tl.load(s_in_ptr + bh64 * DK * DV + offs_dk[:, None] * DV + offs_dv[None, :],
+                    mask=dk_mask[:, None] & dv_mask[None, :], other=0.0)
+        z = tl.load(z_in_ptr + bh64 * DK + offs_dk, mask=dk_mask, other=0.0)
+    else:
+        S = tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32)
+        z = tl.zeros([BLOCK_DK], dtype=tl.float32)
+    causal_mask = offs_t[:, None] >= offs_t[None, :]
+    for t0 in range(0, T, BLOCK_T):
+        rows = t0 + offs_t
+        row_mask = rows < T
+        qk_mask = row_mask[:, None] & dk_mask[None, :]
+        io_mask = row_mask[:, None] & dv_mask[None, :]
+        q = tl.load(q_base + offs_t[:, None] * stride_qm + offs_dk[None, :] * stride_qd,
+                    mask=qk_mask, other=0.0)
+        dot_dtype = tl.float32 if UPCAST else q.dtype
+        qf = q.to(tl.float32)
+        fq = _feature_map(qf, qk_mask, FEATURE_MAP)
+        do = tl.load(do_base + offs_t[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                     mask=io_mask, other=0.0).to(tl.float32)
+        if CAUSAL:
+            k = tl.load(k_base + offs_t[:, None] * stride_kn + offs_dk[None, :] * stride_kd,
+                        mask=qk_mask, other=0.0)
+            v = tl.load(v_base + offs_t[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                        mask=io_mask, other=0.0)
+            fk_dot = _feature_map(k.to(tl.float32), qk_mask, FEATURE_MAP).to(dot_dtype)
+            v_dot = v.to(dot_dtype)
+        if NORMALIZE:
+            den = tl.sum(fq * z[None, :], axis=1)
+            if CAUSAL:
+                scores = tl.dot(fq.to(dot_dtype), tl.trans(fk_dot), input_precision=PRECISION,
+                                out_dtype=tl.float32)
+                den += tl.sum(tl.where(causal_mask, scores, 0.0), axis=1)
+            r = 1.0 / (den + eps)
+            delta = tl.load(delta_ptr + bh64 * T + rows, mask=row_mask, other=0.0)
+            dden = tl.where(first, -delta * r, 0.0)
+            dnum = do * r[:, None]
+            tl.store(r_ptr + bh64 * T + rows, r, mask=row_mask & (rows * 0 + dv_block == 0))
+        else:
+            dden = tl.zeros([BLOCK_T], dtype=tl.float32)
+            dnum = do
+        dnum_dot = dnum.to(dot_dtype)
+        dfq = tl.dot(dnum_dot, tl.trans(S.to(dot_dtype)), input_precision=PRECISION, out_dtype=tl.float32)
+        dfq += dden[:, None] * z[None, :]
+        if CAUSAL:
+            dp = tl.dot(dnum_dot, tl.trans(v_dot), input_precision=PRECISION, out_dtype=tl.float32)
+            dp = tl.where(causal_mask, dp + dden[:, None], 0.0)
+            dfq = tl.dot(dp.to(dot_dtype), fk_dot, dfq, input_precision=PRECISION, out_dtype=tl.float32)
+            S = tl.dot(tl.trans(fk_dot), v_dot, S, input_precision=PRECISION, out_dtype=tl.float32)
+            z += tl.sum(fk_dot.to(tl.float32), axis=0)
+        dq = dfq * _feature_map_grad(qf, FEATURE_MAP)
+        tl.store(dq_base + rows[:, None] * DK + offs_dk[None, :], dq, mask=qk_mask)
+        # 64-bit bases advance a chunk per step (in-tile offsets stay 32-bit).
+        q_base += BLOCK_T * stride_qm
+        k_base += BLOCK_T * stride_kn
+        v_base += BLOCK_T * stride_vn
+        do_base += BLOCK_T * stride_dom
+
+
+@triton.jit
+def linear_attention_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, delta_ptr, r_ptr, ds_in_ptr, dz_in_ptr, ds_out_ptr, dz_out_ptr, dk_ptr, dv_ptr,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dk_blk, stride_dk_bh, stride_dv_bh, HQ, GROUPS, T, DK, DV,
+    FEATURE_MAP: tl.constexpr, MODE: tl.constexpr, NORMALIZE: tl.constexpr, HAS_INITIAL: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """The reverse walk of one (batch, q head) and Dv slice over T rows, carrying (dS, dz) from (ds_in, dz_in)
+    (or zeros) and storing them at the end. MODE (MODES): 0 queries and the keys of the same rows (causal),
+    1 keys only (they read the fixed dS: absorbed keys), 2 queries only (they add to dS). Keys write dv and
+    their slice's partial dphi(k) phi'(k) (rows of dk/dv at the q head's own [T, D] block)."""
+    dv_block = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HQ
+    hq = bh % HQ
+    hkv = hq // GROUPS
+    b64 = b.to(tl.int64)
+    bh64 = bh.to(tl.int64)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = dv_block * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    dk_mask = offs_dk < DK
+    dv_mask = offs_dv < DV
+    first = dv_block == 0
+    q_base = q_ptr + b64 * stride_qb + hq.to(tl.int64) * stride_qh
+    k_base = k_ptr + b64 * stride_kb + hkv.to(tl.int64) * stride_kh
+    v_base = v_ptr + b64 * stride_vb + hkv.to(tl.int64) * stride_vh
+    do_base = do_ptr + b64 * stride_dob + hq.to(tl.int64) * stride_doh
+    dk_base = dk_ptr + dv_block.to(tl.int64) * stride_dk_blk + bh64 * stride_dk_bh
+    dv_base = dv_ptr + bh64 * stride_dv_bh
+    state_mask = dk_mask[:, None] & dv_mask[None, :]
+    if HAS_INITIAL:
+        dS = tl.load(ds_in_ptr + bh64 * DK * DV + offs_dk[:, None] * DV + offs_dv[None, :], mask=state_mask,
+                     other=0.0)
+        dz = tl.load(dz_in_ptr + bh64 * DK + offs_dk, mask=dk_mask, other=0.0)
+    else:
+        dS = tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32)
+        dz = tl.zeros([BLOCK_DK], dtype=tl.float32)
+    causal_mask = offs_t[:, None] >= offs_t[None, :]  # [query row, key row]
+    chunks = tl.cdiv(T, BLOCK_T)
+    last = ((chunks - 1) * BLOCK_T).to(tl.int64)  # the walk starts at the last chunk; bases step back
+    q_base += last * stride_qm
+    k_base += last * stride_kn
+    v_base += last * stride_vn
+    do_base += last * stride_dom
+    for c in range(0, chunks):
+        t0 = (chunks - 1 - c) * BLOCK_T
+        rows = t0 + offs_t
+        row_mask = rows < T
+        rk_mask = row_mask[:, None] & dk_mask[None, :]
+        io_mask = row_mask[:, None] & dv_mask[None, :]
+        if MODE != 1:
+            q = tl.load(q_base + offs_t[:, None] * stride_qm + offs_dk[None, :] * stride_qd,
+                        mask=rk_mask, other=0.0)
+            dot_dtype = tl.float32 if UPCAST else q.dtype
+            fq = _feature_map(q.to(tl.float32), rk_mask, FEATURE_MAP)
+            fq_dot = fq.to(dot_dtype)
+            do = tl.load(do_base + offs_t[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                         mask=io_mask, other=0.0).to(tl.float32)
+            if NORMALIZE:
+                r = tl.load(r_ptr + bh64 * T + rows, mask=row_mask, other=0.0)
+                delta = tl.load(delta_ptr + bh64 * T + rows, mask=row_mask, other=0.0)
+                dden = -delta * r
+                dnum = do * r[:, None]
+            else:
+                dden = tl.zeros([BLOCK_T], dtype=tl.float32)
+                dnum = do
+            dnum_dot = dnum.to(dot_dtype)
+            dz_chunk = tl.sum(fq * dden[:, None], axis=0)  # now: fq's fp32 tile need not stay live
+        if MODE != 2:
+            k = tl.load(k_base + offs_t[:, None] * stride_kn + offs_dk[None, :] * stride_kd,
+                        mask=rk_mask, other=0.0)
+            v = tl.load(v_base + offs_t[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                        mask=io_mask, other=0.0)
+            dot_dtype = tl.float32 if UPCAST else k.dtype
+            fk_dot = _feature_map(k.to(tl.float32), rk_mask, FEATURE_MAP).to(dot_dtype)
+            v_dot = v.to(dot_dtype)
+            # The later chunks' (and the final state's) part: dS, dz before this chunk's queries add theirs.
+            dS_dot = dS.to(dot_dtype)
+            dv = tl.dot(fk_dot, dS_dot, input_precision=PRECISION, out_dtype=tl.float32)
+            dfk = tl.dot(v_dot, tl.trans(dS_dot), input_precision=PRECISION, out_dtype=tl.float32)
+            dfk += tl.where(first, dz, 0.0)[None, :]
+            if MODE == 0:
+                p = tl.dot(fq_dot, tl.trans(fk_dot), input_precision=PRECISION, out_dtype=tl.float32)
+                p = tl.where(causal_mask, p, 0.0)
+                dv = tl.dot(tl.trans(p.to(dot_dtype)), dnum_dot, dv, input_precision=PRECISION,
+                            out_dtype=tl.float32)
+                dp = tl.dot(dnum_dot, tl.trans(v_dot), input_precision=PRECISION, out_dtype=tl.float32)
+                dp = tl.where(causal_mask, dp + tl.where(first, dden, 0.0)[:, None], 0.0)
+                dfk = tl.dot(tl.trans(dp.to(dot_dtype)), fq_dot, dfk, input_precision=PRECISION,
+                             out_dtype=tl.float32)
+            tl.store(dv_base + rows[:, None] * DV + offs_dv[None, :], dv, mask=io_mask)
+            # k reloaded (a cache hit) for phi'(k) rather than kept live through the dots.
+            k = tl.load(k_base + offs_t[:, None] * stride_kn + offs_dk[None, :] * stride_kd, mask=rk_mask,
+                        other=0.0).to(tl.float32)
+            tl.store(dk_base + rows[:, None] * DK + offs_dk[None, :], dfk * _feature_map_grad(k, FEATURE_MAP),
+                     mask=rk_mask)
+        if MODE != 1:
+            dS = tl.dot(tl.trans(fq_dot), dnum_dot, dS, input_precision=PRECISION, out_dtype=tl.float32)
+            dz += dz_chunk
+        q_base -= BLOCK_T * stride_qm
+        k_base -= BLOCK_T * stride_kn
+        v_base -= BLOCK_T * stride_vn
+        do_base -= BLOCK_T * stride_dom
+    tl.store(ds_out_ptr + bh64 * DK * DV + offs_dk[:, None] * DV + offs_dv[None, :], dS, mask=state_mask)
+    tl.store(dz_out_ptr + bh64 * DK + offs_dk, dz, mask=dk_mask & (offs_dk * 0 + dv_block == 0))
+
+
+def bwd_tile_config(block_dk: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_DV, num_warps) of both backward kernels. Besides the forward's tiles they hold the
+    gradient state or dphi(q) and two [BLOCK_T, BLOCK_T] blocks: the reverse kernel spills on sm_80 from
+    16 x 64 at Dk 64 and 16 x 32 at Dk 128 (16-bit), so these are its largest spill-free tiles."""
+    if block_dk <= 32:
+        return 16, 32, 4
+    if block_dk <= 64:
+        return 16, 32, 8
+    return 16, 16, 8
+
+
+def linear_attention_backward(grad_o, grad_S, grad_z, q, k, v, o, S0, z0, *, feature_map: str, causal: bool,
+                              normalize: bool, eps: float, block_t: int | None = None):
+    """(dq, dk, dv, dS0, dz0) of linear_attention (maps other than "exp") for the cotangents of o and of the
+    final state (grad_S, grad_z: None for zero), o the forward's output; dS0 / dz0 are fp32 [B, Hq, ...]
+    (the gradient of the state the walk starts from, whether or not one was given). `block_t`: tests."""
+    b, hq, sq, dk = q.shape
+    hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
+    rows, groups = b * hq, hq // hkv
+    dev = q.device
+    block_dk = max(BLOCK_DKS[0], _next_pow2(dk))
+    tile_t, block_dv, num_warps = bwd_tile_config(block_dk, q.dtype)
+    block_t = block_t or tile_t
+    n_dv = triton.cdiv(dv, block_dv)
+    flags = dict(FEATURE_MAP=FEATURE_MAP_IDS[feature_map], NORMALIZE=normalize,
+                 UPCAST=q.dtype == torch.float32 or (interpreting() and q.dtype == torch.bfloat16),
+                 PRECISION="tf32x3" if q.dtype == torch.float32 else None,
+                 BLOCK_T=block_t, BLOCK_DK=block_dk, BLOCK_DV=block_dv, num_warps=num_warps, num_stages=1)
+    grid = (n_dv, rows)
+    if grad_o is None:
+        grad_o = torch.zeros(b, hq, sq, dv, dtype=q.dtype, device=dev)
+    none = torch.empty(1, dtype=torch.float32, device=dev)
+
+    # The state the queries read first: causal, the initial one plus the keys before the first query;
+    # non-causal, the final one.
+    state = None
+    if S0 is not None:
+        state = (S0.reshape(rows, 1, dk, dv).float().contiguous(), z0.reshape(rows, 1, dk).float().contiguous(),
+                 torch.zeros(rows, 1, dk, dtype=torch.float32, device=dev))
+    reduce_len = sk - sq if causal else sk
+    if reduce_len > 0:
+        run = _Pass(q, k, v, none, feature_map, normalize, eps, None)
+        state = run.reduce(k[:, :, :reduce_len], v[:, :, :reduce_len], state)
+    k_tail, v_tail = k[:, :, reduce_len:], v[:, :, reduce_len:]
+    delta = (grad_o.float() * o.float()).sum(-1).reshape(rows, sq).contiguous() if normalize else none
+    r = torch.empty(rows, sq, dtype=torch.float32, device=dev) if normalize else none
+
+    dq_part = torch.empty(n_dv, rows, sq, dk, dtype=torch.float32, device=dev)
+    if sq > 0:
+        launch(linear_attention_bwd_dq_kernel)[grid](
+            q, k_tail, v_tail, grad_o, delta, *(none, none) if state is None else (state[0], state[1]), dq_part, r,
+            *q.stride(), *k_tail.stride(), *v_tail.stride(), *grad_o.stride(), dq_part.stride(0),
+            hq, groups, sq, dk, dv, eps, CAUSAL=causal, HAS_INITIAL=state is not None, **flags)
+
+    dk_part = torch.empty(n_dv, rows, sk, dk, dtype=torch.float32, device=dev)
+    dv_full = torch.empty(rows, sk, dv, dtype=torch.float32, device=dev)
+    dS = [torch.empty(rows, dk, dv, dtype=torch.float32, device=dev) for _ in range(2)]
+    dz = [torch.empty(rows, dk, dtype=torch.float32, device=dev) for _ in range(2)]
+    incoming = None
+    if grad_S is not None or grad_z is not None:
+        incoming = (torch.zeros(rows, dk, dv, dtype=torch.float32, device=dev) if grad_S is None
+                    else grad_S.reshape(rows, dk, dv).float().contiguous(),
+                    torch.zeros(rows, dk, dtype=torch.float32, device=dev) if grad_z is None
+                    else grad_z.reshape(rows, dk).float().contiguous())
+
+    def reverse(mode, kk, vv, t, rows_from, ds_in, out):
+        dk_view, dv_view = dk_part[:, :, rows_from:], dv_full[:, rows_from:]
+        launch(linear_attention_bwd_dkdv_kernel)[grid](
+            q, kk, vv, grad_o, delta, r, *(none, none) if ds_in is None else ds_in, dS[out], dz[out], dk_view,
+            dv_view, *q.stride(), *kk.stride(), *vv.stride(), *grad_o.stride(), dk_part.stride(0),
+            dk_part.stride(1), dv_full.stride(0), hq, groups, t, dk, dv, MODE=MODES[mode],
+            HAS_INITIAL=ds_in is not None, **flags)
+        return dS[out], dz[out]
+
+    # The queries' walk (causal: with the keys of their rows), then the keys every query sees alike.
+    grads = incoming
+    if causal:
+        if sq > 0:
+            grads = reverse("causal", k_tail, v_tail, sq, reduce_len, grads, 0)
+    elif sq > 0:
+        grads = reverse("apply", k, v, sq, 0, grads, 0)  # MODE 2: queries only
+    if reduce_len > 0:
+        reverse("reduce", k, v, reduce_len, 0, grads, 1)  # MODE 1: keys only, reading dS
+    if grads is None:
+        grads = (torch.zeros(rows, dk, dv, dtype=torch.float32, device=dev),
+                 torch.zeros(rows, dk, dtype=torch.float32, device=dev))
+    dq = dq_part.sum(0).reshape(b, hq, sq, dk).to(q.dtype)
+    dk_ = dk_part.sum(0).reshape(b, hkv, groups, sk, dk).sum(2).to(k.dtype)
+    dv_ = dv_full.reshape(b, hkv, groups, sk, dv).sum(2).to(v.dtype)
+    return dq, dk_, dv_, grads[0].reshape(b, hq, dk, dv).clone(), grads[1].reshape(b, hq, dk).clone()
+
+
 # ------------------------------------------------------------------------------------------------ AOT
 def _signature(dtype: torch.dtype, chunk: bool) -> dict[str, str]:
     sig = {"q_ptr": ptr(dtype), "k_ptr": ptr(dtype), "v_ptr": ptr(dtype), "o_ptr": ptr(dtype),
@@ -627,4 +955,42 @@ def aot_specs() -> list[AOTSpec]:
                 num_warps=rec_warps,
                 num_stages=1,
             ))
+    specs += _bwd_aot_specs()
     return specs
+
+
+def _bwd_aot_specs() -> list[AOTSpec]:
+    """The backward's hot configs only (16-bit at Dk 64 and 128; causal, normalized, from a state)."""
+    specs = []
+    for dtype in (torch.float16, torch.bfloat16):
+        for block_dk in (64, 128):
+            block_t, block_dv, num_warps = bwd_tile_config(block_dk, dtype)
+            tiles = {"FEATURE_MAP": FEATURE_MAP_IDS["elu"], "NORMALIZE": True, "HAS_INITIAL": True, "UPCAST": False,
+                     "PRECISION": None, "BLOCK_T": block_t, "BLOCK_DK": block_dk, "BLOCK_DV": block_dv}
+            for name, kernel, extra in (("bwd_dq", linear_attention_bwd_dq_kernel, {"CAUSAL": True}),
+                                        ("bwd_dkdv", linear_attention_bwd_dkdv_kernel, {"MODE": MODES["causal"]})):
+                specs.append(AOTSpec(
+                    name=f"{name}_{TRITON_DTYPE[dtype]}_dk{block_dk}_dv{block_dv}",
+                    kernel=kernel,
+                    signature=_bwd_signature(dtype, name == "bwd_dq"),
+                    constexprs={**tiles, **extra},
+                    num_warps=num_warps,
+                    num_stages=1,
+                ))
+    return specs
+
+
+def _bwd_signature(dtype: torch.dtype, dq: bool) -> dict[str, str]:
+    inputs = ("q_ptr", "k_ptr", "v_ptr", "do_ptr")
+    fp32 = (("delta_ptr", "s_in_ptr", "z_in_ptr", "dq_ptr", "r_ptr") if dq else
+            ("delta_ptr", "r_ptr", "ds_in_ptr", "dz_in_ptr", "ds_out_ptr", "dz_out_ptr", "dk_ptr", "dv_ptr"))
+    sig = {**{name: ptr(dtype) for name in inputs}, **{name: "*fp32" for name in fp32}}
+    for name, axes in (("q", "bhmd"), ("k", "bhnd"), ("v", "bhnd"), ("do", "bhmd")):
+        for axis in axes:
+            sig[f"stride_{name}{axis}"] = "i32"
+    strides = ("stride_dq_blk",) if dq else ("stride_dk_blk", "stride_dk_bh", "stride_dv_bh")
+    for name in (*strides, "HQ", "GROUPS", "T", "DK", "DV"):
+        sig[name] = "i32"
+    if dq:
+        sig["eps"] = "fp32"
+    return sig

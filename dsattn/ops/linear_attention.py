@@ -82,19 +82,45 @@ def _linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, S0: Opt
 linear_attention_op = define_op(OP, _linear_attention)
 
 
+def _linear_attention_bwd(grad_o: torch.Tensor, grad_S: Optional[torch.Tensor], grad_z: Optional[torch.Tensor],
+                          q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                          S0: Optional[torch.Tensor], z0: Optional[torch.Tensor], feature_map: str, causal: bool,
+                          normalize: bool, eps: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton's backward (maps other than "exp") as an op of its own, so that AOTAutograd traces it as one
+    call: (dq, dk, dv, dS0, dz0), the last two fp32 even without an initial state."""
+    from dsattn.triton_kernels import linear_attention as _triton
+
+    return _triton.linear_attention_backward(grad_o, grad_S, grad_z, q, k, v, o, S0, z0, feature_map=feature_map,
+                                             causal=causal, normalize=normalize, eps=eps)
+
+
+linear_attention_bwd_op = define_op(OP + "_bwd", _linear_attention_bwd)
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, S0, z0, m0, feature_map, causal, normalize, eps, backend = inputs
-    ctx.save_for_backward(q, k, v, S0, z0, m0)
+    ctx.save_for_backward(q, k, v, S0, z0, m0, output[0])
     ctx.mark_non_differentiable(output[3])
     ctx.options = dict(feature_map=feature_map, causal=causal, normalize=normalize, eps=eps)
     ctx.backend = backend
 
 
 def _backward(ctx, grad_o, grad_S, grad_z, grad_m):
-    q, k, v, S0, z0, m0 = ctx.saved_tensors
+    q, k, v, S0, z0, m0, o = ctx.saved_tensors
     _backend.check_backward(OP, ctx.backend)
-    dq, dk, dv, dS0, dz0 = _torch.linear_attention_backward(grad_o, grad_S, grad_z, q, k, v, S0, z0, m0,
-                                                            **ctx.options)
+    if ctx.backend == "triton" and ctx.options["feature_map"] != "exp":
+        dq, dk, dv, dS0, dz0 = linear_attention_bwd_op(grad_o, grad_S, grad_z, q, k, v, o, S0, z0,
+                                                       *ctx.options.values())
+        if S0 is None:
+            dS0 = dz0 = None
+        else:
+            dS0, dz0 = dS0.to(S0.dtype), dz0.to(z0.dtype)
+    else:
+        # The torch backward recomputes from the inputs alone, whichever backend ran the forward: it serves
+        # the "exp" map (whose scaled state the Triton backward does not carry).
+        dq, dk, dv, dS0, dz0 = _torch.linear_attention_backward(grad_o, grad_S, grad_z, q, k, v, S0, z0, m0,
+                                                                **ctx.options)
     return dq, dk, dv, dS0, dz0, None, None, None, None, None, None
 
 
@@ -120,10 +146,11 @@ def linear_attention(
     state; no [S, S] tensor. Gradients flow through q, k, v and initial_state's S and z, and back from o and
     the final state's S and z.
 
-    Backends: "triton" (CUDA; fp16/bf16/fp32, Dk up to 256; chunked, segmented and recurrent decode kernels),
-    "torch" (chunked over the sequence with a carried state, with a backward). "auto": Triton on CUDA, the
-    torch backend on CPU, for what the kernels do not take (float64, wider heads) and when a gradient is
-    needed."""
+    Backends: "triton" (CUDA; fp16/bf16/fp32, Dk up to 256; chunked, segmented and recurrent decode kernels;
+    a chunked backward: a forward walk for dq, a reverse one for dk, dv and the initial state's gradient,
+    except for "exp", whose backward is the torch backend's), "torch" (chunked over the sequence with a
+    carried state, with a backward). "auto": Triton on CUDA, the torch backend on CPU and for what the
+    kernels do not take (float64, wider heads)."""
     shape = _checks.check_qkv(OP, q, k, v)
     if not isinstance(feature_map, str) or feature_map not in FEATURE_MAPS:
         raise ValueError(f"dsattn.{OP}: feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
