@@ -44,14 +44,36 @@ def check_int(op: str, name: str, value, *, minimum: int | None = None) -> int:
     return value
 
 
-def check_scale(op: str, scale, default: float) -> float:
+def check_scale(op: str, scale, default: float, name: str = "scale") -> float:
     if scale is None:
         return default
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"dsattn.{op}: scale must be a float or None, got {type(scale).__name__}")
+        raise TypeError(f"dsattn.{op}: {name} must be a float or None, got {type(scale).__name__}")
     if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"dsattn.{op}: scale must be a positive finite number, got {scale}")
+        raise ValueError(f"dsattn.{op}: {name} must be a positive finite number, got {scale}")
     return float(scale)
+
+
+def check_weight_matrix(op: str, weight) -> tuple[int, int]:
+    """A quantizer's input: a floating 2-D [N, K] tensor. Returns (N, K)."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"dsattn.{op}: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"dsattn.{op}: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"dsattn.{op}: weight must be floating point, got {weight.dtype}")
+    return weight.shape[0], weight.shape[1]
+
+
+def check_matmul_x_bias(op: str, x, bias, n: int, k: int) -> None:
+    """x [..., K] and an optional bias [N] of a quantized linear layer with an [N, K] weight."""
+    check_tensor(op, "x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"dsattn.{op}: x's last dim must be K={k}, got shape {tuple(x.shape)}")
+    if bias is not None:
+        check_tensor(op, "bias", bias, ndim=1, dtypes=FLOAT_DTYPES)
+        if bias.shape[0] != n:
+            raise ValueError(f"dsattn.{op}: bias must have N={n} elements, got {bias.shape[0]}")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from torch import nn
 from dsattn.ops.int4_grouped_matmul import (int4_grouped_matmul, int4_grouped_matmul_backward_op,
                                             int4_grouped_matmul_weight_grad_ste_op)
 from dsattn.ops.int4_matmul import int4_matmul
-from dsattn.quant.int4 import Int4Weight, check_group_size, quantize_int4
+from dsattn.quant.int4 import Int4Weight, check_group_size, quantize_int4, quantize_int4_unchecked
 from dsattn.torch_backend import int4_matmul as _torch_int4
 
 
@@ -28,8 +28,8 @@ def quantize_latent(weight: torch.Tensor, group_size: int, symmetric: bool) -> I
     groups lie along K, so row chunks quantize independently): its temporaries stay below the whole weight."""
     n = weight.shape[0]
     if n <= _torch_int4.ROWS_PER_CHUNK:
-        return quantize_int4(weight, group_size=group_size, symmetric=symmetric, check_finite=False)
-    parts = [quantize_int4(weight[start:stop], group_size=group_size, symmetric=symmetric, check_finite=False)
+        return quantize_int4_unchecked(weight, group_size=group_size, symmetric=symmetric)
+    parts = [quantize_int4_unchecked(weight[start:stop], group_size=group_size, symmetric=symmetric)
              for start, stop in _torch_int4._row_chunks(n, None)]
     return Int4Weight(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]),
                       torch.cat([p.zeros for p in parts]), group_size, symmetric)

@@ -8,8 +8,6 @@ wanted), indexer_kl_loss_bwd (gradients of q_idx, k_idx, weights). The target is
 get a gradient (the functional entry detaches them).
 """
 
-import math
-
 import torch
 
 from dsattn import _backend, _checks, capabilities
@@ -18,16 +16,6 @@ from dsattn.torch_backend import indexer_kl_loss as _torch
 
 OP = "indexer_kl_loss"
 AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
-
-
-def _check_index_scale(index_scale, default: float) -> float:
-    if index_scale is None:
-        return default
-    if isinstance(index_scale, bool) or not isinstance(index_scale, (int, float)):
-        raise TypeError(f"dsattn.{OP}: index_scale must be a float or None, got {type(index_scale).__name__}")
-    if not (math.isfinite(index_scale) and index_scale > 0):
-        raise ValueError(f"dsattn.{OP}: index_scale must be a positive finite number, got {index_scale}")
-    return float(index_scale)
 
 
 def _check_inputs(q_idx, k_idx, weights, q, k, indices, scale, index_scale, causal):
@@ -56,7 +44,7 @@ def _check_inputs(q_idx, k_idx, weights, q, k, indices, scale, index_scale, caus
         raise TypeError(f"dsattn.{OP}: causal must be a bool, got {type(causal).__name__}")
     if indices is not None:
         _check_indices(indices, b, sq, sk, q_idx)
-    return _checks.check_scale(OP, scale, dqk**-0.5), _check_index_scale(index_scale, di**-0.5)
+    return _checks.check_scale(OP, scale, dqk**-0.5), _checks.check_scale(OP, index_scale, di**-0.5, name="index_scale")
 
 
 def _check_indices(indices, b: int, sq: int, sk: int, q_idx) -> None:

@@ -104,12 +104,7 @@ def int4_matmul(x, w, bias=None, *, backend="auto"):
     """
     _checks.check_tensor(OP, "x", x, dtypes=_checks.FLOAT_DTYPES)
     n, k = check_int4_weight(OP, w)
-    if x.dim() < 1 or x.shape[-1] != k:
-        raise ValueError(f"dsattn.{OP}: x's last dim must be K={k}, got shape {tuple(x.shape)}")
-    if bias is not None:
-        _checks.check_tensor(OP, "bias", bias, ndim=1, dtypes=_checks.FLOAT_DTYPES)
-        if bias.shape[0] != n:
-            raise ValueError(f"dsattn.{OP}: bias must have N={n} elements, got {bias.shape[0]}")
+    _checks.check_matmul_x_bias(OP, x, bias, n, k)
     _checks.check_same_device(OP, x=x, qweight=w.qweight, bias=bias)
     check_frozen(OP, **{"w.scales": w.scales, "w.input_scale": w.input_scale})
     m = x.numel() // k if k else 0

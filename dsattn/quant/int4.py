@@ -192,23 +192,24 @@ def check_trivial_g_idx(op: str, g_idx, k: int, group_size: int) -> None:
                          "(act-order checkpoints need their rows reordered first)")
 
 
-def quantize_int4(weight, *, group_size=128, symmetric=False, act_scales=None, check_finite=True) -> Int4Weight:
+def quantize_int4(weight, *, group_size=128, symmetric=False, act_scales=None) -> Int4Weight:
     """Round-to-nearest group-wise int4 over the input dim of weight [N, K].
 
     asymmetric: scale = (max - min) / 15, zero = round(-min / scale); symmetric: scale = absmax / 7, zero 8.
     Every element lands within half a step (scale / 2) of the original, measured with the stored scale.
     act_scales [K] (mean |x| per input channel): AWQ-style s = act_scales ** AWQ_ALPHA (normalized), W * s is
     quantized and 1/s is kept as input_scale. Scales are in weight's dtype (fp16/bf16), else fp32.
-    A NaN / Inf in weight or act_scales is a ValueError (check_finite=False skips that host read: quantization-
-    aware training re-quantizes its latent weight every step).
+    A NaN / Inf in weight or act_scales is a ValueError.
     """
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"dsattn.{OP}: weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dim() != 2:
-        raise ValueError(f"dsattn.{OP}: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
-    if not weight.dtype.is_floating_point:
-        raise TypeError(f"dsattn.{OP}: weight must be floating point, got {weight.dtype}")
-    n, k = weight.shape
+    return quantize_int4_unchecked(weight, group_size=group_size, symmetric=symmetric, act_scales=act_scales,
+                                   check_finite=True)
+
+
+def quantize_int4_unchecked(weight, *, group_size=128, symmetric=False, act_scales=None,
+                            check_finite=False) -> Int4Weight:
+    """quantize_int4 without its finiteness check (a host read): quantization-aware training re-quantizes its
+    latent weight every step, under torch.compile too."""
+    n, k = _checks.check_weight_matrix(OP, weight)
     check_group_size(OP, group_size, k)
     if check_finite and not torch.isfinite(weight).all():
         bad = (~torch.isfinite(weight)).nonzero()[0].tolist()

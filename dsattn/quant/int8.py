@@ -72,13 +72,7 @@ def quantize_int8(weight, *, group_size=None) -> Int8Weight:
     None) or per group of group_size input columns; q = round(w / scale) in [-127, 127]. Every element lands
     within half a step (scale / 2) of the original, measured with the stored scale. Scales are in weight's
     dtype (fp16/bf16), else fp32. NaN / Inf weights are refused (they would poison their row's scale)."""
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"dsattn.{OP}: weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dim() != 2:
-        raise ValueError(f"dsattn.{OP}: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
-    if not weight.dtype.is_floating_point:
-        raise TypeError(f"dsattn.{OP}: weight must be floating point, got {weight.dtype}")
-    n, k = weight.shape
+    n, k = _checks.check_weight_matrix(OP, weight)
     check_group_size(OP, group_size, k)
     if not bool(torch.isfinite(weight).all()):
         raise ValueError(f"dsattn.{OP}: weight has NaN or Inf elements; int8 scales need finite weights")
