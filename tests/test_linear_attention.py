@@ -620,6 +620,13 @@ def test_triton_backward_output_only(triton_device, triton_backward):
     assert triton_backward == ["elu"]
 
 
+def test_triton_backward_compiles(triton_device):
+    """AOTAutograd traces the Triton backward op (fullgraph) and equals eager."""
+    inputs = _grad_inputs(1, 4, 2, 29, 29, 16, 8, torch.float32, triton_device, transposed=True)
+    testing.assert_compiles(_flat(dsattn.linear_attention, backend="triton"), inputs, backends=("aot_eager",),
+                            rtol=fp32_tol(triton_device), name="linear_attention triton")
+
+
 def test_triton_exp_backward_is_the_torch_backward(triton_device, monkeypatch):
     """"exp" on the Triton forward: its scaled state's backward is the torch backend's, and it is right."""
     from dsattn.triton_kernels import linear_attention as kernels
