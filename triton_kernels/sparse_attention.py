@@ -423,6 +423,11 @@ def sparse_attention_fwd_lse(q, k, v, indices, *, causal: bool, scale: float) ->
     return out, lse
 
 
+# Register cap of the backward: with 8 warps some Triton versions (3.8 on sm_90) cap ptxas at 128 registers
+# and the 32-head, 128-column tiles spill; an explicit cap keeps every version at the full register file.
+BWD_MAXNREG = 255
+
+
 def bwd_block_config(groups: int, dqk: int, dv: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_H, BLOCK_DQ, BLOCK_DV, num_warps, num_stages) of the backward: the forward's head blocks; dq/dk
     columns and dv columns in slices of up to 128 (each slice recomputes the scores; wider slices hold
@@ -460,7 +465,7 @@ def sparse_attention_backward(grad_out, q, k, v, indices, out, lse, *, causal: b
             UPCAST=interpreting() and q.dtype == torch.bfloat16,
             LONG_OFFSETS=long_offsets(q[0, :groups, 0], grad_out[0, :groups, 0], k[0, 0], v[0, 0], dk[0, 0],
                                       dv_[0, 0]),
-            TF32X3=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
+            TF32X3=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages, maxnreg=BWD_MAXNREG,
         )
     return dq, dk.to(k.dtype), dv_.to(v.dtype)
 
@@ -591,7 +596,7 @@ def _training_specs() -> list[AOTSpec]:
                                 "BLOCK_DV": block_dv, "UPCAST": False, "LONG_OFFSETS": False,
                                 "TF32X3": dtype == torch.float32, **{name: 1 for name in BWD_UNIT_STRIDES}},
                     divisible_by_16=BWD_ALIGNED, num_warps=num_warps, num_stages=num_stages,
-                    hot=dtype != torch.float32,
+                    maxnreg=BWD_MAXNREG, hot=dtype != torch.float32,
                 ))
     return specs
 
