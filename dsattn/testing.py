@@ -225,8 +225,9 @@ def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def aot_compile(spec, capability: int) -> AOTReport:
-    """Compile one triton_kernels AOTSpec for sm_<capability> without a GPU and read its resource usage."""
+def _compile(spec, capability: int):
+    """triton.compile of one triton_kernels AOTSpec for sm_<capability> without a GPU (Triton's cache keeps the
+    result, so a second compile of the same spec is a lookup)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -240,7 +241,12 @@ def aot_compile(spec, capability: int) -> AOTReport:
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
     if spec.maxnreg is not None:
         options["maxnreg"] = spec.maxnreg
-    compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
+
+
+def aot_compile(spec, capability: int) -> AOTReport:
+    """Compile one triton_kernels AOTSpec for sm_<capability> without a GPU and read its resource usage."""
+    compiled = _compile(spec, capability)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -256,6 +262,47 @@ def aot_compile(spec, capability: int) -> AOTReport:
         stack_bytes=int(fields.get("STACK", 0)),
         local_bytes=int(fields.get("LOCAL", 0)),
     )
+
+
+def aot_sass(spec, capability: int) -> str:
+    """The SASS (`cuobjdump -sass`, Triton's bundled copy) of one AOTSpec compiled for sm_<capability>."""
+    compiled = _compile(spec, capability)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True)
+    return out.stdout
+
+
+# An instruction line of cuobjdump -sass: `/*0123*/  @!P0 HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], ... ;`
+_SASS_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[0-9T]+\s+)?([A-Z][A-Z0-9_]*)", re.MULTILINE)
+
+
+def sass_opcodes(sass: str) -> dict[str, int]:
+    """How often each opcode (the mnemonic without its .modifiers: HGMMA, HMMA, LDGSTS, UTMALDG, ...) occurs."""
+    counts: dict[str, int] = {}
+    for opcode in _SASS_INSTRUCTION.findall(sass):
+        counts[opcode] = counts.get(opcode, 0) + 1
+    return counts
+
+
+def aot_sass_opcodes(module_specs, capabilities=(80, 90)) -> dict[tuple[str, str, int], dict[str, int]]:
+    """sass_opcodes of the named specs ((module, spec name) pairs of dsattn.triton_kernels) for each capability,
+    compiled in a child process without TRITON_INTERPRET (see aot_compile_modules).
+    Returns {(module, spec name, capability): {opcode: count}}."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    args = [sys.executable, "-m", "dsattn.testing", ",".join(f"{m}:{n}" for m, n in module_specs),
+            ",".join(map(str, capabilities)), "sass"]
+    out = subprocess.run(args, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"AOT SASS failed:\n{out.stderr[-6000:]}")
+    rows = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("SASS "):
+            row = json.loads(line[5:])
+            rows[(row["module"], row["name"], row["capability"])] = row["opcodes"]
+    return rows
 
 
 def one_spec_per_kernel(specs) -> list[int]:
@@ -299,9 +346,29 @@ def _aot_one(job):
     return {"module": module_name, **dataclasses.asdict(report)}
 
 
+def _sass_one(job):
+    module_name, spec_name, cap = job
+    specs = {s.name: s for s in importlib.import_module(f"dsattn.triton_kernels.{module_name}").aot_specs()}
+    if spec_name not in specs:
+        raise KeyError(f"{module_name} has no AOT spec {spec_name!r}")
+    try:
+        sass = aot_sass(specs[spec_name], cap)
+    except Exception as exc:
+        raise RuntimeError(f"{module_name}:{spec_name} sm_{cap} failed to compile: {exc}") from exc
+    return {"module": module_name, "name": spec_name, "capability": cap, "opcodes": sass_opcodes(sass)}
+
+
 def _aot_main(module_csv: str, caps_csv: str, which: str = "all") -> None:
-    """Compile every (module, spec, capability) on all cores: CI compiles a few hundred configs."""
+    """Compile every (module, spec, capability) on all cores: CI compiles a few hundred configs. which="sass":
+    module_csv names module:spec pairs, and each prints its SASS opcode counts."""
     from concurrent.futures import ProcessPoolExecutor
+
+    if which == "sass":
+        jobs = [(*pair.split(":"), cap) for pair in module_csv.split(",") for cap in map(int, caps_csv.split(","))]
+        with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            for row in pool.map(_sass_one, jobs):
+                print("SASS " + json.dumps(row), flush=True)
+        return
 
     def indices(module_name):
         specs = importlib.import_module(f"dsattn.triton_kernels.{module_name}").aot_specs()
