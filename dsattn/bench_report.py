@@ -134,6 +134,44 @@ def env_line(path) -> str:
     return "Versions: " + ", ".join(f"{k} {env[k]}" for k in keys if env.get(k) is not None) + "\n"
 
 
+def _label(shape: dict) -> str:
+    """bench/conftest.py's shape label of a shape dict (how rows of one shape are matched)."""
+    return " ".join(f"{k}={v}" for k, v in shape.items())
+
+
+def roofline_markdown(rows) -> str:
+    """Per GPU shape of each kernel (dsattn.roofline.GPU_SHAPES, plus any other GPU row a model covers): bytes
+    moved, FLOPs, the time bound at H100 SXM / H200 peaks, and for each measured GPU row its fraction of the
+    roofline of its own device (bound / median). Present before any GPU run, with the measured columns empty."""
+    from dsattn import roofline
+
+    gpu_rows = [r for r in rows if r["device"] != "cpu"]
+    shapes = {(op, _label(shape)): shape for op, shape in roofline.GPU_SHAPES}
+    for r in gpu_rows:
+        if roofline.work(r["op"], r["shape"]) is not None:
+            shapes.setdefault((r["op"], r["shape_label"]), r["shape"])
+    lines = ["| op | shape | GFLOP | MB moved | " + " | ".join(f"{g.name} bound (ms)" for g in roofline.GPUS)
+             + " | device | provider | median (ms) | fraction of roofline |",
+             "|---|---|---:|---:|" + "---:|" * len(roofline.GPUS) + "---|---|---:|---:|"]
+    for (op, label), shape in sorted(shapes.items(), key=lambda kv: kv[0][0]):
+        w = roofline.work(op, shape)
+        bounds = " | ".join(f"{w.seconds(g) * 1e3:.3f} ({w.bound(g)})" for g in roofline.GPUS)
+        head = f"| {op} | {label} | {w.flops / 1e9:.1f} | {w.bytes / 1e6:.1f} | {bounds} |"
+        measured = [r for r in gpu_rows if r["op"] == op and r["shape_label"] == label]
+        if not measured:
+            lines.append(head + " | | | |")
+        for r in sorted(measured, key=lambda r: (r["device"], r["provider"])):
+            gpu = roofline.gpu_of(r["device"])
+            fraction = (f"{w.seconds(gpu) / (r['median_ms'] / 1e3):.2f}" if gpu and r["median_ms"] > 0
+                        else "n/a (no peaks for this device)")
+            lines.append(head + f" {r['device']} | {r['provider']} | {r['median_ms']:.3f} | {fraction} |")
+    peaks = "; ".join(f"{g.name}: {g.hbm_bytes_per_s / 1e12:.2f} TB/s, {g.bf16_flops_per_s / 1e12:.1f} TFLOP/s "
+                      f"dense bf16 ({g.source})" for g in roofline.GPUS)
+    note = ("Bound = max(bytes / peak bandwidth, FLOPs / peak dense bf16 rate); fraction = bound / median (1 = at "
+            f"the limit). Peaks: {peaks}. Models: dsattn/roofline.py.")
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
 def report_markdown(rows, machine=None, *, skipped=(), fidelity=None, env_path=None) -> str:
     parts = []
     env = env_line(env_path)
@@ -146,6 +184,7 @@ def report_markdown(rows, machine=None, *, skipped=(), fidelity=None, env_path=N
     if model:
         parts.append("## Model benchmarks (bench/bench_model.py; random-init models: KL and top-1 say how much a "
                      "mode changes the output, see the fidelity section for quality)\n\n" + model)
+    parts.append("## Roofline of the GPU shapes (dsattn.roofline)\n\n" + roofline_markdown(rows))
     if skipped:
         parts.append("## Skipped cases\n\n" + skipped_markdown(skipped))
     if fidelity:

@@ -200,3 +200,82 @@ def test_bench_names_the_extra_to_install_when_its_dependencies_are_missing(monk
     with pytest.raises(SystemExit, match=r'pytest-benchmark: pip install "dsattn\[bench\]"'):
         benchmark.main(["--out", "unused"])
     assert os.path.isfile(os.path.join(benchmark.bench_dir(), "conftest.py"))
+
+
+# ------------------------------------------------------------------------------------------------- roofline
+def test_roofline_sliding_window_by_hand():
+    """B=1 H=2 S=8 D=4 window 3: rows see 1, 2, then 3 keys -> 1 + 2 + 6 * 3 = 21 (query, key) pairs;
+    FLOPs 2 * 2 heads * 21 * (4 + 4) = 672; bytes q, k, v, o: 4 tensors * 2 heads * 8 rows * 4 * 2 B = 512."""
+    from dsattn import roofline
+
+    w = roofline.work("sliding_window_attention", dict(B=1, H=2, S=8, D=4, window=3))
+    assert (w.flops, w.bytes) == (672, 512)
+    assert w.seconds(roofline.H100_SXM) == pytest.approx(512 / 3.35e12) and w.bound(roofline.H100_SXM) == "memory"
+    # the benchmark's prefill: 4096 * 4097 / 2 + (32768 - 4096) * 4096 = 125,831,168 pairs, 32 heads, D 128
+    w = roofline.work("sliding_window_attention", dict(B=1, H=32, S=32768, D=128, window=4096))
+    assert w.flops == 2 * 32 * 125_831_168 * 256 and w.bytes == 4 * 32 * 32768 * 128 * 2
+    assert w.seconds(roofline.H100_SXM) == pytest.approx(2 * 32 * 125_831_168 * 256 / 989.4e12)
+    # training: forward 2 matmuls + backward 5 (QK^T again, dV, dP, dQ, dK); bytes 4 + 8 tensors of [2, 8, 4]
+    w = roofline.work("sliding_window_attention fwd+bwd", dict(B=1, H=2, S=8, D=4, window=3))
+    assert (w.flops, w.bytes) == (2 * 2 * 21 * 7 * 4, 12 * 2 * 8 * 4 * 2)
+
+
+def test_roofline_other_ops_by_hand():
+    from dsattn import roofline
+
+    # int4 GEMM M=2 N=4 K=256 g=128: x 2*256*2 + out 2*4*2 + weight 4*256/2 + 4*2 groups*(2 + 1) = 1024+16+512+24
+    w = roofline.work("int4_matmul", {"M": 2, "N": 4, "K": 256, "g": 128})
+    assert (w.flops, w.bytes) == (2 * 2 * 4 * 256, 1576)
+    # sparse decode: 1 row, topk 3 of 10 keys; q, o 2 heads * (8 + 4) * 2 B, k/v 3 keys * (8 + 4) * 2, indices 12
+    w = roofline.work("sparse_attention", {"B": 1, "Hq": 2, "Hkv": 1, "Sk": 10, "topk": 3, "Dqk": 8, "Dv": 4})
+    assert (w.flops, w.bytes) == (2 * 2 * 3 * 12, 48 + 72 + 12)
+    # indexer S=4 causal: 10 pairs, 2 heads, D 8; q 4*2*8*2, k 4*8*2, weights 4*2*4, indices 4*2*4
+    w = roofline.work("lightning_indexer_topk", {"B": 1, "S": 4, "Hi": 2, "D": 8, "top_k": 2})
+    assert (w.flops, w.bytes) == (2 * 2 * 8 * 10, 128 + 64 + 32 + 32)
+    # banded pairs against brute force, Sq < Sk included
+    for sq, sk, band in ((5, 5, 2), (3, 9, 4), (7, 7, 100), (1, 6, 3)):
+        brute = sum(min(i + sk - sq + 1, band) for i in range(sq))
+        assert roofline.banded_pairs(sq, sk, band) == brute
+
+
+def _gpu_row(op, shape, provider, median_ms, device="NVIDIA H100 80GB HBM3"):
+    return {"op": op, "provider": provider, "shape": shape, "shape_label": bench_report._label(shape),
+            "device": device, "dtype": "bfloat16", "baseline": False, "median_ms": median_ms,
+            "peak_memory_mb": None, "extra": {}}
+
+
+def test_roofline_table_fraction_and_no_gpu_rows():
+    from dsattn import roofline
+
+    shape = dict(B=1, H=32, S=32768, D=128, window=4096)
+    bound_ms = 2 * 32 * 125_831_168 * 256 / 989.4e12 * 1e3  # 2.084 ms, compute-bound on both
+    table = bench_report.roofline_markdown([_gpu_row("sliding_window_attention", shape, "dsattn-triton", 2 * bound_ms),
+                                            _gpu_row("sliding_window_attention", shape, "flex", bound_ms, "Tesla T4")])
+    line = next(r for r in table.splitlines() if "dsattn-triton" in r)
+    assert line.split("|")[-2].strip() == "0.50", line
+    assert "n/a" in next(r for r in table.splitlines() if "| flex |" in r)
+    # CPU rows only: the table still lists every GPU shape of every kernel, measured columns empty
+    cpu = [dict(_gpu_row("int4_unpack", {"K": 1024}, "torch", 1.0), device="cpu")]
+    report = bench_report.report_markdown(bench_report.with_ratios(cpu))
+    assert "## Roofline" in report
+    for op, shape in roofline.GPU_SHAPES:
+        assert f"| {op} | {bench_report._label(shape)} |" in report, (op, shape)
+    assert "H100 SXM" in report and "3.35 TB/s" in report
+
+
+def test_roofline_lists_every_gpu_benchmark_op():
+    """Each bench file with gpu_only benchmarks has its op(s) among roofline.GPU_SHAPES."""
+    import re
+
+    from dsattn import roofline
+
+    ops = {op.removesuffix(roofline.FWD_BWD) for op, _ in roofline.GPU_SHAPES}
+    for name in sorted(os.listdir(os.path.join(ROOT, "bench"))):
+        if not name.startswith("bench_"):
+            continue
+        with open(os.path.join(ROOT, "bench", name)) as f:
+            text = f.read()
+        if "gpu_only" not in text:
+            continue
+        named = set(re.findall(r'^OP = "(\w+)"', text, re.M)) | set(re.findall(r'op="(\w+)"', text))
+        assert named and named <= ops | {"int4_unpack"}, (name, named - ops)
