@@ -1,13 +1,27 @@
 """quantize="int4": nn.Linear -> Int4Linear and fused MoE experts -> Int4Experts; quantize="int8": nn.Linear ->
-Int8Linear."""
+Int8Linear.
 
+Tensor parallelism (transformers' `from_pretrained(..., tp_plan="auto")`): a sharded nn.Linear holds a DTensor
+weight, its shard of the whole weight. dsattn quantizes each rank's local shard into an ordinary module and
+installs the module's own parallel style on it again, on transformers' local path for quantized modules
+(`_hf_quantized_needs_local_tp`, as its fp8 / torchao quantizers do): a column shard (Shard(0), output rows)
+keeps whole groups; a row shard (Shard(1), input columns) needs group_size to divide every rank's shard, so its
+groups are the whole weight's groups (a ValueError otherwise, raised alike on every rank); int8 per output
+channel takes each row's absmax over all shards (one all-reduce). The shards together then hold exactly the
+single-process quantization.
+"""
+
+import dataclasses
 import fnmatch
+import inspect
 
+import torch
 from torch import nn
 
 from dsattn._checks import check_int
 from dsattn.nn.int4_linear import Int4Experts, Int4Linear
 from dsattn.nn.int8_linear import Int8Linear
+from dsattn.quant.int8 import quantize_int8_rows
 from dsattn.patching.core import replace_module
 from dsattn.registry import register_quantizer
 
@@ -53,6 +67,114 @@ def _candidates(model, state, skip, keep_first_last):
         yield name, module, parent, attr, is_linear
 
 
+def _dtensor_type():
+    tensor = getattr(torch.distributed, "tensor", None) if torch.distributed.is_available() else None
+    return getattr(tensor, "DTensor", None)
+
+
+@dataclasses.dataclass
+class _Shard:
+    """How a tensor-parallel nn.Linear is split: the parallel style transformers installed on it, the 1-D mesh,
+    the weight dim sharded (0 output rows, 1 input columns, None replicated) and every rank's length of it."""
+
+    style: object
+    mesh: object
+    dim: int | None
+    lengths: list
+
+
+def _tp_style(model, name):
+    """The tensor-parallel style of module `name` in the model's plan (None when the plan names none)."""
+    try:
+        from transformers.integrations.tensor_parallel import ALL_PARALLEL_STYLES, replace_layer_number_by_wildcard
+    except ImportError:
+        return None
+    plan = getattr(model, "tp_plan", None) or {}
+    generic = replace_layer_number_by_wildcard(name)
+    style = plan.get(generic, plan.get(f"{generic}.weight"))
+    return ALL_PARALLEL_STYLES[style] if style in ALL_PARALLEL_STYLES else None
+
+
+def _shard_of(model, name, module) -> _Shard | None:
+    """None for an ordinary module; for one whose weight is a DTensor, its _Shard. Anything dsattn cannot run
+    as a local quantized module under its parallel style is a ValueError naming the module."""
+    dtensor = _dtensor_type()
+    weight = module.weight
+    if dtensor is None or not isinstance(weight, dtensor):
+        return None
+    from torch.distributed.tensor import Replicate, Shard
+
+    from transformers.integrations.tensor_parallel import ColwiseParallel, RowwiseParallel
+
+    mesh, placements = weight.device_mesh, tuple(weight.placements)
+    if mesh.ndim != 1 or not isinstance(placements[0], (Shard, Replicate)):
+        raise ValueError(f"dsattn.patch: cannot quantize {name}: its weight is a DTensor placed {placements} on a "
+                         f"{mesh.ndim}-D mesh; dsattn quantizes tensor-parallel weights (Shard(0), Shard(1) or "
+                         "Replicate on a 1-D mesh)")
+    style = _tp_style(model, name)
+    dim = placements[0].dim % 2 if isinstance(placements[0], Shard) else None
+    # Column shards must hand their output on as this rank's shard (a gathered output is sized by out_features).
+    local_output = (type(style) is ColwiseParallel and isinstance(style.output_layouts, Shard) and dim == 0) or \
+        (type(style) is RowwiseParallel and dim == 1)
+    if not local_output:
+        raise ValueError(f"dsattn.patch: cannot quantize {name}: tensor-parallel style "
+                         f"{type(style).__name__ if style is not None else None} with weight {placements}; dsattn "
+                         "quantizes 'colwise' (Shard(0)) and 'rowwise' (Shard(1)) layers; leave it out with skip=")
+    lengths = [len(part) for part in torch.arange(weight.shape[dim]).chunk(mesh.size())]
+    return _Shard(style, mesh, dim, lengths + [0] * (mesh.size() - len(lengths)))
+
+
+def _check_row_shards(name, shard: _Shard, group_size, in_features):
+    """A row shard's groups must be the whole weight's: group_size divides every rank's shard of K."""
+    if shard is None or shard.dim != 1 or group_size is None:
+        return
+    if any(n == 0 or n % group_size for n in shard.lengths):
+        raise ValueError(f"dsattn.patch: {name} is split by input columns over {len(shard.lengths)} ranks "
+                         f"(K={in_features} in shards of {shard.lengths}); group_size={group_size} must divide "
+                         "every shard so each rank quantizes whole groups: choose a group_size dividing "
+                         f"{min(shard.lengths)}, or leave the module out with skip=")
+
+
+class _LocalLinear:
+    """The local shard of a tensor-parallel nn.Linear, seen as a linear layer by from_linear."""
+
+    def __init__(self, module):
+        self.weight = module.weight.to_local()
+        self.bias = None if module.bias is None else module.bias.to_local()
+        self.out_features, self.in_features = self.weight.shape
+
+
+def _install_shard(model, new, old, shard: _Shard):
+    """Run `new` (holding the local shard) under the parallel style `old` had: local inputs and weights, the
+    style's collectives around them; the bias stays a DTensor as the style expects (it adds a row-split layer's
+    bias once, after the all-reduce)."""
+    from torch.distributed.tensor import DTensor
+
+    new._hf_quantized_needs_local_tp = True
+    if old.bias is not None:
+        new.bias = nn.Parameter(DTensor.from_local(new.bias.data, shard.mesh, old.bias.placements, run_check=False,
+                                                   shape=old.bias.shape, stride=old.bias.stride()),
+                                requires_grad=new.bias.requires_grad)
+    given = dict(config=model.config.get_text_config(), mesh_manager=getattr(model, "_mesh_manager", None))
+    taken = inspect.signature(shard.style.install_forward).parameters
+    shard.style.install_forward(new, shard.mesh, **{k: v for k, v in given.items() if k in taken})
+
+
+def _row_absmax(module, shard: _Shard):
+    """Each output row's absmax over the whole row (all ranks' column shards): per-channel int8 scales."""
+    absmax = module.weight.to_local().detach().abs().amax(1).to(torch.float32)
+    torch.distributed.all_reduce(absmax, op=torch.distributed.ReduceOp.MAX, group=shard.mesh.get_group())
+    return absmax
+
+
+def _check_experts_not_sharded(name, module):
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(module.gate_up_proj, dtensor):
+        raise ValueError(f"dsattn.patch: cannot quantize {name}: its experts are sharded across ranks "
+                         f"({tuple(module.gate_up_proj.placements)}, expert parallelism); quantize='int4' takes "
+                         "replicated experts (tp_plan='auto' leaves them so) - leave it out with skip=")
+
+
 @register_quantizer("int4", options=("group_size", "symmetric", "skip", "keep_first_last", "train_mode"))
 def quantize_int4_model(model, state, options):
     """Replace every nn.Linear and fused-experts module the options allow; record each candidate left out, with
@@ -69,8 +191,18 @@ def quantize_int4_model(model, state, options):
         if any(d % group_size for d in dims):
             state.skipped.append((name, f"group_size={group_size} does not divide its input dim {dims}"))
             continue
-        new = Int4Linear.from_linear(module, group_size, symmetric=symmetric, train_mode=train_mode) if is_linear \
-            else Int4Experts.from_experts(module, group_size, symmetric=symmetric, train_mode=train_mode)
+        if not is_linear:
+            _check_experts_not_sharded(name, module)
+            new = Int4Experts.from_experts(module, group_size, symmetric=symmetric, train_mode=train_mode)
+            replace_module(state, parent, attr, new)
+            state.quantized.append(name)
+            continue
+        shard = _shard_of(model, name, module)
+        _check_row_shards(name, shard, group_size, module.in_features)
+        new = Int4Linear.from_linear(module if shard is None else _LocalLinear(module), group_size,
+                                     symmetric=symmetric, train_mode=train_mode)
+        if shard is not None:
+            _install_shard(model, new, module, shard)
         replace_module(state, parent, attr, new)
         state.quantized.append(name)
 
@@ -92,5 +224,15 @@ def quantize_int8_model(model, state, options):
             state.skipped.append((name, f"group_size={group_size} does not divide its input dim "
                                         f"{(module.in_features,)}"))
             continue
-        replace_module(state, parent, attr, Int8Linear.from_linear(module, group_size))
+        shard = _shard_of(model, name, module)
+        _check_row_shards(name, shard, group_size, module.in_features)
+        if shard is None:
+            new = Int8Linear.from_linear(module, group_size)
+        else:
+            new = Int8Linear.from_linear(_LocalLinear(module), group_size)
+            if shard.dim == 1 and group_size is None:  # per-channel scales over the whole rows, not the shard's
+                new.load_int8(quantize_int8_rows(module.weight.to_local().detach(),
+                                                 row_absmax=_row_absmax(module, shard)))
+            _install_shard(model, new, module, shard)
+        replace_module(state, parent, attr, new)
         state.quantized.append(name)

@@ -33,6 +33,16 @@ def check_group_size(op: str, group_size, k: int) -> int:
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def check_not_dtensor(op: str, weight) -> None:
+    """A quantizer takes one process's tensor: a DTensor (a tensor-parallel weight) is quantized shard by shard
+    by dsattn.patch, which also keeps the module's tensor-parallel forward."""
+    dtensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
+    if dtensor is not None and isinstance(weight, dtensor):
+        raise TypeError(f"dsattn.{op}: weight is a DTensor (placements {tuple(weight.placements)}); quantize its "
+                        "local shard (weight.to_local()), or patch the tensor-parallel model with "
+                        "dsattn.patch(model, quantize=...), which does that per module")
+
+
 def check_int4_weight(op: str, w) -> tuple[int, int]:
     """That w is an Int4Weight whose fields agree (dtypes, [N, K/8] / [N, K/g] / [K] shapes, a group size the
     format takes, one device): (N, K). Shapes and dtypes only (no host read), so it traces."""
@@ -210,6 +220,7 @@ def quantize_int4_unchecked(weight, *, group_size=128, symmetric=False, act_scal
     """quantize_int4 without its finiteness check (a host read): quantization-aware training re-quantizes its
     latent weight every step, under torch.compile too."""
     n, k = _checks.check_weight_matrix(OP, weight)
+    check_not_dtensor(OP, weight)
     check_group_size(OP, group_size, k)
     if check_finite and not torch.isfinite(weight).all():
         bad = (~torch.isfinite(weight)).nonzero()[0].tolist()

@@ -10,7 +10,7 @@ import dataclasses
 import torch
 
 from dsattn import _checks
-from dsattn.quant.int4 import SCALE_DTYPES
+from dsattn.quant.int4 import SCALE_DTYPES, check_not_dtensor
 from dsattn.reference.int8_matmul import dequantize_int8
 
 OP = "quantize_int8"
@@ -72,7 +72,15 @@ def quantize_int8(weight, *, group_size=None) -> Int8Weight:
     None) or per group of group_size input columns; q = round(w / scale) in [-127, 127]. Every element lands
     within half a step (scale / 2) of the original, measured with the stored scale. Scales are in weight's
     dtype (fp16/bf16), else fp32. NaN / Inf weights are refused (they would poison their row's scale)."""
+    return quantize_int8_rows(weight, group_size=group_size)
+
+
+def quantize_int8_rows(weight, *, group_size=None, row_absmax=None) -> Int8Weight:
+    """quantize_int8, with row_absmax [N] (per output channel only) the absmax of each row over more columns
+    than weight holds: a tensor-parallel column shard of a weight is quantized with the whole rows' scales
+    (dsattn.patch all-reduces them), so the shards together equal the whole weight's quantization."""
     n, k = _checks.check_weight_matrix(OP, weight)
+    check_not_dtensor(OP, weight)
     check_group_size(OP, group_size, k)
     if not bool(torch.isfinite(weight).all()):
         raise ValueError(f"dsattn.{OP}: weight has NaN or Inf elements; int8 scales need finite weights")
@@ -80,9 +88,14 @@ def quantize_int8(weight, *, group_size=None) -> Int8Weight:
     w = weight.detach().to(torch.float32)
     g = k if group_size is None else group_size
     groups = w.reshape(n, k // g if g else 1, g)
+    absmax = groups.abs().amax(-1) if groups.numel() else groups.new_zeros(groups.shape[:2])
+    if row_absmax is not None:
+        if group_size is not None or tuple(row_absmax.shape) != (n,):
+            raise ValueError(f"dsattn.{OP}: row_absmax must be [N={n}] and per output channel (group_size None)")
+        absmax = row_absmax.detach().to(torch.float32, copy=True).reshape(n, 1)
     # The stored scale is the smallest scale_dtype number >= absmax / 127, so no element is clamped (the
     # half-step bound holds). The floor keeps all-zero groups at a normal number.
-    exact = (groups.abs().amax(-1).double() / QMAX).clamp(min=torch.finfo(scale_dtype).tiny)
+    exact = (absmax.double() / QMAX).clamp(min=torch.finfo(scale_dtype).tiny)
     stored = exact.to(scale_dtype)
     stored = torch.where(stored.double() < exact, torch.nextafter(stored, torch.full_like(stored, float("inf"))),
                          stored)
