@@ -1,0 +1,19 @@
+"""Recovering what dsattn's approximations cost, by training (issue 15): each recipe is one function that
+trains a transformers model in place, reports progress (a callback and INFO logs on "dsattn.recover") and
+returns a RecoveryReport (steps, seconds, first / last loss).
+
+- distill(student, teacher, batches): the seeds' distillation loss (distill_loss) against the unpatched model;
+- linearize(model, batches, attention="linear" | "hybrid"): learned feature maps by attention transfer, then a
+  LoRA fine-tune (LoLCATs);
+- qat(model, batches): int4 quantization-aware training (Int4Linear train mode, STE), frozen at the end.
+
+A model saved with save_pretrained after a recipe loads back, patched, with from_pretrained(path).
+"""
+
+from dsattn.recover.distill import RecoveryReport, capture_attention, distill, distill_loss
+from dsattn.recover.linearize import attach_feature_maps, linearize, patch_linearized
+from dsattn.recover.qat import freeze_int4, qat
+from dsattn.recover.saving import from_pretrained
+
+__all__ = ["RecoveryReport", "attach_feature_maps", "capture_attention", "distill", "distill_loss", "freeze_int4",
+           "from_pretrained", "linearize", "patch_linearized", "qat"]
