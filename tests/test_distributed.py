@@ -146,6 +146,11 @@ def _tp_worker(rank, paths):
         proj = getattr(q, "q_proj", None) or q.q_b_proj
         results = {"sharded": type(proj.weight).__name__ == "DTensor"
                    and proj.weight.to_local().shape[0] * WORLD == proj.weight.shape[0]}
+        try:
+            dsattn.quantize_int4(proj.weight, group_size=16)
+            results["dtensor_error"] = "no error"
+        except Exception as e:  # noqa: BLE001
+            results["dtensor_error"] = f"{type(e).__name__}: {e}"
         for name, options, _ in [("plain", {}, None)] + cases(model_type) + [("row_shard_error", ROW_SHARD_ERROR,
                                                                                 None)]:
             try:
@@ -179,58 +184,177 @@ def _require_tp():
         pytest.skip(f"transformers' tensor parallelism is unavailable here: {e}")
 
 
+@pytest.fixture(scope="module", params=["gloo", pytest.param("nccl", marks=pytest.mark.gpu)])
+def backend(request):
+    if request.param == "nccl" and (torch.cuda.device_count() < WORLD or not dist.is_nccl_available()):
+        pytest.skip(f"NCCL runs need {WORLD} CUDA devices")
+    return request.param
+
+
+def _device(backend):
+    return torch.device("cuda" if backend == "nccl" else "cpu")
+
+
+def _tolerance(backend):
+    return 2e-3 if backend == "nccl" else 1e-4  # GPU kernels: fp32 matmuls may run as TF32
+
+
 @pytest.fixture(scope="module")
-def tp_runs(saved_models, tmp_path_factory):
+def tp_runs(saved_models, tmp_path_factory, backend):
     _require_tp()
-    return run_ranks(tmp_path_factory.mktemp("tp"), _tp_worker, saved_models)
+    return run_ranks(tmp_path_factory.mktemp("tp"), _tp_worker, saved_models, backend=backend)
 
 
 _SINGLE: dict = {}
 
 
-def _single(path, options):
+def _single(path, options, backend="gloo"):
     """(logits, tokens) of the single-process model at `path`, patched with `options` (computed once)."""
     from transformers import AutoModelForCausalLM
 
-    key = (path, tuple(sorted(options.items())))
+    key = (path, tuple(sorted(options.items())), backend)
     if key not in _SINGLE:
-        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").to(_device(backend)).eval()
         if options:
             dsattn.patch(model, **options)
         _SINGLE[key] = _run(model, *_batch())
     return _SINGLE[key]
 
 
-def _assert_same(got, want, what):
+def _assert_same(got, want, what, backend="gloo"):
     assert not isinstance(got, str), f"{what} failed under tensor parallelism: {got}"
     (logits, tokens), (ref_logits, ref_tokens) = got, want
     err = max((logits[0] - ref_logits[0]).abs().max().item(),
               (logits[1, PAD:] - ref_logits[1, PAD:]).abs().max().item())  # padded positions are don't-care
-    assert err < 1e-4, f"{what}: logits differ from one process by {err}"
+    assert err < _tolerance(backend), f"{what}: logits differ from one process by {err}"
     assert torch.equal(tokens, ref_tokens), f"{what}: greedy tokens differ from one process"
 
 
 @pytest.mark.parametrize("model_type", list(MODEL_KW))
-def test_tensor_parallel_shards_the_heads(tp_runs, saved_models, model_type):
+def test_tensor_parallel_shards_the_heads(tp_runs, saved_models, backend, model_type):
     for rank, run in enumerate(tp_runs):
         assert run[model_type]["sharded"], f"rank {rank}: q projection not split by heads"
-        _assert_same(run[model_type]["plain"], _single(saved_models[model_type], {}), f"rank {rank} unpatched")
+        _assert_same(run[model_type]["plain"], _single(saved_models[model_type], {}, backend),
+                     f"rank {rank} unpatched", backend)
+        err = run[model_type]["dtensor_error"]
+        assert err.startswith("TypeError") and "local shard" in err, f"rank {rank}: {err}"
 
 
 ALL_CASES = [(t, name, options, ref) for t in MODEL_KW for name, options, ref in cases(t)]
 
 
 @pytest.mark.parametrize("model_type,name,options,ref", ALL_CASES, ids=[f"{t}-{n}" for t, n, _, _ in ALL_CASES])
-def test_tensor_parallel_equals_one_process(tp_runs, saved_models, model_type, name, options, ref):
-    want = _single(saved_models[model_type], {} if ref == "plain" else options)
+def test_tensor_parallel_equals_one_process(tp_runs, saved_models, backend, model_type, name, options, ref):
+    want = _single(saved_models[model_type], {} if ref == "plain" else options, backend)
     for rank, run in enumerate(tp_runs):
-        _assert_same(run[model_type][name], want, f"rank {rank} {model_type} {name}")
+        _assert_same(run[model_type][name], want, f"rank {rank} {model_type} {name}", backend)
 
 
 @pytest.mark.parametrize("model_type", list(MODEL_KW))
-def test_row_shards_need_group_size_to_divide_them(tp_runs, saved_models, model_type):
+def test_row_shards_need_group_size_to_divide_them(tp_runs, saved_models, backend, model_type):
     for rank, run in enumerate(tp_runs):
         err = run[model_type]["row_shard_error"]
         assert isinstance(err, str) and err.startswith("ValueError") and "group_size=64" in err and \
             "split by input columns" in err, f"rank {rank}: {err if isinstance(err, str) else 'no error'}"
-        _assert_same(run[model_type]["after_error"], _single(saved_models[model_type], {}), f"rank {rank} after")
+        _assert_same(run[model_type]["after_error"], _single(saved_models[model_type], {}, backend),
+                     f"rank {rank} after", backend)
+
+
+# ------------------------------------------------------------------------------------- data-parallel training
+
+STEPS, LR = 3, 0.5
+# (name, wrapper, model type, patch options)
+TRAIN = [("ddp-llama-topk", "ddp", "llama", dict(attention="topk", top_k=6)),
+         ("ddp-deepseek_v3-hybrid", "ddp", "deepseek_v3", dict(attention="hybrid", prefix=3, window=4)),
+         ("fsdp2-deepseek_v3-sliding", "fsdp2", "deepseek_v3", dict(attention="sliding_window", window=6)),
+         ("fsdp2-llama-int4_qat", "fsdp2", "llama",
+          dict(quantize="int4", group_size=16, keep_first_last=False, train_mode=True, attention="linear")),
+         ("fsdp2-deepseek_v3-int4_qat", "fsdp2", "deepseek_v3",
+          dict(quantize="int4", group_size=16, keep_first_last=False, train_mode=True))]
+
+
+def _train_ids():
+    return torch.randint(0, 100, (2 * WORLD, 16), generator=torch.Generator().manual_seed(2))
+
+
+def _train(model, ids, params):
+    """STEPS of SGD on ids (labels = ids, every row the same length, so a rank's mean loss over its rows
+    averages to the global batch's); returns the global batch's loss at every step."""
+    opt = torch.optim.SGD(params, lr=LR)
+    losses = []
+    for _ in range(STEPS):
+        loss = model(ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = loss.detach().clone()
+        if dist.is_initialized():
+            dist.all_reduce(loss)
+            loss /= WORLD
+        losses.append(loss.item())
+    return losses
+
+
+def _fully_shard():
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        return None
+    return fully_shard
+
+
+def _train_worker(rank, cases, device):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.nn.parallel import DistributedDataParallel
+
+    out = {}
+    device = torch.device(device.type, rank) if device.type == "cuda" else device
+    ids = _train_ids().chunk(WORLD)[rank].to(device)
+    for name, wrapper, model_type, options in cases:
+        model = dsattn.patch(tiny_model(model_type, **MODEL_KW[model_type]).to(device).train(), **options)
+        if wrapper == "ddp":
+            # MoE experts a rank routes no token to get no gradient there
+            wrapped = DistributedDataParallel(model, find_unused_parameters=model_type.startswith("deepseek"))
+        else:
+            mesh = init_device_mesh(device.type, (WORLD,))
+            for layer in model.model.layers:
+                _fully_shard()(layer, mesh=mesh)
+            wrapped = _fully_shard()(model, mesh=mesh)
+        losses = _train(wrapped, ids, wrapped.parameters())
+        params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+                  for n, p in model.named_parameters()}
+        out[name] = losses, params
+    return out
+
+
+@pytest.fixture(scope="module")
+def train_runs(tmp_path_factory, backend):
+    cases = [c for c in TRAIN if c[1] == "ddp" or _fully_shard() is not None]
+    return run_ranks(tmp_path_factory.mktemp("train"), _train_worker, cases, _device(backend), backend=backend)
+
+
+def _single_training(model_type, options, device="cpu"):
+    model = dsattn.patch(tiny_model(model_type, **MODEL_KW[model_type]).to(device).train(), **options)
+    losses = _train(model, _train_ids().to(device), model.parameters())
+    return losses, {n: p.detach().cpu() for n, p in model.named_parameters()}
+
+
+def _assert_same_training(got, want, what, backend):
+    (losses, params), (ref_losses, ref_params) = got, want
+    tol = _tolerance(backend) / 10
+    for step, (a, b) in enumerate(zip(losses, ref_losses)):
+        assert abs(a - b) <= tol * abs(b), f"{what}: step {step} loss {a} vs one process {b}"
+    assert losses[-1] < losses[0], f"{what}: the loss did not go down ({losses})"
+    assert params.keys() == ref_params.keys()
+    for n, p in params.items():
+        err = (p - ref_params[n]).abs().max().item()
+        assert err <= tol * (ref_params[n].abs().max().item() + 1), f"{what}: {n} differs by {err}"
+
+
+@pytest.mark.parametrize("name,wrapper,model_type,options", TRAIN, ids=[c[0] for c in TRAIN])
+def test_data_parallel_training_equals_one_process(train_runs, backend, name, wrapper, model_type, options):
+    if wrapper == "fsdp2" and _fully_shard() is None:
+        pytest.skip("this torch has no torch.distributed.fsdp.fully_shard (FSDP2)")
+    want = _single_training(model_type, options, _device(backend))
+    for rank, run in enumerate(train_runs):
+        _assert_same_training(run[name], want, f"rank {rank} {name}", backend)
