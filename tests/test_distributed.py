@@ -52,6 +52,18 @@ SPARSE = [("sparse", dict(attention="sparse"), "plain")]
 ROW_SHARD_ERROR = dict(quantize="int4", group_size=64, keep_first_last=False)
 
 
+# transformers' expert parallelism (DistributedConfig(tp_size=2, ep_size=2)): whole experts per rank.
+EP_CASES = [(n, o, r) for n, o, r in EXACT[1:2] + APPROX[1:2] + QUANT[:3]]
+
+
+def _expert_parallel_config():
+    try:
+        from transformers.distributed import DistributedConfig
+        return DistributedConfig(tp_size=WORLD, ep_size=WORLD)
+    except (ImportError, TypeError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+
+
 def cases(model_type):
     if model_type == "deepseek_v32":  # its own attention is sparse: only "sparse" reproduces it
         return [(name, options, "same") for name, options, _ in EXACT] + APPROX + QUANT + SPARSE
@@ -163,6 +175,25 @@ def _tp_worker(rank, paths):
                 dsattn.unpatch(model)
         results["after_error"] = _run(model, ids, mask)  # the failed patch left the model as it was
         out[model_type] = results
+    config = _expert_parallel_config()
+    if isinstance(config, str):
+        out["expert_parallel"] = config
+        return out
+    model = AutoModelForCausalLM.from_pretrained(paths["deepseek_v3"], distributed_config=config,
+                                                 attn_implementation="eager").eval()
+    experts = model.model.layers[1].mlp.experts
+    results = {"sharded": experts.gate_up_proj.to_local().shape[0] * WORLD == experts.gate_up_proj.shape[0]}
+    for name, options, _ in [("plain", {}, None)] + EP_CASES:
+        try:
+            if options:
+                dsattn.patch(model, **options)
+                results.setdefault("quantized", {})[name] = dsattn.patch_summary(model)["quantized"]
+            results[name] = _run(model, ids, mask)
+        except Exception as e:  # noqa: BLE001 - compared by the tests
+            results[name] = f"{type(e).__name__}: {e}"
+        finally:
+            dsattn.unpatch(model)
+    out["expert_parallel"] = results
     return out
 
 
@@ -248,6 +279,21 @@ def test_tensor_parallel_equals_one_process(tp_runs, saved_models, backend, mode
     want = _single(saved_models[model_type], {} if ref == "plain" else options, backend)
     for rank, run in enumerate(tp_runs):
         _assert_same(run[model_type][name], want, f"rank {rank} {model_type} {name}", backend)
+
+
+@pytest.mark.parametrize("name,options,ref", [("plain", {}, "plain")] + EP_CASES,
+                         ids=["plain"] + [c[0] for c in EP_CASES])
+def test_expert_parallel_equals_one_process(tp_runs, saved_models, backend, name, options, ref):
+    """Int4Experts holds this rank's experts and runs behind transformers' expert dispatch."""
+    for rank, run in enumerate(tp_runs):
+        if isinstance(run["expert_parallel"], str):
+            pytest.skip(f"transformers' expert parallelism is unavailable here: {run['expert_parallel']}")
+        results = run["expert_parallel"]
+        assert results["sharded"], f"rank {rank}: experts not split across ranks"
+        if options.get("quantize"):
+            assert "model.layers.1.mlp.experts" in results["quantized"][name]
+        want = _single(saved_models["deepseek_v3"], {} if ref == "plain" else options, backend)
+        _assert_same(results[name], want, f"rank {rank} expert-parallel {name}", backend)
 
 
 @pytest.mark.parametrize("model_type", list(MODEL_KW))

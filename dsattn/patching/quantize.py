@@ -83,15 +83,21 @@ class _Shard:
     lengths: list
 
 
-def _tp_style(model, name):
-    """The tensor-parallel style of module `name` in the model's plan (None when the plan names none)."""
+def _plan_style(plan, name):
+    """The style name a transformers parallel plan (wildcards for layer numbers) gives module `name`."""
     try:
-        from transformers.integrations.tensor_parallel import ALL_PARALLEL_STYLES, replace_layer_number_by_wildcard
+        from transformers.integrations.tensor_parallel import replace_layer_number_by_wildcard
     except ImportError:
         return None
-    plan = getattr(model, "tp_plan", None) or {}
     generic = replace_layer_number_by_wildcard(name)
-    style = plan.get(generic, plan.get(f"{generic}.weight"))
+    return (plan or {}).get(generic, (plan or {}).get(f"{generic}.weight"))
+
+
+def _tp_style(model, name):
+    """The tensor-parallel style of module `name` in the model's plan (None when the plan names none)."""
+    from transformers.integrations.tensor_parallel import ALL_PARALLEL_STYLES
+
+    style = _plan_style(getattr(model, "tp_plan", None), name)
     return ALL_PARALLEL_STYLES[style] if style in ALL_PARALLEL_STYLES else None
 
 
@@ -167,12 +173,39 @@ def _row_absmax(module, shard: _Shard):
     return absmax
 
 
-def _check_experts_not_sharded(name, module):
+class _LocalExperts:
+    """This rank's experts of an expert-parallel experts module, seen as transformers' experts by from_experts."""
+
+    def __init__(self, module):
+        self.gate_up_proj, self.down_proj = module.gate_up_proj.to_local(), module.down_proj.to_local()
+        self.act_fn = module.act_fn
+
+
+def _expert_parallel(model, name, module):
+    """None for replicated experts (tp_plan='auto' leaves them so); for experts split across ranks by
+    transformers' expert parallelism (Shard(0) of the expert dim, whole experts per rank) a function installing
+    the module's dispatch on the Int4Experts of this rank's experts. Any other split is a ValueError."""
     dtensor = _dtensor_type()
-    if dtensor is not None and isinstance(module.gate_up_proj, dtensor):
-        raise ValueError(f"dsattn.patch: cannot quantize {name}: its experts are sharded across ranks "
-                         f"({tuple(module.gate_up_proj.placements)}, expert parallelism); quantize='int4' takes "
-                         "replicated experts (tp_plan='auto' leaves them so) - leave it out with skip=")
+    weight = module.gate_up_proj
+    if dtensor is None or not isinstance(weight, dtensor):
+        return None
+    from torch.distributed.tensor import Shard
+
+    mesh, placements = weight.device_mesh, tuple(weight.placements)
+    style_name = _plan_style(getattr(model, "ep_plan", None), name)
+    mesh_manager, config = getattr(model, "_mesh_manager", None), getattr(model.config, "distributed_config", None)
+    if mesh.ndim != 1 or placements != (Shard(0),) or style_name != "ep_dispatch_experts" or mesh_manager is None:
+        raise ValueError(f"dsattn.patch: cannot quantize {name}: its experts are split across ranks as "
+                         f"{placements} (plan style {style_name!r}); dsattn quantizes replicated experts and whole "
+                         "experts per rank under transformers' 'ep_dispatch_experts' - leave it out with skip=")
+    from transformers.integrations.tensor_parallel import ALL_PARALLEL_STYLES
+
+    def install(new):
+        ALL_PARALLEL_STYLES[style_name].install_forward(
+            new, ep_mesh=mesh, tp_mesh=mesh_manager.get_mesh("tp"),
+            ep_implementation=getattr(config, "ep_implementation", "auto"))
+
+    return install
 
 
 @register_quantizer("int4", options=("group_size", "symmetric", "skip", "keep_first_last", "train_mode"))
@@ -192,8 +225,11 @@ def quantize_int4_model(model, state, options):
             state.skipped.append((name, f"group_size={group_size} does not divide its input dim {dims}"))
             continue
         if not is_linear:
-            _check_experts_not_sharded(name, module)
-            new = Int4Experts.from_experts(module, group_size, symmetric=symmetric, train_mode=train_mode)
+            install = _expert_parallel(model, name, module)
+            new = Int4Experts.from_experts(module if install is None else _LocalExperts(module), group_size,
+                                           symmetric=symmetric, train_mode=train_mode)
+            if install is not None:
+                install(new)
             replace_module(state, parent, attr, new)
             state.quantized.append(name)
             continue
