@@ -21,8 +21,8 @@ from torch import nn
 from dsattn._checks import check_int
 from dsattn.nn.int4_linear import Int4Experts, Int4Linear
 from dsattn.nn.int8_linear import Int8Linear
-from dsattn.quant.int8 import quantize_int8_rows
 from dsattn.patching.core import replace_module
+from dsattn.quant.int8 import quantize_int8_rows
 from dsattn.registry import register_quantizer
 
 
@@ -115,8 +115,8 @@ def _shard_of(model, name, module) -> _Shard | None:
     mesh, placements = weight.device_mesh, tuple(weight.placements)
     if mesh.ndim != 1 or not isinstance(placements[0], (Shard, Replicate)):
         raise ValueError(f"dsattn.patch: cannot quantize {name}: its weight is a DTensor placed {placements} on a "
-                         f"{mesh.ndim}-D mesh; dsattn quantizes tensor-parallel weights (Shard(0), Shard(1) or "
-                         "Replicate on a 1-D mesh)")
+                         f"{mesh.ndim}-D mesh; dsattn quantizes tensor-parallel shards (Shard(0) or Shard(1) on a "
+                         "1-D mesh); leave it out with skip=")
     style = _tp_style(model, name)
     dim = placements[0].dim % 2 if isinstance(placements[0], Shard) else None
     # Column shards must hand their output on as this rank's shard (a gathered output is sized by out_features).
