@@ -41,10 +41,16 @@ def topk(top_k: int = 2048):
 
 
 @register_attention("sparse")
-def sparse():
+def sparse(top_k: int | None = None):
+    """top_k: keys per query the indexer selects (default: the model's, V3.2's index_topk or the added
+    indexer's config.dsattn_indexer["top_k"])."""
+    if top_k is not None:
+        dsattn._checks.check_int("patch", "top_k", top_k, minimum=1)
+
     def fn(q, k, v, *, scale, sinks=None, indices=None, model_window=None, layer=None):
         if indices is None:
-            raise ValueError("dsattn: attention='sparse' needs the model's indexer indices (DeepSeek-V3.2 only)")
+            raise ValueError("dsattn: attention='sparse' needs the model's indexer indices (DeepSeek-V3.2, or a "
+                             "model given an indexer by dsattn.recover.dsa.add_indexer)")
         return dsattn.sparse_attention(q, k, v, indices, causal=True, scale=scale)
 
     return fn

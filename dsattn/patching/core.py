@@ -36,6 +36,8 @@ class ModelPatcher:
     check_options: Callable | None = None
     # transformers' mask builder registered with the attention: "sdpa" (boolean) or "eager" (additive float).
     mask_function: str = "sdpa"
+    # config -> the attention modes of one model, where they depend on it (an added indexer brings "sparse").
+    modes_for: Callable | None = None
 
 
 @dataclasses.dataclass
@@ -58,7 +60,7 @@ def replace_module(state: PatchState, parent: nn.Module, name: str, new: nn.Modu
     setattr(parent, name, new)
 
 
-def _resolve(model_type, attention, quantize, options):
+def _resolve(model_type, attention, quantize, options, config=None):
     """Validate a patch request for `model_type` before anything changes; returns (patcher, kernel, quantizer).
     Every option must be one the chosen attention mode or quantizer takes: anything else (a typo, another
     mode's option) is a TypeError naming it and listing the accepted ones."""
@@ -66,10 +68,11 @@ def _resolve(model_type, attention, quantize, options):
     if attention is None and quantize is None:
         raise ValueError("dsattn.patch: give attention= and/or quantize=; attention kernels: "
                          f"{registry.attention_kernels()}, quantizers: {registry.quantizers()}")
-    if attention is not None and attention not in patcher.attention_modes:
+    modes = patcher.modes_for(config) if patcher.modes_for and config is not None else patcher.attention_modes
+    if attention is not None and attention not in modes:
         registry.lookup("attention", attention)  # unknown name -> error listing every kernel
         raise ValueError(f"dsattn.patch: attention={attention!r} is not supported for {model_type}; "
-                         f"supported: {list(patcher.attention_modes)}")
+                         f"supported: {list(modes)}")
     quantizer = registry.lookup("quantize", quantize) if quantize is not None else None
     factory = registry.lookup("attention", attention) if attention is not None else None
     taken = set(registry.attention_options(attention)) if attention is not None else set()
@@ -138,7 +141,7 @@ def patch(model, *, attention=None, quantize=None, **options):
     if model_type is None:
         raise TypeError(f"dsattn.patch: model must be a transformers model with a config, a model type or a "
                         f"model class, got {type(model).__name__}")
-    patcher, kernel, quantizer = _resolve(model_type, attention, quantize, options)
+    patcher, kernel, quantizer = _resolve(model_type, attention, quantize, options, config)
     if patcher.check_options is not None:
         patcher.check_options(config, attention, options)
     unpatch(model)

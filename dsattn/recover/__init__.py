@@ -11,6 +11,7 @@ A model saved with save_pretrained after a recipe loads back, patched, with from
 """
 
 from dsattn.recover.distill import RecoveryReport, capture_attention, distill, distill_loss
+from dsattn.recover.dsa import add_indexer, dsa_from_dense, load_dsa, train_sparse, warmup_indexer  # noqa: F401
 from dsattn.recover.linearize import attach_feature_maps, linearize, patch_linearized
 from dsattn.recover.qat import freeze_int4, qat
 from dsattn.recover.saving import from_pretrained
