@@ -114,11 +114,11 @@ def test_duplicates_count_once_per_listing(strategy):
     assert not torch.allclose(once, twice)
 
 
-@pytest.mark.parametrize("impl", ["oracle", "gather"])
+@pytest.mark.parametrize("impl", ["oracle", "gather", "dense"])
 def test_non_finite_unlisted_keys_never_reach_a_row(impl):
     """NaN / Inf in the k and v rows of keys a row does not list (nor lists only as a future key under causal,
-    nor as -1) leave that row and its gradients finite and equal to the clean inputs' ("dense" runs one matmul
-    over every key of a chunk and does not promise this)."""
+    nor as -1) leave that row and its gradients finite and equal to the clean inputs' (more in
+    test_nan_hygiene)."""
     q, k, v = _inputs(1, 2, 1, 4, 8, 8, 8, torch.float64)
     indices = torch.tensor([[[0, 1, -1], [1, 2, 7], [0, 3, -1], [3, 2, 1]]], dtype=torch.int32)
     bad_k, bad_v = k.clone(), v.clone()

@@ -2,11 +2,14 @@
 
 A query chunk only looks at the keys its window can reach, so memory is O(chunk x (chunk + window)) per head,
 never O(Sq x Sk) for a window much shorter than the sequence. The backward recomputes each chunk under
-autograd and accumulates its dK / dV span: its memory is one chunk's, like the forward's. Semantics: SPEC and
-dsattn.reference.sliding_window_attention.
+autograd and accumulates its dK / dV span: its memory is one chunk's, like the forward's. Keys outside a row's
+window never enter its arithmetic, also when they hold NaN or Inf (dsattn.torch_backend._hidden_keys).
+Semantics: SPEC and dsattn.reference.sliding_window_attention.
 """
 
 import torch
+
+from dsattn.torch_backend import _hidden_keys
 
 # Scores held per chunk (elements of [B, Hq, chunk, span]), ~64 MiB in fp32; rows per chunk at most.
 CHUNK_ELEMENTS = 1 << 24
@@ -38,21 +41,27 @@ def chunks(q, k, window: int, causal: bool, chunk_size: int | None = None):
 
 
 def attend_chunk(q_rows, k_span, v_span, sinks, start: int, lo: int, seq_q: int, seq_k: int, window: int,
-                 causal: bool, scale: float):
+                 causal: bool, scale: float, bad_cols=None):
     """Output rows [start, start + rows) from q_rows [B, Hq, rows, Dqk] over keys [lo, lo + span) in the
-    compute dtype (float32, float64 for float64 inputs). In place where no gradient is recorded."""
+    compute dtype (float32, float64 for float64 inputs). bad_cols: span positions of key rows holding NaN / Inf
+    (_hidden_keys.span_columns), or None. In place where no gradient is recorded."""
     b, hq, rows, dqk = q_rows.shape
     hkv, span, dv = k_span.shape[1], k_span.shape[2], v_span.shape[3]
     groups = hq // hkv
     compute = torch.float64 if q_rows.dtype == torch.float64 else torch.float32
     inplace = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                     for t in (q_rows, k_span, v_span, sinks)))
-    # GQA without repeating K/V: the groups' rows of one kv head form one [groups * rows, D] matrix.
-    scores = torch.matmul(q_rows.reshape(b, hkv, groups * rows, dqk).to(compute), k_span.to(compute).transpose(-1, -2))
-    scores = (scores.mul_(scale) if inplace else scores * scale).view(b, hkv, groups, rows, span)
     position = torch.arange(start, start + rows, device=q_rows.device)[:, None] + (seq_k - seq_q)
     key = torch.arange(lo, lo + span, device=q_rows.device)[None, :]
     visible = (key > position - window) & ((key <= position) if causal else (key < position + window))
+    if bad_cols is None:
+        # GQA without repeating K/V: the groups' rows of one kv head form one [groups * rows, D] matrix.
+        scores = torch.matmul(q_rows.reshape(b, hkv, groups * rows, dqk).to(compute),
+                              k_span.to(compute).transpose(-1, -2))
+    else:
+        scores = _hidden_keys.scores(q_rows.reshape(b, hkv, groups, rows, dqk).to(compute), k_span.to(compute),
+                                     visible, bad_cols)
+    scores = (scores.mul_(scale) if inplace else scores * scale).reshape(b, hkv, groups, rows, span)
     scores = scores.masked_fill_(~visible, float("-inf")) if inplace else scores.masked_fill(~visible, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True).detach()
     sink_logits = None if sinks is None else sinks.to(compute).view(1, hkv, groups, 1, 1)
@@ -65,6 +74,8 @@ def attend_chunk(q_rows, k_span, v_span, sinks, start: int, lo: int, seq_q: int,
         denom = denom + torch.exp(sink_logits - row_max)
     denom = torch.where(denom > 0, denom, torch.ones_like(denom))
     probs = probs.div_(denom) if inplace else probs / denom
+    if bad_cols is not None:
+        return _hidden_keys.values(probs, v_span.to(compute), visible, bad_cols).reshape(b, hq, rows, dv)
     return torch.matmul(probs.view(b, hkv, groups * rows, span), v_span.to(compute)).view(b, hq, rows, dv)
 
 
@@ -77,9 +88,11 @@ def sliding_window_attention(q, k, v, window: int, *, causal: bool = True, scale
     out = torch.zeros(b, hq, sq, v.shape[3], dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
+    bad = _hidden_keys.nonfinite_keys(k, v)
     for start, stop, lo, hi in chunks(q, k, window, causal, chunk_size):
         out[:, :, start:stop] = attend_chunk(q[:, :, start:stop], k[:, :, lo:hi], v[:, :, lo:hi], sinks, start, lo,
-                                             sq, k.shape[2], window, causal, scale).to(q.dtype)
+                                             sq, k.shape[2], window, causal, scale,
+                                             _hidden_keys.span_columns(bad, lo, hi)).to(q.dtype)
     return out
 
 
@@ -94,11 +107,13 @@ def sliding_window_attention_backward(grad_out, q, k, v, window: int, *, causal:
     dv = torch.zeros(v.shape, dtype=compute, device=v.device)
     dsinks = None if sinks is None else torch.zeros(sinks.shape, dtype=compute, device=sinks.device)
     sq, sk = q.shape[2], k.shape[2]
+    bad = _hidden_keys.nonfinite_keys(k, v) if q.numel() else None
     for start, stop, lo, hi in chunks(q, k, window, causal, chunk_size):
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(True) for t in (q[:, :, start:stop], k[:, :, lo:hi], v[:, :, lo:hi])]
             sink_leaf = None if sinks is None else sinks.detach().requires_grad_(True)
-            o = attend_chunk(*leaves, sink_leaf, start, lo, sq, sk, window, causal, scale)
+            o = attend_chunk(*leaves, sink_leaf, start, lo, sq, sk, window, causal, scale,
+                             _hidden_keys.span_columns(bad, lo, hi))
             grads = torch.autograd.grad(o, leaves + ([sink_leaf] if sink_leaf is not None else []),
                                         grad_out[:, :, start:stop].to(compute))
         dq[:, :, start:stop] += grads[0]

@@ -10,13 +10,15 @@ same result:
 - "dense": score every visible key with one matmul, weight each key by how often the row lists it (a
   scatter-add of counts; 0 = not listed) inside the softmax, one matmul with V. On a CPU, gathering K/V rows
   per query costs more than the skipped flops once topk is a sizeable part of the keys (DeepSeek-V3.2's
-  indexer at short context: top_k 256 of 1024 keys). Its matmul with V runs over every key of the chunk's
-  span, so a non-finite value of a key a row does not list can still reach that row (as in dense attention).
+  indexer at short context: top_k 256 of 1024 keys). Key rows holding NaN / Inf leave its matmuls and are
+  taken per (row, key) instead (dsattn.torch_backend._hidden_keys), so they reach only the rows listing them.
 The backward recomputes each chunk under autograd (O(chunk) memory, like the forward); the forward works in
 place where no gradient is recorded.
 """
 
 import torch
+
+from dsattn.torch_backend import _hidden_keys
 
 # Elements of gathered K plus V held per chunk (~64 MiB in fp32), and at most half the elements of q, k and v
 # (not below MIN_CHUNK_ELEMENTS): the backward holds about three times a chunk (the gathered rows, their
@@ -55,10 +57,11 @@ def _recording(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _attend(scores, v, equation: str, counts=None):
+def _attend(scores, v, equation: str, counts=None, bad_cols=None):
     """Softmax over the last dim of scores (-inf: not attended), each key's exp(s) times its listing count
-    when counts is given, contracted with v by einsum(equation, probs, v) and divided by the row sums; a row
-    with no finite score gives zeros. Overwrites scores in place unless autograd records it."""
+    when counts is given, contracted with v by einsum(equation, probs, v) (the key rows bad_cols, with counts,
+    per (row, key): _hidden_keys.values) and divided by the row sums; a row with no finite score gives zeros.
+    Overwrites scores in place unless autograd records it."""
     inplace = not _recording(scores, v)
     row_max = scores.detach().amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # rows with no key
@@ -66,7 +69,11 @@ def _attend(scores, v, equation: str, counts=None):
     if counts is not None:
         probs = probs.mul_(counts) if inplace else probs * counts
     denom = probs.sum(dim=-1, keepdim=True)
-    return torch.einsum(equation, probs, v) / torch.where(denom > 0, denom, torch.ones_like(denom))
+    if bad_cols is None:
+        o = torch.einsum(equation, probs, v)
+    else:
+        o = _hidden_keys.values(probs, v, counts > 0, bad_cols)
+    return o / torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
 # --------------------------------------------------------------------------------------------- gather
@@ -138,18 +145,22 @@ def _dense_counts(idx, start: int, seq_q: int, seq_k: int, last: int, causal: bo
     return counts[:, :, None]
 
 
-def _dense_chunk(q_rows, k_span, v_span, counts, scale: float):
-    """Output rows [B, Hq, c, Dv] of q_rows over keys [0, span), each weighted by its listing count."""
+def _dense_chunk(q_rows, k_span, v_span, counts, scale: float, bad_cols=None):
+    """Output rows [B, Hq, c, Dv] of q_rows over keys [0, span), each weighted by its listing count; bad_cols:
+    span positions of key rows holding NaN / Inf (_hidden_keys.span_columns), or None."""
     b, hq, rows, dqk = q_rows.shape
     hkv = k_span.shape[1]
     q_rows = q_rows.reshape(b, hkv, hq // hkv, rows, dqk).to(k_span.dtype)
     # In place from the scores on (no gradient recorded): one [B, Hq, c, span] buffer besides the counts.
-    scores = torch.einsum("bhgcd,bhkd->bhgck", q_rows, k_span)
+    if bad_cols is None:
+        scores = torch.einsum("bhgcd,bhkd->bhgck", q_rows, k_span)
+    else:
+        scores = _hidden_keys.scores(q_rows, k_span, counts > 0, bad_cols)
     if _recording(q_rows, k_span):
         scores = (scores * scale).masked_fill(counts == 0, float("-inf"))
     else:
         scores = scores.mul_(scale).masked_fill_(counts == 0, float("-inf"))
-    o = _attend(scores, v_span, "bhgck,bhkv->bhgcv", counts)
+    o = _attend(scores, v_span, "bhgck,bhkv->bhgcv", counts, bad_cols)
     return o.reshape(b, hq, rows, v_span.shape[-1])
 
 
@@ -177,6 +188,7 @@ def sparse_attention(q, k, v, indices, *, causal: bool = False, scale: float | N
         return out
     size = _dense_chunk_size(q, k, chunk_size)
     kc, vc = k.to(compute), v.to(compute)
+    bad = _hidden_keys.nonfinite_keys(k, v)
     for start in range(0, sq, size):
         stop = min(start + size, sq)
         last = _dense_last(start, stop, sq, sk, causal)
@@ -184,7 +196,7 @@ def sparse_attention(q, k, v, indices, *, causal: bool = False, scale: float | N
             continue
         counts = _dense_counts(indices[:, :, start:stop], start, sq, sk, last, causal, compute)
         out[:, :, start:stop] = _dense_chunk(q[:, :, start:stop], kc[:, :, :last], vc[:, :, :last], counts,
-                                             scale).to(q.dtype)
+                                             scale, _hidden_keys.span_columns(bad, 0, last)).to(q.dtype)
     return out
 
 
@@ -222,6 +234,7 @@ def sparse_attention_backward(grad_out, q, k, v, indices, *, causal: bool, scale
         return dq.to(q.dtype), dk.to(k.dtype), dv_.to(v.dtype)
     size = _dense_chunk_size(q, k, chunk_size)
     kc, vc = k.to(compute), v.to(compute)
+    bad = _hidden_keys.nonfinite_keys(k, v)
     for start in range(0, sq, size):
         stop = min(start + size, sq)
         last = _dense_last(start, stop, sq, sk, causal)
@@ -231,7 +244,7 @@ def sparse_attention_backward(grad_out, q, k, v, indices, *, causal: bool, scale
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(True)
                       for t in (q[:, :, start:stop].to(compute), kc[:, :, :last], vc[:, :, :last])]
-            o = _dense_chunk(leaves[0], leaves[1], leaves[2], counts, scale)
+            o = _dense_chunk(leaves[0], leaves[1], leaves[2], counts, scale, _hidden_keys.span_columns(bad, 0, last))
             gq, gk, gv = torch.autograd.grad(o, leaves, grad_out[:, :, start:stop].to(compute))
         dq[:, :, start:stop] = gq
         dk[:, :, :last] += gk

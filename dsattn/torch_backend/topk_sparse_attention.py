@@ -4,11 +4,14 @@ Per chunk of query rows: the scores against every visible key (one matmul), each
 scattered mask, a masked softmax and one matmul with V. That is dense-attention speed on a CPU (gathering
 top_k K/V rows per query costs far more there than the skipped flops), with memory O(chunk x Sk), never
 [Sq, Sk] at once. The backward recomputes each chunk under autograd with the selection taken outside it
-(not differentiated: gradients flow through the selected keys only). Semantics: SPEC and
-dsattn.reference.topk_sparse_attention. `topk_indices` and `per_query_head` serve the Triton path.
+(not differentiated: gradients flow through the selected keys only). Keys a row cannot see or does not select
+never enter its arithmetic, also when they hold NaN or Inf (dsattn.torch_backend._hidden_keys). Semantics: SPEC
+and dsattn.reference.topk_sparse_attention. `topk_indices` and `per_query_head` serve the Triton path.
 """
 
 import torch
+
+from dsattn.torch_backend import _hidden_keys
 
 # Score elements held per query chunk (B x Hq x rows x Sk; ~8 MiB in fp32, plus a bool mask and top-k indices).
 CHUNK_ELEMENTS = 1 << 21
@@ -33,32 +36,46 @@ def chunks(q, k, top_k: int, causal: bool, chunk_elements: int | None = None):
 
 
 def attend_chunk(q_rows, k_span, v_span, start: int, seq_q: int, seq_k: int, top_k: int, causal: bool,
-                 scale: float, select: bool):
-    """Output rows [B, Hq, c, Dv] (compute dtype) of q_rows [B, Hq, c, Dqk] over keys [0, span). In place where
-    no gradient is recorded."""
+                 scale: float, select: bool, bad_cols=None):
+    """Output rows [B, Hq, c, Dv] (compute dtype) of q_rows [B, Hq, c, Dqk] over keys [0, span). bad_cols: span
+    positions of key rows holding NaN / Inf (_hidden_keys.span_columns), or None. In place where no gradient
+    is recorded."""
     b, hq, rows, dqk = q_rows.shape
     hkv, last = k_span.shape[1], k_span.shape[2]
     compute = k_span.dtype
     inplace = not (torch.is_grad_enabled() and any(t.requires_grad for t in (q_rows, k_span, v_span)))
     qc = q_rows.to(compute).reshape(b, hkv, hq // hkv, rows, dqk)
-    scores = torch.einsum("bhgcd,bhkd->bhgck", qc, k_span)
-    scores = scores.mul_(scale) if inplace else scores * scale
+    future = None
     if causal:
         position = torch.arange(start, start + rows, device=q_rows.device) + (seq_k - seq_q)
         future = torch.arange(last, device=q_rows.device)[None, :] > position[:, None]
+    if bad_cols is not None and future is not None:
+        scores = _hidden_keys.scores(qc, k_span, ~future, bad_cols)
+    else:  # (without causal every key of the span is visible to every row: no key to hide)
+        scores = torch.einsum("bhgcd,bhkd->bhgck", qc, k_span)
+    scores = scores.mul_(scale) if inplace else scores * scale
+    if future is not None:
         scores = scores.masked_fill_(future, float("-inf")) if inplace else scores.masked_fill(future, float("-inf"))
+    keep = None if future is None else ~future  # keys each row may take: for the non-finite rows' values
     if select:  # some row sees more than top_k keys
         chosen = scores.detach().topk(min(top_k, last), dim=-1, sorted=False).indices  # a set: no sort
         keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, chosen, True)
         del chosen
         # Also drops chosen -inf (invisible) keys.
         scores = scores.masked_fill_(~keep, float("-inf")) if inplace else scores.masked_fill(~keep, float("-inf"))
-        del keep
+        if bad_cols is None:
+            keep = None
+        elif future is not None:
+            keep &= ~future  # a chosen -inf key (a row seeing fewer than top_k) stays hidden
     row_max = scores.detach().amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # rows with no key
     probs = scores.sub_(row_max).exp_() if inplace else (scores - row_max).exp()
     denom = probs.sum(dim=-1, keepdim=True)
-    o = torch.einsum("bhgck,bhkv->bhgcv", probs, v_span) / torch.where(denom > 0, denom, torch.ones_like(denom))
+    if bad_cols is not None and keep is not None:
+        o = _hidden_keys.values(probs, v_span, keep, bad_cols)
+    else:
+        o = torch.einsum("bhgck,bhkv->bhgcv", probs, v_span)
+    o = o / torch.where(denom > 0, denom, torch.ones_like(denom))
     return o.reshape(b, hq, rows, v_span.shape[-1])
 
 
@@ -74,9 +91,10 @@ def topk_sparse_attention(q, k, v, top_k: int, *, causal: bool = True, scale: fl
         return out
     compute = _compute_dtype(q)
     kc, vc = k.to(compute), v.to(compute)
+    bad = _hidden_keys.nonfinite_keys(k, v)
     for start, stop, last, select in chunks(q, k, top_k, causal, chunk_elements):
         o = attend_chunk(q[:, :, start:stop], kc[:, :, :last], vc[:, :, :last], start, sq, sk, top_k, causal,
-                         scale, select)
+                         scale, select, _hidden_keys.span_columns(bad, 0, last))
         out[:, :, start:stop] = o.to(q.dtype)
     return out
 
@@ -93,11 +111,13 @@ def topk_sparse_attention_backward(grad_out, q, k, v, top_k: int, *, causal: boo
     dv = torch.zeros(v.shape, dtype=compute, device=v.device)
     if grad_out.numel() and sk:
         kc, vc = k.to(compute), v.to(compute)
+        bad = _hidden_keys.nonfinite_keys(k, v)
         for start, stop, last, select in chunks(q, k, top_k, causal, chunk_elements):
             with torch.enable_grad():
                 leaves = [t.detach().requires_grad_(True)
                           for t in (q[:, :, start:stop].to(compute), kc[:, :, :last], vc[:, :, :last])]
-                o = attend_chunk(*leaves, start, sq, sk, top_k, causal, scale, select)
+                o = attend_chunk(*leaves, start, sq, sk, top_k, causal, scale, select,
+                                 _hidden_keys.span_columns(bad, 0, last))
                 gq, gk, gv = torch.autograd.grad(o, leaves, grad_out[:, :, start:stop].to(compute))
             dq[:, :, start:stop] = gq
             dk[:, :, :last] += gk
