@@ -18,6 +18,19 @@ TORCH_LIBRARY(dsattn_C, m) {
   // leading columns per row) -> int32 [R, k] column indices, highest score first, ties to the lower index, -1
   // where a row has fewer than k valid columns; NaN ranks below -inf (csrc/{cpu,cuda}/topk_select.*).
   m.def("topk_select(Tensor scores, Tensor? lengths, int k) -> Tensor");
+  // Flash-style attention forward (csrc/cpu/sliding_window_attention.cpp, sparse_attention.cpp): q, k, v
+  // float32/bfloat16/float16, fp32 accumulation, out in q's dtype. isa: -1 the best the CPU has (or env
+  // DSATTN_CPU_ISA), 0 portable, 1 avx2, 2 avx512 (an ISA the CPU lacks is an error).
+  // Sliding window: q/k/v [B, H, S, D], or packed [T, H, D] with cu_seqlens_q/k int32 [num_seqs + 1]; sinks
+  // float32 [Hq] or None.
+  m.def("sliding_window_attention(Tensor q, Tensor k, Tensor v, Tensor? sinks, Tensor? cu_seqlens_q, "
+        "Tensor? cu_seqlens_k, int window, bool causal, float scale, int isa=-1) -> Tensor");
+  // Sparse: indices int32/int64 [B, Sq, topk] (shared by the heads) or [B, Hkv, Sq, topk]; entries outside
+  // [0, Sk) and, causal, after the query's position are skipped.
+  m.def("sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, bool causal, float scale, int isa=-1) "
+        "-> Tensor");
+  // The ISA the attention kernels run for `isa` (-1: auto): 0 portable, 1 avx2, 2 avx512; errors as above.
+  m.def("attention_isa(int isa=-1) -> int");
 }
 
 // A Python module so that `import dsattn._C` loads the library and runs the registrations above.

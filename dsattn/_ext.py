@@ -67,10 +67,35 @@ def _register_fakes() -> None:
     def _(scores, lengths, k):
         return scores.new_empty((scores.shape[0], k), dtype=torch.int32)
 
+    @torch.library.register_fake("dsattn_C::sliding_window_attention")
+    def _(q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, window, causal, scale, isa=-1):
+        return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+    @torch.library.register_fake("dsattn_C::sparse_attention")
+    def _(q, k, v, indices, causal, scale, isa=-1):
+        return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
 
 def load_errors() -> dict[str, str]:
     cuda_loaded()
     return dict(_errors)
+
+
+def cpu_info() -> dict:
+    """The CPU model (from /proc/cpuinfo where there is one) and which ISA path the CPU attention kernels take
+    (portable / avx2 / avx512; None without the extension): recorded next to CPU benchmark results."""
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    isa = None
+    if has_kernel("sliding_window_attention", "CPU"):
+        isa = ("portable", "avx2", "avx512")[torch.ops.dsattn_C.attention_isa(-1)]
+    return {"cpu_model": model, "cpu_threads": torch.get_num_threads(), "attention_isa": isa}
 
 
 def build_info() -> dict:

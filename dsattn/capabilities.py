@@ -67,12 +67,16 @@ TRITON_SLIDING_WINDOW = Capability(dtypes=KERNEL_FLOATS, max_head_dim=256)
 
 CAPABILITIES: dict[str, dict[str, Capability]] = {
     # The Triton backward (FlashAttention-2 style) covers the padded op and varlen (same kernels, per sequence).
-    "sliding_window_attention": {"triton": dataclasses.replace(TRITON_SLIDING_WINDOW, backward=True), "torch": TORCH},
+    # cpp: csrc/cpu flash-style forward (no backward: training keeps the torch path); 64-bit offsets.
+    "sliding_window_attention": {"triton": dataclasses.replace(TRITON_SLIDING_WINDOW, backward=True), "torch": TORCH,
+                                 "cpp": Capability(dtypes=KERNEL_FLOATS, kernel="sliding_window_attention")},
     "sliding_window_attention_varlen": {"triton": dataclasses.replace(TRITON_SLIDING_WINDOW, backward=True),
-                                        "torch": TORCH},
+                                        "torch": TORCH,
+                                        "cpp": Capability(dtypes=KERNEL_FLOATS, kernel="sliding_window_attention")},
     # 64-bit offsets where they can pass int32 (LONG_OFFSETS): no offset limit.
     # Triton backward: FlashAttention-2 style over the listed (topk: selected) keys, dk/dv by fp32 atomics.
-    "sparse_attention": {"triton": Capability(dtypes=KERNEL_FLOATS, backward=True), "torch": TORCH},
+    "sparse_attention": {"triton": Capability(dtypes=KERNEL_FLOATS, backward=True), "torch": TORCH,
+                         "cpp": Capability(dtypes=KERNEL_FLOATS, kernel="sparse_attention")},
     "topk_sparse_attention": {"triton": Capability(dtypes=KERNEL_FLOATS, backward=True), "torch": TORCH},
     # Its output is indices: nothing to differentiate, so every backend serves grad-mode calls. top_k is
     # min(top_k, Sk). The Triton kernel's offsets are 64-bit between tiles (its launcher checks the tiles).

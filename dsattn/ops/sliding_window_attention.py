@@ -11,7 +11,7 @@ from dsattn.torch_backend import sliding_window_attention as _torch
 
 OP = "sliding_window_attention"
 OP_VARLEN = "sliding_window_attention_varlen"
-AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
+AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpp", "torch")}
 
 
 def _check_window_and_flags(op: str, window, causal) -> int:
@@ -45,6 +45,9 @@ def _sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         from dsattn.triton_kernels import sliding_window_attention as _triton
 
         return _triton.sliding_window_attention(q, k, v, window, causal, scale, _triton_sinks(sinks))
+    if backend == "cpp":
+        return torch.ops.dsattn_C.sliding_window_attention(q, k, v, _triton_sinks(sinks), None, None, window, causal,
+                                                           scale)
     return _torch.sliding_window_attention(q, k, v, window, causal=causal, scale=scale, sinks=sinks)
 
 
@@ -142,8 +145,11 @@ def sliding_window_attention(q, k, v, window, *, causal=True, scale=None, sinks=
     (only possible when Sq > Sk) outputs zeros.
 
     Backends: "triton" (CUDA; fp16/bf16/fp32, head dims up to 256, flash-decoding split-K when
-    groups x Sq <= 64, 16 in fp32, without a gradient; a FlashAttention-2 style backward), "torch" (the chunked reference, O(S x window) memory). "auto": Triton on
-    CUDA, the reference on CPU and for what the kernels do not take (float64, wider heads such as MLA 576/512).
+    groups x Sq <= 64, 16 in fp32, without a gradient; a FlashAttention-2 style backward), "cpp" (CPU,
+    dsattn._C; fp16/bf16/fp32, any head dims, flash-style forward over the window's key tiles only, no
+    backward), "torch" (the chunked reference, O(S x window) memory). "auto": Triton on CUDA; on CPU cpp when
+    no gradient is needed, else the reference; the reference for what the kernels do not take (float64, wider
+    heads such as MLA 576/512 on CUDA).
     """
     window = _check_window_and_flags(OP, window, causal)
     shape = _checks.check_qkv(OP, q, k, v)
@@ -229,6 +235,9 @@ def _sliding_window_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.
         return _triton.sliding_window_attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, window, causal, scale,
             _triton_sinks(sinks))
+    if backend == "cpp":
+        return torch.ops.dsattn_C.sliding_window_attention(q, k, v, _triton_sinks(sinks), cu_seqlens_q, cu_seqlens_k,
+                                                           window, causal, scale)
     return _torch.sliding_window_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, window, causal=causal,
                                                   scale=scale, sinks=sinks)
 

@@ -21,7 +21,7 @@ from dsattn._library import define_op
 from dsattn.torch_backend import sparse_attention as _torch
 
 OP = "sparse_attention"
-AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
+AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpp", "torch")}
 
 
 def _check_indices(indices, shape: _checks.AttentionShape, q: torch.Tensor) -> None:
@@ -73,6 +73,8 @@ def _sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices
         from dsattn.triton_kernels import sparse_attention as _triton
 
         return _triton.sparse_attention(q, k, v, _triton_indices(indices, k.shape[2]), causal=causal, scale=scale)
+    if backend == "cpp":  # skips entries outside [0, Sk) itself, int32 or int64
+        return torch.ops.dsattn_C.sparse_attention(q, k, v, indices, causal, scale)
     return _torch.sparse_attention(q, k, v, indices, causal=causal, scale=scale)
 
 
@@ -163,8 +165,10 @@ def sparse_attention(
     dtype. Cost O(Sq x topk x D); no O(Sq x Sk) tensor.
 
     Backends: "triton" (CUDA; fp16/bf16/fp32, any head dims, split-K for decode; a FlashAttention-2 style
-    backward over the listed keys, dk/dv by fp32 atomics), "torch" (chunked, "gather" or "dense" per call
-    shape; has a backward). "auto": Triton on CUDA, torch on CPU and for float64.
+    backward over the listed keys, dk/dv by fp32 atomics), "cpp" (CPU, dsattn._C; fp16/bf16/fp32, a gather
+    of each row's listed K/V shared by the KV group's heads, online softmax; no backward), "torch" (chunked,
+    "gather" or "dense" per call shape; has a backward). "auto": Triton on CUDA; on CPU cpp when no gradient
+    is needed, else torch; torch for float64.
     """
     shape = _checks.check_qkv(OP, q, k, v)
     if not isinstance(causal, bool):

@@ -1,0 +1,451 @@
+// Flash-style CPU attention, included by attention_isa_*.cpp inside namespace dsattn::cpu_attn::isa_<name>
+// after `struct Vec` (the ISA's fp32 vector: W lanes, RM register rows, load/store/set1/fma/max/exp/...).
+// No includes here: the including file provides <algorithm>, <cmath>, <limits>, <vector>, ATen/Parallel.h
+// and c10's BFloat16/Half before its target pragma.
+//
+// Both kernels run the same loop over key tiles of BK keys, in fp32 whatever the input dtype:
+//   S = Q_rows . Kt (Kt: the tile transposed to [D][BK], so each q element is broadcast against BK/W key
+//   vectors: a register-blocked GEMM, RM rows x 4 vectors of accumulators), then per row an online softmax
+//   update (running max m, sum l, the fp32 output row O rescaled when m grows), then O += P . V_tile.
+// NaN hygiene: a key a row cannot see never enters that row's arithmetic. Its score may be computed (each
+// score is its own dot product) but is overwritten by -inf by index before the softmax, and the P . V
+// product of a tile that some row sees only in part runs per row over exactly its visible keys, so an
+// invisible V row is never multiplied (0 x NaN would be NaN).
+
+constexpr int64_t BK = 64;  // keys per tile
+constexpr int64_t NVK = BK / Vec::W;
+constexpr int64_t kRowsPerBlock = 32;  // query rows (all heads of a KV group) per sliding-window task
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+static_assert(NVK % 4 == 0, "a tile row is a whole number of 4-vector chunks");
+
+using reg = typename Vec::reg;
+
+template <typename T>
+inline const T* typed(const void* p) {
+  return static_cast<const T*>(p);
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// S[r][0..BK) = Q[r][0..D) . Kt[0..D)[0..BK) for r < RM (Q rows ldq apart).
+template <int RM>
+inline void qk_rows(const float* Q, int64_t ldq, const float* Kt, int64_t D, float* S) {
+  constexpr int C = 4;
+  for (int64_t c0 = 0; c0 < NVK; c0 += C) {
+    reg acc[RM][C];
+    for (int r = 0; r < RM; ++r)
+      for (int c = 0; c < C; ++c) acc[r][c] = Vec::zero();
+    const float* kt = Kt + c0 * Vec::W;
+    for (int64_t d = 0; d < D; ++d) {
+      reg kv[C];
+      for (int c = 0; c < C; ++c) kv[c] = Vec::load(kt + d * BK + c * Vec::W);
+      for (int r = 0; r < RM; ++r) {
+        const reg qb = Vec::set1(Q[r * ldq + d]);
+        for (int c = 0; c < C; ++c) acc[r][c] = Vec::fma(qb, kv[c], acc[r][c]);
+      }
+    }
+    for (int r = 0; r < RM; ++r)
+      for (int c = 0; c < C; ++c) Vec::store(S + r * BK + (c0 + c) * Vec::W, acc[r][c]);
+  }
+}
+
+inline void qk_block(const float* Q, int64_t M, int64_t D, const float* Kt, float* S) {
+  int64_t r = 0;
+  for (; r + Vec::RM <= M; r += Vec::RM) qk_rows<Vec::RM>(Q + r * D, D, Kt, D, S + r * BK);
+  for (; r < M; ++r) qk_rows<1>(Q + r * D, D, Kt, D, S + r * BK);
+}
+
+// O[r][dv0 .. dv0 + C*W) += sum_{ja <= j < jb} P[r][j] * Vt[j][..] for r < RM (P rows BK apart, O rows ldo).
+template <int RM, int C>
+inline void pv_chunk(const float* P, const float* Vt, int64_t ja, int64_t jb, int64_t ldv, float* O, int64_t ldo,
+                     int64_t dv0) {
+  reg acc[RM][C];
+  for (int r = 0; r < RM; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = Vec::load(O + r * ldo + dv0 + c * Vec::W);
+  for (int64_t j = ja; j < jb; ++j) {
+    reg vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = Vec::load(Vt + j * ldv + dv0 + c * Vec::W);
+    for (int r = 0; r < RM; ++r) {
+      const reg pb = Vec::set1(P[r * BK + j]);
+      for (int c = 0; c < C; ++c) acc[r][c] = Vec::fma(pb, vv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < RM; ++r)
+    for (int c = 0; c < C; ++c) Vec::store(O + r * ldo + dv0 + c * Vec::W, acc[r][c]);
+}
+
+template <int RM>
+inline void pv_rows(const float* P, const float* Vt, int64_t ja, int64_t jb, int64_t DvP, float* O) {
+  const int64_t nv = DvP / Vec::W;
+  int64_t c0 = 0;
+  for (; c0 + 4 <= nv; c0 += 4) pv_chunk<RM, 4>(P, Vt, ja, jb, DvP, O, DvP, c0 * Vec::W);
+  switch (nv - c0) {
+    case 3: pv_chunk<RM, 3>(P, Vt, ja, jb, DvP, O, DvP, c0 * Vec::W); break;
+    case 2: pv_chunk<RM, 2>(P, Vt, ja, jb, DvP, O, DvP, c0 * Vec::W); break;
+    case 1: pv_chunk<RM, 1>(P, Vt, ja, jb, DvP, O, DvP, c0 * Vec::W); break;
+    default: break;
+  }
+}
+
+// Every row of the block sees keys [ja, jb) of the tile.
+inline void pv_block(const float* P, int64_t M, const float* Vt, int64_t ja, int64_t jb, int64_t DvP, float* O) {
+  int64_t r = 0;
+  for (; r + Vec::RM <= M; r += Vec::RM) pv_rows<Vec::RM>(P + r * BK, Vt, ja, jb, DvP, O + r * DvP);
+  for (; r < M; ++r) pv_rows<1>(P + r * BK, Vt, ja, jb, DvP, O + r * DvP);
+}
+
+// Tasks [0, total) in chunks claimed from a shared counter by at most torch.get_num_threads() workers, each
+// with its own scratch (made by make_scratch): a worker slowed by other load on its core takes fewer chunks
+// instead of holding up a static share.
+template <typename MakeScratch, typename Body>
+void parallel_tasks(int64_t total, int64_t chunk, const MakeScratch& make_scratch, const Body& body) {
+  if (total <= 0) return;
+  const int64_t chunks = (total + chunk - 1) / chunk;
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), chunks));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto scratch = make_scratch();
+    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1))
+      for (int64_t t = c * chunk; t < std::min(total, (c + 1) * chunk); ++t) body(t, scratch);
+  });
+}
+
+// Online softmax update of one row over a tile's scores s[0..BK) (invisible ones already -inf): s becomes
+// the row's weights exp(s - m_new); l, m and the output row o (DvP floats) are updated.
+inline void softmax_row(float* s, float& m, float& l, float* o, int64_t DvP) {
+  reg mx = Vec::set1(kNegInf);
+  for (int64_t c = 0; c < NVK; ++c) mx = Vec::max(mx, Vec::load(s + c * Vec::W));
+  const float tile_max = Vec::reduce_max(mx);
+  const float m_new = std::max(m, tile_max);
+  if (m_new == kNegInf) {  // nothing with weight yet: every weight is 0 (exp(-inf - -inf) would be NaN)
+    for (int64_t c = 0; c < NVK; ++c) Vec::store(s + c * Vec::W, Vec::zero());
+    return;
+  }
+  const reg mv = Vec::set1(m_new);
+  reg sum = Vec::zero();
+  for (int64_t c = 0; c < NVK; ++c) {
+    const reg p = Vec::exp(Vec::sub(Vec::load(s + c * Vec::W), mv));
+    Vec::store(s + c * Vec::W, p);
+    sum = Vec::add(sum, p);
+  }
+  const float alpha = std::exp(m - m_new);  // m = -inf: 0 (o and l are still 0)
+  l = l * alpha + Vec::reduce_add(sum);
+  if (!(alpha == 1.f)) {
+    const reg av = Vec::set1(alpha);
+    for (int64_t c = 0; c < DvP; c += Vec::W) Vec::store(o + c, Vec::mul(av, Vec::load(o + c)));
+  }
+  m = m_new;
+}
+
+template <typename T>
+inline void store_row(T* dst, int64_t stride, const float* o, int64_t dv, float mult) {
+  for (int64_t d = 0; d < dv; ++d) dst[d * stride] = static_cast<T>(o[d] * mult);
+}
+
+// 1 / the row's softmax denominator (with the sink's e^(sink - m) when given); 0 for a row that saw no key.
+inline float row_multiplier(float m, float l, const float* sink) {
+  if (m == kNegInf) return 0.f;  // no key with weight: the output is 0 (O is 0)
+  if (sink != nullptr) {
+    const float s = *sink;
+    if (s > m) {
+      const float f = std::exp(m - s);
+      return f / (l * f + 1.f);
+    }
+    l += std::exp(s - m);
+  }
+  return l == 0.f ? 0.f : 1.f / l;
+}
+
+// Q rows (already scaled) of the block into Qp[M][D].
+template <typename T>
+inline void pack_q_row(const T* src, int64_t sd, int64_t D, float scale, float* dst) {
+  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d * sd]) * scale;
+}
+
+// Key row j of a tile: column jj of Kt[D][BK] and row jj of Vt[BK][DvP] (zero padded past Dv).
+template <typename T>
+inline void pack_kv_row(const T* krow, int64_t kd, const T* vrow, int64_t vd, int64_t D, int64_t Dv, int64_t DvP,
+                        float* Kt, float* Vt, int64_t jj) {
+  float* vt = Vt + jj * DvP;
+  if (kd == 1 && vd == 1) {  // the usual layout: unit-stride loops the compiler vectorizes
+    for (int64_t d = 0; d < D; ++d) Kt[d * BK + jj] = static_cast<float>(krow[d]);
+    for (int64_t d = 0; d < Dv; ++d) vt[d] = static_cast<float>(vrow[d]);
+  } else {
+    for (int64_t d = 0; d < D; ++d) Kt[d * BK + jj] = static_cast<float>(krow[d * kd]);
+    for (int64_t d = 0; d < Dv; ++d) vt[d] = static_cast<float>(vrow[d * vd]);
+  }
+  for (int64_t d = Dv; d < DvP; ++d) vt[d] = 0.f;
+}
+
+inline void zero_kv_row(int64_t D, int64_t DvP, float* Kt, float* Vt, int64_t jj) {
+  for (int64_t d = 0; d < D; ++d) Kt[d * BK + jj] = 0.f;
+  for (int64_t d = 0; d < DvP; ++d) Vt[jj * DvP + d] = 0.f;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Sliding window. Query i of a sequence sits at p = i + Sk - Sq and sees keys [lo_i, hi_i] (causal:
+// p - window < j <= p; else |p - j| < window), both bounds non-decreasing in i.
+
+struct Range {
+  int64_t lo, hi;  // empty when lo > hi
+};
+
+inline Range visible(int64_t i, int64_t sq, int64_t sk, int64_t window, bool causal) {
+  const int64_t p = i + sk - sq;
+  Range r{std::max<int64_t>(p - window + 1, 0), std::min<int64_t>(causal ? p : p + window - 1, sk - 1)};
+  return r;
+}
+
+struct PackedSeq {
+  int64_t t0, ntile, k_off, v_off;  // first key tile, tile count, offsets into the packed K and V buffers
+};
+
+template <typename T>
+void sliding_window_typed(const SlidingArgs& a) {
+  const int64_t G = a.hq / a.hkv, D = a.dqk, Dv = a.dv, DvP = round_up(std::max<int64_t>(Dv, 1), Vec::W);
+  // window clamped so that p +- window cannot overflow (a window past every key changes nothing).
+  int64_t max_len = 0;
+  for (int64_t s = 0; s < a.nseq; ++s) max_len = std::max(max_len, a.seqs[s].sq + a.seqs[s].sk);
+  const int64_t window = std::min<int64_t>(a.window, max_len + 1);
+  const T* q = typed<T>(a.q);
+  const T* k = typed<T>(a.k);
+  const T* v = typed<T>(a.v);
+  T* out = static_cast<T*>(a.out);
+
+  // 1. The key tiles any query of a sequence sees, per KV head, converted to fp32 once: Kt [tile][D][BK],
+  //    V [tile * BK][DvP] (keys outside [0, Sk) zero). Tiles are aligned to BK in key index, so query blocks
+  //    share them; keys before the first / after the last visible one are never packed (decode at a long
+  //    cache packs only the window).
+  std::vector<PackedSeq> packed(a.nseq);
+  std::vector<int64_t> tile_prefix(a.nseq * a.hkv + 1, 0);
+  int64_t k_total = 0, v_total = 0;
+  for (int64_t s = 0; s < a.nseq; ++s) {
+    const Seq& sq = a.seqs[s];
+    int64_t lo = INT64_MAX, hi = -1;
+    for (int64_t i = 0; i < sq.sq; ++i) {
+      const Range r = visible(i, sq.sq, sq.sk, window, a.causal);
+      if (r.lo <= r.hi) {
+        lo = std::min(lo, r.lo);
+        hi = std::max(hi, r.hi);
+      }
+    }
+    PackedSeq& ps = packed[s];
+    ps.t0 = hi >= 0 ? lo / BK : 0;
+    ps.ntile = hi >= 0 ? hi / BK - lo / BK + 1 : 0;
+    ps.k_off = k_total;
+    ps.v_off = v_total;
+    k_total += a.hkv * ps.ntile * D * BK;
+    v_total += a.hkv * ps.ntile * BK * DvP;
+    for (int64_t h = 0; h < a.hkv; ++h) tile_prefix[s * a.hkv + h + 1] = tile_prefix[s * a.hkv + h] + ps.ntile;
+  }
+  std::vector<float> kbuf(k_total), vbuf(v_total);
+  const int64_t units = tile_prefix.back();
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t sh = std::upper_bound(tile_prefix.begin(), tile_prefix.end(), u) - tile_prefix.begin() - 1;
+      const int64_t s = sh / a.hkv, h = sh % a.hkv, t = u - tile_prefix[sh];
+      const Seq& sq = a.seqs[s];
+      const PackedSeq& ps = packed[s];
+      float* Kt = kbuf.data() + ps.k_off + (h * ps.ntile + t) * D * BK;
+      float* Vt = vbuf.data() + ps.v_off + (h * ps.ntile + t) * BK * DvP;
+      const int64_t j0 = (ps.t0 + t) * BK;
+      for (int64_t jj = 0; jj < BK; ++jj) {
+        const int64_t j = j0 + jj;
+        if (j < sq.sk)
+          pack_kv_row(k + sq.k_off + h * a.ks.h + j * a.ks.r, a.ks.d, v + sq.v_off + h * a.vs.h + j * a.vs.r, a.vs.d,
+                      D, Dv, DvP, Kt, Vt, jj);
+        else
+          zero_kv_row(D, DvP, Kt, Vt, jj);
+      }
+    }
+  });
+
+  // 2. Tasks: (sequence, KV head, block of query rows); a block's rows are its G query heads x BQ positions
+  //    (row r = g * nq + ii), so each K/V tile is loaded once for the whole query group.
+  const int64_t BQ = std::max<int64_t>(1, kRowsPerBlock / G);
+  std::vector<int64_t> task_prefix(a.nseq + 1, 0);
+  for (int64_t s = 0; s < a.nseq; ++s)
+    task_prefix[s + 1] = task_prefix[s] + a.hkv * ((a.seqs[s].sq + BQ - 1) / BQ);
+  const int64_t MaxM = G * BQ;
+  struct Scratch {
+    std::vector<float> Qp, S, O, m, l;
+    std::vector<Range> rows, seen;
+  };
+  const auto make_scratch = [&] {
+    return Scratch{std::vector<float>(MaxM * std::max<int64_t>(D, 1)), std::vector<float>(MaxM * BK),
+                   std::vector<float>(MaxM * DvP), std::vector<float>(MaxM), std::vector<float>(MaxM),
+                   std::vector<Range>(BQ), std::vector<Range>(MaxM)};
+  };
+  parallel_tasks(task_prefix.back(), 2, make_scratch, [&](int64_t task, Scratch& sc) {
+    auto &Qp = sc.Qp, &S = sc.S, &O = sc.O, &m = sc.m, &l = sc.l;
+    auto &rows = sc.rows, &seen = sc.seen;
+    {
+      const int64_t s = std::upper_bound(task_prefix.begin(), task_prefix.end(), task) - task_prefix.begin() - 1;
+      const Seq& sq = a.seqs[s];
+      const int64_t local = task - task_prefix[s], nblk = (sq.sq + BQ - 1) / BQ;
+      const int64_t h = local / nblk, i0 = (local % nblk) * BQ, nq = std::min(BQ, sq.sq - i0), M = G * nq;
+      int64_t blk_lo = INT64_MAX, blk_hi = -1;
+      for (int64_t ii = 0; ii < nq; ++ii) {
+        rows[ii] = visible(i0 + ii, sq.sq, sq.sk, window, a.causal);
+        if (rows[ii].lo <= rows[ii].hi) {
+          blk_lo = std::min(blk_lo, rows[ii].lo);
+          blk_hi = std::max(blk_hi, rows[ii].hi);
+        }
+      }
+      for (int64_t r = 0; r < M; ++r) {
+        m[r] = kNegInf;
+        l[r] = 0.f;
+      }
+      std::fill(O.begin(), O.begin() + M * DvP, 0.f);
+      if (blk_hi >= 0) {
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t ii = 0; ii < nq; ++ii)
+            pack_q_row(q + sq.q_off + (h * G + g) * a.qs.h + (i0 + ii) * a.qs.r, a.qs.d, D, a.scale,
+                       Qp.data() + (g * nq + ii) * D);
+        const PackedSeq& ps = packed[s];
+        for (int64_t t = blk_lo / BK; t <= blk_hi / BK; ++t) {
+          const int64_t j0 = t * BK, nk = std::min(BK, sq.sk - j0);
+          const float* Kt = kbuf.data() + ps.k_off + (h * ps.ntile + t - ps.t0) * D * BK;
+          const float* Vt = vbuf.data() + ps.v_off + (h * ps.ntile + t - ps.t0) * BK * DvP;
+          bool full = nk == BK;
+          for (int64_t ii = 0; ii < nq && full; ++ii) full = rows[ii].lo <= j0 && rows[ii].hi >= j0 + BK - 1;
+          qk_block(Qp.data(), M, D, Kt, S.data());
+          for (int64_t r = 0; r < M; ++r) {
+            const Range& rr = rows[r % nq];
+            seen[r] = Range{std::max(rr.lo, j0) - j0, std::min(rr.hi, j0 + nk - 1) - j0};
+            if (seen[r].lo > seen[r].hi) continue;
+            float* srow = S.data() + r * BK;
+            if (!full) {
+              for (int64_t jj = 0; jj < seen[r].lo; ++jj) srow[jj] = kNegInf;
+              for (int64_t jj = seen[r].hi + 1; jj < BK; ++jj) srow[jj] = kNegInf;
+            }
+            softmax_row(srow, m[r], l[r], O.data() + r * DvP, DvP);
+          }
+          // Keys every row of the block sees go through the register-blocked product; each row's other
+          // visible keys (window edges, the causal diagonal) through its own loop.
+          int64_t ca = 0, cb = BK - 1;
+          for (int64_t r = 0; r < M; ++r) {
+            ca = std::max(ca, seen[r].lo);
+            cb = std::min(cb, seen[r].hi);
+          }
+          if (ca <= cb) pv_block(S.data(), M, Vt, ca, cb + 1, DvP, O.data());
+          if (!full) {
+            for (int64_t r = 0; r < M; ++r) {
+              if (seen[r].lo > seen[r].hi) continue;
+              float* orow = O.data() + r * DvP;
+              const float* prow = S.data() + r * BK;
+              if (ca > cb) {
+                pv_rows<1>(prow, Vt, seen[r].lo, seen[r].hi + 1, DvP, orow);
+              } else {
+                if (seen[r].lo < ca) pv_rows<1>(prow, Vt, seen[r].lo, ca, DvP, orow);
+                if (seen[r].hi > cb) pv_rows<1>(prow, Vt, cb + 1, seen[r].hi + 1, DvP, orow);
+              }
+            }
+          }
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t hq = h * G + g;
+        for (int64_t ii = 0; ii < nq; ++ii) {
+          const int64_t r = g * nq + ii;
+          const float mult = row_multiplier(m[r], l[r], a.sinks ? a.sinks + hq : nullptr);
+          store_row(out + sq.o_off + hq * a.os.h + (i0 + ii) * a.os.r, a.os.d, O.data() + r * DvP, Dv, mult);
+        }
+      }
+    }
+  });
+}
+
+void sliding_window(const SlidingArgs& a) {
+  switch (a.dtype) {
+    case kFloat32: sliding_window_typed<float>(a); break;
+    case kBFloat16: sliding_window_typed<c10::BFloat16>(a); break;
+    case kFloat16: sliding_window_typed<c10::Half>(a); break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Sparse: per (batch, KV head, query row) the listed keys that are in [0, Sk) (and, causal, at or before the
+// query's position) are gathered into tiles; the G query heads of the KV group are the block's rows.
+
+template <typename T, typename I>
+void sparse_typed(const SparseArgs& a) {
+  const int64_t G = a.hq / a.hkv, D = a.dqk, Dv = a.dv, DvP = round_up(std::max<int64_t>(Dv, 1), Vec::W);
+  const T* q = typed<T>(a.q);
+  const T* k = typed<T>(a.k);
+  const T* v = typed<T>(a.v);
+  const I* idx = typed<I>(a.indices);
+  T* out = static_cast<T*>(a.out);
+  const int64_t tasks = a.batch * a.hkv * a.sq;
+  struct Scratch {
+    std::vector<float> Qp, S, O, m, l, Kt, Vt;
+    std::vector<int64_t> keys;
+  };
+  const auto make_scratch = [&] {
+    return Scratch{std::vector<float>(G * std::max<int64_t>(D, 1)), std::vector<float>(G * BK),
+                   std::vector<float>(G * DvP), std::vector<float>(G), std::vector<float>(G),
+                   std::vector<float>(std::max<int64_t>(D, 1) * BK), std::vector<float>(BK * DvP),
+                   std::vector<int64_t>(a.topk)};
+  };
+  parallel_tasks(tasks, 16, make_scratch, [&](int64_t task, Scratch& sc) {
+    auto &Qp = sc.Qp, &S = sc.S, &O = sc.O, &m = sc.m, &l = sc.l, &Kt = sc.Kt, &Vt = sc.Vt;
+    auto& keys = sc.keys;
+    {
+      const int64_t i = task % a.sq, h = (task / a.sq) % a.hkv, b = task / (a.sq * a.hkv);
+      const int64_t p = i + a.sk - a.sq;
+      const I* list = idx + b * a.idx_sb + h * a.idx_sh + i * a.idx_sr;
+      int64_t n = 0;
+      for (int64_t t = 0; t < a.topk; ++t) {
+        const int64_t j = static_cast<int64_t>(list[t * a.idx_st]);
+        if (j >= 0 && j < a.sk && (!a.causal || j <= p)) keys[n++] = j;
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        m[g] = kNegInf;
+        l[g] = 0.f;
+      }
+      std::fill(O.begin(), O.end(), 0.f);
+      if (n > 0) {
+        for (int64_t g = 0; g < G; ++g)
+          pack_q_row(q + b * a.qb + (h * G + g) * a.qs.h + i * a.qs.r, a.qs.d, D, a.scale, Qp.data() + g * D);
+        const T* kh = k + b * a.kb + h * a.ks.h;
+        const T* vh = v + b * a.vb + h * a.vs.h;
+        for (int64_t t0 = 0; t0 < n; t0 += BK) {
+          const int64_t nk = std::min(BK, n - t0);
+          for (int64_t jj = 0; jj < nk; ++jj) {
+            const int64_t j = keys[t0 + jj];
+            pack_kv_row(kh + j * a.ks.r, a.ks.d, vh + j * a.vs.r, a.vs.d, D, Dv, DvP, Kt.data(), Vt.data(), jj);
+          }
+          for (int64_t jj = nk; jj < BK; ++jj) zero_kv_row(D, DvP, Kt.data(), Vt.data(), jj);
+          qk_block(Qp.data(), G, D, Kt.data(), S.data());
+          for (int64_t g = 0; g < G; ++g) {
+            float* srow = S.data() + g * BK;
+            for (int64_t jj = nk; jj < BK; ++jj) srow[jj] = kNegInf;
+            softmax_row(srow, m[g], l[g], O.data() + g * DvP, DvP);
+          }
+          pv_block(S.data(), G, Vt.data(), 0, nk, DvP, O.data());
+        }
+      }
+      for (int64_t g = 0; g < G; ++g)
+        store_row(out + b * a.ob + (h * G + g) * a.os.h + i * a.os.r, a.os.d, O.data() + g * DvP, Dv,
+                  row_multiplier(m[g], l[g], nullptr));
+    }
+  });
+}
+
+template <typename T>
+void sparse_dtype(const SparseArgs& a) {
+  if (a.idx64)
+    sparse_typed<T, int64_t>(a);
+  else
+    sparse_typed<T, int32_t>(a);
+}
+
+void sparse(const SparseArgs& a) {
+  switch (a.dtype) {
+    case kFloat32: sparse_dtype<float>(a); break;
+    case kBFloat16: sparse_dtype<c10::BFloat16>(a); break;
+    case kFloat16: sparse_dtype<c10::Half>(a); break;
+  }
+}
+
+bool compiled() { return true; }

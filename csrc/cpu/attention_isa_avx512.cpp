@@ -1,0 +1,92 @@
+// The attention kernels (attention_impl.h) built for AVX-512 (F/BW/DQ/VL + FMA): 16 fp32 lanes, 4 x 4 register
+// tiles. Everything ATen/c10 is included before the target pragma, so only this file's own functions (in
+// namespace isa_avx512) carry AVX-512 code; resolve_isa() calls them only on CPUs that have it.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/attention_kernels.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma,avx2"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,fma,avx2")
+#endif
+
+namespace dsattn {
+namespace cpu_attn {
+namespace isa_avx512 {
+
+struct Vec {
+  using reg = __m512;
+  static constexpr int64_t W = 16;
+  static constexpr int RM = 4;
+  static inline reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline void store(float* p, reg x) { _mm512_storeu_ps(p, x); }
+  static inline reg set1(float x) { return _mm512_set1_ps(x); }
+  static inline reg zero() { return _mm512_setzero_ps(); }
+  static inline reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+  static inline reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+  static inline reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
+  static inline reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
+  static inline float reduce_max(reg x) { return _mm512_reduce_max_ps(x); }
+  static inline float reduce_add(reg x) { return _mm512_reduce_add_ps(x); }
+  // e^x (Cephes expf polynomial, ~1 ulp), 0 below -87.3 (so e^-inf = 0); NaN stays NaN (min/max return their
+  // second operand when either is NaN, so x goes second).
+  static inline reg exp(reg x) {
+    const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3365447505f), _CMP_LT_OQ);
+    x = _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), x);
+    x = _mm512_max_ps(_mm512_set1_ps(-87.3365447505f), x);
+    const reg n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    reg r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    reg p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mask_blend_ps(under, _mm512_mul_ps(p, _mm512_castsi512_ps(e)), _mm512_setzero_ps());
+  }
+};
+
+#include "cpu/attention_impl.h"
+
+}  // namespace isa_avx512
+}  // namespace cpu_attn
+}  // namespace dsattn
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#else  // not x86-64 with GCC/clang: never selected
+
+namespace dsattn {
+namespace cpu_attn {
+namespace isa_avx512 {
+void sliding_window(const SlidingArgs&) {}
+void sparse(const SparseArgs&) {}
+bool compiled() { return false; }
+}  // namespace isa_avx512
+}  // namespace cpu_attn
+}  // namespace dsattn
+
+#endif

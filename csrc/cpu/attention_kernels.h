@@ -1,0 +1,77 @@
+// Shared declarations of the CPU attention kernels (sliding_window_attention.cpp, sparse_attention.cpp).
+//
+// The arithmetic lives in attention_impl.h, compiled three times: attention_isa_avx512.cpp and
+// attention_isa_avx2.cpp (each under its own `#pragma GCC target`, in its own namespace so that no inline
+// function built for one ISA is merged into another's callers) and attention_isa_portable.cpp (the baseline
+// ISA of the build, any architecture). resolve_isa() picks one at run time from the CPU's features.
+// Arguments are raw pointers and element strides (int64): the ISA files include no ATen tensor headers.
+#pragma once
+
+#include <cstdint>
+
+namespace dsattn {
+namespace cpu_attn {
+
+enum Dtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+// Also the private `isa` argument of the dsattn_C attention ops: -1 = best the CPU has (or env DSATTN_CPU_ISA).
+enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// One sequence: element offsets of its (head 0, row 0, dim 0) in q / k / v / out, and its lengths. The padded
+// op has one per batch entry; varlen one per packed sequence.
+struct Seq {
+  int64_t q_off, k_off, v_off, o_off, sq, sk;
+};
+
+// Element strides (head, row, dim) shared by every sequence.
+struct Strides {
+  int64_t h, r, d;
+};
+
+struct SlidingArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  Dtype dtype;
+  const float* sinks;  // [Hq] or nullptr
+  const Seq* seqs;
+  int64_t nseq, hq, hkv, dqk, dv, window;
+  bool causal;
+  float scale;
+  Strides qs, ks, vs, os;
+};
+
+struct SparseArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  Dtype dtype;
+  const void* indices;  // int32 or int64
+  bool idx64;
+  int64_t idx_sb, idx_sh, idx_sr, idx_st;  // strides of [B, (Hkv), Sq, topk]; idx_sh = 0 when shared by heads
+  int64_t batch, hq, hkv, sq, sk, dqk, dv, topk;
+  bool causal;
+  float scale;
+  int64_t qb, kb, vb, ob;  // batch strides
+  Strides qs, ks, vs, os;
+};
+
+// The ISA to run for `requested` (-1: the best this CPU has, unless env DSATTN_CPU_ISA = portable / avx2 /
+// avx512 asks for another); an ISA this CPU or build lacks is an error.
+Isa resolve_isa(int64_t requested);
+bool isa_available(Isa isa);
+
+#define DSATTN_DECLARE_ISA(ns)                 \
+  namespace ns {                               \
+  void sliding_window(const SlidingArgs& a);   \
+  void sparse(const SparseArgs& a);            \
+  bool compiled();                             \
+  }
+DSATTN_DECLARE_ISA(isa_portable)
+DSATTN_DECLARE_ISA(isa_avx2)
+DSATTN_DECLARE_ISA(isa_avx512)
+#undef DSATTN_DECLARE_ISA
+
+}  // namespace cpu_attn
+}  // namespace dsattn

@@ -1,0 +1,83 @@
+// torch.ops.dsattn_C.sparse_attention on CPU tensors: the "cpp" backend of dsattn's sparse_attention (forward
+// only). Per (batch, KV head, query) the listed keys in [0, Sk) (causal: at or before the query's position
+// i + Sk - Sq; anything else, -1 included, is "no key") are gathered once for the KV group's query heads and
+// attended with an online softmax (attention_impl.h). Duplicated entries count once per listing.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include "cpu/attention_kernels.h"
+
+namespace dsattn {
+namespace cpu_attn {
+
+Dtype dtype_of(const at::Tensor& t, const char* op);  // sliding_window_attention.cpp
+
+namespace {
+
+at::Tensor sparse_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& indices, bool causal, double scale, int64_t isa) {
+  const char* op = "sparse_attention";
+  for (const at::Tensor* t : {&q, &k, &v, &indices})
+    TORCH_CHECK(t->device().is_cpu(), "dsattn_C::", op, ": CPU tensors only");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "dsattn_C::", op, ": q, k, v must be 4-D [B, H, S, D]");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "dsattn_C::", op,
+              ": q, k, v must share a dtype");
+  const int64_t b = q.size(0), hq = q.size(1), sq = q.size(2), dqk = q.size(3);
+  const int64_t hkv = k.size(1), sk = k.size(2), dv = v.size(3);
+  TORCH_CHECK(k.size(0) == b && v.size(0) == b && v.size(1) == hkv && v.size(2) == sk && k.size(3) == dqk,
+              "dsattn_C::", op, ": q, k, v shapes disagree");
+  TORCH_CHECK(hkv > 0 && hq % hkv == 0, "dsattn_C::", op, ": q heads must be a multiple of k/v heads");
+  TORCH_CHECK(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong, "dsattn_C::", op,
+              ": indices must be int32 or int64");
+  const bool shared = indices.dim() == 3;
+  TORCH_CHECK(shared || indices.dim() == 4, "dsattn_C::", op, ": indices must be [B, Sq, topk] or [B, Hkv, Sq, topk]");
+  TORCH_CHECK(indices.size(0) == b && indices.size(shared ? 1 : 2) == sq && (shared || indices.size(1) == hkv),
+              "dsattn_C::", op, ": indices shape disagrees with q/k");
+  at::Tensor out = at::empty({b, hq, sq, dv}, q.options());
+  if (out.numel() == 0) return out;
+  SparseArgs a;
+  a.q = q.data_ptr();
+  a.k = k.data_ptr();
+  a.v = v.data_ptr();
+  a.out = out.data_ptr();
+  a.dtype = dtype_of(q, op);
+  a.indices = indices.data_ptr();
+  a.idx64 = indices.scalar_type() == at::kLong;
+  a.idx_sb = indices.stride(0);
+  a.idx_sh = shared ? 0 : indices.stride(1);
+  a.idx_sr = indices.stride(shared ? 1 : 2);
+  a.idx_st = indices.stride(-1);
+  a.batch = b;
+  a.hq = hq;
+  a.hkv = hkv;
+  a.sq = sq;
+  a.sk = sk;
+  a.dqk = dqk;
+  a.dv = dv;
+  a.topk = indices.size(-1);
+  a.causal = causal;
+  a.scale = static_cast<float>(scale);
+  a.qb = q.stride(0);
+  a.kb = k.stride(0);
+  a.vb = v.stride(0);
+  a.ob = out.stride(0);
+  a.qs = Strides{q.stride(1), q.stride(2), q.stride(3)};
+  a.ks = Strides{k.stride(1), k.stride(2), k.stride(3)};
+  a.vs = Strides{v.stride(1), v.stride(2), v.stride(3)};
+  a.os = Strides{out.stride(1), out.stride(2), out.stride(3)};
+  switch (resolve_isa(isa)) {
+    case kAvx512: isa_avx512::sparse(a); break;
+    case kAvx2: isa_avx2::sparse(a); break;
+    default: isa_portable::sparse(a); break;
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace cpu_attn
+
+TORCH_LIBRARY_IMPL(dsattn_C, CPU, m) { m.impl("sparse_attention", &cpu_attn::sparse_attention_cpu); }
+
+}  // namespace dsattn
