@@ -344,3 +344,18 @@ def test_deepseek_v32_sparse_takes_top_k():
             m.index_topk = 4
     ref = logits(model, ids)
     assert (out - ref).abs().max() < 1e-4 and (out - full).abs().max() > 1e-3
+
+
+def test_patched_added_indexer_compiles_without_graph_breaks():
+    model = dsa.add_indexer(make_model("llama", layers=1), top_k=TOP_K)
+    ids = tokens()
+    dsattn.patch(model, attention="sparse")
+    try:
+        with torch.no_grad():
+            ref = model(ids, use_cache=False).logits
+            torch._dynamo.reset()
+            out = torch.compile(lambda x: model(x, use_cache=False).logits, backend="aot_eager", fullgraph=True)(ids)
+    finally:
+        dsattn.unpatch(model)
+        torch._dynamo.reset()
+    assert (out - ref).abs().max() < 1e-5
