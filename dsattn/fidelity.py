@@ -63,6 +63,8 @@ def modes(context: int) -> dict:
         # all decoder layers (keep_first_last=False): on a 4-layer model the default would leave half in fp32
         "int4 g128 asym": dict(quantize="int4", group_size=128, symmetric=False, keep_first_last=False),
         "int4 g128 sym": dict(quantize="int4", group_size=128, symmetric=True, keep_first_last=False),
+        # per output channel (int8's default); int8 has no fused-experts module, so the MoE experts stay fp32
+        "int8 per-channel": dict(quantize="int8", keep_first_last=False),
     }
 
 
@@ -220,15 +222,18 @@ def evaluate(model, held_out: torch.Tensor, *, context: int, count: int, batch: 
 
 
 def _quantized_fraction(model, options) -> float:
-    """Share of the decoder layers' weights int4 turns into Int4 (lm_head and embeddings stay fp32)."""
+    """Share of the decoder layers' weights the quantizer replaces (lm_head and embeddings stay fp32)."""
     total = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n and p.dim() >= 2
                 and "gate.weight" not in n)
     dsattn.patch(model, **options)
     try:
         from dsattn.nn.int4_linear import Int4Experts, Int4Linear
+        from dsattn.nn.int8_linear import Int8Linear
 
-        # 8 weights per packed word: Int4Linear's qweight, Int4Experts' gate_up_qweight and down_qweight
-        quantized = sum(buf.numel() * 8 for m in model.modules() if isinstance(m, (Int4Linear, Int4Experts))
+        # int4: 8 weights per packed word (Int4Linear's qweight, Int4Experts' gate_up_qweight and down_qweight);
+        # int8: one weight per element of Int8Linear's qweight
+        quantized = sum(buf.numel() * (8 if isinstance(m, (Int4Linear, Int4Experts)) else 1)
+                        for m in model.modules() if isinstance(m, (Int4Linear, Int4Experts, Int8Linear))
                         for name, buf in m.named_buffers(recurse=False) if name.endswith("qweight"))
     finally:
         dsattn.unpatch(model)
