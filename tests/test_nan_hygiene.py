@@ -352,3 +352,28 @@ def test_topk_torch_small_chunks():
     q, k, v = _qkv(b, hq, hkv, sq, sk, 8, 8)
     _check(Chunked.apply, lambda q, k, v: topk_ref(q, k, v, top_k), q, k, v, _keys(b, hkv, sk, [7]),
            visible_mask(sq, sk, sk, True), reaches=False)
+
+
+# ------------------------------------------------------------------------- the blocked sliding-window path
+@pytest.mark.parametrize("causal,sq,sk,window", [(True, 45, 61, 7), (False, 50, 50, 9), (True, 70, 33, 8)])
+def test_sliding_window_torch_blocked_path(causal, sq, sk, window, monkeypatch):
+    """Finite K/V with a window well inside the keys take the blocked path (query blocks batched over unfold
+    views of the keys: few large ops per call); forward, q/k/v/sinks gradients against float64 autograd of
+    the oracle (GQA, odd sizes, Sq < Sk and Sq > Sk, a symmetric window, a strided q)."""
+    from dsattn.testing import assert_grads_match, non_contiguous
+
+    calls = []
+    monkeypatch.setattr(sliding_torch, "attend_blocks",
+                        lambda *a, **kw: calls.append(1) or _attend_blocks(*a, **kw))
+    monkeypatch.setattr(sliding_torch, "MIN_CHUNK", 4)  # several blocks per group on test shapes
+    q, k, v = _qkv(2, 6, 2, sq, sk, 16, 12)
+    inputs = [non_contiguous(q).requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True),
+              torch.randn(6, requires_grad=True)]
+    assert_grads_match(lambda q, k, v, s: dsattn.sliding_window_attention(q, k, v, window, causal=causal, sinks=s,
+                                                                          backend="torch"),
+                       lambda q, k, v, s: sliding_ref(q, k, v, window, causal=causal, sinks=s), inputs, RTOL,
+                       name="sliding_window_attention (blocked)")
+    assert len(calls) >= 2  # the forward and the backward's recompute
+
+
+_attend_blocks = sliding_torch.attend_blocks

@@ -24,20 +24,98 @@ def visible_key_range(first: int, last: int, seq_q: int, seq_k: int, window: int
     return lo, max(lo, hi)
 
 
+def _chunk_rows(q, k, window: int, chunk_size: int | None) -> int:
+    if chunk_size is not None:
+        return chunk_size
+    # About one window of rows per chunk (a chunk's key span is at most chunk + 2 * window: the work is
+    # O(S x window), not O(S x S)), within the score budget.
+    b, hq, sk = q.shape[0], q.shape[1], k.shape[2]
+    chunk_size = min(MAX_CHUNK, max(MIN_CHUNK, window))
+    return max(1, min(chunk_size, CHUNK_ELEMENTS // max(1, b * hq * min(sk, chunk_size + 2 * window))))
+
+
 def chunks(q, k, window: int, causal: bool, chunk_size: int | None = None):
     """(start, stop, lo, hi) per query chunk that sees any key: rows [start, stop) over keys [lo, hi)."""
-    b, hq, sq, _ = q.shape
-    sk = k.shape[2]
-    if chunk_size is None:
-        # About one window of rows per chunk (a chunk's key span is at most chunk + 2 * window: the work is
-        # O(S x window), not O(S x S)), within the score budget.
-        chunk_size = min(MAX_CHUNK, max(MIN_CHUNK, window))
-        chunk_size = max(1, min(chunk_size, CHUNK_ELEMENTS // max(1, b * hq * min(sk, chunk_size + 2 * window))))
+    sq, sk = q.shape[2], k.shape[2]
+    chunk_size = _chunk_rows(q, k, window, chunk_size)
     for start in range(0, sq, chunk_size):
         stop = min(start + chunk_size, sq)
         lo, hi = visible_key_range(start, stop - 1, sq, sk, window, causal)
         if hi > lo:
             yield start, stop, lo, hi
+
+
+def blocked(window: int, seq_k: int) -> bool:
+    """Whether block_groups serves this window: a window well inside the keys (its blocks' fixed spans, padded
+    at the sequence's start, would mostly score padding for a window as long as the keys)."""
+    return 4 * window <= seq_k
+
+
+def block_groups(q, k, window: int, causal: bool, chunk_size: int | None = None):
+    """(start, stop, rows, blocks, seg_lo, span, lo, hi) per group of query blocks: rows [start, stop) in
+    `blocks` blocks of `rows` rows (the last one padded), block m over keys [seg_lo + m rows, ... + span) (keys
+    outside [0, Sk) are padding), of which [lo, hi) exist. A group's blocks go through one set of batched ops
+    (attend_blocks), as many as the score budget holds: few, large ops per call, so that the fork-join of
+    every intra-op parallel region is paid rarely (they stall when other work holds a core)."""
+    b, hq, sq, _ = q.shape
+    sk = k.shape[2]
+    rows = min(_chunk_rows(q, k, window, chunk_size), sq)
+    span = rows + window - 1 if causal else rows + 2 * window - 2
+    per_group = max(1, CHUNK_ELEMENTS // max(1, b * hq * rows * span))
+    for start in range(0, sq, rows * per_group):
+        blocks = min(per_group, -(-(sq - start) // rows))
+        seg_lo = start + sk - sq - window + 1
+        lo = min(sk, max(0, seg_lo))
+        hi = max(lo, min(sk, seg_lo + (blocks - 1) * rows + span))
+        yield start, min(sq, start + blocks * rows), rows, blocks, seg_lo, span, lo, hi
+
+
+def attend_blocks(q_rows, k_keys, v_keys, sinks, rows: int, blocks: int, seg_lo: int, lo: int, span: int,
+                  seq_k: int, window: int, causal: bool, scale: float):
+    """A group of block_groups: q_rows [B, Hq, n, Dqk] (n <= blocks x rows) over k_keys / v_keys, the keys
+    [lo, lo + len) of the group's segment; output [B, Hq, n, Dv] in the compute dtype. Each block's key span
+    is an unfold view of the zero-padded segment; one matmul scores every block, one multiplies V. Padding
+    keys are masked like keys outside the window (finite zeros: this path is for finite K/V only)."""
+    b, hq, n, dqk = q_rows.shape
+    hkv, dv = k_keys.shape[1], v_keys.shape[3]
+    groups = hq // hkv
+    compute = torch.float64 if q_rows.dtype == torch.float64 else torch.float32
+    inplace = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                    for t in (q_rows, k_keys, v_keys, sinks)))
+    front = lo - seg_lo
+    pad = (0, 0, front, (blocks - 1) * rows + span - front - k_keys.shape[2])
+    k_blocks = torch.nn.functional.pad(k_keys.to(compute), pad).unfold(2, span, rows)  # [B, Hkv, blocks, Dqk, span]
+    v_blocks = torch.nn.functional.pad(v_keys.to(compute), pad).unfold(2, span, rows).transpose(-1, -2)
+    # GQA without repeating K/V: a block's rows of the group's q heads form one [groups * rows, Dqk] matrix.
+    q_blocks = torch.nn.functional.pad(q_rows.to(compute), (0, 0, 0, blocks * rows - n))
+    q_blocks = q_blocks.view(b, hkv, groups, blocks, rows, dqk).transpose(2, 3).reshape(b, hkv, blocks, groups * rows, dqk)
+    scores = torch.matmul(q_blocks, k_blocks)
+    scores = (scores.mul_(scale) if inplace else scores * scale).view(b, hkv, blocks, groups, rows, span)
+    # Key s of block m's span minus the position of its row r: s - r - window + 1, the same in every block.
+    rel = torch.arange(span, device=q_rows.device)[None, :] - torch.arange(rows, device=q_rows.device)[:, None] - window + 1
+    visible = (rel > -window) & ((rel <= 0) if causal else (rel < window))
+    key = seg_lo + rows * torch.arange(blocks, device=q_rows.device)[:, None] + torch.arange(span, device=q_rows.device)
+    visible = (visible & ((key >= 0) & (key < seq_k))[:, None, :])[:, None]  # [blocks, 1, rows, span]
+    sink_logits = None if sinks is None else sinks.to(compute).view(1, hkv, 1, groups, 1, 1)
+    probs = _softmax(scores, visible, sink_logits, inplace)
+    out = torch.matmul(probs.view(b, hkv, blocks, groups * rows, span), v_blocks)
+    return out.view(b, hkv, blocks, groups, rows, dv).transpose(2, 3).reshape(b, hq, blocks * rows, dv)[:, :, :n]
+
+
+def _softmax(scores, visible, sink_logits, inplace: bool):
+    """Softmax over the last dim of scores where visible (rows with no visible key: zeros), the sink logit
+    (broadcastable to scores[..., :1]) joined to the denominator."""
+    scores = scores.masked_fill_(~visible, float("-inf")) if inplace else scores.masked_fill(~visible, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    if sink_logits is not None:
+        row_max = torch.maximum(row_max, sink_logits.detach())
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # rows with no key
+    probs = scores.sub_(row_max).exp_() if inplace else (scores - row_max).exp()
+    denom = probs.sum(dim=-1, keepdim=True)
+    if sink_logits is not None:
+        denom = denom + torch.exp(sink_logits - row_max)
+    denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+    return probs.div_(denom) if inplace else probs / denom
 
 
 def attend_chunk(q_rows, k_span, v_span, sinks, start: int, lo: int, seq_q: int, seq_k: int, window: int,
@@ -62,18 +140,7 @@ def attend_chunk(q_rows, k_span, v_span, sinks, start: int, lo: int, seq_q: int,
         scores = _hidden_keys.scores(q_rows.reshape(b, hkv, groups, rows, dqk).to(compute), k_span.to(compute),
                                      visible, bad_cols)
     scores = (scores.mul_(scale) if inplace else scores * scale).reshape(b, hkv, groups, rows, span)
-    scores = scores.masked_fill_(~visible, float("-inf")) if inplace else scores.masked_fill(~visible, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True).detach()
-    sink_logits = None if sinks is None else sinks.to(compute).view(1, hkv, groups, 1, 1)
-    if sink_logits is not None:
-        row_max = torch.maximum(row_max, sink_logits.detach())
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # rows with no key
-    probs = scores.sub_(row_max).exp_() if inplace else (scores - row_max).exp()
-    denom = probs.sum(dim=-1, keepdim=True)
-    if sink_logits is not None:
-        denom = denom + torch.exp(sink_logits - row_max)
-    denom = torch.where(denom > 0, denom, torch.ones_like(denom))
-    probs = probs.div_(denom) if inplace else probs / denom
+    probs = _softmax(scores, visible, None if sinks is None else sinks.to(compute).view(1, hkv, groups, 1, 1), inplace)
     if bad_cols is not None:
         return _hidden_keys.values(probs, v_span.to(compute), visible, bad_cols).reshape(b, hq, rows, dv)
     return torch.matmul(probs.view(b, hkv, groups * rows, span), v_span.to(compute)).view(b, hq, rows, dv)
@@ -89,6 +156,12 @@ def sliding_window_attention(q, k, v, window: int, *, causal: bool = True, scale
     if out.numel() == 0:
         return out
     bad = _hidden_keys.nonfinite_keys(k, v)
+    if bad is None and blocked(window, k.shape[2]):
+        for start, stop, rows, blocks, seg_lo, span, lo, hi in block_groups(q, k, window, causal, chunk_size):
+            out[:, :, start:stop] = attend_blocks(q[:, :, start:stop], k[:, :, lo:hi], v[:, :, lo:hi], sinks, rows,
+                                                  blocks, seg_lo, lo, span, k.shape[2], window, causal,
+                                                  scale).to(q.dtype)
+        return out
     for start, stop, lo, hi in chunks(q, k, window, causal, chunk_size):
         out[:, :, start:stop] = attend_chunk(q[:, :, start:stop], k[:, :, lo:hi], v[:, :, lo:hi], sinks, start, lo,
                                              sq, k.shape[2], window, causal, scale,
@@ -108,6 +181,20 @@ def sliding_window_attention_backward(grad_out, q, k, v, window: int, *, causal:
     dsinks = None if sinks is None else torch.zeros(sinks.shape, dtype=compute, device=sinks.device)
     sq, sk = q.shape[2], k.shape[2]
     bad = _hidden_keys.nonfinite_keys(k, v) if q.numel() else None
+    if q.numel() and bad is None and blocked(window, sk):
+        for start, stop, rows, blocks, seg_lo, span, lo, hi in block_groups(q, k, window, causal, chunk_size):
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_(True) for t in (q[:, :, start:stop], k[:, :, lo:hi], v[:, :, lo:hi])]
+                sink_leaf = None if sinks is None else sinks.detach().requires_grad_(True)
+                o = attend_blocks(*leaves, sink_leaf, rows, blocks, seg_lo, lo, span, sk, window, causal, scale)
+                grads = torch.autograd.grad(o, leaves + ([sink_leaf] if sink_leaf is not None else []),
+                                            grad_out[:, :, start:stop].to(compute))
+            dq[:, :, start:stop] += grads[0]
+            dk[:, :, lo:hi] += grads[1]
+            dv[:, :, lo:hi] += grads[2]
+            if dsinks is not None:
+                dsinks += grads[3]
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None if dsinks is None else dsinks.to(sinks.dtype))
     for start, stop, lo, hi in chunks(q, k, window, causal, chunk_size):
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(True) for t in (q[:, :, start:stop], k[:, :, lo:hi], v[:, :, lo:hi])]
