@@ -235,3 +235,19 @@ def test_linearize_recipe_transfer_and_finetune_losses_fall_and_reload(model_typ
     assert (logits(reloaded, ids) - ours).abs().max() > 1e-3  # softmax again
     recover.patch_linearized(reloaded, attention=mode, **options)
     assert torch.equal(logits(reloaded, ids), ours)
+
+
+def test_from_pretrained_of_a_distilled_dsa_model(tmp_path):
+    """A model given an indexer (dsattn.recover.add_indexer), patched sparse and distilled, loads back with its
+    indexers and its patch."""
+    teacher = recover.add_indexer(tiny_model("llama"))
+    student = copy.deepcopy(teacher)
+    dsattn.patch(student, attention="sparse", top_k=4)
+    ids = pattern_batch(seq=16)
+    report = recover.distill(student, teacher, [ids], steps=2, lr=1e-3)
+    assert report.steps == 2
+    ref = logits(student, ids)
+    student.save_pretrained(tmp_path)
+    reloaded = recover.from_pretrained(tmp_path)
+    assert dsattn.patch_summary(reloaded)["options"] == {"top_k": 4}
+    assert torch.equal(logits(reloaded, ids), ref)

@@ -11,10 +11,11 @@ A model saved with save_pretrained after a recipe loads back, patched, with from
 """
 
 from dsattn.recover.distill import RecoveryReport, capture_attention, distill, distill_loss
-from dsattn.recover.dsa import add_indexer, dsa_from_dense, load_dsa, train_sparse, warmup_indexer  # noqa: F401
+from dsattn.recover.dsa import add_indexer, dsa_from_dense, load_dsa, train_sparse, warmup_indexer
 from dsattn.recover.linearize import attach_feature_maps, linearize, patch_linearized
 from dsattn.recover.qat import freeze_int4, qat
 from dsattn.recover.saving import from_pretrained
 
-__all__ = ["RecoveryReport", "attach_feature_maps", "capture_attention", "distill", "distill_loss", "freeze_int4",
-           "from_pretrained", "linearize", "patch_linearized", "qat"]
+__all__ = ["RecoveryReport", "add_indexer", "attach_feature_maps", "capture_attention", "distill", "distill_loss",
+           "dsa_from_dense", "freeze_int4", "from_pretrained", "linearize", "load_dsa", "patch_linearized", "qat",
+           "train_sparse", "warmup_indexer"]

@@ -84,7 +84,12 @@ def from_pretrained(path, **kwargs):
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # the patch's tensors are unknown to the unpatched model: not a warning here
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if getattr(config, "dsattn_indexer", None):  # DSA from a dense model: its indexers come with it
+            from dsattn.recover.dsa import load_dsa
+
+            model = load_dsa(path, **kwargs)
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
     finally:
         logging.set_verbosity(verbosity)
     before = set(model.state_dict())
