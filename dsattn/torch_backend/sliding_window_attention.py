@@ -1,7 +1,9 @@
 """Sliding-window attention, chunked over queries (the "torch" backend).
 
 A query chunk only looks at the keys its window can reach, so memory is O(chunk x (chunk + window)) per head,
-never O(Sq x Sk) for a window much shorter than the sequence. The backward recomputes each chunk under
+never O(Sq x Sk) for a window much shorter than the sequence. For such windows (and finite K/V) the chunks
+("blocks") of a group go through one set of batched ops over unfold views of the keys (block_groups,
+attend_blocks): few, large ops per call, which keeps the intra-op threads' fork-joins rare. The backward recomputes each chunk under
 autograd and accumulates its dK / dV span: its memory is one chunk's, like the forward's. Keys outside a row's
 window never enter its arithmetic, also when they hold NaN or Inf (dsattn.torch_backend._hidden_keys).
 Semantics: SPEC and dsattn.reference.sliding_window_attention.
