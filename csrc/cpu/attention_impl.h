@@ -177,6 +177,35 @@ inline void pack_kv_row(const T* krow, int64_t kd, const T* vrow, int64_t vd, in
   for (int64_t d = Dv; d < DvP; ++d) vt[d] = 0.f;
 }
 
+// Keys jj0 .. jj0 + 15 of a tile (K rows krows[i], V rows vrows[i]): as pack_kv_row, with K transposed 16 x 16
+// in registers where the ISA has it (the element-wise transpose costs more than the tile's dot products).
+template <typename T, typename V = Vec>  // V: dependent, so that ISAs without load16/transpose16 compile
+inline void pack_kv_16(const T* const* krows, int64_t kd, const T* const* vrows, int64_t vd, int64_t D, int64_t Dv,
+                       int64_t DvP, float* Kt, float* Vt, int64_t jj0) {
+  if constexpr (V::kTranspose16) {
+    if (kd == 1) {
+      int64_t d0 = 0;
+      for (; d0 + 16 <= D; d0 += 16) {
+        typename V::reg r[16];
+        for (int i = 0; i < 16; ++i) r[i] = V::load16(krows[i] + d0);
+        V::transpose16(r);
+        for (int c = 0; c < 16; ++c) V::store(Kt + (d0 + c) * BK + jj0, r[c]);
+      }
+      for (int i = 0; i < 16; ++i) {
+        for (int64_t d = d0; d < D; ++d) Kt[d * BK + jj0 + i] = static_cast<float>(krows[i][d]);
+        float* vt = Vt + (jj0 + i) * DvP;
+        if (vd == 1)
+          for (int64_t d = 0; d < Dv; ++d) vt[d] = static_cast<float>(vrows[i][d]);
+        else
+          for (int64_t d = 0; d < Dv; ++d) vt[d] = static_cast<float>(vrows[i][d * vd]);
+        for (int64_t d = Dv; d < DvP; ++d) vt[d] = 0.f;
+      }
+      return;
+    }
+  }
+  for (int i = 0; i < 16; ++i) pack_kv_row(krows[i], kd, vrows[i], vd, D, Dv, DvP, Kt, Vt, jj0 + i);
+}
+
 inline void zero_kv_row(int64_t D, int64_t DvP, float* Kt, float* Vt, int64_t jj) {
   for (int64_t d = 0; d < D; ++d) Kt[d * BK + jj] = 0.f;
   for (int64_t d = 0; d < DvP; ++d) Vt[jj * DvP + d] = 0.f;
@@ -249,7 +278,17 @@ void sliding_window_typed(const SlidingArgs& a) {
       float* Kt = kbuf.data() + ps.k_off + (h * ps.ntile + t) * D * BK;
       float* Vt = vbuf.data() + ps.v_off + (h * ps.ntile + t) * BK * DvP;
       const int64_t j0 = (ps.t0 + t) * BK;
-      for (int64_t jj = 0; jj < BK; ++jj) {
+      int64_t jj = 0;
+      for (; jj + 16 <= BK && j0 + jj + 16 <= sq.sk; jj += 16) {
+        const T* krows[16];
+        const T* vrows[16];
+        for (int i = 0; i < 16; ++i) {
+          krows[i] = k + sq.k_off + h * a.ks.h + (j0 + jj + i) * a.ks.r;
+          vrows[i] = v + sq.v_off + h * a.vs.h + (j0 + jj + i) * a.vs.r;
+        }
+        pack_kv_16(krows, a.ks.d, vrows, a.vs.d, D, Dv, DvP, Kt, Vt, jj);
+      }
+      for (; jj < BK; ++jj) {
         const int64_t j = j0 + jj;
         if (j < sq.sk)
           pack_kv_row(k + sq.k_off + h * a.ks.h + j * a.ks.r, a.ks.d, v + sq.v_off + h * a.vs.h + j * a.vs.r, a.vs.d,
@@ -411,7 +450,17 @@ void sparse_typed(const SparseArgs& a) {
         const T* vh = v + b * a.vb + h * a.vs.h;
         for (int64_t t0 = 0; t0 < n; t0 += BK) {
           const int64_t nk = std::min(BK, n - t0);
-          for (int64_t jj = 0; jj < nk; ++jj) {
+          int64_t jj = 0;
+          for (; jj + 16 <= nk; jj += 16) {
+            const T* krows[16];
+            const T* vrows[16];
+            for (int i = 0; i < 16; ++i) {
+              krows[i] = kh + keys[t0 + jj + i] * a.ks.r;
+              vrows[i] = vh + keys[t0 + jj + i] * a.vs.r;
+            }
+            pack_kv_16(krows, a.ks.d, vrows, a.vs.d, D, Dv, DvP, Kt.data(), Vt.data(), jj);
+          }
+          for (; jj < nk; ++jj) {
             const int64_t j = keys[t0 + jj];
             pack_kv_row(kh + j * a.ks.r, a.ks.d, vh + j * a.vs.r, a.vs.d, D, Dv, DvP, Kt.data(), Vt.data(), jj);
           }

@@ -31,6 +31,7 @@ struct Vec {
   using reg = __m256;
   static constexpr int64_t W = 8;
   static constexpr int RM = 2;
+  static constexpr bool kTranspose16 = false;  // K tiles are transposed element by element
   static inline reg load(const float* p) { return _mm256_loadu_ps(p); }
   static inline void store(float* p, reg x) { _mm256_storeu_ps(p, x); }
   static inline reg set1(float x) { return _mm256_set1_ps(x); }

@@ -21,6 +21,7 @@ namespace isa_portable {
 struct Vec {
   static constexpr int64_t W = 8;
   static constexpr int RM = 2;
+  static constexpr bool kTranspose16 = false;  // K tiles are transposed element by element
 #if defined(__GNUC__)
   // GCC/clang vector extension: the compiler lowers it to the baseline ISA's vectors (2 x SSE2 on x86-64).
   typedef float reg __attribute__((vector_size(W * sizeof(float))));
