@@ -65,6 +65,9 @@ def modes(context: int) -> dict:
         "int4 g128 sym": dict(quantize="int4", group_size=128, symmetric=True, keep_first_last=False),
         # per output channel (int8's default); int8 has no fused-experts module, so the MoE experts stay fp32
         "int8 per-channel": dict(quantize="int8", keep_first_last=False),
+        # DSA from the dense model: a freshly added lightning indexer (dsattn.recover.add_indexer, seeded) picks
+        # each query's top_k keys; recovery trains it (and the model) with dsattn.recover.dsa_from_dense
+        f"indexer k={context // 8}": dict(attention="sparse", top_k=context // 8),
     }
 
 
@@ -88,11 +91,14 @@ def _config(quick: bool):
     return transformers.DeepseekV3Config(**(QUICK_CONFIG if quick else MODEL_CONFIG))
 
 
-def training_plan(minutes: float, quick: bool) -> dict:
+def training_plan(minutes: float, quick: bool, context: int | None = None) -> dict:
+    """context: train on windows of this many tokens (default 256; the recovery report's full run: 512, with
+    half the batch so a step holds as many tokens)."""
     if quick:
         return dict(steps=40, batch=8, seq_len=128, lr=3e-3, warmup=5, seed=SEED)
-    return dict(steps=max(10, round(minutes * STEPS_PER_MINUTE)), batch=8, seq_len=256, lr=3e-3, warmup=20,
-                seed=SEED)
+    seq_len = context or 256
+    return dict(steps=max(10, round(minutes * STEPS_PER_MINUTE)), batch=max(1, 8 * 256 // seq_len),
+                seq_len=seq_len, lr=3e-3, warmup=20, seed=SEED)
 
 
 def cache_dir(config, plan: dict, corpus_sha: str, root: str | None = None) -> str:
@@ -100,6 +106,13 @@ def cache_dir(config, plan: dict, corpus_sha: str, root: str | None = None) -> s
     key = json.dumps({"config": config.to_diff_dict(), "plan": plan, "corpus": corpus_sha,
                       "transformers_model": "DeepseekV3ForCausalLM"}, sort_keys=True, default=str)
     return os.path.join(root, f"fidelity-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
+
+
+def say(message: str) -> None:
+    """Progress on stderr (flushed): a long run never looks hung."""
+    import sys
+
+    print(f"[dsattn.fidelity {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def train(config, train_ids: torch.Tensor, plan: dict, *, time_limit_s: float):
@@ -132,6 +145,8 @@ def train(config, train_ids: torch.Tensor, plan: dict, *, time_limit_s: float):
         sched.step()
         losses.append(loss.item())
         done = step + 1
+        if done % 20 == 0 or done == steps:
+            say(f"training step {done}/{steps} loss {losses[-1]:.4f} {time.perf_counter() - start:.0f} s")
         if time.perf_counter() - start > time_limit_s and done < steps:
             break
     model.eval()
@@ -139,12 +154,12 @@ def train(config, train_ids: torch.Tensor, plan: dict, *, time_limit_s: float):
                    "first_loss": losses[0], "final_loss": sum(losses[-10:]) / len(losses[-10:])}
 
 
-def trained_model(minutes: float, quick: bool, cache_root: str | None = None):
+def trained_model(minutes: float, quick: bool, cache_root: str | None = None, context: int | None = None):
     """The cached trained model if present, else train (and cache unless the wall-clock guard cut it short)."""
     import transformers
 
     config = _config(quick)
-    plan = training_plan(minutes, quick)
+    plan = training_plan(minutes, quick, context)
     train_ids, held_out, sha = corpus()
     path = cache_dir(config, plan, sha, cache_root)
     meta_path = os.path.join(path, "dsattn_fidelity.json")
@@ -153,7 +168,9 @@ def trained_model(minutes: float, quick: bool, cache_root: str | None = None):
             log = json.load(f)
         model = transformers.DeepseekV3ForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
         log["cache"] = "reused"
+        say(f"reusing the trained model from {path}")
     else:
+        say(f"training the model: {plan['steps']} steps of {plan['batch']} x {plan['seq_len']} tokens")
         limit = (minutes if not quick else 1.0) * 60 * GUARD
         model, log = train(config, train_ids, plan, time_limit_s=limit)
         if log["steps_done"] == log["steps_planned"]:
@@ -200,25 +217,45 @@ def compare(logits: torch.Tensor, dense: torch.Tensor, windows: torch.Tensor) ->
             "top1_agreement": agree, "max_abs_dlogits": (logits - dense).abs().max().item()}
 
 
-def evaluate(model, held_out: torch.Tensor, *, context: int, count: int, batch: int = 8) -> dict:
+def with_indexer(model, top_k: int):
+    """A copy of the dense model with a freshly added (seeded) lightning indexer (dsattn.recover.add_indexer)."""
+    import copy
+
+    from dsattn.recover import add_indexer
+
+    student = copy.deepcopy(model)
+    torch.manual_seed(SEED)
+    return add_indexer(student, top_k=top_k)
+
+
+def evaluate(model, held_out: torch.Tensor, *, context: int, count: int, batch: int = 8,
+             keep_logits: bool = False) -> dict:
+    """Every mode on the held-out windows; keep_logits adds "_windows" and "_dense_logits" (for recovery)."""
     windows = eval_windows(held_out, context, count)
     dense = logits_of(model, windows, batch)
     rows = {}
     for label, options in modes(context).items():
+        say(f"evaluating {label}")
         start = time.perf_counter()
+        # the DSA row needs an indexer: on a copy, so the dense model stays as it was
+        target = with_indexer(model, options["top_k"]) if options and options.get("attention") == "sparse" \
+            else model
         if options is not None:
-            dsattn.patch(model, **options)
+            dsattn.patch(target, **options)
         try:
-            logits = logits_of(model, windows, batch)
+            logits = logits_of(target, windows, batch)
         finally:
-            dsattn.unpatch(model)
+            dsattn.unpatch(target)
         rows[label] = dict(compare(logits, dense, windows), options=options, seconds=time.perf_counter() - start)
         if options and options.get("quantize"):
             rows[label]["quantized_fraction"] = _quantized_fraction(model, options)
     again = logits_of(model, windows, batch)
-    return {"context": context, "windows": len(windows), "tokens_scored": windows[:, 1:].numel(), "rows": rows,
-            "unpatch_restores_dense": bool(torch.equal(again, dense)),
-            "unpatch_max_abs_diff": (again - dense).abs().max().item()}
+    result = {"context": context, "windows": len(windows), "tokens_scored": windows[:, 1:].numel(), "rows": rows,
+              "unpatch_restores_dense": bool(torch.equal(again, dense)),
+              "unpatch_max_abs_diff": (again - dense).abs().max().item()}
+    if keep_logits:
+        result.update(_windows=windows, _dense_logits=dense)
+    return result
 
 
 def _quantized_fraction(model, options) -> float:
@@ -240,6 +277,131 @@ def _quantized_fraction(model, options) -> float:
     return quantized / total if total else 0.0
 
 
+# ------------------------------------------------------------------------------------------------ recovery
+
+# Optimizer steps per recipe (a fixed budget, so the report is reproducible), each step on `batch` fresh windows
+# of the eval context drawn from the TRAIN split (evaluation stays on the held-out windows). Learning rates: the
+# model was trained at 3e-3 (cosine to 3e-4); recovery fine-tunes at about that floor.
+RECOVERY_BUDGET = {
+    "quick": dict(batch=4, distill=60, transfer=30, finetune=60, warmup=30, sparse=60, qat=60),
+    "full": dict(batch=4, distill=150, transfer=100, finetune=150, warmup=100, sparse=150, qat=150),
+}
+RECOVERY_LR = dict(distill=3e-4, transfer=1e-2, finetune=1e-3, warmup=1e-3, sparse=3e-4, indexer=1e-3, qat=1e-4)
+# issue 15 item 4: recovered perplexity / dense perplexity at most this, per mode (label prefix)
+GOALS = {"hybrid": 1.05, "linear": 1.15, "topk": 1.01, "indexer": 1.01, "int4 g128": 1.005}
+
+
+def recovery_batches(train_ids: torch.Tensor, *, context: int, batch: int, count: int, device="cpu") -> list:
+    """`count` seeded batches [batch, context] of random windows of the train split (never the held-out one)."""
+    gen = torch.Generator().manual_seed(SEED + 1)
+    starts = torch.randint(0, len(train_ids) - context, (count, batch), generator=gen)
+    return [torch.stack([train_ids[s:s + context] for s in row.tolist()]).to(device) for row in starts]
+
+
+def recover_mode(model, label: str, options: dict, batches: list, budget: dict, progress=None):
+    """Run `label`'s recovery recipe on a copy of the trained dense model (never another mode's model); returns
+    (the recovered model, patched as it is to be evaluated, RecoveryReport, recipe name).
+
+    sliding_window / topk / int8: dsattn.recover.distill of the patched copy toward the dense model (the seeds'
+    loss; int8 trains what stays float: embeddings, norms, MoE experts, lm_head); linear / hybrid:
+    dsattn.recover.linearize (Hedgehog maps by attention transfer, then LoRA, distilled from the dense model);
+    indexer: dsattn.recover.dsa_from_dense (dense KL warm-up, then sparse training) and patch(attention="sparse");
+    int4: dsattn.recover.qat (STE, distilled from the dense model), frozen to int4."""
+    import copy
+
+    from dsattn import recover
+
+    log_every = max(1, min(v for k, v in budget.items() if k != "batch") // 4)
+    if options.get("attention") == "sparse":
+        student = with_indexer(model, options["top_k"])
+        report = recover.dsa_from_dense(student, batches, top_k=options["top_k"], warmup_steps=budget["warmup"],
+                                        sparse_steps=budget["sparse"], warmup_lr=RECOVERY_LR["warmup"],
+                                        lr=RECOVERY_LR["sparse"], indexer_lr=RECOVERY_LR["indexer"],
+                                        progress=progress, log_every=log_every)
+        dsattn.patch(student, **options)
+        return student, report, "dsa_from_dense"
+    student = copy.deepcopy(model)
+    if options.get("quantize") == "int4":
+        report = recover.qat(student, batches, steps=budget["qat"], lr=RECOVERY_LR["qat"],
+                             group_size=options["group_size"], symmetric=options["symmetric"],
+                             keep_first_last=options["keep_first_last"], teacher=model, progress=progress,
+                             log_every=log_every)
+        return student, report, "qat"
+    if options.get("attention") in ("linear", "hybrid"):
+        extra = {k: options[k] for k in ("prefix", "window") if k in options}
+        report = recover.linearize(student, batches, attention=options["attention"], **extra,
+                                   transfer_steps=budget["transfer"], transfer_lr=RECOVERY_LR["transfer"],
+                                   finetune_steps=budget["finetune"], finetune_lr=RECOVERY_LR["finetune"],
+                                   teacher=model, progress=progress, log_every=log_every)
+        return student, report, "linearize"
+    dsattn.patch(student, **options)
+    report = recover.distill(student, model, batches, steps=budget["distill"], lr=RECOVERY_LR["distill"],
+                             progress=progress, log_every=log_every)
+    return student, report, "distill"
+
+
+def recover_all(model, ev: dict, train_ids: torch.Tensor, *, budget: dict, device="cpu") -> dict:
+    """Recovery of every approximate row of `ev` (evaluate(..., keep_logits=True)), in place: each row gains
+    recovered_perplexity (and KL / top-1 vs dense) on the same held-out windows as its perplexity, and
+    recovery_steps / recovery_seconds / recovery_cpu_seconds / recovery (the recipe's report). The exact row
+    (w>=S) is its own recovery (0 steps). Returns the recovery summary for the report."""
+    windows, dense = ev["_windows"], ev["_dense_logits"]
+    context = ev["context"]
+    most = max(v for k, v in budget.items() if k != "batch")
+    batches = recovery_batches(train_ids, context=context, batch=budget["batch"], count=max(1, most),
+                               device=device)
+    total_cpu, total_wall = time.process_time(), time.perf_counter()
+    for label, row in ev["rows"].items():
+        options = row["options"]
+        if options is None:
+            continue
+        if "w>=S" in label:  # exact: nothing to recover
+            row.update(recovered_perplexity=row["perplexity"], recovered_kl_mean=row["kl_mean"],
+                       recovered_top1_agreement=row["top1_agreement"], recovery_steps=0, recovery_seconds=0.0,
+                       recovery_cpu_seconds=0.0, recovery={"recipe": "none (exact)"})
+            continue
+        say(f"recovering {label}")
+
+        def progress(info, label=label, every=max(1, most // 10)):
+            if info["step"] % every == 0 or info["step"] == info["steps"]:
+                say(f"  {label}: {info['recipe']} step {info['step']}/{info['steps']} loss {info['loss']:.4f} "
+                    f"{info['seconds']:.0f} s")
+
+        cpu, wall = time.process_time(), time.perf_counter()
+        torch.manual_seed(SEED)
+        student, report, recipe = recover_mode(model, label, options, batches, budget, progress)
+        seconds, cpu_seconds = time.perf_counter() - wall, time.process_time() - cpu
+        student.eval()
+        got = compare(logits_of(student, windows, 8), dense, windows)
+        del student
+        stages = {k: v.steps for k, v in report.stages.items()}
+        row.update(recovered_perplexity=got["perplexity"], recovered_kl_mean=got["kl_mean"],
+                   recovered_top1_agreement=got["top1_agreement"], recovery_steps=report.steps,
+                   recovery_seconds=seconds, recovery_cpu_seconds=cpu_seconds,
+                   recovery={"recipe": recipe, "stage_steps": stages, "first_loss": report.first_loss,
+                             "last_loss": report.last_loss, "train_seconds": report.seconds})
+        say(f"  {label}: perplexity {row['perplexity']:.3f} -> {got['perplexity']:.3f} "
+            f"({report.steps} steps, {seconds:.0f} s, {cpu_seconds:.0f} CPU s)")
+    return {"budget": budget, "lr": RECOVERY_LR, "data": "random windows of the train split",
+            "eval": "the held-out windows of the perplexity column", "seconds": time.perf_counter() - total_wall,
+            "cpu_seconds": time.process_time() - total_cpu, "goals": goals(ev)}
+
+
+def goals(ev: dict) -> list:
+    """issue 15 item 4: per goal row, recovered perplexity / dense perplexity against the goal ratio."""
+    dense = ev["rows"]["dense"]["perplexity"]
+    out = []
+    for label, row in ev["rows"].items():
+        goal = next((g for prefix, g in GOALS.items() if label.startswith(prefix + " ")), None)
+        if goal is None or "w>=S" in label:
+            continue
+        after = row.get("recovered_perplexity")
+        ratio = None if after is None else after / dense
+        out.append({"label": label, "goal": goal, "ratio_before": row["perplexity"] / dense, "ratio_after": ratio,
+                    "met": ratio is not None and ratio <= goal})
+    return out
+
+
 def markdown(result: dict) -> str:
     ev, tr = result["eval"], result["training"]
     uniform = VOCAB
@@ -252,25 +414,54 @@ def markdown(result: dict) -> str:
         f"Uniform-vocab perplexity: {uniform}. unpatch restores dense logits exactly: "
         f"{'yes' if ev['unpatch_restores_dense'] else 'NO (max diff %.3g)' % ev['unpatch_max_abs_diff']}.",
         "",
-        "| mode | perplexity | vs dense | KL(dense‖mode) mean (nats) | KL max | top-1 agree vs dense |",
-        "|---|---:|---:|---:|---:|---:|",
     ]
+    recovered = "recovery" in result
+    head = "| mode | perplexity | vs dense | KL(dense‖mode) mean (nats) | KL max | top-1 agree vs dense |"
+    rule = "|---|---:|---:|---:|---:|---:|"
+    if recovered:
+        head += " recovered perplexity | recovered vs dense | recovered top-1 | recovery (recipe, steps, s, CPU s) |"
+        rule += "---:|---:|---:|---|"
+    lines += [head, rule]
     dense = ev["rows"]["dense"]["perplexity"]
     for label, row in ev["rows"].items():
         extra = f" ({row['quantized_fraction']:.0%} of layer weights)" if "quantized_fraction" in row else ""
-        lines.append(f"| {label}{extra} | {row['perplexity']:.3f} | {row['perplexity'] / dense:.3f}x | "
-                     f"{row['kl_mean']:.2e} | {row['kl_max']:.2e} | {row['top1_agreement']:.4f} |")
+        line = (f"| {label}{extra} | {row['perplexity']:.3f} | {row['perplexity'] / dense:.3f}x | "
+                f"{row['kl_mean']:.2e} | {row['kl_max']:.2e} | {row['top1_agreement']:.4f} |")
+        if recovered:
+            if row.get("recovered_perplexity") is None:
+                line += " | | | |"
+            else:
+                line += (f" {row['recovered_perplexity']:.3f} | {row['recovered_perplexity'] / dense:.3f}x | "
+                         f"{row['recovered_top1_agreement']:.4f} | {row['recovery']['recipe']}, "
+                         f"{row['recovery_steps']}, {row['recovery_seconds']:.0f}, "
+                         f"{row['recovery_cpu_seconds']:.0f} |")
+        lines.append(line)
+    if recovered:
+        rec = result["recovery"]
+        lines += ["", f"Recovery: each approximate mode trained from a copy of the dense model for a fixed budget "
+                  f"({', '.join(f'{k} {v}' for k, v in rec['budget'].items() if k != 'batch')} steps; "
+                  f"{rec['budget']['batch']} windows of {ev['context']} tokens per step, from the train split), "
+                  f"evaluated on the same held-out windows; {rec['seconds']:.0f} s, {rec['cpu_seconds']:.0f} CPU s "
+                  "in all.", "",
+                  "| goal (issue 15) | before | after recovery | goal | met |", "|---|---:|---:|---:|---|"]
+        for g in rec["goals"]:
+            after = "—" if g["ratio_after"] is None else f"{g['ratio_after']:.3f}x"
+            lines.append(f"| {g['label']} | {g['ratio_before']:.3f}x | {after} | <= {g['goal']}x | "
+                         f"{'met' if g['met'] else 'not met'} |")
     return "\n".join(lines) + "\n"
 
 
 def run(minutes: float = 3.0, out_dir: str | None = None, quick: bool = False, *, cache_root: str | None = None,
-        eval_windows_count: int | None = None, threads: int | None = None, device: str = "cpu") -> dict:
+        eval_windows_count: int | None = None, threads: int | None = None, device: str = "cpu",
+        recover: bool = False, recover_budget: dict | None = None) -> dict:
     """Train (or reuse) the fidelity model, evaluate every mode, write fidelity.json + fidelity.md to out_dir.
 
     Training is always on CPU (the step count and seeds define the model); device= is where it is evaluated,
     i.e. whose dsattn kernels (Triton on "cuda", C++/PyTorch on "cpu") produce the patched logits.
     threads: torch intra-op threads for this call (default: leave torch's setting). The model is tiny: on a
     loaded 2-core machine one thread trains ~3x faster than two spinning OpenMP threads (measured).
+    recover: then run every approximate mode's recovery recipe (recover_all) for RECOVERY_BUDGET["quick" or
+    "full"] (recover_budget overrides entries); the full run trains and evaluates at a 512-token context.
     """
     torch.manual_seed(SEED)
     previous_threads = torch.get_num_threads()
@@ -278,11 +469,16 @@ def run(minutes: float = 3.0, out_dir: str | None = None, quick: bool = False, *
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
     try:
-        model, held_out, log = trained_model(minutes, quick, cache_root)
+        context = 128 if quick else (512 if recover else 256)
+        model, held_out, log = trained_model(minutes, quick, cache_root, context=None if quick else context)
         model.to(device)
-        context = 128 if quick else 256
         count = eval_windows_count or (8 if quick else 48)
-        ev = evaluate(model, held_out, context=context, count=count)
+        ev = evaluate(model, held_out, context=context, count=count, keep_logits=recover)
+        summary = None
+        if recover:
+            budget = dict(RECOVERY_BUDGET["quick" if quick else "full"], **(recover_budget or {}))
+            summary = recover_all(model, ev, corpus()[0], budget=budget, device=device)
+            del ev["_windows"], ev["_dense_logits"]
     finally:
         torch.set_num_threads(previous_threads)
     cfg = model.config
@@ -293,6 +489,8 @@ def run(minutes: float = 3.0, out_dir: str | None = None, quick: bool = False, *
         "training": log, "eval": ev, "quick": quick, "torch": torch.__version__, "threads": threads,
         "dsattn": dsattn.__version__, "uniform_perplexity": VOCAB, "eval_device": device,
     }
+    if summary is not None:
+        result["recovery"] = summary
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "fidelity.json"), "w") as f:
@@ -309,8 +507,13 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="seconds of training (tests/CI)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's setting)")
     parser.add_argument("--device", default="cpu", help="where to evaluate (training is on CPU)")
+    parser.add_argument("--recover", action="store_true",
+                        help="also run each approximate mode's recovery recipe (full run: 512-token context)")
     args = parser.parse_args(argv)
-    result = run(minutes=args.minutes, out_dir=args.out, quick=args.quick, threads=args.threads, device=args.device)
+    start = time.process_time()
+    result = run(minutes=args.minutes, out_dir=args.out, quick=args.quick, threads=args.threads, device=args.device,
+                 recover=args.recover)
+    say(f"done: {time.process_time() - start:.0f} CPU s")
     print(markdown(result))
     return 0 if result["eval"]["unpatch_restores_dense"] else 1
 
