@@ -68,3 +68,53 @@ def test_triton_kernels_is_installed_as_a_subpackage_only():
     assert dsattn.triton_kernels.__name__ == "dsattn.triton_kernels"
     files = [str(f) for f in (metadata.distribution("dsattn").files or [])]
     assert not any(f.startswith("triton_kernels/") for f in files), [f for f in files if "triton_kernels" in f]
+
+
+# --- the README's set-up commands (CI runs the test-command block verbatim: .ci/run) ---------------------------
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+def _readme_block(text: str, name: str) -> str:
+    """The shell lines between <!-- name --> and <!-- /name -->, fences dropped (as .ci/run reads them)."""
+    start, end = text.index(f"<!-- {name} -->"), text.index(f"<!-- /{name} -->")
+    return "\n".join(line for line in text[start:end].splitlines()[1:] if not line.startswith("```")).strip()
+
+
+def _pip_installs(command: str) -> list[list[str]]:
+    """The arguments of every `pip install` in a `&&`-chained command line."""
+    import shlex
+
+    return [words[2:] for part in command.split("&&") for words in [shlex.split(part)]
+            if words[:2] == ["pip", "install"]]
+
+
+def test_readme_has_exactly_two_setup_commands():
+    text = open(README).read()
+    setup = text[text.index("## Set up"):text.index("\n## ", text.index("## Set up") + 1)]
+    assert setup.count("```bash") == 2, "the set-up section must hold exactly two commands"
+    for name in ("demo-command", "test-command"):
+        assert text.count(f"<!-- {name} -->") == 1 and text.count(f"<!-- /{name} -->") == 1, name
+        block = _readme_block(text, name)
+        assert len(block.splitlines()) == 1 and block.startswith("python3 -m venv .venv"), block
+        assert ["--no-build-isolation", "-e", "."] in _pip_installs(block), block  # built against that torch
+    assert _readme_block(text, "demo-command").endswith("python -m dsattn demo")
+    assert _readme_block(text, "test-command").endswith("python -m pytest -q tests")
+
+
+def test_readme_demo_command_installs_no_cuda_wheels():
+    """The demo's torch comes from PyTorch's CPU index, and nothing else in it pulls GPU packages; the test
+    command keeps PyPI's torch (CUDA on Linux), which CI's stage 1 needs to compile the CUDA kernels."""
+    text = open(README).read()
+    demo_installs = _pip_installs(_readme_block(text, "demo-command"))
+    torch_installs = [args for args in demo_installs if any(a.split("=")[0].split(">")[0] == "torch" for a in args)]
+    assert len(torch_installs) == 1, demo_installs
+    args = torch_installs[0]
+    assert "--index-url" in args and args[args.index("--index-url") + 1] == "https://download.pytorch.org/whl/cpu"
+    assert [a for a in args if not a.startswith("-") and "download.pytorch.org" not in a] == ["torch==2.13.0"], args
+    gpu_only = ("triton", "nvidia", "cuda", "cupy", "flash-attn", "flash_attn")
+    for args in demo_installs:
+        assert not any(a.lower().startswith(gpu_only) for a in args), args
+    test_installs = _pip_installs(_readme_block(text, "test-command"))
+    assert any('torch>=2.6' in args for args in test_installs) and not any(
+        "--index-url" in args or "--extra-index-url" in args for args in test_installs), test_installs
