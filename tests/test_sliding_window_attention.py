@@ -421,6 +421,44 @@ def test_triton_gradients_match_float64_autograd_of_the_oracle(triton_device, b,
                        name="sliding_window_attention")
 
 
+@pytest.mark.parametrize(
+    "sq,sk,bad,dtype",
+    [
+        # key 30: NaN key (rows 30..38 see it; rows 39.. share its masked edge block); key 50: -Inf value; key 69:
+        # NaN value, causally hidden from rows 61..68 of the same diagonal block
+        (70, 70, {30: ("k", float("nan")), 50: ("v", float("-inf")), 69: ("v", float("nan"))}, torch.float32),
+        # chunked prefill: keys 10 and 41 lie before every row's window (41 in the first row's masked edge block)
+        (20, 70, {10: ("v", float("nan")), 41: ("k", float("inf"))}, torch.float32),
+        (70, 70, {30: ("v", float("inf")), 69: ("k", float("nan"))}, torch.bfloat16),
+    ],
+)
+def test_triton_hidden_nan_and_inf_never_reach_a_row(triton_device, sq, sk, bad, dtype):
+    """SPEC: a NaN or Inf in a key or value a row cannot see (outside its window, causally hidden) never reaches
+    that row, forward or backward; rows that do see one are not finite (never a silent finite result)."""
+    window, hq = 9, 2
+    q, k, v, s = _grad_inputs(1, hq, 1, sq, sk, 16, 16, dtype, triton_device)
+    clean = [t.detach().clone().requires_grad_(True) for t in (q, k, v, s)]
+    with torch.no_grad():
+        for j, (which, value) in bad.items():
+            (k if which == "k" else v)[:, :, j, 3] = value
+    pos = torch.arange(sq) + sk - sq
+    sees = (torch.arange(sk)[None, :] <= pos[:, None]) & (torch.arange(sk)[None, :] > pos[:, None] - window)
+    tainted = sees[:, sorted(bad)].any(1)  # rows that see a bad key
+    clean_keys = ~sees[tainted].any(0)
+    clean_keys[sorted(bad)] = False
+    out = swa(q, k, v, window, sinks=s, backend="triton")
+    expected = reference(*(t.detach().double() for t in clean[:3]), window, sinks=s.detach().double())
+    assert_close(out[:, :, ~tainted], expected[:, :, ~tainted], tolerance(dtype), name="clean rows")
+    assert not torch.isfinite(out[:, :, tainted]).all(-1).any(), "a row that sees a NaN/Inf key came out finite"
+    cotangent = torch.randn(out.shape, dtype=torch.float64)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), cotangent.to(dtype))
+    ref = reference(*(t.double() for t in clean[:3]), window, sinks=clean[3].double())
+    rq, rk, rv = torch.autograd.grad(ref, clean[:3], cotangent)
+    assert_close(dq[:, :, ~tainted], rq[:, :, ~tainted], tolerance(dtype), name="dq of clean rows")
+    assert_close(dk[:, :, clean_keys], rk[:, :, clean_keys], tolerance(dtype), name="dk of untouched keys")
+    assert_close(dv[:, :, clean_keys], rv[:, :, clean_keys], tolerance(dtype), name="dv of untouched keys")
+
+
 def test_triton_backward_through_the_public_op(triton_device):
     """torch.ops.dsattn.sliding_window_attention called directly (no saved lse): its backward recomputes it."""
     q, k, v, s = _grad_inputs(1, 4, 2, 21, 29, 16, 8, torch.float32, triton_device)

@@ -87,6 +87,13 @@ def _attend_key_range(
             v = tl.load(v_ptrs, mask=offs_dv[None, :] < DV, other=0.0)
         if UPCAST:
             v = v.to(tl.float32)
+        if MASKED:
+            # p = 0 times a NaN/Inf value is NaN: a value row that is not finite enters the dot zeroed, and its
+            # NaN moves into p where a row sees it (only those rows' outputs get it).
+            v_nan = tl.sum(v.to(tl.float32) * 0.0, 1)  # NaN where the key's value row is not finite
+            v_bad = v_nan != v_nan
+            v = tl.where(v_bad[:, None], 0.0, v)
+            p = tl.where(visible & v_bad[None, :], float("nan"), p)
         acc = acc * alpha[:, None]
         if TF32X3:
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision="tf32x3", out_dtype=tl.float32)
@@ -530,6 +537,9 @@ def _dq_key_range(
         ds = p * (dp - delta[:, None])
         if MASKED:
             ds = tl.where(vis, ds, 0.0)
+            # ds = 0 times a NaN/Inf key is NaN: keys enter dq's dot zeroed where not finite (a row that sees
+            # such a key has a NaN ds already)
+            k = tl.where((k == k) & (tl.abs(k.to(tl.float32)) < float("inf")), k, 0.0)
         dq = _dot(ds.to(k.dtype), k, dq, TF32X3)
     return dq
 
@@ -617,9 +627,10 @@ def _pow2(n: int) -> int:
 
 
 def fwd_config(block_dqk: int, block_dv: int, dtype: torch.dtype) -> dict:
-    """Prefill tiles per padded head dim and dtype (FlashAttention-2's choices for A100/H100 in 16 bit:
-    128 x 64 up to head dim 128, 64 x 32 beyond). fp32 (tf32x3 splits each operand in two) gets smaller
-    row tiles. Each choice is one AOT spec; the 16-bit ones compile without spills on sm_80 and sm_90."""
+    """Prefill tiles per padded head dim and dtype: in 16 bit 128 query rows (two warpgroups' wgmma on sm_90)
+    with 2-3 stages of pipelined (cp.async) key/value tiles up to head dim 128, 64 x 32 beyond. fp32 (tf32x3
+    splits each operand in two) gets smaller row tiles. Each choice is one AOT spec; the 16-bit ones compile
+    without spills on sm_80 and sm_90 (tests/test_sass.py checks the instruction mix)."""
     widest = max(block_dqk, block_dv)
     if dtype == torch.float32:  # tf32x3 dots: fp32-accurate on tensor cores, twice the bytes per tile
         if widest <= 64:
@@ -627,10 +638,10 @@ def fwd_config(block_dqk: int, block_dv: int, dtype: torch.dtype) -> dict:
         if widest <= 128:
             return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)
         return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
-    if widest <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    if widest <= 128:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+    if widest <= 64:  # two warpgroups of 64 rows (4 warps hold too many registers with 3 stages)
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    if widest <= 128:  # 32-key tiles, 3 stages: the varlen variant spills at 64 keys on sm_80
+        return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4 if block_dv <= 128 else 8, num_stages=2)
 
 
@@ -770,10 +781,8 @@ def bwd_config(kernel: str, block_dqk: int, block_dv: int, dtype: torch.dtype) -
     if kernel == "dkdv":
         if dtype == torch.float32:
             return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
-        if widest <= 64:  # two stages spill on sm_80
-            return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
-        if widest <= 128:
-            return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
+        if widest <= 128:  # 16-row query tiles: two pipelined stages without spills on sm_80
+            return dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2)
         return dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
@@ -917,8 +926,10 @@ def _unit_head_strides(*prefixes) -> dict:
 
 
 def _aligned(signature: dict) -> tuple[str, ...]:
-    """Pointers and strides: multiples of 16 for the usual head dims, as the JIT sees them on the hot path."""
-    return tuple(n for n, t in signature.items() if t.startswith("*") or n.startswith("stride_"))
+    """Pointers, strides and the head dims: multiples of 16 for the usual head dims, as the JIT sees them on the
+    hot path (it specializes every integer argument divisible by 16). The head dims matter most: with them the
+    head-dim masks are uniform over 16 elements, so tile loads vectorize and become cp.async (pipelined)."""
+    return tuple(n for n, t in signature.items() if t.startswith("*") or n.startswith("stride_") or n in ("DQK", "DV"))
 
 
 def _bwd_specs(dtype, p, tag, block_dqk, block_dv) -> list[AOTSpec]:
