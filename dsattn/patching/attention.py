@@ -26,7 +26,15 @@ def sliding_window(window: int | None = None):
         return dsattn.sliding_window_attention(q, k, v, min(given) if given else DEFAULT_WINDOW, scale=scale,
                                                sinks=sinks)
 
+    def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, scale, sinks=None,
+               model_window=None):
+        # Packed [T, H, D] sequences in one call (continuous batching): no per-request loop.
+        given = [w for w in (window, model_window) if w is not None]
+        return dsattn.sliding_window_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                      min(given) if given else DEFAULT_WINDOW, scale=scale, sinks=sinks)
+
     fn.takes_window = True
+    fn.varlen = varlen
     return fn
 
 
@@ -99,6 +107,61 @@ def hybrid(prefix: int = 2048, window: int = 0, feature_map: str = "elu"):
     return fn
 
 
+# Modes that cannot run under transformers' continuous batching yet, and why (the others run per request on the
+# packed sequences, see run_continuous_batching).
+CONTINUOUS_BATCHING_REFUSED = {
+    "linear": "it carries each request's linear-attention state (S, z) across decode steps, and continuous batching "
+              "has no per-request state slot to keep it in",
+    "hybrid": "its linear part needs each request's state kept across decode steps, which continuous batching does "
+              "not hold",
+    "sparse": "the indexer's key cache is not paged by transformers' continuous-batching cache",
+}
+
+
+def check_continuous_batching(mode) -> None:
+    """Raised when a model patched with `mode` is handed to transformers' continuous batching."""
+    why = CONTINUOUS_BATCHING_REFUSED.get(mode)
+    if why is not None:
+        raise ValueError(f"dsattn: attention={mode!r} cannot run under continuous batching (generate_batch): {why}; "
+                         "use model.generate per request, or attention='sliding_window' / 'topk'")
+
+
+def is_continuous_batching(kwargs) -> bool:
+    """transformers' continuous batching passes its paged-cache arguments (write_index / block_table)."""
+    return "write_index" in kwargs or kwargs.get("block_table") is not None
+
+
+def run_continuous_batching(kernel, q, k, v, cu_seqlens_q, cu_seqlens_k, max_length_q, max_length_k, *, mode,
+                            **kw):
+    """Continuous batching: q [1, Hq, Tq, D] and k/v [1, Hkv, Tk, D] hold packed requests (request s: query rows
+    cu_seqlens_q[s]:[s+1], its keys cu_seqlens_k[s]:[s+1], its queries the last of its keys: prefill chunks and
+    decode rows mixed). Returns [1, Tq, Hq, Dv]."""
+    if q.shape[0] != 1:
+        raise ValueError(f"dsattn: continuous batching packs requests into batch 1, got a query batch of {q.shape[0]}")
+    if not (torch.is_tensor(cu_seqlens_q) and torch.is_tensor(cu_seqlens_k)):
+        raise ValueError("dsattn: continuous batching needs cu_seq_lens_q and cu_seq_lens_k tensors")
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    if len(bounds_q) != len(bounds_k):
+        raise ValueError(f"dsattn: cu_seq_lens_q ({len(bounds_q)}) and cu_seq_lens_k ({len(bounds_k)}) must have "
+                         "one offset per request + 1 each")
+    tq, tk = bounds_q[-1], bounds_k[-1]  # rows past the last offset are padding (static shapes): output zeros
+    out = q.new_zeros(1, q.shape[2], q.shape[1], v.shape[-1])
+    varlen = getattr(kernel, "varlen", None)
+    if varlen is not None:
+        o = varlen(q[0, :, :tq].transpose(0, 1), k[0, :, :tk].transpose(0, 1), v[0, :, :tk].transpose(0, 1),
+                   cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32), int(max_length_q), int(max_length_k),
+                   scale=kw["scale"], sinks=kw.get("sinks"), model_window=kw.get("model_window"))
+        out[0, :tq] = o
+        return out
+    for s in range(len(bounds_q) - 1):
+        q0, q1, k0, k1 = bounds_q[s], bounds_q[s + 1], bounds_k[s], bounds_k[s + 1]
+        if q1 > q0:
+            _check_window(kernel, mode, kw.get("model_window"), k1 - k0)
+            o = kernel(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], indices=None, **{**kw, "layer": None})
+            out[:, q0:q1] = o.transpose(1, 2)
+    return out
+
+
 def _check_window(kernel, mode, model_window, sk):
     """A layer's own sliding window is part of its mask: modes without a window cannot drop it."""
     if model_window is not None and model_window < sk and not getattr(kernel, "takes_window", False):
@@ -152,6 +215,17 @@ def transformers_attention(kernel, mode=None):
     def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if not torch.compiler.is_compiling():
             _warn_no_weights(mode, module, kwargs)
+        if is_continuous_batching(kwargs):
+            check_continuous_batching(mode)
+            if kwargs.get("block_table") is not None:
+                raise ValueError("dsattn: the block-table (decode fast path) call of continuous batching is not "
+                                 "supported; leave ContinuousBatchingConfig.max_blocks_per_request at 0")
+            out = run_continuous_batching(kernel, query, key, value, kwargs.get("cu_seq_lens_q"),
+                                          kwargs.get("cu_seq_lens_k"), kwargs.get("max_length_q"),
+                                          kwargs.get("max_length_k"), mode=mode, scale=scaling,
+                                          sinks=kwargs.get("s_aux"), model_window=kwargs.get("sliding_window"),
+                                          layer=None)
+            return out, None
         out = run_with_mask(kernel, query, key, value, attention_mask, indices=kwargs.get("indices"), mode=mode,
                             cu_seqlens=kwargs.get("cu_seq_lens_q"), max_length=kwargs.get("max_length_q"),
                             scale=scaling, sinks=kwargs.get("s_aux"), model_window=kwargs.get("sliding_window"),

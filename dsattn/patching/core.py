@@ -17,7 +17,7 @@ from collections.abc import Callable
 from torch import nn
 
 from dsattn import registry
-from dsattn.patching.attention import LAYER_STATE_ATTR, transformers_attention
+from dsattn.patching.attention import LAYER_STATE_ATTR, check_continuous_batching, transformers_attention
 
 STATE_ATTR = "_dsattn_patch_state"
 logger = logging.getLogger("dsattn")
@@ -53,6 +53,35 @@ class PatchState:
     skipped: list = dataclasses.field(default_factory=list)  # (name, why) of the modules a quantizer left
     weight_bytes_before: int = 0
     weight_bytes_after: int = 0
+
+
+# attn_implementation name registered by patch -> its dsattn attention mode.
+IMPLEMENTATIONS: dict[str, str] = {}
+
+
+def _allow_continuous_batching() -> None:
+    """transformers' continuous batching accepts only the attention implementations it names ('sdpa',
+    'paged|eager', flash): it has no registry for others. Wrap its check (once, class level) so that a model
+    patched by dsattn keeps its implementation when the mode can run there (the function then reads the packed
+    requests by cu_seq_lens_q/k, see attention.run_continuous_batching) and gets a ValueError naming the mode
+    when it cannot; any other model goes through transformers' check unchanged."""
+    try:
+        from transformers.generation.continuous_batching.continuous_api import ContinuousBatchingManager
+    except ImportError:  # a transformers without continuous batching
+        return
+    original = ContinuousBatchingManager.switch_to_cb_friendly_attn
+    if getattr(original, "_dsattn_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def switch_to_cb_friendly_attn(self, model, *args, **kwargs):
+        mode = IMPLEMENTATIONS.get(getattr(model.config, "_attn_implementation", None))
+        if mode is None:
+            return original(self, model, *args, **kwargs)
+        check_continuous_batching(mode)
+
+    switch_to_cb_friendly_attn._dsattn_wrapped = True
+    ContinuousBatchingManager.switch_to_cb_friendly_attn = switch_to_cb_friendly_attn
 
 
 def replace_module(state: PatchState, parent: nn.Module, name: str, new: nn.Module) -> None:
@@ -162,6 +191,8 @@ def patch(model, *, attention=None, quantize=None, **options):
             AttentionInterface.register(name, attention_forward)
             AttentionMaskInterface.register(name, {"sdpa": sdpa_mask, "eager": eager_mask}[patcher.mask_function])
             model.set_attn_implementation(name)
+            IMPLEMENTATIONS[name] = attention
+            _allow_continuous_batching()
             state.attention_layers = _attention_modules(model)
             for hook in patcher.hooks:
                 hook(model, state, attention, options)
@@ -195,6 +226,7 @@ def unpatch(model):
     for module in model.modules():
         module.__dict__.pop(LAYER_STATE_ATTR, None)
     if state.attn_implementation is not None:
+        IMPLEMENTATIONS.pop(getattr(model.config, "_attn_implementation", None), None)
         model.set_attn_implementation(state.attn_implementation)
     delattr(model, STATE_ATTR)
     return model
