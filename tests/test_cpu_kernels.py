@@ -177,12 +177,15 @@ def test_threads_give_identical_results():
     """Each (sequence, head, block) task is computed alone: the result does not depend on the thread count."""
     q, k, v = _rand(1, 8, 200, 32), _rand(1, 2, 200, 32), _rand(1, 2, 200, 32)
     idx = torch.randint(-1, 200, (1, 200, 40))
+    idx_decode = torch.randint(-1, 200, (1, 1, 600))  # split over keys
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = _swa(q, k, v, 50), OPS.sparse_attention(q, k, v, idx, True, 0.2)
+        one = (_swa(q, k, v, 50), OPS.sparse_attention(q, k, v, idx, True, 0.2),
+               OPS.sparse_attention(q[:, :, :1], k, v, idx_decode, True, 0.2))
         torch.set_num_threads(max(2, threads))
-        many = _swa(q, k, v, 50), OPS.sparse_attention(q, k, v, idx, True, 0.2)
+        many = (_swa(q, k, v, 50), OPS.sparse_attention(q, k, v, idx, True, 0.2),
+                OPS.sparse_attention(q[:, :, :1], k, v, idx_decode, True, 0.2))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(one, many))
@@ -199,6 +202,7 @@ SPARSE_SHAPES = [
     (1, 16, 1, 20, 90, 64, 48, 70, False, True),   # MQA with many heads (DeepSeek-V3.2's latent form)
     (1, 4, 2, 13, 90, 16, 16, 130, True, False),   # more listings than one key tile, per-head lists
     (1, 8, 1, 1, 300, 64, 64, 64, False, True),    # decode
+    (2, 4, 1, 2, 900, 32, 16, 700, False, True),   # decode with long lists: split over keys and merged
     (2, 3, 3, 30, 30, 9, 17, 5, True, True),
 ]
 

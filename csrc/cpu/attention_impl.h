@@ -426,10 +426,17 @@ void sparse_typed(const SparseArgs& a) {
                    std::vector<float>(std::max<int64_t>(D, 1) * BK), std::vector<float>(BK * DvP),
                    std::vector<int64_t>(a.topk)};
   };
-  parallel_tasks(tasks, 16, make_scratch, [&](int64_t task, Scratch& sc) {
+  // Decode (few tasks, long lists): each task's list is split into chunks of kSplitKeys listings, computed as
+  // separate items and merged (flash-decoding). The split depends on the shape only, never on the thread
+  // count, so results do not either.
+  constexpr int64_t kSplitKeys = 4 * BK;
+  const int64_t nsplit = tasks < 16 ? std::max<int64_t>(1, (a.topk + kSplitKeys - 1) / kSplitKeys) : 1;
+  std::vector<float> part_ml(nsplit > 1 ? tasks * nsplit * G * 2 : 0), part_o(nsplit > 1 ? tasks * nsplit * G * DvP : 0);
+  parallel_tasks(tasks * nsplit, nsplit > 1 ? 1 : 16, make_scratch, [&](int64_t item, Scratch& sc) {
     auto &Qp = sc.Qp, &S = sc.S, &O = sc.O, &m = sc.m, &l = sc.l, &Kt = sc.Kt, &Vt = sc.Vt;
     auto& keys = sc.keys;
     {
+      const int64_t task = item / nsplit, split = item % nsplit;
       const int64_t i = task % a.sq, h = (task / a.sq) % a.hkv, b = task / (a.sq * a.hkv);
       const int64_t p = i + a.sk - a.sq;
       const I* list = idx + b * a.idx_sb + h * a.idx_sh + i * a.idx_sr;
@@ -443,13 +450,15 @@ void sparse_typed(const SparseArgs& a) {
         l[g] = 0.f;
       }
       std::fill(O.begin(), O.end(), 0.f);
-      if (n > 0) {
+      const int64_t key_begin = nsplit > 1 ? split * kSplitKeys : 0;
+      const int64_t key_end = nsplit > 1 ? std::min(n, key_begin + kSplitKeys) : n;
+      if (key_begin < key_end) {
         for (int64_t g = 0; g < G; ++g)
           pack_q_row(q + b * a.qb + (h * G + g) * a.qs.h + i * a.qs.r, a.qs.d, D, a.scale, Qp.data() + g * D);
         const T* kh = k + b * a.kb + h * a.ks.h;
         const T* vh = v + b * a.vb + h * a.vs.h;
-        for (int64_t t0 = 0; t0 < n; t0 += BK) {
-          const int64_t nk = std::min(BK, n - t0);
+        for (int64_t t0 = key_begin; t0 < key_end; t0 += BK) {
+          const int64_t nk = std::min(BK, key_end - t0);
           int64_t jj = 0;
           for (; jj + 16 <= nk; jj += 16) {
             const T* krows[16];
@@ -474,9 +483,43 @@ void sparse_typed(const SparseArgs& a) {
           pv_block(S.data(), G, Vt.data(), 0, nk, DvP, O.data());
         }
       }
+      if (nsplit > 1) {
+        for (int64_t g = 0; g < G; ++g) {
+          part_ml[(item * G + g) * 2] = m[g];
+          part_ml[(item * G + g) * 2 + 1] = l[g];
+        }
+        std::copy(O.begin(), O.begin() + G * DvP, part_o.begin() + item * G * DvP);
+        return;
+      }
       for (int64_t g = 0; g < G; ++g)
         store_row(out + b * a.ob + (h * G + g) * a.os.h + i * a.os.r, a.os.d, O.data() + g * DvP, Dv,
                   row_multiplier(m[g], l[g], nullptr));
+    }
+  });
+  if (nsplit == 1) return;
+  // Merge the splits of each (task, head): rescale each partial sum to the common max.
+  at::parallel_for(0, tasks * G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> o(DvP);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t task = row / G, g = row % G;
+      const int64_t i = task % a.sq, h = (task / a.sq) % a.hkv, b = task / (a.sq * a.hkv);
+      float mx = kNegInf;
+      for (int64_t sp = 0; sp < nsplit; ++sp) mx = std::max(mx, part_ml[((task * nsplit + sp) * G + g) * 2]);
+      float total = 0.f;
+      std::fill(o.begin(), o.end(), 0.f);
+      if (mx != kNegInf) {
+        for (int64_t sp = 0; sp < nsplit; ++sp) {
+          const int64_t at = (task * nsplit + sp) * G + g;
+          const float ms = part_ml[at * 2];
+          if (ms == kNegInf) continue;  // a split with no weight (its O is 0)
+          const float f = std::exp(ms - mx);
+          total += part_ml[at * 2 + 1] * f;
+          const float* po = part_o.data() + at * DvP;
+          for (int64_t d = 0; d < DvP; ++d) o[d] += f * po[d];
+        }
+      }
+      store_row(out + b * a.ob + (h * G + g) * a.os.h + i * a.os.r, a.os.d, o.data(), Dv,
+                row_multiplier(mx, total, nullptr));
     }
   });
 }
