@@ -311,8 +311,8 @@ def test_bad_qkv_and_options():
         sparse_attention(q, k, v, idx, scale="0.1")
     with pytest.raises(ValueError, match="backend must be one of"):
         sparse_attention(q, k, v, idx, backend="cudnn")
-    with pytest.raises(ValueError, match="backend='cpp' is not implemented"):
-        sparse_attention(q, k, v, idx, backend="cpp")
+    with pytest.raises(ValueError, match="backend='cuda' is not implemented"):
+        sparse_attention(q, k, v, idx, backend="cuda")
     with pytest.raises(TypeError, match="backend='triton' takes float16, bfloat16, float32"):
         sparse_attention(q.double(), k.double(), v.double(), idx, backend="triton")
 
