@@ -14,6 +14,7 @@ from dsattn.ops.int4_matmul import int4_matmul
 from dsattn.ops.int8_matmul import int8_matmul
 from dsattn.ops.lightning_indexer_topk import lightning_indexer_topk
 from dsattn.ops.linear_attention import linear_attention
+from dsattn.ops.paged_sliding_window_attention import paged_sliding_window_attention
 from dsattn.ops.sliding_window_attention import sliding_window_attention, sliding_window_attention_varlen
 from dsattn.ops.sparse_attention import sparse_attention
 from dsattn.ops.topk_sparse_attention import topk_sparse_attention
@@ -33,6 +34,7 @@ __all__ = [
     "lightning_indexer_topk",
     "linear_attention",
     "nn",
+    "paged_sliding_window_attention",
     "patch",
     "patch_summary",
     "quantize_int4",
