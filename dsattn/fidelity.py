@@ -11,9 +11,15 @@ dsattn.patch and restored with dsattn.unpatch: perplexity, next-token KL(dense |
 agreement with the dense model. After all modes the unpatched model is evaluated again and must reproduce the
 first dense logits bit for bit.
 
+With recover=True (--recover) each approximate mode then runs its recovery recipe (dsattn.recover) for a fixed
+step budget, from a copy of the trained dense model, on batches of the train split, and is evaluated again on
+the same held-out windows (recovered_perplexity; fidelity.md adds those columns and issue 15's goal ratios). The
+full recovery run trains and evaluates at a 512-token context.
+
     from dsattn import fidelity
     result = fidelity.run(minutes=3, out_dir="bench/out")        # writes fidelity.json and fidelity.md
     python -m dsattn.fidelity --minutes 3 --out bench/out
+    python -m dsattn.fidelity --recover --minutes 20 --threads 1 --out bench/out
 """
 
 import argparse
