@@ -14,6 +14,11 @@ TORCH_LIBRARY(dsattn_C, m) {
   //   CUDA (csrc/cuda/int4_matmul.cu): x float16/bfloat16/float32 -> x's dtype; scales and bias each
   //   float16/bfloat16/float32 (converted on load); fp32 accumulation; built for decode (M <= 16).
   m.def("int4_matmul(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor? bias=None) -> Tensor");
+  // int8 weight-only: x float32/bfloat16 [M, K] @ (qweight int8 [N, K] * scales).T (+ bias) -> [M, N] in x's
+  // dtype; scales float32 [N] (group_size None) or [N, K/group_size]; bias float32; isa as the attention ops'
+  // (csrc/cpu/int8_matmul.cpp).
+  m.def("int8_matmul(Tensor x, Tensor qweight, Tensor scales, int? group_size, Tensor? bias=None, int isa=-1) "
+        "-> Tensor");
   // Row-wise top-k by radix select: scores float32 [R, T] (unit column stride), lengths int32 [R] or None (valid
   // leading columns per row) -> int32 [R, k] column indices, highest score first, ties to the lower index, -1
   // where a row has fewer than k valid columns; NaN ranks below -inf (csrc/{cpu,cuda}/topk_select.*).

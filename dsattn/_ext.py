@@ -63,6 +63,10 @@ def _register_fakes() -> None:
     def _(x, qweight, scales, zeros, group_size, bias=None):
         return x.new_empty((x.shape[0], qweight.shape[0]))
 
+    @torch.library.register_fake("dsattn_C::int8_matmul")
+    def _(x, qweight, scales, group_size, bias=None, isa=-1):
+        return x.new_empty((x.shape[0], qweight.shape[0]))
+
     @torch.library.register_fake("dsattn_C::topk_select")
     def _(scores, lengths, k):
         return scores.new_empty((scores.shape[0], k), dtype=torch.int32)

@@ -76,6 +76,12 @@ struct Vec {
 
 #include "cpu/attention_impl.h"
 
+// 8 int8 codes sign-extended to int32 and converted (exact).
+static inline __m256 q8_load(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+#include "cpu/int8_matmul_impl.h"
+
 }  // namespace isa_avx2
 }  // namespace cpu_attn
 }  // namespace dsattn
@@ -93,6 +99,7 @@ namespace cpu_attn {
 namespace isa_avx2 {
 void sliding_window(const SlidingArgs&) {}
 void sparse(const SparseArgs&) {}
+void int8_matmul(const Int8Args&) {}
 bool compiled() { return false; }
 }  // namespace isa_avx2
 }  // namespace cpu_attn

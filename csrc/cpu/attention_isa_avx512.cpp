@@ -105,6 +105,12 @@ struct Vec {
 
 #include "cpu/attention_impl.h"
 
+// 16 int8 codes sign-extended to int32 and converted (exact).
+static inline __m512 q8_load(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+#include "cpu/int8_matmul_impl.h"
+
 }  // namespace isa_avx512
 }  // namespace cpu_attn
 }  // namespace dsattn
@@ -122,6 +128,7 @@ namespace cpu_attn {
 namespace isa_avx512 {
 void sliding_window(const SlidingArgs&) {}
 void sparse(const SparseArgs&) {}
+void int8_matmul(const Int8Args&) {}
 bool compiled() { return false; }
 }  // namespace isa_avx512
 }  // namespace cpu_attn

@@ -91,6 +91,14 @@ struct Vec {
 
 #include "cpu/attention_impl.h"
 
+// W int8 codes as fp32 (exact).
+static inline Vec::reg q8_load(const int8_t* p) {
+  float t[Vec::W];
+  for (int64_t i = 0; i < Vec::W; ++i) t[i] = static_cast<float>(p[i]);
+  return Vec::load(t);
+}
+#include "cpu/int8_matmul_impl.h"
+
 }  // namespace isa_portable
 }  // namespace cpu_attn
 }  // namespace dsattn

@@ -57,6 +57,18 @@ struct SparseArgs {
   Strides qs, ks, vs, os;
 };
 
+// int8_matmul (int8_matmul_impl.h): out[M, N] (row stride n) = x[M, K] (row stride ldx) @ dequant(q[N, K]).T
+// (+ bias); s [N] per output channel (group 0) or [N, K/group]. All fp32 but q.
+struct Int8Args {
+  const float* x;
+  int64_t ldx;
+  const int8_t* q;
+  const float* s;
+  const float* bias;  // [N] or nullptr
+  float* out;
+  int64_t m, n, k, group;
+};
+
 // The ISA to run for `requested` (-1: the best this CPU has, unless env DSATTN_CPU_ISA = portable / avx2 /
 // avx512 asks for another); an ISA this CPU or build lacks is an error.
 Isa resolve_isa(int64_t requested);
@@ -66,6 +78,7 @@ bool isa_available(Isa isa);
   namespace ns {                               \
   void sliding_window(const SlidingArgs& a);   \
   void sparse(const SparseArgs& a);            \
+  void int8_matmul(const Int8Args& a);         \
   bool compiled();                             \
   }
 DSATTN_DECLARE_ISA(isa_portable)

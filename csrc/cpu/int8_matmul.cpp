@@ -1,0 +1,120 @@
+// CPU int8 weight-only matmul: out[m, n] = x[m, :] . (q[n, :] * scale) (+ bias[n]), q int8 [N, K], scales
+// per output channel [N] or per group [N, K/g].
+// - decode (M < kGemmMinRows): int8_matmul_impl.h for the ISA resolve_isa() picks (AVX-512 / AVX2 /
+//   portable): int8 codes widened to fp32 in registers, exact products, fp32 accumulation; x is never
+//   quantized (see the impl header for why). bf16 x is widened to fp32 and the result rounded once.
+// - prefill (M >= kGemmMinRows): the weight dequantized kPanelRows rows at a time (fp32 panels for fp32 x,
+//   bf16 panels for bf16 x) and multiplied by torch's GEMM (BLAS / oneDNN, AMX where the CPU has it); memory
+//   O(kPanelRows x K), never the whole weight.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "cpu/attention_kernels.h"
+
+namespace dsattn {
+namespace {
+
+constexpr int64_t kGemmMinRows = 64;
+constexpr int64_t kPanelRows = 256;  // weight rows per dequantized panel (4 MiB of fp32 at K = 4096)
+
+// Weight rows [n0, n0 + rows) dequantized into panel [rows, K] (fp32: q * scale, the kernels' weight).
+void dequant_panel(const int8_t* qp, const float* sp, int64_t n0, int64_t rows, int64_t k, int64_t group,
+                   float* panel) {
+  at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int8_t* q = qp + (n0 + r) * k;
+      float* dst = panel + r * k;
+      if (group == 0) {
+        const float s = sp[n0 + r];
+        for (int64_t i = 0; i < k; ++i) dst[i] = static_cast<float>(q[i]) * s;
+      } else {
+        const int64_t groups = k / group;
+        for (int64_t g = 0; g < groups; ++g) {
+          const float s = sp[(n0 + r) * groups + g];
+          for (int64_t i = g * group; i < (g + 1) * group; ++i) dst[i] = static_cast<float>(q[i]) * s;
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// x float32/bfloat16 [M, K] (any strides); qweight int8 [N, K]; scales float32 [N] (group_size None) or
+// [N, K/group_size]; bias float32 [N] or None -> [M, N] in x's dtype. isa as the attention ops'.
+at::Tensor int8_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                           c10::optional<int64_t> group_size, const c10::optional<at::Tensor>& bias, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "int8_matmul: x must be float32 or bfloat16 [M, K]");
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kChar, "int8_matmul: qweight must be int8 [N, K]");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat, "int8_matmul: scales must be float32");
+  const int64_t m = x.size(0), k = x.size(1), n = qweight.size(0);
+  TORCH_CHECK(qweight.size(1) == k, "int8_matmul: qweight [N, K] does not match K=", k);
+  const int64_t group = group_size.has_value() ? *group_size : 0;
+  if (group == 0) {
+    TORCH_CHECK(!group_size.has_value(), "int8_matmul: group_size must be None or >= 1");
+    TORCH_CHECK(scales.dim() == 1 && scales.size(0) == n, "int8_matmul: scales must be [N] per output channel");
+  } else {
+    TORCH_CHECK(group > 0 && k % group == 0, "int8_matmul: group_size must be >= 1 and divide K");
+    TORCH_CHECK(scales.dim() == 2 && scales.size(0) == n && scales.size(1) == k / group,
+                "int8_matmul: scales must be [N, K/group_size]");
+  }
+  at::Tensor bc;
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == at::kFloat,
+                "int8_matmul: bias must be float32 [N]");
+    bc = bias->contiguous();
+    bp = bc.data_ptr<float>();
+  }
+  const cpu_attn::Isa chosen = cpu_attn::resolve_isa(isa);  // validated even where the GEMM path runs
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const at::Tensor qc = qweight.contiguous(), sc = scales.contiguous();
+  const int8_t* qp = qc.data_ptr<int8_t>();
+  const float* sp = sc.data_ptr<float>();
+  if (m >= kGemmMinRows && n > 0 && k > 0) {
+    const at::Tensor xc = x.contiguous();
+    const int64_t panel_rows = std::min(kPanelRows, n);
+    at::Tensor panel = at::empty({panel_rows, k}, x.options().dtype(at::kFloat));
+    at::Tensor out = at::empty({m, n}, x.options());
+    for (int64_t n0 = 0; n0 < n; n0 += panel_rows) {
+      const int64_t rows = std::min(panel_rows, n - n0);
+      at::Tensor w = panel.narrow(0, 0, rows);
+      dequant_panel(qp, sp, n0, rows, k, group, w.data_ptr<float>());
+      at::Tensor part;
+      if (bf16) {  // bf16 GEMM (fp32 accumulation); the bias added after its rounding to bf16
+        part = at::mm(xc, w.to(at::kBFloat16).t());
+        if (bp != nullptr) part = at::add(part, bc.narrow(0, n0, rows).to(at::kBFloat16));
+      } else {
+        part = bp != nullptr ? at::addmm(bc.narrow(0, n0, rows), xc, w.t()) : at::mm(xc, w.t());
+      }
+      if (rows == n) return part;
+      out.narrow(1, n0, rows).copy_(part);
+    }
+    return out;
+  }
+  // Decode: fp32 x with unit column stride (rows may be strided), fp32 out.
+  at::Tensor xf = x.scalar_type() == at::kFloat && x.stride(1) == 1 && x.stride(0) >= k ? x : x.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({m, n}, x.options().dtype(at::kFloat));
+  if (m == 0 || n == 0) return out.to(x.scalar_type());
+  if (k == 0) return (bp != nullptr ? bc.expand({m, n}).clone() : out.zero_()).to(x.scalar_type());
+  cpu_attn::Int8Args a{xf.data_ptr<float>(), xf.stride(0), qp, sp, bp, out.data_ptr<float>(), m, n, k, group};
+  switch (chosen) {
+    case cpu_attn::kAvx512: cpu_attn::isa_avx512::int8_matmul(a); break;
+    case cpu_attn::kAvx2: cpu_attn::isa_avx2::int8_matmul(a); break;
+    default: cpu_attn::isa_portable::int8_matmul(a); break;
+  }
+  return bf16 ? out.to(at::kBFloat16) : out;
+}
+
+}  // namespace dsattn
+
+TORCH_LIBRARY_IMPL(dsattn_C, CPU, m) { m.impl("int8_matmul", &dsattn::int8_matmul_cpu); }
