@@ -109,7 +109,9 @@ CAPABILITIES: dict[str, dict[str, Capability]] = {
         "triton": Capability(dtypes=KERNEL_FLOATS, group_size_multiple=16),
     },
     # int8: weight frozen (torch's backward: x, bias); the Triton kernel's group sizes as int4's (BLOCK_K divides them).
-    "int8_matmul": {"torch": TORCH, "triton": Capability(dtypes=KERNEL_FLOATS, group_size_multiple=16)},
+    # cpp: csrc/cpu/int8_matmul.cpp forward (no backward: training keeps the torch path).
+    "int8_matmul": {"torch": TORCH, "triton": Capability(dtypes=KERNEL_FLOATS, group_size_multiple=16),
+                    "cpp": Capability(dtypes=KERNEL_FLOATS, kernel="int8_matmul")},
     "int4_unpack": {
         "torch": Capability(dtypes=(torch.int32,)),
         "triton": Capability(dtypes=(torch.int32,)),

@@ -347,3 +347,88 @@ def test_compiles_fullgraph_and_equals_eager():
         explained = torch._dynamo.explain(mod)(torch.randn(3, 64, dtype=torch.float32))
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
     torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------ cpp (CPU kernel)
+def _cpp_isas():
+    """The ISA paths (0 portable, 1 avx2, 2 avx512) this CPU and build run; [] without the compiled kernel."""
+    if _backend.unusable_reason("cpp", torch.device("cpu"), "int8_matmul"):
+        return []
+    found = []
+    for isa in (0, 1, 2):
+        try:
+            torch.ops.dsattn_C.attention_isa(isa)
+            found.append(isa)
+        except RuntimeError:
+            pass
+    return found
+
+
+CPP_ISAS = _cpp_isas()
+needs_cpp = pytest.mark.skipif(not CPP_ISAS, reason="dsattn._C has no int8_matmul kernel")
+ISA_IDS = {0: "portable", 1: "avx2", 2: "avx512"}
+
+
+# group 32: the vector path (a whole number of vectors per group); 5: the scalar path; None: per channel with a
+# K % 16 tail (K = 165). M = 65 runs the dequantized-panel GEMM.
+@needs_cpp
+@pytest.mark.parametrize("isa", CPP_ISAS or [0], ids=lambda i: ISA_IDS[i])
+@pytest.mark.parametrize("group_size,k", [(None, 165), (32, 160), (5, 165)])
+@pytest.mark.parametrize("m", [1, 3, 16, 65])
+def test_cpp_kernel_every_isa_equals_dequantized_matmul(isa, group_size, k, m):
+    """Exact int8 x fp32 products, fp32 accumulation: fp32 tolerance against float64 (x is not quantized)."""
+    n = 37  # 9 tiles of 4 weight rows and a 1-row remainder
+    w = quantized(n, k, group_size)
+    bias = torch.randn(n)
+    x = non_contiguous(torch.randn(m, k))
+    got = torch.ops.dsattn_C.int8_matmul(x, w.qweight, w.scales.float(), group_size, bias, isa)
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    assert_close(got, expected(x, w, bias), tolerance(torch.float32))
+    assert_close(torch.ops.dsattn_C.int8_matmul(x, w.qweight, w.scales.float(), group_size, None, isa),
+                 expected(x, w), tolerance(torch.float32))
+    xb = torch.randn(m, k).to(torch.bfloat16)
+    got = torch.ops.dsattn_C.int8_matmul(xb, w.qweight, w.scales.float(), group_size, bias, isa)
+    assert got.dtype == torch.bfloat16
+    assert_close(got, expected(xb, w, bias), tolerance(torch.bfloat16))
+
+
+@needs_cpp
+def test_cpp_every_output_written_and_isa_errors(monkeypatch):
+    """Output buffers come from the allocator: fill freed memory with NaN first, so an element the kernel
+    skipped shows as NaN; an ISA the CPU lacks, or a bad env value, is an error, not a silent fallback."""
+    w = quantized(21, 64)
+    x = torch.randn(5, 64)
+    for isa in CPP_ISAS:
+        for _ in range(3):
+            del_me = poisoned((5, 21), torch.float32, "cpu")
+            del del_me
+            got = torch.ops.dsattn_C.int8_matmul(x, w.qweight, w.scales.float(), None, None, isa)
+            assert torch.isfinite(got).all()
+            assert_close(got, expected(x, w), tolerance(torch.float32))
+    with pytest.raises(RuntimeError, match="isa must be"):
+        torch.ops.dsattn_C.int8_matmul(x, w.qweight, w.scales.float(), None, None, 3)
+    monkeypatch.setenv("DSATTN_CPU_ISA", "portable")
+    assert_close(torch.ops.dsattn_C.int8_matmul(x, w.qweight, w.scales.float(), None, None),
+                 expected(x, w), tolerance(torch.float32))
+    monkeypatch.setenv("DSATTN_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="DSATTN_CPU_ISA"):
+        torch.ops.dsattn_C.int8_matmul(x, w.qweight, w.scales.float(), None, None)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpp_api_auto_picks_it_without_gradient(dtype):
+    """auto on the CPU runs cpp (leading dims, non-contiguous x, bias); with a gradient wanted, torch."""
+    w = quantized(19, 48, 16, dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+    x = non_contiguous(torch.randn(2, 3, 48)).to(dtype)
+    bias = torch.randn(19, dtype=dtype)
+    with _backend.recording() as chosen:
+        got = dsattn.int8_matmul(x, w, bias)
+    assert chosen["int8_matmul"] == {"cpp"} and got.dtype == dtype and got.shape == (2, 3, 19)
+    assert_close(got, expected(x, w, bias), tolerance(dtype))
+    xg = x.detach().float().requires_grad_()
+    with _backend.recording() as chosen:
+        dsattn.int8_matmul(xg, w)
+    assert chosen["int8_matmul"] == {"torch"}
+    with pytest.raises(ValueError, match="backend='cpp' has no backward"):
+        dsattn.int8_matmul(xg, w, backend="cpp")

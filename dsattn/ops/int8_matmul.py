@@ -31,16 +31,23 @@ def check_frozen(**tensors) -> None:
 
 
 def _auto_order(device: torch.device):
-    return ("triton", "torch") if device.type == "cuda" else ("torch",)
+    return ("triton", "torch") if device.type == "cuda" else ("cpp", "torch")
 
 
 def _int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: Optional[int],
                  bias: Optional[torch.Tensor], backend: str) -> torch.Tensor:
     if backend == "torch":
         return _torch.int8_matmul(x, qweight, scales, group_size, bias)
+    n, k = qweight.shape[0], x.shape[-1]
+    if backend == "cpp":
+        # bf16 stays bf16 (the kernel's prefill path runs a bf16 GEMM); everything else computes in fp32.
+        x2 = x.reshape(-1, k)
+        x2 = x2 if x2.dtype == torch.bfloat16 else x2.float()
+        out = torch.ops.dsattn_C.int8_matmul(x2, qweight, scales.float(), group_size,
+                                             None if bias is None else bias.float())
+        return out.to(x.dtype).reshape(*x.shape[:-1], n)
     from dsattn.triton_kernels import int8_matmul as _triton
 
-    n, k = qweight.shape[0], x.shape[-1]
     out = _triton.int8_matmul(x.reshape(-1, k), qweight, scales, group_size, bias)
     return out.reshape(*x.shape[:-1], n)
 
@@ -75,7 +82,10 @@ def int8_matmul(x, w, bias=None, *, backend="auto"):
     Backends: "triton" (CUDA; int8 tiles dequantized in the K loop, fp32 accumulation; fp16/bf16 x, fp32 x as
     tf32x3; grouped scales need group_size % 16 == 0), "torch" (row-chunked dequant, on the CPU torch's own
     int8 GEMM for fp16/bf16 x with per-channel scales; the only one for float64 and the one with a
-    backward). "auto": triton on CUDA, else torch; torch when a gradient (x or bias requiring grad) is wanted.
+    backward), "cpp" (CPU, compiled: int8 codes widened to fp32 in registers for M < 64 rows, exact products
+    and fp32 accumulation, x never quantized; from 64 rows dequantized panels into torch's GEMM, bf16 for bf16
+    x). "auto": triton on CUDA, cpp on the CPU (where built), else torch; torch when a gradient (x or bias
+    requiring grad) is wanted.
     """
     _checks.check_tensor(OP, "x", x, dtypes=_checks.FLOAT_DTYPES)
     n, k = check_int8_weight(OP, w)
