@@ -356,7 +356,7 @@ def indexer_topk(
 # ------------------------------------------------------------------------------------------------ AOT
 UNIT_STRIDES = ("stride_qd", "stride_kd")
 ALIGNED = ("q_ptr", "k_ptr", "w_ptr", "out_ptr", "stride_qb", "stride_qg", "stride_qm", "stride_qh",
-           "stride_kb", "stride_kg", "stride_kn", "KEYS_PER_SPLIT")
+           "stride_kb", "stride_kg", "stride_kn", "KEYS_PER_SPLIT", "D")  # D: the JIT specializes multiples of 16
 
 
 def _signature(dtype: torch.dtype, split: bool) -> dict[str, str]:
