@@ -3,9 +3,9 @@
 // - decode (M < kGemmMinRows): int8_matmul_impl.h for the ISA resolve_isa() picks (AVX-512 / AVX2 /
 //   portable): int8 codes widened to fp32 in registers, exact products, fp32 accumulation; x is never
 //   quantized (see the impl header for why). bf16 x is widened to fp32 and the result rounded once.
-// - prefill (M >= kGemmMinRows): the weight dequantized kPanelRows rows at a time (fp32 panels for fp32 x,
+// - prefill (M >= kGemmMinRows): the weight dequantized a panel of rows at a time (fp32 panels for fp32 x,
 //   bf16 panels for bf16 x) and multiplied by torch's GEMM (BLAS / oneDNN, AMX where the CPU has it); memory
-//   O(kPanelRows x K), never the whole weight.
+//   O(kPanelElems), never the whole weight (unless it is that small).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
@@ -23,28 +23,9 @@ namespace dsattn {
 namespace {
 
 constexpr int64_t kGemmMinRows = 64;
-constexpr int64_t kPanelRows = 256;  // weight rows per dequantized panel (4 MiB of fp32 at K = 4096)
-
-// Weight rows [n0, n0 + rows) dequantized into panel [rows, K] (fp32: q * scale, the kernels' weight).
-void dequant_panel(const int8_t* qp, const float* sp, int64_t n0, int64_t rows, int64_t k, int64_t group,
-                   float* panel) {
-  at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int8_t* q = qp + (n0 + r) * k;
-      float* dst = panel + r * k;
-      if (group == 0) {
-        const float s = sp[n0 + r];
-        for (int64_t i = 0; i < k; ++i) dst[i] = static_cast<float>(q[i]) * s;
-      } else {
-        const int64_t groups = k / group;
-        for (int64_t g = 0; g < groups; ++g) {
-          const float s = sp[(n0 + r) * groups + g];
-          for (int64_t i = g * group; i < (g + 1) * group; ++i) dst[i] = static_cast<float>(q[i]) * s;
-        }
-      }
-    }
-  });
-}
+// Dequantized panel size in elements (32 MiB of fp32): each panel is one GEMM call, and narrow panels cost
+// GEMM efficiency (and oneDNN's bf16 weight reorder per call), so panels are as wide as this allows.
+constexpr int64_t kPanelElems = int64_t{8} << 20;
 
 }  // namespace
 
@@ -82,13 +63,17 @@ at::Tensor int8_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   const float* sp = sc.data_ptr<float>();
   if (m >= kGemmMinRows && n > 0 && k > 0) {
     const at::Tensor xc = x.contiguous();
-    const int64_t panel_rows = std::min(kPanelRows, n);
-    at::Tensor panel = at::empty({panel_rows, k}, x.options().dtype(at::kFloat));
+    const int64_t panel_rows = std::min(std::max<int64_t>(1, kPanelElems / k), n);
     at::Tensor out = at::empty({m, n}, x.options());
     for (int64_t n0 = 0; n0 < n; n0 += panel_rows) {
       const int64_t rows = std::min(panel_rows, n - n0);
-      at::Tensor w = panel.narrow(0, 0, rows);
-      dequant_panel(qp, sp, n0, rows, k, group, w.data_ptr<float>());
+      // q * scale in fp32 by ATen's vectorized, parallel kernels (the decode kernels' weight values).
+      at::Tensor w = qc.narrow(0, n0, rows).to(at::kFloat);
+      if (group == 0) {
+        w.mul_(sc.narrow(0, n0, rows).unsqueeze(1));
+      } else {
+        w.view({rows, k / group, group}).mul_(sc.narrow(0, n0, rows).unsqueeze(2));
+      }
       at::Tensor part;
       if (bf16) {  // bf16 GEMM (fp32 accumulation); the bias added after its rounding to bf16
         part = at::mm(xc, w.to(at::kBFloat16).t());
