@@ -273,8 +273,8 @@ def test_bad_input_is_named():
             swa(q, k, v, 2, scale=bad)
     with pytest.raises(ValueError, match="backend must be one of"):
         swa(q, k, v, 2, backend="nope")
-    with pytest.raises(ValueError, match="'cpp' is not implemented"):
-        swa(q, k, v, 2, backend="cpp")
+    with pytest.raises(ValueError, match="'cuda' is not implemented"):
+        swa(q, k, v, 2, backend="cuda")
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="k is on"):
             swa(q, k.cuda(), v, 2)
