@@ -253,6 +253,7 @@ def evaluate(model, held_out: torch.Tensor, *, context: int, count: int, batch: 
         finally:
             dsattn.unpatch(target)
         rows[label] = dict(compare(logits, dense, windows), options=options, seconds=time.perf_counter() - start)
+        say(f"  {label}: perplexity {rows[label]['perplexity']:.3f}")
         if options and options.get("quantize"):
             rows[label]["quantized_fraction"] = _quantized_fraction(model, options)
     again = logits_of(model, windows, batch)
