@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dsattn
 from dsattn.reference.sliding_window_attention import sliding_window_attention as sliding_ref
@@ -50,11 +51,13 @@ def _poison(k, v, keys):
     return k, v
 
 
-def _check(run, oracle, q, k, v, poisoned, sees, *, grads=True, reaches=True, rtol=RTOL):
+def _check(run, oracle, q, k, v, poisoned, sees, *, grads=True, reaches=True, nan_rows=False, rtol=RTOL):
     """run(q, k, v) -> out (or (out, lse)) on the poisoned k/v against oracle(q, k, v) in float64 on the clean
     ones. poisoned: bool [B, Hkv, Sk]; sees: bool broadcastable to [B, Hq, Sq, Sk], the keys each row sees.
     Clean rows (seeing no poisoned key) must be finite and equal, their q gradients too; when every row is
-    clean, every gradient (zero at the poisoned keys). reaches: some row that sees the poison is not finite."""
+    clean, every gradient (zero at the poisoned keys). reaches: every row that sees the poison is not finite
+    (as the oracle's: each poisoned key's value holds a NaN / Inf). nan_rows (the torch backends): those rows
+    are NaN, and so are their q gradients."""
     b, hq, sq = q.shape[:3]
     hkv, sk = k.shape[1], k.shape[2]
     sees = sees.expand(b, hq, sq, sk)
@@ -72,8 +75,10 @@ def _check(run, oracle, q, k, v, poisoned, sees, *, grads=True, reaches=True, rt
     assert torch.isfinite(got[clean]).all(), "a hidden NaN / Inf reached a row"
     assert_close(got[clean], ref[clean], rtol, name="clean rows")
     assert clean.any()
-    if reaches and not clean.all():
-        assert not torch.isfinite(got[~clean]).all(), "rows that see the poison lost it"
+    if reaches:
+        assert (~torch.isfinite(got[~clean])).any(-1).all(), "a row that sees the poison lost it"
+    if nan_rows:
+        assert torch.isnan(got[~clean]).all()
     if not grads:
         return
     cot = torch.randn(ref.shape, dtype=torch.float64)
@@ -81,6 +86,8 @@ def _check(run, oracle, q, k, v, poisoned, sees, *, grads=True, reaches=True, rt
     r = torch.autograd.grad(ref, ref_leaves, cot)
     assert torch.isfinite(g[0][clean]).all()
     assert_close(g[0][clean], r[0][clean], rtol, name="dq of clean rows")
+    if nan_rows:
+        assert torch.isnan(g[0][~clean]).all()
     if clean.all():
         for name, gi, ri in (("dq", g[0], r[0]), ("dk", g[1], r[1]), ("dv", g[2], r[2])):
             assert_close(gi, ri, rtol, name=name)
@@ -137,7 +144,7 @@ def test_sliding_window_torch(causal, with_sinks, chunk_size):
     # Inside the rows' spans: hidden from most rows of a chunk, seen by a few.
     poisoned = _keys(b, hkv, sk, [18, 29])
     poisoned[1, 0, 18] = False
-    _check(run, oracle, q, k, v, poisoned, sees)
+    _check(run, oracle, q, k, v, poisoned, sees, nan_rows=True)
 
 
 def test_sliding_window_torch_decode():
@@ -171,7 +178,7 @@ def test_sliding_window_torch_varlen():
     as_bhsd = [t.transpose(0, 1)[None] for t in (q, k, v)]
     blind = [0, 2, 15, 18, 35, 40, 50]  # seq 0 before its rows' windows, seq 1 (no rows), seq 3 before its row's
     _check(run, oracle, *as_bhsd, _keys(1, hkv, sum(lens_k), blind), sees)
-    _check(run, oracle, *as_bhsd, _keys(1, hkv, sum(lens_k), [8, 28]), sees)
+    _check(run, oracle, *as_bhsd, _keys(1, hkv, sum(lens_k), [8, 28]), sees, nan_rows=True)
 
 
 # ----------------------------------------------------------------------------------------------- sparse
@@ -244,7 +251,8 @@ def test_sparse_keys_some_rows_see(sparse_backend):
     indices = torch.stack([_indices(b, sq, sk, 6, []) for _ in range(hkv)], 1)  # [B, Hkv, Sq, T]
     seen = int(indices[0, 0, 4, 0].clamp(min=0))
     _check(_sparse_runs(sparse_backend, indices, True), lambda q, k, v: sparse_ref(q, k, v, indices, causal=True),
-           q, k, v, _keys(b, hkv, sk, [seen, 22]), _sparse_sees(indices, hq, sk, True))
+           q, k, v, _keys(b, hkv, sk, [seen, 22]), _sparse_sees(indices, hq, sk, True),
+           nan_rows=sparse_backend == "dense")
 
 
 def test_sparse_out_of_range_entries_behind_a_view(sparse_backend):
@@ -327,11 +335,13 @@ def test_topk_values_no_row_selects(topk_backend, causal):
 def test_topk_causally_hidden_keys(topk_backend):
     """Poisoned future keys (K and V): the rows before them are finite and equal, their q gradients too (the
     rows after them may or may not select a NaN / Inf score: not checked)."""
-    b, hq, hkv, sq, sk, top_k = 2, 4, 2, 10, 21, 4
+    b, hq, hkv, sq, sk, top_k = 1, 4, 2, 10, 21, 4
     q, k, v = _qkv(b, hq, hkv, sq, sk, 16, 8)
     causal = visible_mask(sq, sk, sk, True)
+    torch_backend = topk_backend == "torch"  # rows seeing a NaN / Inf key are NaN, whatever they select
     _check(lambda q, k, v: dsattn.topk_sparse_attention(q, k, v, top_k, backend=topk_backend),
-           lambda q, k, v: topk_ref(q, k, v, top_k), q, k, v, _keys(b, hkv, sk, [16, 19]), causal, reaches=False)
+           lambda q, k, v: topk_ref(q, k, v, top_k), q, k, v, _keys(b, hkv, sk, [16, 19]), causal,
+           reaches=torch_backend, nan_rows=torch_backend)
 
 
 def test_topk_torch_small_chunks():
@@ -351,7 +361,7 @@ def test_topk_torch_small_chunks():
                                                              scale=q.shape[-1] ** -0.5, chunk_elements=2 * hq * sk)
     q, k, v = _qkv(b, hq, hkv, sq, sk, 8, 8)
     _check(Chunked.apply, lambda q, k, v: topk_ref(q, k, v, top_k), q, k, v, _keys(b, hkv, sk, [7]),
-           visible_mask(sq, sk, sk, True), reaches=False)
+           visible_mask(sq, sk, sk, True), nan_rows=True)
 
 
 # ------------------------------------------------------------------------- the blocked sliding-window path
@@ -377,3 +387,142 @@ def test_sliding_window_torch_blocked_path(causal, sq, sk, window, monkeypatch):
 
 
 _attend_blocks = sliding_torch.attend_blocks
+
+
+# ----------------------------------------------------------------------- traced: the same code, no host read
+class _Backend(torch.autograd.Function):
+    """A torch backend's forward fwd(q, k, v) and backward bwd(grad_out, q, k, v) -> (dq, dk, dv, ...) as one
+    differentiable call."""
+
+    @staticmethod
+    def forward(ctx, fwd, bwd, q, k, v):
+        ctx.save_for_backward(q, k, v)
+        ctx.bwd = bwd
+        return fwd(q, k, v)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return None, None, *ctx.bwd(grad_out, *ctx.saved_tensors)[:3]
+
+
+def _traced_case(name):
+    """(fwd, bwd, oracle, q, k, v, [(poisoned, sees, nan_rows), ...]) of a torch backend on one shape: keys
+    every row is blind to (every gradient checked), then keys some rows see."""
+    b, hq, hkv, sq, sk = 2, 4, 2, 11, 29
+    q, k, v = _qkv(b, hq, hkv, sq, sk, 16, 12)
+    scale = 16**-0.5
+    if name.startswith("sliding"):
+        # A window well inside the keys takes the blocked path, a long one the chunked path.
+        window, causal = (5, True) if name == "sliding_blocked" else (12, False)
+        assert sliding_torch.blocked(window, sk) == (name == "sliding_blocked")
+        sinks = torch.randn(hq)
+
+        def fwd(q, k, v):
+            return sliding_torch.sliding_window_attention(q, k, v, window, causal=causal, sinks=sinks)
+
+        def bwd(g, q, k, v):
+            return sliding_torch.sliding_window_attention_backward(g, q, k, v, window, causal=causal, scale=scale,
+                                                                   sinks=sinks)
+
+        def oracle(q, k, v):
+            return sliding_ref(q, k, v, window, causal=causal, sinks=sinks.double())
+        sees = visible_mask(sq, sk, window, causal)  # rows at 18..28: keys from 14 (causal) / 7 on
+        seen = [20, 25] if causal else [8]  # by rows 20..28 / 18..19
+        return fwd, bwd, oracle, q, k, v, [(_keys(b, hkv, sk, [0, 4, 6]), sees, False),
+                                           (_keys(b, hkv, sk, seen), sees, True)]
+    if name.startswith("sparse"):
+        strategy = name.split("_")[1]
+        indices = _indices(b, sq, sk, 7, [2, 11, 28], hidden_future=(28, [0, 3, 5]))
+        indices[:, 6, 1] = 11  # listed by row 6 only
+
+        def fwd(q, k, v):
+            return sparse_torch.sparse_attention(q, k, v, indices, causal=True, strategy=strategy)
+
+        def bwd(g, q, k, v):
+            return sparse_torch.sparse_attention_backward(g, q, k, v, indices, causal=True, scale=scale,
+                                                          strategy=strategy)
+
+        def oracle(q, k, v):
+            return sparse_ref(q, k, v, indices, causal=True)
+        sees = _sparse_sees(indices, hq, sk, True)
+        return fwd, bwd, oracle, q, k, v, [(_keys(b, hkv, sk, [2, 28]), sees, False),
+                                           (_keys(b, hkv, sk, [11]), sees, strategy == "dense")]
+    top_k = 4
+
+    def fwd(q, k, v):
+        return topk_torch.topk_sparse_attention(q, k, v, top_k)
+
+    def bwd(g, q, k, v):
+        return topk_torch.topk_sparse_attention_backward(g, q, k, v, top_k, causal=True, scale=scale)
+
+    def oracle(q, k, v):
+        return topk_ref(q, k, v, top_k)
+    # Future keys: the rows before them are blind; the rows after see them (and are NaN).
+    return fwd, bwd, oracle, q, k, v, [(_keys(b, hkv, sk, [23, 27]), visible_mask(sq, sk, sk, True), True)]
+
+
+TRACED = ["sliding_blocked", "sliding_chunked", "sparse_dense", "sparse_gather", "topk"]
+
+
+@pytest.mark.parametrize("name", TRACED)
+def test_torch_backends_compiled(name):
+    """The checks above on the torch backends traced by torch.compile (aot_eager, fullgraph: no graph break,
+    so no host read), forward and backward (its recompute under torch.autograd.grad traced too)."""
+    fwd, bwd, oracle, q, k, v, checks = _traced_case(name)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: _Backend.apply(fwd, bwd, q, k, v), backend="aot_eager", fullgraph=True)
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        for poisoned, sees, nan_rows in checks:
+            _check(compiled, oracle, q, k, v, poisoned, sees, nan_rows=nan_rows)
+
+
+def test_public_ops_compiled():
+    """dsattn.<op>(..., backend="torch") under torch.compile (aot_eager, fullgraph): with Triton interpreting
+    (CPU) the op's forward is opaque and runs eagerly, its backward (the torch backend's) is traced; where
+    Triton compiles, the forward is traced too."""
+    b, hq, hkv, sq, sk, window, top_k = 1, 4, 2, 9, 23, 4, 3
+    q, k, v = _qkv(b, hq, hkv, sq, sk, 16, 8)
+    indices = _indices(b, sq, sk, 5, [1, 7])
+    torch._dynamo.reset()
+    for op, oracle, poisoned, sees in (  # keys before every window / not listed; a key after some rows
+            (lambda q, k, v: dsattn.sliding_window_attention(q, k, v, window, backend="torch"),
+             lambda q, k, v: sliding_ref(q, k, v, window), [1, 7], visible_mask(sq, sk, window, True)),
+            (lambda q, k, v: dsattn.sparse_attention(q, k, v, indices, causal=True, backend="torch"),
+             lambda q, k, v: sparse_ref(q, k, v, indices, causal=True), [1, 7], _sparse_sees(indices, hq, sk, True)),
+            (lambda q, k, v: dsattn.topk_sparse_attention(q, k, v, top_k, backend="torch"),
+             lambda q, k, v: topk_ref(q, k, v, top_k), [20], visible_mask(sq, sk, sk, True))):
+        _check(torch.compile(op, backend="aot_eager", fullgraph=True), oracle, q, k, v,
+               _keys(b, hkv, sk, poisoned), sees, nan_rows=True)
+
+
+class _DataDependent(TorchDispatchMode):
+    """Records the ops that read tensor data on the host or size their output by it."""
+
+    OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+           torch.ops.aten.masked_select.default, torch.ops.aten.unique_consecutive.default,
+           torch.ops.aten._unique2.default}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.OPS:
+            self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", TRACED)
+def test_torch_backends_no_host_read(name):
+    """Eager on NaN / Inf inputs, forward and backward run no op that reads data on the host (the path traced
+    is the eager one), and both trace with fake tensors (make_fx)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    fwd, bwd, _, q, k, v, checks = _traced_case(name)
+    k, v = _poison(k, v, checks[-1][0])
+    with _DataDependent() as mode:
+        out = fwd(q, k, v)
+        bwd(torch.randn_like(out), q, k, v)
+    assert not mode.seen
+    make_fx(fwd, tracing_mode="fake", _allow_non_fake_inputs=True)(q, k, v)  # (closures: indices, sinks)
+    make_fx(bwd, tracing_mode="fake", _allow_non_fake_inputs=True)(torch.randn_like(out), q, k, v)

@@ -1,68 +1,49 @@
-"""Keys a query row cannot see never enter its arithmetic, in the chunked torch backends.
+"""Keys a query row cannot see never enter its arithmetic, in the chunked torch backends: one mechanism, the
+same eager and traced (torch.compile, fake tensors, CUDA graphs), with no host read of the data.
 
 The backends score a chunk of query rows against a span of keys with one matmul and mask per (row, key)
-afterwards. A masked score is replaced (masked_fill), but the product with V, and in the backward dQ = dS K and
-dP = dO V^T, runs over every key of the span: 0 x NaN (or Inf) of a key hidden from a row would reach that row.
-So key rows whose K or V hold a non-finite value (found by one reduction per call; finite inputs, the usual
-case, keep the plain matmuls) are zeroed in the matmuls and handled per (row, key) by torch.where before their
-products, as the oracles do: a row that cannot see them gets nothing from them, forward and backward, and a
-row that can sees their values. The check reads the device once per call, so it runs eagerly only: traced
-(torch.compile, fake tensors, CUDA graph capture) the backends keep the plain matmuls.
+afterwards. A masked score is replaced, so a NaN / Inf key row leaves the forward's scores of the rows that
+cannot see it; but the product with V, and in the backward dQ = dS K and dP = dO V^T, run over every key of the
+span, so 0 x NaN (or Inf) of a key hidden from a row would reach that row. So V, and K in the backward, enter
+the matmuls with their NaN / Inf entries zeroed (finite), and a row that sees (by the backend's own
+visibility: window, listing, selection) a key or value row that held one is NaN (nan_rows: the output, and
+in the backward dq, start from it; the rows' results are added to it). The oracle makes such a row
+non-finite too (NaN or +-Inf in the columns the values reach; the backends give NaN in the whole row). Every
+other row's output, and every gradient it reaches, is the one of the clean inputs. Per call that is one
+matrix-vector product per K and V (bad_rows), one elementwise pass per K / V (finite) and O(rows) work to
+count the bad keys each row sees.
 """
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
-# Elements of the per-(row, key) tensors built for the non-finite key rows, per piece.
-PIECE_ELEMENTS = 1 << 22
-
-
-def nonfinite_keys(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
-    """bool [B, Hkv, Sk]: the key rows of k [B, Hkv, Sk, Dqk] / v [B, Hkv, Sk, Dv] holding a NaN or Inf (a row
-    whose sum overflows counts too: that only costs speed), or None when there is none (one host read)."""
-    if k.numel() == 0 or v.numel() == 0 or _tracing(k):
-        return None
-    acc = torch.float64 if k.dtype == torch.float64 else torch.float32
-    bad = ~(torch.isfinite(k.sum(-1, dtype=acc)) & torch.isfinite(v.sum(-1, dtype=acc)))
-    return bad if bool(bad.any()) else None
+# A finite row's dot product with this weight stays far from overflow (|x| < 2^128 in float32: D x 2^28).
+_TINY = 2.0**-100
 
 
-def _tracing(t: torch.Tensor) -> bool:
-    return (torch.compiler.is_compiling() or is_fake(t) or t.device.type == "meta"
-            or (t.is_cuda and torch.cuda.is_current_stream_capturing()))
+def bad_rows(t: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    """bool [..., N]: the rows of t [..., N, D] holding a NaN or Inf (their dot product with 2^-100 is not
+    finite, a finite row's is), by one matrix-vector product in the compute dtype."""
+    t = t.to(compute)
+    return ~torch.isfinite(torch.mv(t.reshape(-1, t.shape[-1]), t.new_full((t.shape[-1],), _TINY)).view(t.shape[:-1]))
 
 
-def span_columns(bad: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:
-    """Positions within keys [lo, hi) of the non-finite key rows (of any batch or head), or None."""
-    if bad is None:
-        return None
-    cols = bad[:, :, lo:hi].any(1).any(0).nonzero().squeeze(1)
-    return cols if cols.numel() else None
+def finite(t: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """t with its NaN / Inf entries zeroed (no gradient reaches them); inplace: t may be overwritten."""
+    return t.nan_to_num_(0.0, 0.0, 0.0) if inplace else t.nan_to_num(0.0, 0.0, 0.0)
 
 
-def _pieces(cols: torch.Tensor, per_col: int):
-    step = max(1, PIECE_ELEMENTS // max(1, per_col))
-    for i in range(0, cols.numel(), step):
-        yield cols[i:i + step]
+def range_counts(bad: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """int64 [B, Hkv, R]: how many of the keys [lo[r], hi[r]) (int64 [R], within [0, N]) are bad (bool
+    [B, Hkv, N]), by a prefix sum."""
+    prefix = torch.nn.functional.pad(bad.long().cumsum(-1), (1, 0))
+    return prefix[..., hi] - prefix[..., lo]
 
 
-def scores(q: torch.Tensor, k: torch.Tensor, visible: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """q [B, Hkv, G, R, Dqk] . k [B, Hkv, N, Dqk] -> unscaled scores [B, Hkv, G, R, N]; the key rows `cols` count
-    as zero where `visible` (bool, broadcastable to the scores) is False."""
-    out = torch.einsum("bhgrd,bhnd->bhgrn", q, k.index_fill(2, cols, 0))
-    for piece in _pieces(cols, q[..., 0].numel() * q.shape[-1]):
-        k_rows = k.index_select(2, piece)[:, :, None, None]  # [B, Hkv, 1, 1, n, Dqk]
-        seen = visible.index_select(-1, piece)[..., None]
-        out = out.index_copy(-1, piece, (q[..., None, :] * torch.where(seen, k_rows, 0)).sum(-1))
-    return out
-
-
-def values(p: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """p [B, Hkv, G, R, N] @ v [B, Hkv, N, Dv] -> [B, Hkv, G, R, Dv]; the value rows `cols` count as zero where
-    `visible` (bool, broadcastable to p) is False."""
-    out = torch.einsum("bhgrn,bhnd->bhgrd", p, v.index_fill(2, cols, 0))
-    for piece in _pieces(cols, p[..., 0].numel() * v.shape[-1]):
-        v_rows = v.index_select(2, piece)[:, :, None, None]  # [B, Hkv, 1, 1, n, Dv]
-        seen = visible.index_select(-1, piece)[..., None]
-        out = out + (p.index_select(-1, piece)[..., None] * torch.where(seen, v_rows, 0)).sum(-2)
-    return out
+def nan_rows(counts: torch.Tensor, groups: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, Hkv x groups, R, dim] in dtype: NaN in the rows where counts [B, Hkv, R] (the bad keys each row
+    sees; the same for the q heads of a kv head) is not zero, 0 elsewhere. A backend's output, and dq, start
+    from it and add the rows' results (instead of starting from zeros: no extra pass)."""
+    b, hkv, rows = counts.shape
+    rows_nan = torch.where(counts != 0, float("nan"), 0.0).to(dtype)
+    rows_nan = rows_nan[:, :, None, :, None].expand(b, hkv, groups, rows, dim)
+    return rows_nan.reshape(b, hkv * groups, rows, dim).contiguous()

@@ -1,11 +1,12 @@
 """Sliding-window attention, chunked over queries (the "torch" backend).
 
 A query chunk only looks at the keys its window can reach, so memory is O(chunk x (chunk + window)) per head,
-never O(Sq x Sk) for a window much shorter than the sequence. For such windows (and finite K/V) the chunks
-("blocks") of a group go through one set of batched ops over unfold views of the keys (block_groups,
-attend_blocks): few, large ops per call, which keeps the intra-op threads' fork-joins rare. The backward recomputes each chunk under
-autograd and accumulates its dK / dV span: its memory is one chunk's, like the forward's. Keys outside a row's
-window never enter its arithmetic, also when they hold NaN or Inf (dsattn.torch_backend._hidden_keys).
+never O(Sq x Sk) for a window much shorter than the sequence. For such windows the chunks ("blocks") of a
+group go through one set of batched ops over unfold views of the keys (block_groups, attend_blocks): few,
+large ops per call, which keeps the intra-op threads' fork-joins rare. The backward recomputes each chunk
+under autograd and accumulates its dK / dV span: its memory is one chunk's, like the forward's. Keys outside a
+row's window never enter its arithmetic, also when they hold NaN or Inf (dsattn.torch_backend._hidden_keys:
+no host read, so the same code runs traced).
 Semantics: SPEC and dsattn.reference.sliding_window_attention.
 """
 
@@ -75,9 +76,9 @@ def block_groups(q, k, window: int, causal: bool, chunk_size: int | None = None)
 def attend_blocks(q_rows, k_keys, v_keys, sinks, rows: int, blocks: int, seg_lo: int, lo: int, span: int,
                   seq_k: int, window: int, causal: bool, scale: float):
     """A group of block_groups: q_rows [B, Hq, n, Dqk] (n <= blocks x rows) over k_keys / v_keys, the keys
-    [lo, lo + len) of the group's segment; output [B, Hq, n, Dv] in the compute dtype. Each block's key span
-    is an unfold view of the zero-padded segment; one matmul scores every block, one multiplies V. Padding
-    keys are masked like keys outside the window (finite zeros: this path is for finite K/V only)."""
+    [lo, lo + len) of the group's segment (finite V, and K where a gradient is recorded: _hidden); output
+    [B, Hq, n, Dv] in the compute dtype. Each block's key span is an unfold view of the zero-padded segment;
+    one matmul scores every block, one multiplies V. Padding keys are masked like keys outside the window."""
     b, hq, n, dqk = q_rows.shape
     hkv, dv = k_keys.shape[1], v_keys.shape[3]
     groups = hq // hkv
@@ -121,10 +122,10 @@ def _softmax(scores, visible, sink_logits, inplace: bool):
 
 
 def attend_chunk(q_rows, k_span, v_span, sinks, start: int, lo: int, seq_q: int, seq_k: int, window: int,
-                 causal: bool, scale: float, bad_cols=None):
-    """Output rows [start, start + rows) from q_rows [B, Hq, rows, Dqk] over keys [lo, lo + span) in the
-    compute dtype (float32, float64 for float64 inputs). bad_cols: span positions of key rows holding NaN / Inf
-    (_hidden_keys.span_columns), or None. In place where no gradient is recorded."""
+                 causal: bool, scale: float):
+    """Output rows [start, start + rows) from q_rows [B, Hq, rows, Dqk] over keys [lo, lo + span) (finite V, and
+    K where a gradient is recorded: _hidden) in the compute dtype (float32, float64 for float64 inputs). In
+    place where no gradient is recorded."""
     b, hq, rows, dqk = q_rows.shape
     hkv, span, dv = k_span.shape[1], k_span.shape[2], v_span.shape[3]
     groups = hq // hkv
@@ -134,18 +135,26 @@ def attend_chunk(q_rows, k_span, v_span, sinks, start: int, lo: int, seq_q: int,
     position = torch.arange(start, start + rows, device=q_rows.device)[:, None] + (seq_k - seq_q)
     key = torch.arange(lo, lo + span, device=q_rows.device)[None, :]
     visible = (key > position - window) & ((key <= position) if causal else (key < position + window))
-    if bad_cols is None:
-        # GQA without repeating K/V: the groups' rows of one kv head form one [groups * rows, D] matrix.
-        scores = torch.matmul(q_rows.reshape(b, hkv, groups * rows, dqk).to(compute),
-                              k_span.to(compute).transpose(-1, -2))
-    else:
-        scores = _hidden_keys.scores(q_rows.reshape(b, hkv, groups, rows, dqk).to(compute), k_span.to(compute),
-                                     visible, bad_cols)
+    # GQA without repeating K/V: the groups' rows of one kv head form one [groups * rows, D] matrix.
+    scores = torch.matmul(q_rows.reshape(b, hkv, groups * rows, dqk).to(compute), k_span.to(compute).transpose(-1, -2))
     scores = (scores.mul_(scale) if inplace else scores * scale).reshape(b, hkv, groups, rows, span)
     probs = _softmax(scores, visible, None if sinks is None else sinks.to(compute).view(1, hkv, groups, 1, 1), inplace)
-    if bad_cols is not None:
-        return _hidden_keys.values(probs, v_span.to(compute), visible, bad_cols).reshape(b, hq, rows, dv)
     return torch.matmul(probs.view(b, hkv, groups * rows, span), v_span.to(compute)).view(b, hq, rows, dv)
+
+
+def _hidden(q, k, v, window: int, causal: bool, dim: int, dtype, grad: bool):
+    """(k, v, start) for the chunks: v with its NaN / Inf entries zeroed, k too where grad (the forward masks
+    the scores of such keys like those of any key outside a window), and the starting value of the output
+    (dim Dv) or of dq (Dqk) in dtype: NaN in the rows whose window holds such a key, 0 elsewhere
+    (dsattn.torch_backend._hidden_keys)."""
+    sq, hq, hkv, sk = q.shape[2], q.shape[1], k.shape[1], k.shape[2]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    bad = _hidden_keys.bad_rows(k, compute) | _hidden_keys.bad_rows(v, compute)
+    position = torch.arange(sq, device=q.device) + (sk - sq)
+    lo = (position - window + 1).clamp(0, sk)
+    hi = (position + 1 if causal else position + window).clamp(0, sk)
+    start = _hidden_keys.nan_rows(_hidden_keys.range_counts(bad, lo, hi), hq // hkv, dim, dtype)
+    return (_hidden_keys.finite(k) if grad else k), _hidden_keys.finite(v), start
 
 
 def sliding_window_attention(q, k, v, window: int, *, causal: bool = True, scale: float | None = None,
@@ -154,20 +163,18 @@ def sliding_window_attention(q, k, v, window: int, *, causal: bool = True, scale
     dtype; rows that see no key are zeros."""
     b, hq, sq, dqk = q.shape
     scale = dqk**-0.5 if scale is None else scale
-    out = torch.zeros(b, hq, sq, v.shape[3], dtype=q.dtype, device=q.device)
-    if out.numel() == 0:
-        return out
-    bad = _hidden_keys.nonfinite_keys(k, v)
-    if bad is None and blocked(window, k.shape[2]):
+    if b * hq * sq * v.shape[3] == 0:
+        return torch.zeros(b, hq, sq, v.shape[3], dtype=q.dtype, device=q.device)
+    recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks))
+    k, v, out = _hidden(q, k, v, window, causal, v.shape[3], q.dtype, grad=recording)
+    if blocked(window, k.shape[2]):
         for start, stop, rows, blocks, seg_lo, span, lo, hi in block_groups(q, k, window, causal, chunk_size):
-            out[:, :, start:stop] = attend_blocks(q[:, :, start:stop], k[:, :, lo:hi], v[:, :, lo:hi], sinks, rows,
-                                                  blocks, seg_lo, lo, span, k.shape[2], window, causal,
-                                                  scale).to(q.dtype)
+            out[:, :, start:stop].add_(attend_blocks(q[:, :, start:stop], k[:, :, lo:hi], v[:, :, lo:hi], sinks, rows,
+                                                     blocks, seg_lo, lo, span, k.shape[2], window, causal, scale))
         return out
     for start, stop, lo, hi in chunks(q, k, window, causal, chunk_size):
-        out[:, :, start:stop] = attend_chunk(q[:, :, start:stop], k[:, :, lo:hi], v[:, :, lo:hi], sinks, start, lo,
-                                             sq, k.shape[2], window, causal, scale,
-                                             _hidden_keys.span_columns(bad, lo, hi)).to(q.dtype)
+        out[:, :, start:stop].add_(attend_chunk(q[:, :, start:stop], k[:, :, lo:hi], v[:, :, lo:hi], sinks, start, lo,
+                                                sq, k.shape[2], window, causal, scale))
     return out
 
 
@@ -177,39 +184,34 @@ def sliding_window_attention_backward(grad_out, q, k, v, window: int, *, causal:
     sinks. Each chunk is recomputed under autograd (O(chunk x span) memory); gradients accumulate in the
     compute dtype and come back in the inputs' dtypes."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dq = torch.zeros(q.shape, dtype=compute, device=q.device)
     dk = torch.zeros(k.shape, dtype=compute, device=k.device)
     dv = torch.zeros(v.shape, dtype=compute, device=v.device)
     dsinks = None if sinks is None else torch.zeros(sinks.shape, dtype=compute, device=sinks.device)
-    sq, sk = q.shape[2], k.shape[2]
-    bad = _hidden_keys.nonfinite_keys(k, v) if q.numel() else None
-    if q.numel() and bad is None and blocked(window, sk):
-        for start, stop, rows, blocks, seg_lo, span, lo, hi in block_groups(q, k, window, causal, chunk_size):
-            with torch.enable_grad():
-                leaves = [t.detach().requires_grad_(True) for t in (q[:, :, start:stop], k[:, :, lo:hi], v[:, :, lo:hi])]
-                sink_leaf = None if sinks is None else sinks.detach().requires_grad_(True)
-                o = attend_blocks(*leaves, sink_leaf, rows, blocks, seg_lo, lo, span, sk, window, causal, scale)
-                grads = torch.autograd.grad(o, leaves + ([sink_leaf] if sink_leaf is not None else []),
-                                            grad_out[:, :, start:stop].to(compute))
-            dq[:, :, start:stop] += grads[0]
-            dk[:, :, lo:hi] += grads[1]
-            dv[:, :, lo:hi] += grads[2]
-            if dsinks is not None:
-                dsinks += grads[3]
+    if q.shape[0] * q.shape[1] * q.shape[2] == 0:
+        dq = torch.zeros(q.shape, dtype=compute, device=q.device)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None if dsinks is None else dsinks.to(sinks.dtype))
-    for start, stop, lo, hi in chunks(q, k, window, causal, chunk_size):
+    k, v, dq = _hidden(q, k, v, window, causal, q.shape[3], compute, grad=True)  # dq: the NaN rows
+    sq, sk = q.shape[2], k.shape[2]
+    if blocked(window, sk):
+        pieces = [(start, stop, lo, hi, (rows, blocks, seg_lo, lo, span, sk, window, causal, scale))
+                  for start, stop, rows, blocks, seg_lo, span, lo, hi in block_groups(q, k, window, causal, chunk_size)]
+        attend = attend_blocks
+    else:
+        pieces = [(start, stop, lo, hi, (start, lo, sq, sk, window, causal, scale))
+                  for start, stop, lo, hi in chunks(q, k, window, causal, chunk_size)]
+        attend = attend_chunk
+    for start, stop, lo, hi, args in pieces:
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(True) for t in (q[:, :, start:stop], k[:, :, lo:hi], v[:, :, lo:hi])]
             sink_leaf = None if sinks is None else sinks.detach().requires_grad_(True)
-            o = attend_chunk(*leaves, sink_leaf, start, lo, sq, sk, window, causal, scale,
-                             _hidden_keys.span_columns(bad, lo, hi))
+            o = attend(*leaves, sink_leaf, *args)
             grads = torch.autograd.grad(o, leaves + ([sink_leaf] if sink_leaf is not None else []),
                                         grad_out[:, :, start:stop].to(compute))
-        dq[:, :, start:stop] += grads[0]
-        dk[:, :, lo:hi] += grads[1]
-        dv[:, :, lo:hi] += grads[2]
+        dq[:, :, start:stop].add_(grads[0])
+        dk[:, :, lo:hi].add_(grads[1])
+        dv[:, :, lo:hi].add_(grads[2])
         if dsinks is not None:
-            dsinks += grads[3]
+            dsinks.add_(grads[3])
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None if dsinks is None else dsinks.to(sinks.dtype))
 
 

@@ -10,8 +10,9 @@ same result:
 - "dense": score every visible key with one matmul, weight each key by how often the row lists it (a
   scatter-add of counts; 0 = not listed) inside the softmax, one matmul with V. On a CPU, gathering K/V rows
   per query costs more than the skipped flops once topk is a sizeable part of the keys (DeepSeek-V3.2's
-  indexer at short context: top_k 256 of 1024 keys). Key rows holding NaN / Inf leave its matmuls and are
-  taken per (row, key) instead (dsattn.torch_backend._hidden_keys), so they reach only the rows listing them.
+  indexer at short context: top_k 256 of 1024 keys). Its matmuls take V (and K in the backward) with NaN /
+  Inf entries zeroed, and the rows listing such a key are NaN (dsattn.torch_backend._hidden_keys, no host
+  read): no other row sees them.
 The backward recomputes each chunk under autograd (O(chunk) memory, like the forward); the forward works in
 place where no gradient is recorded.
 """
@@ -57,11 +58,10 @@ def _recording(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _attend(scores, v, equation: str, counts=None, bad_cols=None):
+def _attend(scores, v, equation: str, counts=None):
     """Softmax over the last dim of scores (-inf: not attended), each key's exp(s) times its listing count
-    when counts is given, contracted with v by einsum(equation, probs, v) (the key rows bad_cols, with counts,
-    per (row, key): _hidden_keys.values) and divided by the row sums; a row with no finite score gives zeros.
-    Overwrites scores in place unless autograd records it."""
+    when counts is given, contracted with v by einsum(equation, probs, v) and divided by the row sums; a row
+    with no finite score gives zeros. Overwrites scores in place unless autograd records it."""
     inplace = not _recording(scores, v)
     row_max = scores.detach().amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # rows with no key
@@ -69,10 +69,7 @@ def _attend(scores, v, equation: str, counts=None, bad_cols=None):
     if counts is not None:
         probs = probs.mul_(counts) if inplace else probs * counts
     denom = probs.sum(dim=-1, keepdim=True)
-    if bad_cols is None:
-        o = torch.einsum(equation, probs, v)
-    else:
-        o = _hidden_keys.values(probs, v, counts > 0, bad_cols)
+    o = torch.einsum(equation, probs, v)
     return o / torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
@@ -111,11 +108,12 @@ def _gather_chunk(q_rows, k_rows, v_rows, valid, scale: float):
     b, hq, rows, dqk = q_rows.shape
     hkv = k_rows.shape[1]
     q_rows = q_rows.reshape(b, hkv, hq // hkv, rows, dqk).to(k_rows.dtype)
-    scores = torch.einsum("bhgcd,bhctd->bhgct", q_rows, k_rows)
+    # Scaled out of place: the einsum's output is a permuted view, which in-place steps cannot re-view traced.
+    scores = torch.einsum("bhgcd,bhctd->bhgct", q_rows, k_rows) * scale
     if _recording(q_rows, k_rows):
-        scores = (scores * scale).masked_fill(~valid[:, :, None], float("-inf"))
+        scores = scores.masked_fill(~valid[:, :, None], float("-inf"))
     else:
-        scores = scores.mul_(scale).masked_fill_(~valid[:, :, None], float("-inf"))
+        scores = scores.masked_fill_(~valid[:, :, None], float("-inf"))
     o = _attend(scores, v_rows, "bhgct,bhctv->bhgcv")
     return o.reshape(b, hq, rows, v_rows.shape[-1])
 
@@ -145,23 +143,41 @@ def _dense_counts(idx, start: int, seq_q: int, seq_k: int, last: int, causal: bo
     return counts[:, :, None]
 
 
-def _dense_chunk(q_rows, k_span, v_span, counts, scale: float, bad_cols=None):
-    """Output rows [B, Hq, c, Dv] of q_rows over keys [0, span), each weighted by its listing count; bad_cols:
-    span positions of key rows holding NaN / Inf (_hidden_keys.span_columns), or None."""
+def _dense_chunk(q_rows, k_span, v_span, counts, scale: float):
+    """Output rows [B, Hq, c, Dv] of q_rows over keys [0, span) (finite V, and K where a gradient is recorded:
+    _dense_hidden), each weighted by its listing count."""
     b, hq, rows, dqk = q_rows.shape
     hkv = k_span.shape[1]
     q_rows = q_rows.reshape(b, hkv, hq // hkv, rows, dqk).to(k_span.dtype)
     # In place from the scores on (no gradient recorded): one [B, Hq, c, span] buffer besides the counts.
-    if bad_cols is None:
-        scores = torch.einsum("bhgcd,bhkd->bhgck", q_rows, k_span)
-    else:
-        scores = _hidden_keys.scores(q_rows, k_span, counts > 0, bad_cols)
+    scores = torch.einsum("bhgcd,bhkd->bhgck", q_rows, k_span)
     if _recording(q_rows, k_span):
         scores = (scores * scale).masked_fill(counts == 0, float("-inf"))
     else:
         scores = scores.mul_(scale).masked_fill_(counts == 0, float("-inf"))
-    o = _attend(scores, v_span, "bhgck,bhkv->bhgcv", counts, bad_cols)
+    o = _attend(scores, v_span, "bhgck,bhkv->bhgcv", counts)
     return o.reshape(b, hq, rows, v_span.shape[-1])
+
+
+def _dense_hidden(q, k, v, indices, causal: bool, dim: int, dtype, grad: bool):
+    """(k, v, start) for the dense chunks, in the compute dtype: v with its NaN / Inf entries zeroed, k too
+    where grad (the forward masks the scores of such keys like those of any key a row does not list), and
+    the starting value of the output (dim Dv) or of dq (Dqk) in dtype: NaN in the rows listing a key whose K
+    or V row holds one, 0 elsewhere (dsattn.torch_backend._hidden_keys). indices: [B, Hkv, Sq, T]."""
+    b, hkv, sk = k.shape[:3]
+    sq, topk = indices.shape[2:]
+    compute = _compute_dtype(q)
+    bad = _hidden_keys.bad_rows(k, compute) | _hidden_keys.bad_rows(v, compute)
+    idx = indices.long()
+    listed = (idx >= 0) & (idx < sk)
+    if causal:
+        listed &= idx <= (torch.arange(sq, device=idx.device) + (sk - sq))[:, None]
+    hit = bad.gather(-1, torch.where(listed, idx, 0).reshape(b, hkv, sq * topk)).view(b, hkv, sq, topk) & listed
+    start = _hidden_keys.nan_rows(hit.sum(-1), q.shape[1] // hkv, dim, dtype)
+    kc = k.to(compute)
+    if grad:
+        kc = _hidden_keys.finite(kc, inplace=k.dtype != compute)  # (a copy already)
+    return kc, _hidden_keys.finite(v.to(compute), inplace=v.dtype != compute), start
 
 
 # ------------------------------------------------------------------------------------------ the backend
@@ -175,11 +191,11 @@ def sparse_attention(q, k, v, indices, *, causal: bool = False, scale: float | N
     scale = dqk**-0.5 if scale is None else scale
     strategy = _strategy(q, k, indices, causal, strategy)
     indices = _per_kv_head(indices, b, hkv, sq)
-    out = torch.zeros(b, hq, sq, dv, dtype=q.dtype, device=q.device)
-    if out.numel() == 0 or indices.shape[-1] == 0 or sk == 0:
-        return out
+    if b * hq * sq * dv == 0 or indices.shape[-1] == 0 or sk == 0:
+        return torch.zeros(b, hq, sq, dv, dtype=q.dtype, device=q.device)
     compute = _compute_dtype(q)
     if strategy == "gather":
+        out = torch.zeros(b, hq, sq, dv, dtype=q.dtype, device=q.device)
         starts, size = _gather_chunks(q, k, v, indices, chunk_size)
         for start in starts:
             stop = min(start + size, sq)
@@ -187,16 +203,14 @@ def sparse_attention(q, k, v, indices, *, causal: bool = False, scale: float | N
             out[:, :, start:stop] = _gather_chunk(q[:, :, start:stop], k_rows, v_rows, valid, scale).to(q.dtype)
         return out
     size = _dense_chunk_size(q, k, chunk_size)
-    kc, vc = k.to(compute), v.to(compute)
-    bad = _hidden_keys.nonfinite_keys(k, v)
+    kc, vc, out = _dense_hidden(q, k, v, indices, causal, dv, q.dtype, grad=_recording(q, k, v))
     for start in range(0, sq, size):
         stop = min(start + size, sq)
         last = _dense_last(start, stop, sq, sk, causal)
         if last <= 0:
             continue
         counts = _dense_counts(indices[:, :, start:stop], start, sq, sk, last, causal, compute)
-        out[:, :, start:stop] = _dense_chunk(q[:, :, start:stop], kc[:, :, :last], vc[:, :, :last], counts,
-                                             scale, _hidden_keys.span_columns(bad, 0, last)).to(q.dtype)
+        out[:, :, start:stop].add_(_dense_chunk(q[:, :, start:stop], kc[:, :, :last], vc[:, :, :last], counts, scale))
     return out
 
 
@@ -210,12 +224,12 @@ def sparse_attention_backward(grad_out, q, k, v, indices, *, causal: bool, scale
     strategy = _strategy(q, k, indices, causal, strategy)
     indices = _per_kv_head(indices, b, hkv, sq)
     compute = _compute_dtype(q)
-    dq = torch.zeros(q.shape, dtype=compute, device=q.device)
     dk = torch.zeros(k.shape, dtype=compute, device=k.device)
     dv_ = torch.zeros(v.shape, dtype=compute, device=v.device)
     if grad_out.numel() == 0 or indices.shape[-1] == 0 or sk == 0:
-        return dq.to(q.dtype), dk.to(k.dtype), dv_.to(v.dtype)
+        return torch.zeros_like(q), dk.to(k.dtype), dv_.to(v.dtype)
     if strategy == "gather":
+        dq = torch.zeros(q.shape, dtype=compute, device=q.device)
         starts, size = _gather_chunks(q, k, v, indices, chunk_size)
         for start in starts:
             stop = min(start + size, sq)
@@ -233,8 +247,7 @@ def sparse_attention_backward(grad_out, q, k, v, indices, *, causal: bool, scale
             dv_.scatter_add_(2, flat.expand(-1, -1, -1, dv), gv)
         return dq.to(q.dtype), dk.to(k.dtype), dv_.to(v.dtype)
     size = _dense_chunk_size(q, k, chunk_size)
-    kc, vc = k.to(compute), v.to(compute)
-    bad = _hidden_keys.nonfinite_keys(k, v)
+    kc, vc, dq = _dense_hidden(q, k, v, indices, causal, dqk, compute, grad=True)
     for start in range(0, sq, size):
         stop = min(start + size, sq)
         last = _dense_last(start, stop, sq, sk, causal)
@@ -244,9 +257,9 @@ def sparse_attention_backward(grad_out, q, k, v, indices, *, causal: bool, scale
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(True)
                       for t in (q[:, :, start:stop].to(compute), kc[:, :, :last], vc[:, :, :last])]
-            o = _dense_chunk(leaves[0], leaves[1], leaves[2], counts, scale, _hidden_keys.span_columns(bad, 0, last))
+            o = _dense_chunk(leaves[0], leaves[1], leaves[2], counts, scale)
             gq, gk, gv = torch.autograd.grad(o, leaves, grad_out[:, :, start:stop].to(compute))
-        dq[:, :, start:stop] = gq
-        dk[:, :, :last] += gk
-        dv_[:, :, :last] += gv
+        dq[:, :, start:stop].add_(gq)
+        dk[:, :, :last].add_(gk)
+        dv_[:, :, :last].add_(gv)
     return dq.to(q.dtype), dk.to(k.dtype), dv_.to(v.dtype)
