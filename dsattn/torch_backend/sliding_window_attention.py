@@ -142,6 +142,12 @@ def attend_chunk(q_rows, k_span, v_span, sinks, start: int, lo: int, seq_q: int,
     return torch.matmul(probs.view(b, hkv, groups * rows, span), v_span.to(compute)).view(b, hq, rows, dv)
 
 
+def first_visible_key(seq_q: int, seq_k: int, window: int) -> int:
+    """The first key any row can see: the keys before it are dropped before any work (a decode row reads its
+    window, not the cache); positions stay relative to the last key, so dropping them changes nothing."""
+    return max(0, seq_k - seq_q - window + 1)
+
+
 def _hidden(q, k, v, window: int, causal: bool, dim: int, dtype, grad: bool):
     """(k, v, start) for the chunks: v with its NaN / Inf entries zeroed, k too where grad (the forward masks
     the scores of such keys like those of any key outside a window), and the starting value of the output
@@ -166,6 +172,8 @@ def sliding_window_attention(q, k, v, window: int, *, causal: bool = True, scale
     if b * hq * sq * v.shape[3] == 0:
         return torch.zeros(b, hq, sq, v.shape[3], dtype=q.dtype, device=q.device)
     recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks))
+    first = first_visible_key(sq, k.shape[2], window)
+    k, v = k[:, :, first:], v[:, :, first:]
     k, v, out = _hidden(q, k, v, window, causal, v.shape[3], q.dtype, grad=recording)
     if blocked(window, k.shape[2]):
         for start, stop, rows, blocks, seg_lo, span, lo, hi in block_groups(q, k, window, causal, chunk_size):
@@ -190,6 +198,9 @@ def sliding_window_attention_backward(grad_out, q, k, v, window: int, *, causal:
     if q.shape[0] * q.shape[1] * q.shape[2] == 0:
         dq = torch.zeros(q.shape, dtype=compute, device=q.device)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None if dsinks is None else dsinks.to(sinks.dtype))
+    first = first_visible_key(q.shape[2], k.shape[2], window)
+    dk_visible, dv_visible = dk[:, :, first:], dv[:, :, first:]  # views: the keys before first get zeros
+    k, v = k[:, :, first:], v[:, :, first:]
     k, v, dq = _hidden(q, k, v, window, causal, q.shape[3], compute, grad=True)  # dq: the NaN rows
     sq, sk = q.shape[2], k.shape[2]
     if blocked(window, sk):
@@ -208,8 +219,8 @@ def sliding_window_attention_backward(grad_out, q, k, v, window: int, *, causal:
             grads = torch.autograd.grad(o, leaves + ([sink_leaf] if sink_leaf is not None else []),
                                         grad_out[:, :, start:stop].to(compute))
         dq[:, :, start:stop].add_(grads[0])
-        dk[:, :, lo:hi].add_(grads[1])
-        dv[:, :, lo:hi].add_(grads[2])
+        dk_visible[:, :, lo:hi].add_(grads[1])
+        dv_visible[:, :, lo:hi].add_(grads[2])
         if dsinks is not None:
             dsinks.add_(grads[3])
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None if dsinks is None else dsinks.to(sinks.dtype))
