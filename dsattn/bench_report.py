@@ -251,11 +251,17 @@ def plots(rows, out_dir) -> list[str]:
         print("matplotlib not installed: skipping plots")
         return []
     written = []
+    # one plot per op, device and shape schema: a case with other shape keys (its own parameter set) is not a
+    # point on another case's curve
     by_op = defaultdict(list)
     for r in rows:
-        by_op[(r["op"], r["device"])].append(r)
-    for (op, device), op_rows in sorted(by_op.items()):
+        by_op[(r["op"], r["device"], tuple(sorted(r["shape"])))].append(r)
+    schemas = defaultdict(list)
+    for op, device, schema in by_op:
+        schemas[(op, device)].append(schema)
+    for (op, device, schema), op_rows in sorted(by_op.items()):
         key = _x_key(op_rows)
+        suffix = "" if len(schemas[(op, device)]) == 1 else "_" + "-".join(schema)
         if key is None:
             continue
         for metric, label in (("median_ms", "median time (ms)"), ("peak_memory_mb", "peak memory (MB)")):
@@ -276,7 +282,7 @@ def plots(rows, out_dir) -> list[str]:
             ax.set_title(f"{op} on {device}")
             ax.legend()
             fig.tight_layout()
-            name = f"{op}_{'time' if metric == 'median_ms' else 'memory'}_{device.replace(' ', '_')}.png"
+            name = f"{op}{suffix}_{'time' if metric == 'median_ms' else 'memory'}_{device.replace(' ', '_')}.png"
             path = os.path.join(out_dir, name)
             fig.savefig(path, dpi=100)
             plt.close(fig)
@@ -299,7 +305,7 @@ def plots(rows, out_dir) -> list[str]:
             ax.set_title(f"{op} on {device}")
             ax.legend()
             fig.tight_layout()
-            path = os.path.join(out_dir, f"{op}_speedup_{device.replace(' ', '_')}.png")
+            path = os.path.join(out_dir, f"{op}{suffix}_speedup_{device.replace(' ', '_')}.png")
             fig.savefig(path, dpi=100)
             plt.close(fig)
             written.append(path)
