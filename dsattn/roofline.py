@@ -141,6 +141,14 @@ def int4_matmul(shape: dict, training=False) -> Work:
     return Work(m * k * BF16 + m * n * BF16 + n * k / 2 + n * (k // g) * (BF16 + 1), 2.0 * m * n * k)
 
 
+def int8_matmul(shape: dict, training=False) -> Work:
+    """{M, N, K, g}: x [M, K] and out [M, N] in 16 bit, one byte per weight, a 16-bit scale per output channel
+    (g = "channel") or per group of g inputs."""
+    m, n, k, g = shape["M"], shape["N"], shape["K"], shape["g"]
+    groups = 1 if g == "channel" else k // g
+    return Work(m * k * BF16 + m * n * BF16 + n * k + n * groups * BF16, 2.0 * m * n * k)
+
+
 def int4_experts(shape: dict, training=False) -> Work:
     """{E, T, top_k, H, I, g}: gate_up [2I, H] and down [H, I] int4 weights of the experts the tokens reach
     (at most E, at most T x top_k), hidden states in and out, the [T x top_k, I] intermediate written and read."""
@@ -165,6 +173,7 @@ MODELS = {
     "linear_attention_decode": linear_attention_decode,
     "hybrid_attention": hybrid_attention,
     "int4_matmul": int4_matmul,
+    "int8_matmul": int8_matmul,
     "int4_experts": int4_experts,
     "bf16_matmul": bf16_matmul,
 }
@@ -207,6 +216,7 @@ GPU_SHAPES = (
        for s in (4096, 8192, 16384, 32768, 65536) for w in (0, 512)]
     + [("hybrid_attention fwd+bwd", {"B": 1, "H": 32, "S": 16384, "D": 128, "prefix": 2048, "window": 512})]
     + [("int4_matmul", {"M": m, "N": 8192, "K": 8192, "g": 128}) for m in (1, 16, 128, 4096)]
+    + [("int8_matmul", {"M": m, "N": 8192, "K": 8192, "g": "channel"}) for m in (1, 16, 128, 4096)]
     + _shapes_int4_experts()
     + [("bf16_matmul", dict(M=8192, N=8192, K=8192))]
 )

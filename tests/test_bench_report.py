@@ -279,3 +279,15 @@ def test_roofline_lists_every_gpu_benchmark_op():
             continue
         named = set(re.findall(r'^OP = "(\w+)"', text, re.M)) | set(re.findall(r'op="(\w+)"', text))
         assert named and named <= ops | {"int4_unpack"}, (name, named - ops)
+
+
+def test_roofline_int8_matmul_by_hand():
+    """M=1 N=K=8192 per channel: x and out in bf16 (2 x 8192 x 2 B), 8192^2 one-byte weights, 8192 bf16 scales;
+    the time bound is the bytes over H100 SXM's 3.35 TB/s (memory bound: 2 x 8192^2 FLOPs are nothing)."""
+    from dsattn import roofline
+
+    work = roofline.int8_matmul({"M": 1, "N": 8192, "K": 8192, "g": "channel"})
+    assert work.bytes == 2 * 8192 * 2 + 8192 * 8192 + 8192 * 2 == 67158016
+    assert work.flops == 2 * 8192 * 8192
+    grouped = roofline.int8_matmul({"M": 1, "N": 8192, "K": 8192, "g": 128})
+    assert grouped.bytes - work.bytes == 8192 * (8192 // 128 - 1) * 2
