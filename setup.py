@@ -25,6 +25,7 @@ PACKAGES = [
     "dsattn.ops",
     "dsattn.nn",
     "dsattn.quant",
+    "dsattn.recover",
     "dsattn.patching",
     "dsattn.triton_kernels",
     "dsattn.bench",
