@@ -247,11 +247,7 @@ def _compile(spec, capability: int):
 def aot_compile(spec, capability: int) -> AOTReport:
     """Compile one triton_kernels AOTSpec for sm_<capability> without a GPU and read its resource usage."""
     compiled = _compile(spec, capability)
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
-    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out.stdout))
+    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", _cuobjdump_cubin(compiled, "--dump-resource-usage")))
     # Dynamic shared memory (the pipelined tiles) is in the metadata, not in the cubin's static count.
     shared = max(int(fields.get("SHARED", 0)), int(getattr(compiled.metadata, "shared", 0) or 0))
     return AOTReport(
@@ -266,12 +262,15 @@ def aot_compile(spec, capability: int) -> AOTReport:
 
 def aot_sass(spec, capability: int) -> str:
     """The SASS (`cuobjdump -sass`, Triton's bundled copy) of one AOTSpec compiled for sm_<capability>."""
-    compiled = _compile(spec, capability)
+    return _cuobjdump_cubin(_compile(spec, capability), "-sass")
+
+
+def _cuobjdump_cubin(compiled, flag: str) -> str:
+    """cuobjdump's output for `flag` on a compiled kernel's cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        out = subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True)
-    return out.stdout
+        return subprocess.run([_cuobjdump(), flag, f.name], capture_output=True, text=True, check=True).stdout
 
 
 # An instruction line of cuobjdump -sass: `/*0123*/  @!P0 HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], ... ;`
