@@ -170,6 +170,9 @@ def _tp_worker(rank, paths):
             try:
                 if options:
                     dsattn.patch(model, **options)
+                    summary = dsattn.patch_summary(model)
+                    results.setdefault("weight_bytes", {})[name] = (summary["weight_bytes_before"],
+                                                                   summary["weight_bytes_after"])
                 results[name] = _run(model, ids, mask)
             except Exception as e:  # noqa: BLE001 - compared by the tests
                 results[name] = f"{type(e).__name__}: {e}"
@@ -279,6 +282,21 @@ def test_tensor_parallel_shards_the_heads(tp_runs, saved_models, backend, model_
                      f"rank {rank} unpatched", backend)
         err = run[model_type]["dtensor_error"]
         assert err.startswith("TypeError") and "local shard" in err, f"rank {rank}: {err}"
+
+
+@pytest.mark.parametrize("model_type", list(MODEL_KW))
+def test_patch_summary_counts_the_local_shards(tp_runs, saved_models, model_type):
+    """A rank holds its shard of each split weight: patch_summary's bytes are what this process holds, less than
+    the one-process model's and more than half of it (norms, embeddings and the router stay replicated)."""
+    from transformers import AutoModelForCausalLM
+
+    single = AutoModelForCausalLM.from_pretrained(saved_models[model_type], attn_implementation="eager")
+    whole = sum(t.numel() * t.element_size() for t in (*single.parameters(), *single.buffers()))
+    for rank, run in enumerate(tp_runs):
+        assert run[model_type].get("weight_bytes"), f"rank {rank}: no patch summary recorded"
+        for name, (before, after) in run[model_type]["weight_bytes"].items():
+            assert whole / WORLD < before < whole, f"rank {rank} {name}: {before} bytes before, whole {whole}"
+            assert 0 < after <= before, f"rank {rank} {name}: {after} bytes after, {before} before"
 
 
 ALL_CASES = [(t, name, options, ref) for t in MODEL_KW for name, options, ref in cases(t)]

@@ -116,8 +116,10 @@ def _resolve(model_type, attention, quantize, options, config=None):
 
 
 def _weight_bytes(model) -> int:
+    """Parameter + buffer bytes held by this process: a tensor-parallel (DTensor) weight counts its local shard."""
     tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors.values()]
+    return sum(t.numel() * t.element_size() for t in local)
 
 
 def _attention_modules(model) -> list[str]:
