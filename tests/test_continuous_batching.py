@@ -62,16 +62,18 @@ def model_and_reference(request, prompts):
     return request.param, model, per_request(model, prompts)
 
 
-# (mode, options, exact): exact settings must also give the unpatched model's tokens.
+# (mode, options, exact): exact settings must also give the unpatched model's tokens. linear and hybrid keep
+# per-request work across steps (linear: its state (S, z) per request and layer).
 MODES = [("sliding_window", dict(window=4096), True), ("sliding_window", dict(window=7), False),
-         ("topk", dict(top_k=4096), True), ("topk", dict(top_k=5), False)]
+         ("topk", dict(top_k=4096), True), ("topk", dict(top_k=5), False),
+         ("linear", {}, False), ("hybrid", dict(prefix=3, window=4), False)]
 
 
 @pytest.mark.parametrize("mode,options,exact", MODES, ids=lambda x: x if isinstance(x, str) else str(x))
 def test_generate_batch_gives_each_request_its_own_tokens(model_and_reference, prompts, mode, options, exact):
     name, model, unpatched = model_and_reference
-    if mode == "topk" and name == "qwen2_sliding":
-        pytest.skip("topk refuses layers with their own sliding window (per request too)")
+    if mode in ("topk", "linear", "hybrid") and name == "qwen2_sliding":
+        pytest.skip(f"{mode} refuses layers with their own sliding window (per request too)")
     dsattn.patch(model, attention=mode, **options)
     try:
         reference = per_request(model, prompts)
@@ -81,7 +83,9 @@ def test_generate_batch_gives_each_request_its_own_tokens(model_and_reference, p
     assert tokens == reference
     if exact:
         assert tokens == unpatched
-    elif name != "qwen2_sliding":  # the setting must take effect, or the test proves nothing
+    elif name != "qwen2_sliding" and mode in ("sliding_window", "topk"):
+        # the setting must take effect, or the test proves nothing (linear's near-uniform weights on these random
+        # models give the unpatched tokens: test_linear_state_is_kept_per_request_and_freed counts its calls)
         assert reference != unpatched
 
 
@@ -95,22 +99,137 @@ def test_unpatched_model_keeps_transformers_check(prompts):
     assert batched(model, prompts[:2]) == per_request(model, prompts[:2])
 
 
-@pytest.mark.parametrize("mode", ["linear", "hybrid"])
-def test_stateful_modes_are_refused_by_name(prompts, mode):
+def _count_calls(monkeypatch, owner, name, record):
+    original = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        record(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+
+
+def test_sliding_window_reads_the_paged_cache_without_a_gather(prompts, monkeypatch):
+    """Every batch that reads the cache goes through the paged op (block table), and transformers' update never
+    gathers the cache into a dense tensor (the read index is never used)."""
+    from transformers.generation.continuous_batching.cache_allocators.full_attention import \
+        FullAttentionCacheAllocator
+
+    from dsattn.ops import paged_sliding_window_attention as paged
+
+    gathers, tables = [], []
+    _count_calls(monkeypatch, FullAttentionCacheAllocator, "update",
+                 lambda self, k, v, layer, read_index, write_index: gathers.append(read_index.numel()))
+    _count_calls(monkeypatch, paged, "paged_sliding_window_attention_op", lambda *a: tables.append(a[3]))
     model = tiny_model("llama", attn_implementation="sdpa")
-    dsattn.patch(model, attention=mode)
-    with pytest.raises(ValueError, match=f"attention='{mode}' cannot run under continuous batching.*state"):
-        batched(model, prompts[:1])
+    dsattn.patch(model, attention="sliding_window", window=7)
+    batched(model, prompts)
+    assert sum(gathers) == 0 and len(gathers) > 0  # only the no-read (all-prefill) batches reach transformers
+    assert len(tables) >= 2 * NEW  # two layers, at least one reading batch per new token
+    assert any(t.shape[0] > 1 and (t >= 0).sum() > 2 for t in tables)  # several requests, several pages
 
 
-def test_sparse_with_an_indexer_is_refused_by_name(prompts):
-    from dsattn.recover.dsa import add_indexer
+def test_linear_state_is_kept_per_request_and_freed(prompts, monkeypatch):
+    """linear under continuous batching folds only each step's new keys into the request's state (one state per
+    request and layer), and drops a request's states when transformers frees its blocks."""
+    from dsattn.patching import paged_batching
+
+    folded, stores = [], []
+    _count_calls(monkeypatch, dsattn, "linear_attention",
+                 lambda q, k, v, **kw: folded.append(kw.get("initial_state") is not None))
+    _count_calls(monkeypatch, paged_batching, "request_states",
+                 lambda cache, n: stores.append(getattr(cache, paged_batching.STATES_ATTR, {})))
+    model = tiny_model("llama", attn_implementation="sdpa")
+    dsattn.patch(model, attention="linear")
+    reference = per_request(model, prompts)
+    folded.clear()
+    assert batched(model, prompts) == reference
+    # Per request: its first prefill chunk starts a state, every later chunk and decode row folds into it.
+    assert folded.count(False) == 2 * len(prompts) and folded.count(True) > 2 * len(prompts) * (NEW - 2)
+    assert stores and all(store == {} for store in stores)  # every request's states freed at its end
+
+
+def test_free_blocks_drops_the_request_states():
+    from transformers.generation.continuous_batching.cache import PagedAttentionCache
+
+    from dsattn.patching import paged_batching
 
     model = tiny_model("llama", attn_implementation="sdpa")
-    add_indexer(model)
+    dsattn.patch(model, attention="linear")  # installs the hooks
+    cache = object.__new__(PagedAttentionCache)
+    cache.cache_allocators = {}
+    store, ids = paged_batching.request_states(cache, 0)
+    assert (store, ids) == (None, None)  # ids not recorded: recompute, keep nothing
+    setattr(cache, paged_batching.REQUESTS_ATTR, ["a", "b"])
+    store, ids = paged_batching.request_states(cache, 3)
+    assert ids == ["a", "b", None]
+    store["a"], store["b"] = {0: 1}, {0: 2}
+    cache.free_blocks("a")
+    assert store == {"b": {0: 2}}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "deepseek_v32"])
+def test_sparse_is_refused_by_name(prompts, model_type):
+    """transformers 5.25 pages only the attention keys and values, not the indexer's key cache."""
+    model = tiny_model(model_type, attn_implementation="sdpa")
+    if model_type == "llama":
+        from dsattn.recover.dsa import add_indexer
+
+        add_indexer(model)
     dsattn.patch(model, attention="sparse", top_k=4)
     with pytest.raises(ValueError, match="attention='sparse' cannot run under continuous batching.*indexer"):
         batched(model, prompts[:1])
+
+
+def test_block_table_from_read_index():
+    """The block table rebuilt from transformers' per-key read index: pages in shuffled order, partial last
+    pages, a request with no keys."""
+    from dsattn.patching.paged_batching import block_table_from_read_index
+
+    page, lens = 4, [9, 4, 0, 1]
+    g = torch.Generator().manual_seed(1)
+    pages = torch.randperm(20, generator=g).tolist()
+    expected = torch.full((4, 3), -1, dtype=torch.int32)
+    rows = []
+    for s, n in enumerate(lens):
+        for j in range(-(-n // page)):
+            expected[s, j] = pages.pop()
+        rows += [int(expected[s, j // page]) * page + j % page for j in range(n)]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    got = block_table_from_read_index(torch.tensor(rows), cu, page)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("name,value,match", [
+    ("cu_seq_lens_q", [0, 3, 2, 4], "cu_seq_lens_q must be non-decreasing, got 3 then 2 at request 1"),
+    ("cu_seq_lens_q", [1, 2, 3, 4], "cu_seq_lens_q must start at 0"),
+    ("cu_seq_lens_q", [0, 2, 3, 9], "cu_seq_lens_q ends at 9 but the tensor holds 4 tokens"),
+    ("cu_seq_lens_k", [0, 5, 4, 12], "cu_seq_lens_k must be non-decreasing"),
+    ("cu_seq_lens_k", [0, 5, 9, 99], "cu_seq_lens_k ends at 99 but the tensor holds 12 tokens"),
+    ("cu_seq_lens_k", [0, 1, 9, 12], "request 0 has 2 queries but 1 keys"),
+    ("cu_seq_lens_k", [0, 5, 12], "one offset per request"),
+    ("cu_seq_lens_q", [0.0, 2.0, 3.0, 4.0], "cu_seq_lens_q as a 1-D integer tensor"),
+])
+@pytest.mark.parametrize("mode", ["sliding_window", "topk", "linear"])
+def test_bad_offsets_are_named_before_any_launch(name, value, match, mode):
+    from dsattn import registry
+    from dsattn.patching.attention import transformers_attention
+
+    def launched(*args, **kwargs):
+        raise AssertionError("launched before the check")
+
+    # The mode's kernel with every entry (the per-request call, varlen, paged, per-request state) a launch.
+    kernel = registry.lookup("attention", mode)()
+    for attr in ("varlen", "step", "paged"):
+        if hasattr(kernel, attr):
+            setattr(launched, attr, launched)
+    forward = transformers_attention(launched, mode)
+    q, k = torch.randn(1, 4, 4, 8), torch.randn(1, 2, 12, 8)
+    offsets = dict(cu_seq_lens_q=torch.tensor([0, 2, 3, 4]), cu_seq_lens_k=torch.tensor([0, 5, 9, 12]))
+    offsets[name] = torch.tensor(value)
+    with pytest.raises(ValueError, match=match):
+        forward(torch.nn.Module(), q, k, k, None, scaling=0.3, write_index=[], read_index=[], max_length_q=2,
+                max_length_k=5, **offsets)
 
 
 # ---------------------------------------------------------------- the paged op: paged_sliding_window_attention

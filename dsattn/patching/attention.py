@@ -33,8 +33,16 @@ def sliding_window(window: int | None = None):
         return dsattn.sliding_window_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                       min(given) if given else DEFAULT_WINDOW, scale=scale, sinks=sinks)
 
+    def paged(q, paged_kv, cu_seqlens_q, max_seqlen_q, *, scale, sinks=None, model_window=None):
+        # Continuous batching: the packed queries read the paged cache through its block table (no gather).
+        given = [w for w in (window, model_window) if w is not None]
+        return dsattn.paged_sliding_window_attention(q, paged_kv.k_pages, paged_kv.v_pages, paged_kv.block_table,
+                                                     cu_seqlens_q, paged_kv.seqlens_k, max_seqlen_q,
+                                                     min(given) if given else DEFAULT_WINDOW, scale=scale, sinks=sinks)
+
     fn.takes_window = True
     fn.varlen = varlen
+    fn.paged = paged
     return fn
 
 
@@ -96,6 +104,17 @@ def linear(feature_map: str = "elu"):
                 {"state": state, "keys": sk, "fingerprint": k.sum(dim=2, dtype=torch.float64)})
         return o
 
+    def step(q, k, v, saved):
+        """One request under continuous batching: q [1, Hq, Sq, D], k/v [1, Hkv, Sk, D] (its queries the last
+        of its keys); saved: its state from the previous step (None: none). Folds only the new keys into the
+        state when it holds the keys before them, else recomputes. Returns (out, state to keep)."""
+        sq, sk = q.shape[2], k.shape[2]
+        start = sk - sq if saved is not None and saved["keys"] == sk - sq > 0 else 0
+        o, state = dsattn.linear_attention(q, k[:, :, start:], v[:, :, start:], feature_map=feature_map,
+                                           initial_state=saved["state"] if start else None, output_final_state=True)
+        return o, {"state": state, "keys": sk}
+
+    fn.step = step
     return fn
 
 
@@ -107,15 +126,14 @@ def hybrid(prefix: int = 2048, window: int = 0, feature_map: str = "elu"):
     return fn
 
 
-# Modes that cannot run under transformers' continuous batching yet, and why (the others run per request on the
-# packed sequences, see run_continuous_batching).
+# Modes that cannot run under transformers' continuous batching, and why (the others run on the packed
+# requests, see run_continuous_batching).
 CONTINUOUS_BATCHING_REFUSED = {
-    "linear": "it carries each request's linear-attention state (S, z) across decode steps, and continuous batching "
-              "has no per-request state slot to keep it in",
-    "hybrid": "its linear part needs each request's state kept across decode steps, which continuous batching does "
-              "not hold",
-    "sparse": "the indexer's key cache is not paged by transformers' continuous-batching cache",
+    "sparse": "the indexer's key cache is not paged by transformers' continuous-batching cache (transformers 5.25 "
+              "pages only the attention keys and values)",
 }
+# Modes whose kernels read transformers' paged KV cache in place through a block table (see paged_batching).
+PAGED_MODES = frozenset({"sliding_window"})
 
 
 def check_continuous_batching(mode) -> None:
@@ -123,7 +141,7 @@ def check_continuous_batching(mode) -> None:
     why = CONTINUOUS_BATCHING_REFUSED.get(mode)
     if why is not None:
         raise ValueError(f"dsattn: attention={mode!r} cannot run under continuous batching (generate_batch): {why}; "
-                         "use model.generate per request, or attention='sliding_window' / 'topk'")
+                         "use model.generate per request, or another attention mode")
 
 
 def is_continuous_batching(kwargs) -> bool:
@@ -131,33 +149,74 @@ def is_continuous_batching(kwargs) -> bool:
     return "write_index" in kwargs or kwargs.get("block_table") is not None
 
 
+def check_offsets(name: str, offsets: torch.Tensor, total: int) -> list:
+    """cu_seq_lens as a list: a 1-D integer tensor starting at 0, non-decreasing, ending within `total` rows
+    (rows past the end are padding). A ValueError naming the argument otherwise, before any kernel runs."""
+    if not torch.is_tensor(offsets) or offsets.dim() != 1 or offsets.numel() == 0 or \
+            offsets.dtype.is_floating_point or offsets.dtype.is_complex:
+        raise ValueError(f"dsattn: continuous batching needs {name} as a 1-D integer tensor of offsets, got "
+                         f"{offsets if not torch.is_tensor(offsets) else (offsets.dtype, tuple(offsets.shape))}")
+    bounds = offsets.tolist()
+    if bounds[0] != 0:
+        raise ValueError(f"dsattn: {name} must start at 0, got {bounds[0]}")
+    steps = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if any(d < 0 for d in steps):
+        s = next(i for i, d in enumerate(steps) if d < 0)
+        raise ValueError(f"dsattn: {name} must be non-decreasing, got {bounds[s]} then {bounds[s + 1]} at request {s}")
+    if bounds[-1] > total:
+        raise ValueError(f"dsattn: {name} ends at {bounds[-1]} but the tensor holds {total} tokens")
+    return bounds
+
+
 def run_continuous_batching(kernel, q, k, v, cu_seqlens_q, cu_seqlens_k, max_length_q, max_length_k, *, mode,
-                            **kw):
-    """Continuous batching: q [1, Hq, Tq, D] and k/v [1, Hkv, Tk, D] hold packed requests (request s: query rows
-    cu_seqlens_q[s]:[s+1], its keys cu_seqlens_k[s]:[s+1], its queries the last of its keys: prefill chunks and
-    decode rows mixed). Returns [1, Tq, Hq, Dv]."""
+                            paged_kv=None, cache=None, layer_idx=None, **kw):
+    """Continuous batching: q [1, Hq, Tq, D] holds packed requests (request s: query rows cu_seqlens_q[s]:[s+1],
+    its queries the last of its keys: prefill chunks and decode rows mixed). Its keys: k/v [1, Hkv, Tk, D]
+    gathered by transformers (request s: cu_seqlens_k[s]:[s+1]), or paged_kv (paged_batching.PagedKV) for kernels
+    that read the paged cache in place (then k/v hold only the new keys, already in the cache). Stateful kernels
+    keep one state per request and layer in the cache's store. Returns [1, Tq, Hq, Dv]."""
+    from dsattn.patching import paged_batching
+
     if q.shape[0] != 1:
         raise ValueError(f"dsattn: continuous batching packs requests into batch 1, got a query batch of {q.shape[0]}")
-    if not (torch.is_tensor(cu_seqlens_q) and torch.is_tensor(cu_seqlens_k)):
-        raise ValueError("dsattn: continuous batching needs cu_seq_lens_q and cu_seq_lens_k tensors")
-    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    bounds_q = check_offsets("cu_seq_lens_q", cu_seqlens_q, q.shape[2])
+    bounds_k = check_offsets("cu_seq_lens_k", cu_seqlens_k,
+                             k.shape[2] if paged_kv is None else int(cu_seqlens_k[-1]))
     if len(bounds_q) != len(bounds_k):
         raise ValueError(f"dsattn: cu_seq_lens_q ({len(bounds_q)}) and cu_seq_lens_k ({len(bounds_k)}) must have "
                          "one offset per request + 1 each")
+    for s in range(len(bounds_q) - 1):
+        if bounds_q[s + 1] - bounds_q[s] > bounds_k[s + 1] - bounds_k[s]:
+            raise ValueError(f"dsattn: request {s} has {bounds_q[s + 1] - bounds_q[s]} queries but "
+                             f"{bounds_k[s + 1] - bounds_k[s]} keys (cu_seq_lens_q / cu_seq_lens_k): its queries "
+                             "must be the last of its keys")
     tq, tk = bounds_q[-1], bounds_k[-1]  # rows past the last offset are padding (static shapes): output zeros
     out = q.new_zeros(1, q.shape[2], q.shape[1], v.shape[-1])
+    cu_q = cu_seqlens_q.to(torch.int32)
+    if paged_kv is not None:
+        o = kernel.paged(q[0, :, :tq].transpose(0, 1), paged_kv, cu_q, int(max_length_q), scale=kw["scale"],
+                         sinks=kw.get("sinks"), model_window=kw.get("model_window"))
+        out[0, :tq] = o
+        return out
     varlen = getattr(kernel, "varlen", None)
     if varlen is not None:
         o = varlen(q[0, :, :tq].transpose(0, 1), k[0, :, :tk].transpose(0, 1), v[0, :, :tk].transpose(0, 1),
-                   cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32), int(max_length_q), int(max_length_k),
+                   cu_q, cu_seqlens_k.to(torch.int32), int(max_length_q), int(max_length_k),
                    scale=kw["scale"], sinks=kw.get("sinks"), model_window=kw.get("model_window"))
         out[0, :tq] = o
         return out
+    step = getattr(kernel, "step", None)
+    store, ids = paged_batching.request_states(cache, len(bounds_q) - 1) if step is not None else (None, None)
     for s in range(len(bounds_q) - 1):
         q0, q1, k0, k1 = bounds_q[s], bounds_q[s + 1], bounds_k[s], bounds_k[s + 1]
         if q1 > q0:
             _check_window(kernel, mode, kw.get("model_window"), k1 - k0)
-            o = kernel(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], indices=None, **{**kw, "layer": None})
+            qs, ks, vs = q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1]
+            if step is not None:
+                states = store.setdefault(ids[s], {}) if store is not None and ids[s] is not None else {}
+                o, states[layer_idx] = step(qs, ks, vs, states.get(layer_idx))
+            else:
+                o = kernel(qs, ks, vs, indices=None, **{**kw, "layer": None})
             out[:, q0:q1] = o.transpose(1, 2)
     return out
 
@@ -220,9 +279,14 @@ def transformers_attention(kernel, mode=None):
             if kwargs.get("block_table") is not None:
                 raise ValueError("dsattn: the block-table (decode fast path) call of continuous batching is not "
                                  "supported; leave ContinuousBatchingConfig.max_blocks_per_request at 0")
+            from dsattn.patching import paged_batching
+
             out = run_continuous_batching(kernel, query, key, value, kwargs.get("cu_seq_lens_q"),
                                           kwargs.get("cu_seq_lens_k"), kwargs.get("max_length_q"),
-                                          kwargs.get("max_length_k"), mode=mode, scale=scaling,
+                                          kwargs.get("max_length_k"), mode=mode,
+                                          paged_kv=kwargs.get(paged_batching.PAGED_KWARG),
+                                          cache=kwargs.get(paged_batching.CACHE_KWARG),
+                                          layer_idx=getattr(module, "layer_idx", None), scale=scaling,
                                           sinks=kwargs.get("s_aux"), model_window=kwargs.get("sliding_window"),
                                           layer=None)
             return out, None

@@ -69,6 +69,9 @@ def _allow_continuous_batching() -> None:
         from transformers.generation.continuous_batching.continuous_api import ContinuousBatchingManager
     except ImportError:  # a transformers without continuous batching
         return
+    from dsattn.patching import paged_batching
+
+    paged_batching.install()  # the paged-cache hooks (paged reads, per-request state); they act on patched models only
     original = ContinuousBatchingManager.switch_to_cb_friendly_attn
     if getattr(original, "_dsattn_wrapped", False):
         return
