@@ -232,6 +232,8 @@ def _compile(spec, capability: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    if hasattr(spec, "for_capability"):  # the config the launcher picks on that architecture
+        spec = spec.for_capability(capability)
     signature = dict(spec.signature)
     for name in spec.constexprs:
         signature.setdefault(name, "constexpr")

@@ -48,3 +48,35 @@ def test_compiles_without_spills(reports, module_name, spec, capability):
     assert report.shared_bytes <= testing.SHARED_MEMORY_LIMIT[capability], report
     if spec.hot:
         assert not report.spills, f"register spills on a hot config: {report}"
+
+
+def test_per_capability_config_is_the_one_compiled():
+    from dsattn.triton_kernels._common import AOTSpec
+
+    spec = AOTSpec(name="s", kernel=None, signature={}, constexprs={"A": 1, "B": 2}, num_warps=4, num_stages=1,
+                   per_capability={80: {"num_stages": 2}, 90: {"num_warps": 8, "constexprs": {"B": 3}}})
+    assert (spec.for_capability(80).num_stages, spec.for_capability(80).constexprs) == (2, {"A": 1, "B": 2})
+    assert spec.for_capability(89).num_stages == 2  # sm_86/89 take sm_80's config
+    sm90 = spec.for_capability(90)
+    assert (sm90.num_warps, sm90.num_stages, sm90.constexprs, sm90.per_capability) == (8, 1, {"A": 1, "B": 3}, {})
+    assert spec.for_capability(100).num_warps == 8
+
+
+@pytest.mark.parametrize("capability", (80, 90))
+def test_linear_attention_launcher_picks_the_compiled_config(monkeypatch, capability):
+    """The chunk launcher's per-architecture tile (from the device's capability) is the spec's for that sm."""
+    import torch
+
+    from dsattn.triton_kernels import linear_attention as la
+
+    monkeypatch.setattr(la, "device_capability", lambda device: capability)
+    specs = {s.name: s for s in la.aot_specs()}
+    for name, dk, mode, fmap in (("chunk_causal_elu_bf16_dk64", 64, "causal", "elu"),
+                                 ("chunk_causal_elu_bf16_dk128", 128, "causal", "elu"),
+                                 ("chunk_reduce_bf16_dk64", 64, "reduce", "exp"),
+                                 ("chunk_causal_bf16_dk64", 64, "causal", "exp")):
+        spec = specs[name].for_capability(capability)
+        block_t, block_dk, block_dv, num_warps, num_stages, _, _ = la.chunk_config(
+            dk, 64, 1024, 4096, torch.bfloat16, torch.device("cpu"), mode=mode, feature_map=fmap)
+        assert (spec.constexprs["BLOCK_T"], spec.constexprs["BLOCK_DK"], spec.constexprs["BLOCK_DV"],
+                spec.num_warps, spec.num_stages) == (block_t, block_dk, block_dv, num_warps, num_stages), name

@@ -19,8 +19,6 @@ TENSOR_CORE = ("HGMMA", "HMMA")
 ASYNC_LOADS = ("LDGSTS", "UTMALDG")
 
 STAGE1 = "num_stages=1 in its config: the loop's loads are not pipelined"
-LINEAR = ("num_stages=1 in its config, and the spec's head-dim strides are i32 where the JIT sees 1 (unvectorized "
-          "loads): with stride 1, divisibility and 2 stages the chunk kernel pipelines on sm_90 but spills on sm_80")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +52,12 @@ ROWS = (
     Row("sparse_attention", "fwd_bf16_h64_dv128", "HGMMA"),
     Row("sparse_attention", "fwd_bf16_h16_dv128", "HMMA"),
     Row("sparse_attention", "bwd_bf16_h64_dq128_dv128", "HGMMA"),
-    Row("linear_attention", "chunk_causal_elu_bf16_dk64_dv64", "HGMMA", _no_async(LINEAR)),
-    Row("linear_attention", "chunk_reduce_bf16_dk64_dv64", "HGMMA", _no_async(LINEAR)),
-    Row("linear_attention", "chunk_apply_bf16_dk64_dv64", "HMMA", _no_async(LINEAR)),
-    Row("linear_attention", "bwd_dq_bf16_dk64_dv32", "HGMMA", _no_async(LINEAR)),
-    Row("linear_attention", "bwd_dkdv_bf16_dk64_dv32", "HGMMA", _no_async(LINEAR)),
+    Row("linear_attention", "chunk_causal_elu_bf16_dk64", "HGMMA"),
+    Row("linear_attention", "chunk_causal_elu_bf16_dk128", "HGMMA"),
+    Row("linear_attention", "chunk_reduce_bf16_dk64", "HGMMA"),
+    Row("linear_attention", "chunk_apply_bf16_dk64", "HMMA"),
+    Row("linear_attention", "bwd_dq_bf16_dk64_dv32", "HGMMA"),
+    Row("linear_attention", "bwd_dkdv_bf16_dk64_dv32", "HGMMA"),
     Row("hybrid_attention", "fwd_bf16_dqk64_dv64", "HGMMA"),
     Row("hybrid_attention", "fwd_bf16_dqk128_dv128", "HGMMA"),
     Row("hybrid_attention", "chunk_state_bf16_dqk128", "HGMMA", _no_async(STAGE1)),

@@ -45,6 +45,36 @@ class AOTSpec:
     # them (tt.divisibility), which is what lets loads vectorize; an AOT compile without this overstates
     # registers.
     divisible_by_16: tuple[str, ...] = ()
+    # Per-architecture configs (tile, warps, stages differ between sm_80 and sm_90): {capability: overrides of
+    # num_warps / num_stages / maxnreg, and "constexprs" merged over constexprs}. A compile for sm_XX takes
+    # the entry of the largest capability <= XX, as the launcher does (config_capability).
+    per_capability: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def for_capability(self, capability: int) -> "AOTSpec":
+        """This spec as compiled for sm_<capability>."""
+        key = config_capability(capability, self.per_capability)
+        if key is None:
+            return self
+        overrides = dict(self.per_capability[key])
+        constexprs = {**self.constexprs, **overrides.pop("constexprs", {})}
+        return dataclasses.replace(self, constexprs=constexprs, per_capability={}, **overrides)
+
+
+def config_capability(capability: int, keys) -> int | None:
+    """The largest of `keys` (capabilities a kernel has a config for) at or below `capability`, else the
+    smallest; None when there are none."""
+    keys = sorted(keys)
+    if not keys:
+        return None
+    return max((k for k in keys if k <= capability), default=keys[0])
+
+
+def device_capability(device: torch.device) -> int:
+    """sm_XX of a CUDA device as XX (e.g. 90); 80 elsewhere (the interpreter on CPU runs the sm_80 configs)."""
+    if device.type != "cuda":
+        return 80
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def long_offsets(*tensors) -> bool:

@@ -44,7 +44,7 @@ import triton.language as tl
 
 from dsattn.torch_backend.linear_attention import NO_KEY, rescale_state
 
-from ._common import AOTSpec, TRITON_DTYPE, interpreting, launch, ptr
+from ._common import AOTSpec, TRITON_DTYPE, device_capability, interpreting, launch, ptr
 
 FEATURE_MAP_IDS = {"elu": 0, "relu": 1, "exp": 2, "identity": 3}
 MODES = {"causal": 0, "reduce": 1, "apply": 2}  # the chunk kernel's MODE
@@ -140,6 +140,22 @@ def _exp_chunk(q_chunk, k_chunk, v_chunk, o_chunk, q_offs, k_offs, v_offs, o_off
 
 
 @triton.jit
+def _exp_rows(q_chunk, k_chunk, v_chunk, o_chunk, q_offs, k_offs, v_offs, o_offs, S, z, m, row_mask, dk_mask,
+              dv_mask, eps, OUT_DTYPE: tl.constexpr, MODE: tl.constexpr, NORMALIZE: tl.constexpr,
+              DOT_FP32: tl.constexpr):
+    """One step of the "exp" map over the rows in row_mask: the keys' new max, then _exp_chunk."""
+    kk_mask = row_mask[:, None] & dk_mask[None, :]
+    io_mask = row_mask[:, None] & dv_mask[None, :]
+    k = q_chunk  # APPLY reads no keys
+    m_new = m
+    if MODE != 2:
+        k = tl.load(k_chunk + k_offs, mask=kk_mask, other=0.0)
+        m_new = tl.maximum(m, tl.max(tl.where(kk_mask, k.to(tl.float32), _NO_KEY), axis=0))
+    return _exp_chunk(q_chunk, k_chunk, v_chunk, o_chunk, q_offs, k_offs, v_offs, o_offs, S, z, m, k, m_new,
+                      kk_mask, io_mask, eps, OUT_DTYPE, MODE, NORMALIZE, DOT_FP32)
+
+
+@triton.jit
 def linear_attention_chunk_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, s_in_ptr, z_in_ptr, m_in_ptr, s_out_ptr, z_out_ptr, m_out_ptr,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -197,36 +213,36 @@ def linear_attention_chunk_kernel(
         m = tl.full([BLOCK_DK], _NO_KEY, dtype=tl.float32)
     causal_mask = offs_t[:, None] >= offs_t[None, :]
 
-    if FEATURE_MAP == 2:
+    if FEATURE_MAP == 2 and MODE == 0:
         # Steps of BLOCK_T rows; a causal step whose keys raise some feature dim's max more than EXP_SPREAD
         # above its first key (and the carried max) shrinks to that one row (exact: it sees its own key).
         t0 = seg_start
         while t0 < seg_end:
             step = seg_end - t0
-            if MODE == 0:
-                rows_left = (offs_t < step)[:, None] & dk_mask[None, :]
-                k = tl.load(k_chunk + k_offs, mask=rows_left, other=0.0).to(tl.float32)
-                first = tl.load(k_chunk + offs_dk * stride_kd, mask=dk_mask, other=0.0).to(tl.float32)
-                k_max = tl.maximum(m, tl.max(tl.where(rows_left, k, _NO_KEY), axis=0))
-                spread = tl.max(tl.where(dk_mask, k_max - tl.maximum(m, first), 0.0))
-                step = tl.where(spread > EXP_SPREAD, 1, step)
-            step = tl.minimum(step, BLOCK_T)
-            row_mask = offs_t < step
-            kk_mask = row_mask[:, None] & dk_mask[None, :]
-            io_mask = row_mask[:, None] & dv_mask[None, :]
-            k = q_chunk  # APPLY reads no keys
-            m_new = m
-            if MODE != 2:
-                k = tl.load(k_chunk + k_offs, mask=kk_mask, other=0.0)
-                m_new = tl.maximum(m, tl.max(tl.where(kk_mask, k.to(tl.float32), _NO_KEY), axis=0))
-            S, z, m = _exp_chunk(q_chunk, k_chunk, v_chunk, o_chunk, q_offs, k_offs, v_offs, o_offs, S, z, m,
-                                 k, m_new, kk_mask, io_mask, eps, o_ptr.dtype.element_ty, MODE, NORMALIZE,
-                                 DOT_FP32)
+            rows_left = (offs_t < step)[:, None] & dk_mask[None, :]
+            k = tl.load(k_chunk + k_offs, mask=rows_left, other=0.0).to(tl.float32)
+            first = tl.load(k_chunk + offs_dk * stride_kd, mask=dk_mask, other=0.0).to(tl.float32)
+            k_max = tl.maximum(m, tl.max(tl.where(rows_left, k, _NO_KEY), axis=0))
+            spread = tl.max(tl.where(dk_mask, k_max - tl.maximum(m, first), 0.0))
+            step = tl.minimum(tl.where(spread > EXP_SPREAD, 1, step), BLOCK_T)
+            S, z, m = _exp_rows(q_chunk, k_chunk, v_chunk, o_chunk, q_offs, k_offs, v_offs, o_offs, S, z, m,
+                                offs_t < step, dk_mask, dv_mask, eps, o_ptr.dtype.element_ty, MODE, NORMALIZE,
+                                DOT_FP32)
             t0 += step
             q_chunk += step * stride_qm
             k_chunk += step * stride_kn
             v_chunk += step * stride_vn
             o_chunk += step * DV
+    elif FEATURE_MAP == 2:
+        # REDUCE / APPLY never shrink a step: a counted loop, which the pipeliner can stage.
+        for t0 in range(seg_start, seg_end, BLOCK_T):
+            S, z, m = _exp_rows(q_chunk, k_chunk, v_chunk, o_chunk, q_offs, k_offs, v_offs, o_offs, S, z, m,
+                                offs_t < seg_end - t0, dk_mask, dv_mask, eps, o_ptr.dtype.element_ty, MODE,
+                                NORMALIZE, DOT_FP32)
+            q_chunk += BLOCK_T * stride_qm
+            k_chunk += BLOCK_T * stride_kn
+            v_chunk += BLOCK_T * stride_vn
+            o_chunk += BLOCK_T * DV
     else:
         for t0 in range(seg_start, seg_end, BLOCK_T):
             rows = t0 + offs_t
@@ -358,13 +374,30 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def tile_config(block_dk: int, dtype: torch.dtype, mode: str = "causal",
-                feature_map: str = "elu") -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_DV, num_warps) of the chunk kernel for a head-dim tile. The chunk's q/k tiles, the
-    scores and the state slice all live in registers; these are the largest that compile without spills
-    on sm_80/sm_90 (tests/test_aot_compile.py): the Dk=256 tile (Dk 129..256, e.g. MLA's 192) is the
-    exception, compiled but allowed to spill. fp32 operands take twice the registers: half the chunk. The
-    "exp" map's causal and apply steps carry their shifts (per row, per feature dim) too: smaller tiles."""
+def tile_config(block_dk: int, dtype: torch.dtype, mode: str = "causal", feature_map: str = "elu",
+                capability: int = 80) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_DV, num_warps, num_stages) of the chunk kernel for a head-dim tile on sm_<capability>
+    (the launcher's device, the AOT specs' per-capability configs). 16-bit tiles up to Dk 128 run two stages
+    (the next chunk's q/k/v tiles arrive by cp.async while this one computes), except the "exp" map's causal
+    walk, whose data-dependent steps the pipeliner cannot stage. The causal tile (q, k, v, scores and the
+    state slice in registers) spills with the second stage's buffers in two places, so there it narrows:
+    on sm_80 Dv at Dk 64, on sm_90 the chunk at Dk 128."""
+    block_t, block_dv, num_warps = _base_tile(block_dk, dtype, mode, feature_map)
+    if dtype == torch.float32 or block_dk > 128 or (feature_map == "exp" and mode == "causal"):
+        return block_t, block_dv, num_warps, 1
+    if mode == "causal" and capability < 90 and block_dk == 64:
+        block_dv = 32
+    if mode == "causal" and capability >= 90 and block_dk == 128:
+        block_t = 16
+    return block_t, block_dv, num_warps, 2
+
+
+def _base_tile(block_dk: int, dtype: torch.dtype, mode: str, feature_map: str) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_DV, num_warps) before pipelining. The chunk's q/k tiles, the scores and the state slice
+    all live in registers; these are the largest that compile without spills on sm_80/sm_90
+    (tests/test_aot_compile.py): the Dk=256 tile (Dk 129..256, e.g. MLA's 192) is the exception, compiled
+    but allowed to spill. fp32 operands take twice the registers: half the chunk. The "exp" map's causal
+    and apply steps carry their shifts (per row, per feature dim) too: smaller tiles."""
     if feature_map == "exp" and mode == "causal":
         if block_dk <= 32:
             return (16 if dtype == torch.float32 else 32), 64, 8
@@ -382,23 +415,25 @@ def tile_config(block_dk: int, dtype: torch.dtype, mode: str = "causal",
 
 def chunk_config(dk: int, dv: int, heads: int, seq: int, dtype: torch.dtype, device: torch.device,
                  segments: int | None = None, mode: str = "causal", feature_map: str = "elu"):
-    """(BLOCK_T, BLOCK_DK, BLOCK_DV, num_warps, segments, seg_len) for `heads` = B x Hq sequences of `seq`.
+    """(BLOCK_T, BLOCK_DK, BLOCK_DV, num_warps, num_stages, segments, seg_len) for `heads` = B x Hq sequences
+    of `seq` on `device` (its capability picks the tile, see tile_config).
 
     The walk over a sequence is serial, so when the B x Hq x Dv/BLOCK_DV programs leave SMs idle the
     sequence is cut into segments (>= MIN_SEG_LEN long, up to ~8 programs per SM): a first pass reduces each
     segment to its state, a prefix sum gives each segment its initial state, and the segments then run in
     parallel."""
     block_dk = max(BLOCK_DKS[0], _next_pow2(dk))
-    block_t, block_dv, num_warps = tile_config(block_dk, dtype, mode, feature_map)
+    capability = device_capability(device)
+    block_t, block_dv, num_warps, num_stages = tile_config(block_dk, dtype, mode, feature_map, capability)
     # The split depends on neither the mode nor the map: a call's reduce and causal passes cut alike.
-    split_t, split_dv, _ = tile_config(block_dk, dtype, "reduce")
+    split_t, split_dv, _, _ = tile_config(block_dk, dtype, "reduce", capability=capability)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     wide = heads * triton.cdiv(dv, split_dv)
     if segments is None:
         segments = 1 if wide >= 2 * sms else max(1, min(triton.cdiv(seq, MIN_SEG_LEN), triton.cdiv(8 * sms, wide)))
     seg_len = max(split_t, triton.cdiv(triton.cdiv(max(seq, 1), segments), split_t) * split_t)
     segments = max(1, triton.cdiv(seq, seg_len))
-    return block_t, block_dk, block_dv, num_warps, segments, seg_len
+    return block_t, block_dk, block_dv, num_warps, num_stages, segments, seg_len
 
 
 def recurrent_config(dk: int) -> tuple[int, int, int]:
@@ -448,7 +483,7 @@ class _Pass:
     def chunk(self, mode, q, k, v, t, state_in, state_out, *, segments=None, state_segs=None):
         """Chunk kernel over t rows (of q for causal/apply, of k/v for reduce). States are (S, z, m) shaped
         [B*Hq, state_segs, ...]; returns the number of segments used."""
-        block_t, block_dk, block_dv, num_warps, segs, seg_len = chunk_config(
+        block_t, block_dk, block_dv, num_warps, num_stages, segs, seg_len = chunk_config(
             self.dk, self.dv, self.b * self.hq, t, self.q.dtype, self.q.device,
             self.segments if segments is None else segments, mode, self.feature_map)
         if state_segs is None:
@@ -460,12 +495,12 @@ class _Pass:
             self.hq, self.groups, t, self.dk, self.dv, seg_len, state_segs, self.eps,
             **self.flags, MODE=MODES[mode], HAS_INITIAL=state_in is not None, STORE_FINAL=state_out is not None,
             DOT_FP32=self.dot_fp32, BLOCK_T=block_t, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-            num_warps=num_warps, num_stages=1,
+            num_warps=num_warps, num_stages=num_stages,
         )
         return segs
 
     def segments_for(self, t):
-        return chunk_config(self.dk, self.dv, self.b * self.hq, t, self.q.dtype, self.q.device, self.segments)[4]
+        return chunk_config(self.dk, self.dv, self.b * self.hq, t, self.q.dtype, self.q.device, self.segments)[5]
 
     def reduce(self, k, v, state):
         """state (or zeros) + every key of k/v, as a new [B*Hq, 1, ...] state; segmented when it pays."""
@@ -811,15 +846,17 @@ def linear_attention_bwd_dkdv_kernel(
     tl.store(dz_out_ptr + bh64 * DK + offs_dk, dz, mask=dk_mask & (offs_dk * 0 + dv_block == 0))
 
 
-def bwd_tile_config(block_dk: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_DV, num_warps) of both backward kernels. Besides the forward's tiles they hold the
-    gradient state or dphi(q) and two [BLOCK_T, BLOCK_T] blocks: the reverse kernel spills on sm_80 from
-    16 x 64 at Dk 64 and 16 x 32 at Dk 128 (16-bit), so these are its largest spill-free tiles."""
+def bwd_tile_config(block_dk: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_DV, num_warps, num_stages) of both backward kernels. Besides the forward's tiles they
+    hold the gradient state or dphi(q) and two [BLOCK_T, BLOCK_T] blocks: the reverse kernel spills on sm_80
+    from 16 x 64 at Dk 64 and 16 x 32 at Dk 128 (16-bit), so these are its largest spill-free tiles; 16-bit
+    runs two stages (cp.async of the next chunk) on sm_80 and sm_90 alike, still without spills."""
+    stages = 1 if dtype == torch.float32 else 2
     if block_dk <= 32:
-        return 16, 32, 4
+        return 16, 32, 4, stages
     if block_dk <= 64:
-        return 16, 32, 8
-    return 16, 16, 8
+        return 16, 32, 8, stages
+    return 16, 16, 8, stages
 
 
 def linear_attention_backward(grad_o, grad_S, grad_z, q, k, v, o, S0, z0, *, feature_map: str, causal: bool,
@@ -832,13 +869,14 @@ def linear_attention_backward(grad_o, grad_S, grad_z, q, k, v, o, S0, z0, *, fea
     rows, groups = b * hq, hq // hkv
     dev = q.device
     block_dk = max(BLOCK_DKS[0], _next_pow2(dk))
-    tile_t, block_dv, num_warps = bwd_tile_config(block_dk, q.dtype)
+    tile_t, block_dv, num_warps, num_stages = bwd_tile_config(block_dk, q.dtype)
     block_t = block_t or tile_t
     n_dv = triton.cdiv(dv, block_dv)
     flags = dict(FEATURE_MAP=FEATURE_MAP_IDS[feature_map], NORMALIZE=normalize,
                  UPCAST=q.dtype == torch.float32 or (interpreting() and q.dtype == torch.bfloat16),
                  PRECISION="tf32x3" if q.dtype == torch.float32 else None,
-                 BLOCK_T=block_t, BLOCK_DK=block_dk, BLOCK_DV=block_dv, num_warps=num_warps, num_stages=1)
+                 BLOCK_T=block_t, BLOCK_DK=block_dk, BLOCK_DV=block_dv, num_warps=num_warps,
+                 num_stages=num_stages)
     grid = (n_dv, rows)
     if grad_o is None:
         grad_o = torch.zeros(b, hq, sq, dv, dtype=q.dtype, device=dev)
@@ -904,6 +942,19 @@ def linear_attention_backward(grad_o, grad_S, grad_z, q, k, v, o, S0, z0, *, fea
 
 
 # ------------------------------------------------------------------------------------------------ AOT
+# What the JIT sees on the hot path: contiguous head dims (stride 1, a constant to it) and 16-aligned pointers,
+# row strides and head dims (tt.divisibility), so the tile loads vectorize and can be asynchronous copies.
+UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd")
+BWD_UNIT_STRIDES = (*UNIT_STRIDES, "stride_dod")
+ALIGNED_STRIDES = ("stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn", "stride_vb",
+                   "stride_vh", "stride_vn", "DK", "DV")
+
+
+def _aligned(signature: dict[str, str]) -> tuple[str, ...]:
+    return tuple(name for name, kind in signature.items() if kind.startswith("*")) + tuple(
+        name for name in (*ALIGNED_STRIDES, "stride_dob", "stride_doh", "stride_dom") if name in signature)
+
+
 def _signature(dtype: torch.dtype, chunk: bool) -> dict[str, str]:
     sig = {"q_ptr": ptr(dtype), "k_ptr": ptr(dtype), "v_ptr": ptr(dtype), "o_ptr": ptr(dtype),
            "s_in_ptr": "*fp32", "z_in_ptr": "*fp32", "m_in_ptr": "*fp32",
@@ -914,32 +965,45 @@ def _signature(dtype: torch.dtype, chunk: bool) -> dict[str, str]:
     for name in ("HQ", "GROUPS", "T", "DK", "DV") + (("SEG_LEN", "STATE_SEGS") if chunk else ()):
         sig[name] = "i32"
     sig["eps"] = "fp32"
+    if chunk:
+        sig.update({name: "constexpr" for name in UNIT_STRIDES})
     return sig
 
 
+CAPABILITIES = (80, 90)  # the architectures whose chunk configs differ (tile_config)
+
+
 def aot_specs() -> list[AOTSpec]:
-    """Every config the launcher can pick: per dtype, BLOCK_DK (which fixes the tile) x mode for the chunk
-    kernel, compiled normalized, with initial and final state, for "exp" (its shifted steps) and, where
-    the other maps' tile differs, for "elu" (the costliest of the others); BLOCK_DK for the recurrent
-    kernel ("exp")."""
+    """Every config the launcher can pick: per dtype, BLOCK_DK x mode for the chunk kernel (each spec holds
+    its sm_80 and sm_90 tiles), compiled normalized, with initial and final state, for "exp" (its shifted
+    steps) and, where the other maps' tile differs, for "elu" (the costliest of the others); BLOCK_DK for
+    the recurrent kernel ("exp")."""
     specs = []
     for dtype in DTYPES:
         for block_dk in BLOCK_DKS:
+            def configs(mode_name, fmap):
+                return {cap: tile_config(block_dk, dtype, mode_name, fmap, cap) for cap in CAPABILITIES}
+
             kinds = [(mode_name, fmap) for mode_name in MODES for fmap in ("exp", "elu")
-                     if fmap == "exp" or tile_config(block_dk, dtype, mode_name, fmap)
-                     != tile_config(block_dk, dtype, mode_name, "exp")]
+                     if fmap == "exp" or configs(mode_name, fmap) != configs(mode_name, "exp")]
             for mode_name, fmap in kinds:
-                block_t, block_dv, num_warps = tile_config(block_dk, dtype, mode_name, fmap)
+                per_cap = {cap: {"num_warps": num_warps, "num_stages": num_stages,
+                                 "constexprs": {"BLOCK_T": block_t, "BLOCK_DV": block_dv}}
+                           for cap, (block_t, block_dv, num_warps, num_stages) in configs(mode_name, fmap).items()}
                 suffix = "_elu" if fmap == "elu" else ""
+                signature = _signature(dtype, chunk=True)
                 specs.append(AOTSpec(
-                    name=f"chunk_{mode_name}{suffix}_{TRITON_DTYPE[dtype]}_dk{block_dk}_dv{block_dv}",
+                    name=f"chunk_{mode_name}{suffix}_{TRITON_DTYPE[dtype]}_dk{block_dk}",
                     kernel=linear_attention_chunk_kernel,
-                    signature=_signature(dtype, chunk=True),
+                    signature=signature,
                     constexprs={"FEATURE_MAP": FEATURE_MAP_IDS[fmap], "MODE": MODES[mode_name], "NORMALIZE": True,
                                 "HAS_INITIAL": True, "STORE_FINAL": True, "DOT_FP32": dtype == torch.float32,
-                                "BLOCK_T": block_t, "BLOCK_DK": block_dk, "BLOCK_DV": block_dv},
-                    num_warps=num_warps,
-                    num_stages=1,
+                                "BLOCK_DK": block_dk, **per_cap[80]["constexprs"],
+                                **{name: 1 for name in UNIT_STRIDES}},
+                    divisible_by_16=_aligned(signature),
+                    num_warps=per_cap[80]["num_warps"],
+                    num_stages=per_cap[80]["num_stages"],
+                    per_capability=per_cap,
                     # fp32 "exp" causal at Dk 128 keeps a small stack frame even at 16 x 16 (fp32 is not
                     # the hot dtype; bf16/fp16 at Dk <= 128 are spill-free).
                     hot=block_dk <= 128 and not (fmap == "exp" and mode_name == "causal" and block_dk == 128
@@ -964,18 +1028,21 @@ def _bwd_aot_specs() -> list[AOTSpec]:
     specs = []
     for dtype in (torch.float16, torch.bfloat16):
         for block_dk in (64, 128):
-            block_t, block_dv, num_warps = bwd_tile_config(block_dk, dtype)
+            block_t, block_dv, num_warps, num_stages = bwd_tile_config(block_dk, dtype)
             tiles = {"FEATURE_MAP": FEATURE_MAP_IDS["elu"], "NORMALIZE": True, "HAS_INITIAL": True, "UPCAST": False,
-                     "PRECISION": None, "BLOCK_T": block_t, "BLOCK_DK": block_dk, "BLOCK_DV": block_dv}
+                     "PRECISION": None, "BLOCK_T": block_t, "BLOCK_DK": block_dk, "BLOCK_DV": block_dv,
+                     **{name: 1 for name in BWD_UNIT_STRIDES}}
             for name, kernel, extra in (("bwd_dq", linear_attention_bwd_dq_kernel, {"CAUSAL": True}),
                                         ("bwd_dkdv", linear_attention_bwd_dkdv_kernel, {"MODE": MODES["causal"]})):
+                signature = _bwd_signature(dtype, name == "bwd_dq")
                 specs.append(AOTSpec(
                     name=f"{name}_{TRITON_DTYPE[dtype]}_dk{block_dk}_dv{block_dv}",
                     kernel=kernel,
-                    signature=_bwd_signature(dtype, name == "bwd_dq"),
+                    signature=signature,
                     constexprs={**tiles, **extra},
+                    divisible_by_16=_aligned(signature),
                     num_warps=num_warps,
-                    num_stages=1,
+                    num_stages=num_stages,
                 ))
     return specs
 
@@ -993,4 +1060,5 @@ def _bwd_signature(dtype: torch.dtype, dq: bool) -> dict[str, str]:
         sig[name] = "i32"
     if dq:
         sig["eps"] = "fp32"
+    sig.update({name: "constexpr" for name in BWD_UNIT_STRIDES})
     return sig
