@@ -293,7 +293,12 @@ RECOVERY_BUDGET = {
     "quick": dict(batch=4, distill=60, transfer=30, finetune=60, warmup=30, sparse=60, qat=60),
     "full": dict(batch=4, distill=150, transfer=100, finetune=150, warmup=100, sparse=150, qat=150),
 }
-RECOVERY_LR = dict(distill=3e-4, transfer=1e-2, finetune=1e-3, warmup=1e-3, sparse=3e-4, indexer=1e-3, qat=1e-4)
+RECOVERY_LR = dict(dense=3e-4, distill=3e-4, transfer=1e-2, finetune=1e-3, warmup=1e-3, sparse=3e-4, indexer=1e-3,
+                   qat=1e-4)
+# Which recipes learn from the dense model (distill_loss, teacher=) rather than from the LM loss: "attention"
+# (sliding_window / topk / int8 rows), "linearize" (linear / hybrid fine-tune), "qat" (int4).
+RECOVERY_TEACHER = dict(attention=False, linearize=True, qat=False)
+LORA_RANK = 8
 # issue 15 item 4: recovered perplexity / dense perplexity at most this, per mode (label prefix)
 GOALS = {"hybrid": 1.05, "linear": 1.15, "topk": 1.01, "indexer": 1.01, "int4 g128": 1.005}
 
@@ -305,15 +310,35 @@ def recovery_batches(train_ids: torch.Tensor, *, context: int, batch: int, count
     return [torch.stack([train_ids[s:s + context] for s in row.tolist()]).to(device) for row in starts]
 
 
+def recovery_steps(budget: dict) -> int:
+    """The most optimizer steps any one recipe takes under `budget` (two-stage recipes: both stages)."""
+    return max(budget["distill"], budget["qat"], budget["transfer"] + budget["finetune"],
+               budget["warmup"] + budget["sparse"])
+
+
+def train_dense(model, batches: list, *, steps: int, lr: float, progress=None, log_every: int = 10):
+    """The fair baseline of the recovered rows ("dense + same training"): a copy of the dense model trained on
+    its LM loss (dsattn.recover.finetune, every parameter) for `steps` steps on the recovery batches. The
+    trained model stopped short of convergence, so extra training alone lowers its perplexity; a recovery is
+    judged against this too, not only against the model before. Returns (the trained copy, RecoveryReport)."""
+    import copy
+
+    from dsattn.recover import finetune
+
+    student = copy.deepcopy(model)
+    return student, finetune(student, batches, steps=steps, lr=lr, progress=progress, log_every=log_every)
+
+
 def recover_mode(model, label: str, options: dict, batches: list, budget: dict, progress=None):
     """Run `label`'s recovery recipe on a copy of the trained dense model (never another mode's model); returns
     (the recovered model, patched as it is to be evaluated, RecoveryReport, recipe name).
 
-    sliding_window / topk / int8: dsattn.recover.distill of the patched copy toward the dense model (the seeds'
-    loss; int8 trains what stays float: embeddings, norms, MoE experts, lm_head); linear / hybrid:
-    dsattn.recover.linearize (Hedgehog maps by attention transfer, then LoRA, distilled from the dense model);
-    indexer: dsattn.recover.dsa_from_dense (dense KL warm-up, then sparse training) and patch(attention="sparse");
-    int4: dsattn.recover.qat (STE, distilled from the dense model), frozen to int4."""
+    sliding_window / topk / int8: the patched copy trained on the LM loss (dsattn.recover.finetune; int8 trains
+    what stays float: embeddings, norms, MoE experts, lm_head) or, with RECOVERY_TEACHER["attention"],
+    dsattn.recover.distill toward the dense model; linear / hybrid: dsattn.recover.linearize (Hedgehog maps by
+    attention transfer, then LoRA); indexer: dsattn.recover.dsa_from_dense (dense KL warm-up, then sparse
+    training on the LM loss) and patch(attention="sparse"); int4: dsattn.recover.qat (STE), frozen to int4.
+    RECOVERY_TEACHER says which recipes learn from the dense model (distill_loss) instead of the LM loss."""
     import copy
 
     from dsattn import recover
@@ -331,7 +356,8 @@ def recover_mode(model, label: str, options: dict, batches: list, budget: dict, 
     if options.get("quantize") == "int4":
         report = recover.qat(student, batches, steps=budget["qat"], lr=RECOVERY_LR["qat"],
                              group_size=options["group_size"], symmetric=options["symmetric"],
-                             keep_first_last=options["keep_first_last"], teacher=model, progress=progress,
+                             keep_first_last=options["keep_first_last"],
+                             teacher=model if RECOVERY_TEACHER["qat"] else None, progress=progress,
                              log_every=log_every)
         return student, report, "qat"
     if options.get("attention") in ("linear", "hybrid"):
@@ -339,12 +365,17 @@ def recover_mode(model, label: str, options: dict, batches: list, budget: dict, 
         report = recover.linearize(student, batches, attention=options["attention"], **extra,
                                    transfer_steps=budget["transfer"], transfer_lr=RECOVERY_LR["transfer"],
                                    finetune_steps=budget["finetune"], finetune_lr=RECOVERY_LR["finetune"],
-                                   teacher=model, progress=progress, log_every=log_every)
+                                   lora_rank=LORA_RANK, teacher=model if RECOVERY_TEACHER["linearize"] else None,
+                                   progress=progress, log_every=log_every)
         return student, report, "linearize"
     dsattn.patch(student, **options)
-    report = recover.distill(student, model, batches, steps=budget["distill"], lr=RECOVERY_LR["distill"],
-                             progress=progress, log_every=log_every)
-    return student, report, "distill"
+    if RECOVERY_TEACHER["attention"]:
+        report = recover.distill(student, model, batches, steps=budget["distill"], lr=RECOVERY_LR["distill"],
+                                 progress=progress, log_every=log_every)
+        return student, report, "distill"
+    report = recover.finetune(student, batches, steps=budget["distill"], lr=RECOVERY_LR["distill"],
+                              progress=progress, log_every=log_every)
+    return student, report, "finetune"
 
 
 def recover_all(model, ev: dict, train_ids: torch.Tensor, *, budget: dict, device="cpu") -> dict:
@@ -358,6 +389,26 @@ def recover_all(model, ev: dict, train_ids: torch.Tensor, *, budget: dict, devic
     batches = recovery_batches(train_ids, context=context, batch=budget["batch"], count=max(1, most),
                                device=device)
     total_cpu, total_wall = time.process_time(), time.perf_counter()
+
+    def progress(info, label, every=max(1, most // 10)):
+        if info["step"] % every == 0 or info["step"] == info["steps"]:
+            say(f"  {label}: {info['recipe']} step {info['step']}/{info['steps']} loss {info['loss']:.4f} "
+                f"{info['seconds']:.0f} s")
+
+    steps = recovery_steps(budget)
+    say(f"training the dense baseline (dense + same training): {steps} steps")
+    cpu, wall = time.process_time(), time.perf_counter()
+    torch.manual_seed(SEED)
+    trained, report = train_dense(model, batches, steps=steps, lr=RECOVERY_LR["dense"],
+                                  progress=lambda info: progress(info, "dense"), log_every=max(1, steps // 4))
+    trained.eval()
+    baseline = dict(compare(logits_of(trained, windows, 8), dense, windows), steps=report.steps,
+                    lr=RECOVERY_LR["dense"], seconds=time.perf_counter() - wall,
+                    cpu_seconds=time.process_time() - cpu, first_loss=report.first_loss, last_loss=report.last_loss)
+    del trained
+    ev["dense_same_training"] = baseline
+    say(f"  dense + same training: perplexity {ev['rows']['dense']['perplexity']:.3f} -> "
+        f"{baseline['perplexity']:.3f} ({steps} steps, {baseline['seconds']:.0f} s)")
     for label, row in ev["rows"].items():
         options = row["options"]
         if options is None:
@@ -368,15 +419,10 @@ def recover_all(model, ev: dict, train_ids: torch.Tensor, *, budget: dict, devic
                        recovery_cpu_seconds=0.0, recovery={"recipe": "none (exact)"})
             continue
         say(f"recovering {label}")
-
-        def progress(info, label=label, every=max(1, most // 10)):
-            if info["step"] % every == 0 or info["step"] == info["steps"]:
-                say(f"  {label}: {info['recipe']} step {info['step']}/{info['steps']} loss {info['loss']:.4f} "
-                    f"{info['seconds']:.0f} s")
-
         cpu, wall = time.process_time(), time.perf_counter()
         torch.manual_seed(SEED)
-        student, report, recipe = recover_mode(model, label, options, batches, budget, progress)
+        student, report, recipe = recover_mode(model, label, options, batches, budget,
+                                               lambda info, label=label: progress(info, label))
         seconds, cpu_seconds = time.perf_counter() - wall, time.process_time() - cpu
         student.eval()
         got = compare(logits_of(student, windows, 8), dense, windows)
@@ -389,14 +435,17 @@ def recover_all(model, ev: dict, train_ids: torch.Tensor, *, budget: dict, devic
                              "last_loss": report.last_loss, "train_seconds": report.seconds})
         say(f"  {label}: perplexity {row['perplexity']:.3f} -> {got['perplexity']:.3f} "
             f"({report.steps} steps, {seconds:.0f} s, {cpu_seconds:.0f} CPU s)")
-    return {"budget": budget, "lr": RECOVERY_LR, "data": "random windows of the train split",
+    return {"budget": budget, "lr": RECOVERY_LR, "teacher": RECOVERY_TEACHER, "lora_rank": LORA_RANK,
+            "data": "random windows of the train split",
             "eval": "the held-out windows of the perplexity column", "seconds": time.perf_counter() - total_wall,
             "cpu_seconds": time.process_time() - total_cpu, "goals": goals(ev)}
 
 
 def goals(ev: dict) -> list:
-    """issue 15 item 4: per goal row, recovered perplexity / dense perplexity against the goal ratio."""
+    """issue 15 item 4: per goal row, recovered perplexity / dense perplexity against the goal ratio; also
+    against "dense + same training" (ratio_after_vs_trained_dense, met_vs_trained_dense) when it was run."""
     dense = ev["rows"]["dense"]["perplexity"]
+    trained = ev.get("dense_same_training", {}).get("perplexity")
     out = []
     for label, row in ev["rows"].items():
         goal = next((g for prefix, g in GOALS.items() if label.startswith(prefix + " ")), None)
@@ -404,8 +453,10 @@ def goals(ev: dict) -> list:
             continue
         after = row.get("recovered_perplexity")
         ratio = None if after is None else after / dense
+        fair = None if after is None or trained is None else after / trained
         out.append({"label": label, "goal": goal, "ratio_before": row["perplexity"] / dense, "ratio_after": ratio,
-                    "met": ratio is not None and ratio <= goal})
+                    "met": ratio is not None and ratio <= goal, "ratio_after_vs_trained_dense": fair,
+                    "met_vs_trained_dense": fair is not None and fair <= goal})
     return out
 
 
@@ -425,9 +476,13 @@ def markdown(result: dict) -> str:
     recovered = "recovery" in result
     head = "| mode | perplexity | vs dense | KL(dense‖mode) mean (nats) | KL max | top-1 agree vs dense |"
     rule = "|---|---:|---:|---:|---:|---:|"
+    trained = ev.get("dense_same_training") if recovered else None
     if recovered:
         head += " recovered perplexity | recovered vs dense | recovered top-1 | recovery (recipe, steps, s, CPU s) |"
         rule += "---:|---:|---:|---|"
+        if trained:
+            head += " recovered vs dense + same training |"
+            rule += "---:|"
     lines += [head, rule]
     dense = ev["rows"]["dense"]["perplexity"]
     for label, row in ev["rows"].items():
@@ -442,7 +497,18 @@ def markdown(result: dict) -> str:
                          f"{row['recovered_top1_agreement']:.4f} | {row['recovery']['recipe']}, "
                          f"{row['recovery_steps']}, {row['recovery_seconds']:.0f}, "
                          f"{row['recovery_cpu_seconds']:.0f} |")
+            if trained:
+                line += ("" if row.get("recovered_perplexity") is None else
+                         f" {row['recovered_perplexity'] / trained['perplexity']:.3f}x") + " |"
         lines.append(line)
+    if trained:  # the fair baseline, right under the dense row
+        at = next(i for i, line in enumerate(lines) if line.startswith("| dense |")) + 1
+        lines.insert(at, f"| dense + same training (LM loss, every parameter, lr {trained['lr']:g}) | "
+                         f"{trained['perplexity']:.3f} | {trained['perplexity'] / dense:.3f}x | "
+                         f"{trained['kl_mean']:.2e} | {trained['kl_max']:.2e} | {trained['top1_agreement']:.4f} "
+                         "| | | | "
+                         f"dense, {trained['steps']}, {trained['seconds']:.0f}, {trained['cpu_seconds']:.0f} | "
+                         f"{1.0:.3f}x |")
     if recovered:
         rec = result["recovery"]
         lines += ["", f"Recovery: each approximate mode trained from a copy of the dense model for a fixed budget "
@@ -450,11 +516,14 @@ def markdown(result: dict) -> str:
                   f"{rec['budget']['batch']} windows of {ev['context']} tokens per step, from the train split), "
                   f"evaluated on the same held-out windows; {rec['seconds']:.0f} s, {rec['cpu_seconds']:.0f} CPU s "
                   "in all.", "",
-                  "| goal (issue 15) | before | after recovery | goal | met |", "|---|---:|---:|---:|---|"]
+                  "| goal (issue 15) | before | after recovery | goal | met | after vs dense + same training | "
+                  "met vs dense + same training |", "|---|---:|---:|---:|---|---:|---|"]
         for g in rec["goals"]:
             after = "—" if g["ratio_after"] is None else f"{g['ratio_after']:.3f}x"
+            fair = g.get("ratio_after_vs_trained_dense")
             lines.append(f"| {g['label']} | {g['ratio_before']:.3f}x | {after} | <= {g['goal']}x | "
-                         f"{'met' if g['met'] else 'not met'} |")
+                         f"{'met' if g['met'] else 'not met'} | {'—' if fair is None else f'{fair:.3f}x'} | "
+                         f"{'—' if fair is None else 'met' if g['met_vs_trained_dense'] else 'not met'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -168,6 +168,22 @@ def test_distill_recipe_loss_falls_and_the_student_saves_and_patches(tmp_path):
     assert torch.isfinite(logits(reloaded, ids)).all()
 
 
+def test_finetune_recipe_trains_the_chosen_parameters_on_the_lm_loss(tmp_path):
+    model = tiny_model("deepseek_v3")
+    dsattn.patch(model, attention="sliding_window", window=8)
+    ids = pattern_batch()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "embed_tokens" in n}
+    report = recover.finetune(model, ids, steps=8, lr=3e-3, params=["*self_attn*", "lm_head*"])
+    assert report.recipe == "finetune" and report.steps == 8
+    assert report.last_loss < 0.8 * report.first_loss, report.losses
+    # the LM loss itself (labels = the input ids), and only the chosen parameters moved
+    assert model(ids, labels=ids, use_cache=False).loss.item() < report.first_loss
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert all(p.requires_grad for p in model.parameters()) and not model.training  # restored
+    model.save_pretrained(tmp_path)
+    assert dsattn.patch_summary(recover.from_pretrained(tmp_path))["attention"] == "sliding_window"
+
+
 def test_qat_recipe_freezes_to_int4_and_reloads(tmp_path):
     model = tiny_model("deepseek_v3")  # Linear layers and fused MoE experts
     ids = pattern_batch()

@@ -248,6 +248,39 @@ def model_distill_loss(student, teacher, batch, *, temperature: float = 2.0, wei
                         temperature=temperature, weights=weights)
 
 
+def finetune(model, batches, *, steps: int = 100, lr: float = 1e-4, params=None, weight_decay: float = 0.0,
+             max_grad_norm: float | None = 1.0, progress: Callable | None = None,
+             log_every: int = 10) -> RecoveryReport:
+    """Train `model` (patched or not) on its own LM loss for `steps` AdamW steps on `batches` (input-id tensors
+    or dicts; a list is cycled): the plain alternative to distill when no teacher is wanted, and the baseline
+    a recovery is judged against (the unpatched model given the same training). params: glob patterns of the
+    parameters to train (default: every parameter that requires grad). A dsattn patch of the model is recorded
+    in its config, as distill does. Returns a RecoveryReport ("finetune")."""
+    chosen = [p for _, p in select_parameters(model, params)] if params is not None else \
+        [p for p in model.parameters() if p.requires_grad]
+    with training(model, chosen):
+        report = run_steps("finetune", chosen, lambda b: lm_loss(model, b), batches, steps=steps, lr=lr,
+                           weight_decay=weight_decay, max_grad_norm=max_grad_norm, progress=progress,
+                           log_every=log_every)
+    record_patch(model)
+    return report
+
+
+@contextlib.contextmanager
+def recovery_loss(student, teacher=None, *, temperature: float = 2.0, weights=DEFAULT_WEIGHTS):
+    """Yields the loss a recipe trains `student` on: batch -> model_distill_loss against `teacher` (held in
+    eval mode inside the block, its mode restored afterwards), or the LM loss when teacher is None."""
+    if teacher is None:
+        yield lambda b: lm_loss(student, b)
+        return
+    teacher_mode = teacher.training
+    teacher.eval()
+    try:
+        yield lambda b: model_distill_loss(student, teacher, b, temperature=temperature, weights=weights)
+    finally:
+        teacher.train(teacher_mode)
+
+
 def distill(student, teacher, batches, *, steps: int = 100, lr: float = 1e-4, temperature: float = 2.0,
             weights=DEFAULT_WEIGHTS, params=None, weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
             progress: Callable | None = None, log_every: int = 10) -> RecoveryReport:
@@ -260,16 +293,9 @@ def distill(student, teacher, batches, *, steps: int = 100, lr: float = 1e-4, te
     loads it back patched). Returns a RecoveryReport (steps, seconds, first_loss, last_loss)."""
     chosen = [p for _, p in select_parameters(student, params)] if params is not None else \
         [p for p in student.parameters() if p.requires_grad]
-    teacher_mode = teacher.training
-    teacher.eval()
-    try:
-        with training(student, chosen):
-            report = run_steps("distill", chosen,
-                               lambda b: model_distill_loss(student, teacher, b, temperature=temperature,
-                                                            weights=weights),
-                               batches, steps=steps, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-                               progress=progress, log_every=log_every)
-    finally:
-        teacher.train(teacher_mode)
+    with recovery_loss(student, teacher, temperature=temperature, weights=weights) as loss_fn, \
+            training(student, chosen):
+        report = run_steps("distill", chosen, loss_fn, batches, steps=steps, lr=lr, weight_decay=weight_decay,
+                           max_grad_norm=max_grad_norm, progress=progress, log_every=log_every)
     record_patch(student)
     return report

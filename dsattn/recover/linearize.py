@@ -33,8 +33,8 @@ from dsattn.nn.hybrid_attention import learned_hybrid_attention
 from dsattn.nn.linear_attention import QKFeatureMaps, learned_linear_attention
 from dsattn.patching.attention import run_with_mask
 from dsattn.patching.core import STATE_ATTR, _attention_modules
-from dsattn.recover.distill import (DEFAULT_WEIGHTS, RecoveryReport, lm_loss, model_distill_loss, run_steps,
-                                    select_parameters, training, valid_tokens)
+from dsattn.recover.distill import (DEFAULT_WEIGHTS, RecoveryReport, recovery_loss, run_steps, select_parameters,
+                                    training, valid_tokens)
 from dsattn.recover.saving import record, record_patch, repatch
 
 logger = logging.getLogger("dsattn.recover")
@@ -282,21 +282,14 @@ def linearize(model, batches, *, attention: str = "linear", prefix: int | None =
     else:
         patterns = finetune_params or [n + ".*" for n in _attention_linears(model)]
         params = [p for _, p in select_parameters(model, patterns)]
-    if teacher is not None:
-        teacher_mode = teacher.training
-        teacher.eval()
-        loss_fn = lambda b: model_distill_loss(student, teacher, b, temperature=temperature, weights=weights)  # noqa: E731
-    else:
-        loss_fn = lambda b: lm_loss(student, b)  # noqa: E731
     try:
-        with training(student, params):
+        with recovery_loss(student, teacher, temperature=temperature, weights=weights) as loss_fn, \
+                training(student, params):
             report.stages["finetune"] = run_steps("linearize.finetune", params, loss_fn, batches,
                                                   steps=finetune_steps, lr=finetune_lr,
                                                   max_grad_norm=max_grad_norm, progress=progress,
                                                   log_every=log_every)
     finally:
-        if teacher is not None:
-            teacher.train(teacher_mode)
         if use_lora:
             student.merge_and_unload()
         for p, flag in flags.items():

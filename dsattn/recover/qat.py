@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dsattn import registry
 from dsattn.nn.int4_linear import Int4Experts, Int4Linear
 from dsattn.patching.core import STATE_ATTR
-from dsattn.recover.distill import (DEFAULT_WEIGHTS, RecoveryReport, lm_loss, model_distill_loss, run_steps,
-                                    select_parameters, training)
+from dsattn.recover.distill import (DEFAULT_WEIGHTS, RecoveryReport, recovery_loss, run_steps, select_parameters,
+                                    training)
 from dsattn.recover.saving import record_patch, repatch
 
 def _int4_modules(model):
@@ -59,19 +59,9 @@ def qat(model, batches, *, steps: int = 100, lr: float = 1e-5, group_size: int =
                 quantize_options={**options, "train_mode": True})
     chosen = [p for _, p in select_parameters(model, params)] if params is not None else \
         [p for p in model.parameters() if p.requires_grad]
-    if teacher is not None:
-        teacher_mode = teacher.training
-        teacher.eval()
-        loss_fn = lambda b: model_distill_loss(model, teacher, b, temperature=temperature, weights=weights)  # noqa: E731
-    else:
-        loss_fn = lambda b: lm_loss(model, b)  # noqa: E731
-    try:
-        with training(model, chosen):
-            report = run_steps("qat", chosen, loss_fn, batches, steps=steps, lr=lr, weight_decay=weight_decay,
-                               max_grad_norm=max_grad_norm, progress=progress, log_every=log_every)
-    finally:
-        if teacher is not None:
-            teacher.train(teacher_mode)
+    with recovery_loss(model, teacher, temperature=temperature, weights=weights) as loss_fn, training(model, chosen):
+        report = run_steps("qat", chosen, loss_fn, batches, steps=steps, lr=lr, weight_decay=weight_decay,
+                           max_grad_norm=max_grad_norm, progress=progress, log_every=log_every)
     if freeze:
         freeze_int4(model)
     record_patch(model)
