@@ -74,6 +74,8 @@ def test_generate_batch_gives_each_request_its_own_tokens(model_and_reference, p
     name, model, unpatched = model_and_reference
     if mode in ("topk", "linear", "hybrid") and name == "qwen2_sliding":
         pytest.skip(f"{mode} refuses layers with their own sliding window (per request too)")
+    if mode == "hybrid" and name != "llama":
+        pytest.skip("hybrid runs per request like topk (no state): one model covers it")
     dsattn.patch(model, attention=mode, **options)
     try:
         reference = per_request(model, prompts)
@@ -272,14 +274,40 @@ def test_oracle_equals_dense_sliding_window_per_sequence():
         torch.testing.assert_close(out[cu[s]:cu[s + 1]], ref[0].transpose(0, 1))
 
 
+def _cpp_or_skip(backend):
+    from dsattn import _backend
+
+    if backend == "cpp" and _backend.unusable_reason("cpp", torch.device("cpu"), "sliding_window_attention"):
+        pytest.skip("dsattn._C has no attention kernels in this build")
+
+
+BACKENDS = ["torch", "cpp"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("window", [1, 6, 17, 4096])
 @pytest.mark.parametrize("heads", [(4, 2), (3, 3), (4, 1)], ids=["gqa", "mha", "mqa"])
-def test_paged_op_matches_the_oracle(window, heads):
+def test_paged_op_matches_the_oracle(window, heads, backend):
+    _cpp_or_skip(backend)
     q, kc, vc, table, cu, lens = paged_inputs(*heads)
-    out = dsattn.paged_sliding_window_attention(q, kc, vc, table, cu, lens, max(LENS_Q), window, scale=0.3,
-                                                backend="torch")
+    sinks = torch.randn(heads[0]) if window == 6 else None
+    out = dsattn.paged_sliding_window_attention(testing.non_contiguous(q), kc, vc, table, cu, lens, max(LENS_Q),
+                                                window, scale=0.3, sinks=sinks, backend=backend)
     testing.assert_close(out, paged_oracle(q.double(), kc.double(), vc.double(), table, cu, lens, window,
-                                           scale=0.3), 1e-5)
+                                           scale=0.3, sinks=None if sinks is None else sinks.double()), 1e-5)
+
+
+def test_auto_takes_the_cpp_kernel_on_cpu_and_torch_for_gradients():
+    _cpp_or_skip("cpp")
+    from dsattn import _backend
+
+    q, kc, vc, table, cu, lens = paged_inputs()
+    with _backend.recording() as chosen:
+        dsattn.paged_sliding_window_attention(q, kc, vc, table, cu, lens, max(LENS_Q), 6)
+    assert chosen["paged_sliding_window_attention"] == {"cpp"}
+    with _backend.recording() as chosen:
+        dsattn.paged_sliding_window_attention(q.requires_grad_(True), kc, vc, table, cu, lens, max(LENS_Q), 6)
+    assert chosen["paged_sliding_window_attention"] == {"torch"}
 
 
 def test_paged_op_gradients_and_sinks():
@@ -297,9 +325,11 @@ def test_paged_op_gradients_and_sinks():
     testing.assert_grads_match(fn, oracle, inputs, name="paged_sliding_window_attention")
 
 
-def test_paged_op_bf16():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paged_op_bf16(backend):
+    _cpp_or_skip(backend)
     q, kc, vc, table, cu, lens = paged_inputs(dtype=torch.bfloat16)
-    out = dsattn.paged_sliding_window_attention(q, kc, vc, table, cu, lens, max(LENS_Q), 9)
+    out = dsattn.paged_sliding_window_attention(q, kc, vc, table, cu, lens, max(LENS_Q), 9, backend=backend)
     assert out.dtype == torch.bfloat16 and out.shape == (sum(LENS_Q), 4, 16)
     testing.assert_close(out, paged_oracle(q.double(), kc.double(), vc.double(), table, cu, lens, 9), 1e-2)
 
@@ -307,6 +337,7 @@ def test_paged_op_bf16():
 def test_blocks_outside_every_window_are_not_read(monkeypatch):
     """Only the blocks from the first row's window start on are read (keys counted); NaN in the unused blocks
     and in the blocks wholly before every row's window never reaches a row."""
+    from dsattn import _backend
     from dsattn.torch_backend import paged_sliding_window_attention as backend
 
     read = []
@@ -327,8 +358,10 @@ def test_blocks_outside_every_window_are_not_read(monkeypatch):
             kc[b], vc[b] = float("nan"), float("nan")
             poisoned += 1
     assert poisoned >= 5  # spare blocks and the long sequences' early blocks
-    out = dsattn.paged_sliding_window_attention(q, kc, vc, table, cu, lens, max(LENS_Q), window, backend="torch")
-    testing.assert_close(out, expected, 1e-5)
+    for backend in ("torch", "cpp"):
+        if backend == "torch" or not _backend.unusable_reason("cpp", torch.device("cpu"), "sliding_window_attention"):
+            out = dsattn.paged_sliding_window_attention(q, kc, vc, table, cu, lens, max(LENS_Q), window, backend=backend)
+            testing.assert_close(out, expected, 1e-5)
     # 40 keys, 1 query, window 3: keys 37..39 visible, block 4 (keys 32..39) alone is read; 18 keys, 1 query:
     # blocks 1..2 (keys 8..17); 30 keys, 13 queries: keys 15.. visible, blocks 1..3 (keys 8..29).
     assert read == [5, 8, 10, 22, 1]

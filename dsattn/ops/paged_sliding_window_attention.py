@@ -2,7 +2,9 @@
 functional entry (validate, pick a backend from dsattn.capabilities, call the op). Sliding-window attention of
 packed queries (prefill chunks and decode rows mixed) over a paged KV cache read through a block table, in
 FlashAttention's layout (flash_attn_varlen_func(..., block_table=) / flash_attn_with_kvcache); gradients
-reach q, the caches and sinks (the torch backend's backward scatters dk/dv into the blocks)."""
+reach q, the caches and sinks (the torch backend's backward scatters dk/dv into the blocks). Backends: "torch"
+(per sequence, with a backward) and "cpp" (CPU, forward: the visible blocks packed, one varlen call of the
+C++ sliding-window kernel); "auto" takes cpp on the CPU when it can."""
 
 from typing import Optional
 
@@ -10,7 +12,7 @@ import torch
 
 from dsattn import _backend, _checks, capabilities
 from dsattn._library import define_op
-from dsattn.ops.sliding_window_attention import _check_cu_seqlens, _check_sinks
+from dsattn.ops.sliding_window_attention import AUTO_ORDER, _check_cu_seqlens, _check_sinks, _triton_sinks
 from dsattn.torch_backend import paged_sliding_window_attention as _torch
 
 OP = "paged_sliding_window_attention"
@@ -20,6 +22,12 @@ def _paged_sliding_window_attention(q: torch.Tensor, k_cache: torch.Tensor, v_ca
                                     block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, seqlens_k: torch.Tensor,
                                     max_seqlen_q: int, window: int, scale: float, sinks: Optional[torch.Tensor],
                                     backend: str) -> torch.Tensor:
+    if backend == "cpp":
+        # The visible blocks of every sequence packed once, then one varlen call of the CPU sliding-window kernel.
+        k, v, cu_seqlens_k = _torch.gather_visible(k_cache, v_cache, block_table, cu_seqlens_q, seqlens_k, window)
+        return torch.ops.dsattn_C.sliding_window_attention(q.contiguous(), k, v, _triton_sinks(sinks), cu_seqlens_q,
+                                                           cu_seqlens_k,
+                                                           window, True, scale)
     return _torch.paged_sliding_window_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_k, window,
                                                  scale=scale, sinks=sinks)
 
@@ -119,6 +127,6 @@ def paged_sliding_window_attention(q, k_cache, v_cache, block_table, cu_seqlens_
     sinks = _check_sinks(OP, sinks, hq, q)
     request = capabilities.Request(dtype=q.dtype, grad=_backend.needs_grad(q, k_cache, v_cache, sinks),
                                    head_dim=max(dqk, v_cache.shape[3]))
-    chosen = _backend.select_backend(OP, backend, q.device, request)
+    chosen = _backend.select_backend(OP, backend, q.device, request, auto_order=AUTO_ORDER.get(q.device.type))
     return paged_sliding_window_attention_op(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_k, max_seqlen_q,
                                              window, scale, sinks, chosen)

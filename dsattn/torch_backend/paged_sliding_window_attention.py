@@ -3,7 +3,8 @@ query row of it can see (from the first row's window start to its last key) are 
 (index_select of those blocks: O(window + queries) keys, never the whole cache), then the sliding-window torch
 backend runs on them. Keys before the first visible block are outside every row's window, so dropping them
 keeps the end alignment (queries at the end of their keys) and the result. The backward scatters dk/dv back
-into the blocks they came from."""
+into the blocks they came from. gather_visible packs the same visible keys of all sequences for one varlen call
+(the op's cpp backend)."""
 
 import torch
 
@@ -24,6 +25,31 @@ def _sequences(block_table, cu_seqlens_q, seqlens_k, window: int, block_size: in
         if q1 > q0:
             first, last = visible_blocks(q1 - q0, length, window, block_size)
             yield q0, q1, block_table[s, first:last].to(torch.long), length - first * block_size
+
+
+def gather_visible(k_cache, v_cache, block_table, cu_seqlens_q, seqlens_k, window: int):
+    """(k, v, cu_seqlens_k): every sequence's visible keys packed [total_k, Hkv, D] (from its first visible block
+    to its last key; none for a sequence without queries), for a varlen kernel. Only the visible blocks are read:
+    O(sum of window + queries) keys, never the whole cache."""
+    bs = k_cache.shape[1]
+    ids, rows, cu_k, base = [], [], [0], 0
+    for s, (q0, q1, length) in enumerate(zip(cu_seqlens_q.tolist()[:-1], cu_seqlens_q.tolist()[1:],
+                                             seqlens_k.tolist())):
+        keys = 0
+        if q1 > q0:
+            first, last = visible_blocks(q1 - q0, length, window, bs)
+            ids.append(block_table[s, first:last])
+            keys = length - first * bs
+            rows.append(torch.arange(base, base + keys))
+            base += (last - first) * bs
+        cu_k.append(cu_k[-1] + keys)
+    cu_k = torch.tensor(cu_k, dtype=torch.int32, device=k_cache.device)
+    if not ids:
+        return k_cache.new_zeros(0, *k_cache.shape[2:]), v_cache.new_zeros(0, *v_cache.shape[2:]), cu_k
+    ids = torch.cat(ids).to(torch.long)
+    rows = torch.cat(rows).to(k_cache.device)
+    return (k_cache.index_select(0, ids).flatten(0, 1).index_select(0, rows),
+            v_cache.index_select(0, ids).flatten(0, 1).index_select(0, rows), cu_k)
 
 
 def _read(cache, ids, keys):
