@@ -89,15 +89,19 @@ def _fmt(value, spec):
 
 
 def model_markdown(rows) -> str:
-    """Rows from bench/bench_model.py (they report kl_vs_dense): one line per op, length and mode."""
-    model_rows = [r for r in rows if "kl_vs_dense" in r["extra"] or r["op"].startswith("decode_")]
+    """Rows from bench/bench_model.py (they report kl_vs_dense) and bench/bench_continuous_batching.py
+    (tokens_per_s): one line per op, length and mode."""
+    # bench_continuous_batching.py's generate_batch rows carry their own tokens/s (all requests' new tokens).
+    model_rows = [r for r in rows if "kl_vs_dense" in r["extra"] or r["op"].startswith("decode_")
+                  or "tokens_per_s" in r["extra"]]
     if not model_rows:
         return ""
     lines = ["| bench | length | device | mode | median (ms) | vs dense | tokens/s | peak mem (MB) | "
              "KL(dense‖mode) | top-1 vs dense |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(model_rows, key=lambda r: (r["op"], r["device"], _length(r), not r["baseline"], r["provider"])):
         ratio = "baseline" if r["baseline"] else (f"{r['ratio']:.2f}x" if r.get("ratio") else "n/a")
-        tokens_s = 1e3 / r["median_ms"] if r["op"].startswith("decode_") and r["median_ms"] > 0 else None
+        tokens_s = 1e3 / r["median_ms"] if r["op"].startswith("decode_") and r["median_ms"] > 0 else \
+            r["extra"].get("tokens_per_s")
         lines.append(f"| {r['op']} | {_length(r)} | {r['device']} | {r['provider']} | {r['median_ms']:.2f} | {ratio} | "
                      f"{_fmt(tokens_s, '.1f')} | {_fmt(r['peak_memory_mb'], '.0f')} | "
                      f"{_fmt(r['extra'].get('kl_vs_dense'), '.2e')} | {_fmt(r['extra'].get('top1_vs_dense'), '.3f')} |")
@@ -105,7 +109,7 @@ def model_markdown(rows) -> str:
 
 
 def _length(r):
-    return next((v for k, v in r["shape"].items() if k in ("S", "L")), "")
+    return next((v for k, v in r["shape"].items() if k in ("S", "L", "prompt")), "")
 
 
 def load_skipped(path):
