@@ -1,9 +1,11 @@
 """int4_matmul vs dense matmul on the same (dequantized) weight.
 
-CPU: dsattn's compiled kernel vs torch fp32 (baseline) / bf16, M=1, 16 (decode) and 256 (prefill), 4096x4096
-g128. Goal (issue 7): M=1 >= 3x faster than torch fp32 matvec. "-bf16" providers take bf16 x and form their own
-group (dtype bfloat16, baseline torch-bf16 on the dequantized bf16 weight): dsattn-cpp-bf16 runs the kernel's
-bf16 GEMM path (from 16 rows; fewer rows compute in fp32).
+CPU: dsattn's compiled kernel vs torch fp32 (baseline) / bf16, M=1, 16 (decode), 64 and 256 (prefill),
+4096x4096 g128. Goals (issues 7, 16): M=1 >= 3x faster than torch fp32 matvec and >= 1.2x torch's own int4 CPU
+kernel (torch-int4pack: `torch._weight_int4pack_mm_for_cpu`, the path of torchao's Int4CPULayout, bf16 x, the
+same weight in its tinygemm layout); M <= 16 faster than it; M >= 64 with bf16 x at least torch bf16 speed.
+"-bf16" providers take bf16 x and form their own group (dtype bfloat16, baseline torch-bf16 on the dequantized
+bf16 weight): dsattn-cpp-bf16 runs the kernel's bf16 GEMM path (from 16 rows; fewer rows the decode kernels).
 GPU (gpu_only): dsattn's Triton and CUDA kernels vs torch fp16 matmul (baseline), torchao int4 weight-only
 (tinygemm, bf16) and gemlite A16W4 when importable, M in {1, 16, 128, 4096}, N=K=8192, g128, fp16 x. M=1 records
 the achieved weight-streaming bandwidth (packed weight + scales + zeros + x + out bytes / median) as gbps.
@@ -20,21 +22,24 @@ import torch
 import dsattn
 from dsattn._backend import unusable_reason
 
-CPU_SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (256, 4096, 4096)]
+CPU_SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (64, 4096, 4096), (256, 4096, 4096)]
 GPU_SHAPES = [(m, 8192, 8192) for m in (1, 16, 128, 4096)]
 GROUP = 128
 
 
 @pytest.mark.parametrize("m,n,k", CPU_SHAPES)
-@pytest.mark.parametrize("provider", ["torch-fp32", "torch-bf16", "dsattn-cpp", "dsattn-cpp-bf16", "dsattn-torch"])
+@pytest.mark.parametrize("provider", ["torch-fp32", "torch-bf16", "torch-int4pack", "dsattn-cpp", "dsattn-cpp-bf16",
+                                      "dsattn-torch"])
 def test_int4_matmul(run_bench, bench_device, provider, m, n, k):
-    if bench_device != "cpu" and provider.startswith("dsattn-"):
+    if bench_device != "cpu" and (provider.startswith("dsattn-") or provider == "torch-int4pack"):
         pytest.skip("CPU providers; the GPU ones are in test_int4_matmul_gpu")
     if provider.startswith("dsattn-cpp") and unusable_reason("cpp", torch.device("cpu"), "int4_matmul"):
         pytest.skip("compiled CPU kernel not built")
     q = dsattn.quantize_int4(torch.randn(n, k, device=bench_device), group_size=GROUP)
     x = torch.randn(m, k, device=bench_device)
-    if provider.startswith("torch-"):
+    if provider == "torch-int4pack":
+        fn = _int4pack_fn(q, x.to(torch.bfloat16))
+    elif provider.startswith("torch-"):
         dtype = torch.float32 if provider == "torch-fp32" else torch.bfloat16
         w, xd = q.dequantize(dtype), x.to(dtype)
         fn = lambda: xd @ w.T  # noqa: E731
@@ -42,9 +47,24 @@ def test_int4_matmul(run_bench, bench_device, provider, m, n, k):
         backend = provider.split("-")[1]
         xd = x.to(torch.bfloat16) if provider.endswith("-bf16") else x
         fn = lambda: dsattn.int4_matmul(xd, q, backend=backend)  # noqa: E731
-    bf16 = provider.endswith("-bf16")
+    bf16 = provider.endswith("-bf16") or provider == "torch-int4pack"
     run_bench(fn, op="int4_matmul", provider=provider, shape={"M": m, "N": n, "K": k, "g": GROUP}, device=bench_device,
               dtype=torch.bfloat16 if bf16 else torch.float32, baseline=provider in ("torch-fp32", "torch-bf16"))
+
+
+def _int4pack_fn(q, xb):
+    """torch's int4 CPU kernel on q's codes: tinygemm dequantizes (code - 8) * scale + zero, so zero = (8 - z) s
+    gives q's (code - z) * s (scale and zero in bf16 [K/g, N, 2]); a skip where this torch lacks it."""
+    from dsattn.reference.int4 import unpack_int4
+
+    try:
+        packed = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(q.qweight).to(torch.int32), 1)
+        s, z = q.scales.float(), q.zeros.float()
+        scale_zero = torch.stack([s.T, ((8 - z) * s).T], -1).to(torch.bfloat16).contiguous()
+        torch._weight_int4pack_mm_for_cpu(xb, packed, q.group_size, scale_zero)
+    except (AttributeError, RuntimeError) as exc:
+        pytest.skip(f"torch {torch.__version__} has no int4pack CPU kernel: {exc}")
+    return lambda: torch._weight_int4pack_mm_for_cpu(xb, packed, q.group_size, scale_zero)
 
 
 def _torchao_fn(weight, x):

@@ -100,6 +100,8 @@ CAPABILITIES: dict[str, dict[str, Capability]] = {
     # offsets (no offset limit); group_size_multiple is tl.dot's smallest K (triton_kernels/int4_matmul.py).
     "int4_matmul": {
         "torch": TORCH,
+        # cpp: fp32 accuracy for fp32 x on every path (AVX512-VNNI decode, M < 4: x as three int8 digits per 128
+        # values, residual <= 2.4e-7 of the block max; bf16 x two digits, 3.1e-5; csrc/cpu/int4_matmul_vnni.cpp).
         "cpp": Capability(dtypes=KERNEL_FLOATS, kernel="int4_matmul"),
         "triton": Capability(dtypes=KERNEL_FLOATS, group_size_multiple=16),
         "cuda": Capability(dtypes=KERNEL_FLOATS, kernel="int4_matmul"),

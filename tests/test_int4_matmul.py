@@ -132,15 +132,20 @@ def test_compiled_cpu_kernel_gemm_panels(m, group_size, symmetric, dtype):
 
 
 @pytest.mark.parametrize("m", [1, 5, 15])
-def test_compiled_cpu_kernel_bf16_few_rows(m):
-    """bf16 x below 16 rows runs the fp32 kernels and rounds once: exactly fp32 math rounded to bf16."""
+def test_compiled_cpu_kernel_bf16_few_rows(monkeypatch, m):
+    """bf16 x below 16 rows runs the decode kernels in fp32 and rounds once: without VNNI exactly fp32 math
+    rounded to bf16; the VNNI kernel takes two int8 digits of x instead of fp32's three (bf16 tolerance)."""
     requires_backend("cpp", "cpu", "int4_matmul")
     w = quantized(37, 256, 64, False)
     x = torch.randn(m, 256).to(torch.bfloat16)
     bias = torch.randn(37)
     out = torch.ops.dsattn_C.int4_matmul(x, w.qweight, w.scales.float(), w.zeros, 64, bias)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, expected(x, w, bias), tolerance(torch.bfloat16))
+    monkeypatch.setenv("DSATTN_INT4_VNNI", "0")
+    out = torch.ops.dsattn_C.int4_matmul(x, w.qweight, w.scales.float(), w.zeros, 64, bias)
     fp32 = torch.ops.dsattn_C.int4_matmul(x.float(), w.qweight, w.scales.float(), w.zeros, 64, bias)
-    assert out.dtype == torch.bfloat16 and torch.equal(out, fp32.to(torch.bfloat16))
+    assert torch.equal(out, fp32.to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("lead", [(3, 5), (2, 40)])  # 15 rows: GEMV/blocked paths; 80 rows: GEMM panels
@@ -403,3 +408,99 @@ def test_compiled_kernels_refuse_group_size_0_without_crashing():
     w = quantized(8, 64, 32)
     with pytest.raises(RuntimeError, match="group_size must be a multiple of 8"):
         torch.ops.dsattn_C.int4_matmul(torch.randn(2, 64), w.qweight, w.scales, w.zeros, 0, None)
+
+
+# ----------------------------------------------------------------------------------------- compiled CPU, per ISA
+def _cpu_paths():
+    """(DSATTN_CPU_ISA, DSATTN_INT4_VNNI) for every int4 CPU path this machine has: avx512 with the VNNI digit
+    kernel where the CPU has VNNI (the default there), avx512's exact table kernel, avx2, portable; [] without
+    the compiled kernel."""
+    from dsattn._backend import unusable_reason
+
+    if unusable_reason("cpp", torch.device("cpu"), "int4_matmul"):
+        return []
+    found = []
+    for isa, name in ((2, "avx512"), (1, "avx2"), (0, "portable")):
+        try:
+            torch.ops.dsattn_C.attention_isa(isa)
+        except RuntimeError:
+            continue
+        found += [(name, "1"), (name, "0")] if name == "avx512" else [(name, "1")]
+    return found
+
+
+CPU_PATHS = _cpu_paths()
+
+
+def _path_id(path):
+    return path[0] + ("" if path[1] == "1" else "-novnni")
+# Norm-wise bound for fp32 x: exact paths ~1e-7; the VNNI kernel's three int8 digits leave |x - x~| <= 2^-15 sx
+# (2.4e-7 of a 128-block's largest |x|), a few 1e-7 of the output: the fp32 tolerance holds for every path.
+# bf16 x: two digits (<= 3.1e-5 of the block max) under bf16's own rounding of x and out: bf16 tolerance.
+
+
+@pytest.mark.parametrize("path", CPU_PATHS or [("portable", "1")], ids=_path_id)
+@pytest.mark.parametrize("group_size,k", [(32, 384), (64, 640), (128, 384), (256, 512), (32, 96), (96, 288)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_compiled_cpu_every_isa_path(monkeypatch, path, group_size, k, symmetric):
+    """Every ISA path (K % 128 != 0 or group 96: AVX-512's exact kernel even with VNNI), M 1/3/16/17 (decode
+    tiles and their tails) and 64 (GEMM panels), N = 37 (a partial 4-row tile), fp32 and bf16 x, bias and
+    none, non-contiguous x through the API, against the float64 oracle."""
+    requires_backend("cpp", "cpu", "int4_matmul")
+    monkeypatch.setenv("DSATTN_CPU_ISA", path[0])
+    monkeypatch.setenv("DSATTN_INT4_VNNI", path[1])
+    n = 37
+    w = quantized(n, k, group_size, symmetric)
+    bias = torch.randn(n)
+    for m in (1, 3, 16, 17, 64):
+        x = torch.randn(m, k)
+        for dtype in (torch.float32, torch.bfloat16):
+            xd = x.to(dtype)
+            out = torch.ops.dsattn_C.int4_matmul(xd, w.qweight, w.scales.float(), w.zeros, group_size, bias)
+            assert out.dtype == dtype and out.shape == (m, n)
+            assert_close(out, expected(xd, w, bias), tolerance(dtype), name=f"M={m} {dtype}")
+        got = torch.ops.dsattn_C.int4_matmul(x, w.qweight, w.scales.float(), w.zeros, group_size, None)
+        assert_close(got, expected(x, w), tolerance(torch.float32), name=f"M={m} no bias")
+    xn = non_contiguous(torch.randn(2, 3, k))
+    assert_close(dsattn.int4_matmul(xn, w, bias, backend="cpp"), expected(xn, w, bias), tolerance(torch.float32))
+
+
+@pytest.mark.parametrize("path", CPU_PATHS or [("portable", "1")], ids=_path_id)
+def test_compiled_cpu_outliers_zero_rows_and_nan(monkeypatch, path):
+    """Activations with outliers (a 1e4 spike per 128-block next to values of 1e-3) keep the fp32 bound; an
+    all-zero block contributes zero; a NaN in x reaches its output row only."""
+    requires_backend("cpp", "cpu", "int4_matmul")
+    monkeypatch.setenv("DSATTN_CPU_ISA", path[0])
+    monkeypatch.setenv("DSATTN_INT4_VNNI", path[1])
+    k, n = 512, 21
+    w = quantized(n, k, 128)
+    x = torch.randn(4, k) * 1e-3
+    x[0, ::128] = 1e4
+    x[1, 128:256] = 0
+    x[2] = 0
+    got = torch.ops.dsattn_C.int4_matmul(x, w.qweight, w.scales.float(), w.zeros, 128, None)
+    assert_close(got, expected(x, w), tolerance(torch.float32))
+    assert torch.equal(got[2], torch.zeros(n))
+    x[3, 5] = float("nan")
+    got = torch.ops.dsattn_C.int4_matmul(x, w.qweight, w.scales.float(), w.zeros, 128, None)
+    assert got[3].isnan().all() and not got[:3].isnan().any()
+
+
+def test_compiled_cpu_vnni_is_the_default_where_the_cpu_has_it(monkeypatch):
+    """On a VNNI CPU the default (M < 4) differs from the exact table kernel by the digits' rounding and the
+    zero-point term's order only: within 5e-6, not bit-equal (so the VNNI kernel did run)."""
+    requires_backend("cpp", "cpu", "int4_matmul")
+    if ("avx512", "0") not in CPU_PATHS:
+        pytest.skip("no AVX-512 on this CPU")
+    w = quantized(64, 1024, 128)
+    x = torch.randn(2, 1024)
+    default = torch.ops.dsattn_C.int4_matmul(x, w.qweight, w.scales.float(), w.zeros, 128, None)
+    monkeypatch.setenv("DSATTN_INT4_VNNI", "0")
+    exact = torch.ops.dsattn_C.int4_matmul(x, w.qweight, w.scales.float(), w.zeros, 128, None)
+    assert_close(default, exact, 5e-6)
+    try:
+        with open("/proc/cpuinfo") as f:
+            vnni = "avx512_vnni" in f.read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to tell whether the CPU has VNNI")
+    assert torch.equal(default, exact) != vnni

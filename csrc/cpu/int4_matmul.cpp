@@ -1,5 +1,12 @@
 // CPU int4 GEMV / small GEMM: out[m, n] = sum_k x[m, k] * (q[n, k] - z[n, k/g]) * s[n, k/g] (+ bias[n]).
-// Two paths (AVX2+FMA when the CPU has it, a portable scalar loop otherwise), parallel over output rows n:
+// The ISA is resolve_isa()'s (DSATTN_CPU_ISA as for the attention kernels). Paths, parallel over output rows n:
+// - AVX-512 with VNNI, K % 128 == 0 and group_size 32, 64 or a multiple of 128, M < kVnniMaxRows:
+//   int4_matmul_vnni.cpp (x split into int8 digits per 128 values: 3 for fp32 x, 2 for bf16 x; VPDPBUSD;
+//   error bounds in int4_kernels.h / the file).
+// - AVX-512 otherwise and group_size % 32 == 0, M below the GEMM paths': int4_matmul_avx512.cpp (weights
+//   looked up from a per-group table of the 16 dequantized values, exact fp32 products); its panel dequant
+//   (straight to bf16 for bf16 x) feeds the GEMM paths.
+// Otherwise (AVX2+FMA when the CPU has it, a portable scalar loop otherwise):
 // - few rows of x (M < kBlockedMinRows, decode): per group s * (sum_k q x - z * sum_k x), one FMA per weight:
 //   8 nibbles of a word are shifted into 8 int32 lanes, converted and multiplied with 8 x values. Each row of x
 //   unpacks the words again, which is cheapest while M is small.
@@ -25,7 +32,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <vector>
+
+#include "cpu/attention_kernels.h"
+#include "cpu/int4_kernels.h"
 
 namespace dsattn {
 namespace {
@@ -62,6 +74,9 @@ __attribute__((target("avx2,fma"))) float group_dot_avx2(const uint32_t* words, 
 }
 
 
+// VNNI digit kernel below this many rows of x: per row it runs three VPDPBUSD chains (one per digit) where the
+// exact kernel runs two FMAs per 32 weights; the shared nibble unpack decides at 1-3 rows (measured).
+constexpr int64_t kVnniMaxRows = 4;
 constexpr int64_t kBlockedMinRows = 4;  // measured: below this the unpack-per-row path is faster
 constexpr int64_t kRowBlock = 4;        // weight rows dequantized together (the register tile's width)
 constexpr int64_t kChunk = 512;         // K values per chunk: 4 x 512 fp32 weights = 8 KiB of L1
@@ -70,6 +85,9 @@ constexpr int64_t kGemmMinRows = 64;    // from here dequantize panels + BLAS GE
 // 63 rows 16.5 ms in fp32 vs 5.1 at 64 rows in bf16).
 constexpr int64_t kBf16GemmMinRows = 16;
 constexpr int64_t kPanelRows = 256;     // weight rows per dequantized panel: 256 x K fp32 (4 MiB at K=4096)
+// AVX-512 panels (dequantized in one fast pass): elements per panel, as wide as this allows, since each panel is
+// one GEMM call and narrow ones cost GEMM efficiency (and oneDNN's bf16 weight reorder per call).
+constexpr int64_t kPanelElems = int64_t{8} << 20;
 
 // One weight row, K range [k0, k0 + len) (whole groups): dst[i] = (q[row, k0 + i] - z) * s.
 __attribute__((target("avx2,fma"))) void dequant_row_avx2(const uint32_t* qp, const float* sp, const uint8_t* zp,
@@ -179,13 +197,16 @@ void dequant_panel(const uint32_t* qp, const float* sp, const uint8_t* zp, int64
 
 // x float32 or bfloat16 [M, K]; qweight int32 [N, K/8]; scales float32 [N, G]; zeros uint8 [N, G]; bias
 // float32 [N] or none -> [M, N] in x's dtype.
-at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                           const at::Tensor& zeros, int64_t group_size, const c10::optional<at::Tensor>& bias) {
+namespace {
+// digits: the VNNI path's int8 digits per activation (int4_kernels.h): 3 for fp32 x, 2 where x was bf16.
+at::Tensor int4_matmul_impl(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                            const at::Tensor& zeros, int64_t group_size, const c10::optional<at::Tensor>& bias,
+                            int digits) {
   TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "int4_matmul: x must be float32 or bfloat16 [M, K]");
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   if (bf16 && x.size(0) < kBf16GemmMinRows)  // decode sizes: the fp32 kernels, one rounding at the end
-    return int4_matmul_cpu(x.to(at::kFloat), qweight, scales, zeros, group_size, bias).to(at::kBFloat16);
+    return int4_matmul_impl(x.to(at::kFloat), qweight, scales, zeros, group_size, bias, 2).to(at::kBFloat16);
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kInt, "int4_matmul: qweight must be int32 [N, K/8]");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kByte,
               "int4_matmul: scales must be float32 and zeros uint8");
@@ -209,17 +230,26 @@ at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   const uint32_t* qp = reinterpret_cast<const uint32_t*>(qc.data_ptr<int32_t>());
   const float* sp = sc.data_ptr<float>();
   const uint8_t* zp = zc.data_ptr<uint8_t>();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const cpu_attn::Isa isa = cpu_attn::resolve_isa(-1);
+  const bool avx2 = isa >= cpu_attn::kAvx2;
   if (m >= (bf16 ? kBf16GemmMinRows : kGemmMinRows)) {
-    const int64_t panel_rows = std::min(kPanelRows, n);
-    at::Tensor panel = at::empty({panel_rows, k}, x.options().dtype(at::kFloat));
+    // AVX-512: panels as wide as kPanelElems allows, dequantized straight into the GEMM's dtype.
+    const bool wide = isa == cpu_attn::kAvx512 && int4_cpu::avx512::compiled() && group_size % 32 == 0;
+    const int64_t panel_rows = std::min(wide ? std::max<int64_t>(1, kPanelElems / k) : kPanelRows, n);
+    at::Tensor panel = at::empty({panel_rows, k}, x.options().dtype(wide && bf16 ? at::kBFloat16 : at::kFloat));
     for (int64_t n0 = 0; n0 < n; n0 += panel_rows) {
       const int64_t rows = std::min(panel_rows, n - n0);
       at::Tensor w = panel.narrow(0, 0, rows);
-      dequant_panel(qp, sp, zp, n0, rows, k, group_size, avx2, w.data_ptr<float>());
+      if (wide) {
+        int4_cpu::avx512::dequant_rows(reinterpret_cast<const uint8_t*>(qp), sp, zp, n0, rows, k, group_size,
+                                       bf16 ? nullptr : w.data_ptr<float>(),
+                                       bf16 ? reinterpret_cast<uint16_t*>(w.data_ptr<at::BFloat16>()) : nullptr);
+      } else {
+        dequant_panel(qp, sp, zp, n0, rows, k, group_size, avx2, w.data_ptr<float>());
+      }
       at::Tensor part;
       if (bf16) {
-        part = at::mm(xc, w.to(at::kBFloat16).t());
+        part = at::mm(xc, (w.scalar_type() == at::kBFloat16 ? w : w.to(at::kBFloat16)).t());
         if (bp != nullptr) part = at::add(part, bc.narrow(0, n0, rows).to(at::kBFloat16));
       } else {
         part = bp != nullptr ? at::addmm(bc.narrow(0, n0, rows), xc, w.t()) : at::mm(xc, w.t());
@@ -231,6 +261,30 @@ at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   }
   float* op = out.data_ptr<float>();  // fp32 from here: bf16 x returned above
   const float* xp = xc.data_ptr<float>();
+  // DSATTN_INT4_VNNI=0 keeps AVX-512 CPUs with VNNI on the exact-lookup kernel (tests, benchmarks).
+  const char* vnni_env = std::getenv("DSATTN_INT4_VNNI");
+  const bool vnni_off = vnni_env != nullptr && std::string(vnni_env) == "0";
+  if (isa == cpu_attn::kAvx512 && !vnni_off && m < kVnniMaxRows && int4_cpu::vnni::compiled() &&
+      int4_cpu::vnni::supported() && int4_cpu::vnni::eligible(k, group_size) && m > 0 && n > 0) {
+    const int64_t blocks = k / 128;
+    at::Tensor xq = at::empty({m, blocks, digits, 128}, x.options().dtype(at::kChar));
+    at::Tensor sx = at::empty({m, blocks}, x.options());
+    at::Tensor xsum = at::empty({m, groups}, x.options());
+    int4_cpu::vnni::quantize_x(xp, k, m, k, group_size, digits, xq.data_ptr<int8_t>(), sx.data_ptr<float>(),
+                               xsum.data_ptr<float>());
+    int4_cpu::VnniArgs a{xq.data_ptr<int8_t>(), sx.data_ptr<float>(), xsum.data_ptr<float>(),
+                         reinterpret_cast<const uint8_t*>(qp), sp, zp, bp, op, m, n, k, group_size};
+    int4_cpu::vnni::matmul(a, digits);
+    return out;
+  }
+  if (isa == cpu_attn::kAvx512 && int4_cpu::avx512::compiled() && group_size % 32 == 0 && m > 0 && n > 0) {
+    at::Tensor paired = at::empty({m, k}, x.options());
+    int4_cpu::pair_x(xp, k, m, k, paired.data_ptr<float>());
+    int4_cpu::Args a{paired.data_ptr<float>(), k, reinterpret_cast<const uint8_t*>(qp), sp, zp, bp, op, m, n, k,
+                     group_size};
+    int4_cpu::avx512::matmul(a);
+    return out;
+  }
   if (avx2 && m >= kBlockedMinRows) {
     // Tasks of whole row blocks (grain: 4 blocks).
     const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
@@ -265,6 +319,12 @@ at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     }
   });
   return out;
+}
+}  // namespace
+
+at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                           const at::Tensor& zeros, int64_t group_size, const c10::optional<at::Tensor>& bias) {
+  return int4_matmul_impl(x, qweight, scales, zeros, group_size, bias, 3);
 }
 
 }  // namespace dsattn

@@ -1,0 +1,219 @@
+// int4 weights x int8 digits of the activations by AVX512-VNNI (VPDPBUSD: u8 x s8, four products summed into
+// each int32 lane): decode and small M (int4_matmul.cpp picks it where the CPU has VNNI; see int4_kernels.h).
+//
+// Per 128 values of K (one 64-byte load of packed weights per row): low nibbles = bytes & 15 (the even K
+// values), high nibbles = (bytes >> 4) & 15 (the odd ones), both already the u8 operand; the s8 operand is the
+// activation digit block of the same parity. Digits are folded in int32 per block (acc << 7 between digits:
+// at most 15 * 127 * 8 * 2^14 < 2^31 per lane), converted once to fp32 and scaled by sx (per row and block)
+// and s (per lane: each 32-bit lane covers 8 consecutive K values, inside one group as group % 32 == 0).
+// Accuracy: with three digits (fp32 x) |x - sx * (d0 + d1 / 2^7 + d2 / 2^14)| <= 2^-15 sx (2.4e-7 of the
+// block's largest |x|, about fp32's own rounding of the products); with two (bf16 x) <= 2^-8 sx (3.1e-5 of it,
+// far below bf16's 2^-9 relative rounding of x itself). The digit arithmetic is exact (|u - d| <= 1/2 scaled
+// by powers of two); the only other rounding is u = x / sx in fp32.
+// Zero points: sum_k (q - z) s x = s (sum q x) - s z (sum x), the second from exact fp32 group sums of x.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "cpu/int4_kernels.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,avx2"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,avx2")
+#endif
+
+namespace dsattn {
+namespace int4_cpu {
+namespace vnni {
+namespace {
+
+constexpr int kNB = 4;  // weight rows per tile
+
+// 128 values of x (fp32) -> `levels` digit blocks of 128 bytes (evens, then odds) at dst; returns sx.
+inline float quantize_block(const float* x, int levels, int8_t* dst) {
+  __m512 v[8];
+  __m512 amax = _mm512_setzero_ps();
+  for (int i = 0; i < 8; ++i) {
+    v[i] = _mm512_loadu_ps(x + 16 * i);
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
+  }
+  const float m = _mm512_reduce_max_ps(amax);
+  if (!(m > 0.f) || !std::isfinite(m)) {
+    // All zero: zero digits. NaN / Inf: scale NaN / Inf so that the output is not finite, as x @ w would be.
+    std::fill(dst, dst + 128 * levels, int8_t{0});
+    return m > 0.f || std::isnan(m) ? m : 0.f;
+  }
+  const __m512 inv = _mm512_set1_ps(127.f / m);
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  const __m512 base = _mm512_set1_ps(128.f);
+  for (int i = 0; i < 4; ++i)
+    for (int parity = 0; parity < 2; ++parity) {
+      __m512 u = _mm512_mul_ps(_mm512_permutex2var_ps(v[2 * i], parity ? odd : even, v[2 * i + 1]), inv);
+      for (int l = 0; l < levels; ++l) {
+        const __m512 d = _mm512_roundscale_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 128 * l + 64 * parity + 16 * i),
+                         _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(d)));
+        u = _mm512_mul_ps(_mm512_sub_ps(u, d), base);  // exact: |u - d| <= 1/2, times a power of two
+      }
+    }
+  return m / 127.f;
+}
+
+template <int L, int R, int NB>
+inline void tile(const VnniArgs& a, int64_t r0, int64_t n0) {
+  __m512 acc[R][NB];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_ps();
+  const int64_t blocks = a.k / 128, groups = a.k / a.group, row_bytes = a.k / 2;
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  const bool wide = a.group % 128 == 0;
+  // 128 % group == 0: lane i (K values 8i .. 8i + 7 of the block) takes the block's group 8i / group.
+  const __m512i lane_group = _mm512_srli_epi32(_mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9,
+                                                                                     10, 11, 12, 13, 14, 15),
+                                                                    _mm512_set1_epi32(8)),
+                                               wide ? 0 : __builtin_ctzll(static_cast<uint64_t>(a.group)));
+  const __mmask16 gmask = wide ? 1 : static_cast<__mmask16>((1u << (128 / a.group)) - 1);
+  for (int64_t c = 0; c < blocks; ++c) {
+    const int64_t g0 = c * 128 / a.group;
+    __m512i lo[NB], hi[NB];
+    __m512 s[NB];
+    for (int j = 0; j < NB; ++j) {
+      const __m512i w = _mm512_loadu_si512(a.q + (n0 + j) * row_bytes + 64 * c);
+      lo[j] = _mm512_and_si512(w, nib);
+      hi[j] = _mm512_and_si512(_mm512_srli_epi16(w, 4), nib);
+      const float* sp = a.s + (n0 + j) * groups + g0;
+      s[j] = wide ? _mm512_set1_ps(*sp) : _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(gmask, sp));
+    }
+    for (int r = 0; r < R; ++r) {
+      const int8_t* xq = a.xq + ((r0 + r) * blocks + c) * L * 128;
+      const __m512 sx = _mm512_set1_ps(a.sx[(r0 + r) * blocks + c]);
+      __m512i d[2 * L];
+      for (int l = 0; l < 2 * L; ++l) d[l] = _mm512_loadu_si512(xq + 64 * l);
+      for (int j = 0; j < NB; ++j) {
+        __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[j], d[0]);
+        t = _mm512_dpbusd_epi32(t, hi[j], d[1]);
+        for (int l = 1; l < L; ++l) {
+          t = _mm512_slli_epi32(t, 7);
+          t = _mm512_dpbusd_epi32(t, lo[j], d[2 * l]);
+          t = _mm512_dpbusd_epi32(t, hi[j], d[2 * l + 1]);
+        }
+        acc[r][j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(t), sx), s[j], acc[r][j]);
+      }
+    }
+  }
+  for (int j = 0; j < NB; ++j) {
+    const int64_t row = n0 + j;
+    float zt[R] = {};
+    for (int64_t g = 0; g < groups; ++g) {
+      const float sz = a.s[row * groups + g] * static_cast<float>(a.z[row * groups + g]);
+      for (int r = 0; r < R; ++r) zt[r] += sz * a.xsum[(r0 + r) * groups + g];
+    }
+    for (int r = 0; r < R; ++r)
+      a.out[(r0 + r) * a.n + row] =
+          _mm512_reduce_add_ps(acc[r][j]) - zt[r] + (a.bias != nullptr ? a.bias[row] : 0.f);
+  }
+}
+
+template <int L, int NB>
+inline void rows(const VnniArgs& a, int64_t n0) {
+  int64_t r = 0;
+  for (; r + 2 <= a.m; r += 2) tile<L, 2, NB>(a, r, n0);
+  for (; r < a.m; ++r) tile<L, 1, NB>(a, r, n0);
+}
+
+template <int L>
+void run(const VnniArgs& a) {
+  const int64_t tiles = (a.n + kNB - 1) / kNB;
+  // Tasks of whole weight-row tiles over N; each output element is written by exactly one task.
+  at::parallel_for(0, tiles, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * kNB;
+      if (n0 + kNB <= a.n) {
+        rows<L, kNB>(a, n0);
+      } else {
+        for (int64_t row = n0; row < a.n; ++row) rows<L, 1>(a, row);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+bool compiled() { return true; }
+
+bool supported() {
+  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
+}
+
+void quantize_x(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t group, int levels, int8_t* xq,
+                float* sx, float* xsum) {
+  const int64_t blocks = k / 128, groups = k / group;
+  const float unit = levels == 3 ? 1.f / 16384.f : levels == 2 ? 1.f / 128.f : 1.f;
+  at::parallel_for(0, m * blocks, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r = b / blocks, c = b % blocks;
+      sx[b] = quantize_block(x + r * ldx + 128 * c, levels, xq + b * levels * 128) * unit;
+    }
+  });
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t i = 0; i < group; i += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(x + r * ldx + g * group + i));
+      xsum[r * groups + g] = _mm512_reduce_add_ps(acc);
+    }
+}
+
+void matmul(const VnniArgs& a, int levels) {
+  if (levels == 3) {
+    run<3>(a);
+  } else if (levels == 2) {
+    run<2>(a);
+  } else {
+    run<1>(a);
+  }
+}
+
+}  // namespace vnni
+}  // namespace int4_cpu
+}  // namespace dsattn
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#else  // not x86-64 with GCC/clang: never selected
+
+namespace dsattn {
+namespace int4_cpu {
+namespace vnni {
+bool compiled() { return false; }
+bool supported() { return false; }
+void quantize_x(const float*, int64_t, int64_t, int64_t, int64_t, int, int8_t*, float*, float*) {}
+void matmul(const VnniArgs&, int) {}
+}  // namespace vnni
+}  // namespace int4_cpu
+}  // namespace dsattn
+
+#endif
+
+namespace dsattn {
+namespace int4_cpu {
+namespace vnni {
+bool eligible(int64_t k, int64_t group) {
+  return group % 32 == 0 && k % 128 == 0 && (group % 128 == 0 || 128 % group == 0);
+}
+}  // namespace vnni
+}  // namespace int4_cpu
+}  // namespace dsattn
