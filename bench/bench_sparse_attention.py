@@ -112,6 +112,18 @@ def test_prefill_cpu_issue16(run_bench, provider, s):
     _run(run_bench, provider, q, k, v, indices, True, "cpu", shape, dtype)
 
 
+@pytest.mark.parametrize("s", [8192])
+@pytest.mark.parametrize("provider", ["torch-sdpa", "dsattn-cpp"])
+def test_prefill_cpu_mla(run_bench, provider, s):
+    """DeepSeek-V3.2's attention as transformers runs it (MLA after kv_b_proj: 8 heads, each its own K/V, q/k
+    96 and v 64, as `python -m dsattn demo`), index_topk 2048 listed keys per query, against dense causal SDPA."""
+    hq, hkv, dqk, dv, topk, dtype = 8, 8, 96, 64, 2048, torch.float32
+    q, k, v = _inputs(1, hq, hkv, s, s, dqk, dv, dtype, "cpu")
+    indices = _causal_indices(1, s, s, topk, "cpu")
+    shape = {"B": 1, "Hq": hq, "Hkv": hkv, "S": s, "topk": topk, "Dqk": dqk, "Dv": dv}
+    _run(run_bench, provider, q, k, v, indices, True, "cpu", shape, dtype)
+
+
 def _training_forward(provider, q, k, v, indices):
     if provider == "torch-sdpa":
         return _dense_sdpa(q, k, v, True)

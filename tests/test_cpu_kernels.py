@@ -204,6 +204,10 @@ SPARSE_SHAPES = [
     (1, 8, 1, 1, 300, 64, 64, 64, False, True),    # decode
     (2, 4, 1, 2, 900, 32, 16, 700, False, True),   # decode with long lists: split over keys and merged
     (2, 3, 3, 30, 30, 9, 17, 5, True, True),
+    # the row path (KV groups of 1-2, whole-vector head dims): several L2 key chunks, shared / per-head lists
+    (1, 2, 2, 40, 3200, 64, 64, 700, False, True),
+    (1, 4, 2, 24, 1700, 64, 32, 900, True, False),
+    (2, 3, 3, 45, 70, 32, 16, 50, False, True),
 ]
 
 
@@ -224,6 +228,16 @@ def test_sparse_fp32(isa, shape, index_dtype):
 def test_sparse_16bit(isa, dtype):
     q, k, v = _rand(1, 8, 25, 32, dtype=dtype), _rand(1, 2, 70, 32, dtype=dtype), _rand(1, 2, 70, 24, dtype=dtype)
     idx = torch.randint(-1, 70, (1, 25, 40), dtype=torch.int32)
+    out = OPS.sparse_attention(q, k, v, idx, True, 32**-0.5, isa)
+    assert out.dtype == dtype
+    testing.assert_close(out, _sparse_oracle(q, k, v, idx, True), 1e-2)
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: ISA_IDS[i])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_sparse_16bit_row_path(isa, dtype):
+    q, k, v = _rand(2, 4, 25, 32, dtype=dtype), _rand(2, 4, 900, 32, dtype=dtype), _rand(2, 4, 900, 16, dtype=dtype)
+    idx = torch.randint(-1, 900, (2, 25, 300), dtype=torch.int32)
     out = OPS.sparse_attention(q, k, v, idx, True, 32**-0.5, isa)
     assert out.dtype == dtype
     testing.assert_close(out, _sparse_oracle(q, k, v, idx, True), 1e-2)

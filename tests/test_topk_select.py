@@ -189,7 +189,7 @@ def test_indexer_cuda_matches_cpp(sq, sk, top_k):
 
 
 @requires_cpp
-def test_auto_on_cpu_takes_cpp_beyond_2048_only(monkeypatch):
+def test_auto_on_cpu_takes_cpp_from_256_keys(monkeypatch):
     op = importlib.import_module("dsattn.ops.lightning_indexer_topk")
 
     calls = []
@@ -198,7 +198,8 @@ def test_auto_on_cpu_takes_cpp_beyond_2048_only(monkeypatch):
     monkeypatch.delenv("DSATTN_BACKEND", raising=False)
     q, k, w = _indexer_inputs(1, 2, 2600, 2, 8)
     dsattn.lightning_indexer_topk(q, k, w, 2049)
-    dsattn.lightning_indexer_topk(q, k, w, 2048)
-    dsattn.lightning_indexer_topk(q, k[:, :2000], w, 4096)  # min(top_k, Sk) <= 2048: torch
+    dsattn.lightning_indexer_topk(q, k, w, op.CPP_FROM_TOP_K)
+    dsattn.lightning_indexer_topk(q, k, w, op.CPP_FROM_TOP_K - 1)  # few keys per row: torch
+    dsattn.lightning_indexer_topk(q, k[:, :200], w, 4096)  # min(top_k, Sk) < 256: torch
     dsattn.lightning_indexer_topk(q.double(), k.double(), w, 2049)  # float64: the torch reference
-    assert calls == [2049]
+    assert calls == [2049, op.CPP_FROM_TOP_K]

@@ -407,9 +407,232 @@ void sliding_window(const SlidingArgs& a) {
 // Sparse: per (batch, KV head, query row) the listed keys that are in [0, Sk) (and, causal, at or before the
 // query's position) are gathered into tiles; the G query heads of the KV group are the block's rows.
 
+// Sparse, row path (unit-stride K/V rows, Dqk and Dv whole vectors): no tile is packed. Per query row the
+// listed keys are taken W at a time straight from K / V: W dot products (each over the row's D, then the W
+// accumulators reduced across lanes at once), one online softmax step over the W scores, then O += p_j V_j.
+// A task is (batch, block of query rows, group of KV heads); its rows' lists are bucketed by key chunks of
+// about L2 size, and the chunks are the outer loop, so every row of the task reads the chunk's K/V rows from
+// cache instead of the whole K/V per row. Only listed visible keys are ever read (NaN hygiene for free).
+
+template <typename T>
+struct IsF32 {
+  static constexpr bool value = false;
+};
+template <>
+struct IsF32<float> {
+  static constexpr bool value = true;
+};
+
+// W consecutive elements of p as fp32.
+template <typename T, typename V = Vec>
+inline typename V::reg load_f32(const T* p) {
+  if constexpr (IsF32<T>::value) {
+    return V::load(p);
+  } else if constexpr (V::kTranspose16) {
+    return V::load16(p);
+  } else {
+    float t[V::W];
+    for (int64_t i = 0; i < V::W; ++i) t[i] = static_cast<float>(p[i]);
+    return V::load(t);
+  }
+}
+
+// acc[j] (j < W) -> one vector whose lane j is the sum of acc[j]'s lanes.
+template <typename V = Vec>
+inline typename V::reg lane_sums(typename V::reg acc[]) {
+  if constexpr (V::kTranspose16 && V::W == 16) {
+    V::transpose16(acc);
+    typename V::reg s[4];
+    for (int c = 0; c < 4; ++c) s[c] = V::add(V::add(acc[c], acc[c + 4]), V::add(acc[c + 8], acc[c + 12]));
+    return V::add(V::add(s[0], s[1]), V::add(s[2], s[3]));
+  } else {
+    float t[V::W];
+    for (int64_t j = 0; j < V::W; ++j) t[j] = V::reduce_add(acc[j]);
+    return V::load(t);
+  }
+}
+
+// One row (q: D floats, scaled) over its n listed keys `keys` of one KV head: the online softmax state (m, the
+// per-lane denominators lsum[W], o[Dv]) is updated.
+template <typename T>
+inline void sparse_row_keys(const float* q, const T* kh, int64_t ksr, const T* vh, int64_t vsr, const int32_t* keys,
+                            int64_t n, int64_t D, int64_t Dv, float& m, float* lsum, float* o) {
+  constexpr int64_t W = Vec::W;
+  alignas(64) float pw[W];
+  for (int64_t g0 = 0; g0 < n; g0 += W) {
+    const int64_t cnt = std::min<int64_t>(W, n - g0);
+    reg acc[W];
+    for (int64_t j = 0; j < W; ++j) {
+      const T* kr = kh + static_cast<int64_t>(keys[g0 + std::min(j, cnt - 1)]) * ksr;
+      reg a0 = Vec::zero(), a1 = Vec::zero();
+      int64_t d = 0;
+      for (; d + 2 * W <= D; d += 2 * W) {
+        a0 = Vec::fma(Vec::load(q + d), load_f32(kr + d), a0);
+        a1 = Vec::fma(Vec::load(q + d + W), load_f32(kr + d + W), a1);
+      }
+      if (d < D) a0 = Vec::fma(Vec::load(q + d), load_f32(kr + d), a0);
+      acc[j] = Vec::add(a0, a1);
+    }
+    reg s = lane_sums(acc);
+    if (cnt < W) {
+      Vec::store(pw, s);
+      for (int64_t j = cnt; j < W; ++j) pw[j] = kNegInf;
+      s = Vec::load(pw);
+    }
+    const float m_new = std::max(m, Vec::reduce_max(s));
+    if (m_new == kNegInf) continue;  // no weight yet (every score so far -inf)
+    const float alpha = std::exp(m - m_new);  // m = -inf: 0 (o and lsum are still 0)
+    if (!(alpha == 1.f)) {
+      const reg av = Vec::set1(alpha);
+      Vec::store(lsum, Vec::mul(av, Vec::load(lsum)));
+      for (int64_t c = 0; c < Dv; c += W) Vec::store(o + c, Vec::mul(av, Vec::load(o + c)));
+    }
+    m = m_new;
+    const reg p = Vec::exp(Vec::sub(s, Vec::set1(m_new)));
+    Vec::store(lsum, Vec::add(Vec::load(lsum), p));
+    Vec::store(pw, p);
+    for (int64_t c0 = 0; c0 < Dv; c0 += 4 * W) {
+      const int64_t nc = std::min<int64_t>(4, (Dv - c0) / W);
+      reg o0[4], o1[4];
+      for (int64_t c = 0; c < nc; ++c) {
+        o0[c] = Vec::load(o + c0 + c * W);
+        o1[c] = Vec::zero();
+      }
+      int64_t j = 0;
+      for (; j + 2 <= cnt; j += 2) {
+        const T* v0 = vh + static_cast<int64_t>(keys[g0 + j]) * vsr + c0;
+        const T* v1 = vh + static_cast<int64_t>(keys[g0 + j + 1]) * vsr + c0;
+        const reg p0 = Vec::set1(pw[j]), p1 = Vec::set1(pw[j + 1]);
+        for (int64_t c = 0; c < nc; ++c) {
+          o0[c] = Vec::fma(p0, load_f32(v0 + c * W), o0[c]);
+          o1[c] = Vec::fma(p1, load_f32(v1 + c * W), o1[c]);
+        }
+      }
+      if (j < cnt) {
+        const T* v0 = vh + static_cast<int64_t>(keys[g0 + j]) * vsr + c0;
+        const reg p0 = Vec::set1(pw[j]);
+        for (int64_t c = 0; c < nc; ++c) o0[c] = Vec::fma(p0, load_f32(v0 + c * W), o0[c]);
+      }
+      for (int64_t c = 0; c < nc; ++c) Vec::store(o + c0 + c * W, Vec::add(o0[c], o1[c]));
+    }
+  }
+}
+
+// Large KV groups keep the tile path (one gathered tile serves the group's query heads as a small GEMM); so do
+// few rows with long lists (its split over keys, flash-decoding) and strided or partial-vector rows.
+inline bool sparse_rows_path(const SparseArgs& a) {
+  const int64_t tasks = a.batch * a.hkv * a.sq;
+  return a.hq <= 2 * a.hkv && a.ks.d == 1 && a.vs.d == 1 && a.dqk > 0 && a.dv > 0 && a.dqk % Vec::W == 0 &&
+         a.dv % Vec::W == 0 && !(tasks < 16 && a.topk > 4 * BK);
+}
+
+template <typename T, typename I>
+void sparse_rows_typed(const SparseArgs& a) {
+  constexpr int64_t W = Vec::W;
+  const int64_t G = a.hq / a.hkv, D = a.dqk, Dv = a.dv;
+  const T* q = typed<T>(a.q);
+  const T* k = typed<T>(a.k);
+  const T* v = typed<T>(a.v);
+  const I* idx = typed<I>(a.indices);
+  T* out = static_cast<T*>(a.out);
+  // Key chunks of ~768 KB of K + V rows (a core's L2 holds one with room for the rows' state).
+  const int64_t chunk = std::max<int64_t>(W, (768 << 10) / ((D + Dv) * static_cast<int64_t>(sizeof(T))));
+  const int64_t nchunk = std::max<int64_t>(1, (a.sk + chunk - 1) / chunk);
+  const int64_t BQ = std::max<int64_t>(1, std::min<int64_t>(32, a.sq));
+  const int64_t nblk = (a.sq + BQ - 1) / BQ;
+  // Enough tasks for the threads: KV heads go to separate tasks when there are few row blocks (decode).
+  const bool shared = a.idx_sh == 0;
+  const int64_t hgroup = (shared && a.batch * nblk >= 4 * std::max(1, at::get_num_threads())) ? a.hkv : 1;
+  const int64_t ngroup = a.hkv / hgroup;
+  const int64_t tasks = a.batch * nblk * ngroup;
+  const int64_t states = hgroup * G * BQ;
+  struct Scratch {
+    std::vector<int32_t> keys;   // [BQ][topk] bucketed by chunk
+    std::vector<int64_t> start;  // [BQ][nchunk + 1]
+    std::vector<float> Qp, O, L, M;
+  };
+  const auto make_scratch = [&] {
+    return Scratch{std::vector<int32_t>(BQ * std::max<int64_t>(a.topk, 1)), std::vector<int64_t>(BQ * (nchunk + 1)),
+                   std::vector<float>(states * D), std::vector<float>(states * Dv), std::vector<float>(states * W),
+                   std::vector<float>(states)};
+  };
+  parallel_tasks(tasks, 1, make_scratch, [&](int64_t task, Scratch& sc) {
+    const int64_t hg = task % ngroup, blk = (task / ngroup) % nblk, b = task / (ngroup * nblk);
+    const int64_t i0 = blk * BQ, nq = std::min(BQ, a.sq - i0);
+    // Bucket each row's valid listings by key chunk (counting sort, listing order kept within a chunk).
+    const auto bucket = [&](int64_t h) {
+      for (int64_t r = 0; r < nq; ++r) {
+        const int64_t i = i0 + r, p = i + a.sk - a.sq;
+        const I* list = idx + b * a.idx_sb + h * a.idx_sh + i * a.idx_sr;
+        int64_t* st = sc.start.data() + r * (nchunk + 1);
+        std::fill(st, st + nchunk + 1, 0);
+        for (int64_t t = 0; t < a.topk; ++t) {
+          const int64_t j = static_cast<int64_t>(list[t * a.idx_st]);
+          if (j >= 0 && j < a.sk && (!a.causal || j <= p)) ++st[j / chunk + 1];
+        }
+        for (int64_t c = 0; c < nchunk; ++c) st[c + 1] += st[c];
+        int64_t fill[64];
+        int64_t* pos = nchunk <= 64 ? fill : nullptr;
+        std::vector<int64_t> big;
+        if (!pos) {
+          big.assign(st, st + nchunk);
+          pos = big.data();
+        } else {
+          std::copy(st, st + nchunk, pos);
+        }
+        int32_t* keys = sc.keys.data() + r * a.topk;
+        for (int64_t t = 0; t < a.topk; ++t) {
+          const int64_t j = static_cast<int64_t>(list[t * a.idx_st]);
+          if (j >= 0 && j < a.sk && (!a.causal || j <= p)) keys[pos[j / chunk]++] = static_cast<int32_t>(j);
+        }
+      }
+    };
+    std::fill(sc.O.begin(), sc.O.end(), 0.f);
+    std::fill(sc.L.begin(), sc.L.end(), 0.f);
+    std::fill(sc.M.begin(), sc.M.end(), kNegInf);
+    for (int64_t hh = 0; hh < hgroup; ++hh)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t r = 0; r < nq; ++r)
+          pack_q_row(q + b * a.qb + ((hg * hgroup + hh) * G + g) * a.qs.h + (i0 + r) * a.qs.r, a.qs.d, D, a.scale,
+                     sc.Qp.data() + ((hh * G + g) * BQ + r) * D);
+    if (shared) bucket(0);
+    for (int64_t hh = 0; hh < hgroup; ++hh) {  // per-head lists: one head per group (hgroup 1)
+      if (!shared) bucket(hg * hgroup + hh);
+    }
+    for (int64_t c = 0; c < nchunk; ++c) {
+      for (int64_t hh = 0; hh < hgroup; ++hh) {
+        const int64_t h = hg * hgroup + hh;
+        const T* kh = k + b * a.kb + h * a.ks.h;
+        const T* vh = v + b * a.vb + h * a.vs.h;
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t r = 0; r < nq; ++r) {
+            const int64_t* st = sc.start.data() + r * (nchunk + 1);
+            const int64_t n = st[c + 1] - st[c];
+            if (n == 0) continue;
+            const int64_t s = (hh * G + g) * BQ + r;
+            sparse_row_keys(sc.Qp.data() + s * D, kh, a.ks.r, vh, a.vs.r, sc.keys.data() + r * a.topk + st[c], n, D,
+                            Dv, sc.M[s], sc.L.data() + s * W, sc.O.data() + s * Dv);
+          }
+      }
+    }
+    for (int64_t hh = 0; hh < hgroup; ++hh)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t r = 0; r < nq; ++r) {
+          const int64_t s = (hh * G + g) * BQ + r;
+          const float l = Vec::reduce_add(Vec::load(sc.L.data() + s * W));
+          store_row(out + b * a.ob + ((hg * hgroup + hh) * G + g) * a.os.h + (i0 + r) * a.os.r, a.os.d,
+                    sc.O.data() + s * Dv, Dv, row_multiplier(sc.M[s], l, nullptr));
+        }
+  });
+}
+
 template <typename T, typename I>
 void sparse_typed(const SparseArgs& a) {
   const int64_t G = a.hq / a.hkv, D = a.dqk, Dv = a.dv, DvP = round_up(std::max<int64_t>(Dv, 1), Vec::W);
+  if (sparse_rows_path(a)) {
+    sparse_rows_typed<T, I>(a);
+    return;
+  }
   const T* q = typed<T>(a.q);
   const T* k = typed<T>(a.k);
   const T* v = typed<T>(a.v);

@@ -10,19 +10,20 @@ import torch
 from dsattn import _backend, _checks, capabilities
 from dsattn._library import define_op
 from dsattn.torch_backend import lightning_indexer_topk as _torch
-from dsattn.torch_backend.lightning_indexer_topk import KEY_CHUNK, QUERY_CHUNK, indexer_scores
+from dsattn.torch_backend.lightning_indexer_topk import KEY_CHUNK, QUERY_CHUNK
 
 OP = "lightning_indexer_topk"
-# On CPU the compiled radix select beats the torch streaming top-k clearly only for larger top_k; below,
+# On CPU the compiled path (one score pass, radix select) wins from a few hundred keys per row on (the torch
+# streaming top-k re-sorts its running top-k against every key chunk: O(Sq x Sk x log) in torch.topk). Below,
 # torch is kept: its torch.topk breaks ties as transformers' own V3.2 indexer does, and ties are common where
-# few index heads relu to exactly 0 (small models), so patched V3.2 then equals its eager path exactly.
-CPP_FROM_TOP_K = 2048
+# few index heads relu to exactly 0 (small models), so patched tiny V3.2 models equal their eager path exactly.
+CPP_FROM_TOP_K = 256
 
 
 def _auto_order(device: torch.device, top_k: int, sk: int):
     if device.type == "cuda":  # Triton takes min(top_k, Sk) up to its declared max_top_k; beyond, CUDA
         return ("triton", "cuda", "torch")
-    return ("cpp", "torch") if min(top_k, sk) > CPP_FROM_TOP_K else ("torch",)
+    return ("cpp", "torch") if min(top_k, sk) >= CPP_FROM_TOP_K else ("torch",)
 
 
 def check_indexer_inputs(q_idx, k_idx, weights, top_k, scale):
@@ -68,7 +69,7 @@ def triton_topk(q, k, weights, top_k, *, scale, causal, relu=True):
 
 
 def select_topk(q_idx, k_idx, weights, top_k, *, scale, causal, query_chunk=QUERY_CHUNK, key_chunk=KEY_CHUNK):
-    """The "cuda" / "cpp" path: per batch and query chunk, fp32 scores [chunk_q, Sk] from indexer_scores over key
+    """The "cuda" / "cpp" path: per batch and query chunk, fp32 scores [chunk_q, Sk] from _chunk_scores over key
     chunks, then the compiled radix-select torch.ops.dsattn_C.topk_select with each row's causal length. Memory
     O(chunk_q x Sk + chunk_q x Hi x key_chunk): never [B, Sq, Sk] nor [chunk_q, Hi, Sk]. Bounds are Python
     ints (no host read), so it traces."""
@@ -87,12 +88,26 @@ def select_topk(q_idx, k_idx, weights, top_k, *, scale, causal, query_chunk=QUER
         lengths = (pos + 1).clamp(0, sk).to(torch.int32) if causal else None
         scores = buf[: qe - qs, :last_key]  # rows keep stride Sk: the kernel takes any row stride
         for bi in range(b):
+            q = q_idx[bi, qs:qe].float()
+            w = weights[bi, qs:qe].float()
+            if scale > 0:  # relu(scale * x) = scale * relu(x): the scale rides on the [chunk_q, Hi] weights
+                w = w * scale
+            else:
+                q = q * scale
             for ks in range(0, last_key, key_chunk):
                 ke = min(ks + key_chunk, last_key)
-                scores[:, ks:ke] = indexer_scores(q_idx[bi : bi + 1, qs:qe], k_idx[bi : bi + 1, ks:ke],
-                                                  weights[bi : bi + 1, qs:qe], scale)[0]
+                _chunk_scores(q, k_idx[bi, ks:ke].float(), w, scores[:, ks:ke])
             out[bi, qs:qe] = torch.ops.dsattn_C.topk_select(scores, lengths, top_k)
     return out
+
+
+def _chunk_scores(q, k, w, dst):
+    """dst [cq, ck] = sum_h w[:, h] * relu(q[:, h] . k^T) for fp32 q [cq, Hi, D], k [ck, D], w [cq, Hi]: one
+    matmul over all heads, relu in place, the head sum as a batched [1, Hi] x [Hi, ck] product (no scaled or
+    relu'd copies of the [cq, Hi, ck] block)."""
+    cq, hi, d = q.shape
+    s = torch.matmul(q.reshape(cq * hi, d), k.t()).relu_().view(cq, hi, -1)
+    dst.copy_(torch.bmm(w.unsqueeze(1), s).squeeze(1))
 
 
 def _lightning_indexer_topk(q_idx: torch.Tensor, k_idx: torch.Tensor, weights: torch.Tensor, top_k: int,
@@ -122,7 +137,7 @@ def lightning_indexer_topk(q_idx, k_idx, weights, top_k, *, scale=None, causal=T
     "cuda" / "cpp" (any top_k, fp16/bf16/fp32): fp32 scores of a query chunk against all keys [chunk_q, Sk]
     (torch matmuls), then a compiled radix-select top-k per row (csrc/{cuda,cpu}/topk_select.*).
     "torch": the query-chunked streaming top-k (dsattn.torch_backend.lightning_indexer_topk), any dtype.
-    "auto": triton on CUDA, beyond its limits cuda, then torch; on CPU torch, cpp when min(top_k, Sk) > 2048.
+    "auto": triton on CUDA, beyond its limits cuda, then torch; on CPU cpp when min(top_k, Sk) >= 256, else torch.
     The limits are declared in dsattn.capabilities.
     """
     scale = check_indexer_inputs(q_idx, k_idx, weights, top_k, scale)

@@ -349,6 +349,53 @@ def plan(attention_mask, batch: int, sq: int, sk: int, *, window=None, cu_seqlen
         if hit is not None and key[0]() is not None:
             _CACHE.move_to_end(key)
             return hit
+    if cu_seqlens is None and not _compiling() and _plainly_causal(attention_mask, batch, sq, sk, window):
+        result = DENSE
+    else:
+        result = _analyse(attention_mask, batch, sq, sk, window, cu_seqlens, max_length)
+    if key is not None:
+        _CACHE[key] = result
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return result
+
+
+# Rows of the mask compared at a time by _plainly_causal: O(rows x Sk) scratch, never [B, Sq, Sk].
+_CHECK_ELEMENTS = 1 << 22
+
+
+def _plainly_causal(mask, batch: int, sq: int, sk: int, window) -> bool:
+    """Whether a [B or 1, (1,) Sq, Sk] mask is exactly the causal pattern (queries at the end of the keys,
+    within `window`), checked in row blocks with one host read: the common unpadded prefill / decode mask then
+    costs one pass over it and no [B, Sq, Sk] temporaries (transformers builds V3.2's mask even unpadded)."""
+    if mask.dim() == 4:
+        if mask.shape[1] != 1:
+            return False
+        mask = mask[:, 0]
+    if mask.dim() != 3 or mask.shape[-2] != sq or mask.shape[-1] != sk or mask.shape[0] not in (1, batch):
+        return False
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        return False
+    dev = mask.device
+    keys = torch.arange(sk, device=dev)
+    rows = max(1, _CHECK_ELEMENTS // max(1, sk * mask.shape[0]))
+    bad = torch.zeros((), dtype=torch.bool, device=dev)
+    for r0 in range(0, sq, rows):
+        r1 = min(sq, r0 + rows)
+        pos = torch.arange(r0, r1, device=dev)[:, None] + (sk - sq)
+        expected = keys[None, :] <= pos
+        if window is not None:
+            expected &= pos - keys[None, :] < window
+        blk = mask[:, r0:r1]
+        if mask.dtype == torch.bool:
+            bad |= (blk != expected).any()
+        else:  # additive: exactly 0 where visible, (close to) -inf elsewhere
+            hidden = blk <= torch.finfo(mask.dtype).min / 2
+            bad |= ((blk == 0) != expected).any() | ~(expected | hidden).all()
+    return not bool(bad)
+
+
+def _analyse(attention_mask, batch, sq, sk, window, cu_seqlens, max_length) -> MaskPlan:
     nseg_static = None
     if cu_seqlens is not None:
         if sq != sk:
@@ -371,10 +418,6 @@ def plan(attention_mask, batch: int, sq: int, sk: int, *, window=None, cu_seqlen
             result = _prefill_plan(allowed, valid, None, window, max_length, nseg_static)
         else:
             result = _decode_plan(allowed, window)
-    if key is not None:
-        _CACHE[key] = result
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
     return result
 
 
@@ -382,13 +425,29 @@ def fill_indices(idx, plan_: MaskPlan, sk: int):
     """Replace the -1 slots of top-k key indices [B, Sq, K] (original positions) by distinct keys the query
     cannot see, as transformers' V3.2 indexer does (its top-k over masked scores fills them with masked keys).
     The fillers follow the query's own key in key_order: the rest of its sequence (later or masked keys), then
-    the other sequences, so they never repeat a selected key and sparse_attention(causal=True) skips them."""
+    the other sequences, so they never repeat a selected key and sparse_attention(causal=True) skips them.
+    An int32 idx may be written in place."""
+    b, sq, k = idx.shape
+    if plan_.key_order is None and not _compiling() and sq > 0:
+        # Causal without a mask: only rows that see fewer than k keys can have empty slots (others only with
+        # non-finite scores, checked here by one min): fill those rows, not [B, Sq, K] index arithmetic.
+        head = min(sq, max(0, k - (sk - sq)))
+        if head < sq and int(idx[:, head:].min()) >= 0:
+            out = idx.to(torch.int32)  # idx itself when int32: its head rows are filled in place
+            if head:
+                out[:, :head] = _fill(idx[:, :head], plan_, sk, sq)
+            return out
+    return _fill(idx, plan_, sk, sq)
+
+
+def _fill(idx, plan_: MaskPlan, sk: int, sq_all: int):
+    """fill_indices on query rows 0 .. idx.shape[1] of the sq_all queries."""
     b, sq, k = idx.shape
     missing = idx < 0
     m = missing.long().cumsum(-1) - 1  # rank of each empty slot
     if plan_.key_order is None:
         order = torch.arange(sk, device=idx.device).expand(b, sk)
-        base = torch.arange(sq, device=idx.device) + (sk - sq) + 1
+        base = torch.arange(sq, device=idx.device) + (sk - sq_all) + 1
         base = base.expand(b, sq)
     else:
         order = plan_.key_order
