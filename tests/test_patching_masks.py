@@ -356,3 +356,30 @@ def test_patched_decode_step_compiles_without_graph_breaks(model_type, mode, opt
         dsattn.unpatch(m)
         torch._dynamo.reset()
     assert_close_rel(compiled, eager, 1e-5)
+
+
+def test_v32_sparse_decode_attends_in_latent_form(v32, ids, monkeypatch):
+    """Decode steps of the sparse mode run MLA's latent form (keys [kv_lora + rope] of one shared head, no
+    per-step kv_b_proj expansion of the cache): generation equals the unpatched model's; under left padding the
+    mask plan is not plain causal and the expanded path runs, equal as well."""
+    from dsattn.patching import deepseek_v32
+
+    shapes = []
+    real = deepseek_v32.dsattn.sparse_attention
+    monkeypatch.setattr(deepseek_v32.dsattn, "sparse_attention", lambda q, *a, **kw: shapes.append(q.shape) or
+                        real(q, *a, **kw))
+    latent = v32.config.kv_lora_rank + v32.config.qk_rope_head_dim
+    for mask in (None, MASKS["left"]):
+        kw = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                  pad_token_id=0, attention_mask=torch.ones_like(ids) if mask is None else mask)
+        with torch.no_grad():
+            ref = v32.generate(ids, **kw)
+            dsattn.patch(v32, attention="sparse")
+            try:
+                shapes.clear()
+                out = v32.generate(ids, **kw)
+            finally:
+                dsattn.unpatch(v32)
+        assert torch.equal(out.sequences, ref.sequences)
+        assert_close_rel(torch.stack(out.logits), torch.stack(ref.logits), 1e-5)
+        assert any(s[-1] == latent and s[2] == 1 for s in shapes) == (mask is None)
