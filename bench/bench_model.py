@@ -11,6 +11,9 @@ Sizes (the same tests; the device picks them). GPU: hidden 2048, 16 heads (MLA: 
 512), 2 layers (one dense MLP, one MoE with 8 experts of 1408), bf16, S = 1k, 8k, 32k, 128k, decode caches 4k,
 64k; a size that runs out of memory is skipped with the reason recorded. CPU: hidden 256, 2 layers, fp32,
 S = 1k, 2k, decode caches 256, 2k, so that the file finishes in about 2 minutes on 2 cores.
+DSATTN_BENCH_MODEL_SIZE=wide (CPU): issue 16's model-level goals: DeepSeek-V3 attention dims at hidden 2048,
+2 layers, fp32, decode on a 16k cache for dense, sliding window 512, int4 g128 (V3) and V3.2 dense vs sparse
+(caches of random latents, _fill_cache); no prefill cases unless DSATTN_BENCH_MODEL_CONTEXTS is set.
 DSATTN_BENCH_MODEL_CONTEXTS="1024,2048,4096,8192" runs every mode at those sizes (on either device);
 DSATTN_BENCH_MODEL_DECODE="256,2048" sets the decode cache lengths. Few rounds per case (pytestmark below):
 one model call takes 10 ms .. seconds.
@@ -59,6 +62,17 @@ if ON_GPU:
     CONTEXTS = _contexts([1024, 8192, 32768, 131072])
     DECODE_CACHES = _contexts([4096, 65536], "DSATTN_BENCH_MODEL_DECODE")
     WINDOW, TOP_K, PREFIX, HYBRID_WINDOW = 4096, 2048, 512, 4096
+elif os.environ.get("DSATTN_BENCH_MODEL_SIZE", "").strip().lower() == "wide":
+    # Issue 16's model-level CPU goals in one run: DeepSeek-V3's attention dims (16 MLA heads, qk 128+64, v 128,
+    # kv_lora 512), hidden 2048, 2 layers, fp32; decode on a 16k cache, dense vs sliding window vs V3.2 sparse
+    # vs int4. The indexer has 8 heads of 128 (V3.2: 64) so that prefilling the 16k cache stays in seconds.
+    SIZE = dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=1536,
+                kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                intermediate_size=8192, moe_intermediate_size=1408, n_routed_experts=8, num_experts_per_tok=2,
+                num_hidden_layers=2, vocab_size=32768, index_n_heads=8, index_head_dim=128, index_topk=2048)
+    CONTEXTS = _contexts([])
+    DECODE_CACHES = _contexts([16384], "DSATTN_BENCH_MODEL_DECODE")
+    WINDOW, TOP_K, PREFIX, HYBRID_WINDOW = 512, 2048, 512, 512
 else:
     SIZE = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=128,
                 qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64, intermediate_size=512,
@@ -79,6 +93,9 @@ MODES = {
     "int4 g128": dict(quantize="int4", group_size=128, keep_first_last=False),
 }
 V32_MODES = {"dense-sdpa": None, "sparse": dict(attention="sparse")}
+WIDE = not ON_GPU and SIZE["hidden_size"] >= 2048
+if WIDE:  # the modes of the issue's goals only (each needs a 16k-token cache)
+    MODES = {m: o for m, o in MODES.items() if m.split()[0] in ("dense-sdpa", "sliding_window", "int4")}
 
 
 def _config(model_type):
@@ -234,16 +251,48 @@ DECODE_CASES = [(c, m) for c in DECODE_CACHES for m in MODES]
 def test_decode_v3(run_bench, cache_len, mode):
     """One new token on a cache of cache_len tokens; the cache (and any per-layer state) is put back to
     cache_len tokens after every call."""
-    case = {"bench": "decode_deepseek_v3", "mode": mode, "L": cache_len}
+    _decode(run_bench, "deepseek_v3", MODES, mode, cache_len)
+
+
+V32_DECODE_CASES = [(c, m) for c in DECODE_CACHES for m in V32_MODES]
+
+
+@pytest.mark.parametrize("cache_len,mode", V32_DECODE_CASES, ids=[f"L{c}-{m}" for c, m in V32_DECODE_CASES])
+def test_decode_v32(run_bench, cache_len, mode):
+    """V3.2 decode: dense (transformers' indexer + attention under its top-k mask) vs attention="sparse"."""
+    _decode(run_bench, "deepseek_v32", V32_MODES, mode, cache_len)
+
+
+def _fill_cache(model, prompt):
+    """The KV cache of `prompt`. The wide CPU run fills it with random latents of the model's cache shapes
+    (normalized like kv_a_layernorm's / the indexer's k_norm output) instead: a 16k-token prefill at this width
+    takes minutes on 2 cores, and what a decode step costs does not depend on the cached values."""
+    if not WIDE:
+        return prefill_cache(model, prompt, logits_to_keep=1)[1]
+    from transformers import DynamicCache
+
+    cfg, t = model.config, prompt.shape[1]
+    gen = torch.Generator().manual_seed(t)
+    cache = DynamicCache(config=cfg)
+    for layer in range(cfg.num_hidden_layers):
+        cache.update(torch.randn(1, 1, t, cfg.kv_lora_rank, generator=gen, dtype=DTYPE),
+                     torch.randn(1, 1, t, cfg.qk_rope_head_dim, generator=gen, dtype=DTYPE), layer)
+        if hasattr(cache.layers[layer], "update_indexer"):
+            cache.update_indexer(torch.randn(1, t, cfg.index_head_dim, generator=gen, dtype=DTYPE), layer)
+    return cache
+
+
+def _decode(run_bench, model_type, modes, mode, cache_len):
+    case = {"bench": f"decode_{model_type}", "mode": mode, "L": cache_len}
     _check_budget(case)
-    model = _model("deepseek_v3")
-    options = MODES[mode]
+    model = _model(model_type)
+    options = modes[mode]
     ids = _ids(cache_len + 1)
     try:
         _patched(model, options)
         with torch.no_grad():
             try:
-                cache = prefill_cache(model, ids[:, :cache_len], logits_to_keep=1)[1]
+                cache = _fill_cache(model, ids[:, :cache_len])
             except _oom_types() as e:
                 _free()
                 _record_skip(case, f"out of memory prefilling a cache of {cache_len}: {str(e).splitlines()[0][:200]}")
@@ -264,7 +313,7 @@ def test_decode_v3(run_bench, cache_len, mode):
 
             decode_one()
             assert cache.get_seq_length() == cache_len
-            run_bench(decode_one, op="decode_deepseek_v3", provider=mode, shape={"L": cache_len,
+            run_bench(decode_one, op=f"decode_{model_type}", provider=mode, shape={"L": cache_len,
                       "hidden": SIZE["hidden_size"], "layers": SIZE["num_hidden_layers"]}, device=DEVICE,
                       dtype=DTYPE, baseline=options is None, unit="ms per token")
     finally:

@@ -383,3 +383,25 @@ def test_v32_sparse_decode_attends_in_latent_form(v32, ids, monkeypatch):
         assert torch.equal(out.sequences, ref.sequences)
         assert_close_rel(torch.stack(out.logits), torch.stack(ref.logits), 1e-5)
         assert any(s[-1] == latent and s[2] == 1 for s in shapes) == (mask is None)
+
+
+def test_plainly_causal_masks_are_planned_dense_in_row_blocks():
+    """The unpadded causal mask transformers builds for V3.2 (bool or additive, prefill or decode) is planned
+    "dense" from row blocks: the check's scratch stays below the mask's own size (no [B, S, S] temporaries);
+    one flipped entry makes it fall back to the full analysis."""
+    from dsattn import testing
+
+    s = 4096
+    causal = torch.ones(s, s, dtype=torch.bool).tril()[None, None]
+    masks._CACHE.clear()
+    p, peak = testing.call_peak_mb(lambda: masks.plan(causal, 1, s, s))
+    assert p.kind == "dense"
+    assert peak is None or peak < s * s / 2**20  # the bool mask itself is 16 MB
+    additive = torch.zeros(1, 1, 40, 40).masked_fill(~causal[..., :40, :40], torch.finfo(torch.float32).min)
+    assert masks.plan(additive, 1, 40, 40).kind == "dense"
+    assert masks.plan(torch.ones(2, 1, 1, 57, dtype=torch.bool), 2, 1, 57).kind == "dense"  # decode
+    assert not masks._plainly_causal(additive.masked_fill(additive == 0, 0.5), 1, 40, 40, None)
+    holed = causal[..., :40, :40].clone()
+    holed[..., 3] = False  # key 3 masked for every query
+    assert not masks._plainly_causal(holed, 1, 40, 40, None)
+    assert masks.plan(holed, 1, 40, 40).kind == "gather"

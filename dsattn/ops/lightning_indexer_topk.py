@@ -79,6 +79,10 @@ def select_topk(q_idx, k_idx, weights, top_k, *, scale, causal, query_chunk=QUER
     if sq == 0 or sk == 0:
         return out
     buf = torch.empty((min(query_chunk, sq), sk), dtype=torch.float32, device=q_idx.device)
+    # Reused per chunk (fresh multi-MB outputs page-fault on every call on the CPU).
+    cq, hi = min(query_chunk, sq), q_idx.shape[2]
+    work = (torch.empty(cq * hi * min(key_chunk, sk), dtype=torch.float32, device=q_idx.device),
+            torch.empty(cq * min(key_chunk, sk), dtype=torch.float32, device=q_idx.device))
     for qs in range(0, sq, query_chunk):
         qe = min(qs + query_chunk, sq)
         pos = torch.arange(qs, qe, device=q_idx.device) + (sk - sq)  # absolute query positions
@@ -96,18 +100,20 @@ def select_topk(q_idx, k_idx, weights, top_k, *, scale, causal, query_chunk=QUER
                 q = q * scale
             for ks in range(0, last_key, key_chunk):
                 ke = min(ks + key_chunk, last_key)
-                _chunk_scores(q, k_idx[bi, ks:ke].float(), w, scores[:, ks:ke])
+                _chunk_scores(q, k_idx[bi, ks:ke].float(), w, scores[:, ks:ke], work)
             out[bi, qs:qe] = torch.ops.dsattn_C.topk_select(scores, lengths, top_k)
     return out
 
 
-def _chunk_scores(q, k, w, dst):
+def _chunk_scores(q, k, w, dst, work):
     """dst [cq, ck] = sum_h w[:, h] * relu(q[:, h] . k^T) for fp32 q [cq, Hi, D], k [ck, D], w [cq, Hi]: one
     matmul over all heads, relu in place, the head sum as a batched [1, Hi] x [Hi, ck] product (no scaled or
-    relu'd copies of the [cq, Hi, ck] block)."""
+    relu'd copies of the [cq, Hi, ck] block); `work` holds the two flat fp32 buffers they are written to."""
     cq, hi, d = q.shape
-    s = torch.matmul(q.reshape(cq * hi, d), k.t()).relu_().view(cq, hi, -1)
-    dst.copy_(torch.bmm(w.unsqueeze(1), s).squeeze(1))
+    ck = k.shape[0]
+    s = torch.mm(q.reshape(cq * hi, d), k.t(), out=work[0][: cq * hi * ck].view(cq * hi, ck)).relu_()
+    summed = torch.bmm(w.unsqueeze(1), s.view(cq, hi, ck), out=work[1][: cq * ck].view(cq, 1, ck))
+    dst.copy_(summed.squeeze(1))
 
 
 def _lightning_indexer_topk(q_idx: torch.Tensor, k_idx: torch.Tensor, weights: torch.Tensor, top_k: int,

@@ -67,6 +67,13 @@ def _triton_indices(indices: torch.Tensor, seq_k: int) -> torch.Tensor:
     return indices
 
 
+def _head_rows(t: torch.Tensor) -> torch.Tensor:
+    """K or V with each head's rows packed (an O(Sk x D) copy where they are not): the cpp kernel gathers listed
+    rows, and rows far apart at a power-of-two stride (V split out of MLA's fused kv_b_proj output, rows
+    H x (dn + dv) apart) fall into the same cache sets."""
+    return t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous()
+
+
 def _sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, causal: bool,
                       scale: float, backend: str) -> torch.Tensor:
     if backend == "triton":
@@ -74,7 +81,7 @@ def _sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices
 
         return _triton.sparse_attention(q, k, v, _triton_indices(indices, k.shape[2]), causal=causal, scale=scale)
     if backend == "cpp":  # skips entries outside [0, Sk) itself, int32 or int64
-        return torch.ops.dsattn_C.sparse_attention(q, k, v, indices, causal, scale)
+        return torch.ops.dsattn_C.sparse_attention(q, _head_rows(k), _head_rows(v), indices, causal, scale)
     return _torch.sparse_attention(q, k, v, indices, causal=causal, scale=scale)
 
 

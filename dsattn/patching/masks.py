@@ -361,7 +361,7 @@ def plan(attention_mask, batch: int, sq: int, sk: int, *, window=None, cu_seqlen
 
 
 # Rows of the mask compared at a time by _plainly_causal: O(rows x Sk) scratch, never [B, Sq, Sk].
-_CHECK_ELEMENTS = 1 << 22
+_CHECK_ELEMENTS = 1 << 20
 
 
 def _plainly_causal(mask, batch: int, sq: int, sk: int, window) -> bool:
