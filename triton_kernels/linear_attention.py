@@ -643,6 +643,39 @@ def _feature_map_grad(x, FEATURE_MAP: tl.constexpr):
 
 
 @triton.jit
+def _bwd_program(q_ptr, k_ptr, v_ptr, do_ptr, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+                 stride_dob, stride_doh, HQ, GROUPS, DK, DV, BLOCK_T: tl.constexpr, BLOCK_DK: tl.constexpr,
+                 BLOCK_DV: tl.constexpr):
+    """What both backward kernels' programs start from: (Dv slice, 64-bit b * HQ + hq, row / Dk / Dv offsets,
+    Dk / Dv masks, and the q, k, v (kv head hq // GROUPS), dO bases of program (Dv slice, b * HQ + hq))."""
+    dv_block = tl.program_id(0)
+    bh = tl.program_id(1)
+    b64 = (bh // HQ).to(tl.int64)
+    hq = bh % HQ
+    hkv = (hq // GROUPS).to(tl.int64)
+    hq = hq.to(tl.int64)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = dv_block * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    return (dv_block, bh.to(tl.int64), tl.arange(0, BLOCK_T), offs_dk, offs_dv, offs_dk < DK, offs_dv < DV,
+            q_ptr + b64 * stride_qb + hq * stride_qh, k_ptr + b64 * stride_kb + hkv * stride_kh,
+            v_ptr + b64 * stride_vb + hkv * stride_vh, do_ptr + b64 * stride_dob + hq * stride_doh)
+
+
+@triton.jit
+def _bwd_state(s_ptr, z_ptr, bh64, offs_dk, offs_dv, dk_mask, dv_mask, DK, DV, HAS_INITIAL: tl.constexpr,
+               BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """A program's slice of a [B * HQ, DK, DV] state and its [B * HQ, DK] vector (zeros without one)."""
+    if HAS_INITIAL:
+        S = tl.load(s_ptr + bh64 * DK * DV + offs_dk[:, None] * DV + offs_dv[None, :],
+                    mask=dk_mask[:, None] & dv_mask[None, :], other=0.0)
+        z = tl.load(z_ptr + bh64 * DK + offs_dk, mask=dk_mask, other=0.0)
+    else:
+        S = tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32)
+        z = tl.zeros([BLOCK_DK], dtype=tl.float32)
+    return S, z
+
+
+@triton.jit
 def linear_attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, delta_ptr, s_in_ptr, z_in_ptr, dq_ptr, r_ptr,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -656,31 +689,13 @@ def linear_attention_bwd_dq_kernel(
 ):
     """dphi(q) phi'(q) of one (batch, q head) and Dv slice, T query rows in order: CAUSAL reads the keys of
     the same rows (S, z advance per chunk), else the fixed state (S, z) every row reads. Writes r (slice 0)."""
-    dv_block = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HQ
-    hq = bh % HQ
-    hkv = hq // GROUPS
-    b64 = b.to(tl.int64)
-    bh64 = bh.to(tl.int64)
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = dv_block * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    dk_mask = offs_dk < DK
-    dv_mask = offs_dv < DV
+    dv_block, bh64, offs_t, offs_dk, offs_dv, dk_mask, dv_mask, q_base, k_base, v_base, do_base = _bwd_program(
+        q_ptr, k_ptr, v_ptr, do_ptr, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_dob,
+        stride_doh, HQ, GROUPS, DK, DV, BLOCK_T, BLOCK_DK, BLOCK_DV)
     first = dv_block == 0
-    q_base = q_ptr + b64 * stride_qb + hq.to(tl.int64) * stride_qh
-    k_base = k_ptr + b64 * stride_kb + hkv.to(tl.int64) * stride_kh
-    v_base = v_ptr + b64 * stride_vb + hkv.to(tl.int64) * stride_vh
-    do_base = do_ptr + b64 * stride_dob + hq.to(tl.int64) * stride_doh
     dq_base = dq_ptr + dv_block.to(tl.int64) * stride_dq_blk + bh64 * T * DK  # [blocks, B*HQ, T, DK]
-    if HAS_INITIAL:
-        S = tl.load(s_in_ptr + bh64 * DK * DV + offs_dk[:, None] * DV + offs_dv[None, :],
-                    mask=dk_mask[:, None] & dv_mask[None, :], other=0.0)
-        z = tl.load(z_in_ptr + bh64 * DK + offs_dk, mask=dk_mask, other=0.0)
-    else:
-        S = tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32)
-        z = tl.zeros([BLOCK_DK], dtype=tl.float32)
+    S, z = _bwd_state(s_in_ptr, z_in_ptr, bh64, offs_dk, offs_dv, dk_mask, dv_mask, DK, DV, HAS_INITIAL,
+                      BLOCK_DK, BLOCK_DV)
     causal_mask = offs_t[:, None] >= offs_t[None, :]
     for t0 in range(0, T, BLOCK_T):
         rows = t0 + offs_t
@@ -749,33 +764,15 @@ def linear_attention_bwd_dkdv_kernel(
     (or zeros) and storing them at the end. MODE (MODES): 0 queries and the keys of the same rows (causal),
     1 keys only (they read the fixed dS: absorbed keys), 2 queries only (they add to dS). Keys write dv and
     their slice's partial dphi(k) phi'(k) (rows of dk/dv at the q head's own [T, D] block)."""
-    dv_block = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HQ
-    hq = bh % HQ
-    hkv = hq // GROUPS
-    b64 = b.to(tl.int64)
-    bh64 = bh.to(tl.int64)
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = dv_block * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    dk_mask = offs_dk < DK
-    dv_mask = offs_dv < DV
+    dv_block, bh64, offs_t, offs_dk, offs_dv, dk_mask, dv_mask, q_base, k_base, v_base, do_base = _bwd_program(
+        q_ptr, k_ptr, v_ptr, do_ptr, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_dob,
+        stride_doh, HQ, GROUPS, DK, DV, BLOCK_T, BLOCK_DK, BLOCK_DV)
     first = dv_block == 0
-    q_base = q_ptr + b64 * stride_qb + hq.to(tl.int64) * stride_qh
-    k_base = k_ptr + b64 * stride_kb + hkv.to(tl.int64) * stride_kh
-    v_base = v_ptr + b64 * stride_vb + hkv.to(tl.int64) * stride_vh
-    do_base = do_ptr + b64 * stride_dob + hq.to(tl.int64) * stride_doh
     dk_base = dk_ptr + dv_block.to(tl.int64) * stride_dk_blk + bh64 * stride_dk_bh
     dv_base = dv_ptr + bh64 * stride_dv_bh
     state_mask = dk_mask[:, None] & dv_mask[None, :]
-    if HAS_INITIAL:
-        dS = tl.load(ds_in_ptr + bh64 * DK * DV + offs_dk[:, None] * DV + offs_dv[None, :], mask=state_mask,
-                     other=0.0)
-        dz = tl.load(dz_in_ptr + bh64 * DK + offs_dk, mask=dk_mask, other=0.0)
-    else:
-        dS = tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32)
-        dz = tl.zeros([BLOCK_DK], dtype=tl.float32)
+    dS, dz = _bwd_state(ds_in_ptr, dz_in_ptr, bh64, offs_dk, offs_dv, dk_mask, dv_mask, DK, DV, HAS_INITIAL,
+                        BLOCK_DK, BLOCK_DV)
     causal_mask = offs_t[:, None] >= offs_t[None, :]  # [query row, key row]
     chunks = tl.cdiv(T, BLOCK_T)
     last = ((chunks - 1) * BLOCK_T).to(tl.int64)  # the walk starts at the last chunk; bases step back
