@@ -393,6 +393,25 @@ def test_cpp_kernel_every_isa_equals_dequantized_matmul(isa, group_size, k, m):
 
 
 @needs_cpp
+@pytest.mark.parametrize("group_size,k", [(None, 165), (32, 160)])
+@pytest.mark.parametrize("m", [16, 65])
+def test_cpp_avx512_fused_panels_equal_the_aten_dequant(group_size, k, m):
+    """AVX-512 dequantizes the GEMM panels in one fused pass (bf16 x from 16 rows): the same weight values and
+    bf16 rounding as the ATen path (AVX2), so one panel gives bit-equal GEMM results."""
+    if 2 not in CPP_ISAS or 1 not in CPP_ISAS:
+        pytest.skip("needs AVX-512 and AVX2")
+    w = quantized(37, k, group_size)
+    bias = torch.randn(37)
+    for dtype in (torch.float32, torch.bfloat16) if m >= 64 else (torch.bfloat16,):
+        x = torch.randn(m, k).to(dtype)
+        fused = torch.ops.dsattn_C.int8_matmul(x, w.qweight, w.scales.float(), group_size, bias, 2)
+        assert_close(fused, expected(x, w, bias), tolerance(dtype))
+        if m >= 64:
+            aten = torch.ops.dsattn_C.int8_matmul(x, w.qweight, w.scales.float(), group_size, bias, 1)
+            assert torch.equal(fused, aten)
+
+
+@needs_cpp
 def test_cpp_every_output_written_and_isa_errors(monkeypatch):
     """Output buffers come from the allocator: fill freed memory with NaN first, so an element the kernel
     skipped shows as NaN; an ISA the CPU lacks, or a bad env value, is an error, not a silent fallback."""

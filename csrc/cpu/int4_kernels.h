@@ -52,6 +52,10 @@ void matmul(const Args& a);
 // 32 == 0. Parallel over rows.
 void dequant_rows(const uint8_t* q, const float* s, const uint8_t* z, int64_t n0, int64_t rows, int64_t k,
                   int64_t group, float* dst_f32, uint16_t* dst_bf16);
+// int8_matmul's panels: int8 rows [n0, n0 + rows) of q [N, K] times s (per row: group 0; per group: group % 16
+// == 0) in fp32, into dst as fp32 or nearest-even bf16 bits, as dequant_rows. Parallel over rows.
+void dequant_int8_rows(const int8_t* q, const float* s, int64_t n0, int64_t rows, int64_t k, int64_t group,
+                       float* dst_f32, uint16_t* dst_bf16);
 }  // namespace avx512
 
 namespace vnni {

@@ -84,10 +84,9 @@ constexpr int64_t kGemmMinRows = 64;    // from here dequantize panels + BLAS GE
 // bf16 x: from here bf16 panels + bf16 GEMM (4096x4096 g128 on a Zen 4 core: 16 rows 3.4 ms vs 4.8 in fp32;
 // 63 rows 16.5 ms in fp32 vs 5.1 at 64 rows in bf16).
 constexpr int64_t kBf16GemmMinRows = 16;
-constexpr int64_t kPanelRows = 256;     // weight rows per dequantized panel: 256 x K fp32 (4 MiB at K=4096)
-// AVX-512 panels (dequantized in one fast pass): elements per panel, as wide as this allows, since each panel is
-// one GEMM call and narrow ones cost GEMM efficiency (and oneDNN's bf16 weight reorder per call).
-constexpr int64_t kPanelElems = int64_t{8} << 20;
+// Weight rows per dequantized panel: 256 x K (K=4096: 4 MiB fp32, 2 MiB bf16) stays in L2 between the dequant
+// and the GEMM; a whole-weight panel measured slower (its writes go to memory).
+constexpr int64_t kPanelRows = 256;
 
 // One weight row, K range [k0, k0 + len) (whole groups): dst[i] = (q[row, k0 + i] - z) * s.
 __attribute__((target("avx2,fma"))) void dequant_row_avx2(const uint32_t* qp, const float* sp, const uint8_t* zp,
@@ -233,9 +232,9 @@ at::Tensor int4_matmul_impl(const at::Tensor& x, const at::Tensor& qweight, cons
   const cpu_attn::Isa isa = cpu_attn::resolve_isa(-1);
   const bool avx2 = isa >= cpu_attn::kAvx2;
   if (m >= (bf16 ? kBf16GemmMinRows : kGemmMinRows)) {
-    // AVX-512: panels as wide as kPanelElems allows, dequantized straight into the GEMM's dtype.
+    // AVX-512: dequantized straight into the GEMM's dtype (bf16 x: a bf16 panel, no fp32 pass).
     const bool wide = isa == cpu_attn::kAvx512 && int4_cpu::avx512::compiled() && group_size % 32 == 0;
-    const int64_t panel_rows = std::min(wide ? std::max<int64_t>(1, kPanelElems / k) : kPanelRows, n);
+    const int64_t panel_rows = std::min(kPanelRows, n);
     at::Tensor panel = at::empty({panel_rows, k}, x.options().dtype(wide && bf16 ? at::kBFloat16 : at::kFloat));
     for (int64_t n0 = 0; n0 < n; n0 += panel_rows) {
       const int64_t rows = std::min(panel_rows, n - n0);

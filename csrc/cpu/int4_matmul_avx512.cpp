@@ -93,6 +93,51 @@ inline void rows(const Args& a, int64_t n0) {
 
 bool compiled() { return true; }
 
+namespace {
+// 16 fp32 -> 16 bf16 bits, round to nearest even (finite values).
+inline __m256i to_bf16(__m512 v) {
+  const __m512i i = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(i, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(i, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+}  // namespace
+
+void dequant_int8_rows(const int8_t* q, const float* s, int64_t n0, int64_t rows, int64_t k, int64_t group,
+                       float* dst_f32, uint16_t* dst_bf16) {
+  const int64_t groups = group > 0 ? k / group : 1, kv = k / 16 * 16;
+  at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int8_t* qr = q + (n0 + r) * k;
+      const float* sr = s + (n0 + r) * groups;
+      for (int64_t kk = 0; kk < k; kk += 16) {
+        const float sc = sr[group > 0 ? kk / group : 0];
+        if (kk >= kv) {  // K % 16 tail (per channel only: groups are multiples of 16)
+          for (int64_t i = kk; i < k; ++i) {
+            const float v = static_cast<float>(qr[i]) * sc;
+            if (dst_f32 != nullptr) {
+              dst_f32[r * k + i] = v;
+            } else {
+              uint32_t bits;
+              __builtin_memcpy(&bits, &v, 4);
+              dst_bf16[r * k + i] = static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+            }
+          }
+          break;
+        }
+        const __m512 v = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qr + kk)))),
+            _mm512_set1_ps(sc));
+        if (dst_f32 != nullptr) {
+          _mm512_storeu_ps(dst_f32 + r * k + kk, v);
+        } else {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst_bf16 + r * k + kk), to_bf16(v));
+        }
+      }
+    }
+  });
+}
+
 void dequant_rows(const uint8_t* q, const float* s, const uint8_t* z, int64_t n0, int64_t rows, int64_t k,
                   int64_t group, float* dst_f32, uint16_t* dst_bf16) {
   const int64_t groups = k / group, row_bytes = k / 2;
@@ -101,7 +146,6 @@ void dequant_rows(const uint8_t* q, const float* s, const uint8_t* z, int64_t n0
     // lo holds the even K values, hi the odd ones: interleaved back into K order.
     const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-    const __m512i round_bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t row = n0 + r;
       for (int64_t g = 0; g < groups; ++g) {
@@ -117,16 +161,8 @@ void dequant_rows(const uint8_t* q, const float* s, const uint8_t* z, int64_t n0
             _mm512_storeu_ps(dst_f32 + r * k + kk, a);
             _mm512_storeu_ps(dst_f32 + r * k + kk + 16, b);
           } else {
-            // Round to nearest even: add 0x7FFF + the lowest kept bit, keep the high half (finite weights).
-            const __m512i ai = _mm512_castps_si512(a), bi = _mm512_castps_si512(b);
-            const __m512i ar = _mm512_srli_epi32(
-                _mm512_add_epi32(ai, _mm512_add_epi32(round_bias, _mm512_and_si512(_mm512_srli_epi32(ai, 16), one))),
-                16);
-            const __m512i br = _mm512_srli_epi32(
-                _mm512_add_epi32(bi, _mm512_add_epi32(round_bias, _mm512_and_si512(_mm512_srli_epi32(bi, 16), one))),
-                16);
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst_bf16 + r * k + kk), _mm512_cvtepi32_epi16(ar));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst_bf16 + r * k + kk + 16), _mm512_cvtepi32_epi16(br));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst_bf16 + r * k + kk), to_bf16(a));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst_bf16 + r * k + kk + 16), to_bf16(b));
           }
         }
       }
@@ -168,6 +204,7 @@ bool compiled() { return false; }
 void matmul(const Args&) {}
 void dequant_rows(const uint8_t*, const float*, const uint8_t*, int64_t, int64_t, int64_t, int64_t, float*,
                   uint16_t*) {}
+void dequant_int8_rows(const int8_t*, const float*, int64_t, int64_t, int64_t, int64_t, float*, uint16_t*) {}
 }  // namespace avx512
 }  // namespace int4_cpu
 }  // namespace dsattn

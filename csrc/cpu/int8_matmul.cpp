@@ -3,9 +3,13 @@
 // - decode (M < kGemmMinRows): int8_matmul_impl.h for the ISA resolve_isa() picks (AVX-512 / AVX2 /
 //   portable): int8 codes widened to fp32 in registers, exact products, fp32 accumulation; x is never
 //   quantized (see the impl header for why). bf16 x is widened to fp32 and the result rounded once.
-// - prefill (M >= kGemmMinRows): the weight dequantized a panel of rows at a time (fp32 panels for fp32 x,
-//   bf16 panels for bf16 x) and multiplied by torch's GEMM (BLAS / oneDNN, AMX where the CPU has it); memory
-//   O(kPanelElems), never the whole weight (unless it is that small).
+// - prefill (M >= kGemmMinRows; bf16 x on AVX-512 from kBf16GemmMinRows): the weight dequantized a panel of
+//   rows at a time (fp32 panels for fp32 x, bf16 panels for bf16 x) and multiplied by torch's GEMM (BLAS /
+//   oneDNN, AMX where the CPU has it); memory O(kPanelElems), never the whole weight (unless it is that small).
+//   AVX-512: one fused pass (int4_matmul_avx512.cpp) into L2-sized panels, the same values.
+// No VNNI path: decode is bound by streaming one byte per weight, and fp32-accurate int8 activations need
+// three digit passes (VPDPBUSD per 64 weights per digit, port 0 only) where the widening path runs one FMA per
+// 16 weights per row of x; prefill is GEMM-bound, where the bf16 GEMM (AMX) beats an int8 dot product.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
@@ -18,6 +22,7 @@
 #include <algorithm>
 
 #include "cpu/attention_kernels.h"
+#include "cpu/int4_kernels.h"
 
 namespace dsattn {
 namespace {
@@ -26,6 +31,9 @@ constexpr int64_t kGemmMinRows = 64;
 // Dequantized panel size in elements (32 MiB of fp32): each panel is one GEMM call, and narrow panels cost
 // GEMM efficiency (and oneDNN's bf16 weight reorder per call), so panels are as wide as this allows.
 constexpr int64_t kPanelElems = int64_t{8} << 20;
+// The fused AVX-512 dequant: 1 Mi elements per panel (2 MiB bf16), written and read back in L2.
+constexpr int64_t kFusedPanelElems = int64_t{1} << 20;
+constexpr int64_t kBf16GemmMinRows = 16;
 
 }  // namespace
 
@@ -61,22 +69,35 @@ at::Tensor int8_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   const at::Tensor qc = qweight.contiguous(), sc = scales.contiguous();
   const int8_t* qp = qc.data_ptr<int8_t>();
   const float* sp = sc.data_ptr<float>();
-  if (m >= kGemmMinRows && n > 0 && k > 0) {
+  // AVX-512: q * scale in one pass straight into the GEMM's dtype, L2-sized panels (the values and rounding of
+  // the path below); bf16 x from kBf16GemmMinRows rows, as the bf16 GEMM (AMX / AVX512-BF16) is that much faster.
+  const bool fused = chosen == cpu_attn::kAvx512 && int4_cpu::avx512::compiled() && (group == 0 || group % 16 == 0);
+  if (m >= (fused && bf16 ? kBf16GemmMinRows : kGemmMinRows) && n > 0 && k > 0) {
     const at::Tensor xc = x.contiguous();
-    const int64_t panel_rows = std::min(std::max<int64_t>(1, kPanelElems / k), n);
+    const int64_t panel_rows =
+        std::min(std::max<int64_t>(1, (fused ? kFusedPanelElems : kPanelElems) / k), n);
     at::Tensor out = at::empty({m, n}, x.options());
+    at::Tensor panel;
+    if (fused) panel = at::empty({panel_rows, k}, x.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
     for (int64_t n0 = 0; n0 < n; n0 += panel_rows) {
       const int64_t rows = std::min(panel_rows, n - n0);
-      // q * scale in fp32 by ATen's vectorized, parallel kernels (the decode kernels' weight values).
-      at::Tensor w = qc.narrow(0, n0, rows).to(at::kFloat);
-      if (group == 0) {
-        w.mul_(sc.narrow(0, n0, rows).unsqueeze(1));
+      at::Tensor w;
+      if (fused) {
+        w = panel.narrow(0, 0, rows);
+        int4_cpu::avx512::dequant_int8_rows(qp, sp, n0, rows, k, group, bf16 ? nullptr : w.data_ptr<float>(),
+                                            bf16 ? reinterpret_cast<uint16_t*>(w.data_ptr<at::BFloat16>()) : nullptr);
       } else {
-        w.view({rows, k / group, group}).mul_(sc.narrow(0, n0, rows).unsqueeze(2));
+        // q * scale in fp32 by ATen's vectorized, parallel kernels (the decode kernels' weight values).
+        w = qc.narrow(0, n0, rows).to(at::kFloat);
+        if (group == 0) {
+          w.mul_(sc.narrow(0, n0, rows).unsqueeze(1));
+        } else {
+          w.view({rows, k / group, group}).mul_(sc.narrow(0, n0, rows).unsqueeze(2));
+        }
       }
       at::Tensor part;
       if (bf16) {  // bf16 GEMM (fp32 accumulation); the bias added after its rounding to bf16
-        part = at::mm(xc, w.to(at::kBFloat16).t());
+        part = at::mm(xc, (w.scalar_type() == at::kBFloat16 ? w : w.to(at::kBFloat16)).t());
         if (bp != nullptr) part = at::add(part, bc.narrow(0, n0, rows).to(at::kBFloat16));
       } else {
         part = bp != nullptr ? at::addmm(bc.narrow(0, n0, rows), xc, w.t()) : at::mm(xc, w.t());
