@@ -18,7 +18,6 @@ CAPABILITIES = (80, 90)
 TENSOR_CORE = ("HGMMA", "HMMA")
 ASYNC_LOADS = ("LDGSTS", "UTMALDG")
 
-STAGE1 = "num_stages=1 in its config: the loop's loads are not pipelined"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +59,9 @@ ROWS = (
     Row("linear_attention", "bwd_dkdv_bf16_dk64_dv32", "HGMMA"),
     Row("hybrid_attention", "fwd_bf16_dqk64_dv64", "HGMMA"),
     Row("hybrid_attention", "fwd_bf16_dqk128_dv128", "HGMMA"),
-    Row("hybrid_attention", "chunk_state_bf16_dqk128", "HGMMA", _no_async(STAGE1)),
-    Row("hybrid_attention", "bwd_dq_bf16_dqk128_dv128_elu", "HMMA", _no_async(STAGE1)),
-    Row("hybrid_attention", "bwd_dkdv_bf16_dqk128_dv128_elu", "HMMA", _no_async(STAGE1)),
+    Row("hybrid_attention", "chunk_state_bf16_dqk128", "HGMMA"),
+    Row("hybrid_attention", "bwd_dq_bf16_dqk128_dv128_elu", "HMMA"),
+    Row("hybrid_attention", "bwd_dkdv_bf16_dqk128_dv128_elu", "HMMA"),
     Row("int4_matmul", "bfloat16_m128_n128_k32", "HGMMA"),
     Row("int4_matmul", "bfloat16_m64_n64_k64", "HGMMA"),
     Row("int4_grouped_matmul", "bfloat16_m128_n128_k32", "HGMMA"),

@@ -54,6 +54,7 @@ EXP_CAP = tl.constexpr(110.0)
 STATE_BLOCK_DV = 64
 STATE_BLOCK_N = 64
 STATE_WARPS = 8
+STATE_STAGES = 2  # the chunk loop's phi(k) / v tiles arrive by cp.async while the previous block computes
 STATE_BLOCK_D = 32  # Dqk slice of the phi(q) . state product in the main kernel
 SCAN_BLOCK_D = 16  # Dqk rows per program of the "exp" state scan
 
@@ -171,6 +172,39 @@ def hybrid_state_scan_kernel(
 
 
 @triton.jit
+def _exact_key_range(p_first, p_last, PREFIX, WINDOW, BLOCK_N: tl.constexpr):
+    """The exact keys of query positions [p_first, p_last] as BLOCK_N blocks: the prefix [0, min(prefix,
+    p_last + 1)), then the window band [max(prefix, p_first - window + 1), p_last]. Returns (blocks, prefix
+    blocks, the band's first block start); the forward and the dq backward walk the same blocks."""
+    prefix_hi = tl.minimum(PREFIX, p_last + 1)
+    band_lo = tl.maximum(tl.maximum(PREFIX, p_first - WINDOW + 1), 0)
+    band_hi = tl.where(WINDOW > 0, p_last + 1, 0)
+    band_start = (band_lo // BLOCK_N) * BLOCK_N
+    n_prefix_blocks = tl.cdiv(tl.maximum(prefix_hi, 0), BLOCK_N)
+    n_band_blocks = tl.cdiv(tl.maximum(band_hi - band_start, 0), BLOCK_N)
+    return n_prefix_blocks + n_band_blocks, n_prefix_blocks, band_start
+
+
+@triton.jit
+def _exact_key_block(it, n_prefix_blocks, band_start, rn, SK, BLOCK_N: tl.constexpr):
+    """Block `it` of _exact_key_range's walk: (its first key, keys rj, rj < SK, whether it is a prefix block)."""
+    in_prefix = it < n_prefix_blocks
+    start = tl.where(in_prefix, it * BLOCK_N, band_start + (it - n_prefix_blocks) * BLOCK_N)
+    rj = start + rn
+    return start, rj, rj < SK, in_prefix
+
+
+@triton.jit
+def _exact_mask(rj, key_ok, in_prefix, pos, PREFIX, WINDOW):
+    """[rows, keys]: the keys of an exact block that each row (at positions pos) takes exactly (built after
+    the block's dot, so it is not held across it)."""
+    visible = (rj[None, :] <= pos[:, None]) & key_ok[None, :]
+    # the two ranges are disjoint: prefix blocks take j < prefix, band blocks j >= prefix
+    in_set = tl.where(in_prefix, rj[None, :] < PREFIX, (rj[None, :] >= PREFIX) & (rj[None, :] > pos[:, None] - WINDOW))
+    return visible & in_set
+
+
+@triton.jit
 def hybrid_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, phiq_ptr, phik_ptr, kv_ptr, ksum_ptr, kmax_ptr, o_ptr, stats_ptr, amax_ptr,
     HQ, GROUP, SQ, SK, DQK, DV, PREFIX, WINDOW, NUM_STATES, scale,
@@ -231,17 +265,9 @@ def hybrid_attention_fwd_kernel(
     arg_i = tl.zeros([BLOCK_M], tl.int32)
 
     # ---- exact keys: prefix [0, min(prefix, p_last + 1)) then the window band [max(prefix, p - window + 1), p]
-    prefix_hi = tl.minimum(PREFIX, p_last + 1)
-    band_lo = tl.maximum(tl.maximum(PREFIX, p_first - WINDOW + 1), 0)
-    band_hi = tl.where(WINDOW > 0, p_last + 1, 0)
-    band_start = (band_lo // BLOCK_N) * BLOCK_N
-    n_prefix_blocks = tl.cdiv(tl.maximum(prefix_hi, 0), BLOCK_N)
-    n_band_blocks = tl.cdiv(tl.maximum(band_hi - band_start, 0), BLOCK_N)
-    for it in range(0, n_prefix_blocks + n_band_blocks):
-        in_prefix = it < n_prefix_blocks
-        start = tl.where(in_prefix, it * BLOCK_N, band_start + (it - n_prefix_blocks) * BLOCK_N)
-        rj = start + rn
-        key_ok = rj < SK
+    n_blocks, n_prefix_blocks, band_start = _exact_key_range(p_first, p_last, PREFIX, WINDOW, BLOCK_N)
+    for it in range(0, n_blocks):
+        start, rj, key_ok, in_prefix = _exact_key_block(it, n_prefix_blocks, band_start, rn, SK, BLOCK_N)
         if LONG_OFFSETS:  # the block's first key in 64 bits
             k_blk = k_base + tl.cast(start, tl.int64) * s_ks
             v_blk = v_base + tl.cast(start, tl.int64) * s_vs
@@ -256,10 +282,7 @@ def hybrid_attention_fwd_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, k, out_dtype=tl.float32) * qk_scale
-        visible = (rj[None, :] <= pos[:, None]) & key_ok[None, :]
-        # the two ranges are disjoint: prefix blocks take j < prefix, band blocks j >= prefix
-        in_set = tl.where(in_prefix, rj[None, :] < PREFIX, (rj[None, :] >= PREFIX) & (rj[None, :] > pos[:, None] - WINDOW))
-        s = tl.where(visible & in_set, s, float("-inf"))
+        s = tl.where(_exact_mask(rj, key_ok, in_prefix, pos, PREFIX, WINDOW), s, float("-inf"))
         if SAVE_STATS:  # the first key holding the row max (m_i's gradient goes to it)
             arg_i = tl.where(tl.max(s, axis=1) > m_i, tl.argmax(s, axis=1).to(tl.int32) + start, arg_i)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -470,17 +493,9 @@ def hybrid_attention_bwd_dq_kernel(
     ds_sum = tl.zeros([BLOCK_M], tl.float32)
 
     # ---- exact keys (the forward's loop)
-    prefix_hi = tl.minimum(PREFIX, p_last + 1)
-    band_lo = tl.maximum(tl.maximum(PREFIX, p_first - WINDOW + 1), 0)
-    band_hi = tl.where(WINDOW > 0, p_last + 1, 0)
-    band_start = (band_lo // BLOCK_N) * BLOCK_N
-    n_prefix_blocks = tl.cdiv(tl.maximum(prefix_hi, 0), BLOCK_N)
-    n_band_blocks = tl.cdiv(tl.maximum(band_hi - band_start, 0), BLOCK_N)
-    for it in range(0, n_prefix_blocks + n_band_blocks):
-        in_prefix = it < n_prefix_blocks
-        start = tl.where(in_prefix, it * BLOCK_N, band_start + (it - n_prefix_blocks) * BLOCK_N)
-        rj = start + rn
-        key_ok = rj < SK
+    n_blocks, n_prefix_blocks, band_start = _exact_key_range(p_first, p_last, PREFIX, WINDOW, BLOCK_N)
+    for it in range(0, n_blocks):
+        start, rj, key_ok, in_prefix = _exact_key_block(it, n_prefix_blocks, band_start, rn, SK, BLOCK_N)
         j64 = rj.to(tl.int64)
         k = tl.load(k_base + j64[:, None] * s_ks + rd[None, :] * s_kd, mask=key_ok[:, None] & dqk_ok[None, :], other=0.0)
         vt = tl.load(v_base + j64[None, :] * s_vs + re[:, None] * s_vd, mask=key_ok[None, :] & dv_ok[:, None], other=0.0)
@@ -488,9 +503,7 @@ def hybrid_attention_bwd_dq_kernel(
             k = k.to(tl.float32)
             vt = vt.to(tl.float32)
         s = tl.dot(q, tl.trans(k), out_dtype=tl.float32) * qk_scale
-        visible = (rj[None, :] <= pos[:, None]) & key_ok[None, :]
-        in_set = tl.where(in_prefix, rj[None, :] < PREFIX, (rj[None, :] >= PREFIX) & (rj[None, :] > pos[:, None] - WINDOW))
-        exact = visible & in_set
+        exact = _exact_mask(rj, key_ok, in_prefix, pos, PREFIX, WINDOW)
         p = tl.where(exact, tl.math.exp2(s - m_base[:, None]), 0.0) * inv_l[:, None]
         dp = tl.dot(do, vt, out_dtype=tl.float32)
         ds = p * (dp - delta[:, None])
@@ -829,7 +842,7 @@ def _far_states(phi_k, v, prefix: int, exp: bool, upcast: bool):
             CHUNK=CHUNK, BLOCK_N=STATE_BLOCK_N, BLOCK_DQK=_head_block(dqk), BLOCK_DV=STATE_BLOCK_DV, UPCAST=upcast,
             # per batch: batch bases are already 64-bit
             LONG_OFFSETS=long_offsets(*(t[0] for t in (phik_c, v_c, kv_sums, k_sums))), EXP=exp,
-            num_warps=STATE_WARPS,
+            num_warps=STATE_WARPS, num_stages=STATE_STAGES,
         )
         if exp:  # per-chunk sums -> prefix sums, each rescaled to the running max of the shifts
             launch(hybrid_state_scan_kernel)[(b * hkv, triton.cdiv(dqk, SCAN_BLOCK_D))](
@@ -844,9 +857,10 @@ def _far_states(phi_k, v, prefix: int, exp: bool, upcast: bool):
 
 def bwd_config(block_dqk: int, block_dv: int, dtype: torch.dtype) -> dict:
     """Block sizes of the backward kernels: 32 rows x 32 keys for dq (it also holds dq, dO and the far part's
-    fp32 tiles) and for dk / dv (dk, dv and the key tiles), 8 warps."""
+    fp32 tiles) and for dk / dv (dk, dv and the key tiles), 8 warps; 16-bit runs two stages (cp.async of the
+    next block's tiles; no spill on sm_80 / sm_90 at head dims 64 and 128)."""
     return {"BLOCK_M": 32, "BLOCK_N": 32, "DKDV_BLOCK_M": 32, "DKDV_BLOCK_N": 32,
-            "num_warps": 8, "num_stages": 1}
+            "num_warps": 8, "num_stages": 1 if dtype == torch.float32 else 2}
 
 
 def hybrid_attention_backward(grad_out, q, k, v, out, stats, amax, *, prefix: int, window: int, feature_map: str,
@@ -969,6 +983,13 @@ def _strides(prefix, dims="bhsd"):
     return _int_args(*(f"s_{prefix}{d}" for d in dims[:-1]))
 
 
+def _aligned(signature: dict) -> tuple[str, ...]:
+    """What the JIT sees as multiples of 16 at the usual head dims (tt.divisibility): pointers, row / head /
+    chunk strides and the head dims; without it the tile loads stay narrow and cannot be cp.async."""
+    return tuple(name for name, kind in signature.items()
+                 if kind.startswith("*") or (kind == "i32" and name.startswith("s_")) or name in ("DQK", "DV"))
+
+
 
 def aot_specs() -> list[AOTSpec]:
     """Every config the launcher can pick: dtype x padded (Dqk, Dv) for the main kernel, dtype x padded Dqk for
@@ -989,7 +1010,7 @@ def aot_specs() -> list[AOTSpec]:
                 constexprs={"CHUNK": CHUNK, "BLOCK_N": STATE_BLOCK_N, "BLOCK_DQK": block_dqk, "BLOCK_DV": STATE_BLOCK_DV,
                             "UPCAST": False, "LONG_OFFSETS": False, "EXP": False,
                             **{n: 1 for n in ("s_pkd", "s_vd", "s_kvd")}},
-                num_warps=STATE_WARPS, num_stages=1,
+                num_warps=STATE_WARPS, num_stages=STATE_STAGES,
                 hot=half,
             ))
             for block_dv in HEAD_BLOCKS:
@@ -1071,6 +1092,10 @@ def aot_specs() -> list[AOTSpec]:
                                 **{n: 1 for n in ("s_qd", "s_kd", "s_vd", "s_dod", "s_ud", "s_dkd", "s_dvd")}},
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                 ))
+    # The pipelined kernels' specs carry the alignment their tile loads rely on (see _aligned).
+    specs = [dataclasses.replace(spec, divisible_by_16=_aligned(spec.signature))
+             if spec.kernel in (hybrid_chunk_state_kernel, hybrid_attention_bwd_dq_kernel,
+                                hybrid_attention_bwd_dkdv_kernel) else spec for spec in specs]
     # The 64-bit variants compile too (a rare path: not held to the no-spill rule).
     specs += [dataclasses.replace(spec, name=spec.name + "_long", hot=False,
                                   constexprs={**spec.constexprs, "LONG_OFFSETS": True})
