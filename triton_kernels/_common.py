@@ -5,6 +5,8 @@ import os
 from typing import Any
 
 import torch
+import triton
+import triton.language as tl
 
 TRITON_DTYPE = {
     torch.float16: "fp16",
@@ -16,6 +18,16 @@ TRITON_DTYPE = {
     torch.uint8: "u8",
     torch.int8: "i8",
 }
+
+
+@triton.jit
+def tile_coords(pid, grid_m, grid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program pid over a grid_m x grid_n grid of output tiles, ordered in bands of GROUP_M
+    row tiles (a band's programs share weight tiles in L2): the GEMM kernels' program order."""
+    band = GROUP_M * grid_n
+    first_m = (pid // band) * GROUP_M
+    band_rows = tl.minimum(grid_m - first_m, GROUP_M)
+    return first_m + (pid % band) % band_rows, (pid % band) // band_rows
 
 
 def interpreting() -> bool:

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AOTSpec, interpreting, launch, ptr
+from ._common import AOTSpec, interpreting, launch, ptr, tile_coords
 from .int4_matmul import GROUP_M, block_k, block_k_options, check_group_size, dequant_tile_dot, matmul_config
 
 
@@ -39,14 +39,9 @@ def int4_grouped_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     UPCAST: tl.constexpr, TF32X3: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     grid_n = tl.cdiv(N, BLOCK_N)
-    grid_m = tl.num_programs(0) // grid_n
-    band = GROUP_M * grid_n  # bands of GROUP_M blocks (mostly one expert's) share weight tiles in L2
-    first_m = (pid // band) * GROUP_M
-    band_rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % band) % band_rows
-    pid_n = (pid % band) // band_rows
+    # bands of GROUP_M blocks (mostly one expert's) share weight tiles in L2
+    pid_m, pid_n = tile_coords(tl.program_id(0), tl.num_programs(0) // grid_n, grid_n, GROUP_M)
 
     expert = tl.load(block_expert_ptr + pid_m)
     if expert > num_experts:  # past the used blocks

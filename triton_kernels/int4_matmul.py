@@ -28,7 +28,7 @@ import triton.language as tl
 
 from dsattn import capabilities
 
-from ._common import AOTSpec, interpreting, launch, ptr
+from ._common import AOTSpec, interpreting, launch, ptr, tile_coords
 
 GROUP_M = 8  # output tiles ordered in bands of 8 row tiles: a band's programs share weight tiles in L2
 # tl.dot's smallest K: group sizes must be multiples of it (declared in dsattn.capabilities)
@@ -73,15 +73,8 @@ def int4_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     UPCAST: tl.constexpr, TF32X3: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    band = GROUP_M * grid_n
-    first_m = (pid // band) * GROUP_M
-    band_rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % band) % band_rows
-    pid_n = (pid % band) // band_rows
+    pid_m, pid_n = tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -21,21 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AOTSpec, interpreting, launch, ptr
+from ._common import AOTSpec, interpreting, launch, ptr, tile_coords
 from .int4_matmul import GROUP_M, MIN_BLOCK_K, block_k
-
-
-@triton.jit
-def _tile_coords(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of this program, output tiles ordered in bands of GROUP_M row tiles (a band's programs
-    share weight tiles in L2)."""
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    band = GROUP_M * grid_n
-    first_m = (pid // band) * GROUP_M
-    band_rows = tl.minimum(grid_m - first_m, GROUP_M)
-    return first_m + (pid % band) % band_rows, (pid % band) // band_rows
 
 
 @triton.jit
@@ -47,7 +34,7 @@ def int8_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     UPCAST: tl.constexpr, TF32X3: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = (offs_m % M).to(tl.int64)
