@@ -45,9 +45,7 @@ ROWS = (
     Row("sliding_window_attention", "bwd_dq_bfloat16_d64x64", "HGMMA"),
     Row("sliding_window_attention", "bwd_dq_bfloat16_d128x128", "HGMMA"),
     Row("lightning_indexer_topk", "indexer_h64_bf16_d128_kp128", "HGMMA"),
-    Row("lightning_indexer_topk", "indexer_h64_bf16_d128_kp2048", "HGMMA", _no_async(
-        "num_stages=1 at KP 2048; two stages fit this spec (182/203 registers, no spill) but not yet checked for "
-        "the other KP-2048 specs")),
+    Row("lightning_indexer_topk", "indexer_h64_bf16_d128_kp2048", "HGMMA"),
     Row("sparse_attention", "fwd_bf16_h64_dv128", "HGMMA"),
     Row("sparse_attention", "fwd_bf16_h16_dv128", "HMMA"),
     Row("sparse_attention", "bwd_bf16_h64_dq128_dv128", "HGMMA"),

@@ -256,9 +256,10 @@ def block_config(heads: int, dim: int, top_k: int) -> dict:
                 num_warps=num_warps)
 
 
-def num_stages(kp: int) -> int:
-    """Pipelined key loads, except at KP 2048 where the running top-k already fills the registers."""
-    return 2 if kp < 2048 else 1
+def num_stages(kp: int, dtype: torch.dtype) -> int:
+    """Pipelined key loads (two stages: no spill in 16 bits at any KP on sm_80 / sm_90), except fp32 at KP 2048,
+    where the running top-k and the fp32 key tiles already fill the registers (two stages spill there)."""
+    return 1 if kp >= 2048 and dtype == torch.float32 else 2
 
 
 def _sm_count(device: torch.device) -> int:
@@ -345,7 +346,7 @@ def indexer_topk(
         RELU=relu, UNIT_WEIGHTS=weights is None, SPLIT=splits > 1,
         UPCAST=interpreting() and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32,
         MINMAX=interpreting(),
-        num_warps=num_warps, num_stages=num_stages(cfg["KP"]), maxnreg=MAXNREG, **cfg,
+        num_warps=num_warps, num_stages=num_stages(cfg["KP"], q.dtype), maxnreg=MAXNREG, **cfg,
     )
     if splits > 1:  # a split whose keys are all after the row's position contributes only sentinels
         merged = target.view(b, ng, sq, splits * cfg["KP"]).topk(top_k, dim=-1).values
@@ -386,7 +387,7 @@ def _spec(dtype, kind, heads, dim, kp, split, hot) -> AOTSpec:
                     **{name: 1 for name in UNIT_STRIDES}},
         divisible_by_16=ALIGNED,
         num_warps=num_warps,
-        num_stages=num_stages(kp),
+        num_stages=num_stages(kp, dtype),
         maxnreg=MAXNREG,
         hot=hot,
     )
