@@ -23,6 +23,10 @@ TORCH_LIBRARY(dsattn_C, m) {
   // leading columns per row) -> int32 [R, k] column indices, highest score first, ties to the lower index, -1
   // where a row has fewer than k valid columns; NaN ranks below -inf (csrc/{cpu,cuda}/topk_select.*).
   m.def("topk_select(Tensor scores, Tensor? lengths, int k) -> Tensor");
+  // DeepSeek-V3.2's indexer scores + topk_select fused (csrc/cpu/lightning_indexer_topk.cpp): q float32
+  // [B, Sq, Hi, D] (scale folded in), k [B, Sk, D], weights [B, Sq, Hi], contiguous -> int32 [B, Sq, top_k] as
+  // topk_select orders them; causal: row i sees keys j <= i + Sk - Sq. isa as the attention ops' (0 portable).
+  m.def("lightning_indexer_topk(Tensor q, Tensor k, Tensor weights, int top_k, bool causal, int isa=-1) -> Tensor");
   // Flash-style attention forward (csrc/cpu/sliding_window_attention.cpp, sparse_attention.cpp): q, k, v
   // float32/bfloat16/float16, fp32 accumulation, out in q's dtype. isa: -1 the best the CPU has (or env
   // DSATTN_CPU_ISA), 0 portable, 1 avx2, 2 avx512 (an ISA the CPU lacks is an error).

@@ -71,6 +71,12 @@ def _register_fakes() -> None:
     def _(scores, lengths, k):
         return scores.new_empty((scores.shape[0], k), dtype=torch.int32)
 
+    if hasattr(torch.ops.dsattn_C, "lightning_indexer_topk"):  # builds before it lack the op
+
+        @torch.library.register_fake("dsattn_C::lightning_indexer_topk")
+        def _(q, k, weights, top_k, causal, isa=-1):
+            return q.new_empty((q.shape[0], q.shape[1], top_k), dtype=torch.int32)
+
     @torch.library.register_fake("dsattn_C::sliding_window_attention")
     def _(q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, window, causal, scale, isa=-1):
         return q.new_empty((*q.shape[:-1], v.shape[-1]))

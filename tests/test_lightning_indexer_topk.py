@@ -405,3 +405,43 @@ def test_compiles_fullgraph_and_equals_eager(backend):
             assert got.grad_fn is None and torch.equal(got < 0, eager < 0), (fn.__name__, compiler)
             check_against_brute_force(got, expected, 6)
     torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------- the fused CPU kernel ("cpp")
+def _fused_kernel_here() -> bool:
+    from dsattn import _ext
+
+    return _ext.has_kernel("lightning_indexer_topk", "CPU")
+
+
+@pytest.mark.skipif(not _fused_kernel_here(), reason="dsattn._C without lightning_indexer_topk")
+@pytest.mark.parametrize("isa", [0, -1], ids=["portable", "auto"])
+@pytest.mark.parametrize(
+    "b,sq,sk,hi,d,top_k,causal",
+    [(2, 17, 17, 3, 8, 7, True), (1, 9, 140, 2, 16, 64, True), (2, 13, 29, 5, 8, 5, False), (1, 12, 5, 2, 8, 3, True),
+     (1, 70, 200, 4, 24, 300, True), (1, 6, 300, 1, 64, 256, True)],  # odd heads, Sq > Sk, top_k > Sk, 1 head
+)
+def test_cpp_fused_kernel_equals_brute_force(isa, b, sq, sk, hi, d, top_k, causal):
+    from dsattn.ops.lightning_indexer_topk import fused_cpu_topk
+
+    q, k, w = torch.randn(b, sq, hi, d), torch.randn(b, sk, d), torch.randn(b, sq, hi)
+    got = fused_cpu_topk(q, k, w, top_k, scale=d**-0.5, causal=causal, isa=isa)
+    assert got.dtype == torch.int32 and got.shape == (b, sq, top_k)
+    check_against_brute_force(got, brute_force(q, k, w, top_k, d**-0.5, causal), top_k)
+    neg = fused_cpu_topk(q, k, w, top_k, scale=-0.5, causal=causal, isa=isa)  # scale folded into q, not w
+    check_against_brute_force(neg, brute_force(q, k, w, top_k, -0.5, causal), top_k)
+
+
+@pytest.mark.skipif(not _fused_kernel_here(), reason="dsattn._C without lightning_indexer_topk")
+def test_cpp_fused_kernel_nan_key_ranks_last_and_invisible_ones_never_count():
+    """A visible NaN key scores NaN (relu keeps it) and ranks below every number; NaN keys after a row never
+    change its selection."""
+    from dsattn.ops.lightning_indexer_topk import fused_cpu_topk
+
+    q, k, w = torch.randn(1, 8, 2, 16), torch.randn(1, 100, 16), torch.rand(1, 8, 2) + 0.1
+    bad = k.clone()
+    bad[:, 95] = float("nan")
+    clean = fused_cpu_topk(q, k, w, 10, scale=0.25, causal=True)
+    got = fused_cpu_topk(q, bad, w, 10, scale=0.25, causal=True)
+    assert torch.equal(got[:, :3], clean[:, :3])  # rows 0-2 sit at keys 92-94
+    assert (got[:, 3:] != 95).all()  # top 10 of 96+ keys: the NaN key never wins

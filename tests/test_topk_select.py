@@ -190,16 +190,19 @@ def test_indexer_cuda_matches_cpp(sq, sk, top_k):
 
 @requires_cpp
 def test_auto_on_cpu_takes_cpp_from_256_keys(monkeypatch):
-    op = importlib.import_module("dsattn.ops.lightning_indexer_topk")
+    from dsattn import _backend
 
-    calls = []
-    real = op.select_topk
-    monkeypatch.setattr(op, "select_topk", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
+    op = importlib.import_module("dsattn.ops.lightning_indexer_topk")
     monkeypatch.delenv("DSATTN_BACKEND", raising=False)
     q, k, w = _indexer_inputs(1, 2, 2600, 2, 8)
-    dsattn.lightning_indexer_topk(q, k, w, 2049)
-    dsattn.lightning_indexer_topk(q, k, w, op.CPP_FROM_TOP_K)
-    dsattn.lightning_indexer_topk(q, k, w, op.CPP_FROM_TOP_K - 1)  # few keys per row: torch
-    dsattn.lightning_indexer_topk(q, k[:, :200], w, 4096)  # min(top_k, Sk) < 256: torch
-    dsattn.lightning_indexer_topk(q.double(), k.double(), w, 2049)  # float64: the torch reference
-    assert calls == [2049, op.CPP_FROM_TOP_K]
+
+    def chosen(*args):
+        with _backend.recording() as ran:
+            dsattn.lightning_indexer_topk(*args)
+        return ran["lightning_indexer_topk"]
+
+    assert chosen(q, k, w, 2049) == {"cpp"}
+    assert chosen(q, k, w, op.CPP_FROM_TOP_K) == {"cpp"}
+    assert chosen(q, k, w, op.CPP_FROM_TOP_K - 1) == {"torch"}  # few keys per row: torch
+    assert chosen(q, k[:, :200], w, 4096) == {"torch"}  # min(top_k, Sk) < 256
+    assert chosen(q.double(), k.double(), w, 2049) == {"torch"}  # float64: the torch reference

@@ -7,7 +7,7 @@ every backend serves calls whose float inputs require grad (capabilities declare
 
 import torch
 
-from dsattn import _backend, _checks, capabilities
+from dsattn import _backend, _checks, _ext, capabilities
 from dsattn._library import define_op
 from dsattn.torch_backend import lightning_indexer_topk as _torch
 from dsattn.torch_backend.lightning_indexer_topk import KEY_CHUNK, QUERY_CHUNK
@@ -116,8 +116,24 @@ def _chunk_scores(q, k, w, dst, work):
     dst.copy_(summed.squeeze(1))
 
 
+def fused_cpu_topk(q_idx, k_idx, weights, top_k, *, scale, causal, isa=-1):
+    """The "cpp" path: torch.ops.dsattn_C.lightning_indexer_topk (scores and radix top-k fused per few query
+    rows, csrc/cpu/lightning_indexer_topk.cpp) on fp32 inputs, the scale folded into the weights (relu(s x) =
+    s relu(x) for s > 0) or else into q."""
+    q = q_idx.float()
+    w = weights.float()
+    if scale > 0:
+        w = w * scale
+    else:
+        q = q * scale
+    return torch.ops.dsattn_C.lightning_indexer_topk(q.contiguous(), k_idx.float().contiguous(), w.contiguous(),
+                                                     top_k, causal, isa)
+
+
 def _lightning_indexer_topk(q_idx: torch.Tensor, k_idx: torch.Tensor, weights: torch.Tensor, top_k: int,
                             scale: float, causal: bool, backend: str) -> torch.Tensor:
+    if backend == "cpp" and _ext.has_kernel("lightning_indexer_topk", "CPU"):
+        return fused_cpu_topk(q_idx, k_idx, weights, top_k, scale=scale, causal=causal)
     if backend in ("cuda", "cpp"):
         return select_topk(q_idx, k_idx, weights, top_k, scale=scale, causal=causal)
     if backend == "triton":  # the selection guarantees min(top_k, Sk) within the kernel's limit
@@ -140,8 +156,10 @@ def lightning_indexer_topk(q_idx, k_idx, weights, top_k, *, scale=None, causal=T
 
     "triton": one streaming kernel (running top-k in registers, scores never stored) for
     min(top_k, Sk) <= 2048 and fp16/bf16/fp32.
-    "cuda" / "cpp" (any top_k, fp16/bf16/fp32): fp32 scores of a query chunk against all keys [chunk_q, Sk]
-    (torch matmuls), then a compiled radix-select top-k per row (csrc/{cuda,cpu}/topk_select.*).
+    "cpp" (any top_k, fp16/bf16/fp32): one compiled kernel, scores of a few query rows against the keys they see
+    (fp32, AVX-512 where the CPU has it) then the radix-select top-k per row (csrc/cpu/lightning_indexer_topk.cpp).
+    "cuda": fp32 scores of a query chunk against all keys [chunk_q, Sk] (torch matmuls), then a compiled
+    radix-select top-k per row (csrc/cuda/topk_select.cu).
     "torch": the query-chunked streaming top-k (dsattn.torch_backend.lightning_indexer_topk), any dtype.
     "auto": triton on CUDA, beyond its limits cuda, then torch; on CPU cpp when min(top_k, Sk) >= 256, else torch.
     The limits are declared in dsattn.capabilities.
