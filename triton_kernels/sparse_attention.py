@@ -43,6 +43,38 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _listed_keys(idx_row, offs_t, stride_it, t_stop, SK, last_key, LONG_OFFSETS: tl.constexpr):
+    """(key, valid) of topk entries offs_t of one row's list: -1, out of [0, SK), after last_key (causal) or past
+    t_stop are invalid and read key 0 (their loads are masked; they get no weight)."""
+    key = tl.load(idx_row + offs_t * stride_it, mask=offs_t < t_stop, other=-1)
+    valid = (key >= 0) & (key < SK) & (key <= last_key)
+    key = tl.where(valid, key, 0)
+    if LONG_OFFSETS:  # key x the row stride can pass 2^31
+        key = key.to(tl.int64)
+    return key, valid
+
+
+@triton.jit
+def _listed_scores(q_base, offs_gq, stride_qh, stride_qd, head_mask, k_base, key, valid, stride_kn, stride_kd,
+                   offs_dk, DQK, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+                   UPCAST: tl.constexpr, TF32X3: tl.constexpr):
+    """q . k of the block's heads and gathered keys [BLOCK_H, BLOCK_N] (unscaled), Dqk in BLOCK_DK chunks."""
+    scores = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, DQK, BLOCK_DK):
+        d = d0 + offs_dk
+        d_mask = d < DQK
+        q_chunk = tl.load(q_base + offs_gq[:, None] * stride_qh + d[None, :] * stride_qd,
+                          mask=head_mask[:, None] & d_mask[None, :], other=0.0)
+        k_chunk = tl.load(k_base + key[None, :] * stride_kn + d[:, None] * stride_kd,
+                          mask=valid[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_DK, BLOCK_N]
+        if UPCAST:  # the interpreter's bf16 tl.dot is wrong
+            q_chunk = q_chunk.to(tl.float32)
+            k_chunk = k_chunk.to(tl.float32)
+        scores = _dot(q_chunk, k_chunk, scores, TF32X3)
+    return scores
+
+
+@triton.jit
 def sparse_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -94,25 +126,9 @@ def sparse_attention_fwd_kernel(
     t_start = split * TOPK_PER_SPLIT
     t_stop = tl.minimum(t_start + TOPK_PER_SPLIT, TOPK)
     for t0 in range(t_start, t_stop, BLOCK_N):
-        offs_t = t0 + offs_n
-        key = tl.load(idx_row + offs_t * stride_it, mask=offs_t < t_stop, other=-1)
-        valid = (key >= 0) & (key < SK) & (key <= last_key)
-        key = tl.where(valid, key, 0)
-        if LONG_OFFSETS:  # key x the row stride can pass 2^31
-            key = key.to(tl.int64)
-
-        scores = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
-        for d0 in range(0, DQK, BLOCK_DK):
-            d = d0 + offs_dk
-            d_mask = d < DQK
-            q_chunk = tl.load(q_base + offs_gq[:, None] * stride_qh + d[None, :] * stride_qd,
-                              mask=head_mask[:, None] & d_mask[None, :], other=0.0)
-            k_chunk = tl.load(k_base + key[None, :] * stride_kn + d[:, None] * stride_kd,
-                              mask=valid[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_DK, BLOCK_N]
-            if UPCAST:  # the interpreter's bf16 tl.dot is wrong
-                q_chunk = q_chunk.to(tl.float32)
-                k_chunk = k_chunk.to(tl.float32)
-            scores = _dot(q_chunk, k_chunk, scores, TF32X3)
+        key, valid = _listed_keys(idx_row, t0 + offs_n, stride_it, t_stop, SK, last_key, LONG_OFFSETS)
+        scores = _listed_scores(q_base, offs_gq, stride_qh, stride_qd, head_mask, k_base, key, valid, stride_kn,
+                                stride_kd, offs_dk, DQK, BLOCK_H, BLOCK_N, BLOCK_DK, UPCAST, TF32X3)
         scores = tl.where(valid[None, :], scores * scale_log2, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -249,25 +265,9 @@ def sparse_attention_bwd_kernel(
         do_slice = do_slice.to(tl.float32)
     dq = tl.zeros([BLOCK_H, BLOCK_DQ], dtype=tl.float32)
     for t0 in range(0, TOPK, BLOCK_N):
-        offs_t = t0 + offs_n
-        key = tl.load(idx_row + offs_t * stride_it, mask=offs_t < TOPK, other=-1)
-        valid = (key >= 0) & (key < SK) & (key <= last_key)
-        key = tl.where(valid, key, 0)
-        if LONG_OFFSETS:  # key x the row stride can pass 2^31
-            key = key.to(tl.int64)
-
-        scores = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
-        for d0 in range(0, DQK, BLOCK_DK):
-            d = d0 + offs_dk
-            d_mask = d < DQK
-            q_chunk = tl.load(q_base + offs_gq[:, None] * stride_qh + d[None, :] * stride_qd,
-                              mask=head_mask[:, None] & d_mask[None, :], other=0.0)
-            k_chunk = tl.load(k_base + key[None, :] * stride_kn + d[:, None] * stride_kd,
-                              mask=valid[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_DK, BLOCK_N]
-            if UPCAST:
-                q_chunk = q_chunk.to(tl.float32)
-                k_chunk = k_chunk.to(tl.float32)
-            scores = _dot(q_chunk, k_chunk, scores, TF32X3)
+        key, valid = _listed_keys(idx_row, t0 + offs_n, stride_it, TOPK, SK, last_key, LONG_OFFSETS)
+        scores = _listed_scores(q_base, offs_gq, stride_qh, stride_qd, head_mask, k_base, key, valid, stride_kn,
+                                stride_kd, offs_dk, DQK, BLOCK_H, BLOCK_N, BLOCK_DK, UPCAST, TF32X3)
         # Masked by where (not by multiplying): an unlisted or future key never enters a row's arithmetic.
         p = tl.where(valid[None, :], tl.exp2(scores * scale_log2 - lse[:, None]), 0.0)
 
