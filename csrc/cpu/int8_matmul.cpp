@@ -3,9 +3,9 @@
 // - decode (M < kGemmMinRows): int8_matmul_impl.h for the ISA resolve_isa() picks (AVX-512 / AVX2 /
 //   portable): int8 codes widened to fp32 in registers, exact products, fp32 accumulation; x is never
 //   quantized (see the impl header for why). bf16 x is widened to fp32 and the result rounded once.
-// - prefill (M >= kGemmMinRows; bf16 x on AVX-512 from kBf16GemmMinRows): the weight dequantized a panel of
-//   rows at a time (fp32 panels for fp32 x, bf16 panels for bf16 x) and multiplied by torch's GEMM (BLAS /
-//   oneDNN, AMX where the CPU has it); memory O(kPanelElems), never the whole weight (unless it is that small).
+// - prefill (M >= kGemmMinRows): the weight dequantized a panel of rows at a time (fp32 panels for fp32 x,
+//   bf16 panels for bf16 x) and multiplied by torch's GEMM (BLAS / oneDNN, AMX where the CPU has it); memory
+//   O(kPanelElems), never the whole weight (unless it is that small).
 //   AVX-512: one fused pass (int4_matmul_avx512.cpp) into L2-sized panels, the same values.
 // No VNNI path: decode is bound by streaming one byte per weight, and fp32-accurate int8 activations need
 // three digit passes (VPDPBUSD per 64 weights per digit, port 0 only) where the widening path runs one FMA per
@@ -33,7 +33,6 @@ constexpr int64_t kGemmMinRows = 64;
 constexpr int64_t kPanelElems = int64_t{8} << 20;
 // The fused AVX-512 dequant: 1 Mi elements per panel (2 MiB bf16), written and read back in L2.
 constexpr int64_t kFusedPanelElems = int64_t{1} << 20;
-constexpr int64_t kBf16GemmMinRows = 16;
 
 }  // namespace
 
@@ -70,9 +69,10 @@ at::Tensor int8_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   const int8_t* qp = qc.data_ptr<int8_t>();
   const float* sp = sc.data_ptr<float>();
   // AVX-512: q * scale in one pass straight into the GEMM's dtype, L2-sized panels (the values and rounding of
-  // the path below); bf16 x from kBf16GemmMinRows rows, as the bf16 GEMM (AMX / AVX512-BF16) is that much faster.
+  // the path below). bf16 x below kGemmMinRows stays on the decode kernels: at 16 rows they beat dequant + bf16
+  // GEMM (measured).
   const bool fused = chosen == cpu_attn::kAvx512 && int4_cpu::avx512::compiled() && (group == 0 || group % 16 == 0);
-  if (m >= (fused && bf16 ? kBf16GemmMinRows : kGemmMinRows) && n > 0 && k > 0) {
+  if (m >= kGemmMinRows && n > 0 && k > 0) {
     const at::Tensor xc = x.contiguous();
     const int64_t panel_rows =
         std::min(std::max<int64_t>(1, (fused ? kFusedPanelElems : kPanelElems) / k), n);
