@@ -3,14 +3,13 @@ dsattn.lightning_indexer_topk (no [B, S, H, T] scores) and its indices go throug
 The same holds for the indexer that dsattn.recover.dsa adds to a dense DeepSeek-V3 / Llama / Qwen2 model
 (LightningIndexer below, recorded in config.dsattn_indexer; families.py registers those model types)."""
 
-import sys
 import types
 
 import torch
 from torch import nn
 
 import dsattn
-from dsattn.patching import masks
+from dsattn.patching import masks, mla_latent
 from dsattn.patching.core import ModelPatcher
 from dsattn.registry import register_model_type
 
@@ -73,63 +72,26 @@ def indexer_forward(self, hidden_states, q_resid, position_embeddings, attention
     return masks.fill_indices(idx, p, k.shape[1])
 
 
-# Query rows per call up to which a patched V3.2 layer attends in MLA's latent form (decode, short chunks).
-LATENT_MAX_QUERIES = 16
-
-
-def _latent_ok(self, hidden_states, cache, kwargs) -> bool:
-    """Whether this call may take the latent path: dsattn's sparse attention still set (not switched back to
-    eager / sdpa), a KV cache, few query rows, eager mode (the mask plan reads the host), a plain nn.Linear
-    kv_b_proj (not quantized or sharded), no packing or paged-cache arguments."""
-    kv_b = self.kv_b_proj
-    return (str(self.config._attn_implementation).startswith("dsattn_sparse") and cache is not None and hidden_states.shape[1] <= LATENT_MAX_QUERIES and not torch.compiler.is_compiling()
-            and type(kv_b) is nn.Linear and kv_b.bias is None and type(kv_b.weight) in (torch.Tensor, nn.Parameter)
-            and not any(key in kwargs for key in ("cu_seq_lens_q", "write_index", "block_table")))
-
-
 def attention_forward(self, hidden_states, position_embeddings, attention_mask, cache=None, position_ids=None,
                       **kwargs):
-    """DeepseekV32Attention.forward under attention="sparse". Decode (at most LATENT_MAX_QUERIES rows on a KV
-    cache, plainly causal mask) attends in MLA's latent form: q_nope is absorbed into kv_b_proj's key half, the
-    listed cached latents [k_pass, k_rot] are the keys and k_pass the values of one shared KV head, and the
-    output goes through kv_b_proj's value half: O(top_k) per step. transformers expands every cached latent
-    through kv_b_proj on every step instead (O(cache x kv_lora_rank x heads x head dims)), which made sparse
-    decode cost as much as dense. Mathematically the same attention; anything else runs transformers' forward."""
+    """DeepseekV32Attention.forward under attention="sparse". Decode (mla_latent.latent_ok, plainly causal mask)
+    attends in MLA's latent form (mla_latent): the listed cached latents are the keys of one shared KV head,
+    O(top_k) per step instead of expanding the whole cache through kv_b_proj. Mathematically the same
+    attention; anything else runs transformers' forward (or, after the cache update, its expanded path)."""
     cache = cache if cache is not None else kwargs.pop("past_key_values", None)
-    if not _latent_ok(self, hidden_states, cache, kwargs):
+    if not mla_latent.latent_ok(self, hidden_states, cache, kwargs, "dsattn_sparse"):
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask, cache=cache,
                                   position_ids=position_ids, **kwargs)
-    modeling = sys.modules[type(self).__module__]
-    b, s = hidden_states.shape[:-1]
-    q_resid = self.q_a_layernorm(self.q_a_proj(hidden_states))
-    q_states = self.q_b_proj(q_resid).view(b, s, -1, self.qk_head_dim).transpose(1, 2)
-    q_pass, q_rot = torch.split(q_states, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-    kv_pass, k_rot = torch.split(self.kv_a_proj_with_mqa(hidden_states), [self.kv_lora_rank, self.qk_rope_head_dim],
-                                 dim=-1)
-    k_pass = self.kv_a_layernorm(kv_pass).view(b, 1, s, self.kv_lora_rank)
-    k_rot = k_rot.view(b, 1, s, self.qk_rope_head_dim)
-    cos, sin = position_embeddings
-    q_rot, k_rot = modeling.apply_rotary_pos_emb_interleave(q_rot, k_rot, cos, sin)
-    k_pass, k_rot = cache.update(k_pass, k_rot, self.layer_idx, kwargs=kwargs)
-    t = k_pass.shape[2]
+    q_resid, q_pass, q_rot, k_pass, k_rot = mla_latent.project(self, hidden_states, position_embeddings, cache,
+                                                               kwargs)
     mask3 = None if attention_mask is None else attention_mask[:, 0, :, :]
     topk_indices = self.indexer(hidden_states, q_resid, position_embeddings, mask3, position_ids, cache=cache)
-    if masks.plan(attention_mask, b, s, t).kind != "dense":  # padding: the token-moving path on expanded keys
-        key_states, value_states = self.expand_kv(k_pass, k_rot)
-        query_states = torch.cat((q_pass, q_rot), dim=-1)
-        interface = modeling.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
-                                                                   modeling.eager_attention_forward)
-        out, _ = interface(self, query_states, key_states, value_states, attention_mask, dropout=0.0,
-                           scaling=self.scaling, indices=topk_indices, **kwargs)
-        return self.o_proj(out.reshape(b, s, -1).contiguous()), None
-    w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
-    w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
-    q_lat = torch.einsum("bhsd,hdr->bhsr", q_pass, w_uk.to(q_pass.dtype))
-    query = torch.cat((q_lat, q_rot), dim=-1)
-    key = torch.cat((k_pass, k_rot.to(k_pass.dtype)), dim=-1)
-    out_lat = dsattn.sparse_attention(query, key, k_pass, topk_indices, causal=True, scale=self.scaling)
-    out = torch.einsum("bhsr,hvr->bshv", out_lat, w_uv.to(out_lat.dtype))
-    return self.o_proj(out.reshape(b, s, -1)), None
+    if not mla_latent.plainly_causal(attention_mask, q_pass, k_pass):  # padding: the token-moving path
+        return mla_latent.expanded_attention(self, q_pass, q_rot, k_pass, k_rot, attention_mask,
+                                             indices=topk_indices, **kwargs), None
+    return mla_latent.latent_attention(
+        self, q_pass, q_rot, k_pass, k_rot,
+        lambda q, k, v: dsattn.sparse_attention(q, k, v, topk_indices, causal=True, scale=self.scaling)), None
 
 
 def _pass_packing(attention, args, kwargs):
