@@ -112,7 +112,8 @@ CAPABILITIES: dict[str, dict[str, Capability]] = {
         "triton": Capability(dtypes=KERNEL_FLOATS, group_size_multiple=16),
     },
     # int8: weight frozen (torch's backward: x, bias); the Triton kernel's group sizes as int4's (BLOCK_K divides them).
-    # cpp: csrc/cpu/int8_matmul.cpp forward (no backward: training keeps the torch path).
+    # cpp: csrc/cpu/int8_matmul.cpp forward (no backward: training keeps the torch path); fp32 accuracy for fp32 x
+    # also on the AVX512-VNNI decode (M < 4: x as three int8 digits per 128 values, csrc/cpu/int8_matmul_vnni.cpp).
     "int8_matmul": {"torch": TORCH, "triton": Capability(dtypes=KERNEL_FLOATS, group_size_multiple=16),
                     "cpp": Capability(dtypes=KERNEL_FLOATS, kernel="int8_matmul")},
     "int4_unpack": {

@@ -451,3 +451,73 @@ def test_cpp_api_auto_picks_it_without_gradient(dtype):
     assert chosen["int8_matmul"] == {"torch"}
     with pytest.raises(ValueError, match="backend='cpp' has no backward"):
         dsattn.int8_matmul(xg, w, backend="cpp")
+
+
+# ------------------------------------------------------------------- cpp AVX512-VNNI decode (x as int8 digits)
+def _cpu_has_vnni():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_vnni" in f.read()
+    except OSError:
+        return False
+
+
+needs_vnni = pytest.mark.skipif(not CPP_ISAS or 2 not in CPP_ISAS or not _cpu_has_vnni(),
+                                reason="needs the compiled kernel on an AVX-512 CPU with VNNI")
+
+
+def _cpp(x, w, bias, isa=2):
+    return torch.ops.dsattn_C.int8_matmul(x, w.qweight, w.scales.float(), w.group_size, bias, isa)
+
+
+# K 384 / 256: whole 128-value blocks (VNNI); K 200: the widening kernels. N 37: 9 tiles of 4 rows + 1.
+@needs_vnni
+@pytest.mark.parametrize("group_size,k", [(None, 384), (128, 384), (256, 256), (None, 200)])
+@pytest.mark.parametrize("m", [1, 3])
+def test_cpp_vnni_decode_equals_dequantized_matmul(monkeypatch, group_size, k, m):
+    """fp32 x as three int8 digits per 128 values (|x - x~| <= 2.4e-7 of the block max): fp32 tolerance; bf16 x
+    as two: bf16 tolerance. Activation outliers (one value 1000x its block) stay within fp32 tolerance. The
+    default differs from DSATTN_INT8_VNNI=0 (the widening kernels) where K % 128 == 0, so the VNNI path ran."""
+    n = 37
+    w = quantized(n, k, group_size)
+    bias = torch.randn(n)
+    x = non_contiguous(torch.randn(m, k))
+    x[:, 5] *= 1000.0
+    got = _cpp(x, w, bias)
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    assert_close(got, expected(x, w, bias), tolerance(torch.float32))
+    assert_close(_cpp(x, w, None), expected(x, w), tolerance(torch.float32))
+    xb = torch.randn(m, k).to(torch.bfloat16)
+    gotb = _cpp(xb, w, bias)
+    assert gotb.dtype == torch.bfloat16
+    assert_close(gotb, expected(xb, w, bias), tolerance(torch.bfloat16))
+    monkeypatch.setenv("DSATTN_INT8_VNNI", "0")
+    widened = _cpp(x, w, bias)
+    assert_close(widened, expected(x, w, bias), tolerance(torch.float32))
+    assert torch.equal(got, widened) == (k % 128 != 0)
+
+
+@needs_vnni
+def test_cpp_vnni_nan_reaches_only_its_row_and_env_isa():
+    """A NaN in x makes its row's outputs NaN and no other; zero rows give the bias; DSATTN_CPU_ISA=avx2 still
+    reaches the widening AVX2 kernel (bit-equal to isa=1) with VNNI on."""
+    w = quantized(21, 256, 128)
+    bias = torch.randn(21)
+    x = torch.randn(3, 256)
+    x[1, 77] = float("nan")
+    x[2] = 0.0
+    got = _cpp(x, w, bias)
+    assert torch.isnan(got[1]).all() and torch.isfinite(got[[0, 2]]).all()
+    assert_close(got[0], expected(x[:1], w, bias)[0], tolerance(torch.float32))
+    assert torch.equal(got[2], bias)
+    import subprocess
+    import sys
+
+    code = ("import torch, dsattn, dsattn._C\nw = dsattn.quantize_int8(torch.randn(21, 256), group_size=128)\n"
+            "x = torch.randn(2, 256)\nop = torch.ops.dsattn_C.int8_matmul\n"
+            "a = op(x, w.qweight, w.scales.float(), 128, None, -1)\nb = op(x, w.qweight, w.scales.float(), 128, None, 1)\n"
+            "print(torch.equal(a, b))")
+    if 1 in CPP_ISAS:
+        env = {**__import__("os").environ, "DSATTN_CPU_ISA": "avx2"}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert out.stdout.strip().endswith("True"), out.stderr[-2000:]

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "cpu/int4_kernels.h"
 
@@ -29,43 +30,14 @@
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,avx2")
 #endif
 
+#include "cpu/vnni_quantize.h"  // compiled for the target above
+
 namespace dsattn {
 namespace int4_cpu {
 namespace vnni {
 namespace {
 
 constexpr int kNB = 4;  // weight rows per tile
-
-// 128 values of x (fp32) -> `levels` digit blocks of 128 bytes (evens, then odds) at dst; returns sx.
-inline float quantize_block(const float* x, int levels, int8_t* dst) {
-  __m512 v[8];
-  __m512 amax = _mm512_setzero_ps();
-  for (int i = 0; i < 8; ++i) {
-    v[i] = _mm512_loadu_ps(x + 16 * i);
-    amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
-  }
-  const float m = _mm512_reduce_max_ps(amax);
-  if (!(m > 0.f) || !std::isfinite(m)) {
-    // All zero: zero digits. NaN / Inf: scale NaN / Inf so that the output is not finite, as x @ w would be.
-    std::fill(dst, dst + 128 * levels, int8_t{0});
-    return m > 0.f || std::isnan(m) ? m : 0.f;
-  }
-  const __m512 inv = _mm512_set1_ps(127.f / m);
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-  const __m512 base = _mm512_set1_ps(128.f);
-  for (int i = 0; i < 4; ++i)
-    for (int parity = 0; parity < 2; ++parity) {
-      __m512 u = _mm512_mul_ps(_mm512_permutex2var_ps(v[2 * i], parity ? odd : even, v[2 * i + 1]), inv);
-      for (int l = 0; l < levels; ++l) {
-        const __m512 d = _mm512_roundscale_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 128 * l + 64 * parity + 16 * i),
-                         _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(d)));
-        u = _mm512_mul_ps(_mm512_sub_ps(u, d), base);  // exact: |u - d| <= 1/2, times a power of two
-      }
-    }
-  return m / 127.f;
-}
 
 template <int L, int R, int NB>
 inline void tile(const VnniArgs& a, int64_t r0, int64_t n0) {
@@ -157,20 +129,7 @@ bool supported() {
 
 void quantize_x(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t group, int levels, int8_t* xq,
                 float* sx, float* xsum) {
-  const int64_t blocks = k / 128, groups = k / group;
-  const float unit = levels == 3 ? 1.f / 16384.f : levels == 2 ? 1.f / 128.f : 1.f;
-  at::parallel_for(0, m * blocks, 64, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r = b / blocks, c = b % blocks;
-      sx[b] = quantize_block(x + r * ldx + 128 * c, levels, xq + b * levels * 128) * unit;
-    }
-  });
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t g = 0; g < groups; ++g) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t i = 0; i < group; i += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(x + r * ldx + g * group + i));
-      xsum[r * groups + g] = _mm512_reduce_add_ps(acc);
-    }
+  vnni_quant::quantize_x<true>(x, ldx, m, k, group, levels, xq, sx, xsum);
 }
 
 void matmul(const VnniArgs& a, int levels) {

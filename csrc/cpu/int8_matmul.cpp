@@ -7,9 +7,10 @@
 //   bf16 panels for bf16 x) and multiplied by torch's GEMM (BLAS / oneDNN, AMX where the CPU has it); memory
 //   O(kPanelElems), never the whole weight (unless it is that small).
 //   AVX-512: one fused pass (int4_matmul_avx512.cpp) into L2-sized panels, the same values.
-// No VNNI path: decode is bound by streaming one byte per weight, and fp32-accurate int8 activations need
-// three digit passes (VPDPBUSD per 64 weights per digit, port 0 only) where the widening path runs one FMA per
-// 16 weights per row of x; prefill is GEMM-bound, where the bf16 GEMM (AMX) beats an int8 dot product.
+// - decode on AVX-512 CPUs with VNNI (M < kVnniMaxRows, K % 128 == 0, per channel or group % 128 == 0):
+//   int8_matmul_vnni.cpp, x as int8 digits (3 for fp32 x, 2 for bf16 x), VPDPBUSD with exact int32 sums;
+//   DSATTN_INT8_VNNI=0 keeps the widening kernels. isa= / DSATTN_CPU_ISA other than avx512 never take it.
+//   Prefill stays on the GEMM: there the bf16 GEMM (AMX) beats an int8 dot product.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
@@ -20,14 +21,25 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 
 #include "cpu/attention_kernels.h"
 #include "cpu/int4_kernels.h"
 
 namespace dsattn {
+namespace int8_vnni {  // int8_matmul_vnni.cpp
+bool supported();
+// out[m, n] (fp32) for fp32 x [m, k] (row stride ldx), k % 128 == 0, group 0 or a multiple of 128.
+void matmul(const float* x, int64_t ldx, int64_t m, int64_t n, int64_t k, const int8_t* q, const float* s,
+            int64_t group, const float* bias, int levels, float* out);
+}  // namespace int8_vnni
 namespace {
 
 constexpr int64_t kGemmMinRows = 64;
+// VNNI decode below this many rows (int8_matmul_vnni.cpp tiles 2 rows of x per pass over the weight; the
+// widening kernels run more rows per pass, which wins as M grows).
+constexpr int64_t kVnniMaxRows = 4;
 // Dequantized panel size in elements (32 MiB of fp32): each panel is one GEMM call, and narrow panels cost
 // GEMM efficiency (and oneDNN's bf16 weight reorder per call), so panels are as wide as this allows.
 constexpr int64_t kPanelElems = int64_t{8} << 20;
@@ -112,6 +124,14 @@ at::Tensor int8_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   at::Tensor out = at::empty({m, n}, x.options().dtype(at::kFloat));
   if (m == 0 || n == 0) return out.to(x.scalar_type());
   if (k == 0) return (bp != nullptr ? bc.expand({m, n}).clone() : out.zero_()).to(x.scalar_type());
+  const char* vnni_env = std::getenv("DSATTN_INT8_VNNI");
+  const bool vnni_off = vnni_env != nullptr && std::string(vnni_env) == "0";
+  if (chosen == cpu_attn::kAvx512 && !vnni_off && m < kVnniMaxRows && k % 128 == 0 && group % 128 == 0 &&
+      int8_vnni::supported()) {
+    int8_vnni::matmul(xf.data_ptr<float>(), xf.stride(0), m, n, k, qp, sp, group, bp, bf16 ? 2 : 3,
+                      out.data_ptr<float>());
+    return bf16 ? out.to(at::kBFloat16) : out;
+  }
   cpu_attn::Int8Args a{xf.data_ptr<float>(), xf.stride(0), qp, sp, bp, out.data_ptr<float>(), m, n, k, group};
   switch (chosen) {
     case cpu_attn::kAvx512: cpu_attn::isa_avx512::int8_matmul(a); break;

@@ -4,7 +4,8 @@
 // The weight's int8 codes are widened to fp32 in registers and multiplied with fp32 x: every product q * x is
 // exact in fp32 (q has 8 bits), so the only rounding is fp32 accumulation, as in the oracle's fp32 matmul. No
 // activation quantization: decode is bound by streaming the weight (1 byte per weight either way), and the
-// widening costs two cheap instructions per W weights shared by all rows of x in a tile.
+// widening costs two cheap instructions per W weights shared by all rows of x in a tile. (AVX512-VNNI CPUs
+// quantize x into int8 digits below 4 rows instead: int8_matmul_vnni.cpp, fp32 accuracy kept.)
 // Tiles: NB weight rows x R rows of x (R x NB vector accumulators), each weight vector widened once per tile.
 // Per output channel: out = s[n] * (q . x); per group (group % W == 0): the widened codes are scaled by their
 // group's scale before the FMA (q * s is the dequantized weight, rounded once to fp32). Other group sizes and
