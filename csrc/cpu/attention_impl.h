@@ -211,6 +211,30 @@ inline void zero_kv_row(int64_t D, int64_t DvP, float* Kt, float* Vt, int64_t jj
   for (int64_t d = 0; d < DvP; ++d) Vt[jj * DvP + d] = 0.f;
 }
 
+// The packed K / V tiles of one call. Uninitialized: the packing writes every element (zero rows outside
+// [0, Sk)). Up to kKeepFloats per slot are kept per calling thread and reused: a fresh buffer of this size comes
+// from mmap and page-faults on first touch at every call, which costs more than a decode call's arithmetic.
+struct PackBuffer {
+  static constexpr int64_t kKeepFloats = int64_t(1) << 23;  // 32 MiB per slot
+  float* ptr;
+  std::unique_ptr<float[]> own;
+  PackBuffer(int64_t n, int slot) {
+    thread_local std::unique_ptr<float[]> kept[2];
+    thread_local int64_t kept_n[2] = {0, 0};
+    if (n > kKeepFloats) {
+      own.reset(new float[n]);
+      ptr = own.get();
+      return;
+    }
+    if (kept_n[slot] < n) {
+      kept[slot].reset(new float[n]);
+      kept_n[slot] = n;
+    }
+    ptr = kept[slot].get();
+  }
+  float* get() const { return ptr; }
+};
+
 // ---------------------------------------------------------------------------------------------------------
 // Sliding window. Query i of a sequence sits at p = i + Sk - Sq and sees keys [lo_i, hi_i] (causal:
 // p - window < j <= p; else |p - j| < window), both bounds non-decreasing in i.
@@ -267,7 +291,7 @@ void sliding_window_typed(const SlidingArgs& a) {
     v_total += a.hkv * ps.ntile * BK * DvP;
     for (int64_t h = 0; h < a.hkv; ++h) tile_prefix[s * a.hkv + h + 1] = tile_prefix[s * a.hkv + h] + ps.ntile;
   }
-  std::vector<float> kbuf(k_total), vbuf(v_total);
+  PackBuffer kbuf(k_total, 0), vbuf(v_total, 1);
   const int64_t units = tile_prefix.back();
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
@@ -275,8 +299,8 @@ void sliding_window_typed(const SlidingArgs& a) {
       const int64_t s = sh / a.hkv, h = sh % a.hkv, t = u - tile_prefix[sh];
       const Seq& sq = a.seqs[s];
       const PackedSeq& ps = packed[s];
-      float* Kt = kbuf.data() + ps.k_off + (h * ps.ntile + t) * D * BK;
-      float* Vt = vbuf.data() + ps.v_off + (h * ps.ntile + t) * BK * DvP;
+      float* Kt = kbuf.get() + ps.k_off + (h * ps.ntile + t) * D * BK;
+      float* Vt = vbuf.get() + ps.v_off + (h * ps.ntile + t) * BK * DvP;
       const int64_t j0 = (ps.t0 + t) * BK;
       int64_t jj = 0;
       for (; jj + 16 <= BK && j0 + jj + 16 <= sq.sk; jj += 16) {
@@ -344,8 +368,8 @@ void sliding_window_typed(const SlidingArgs& a) {
         const PackedSeq& ps = packed[s];
         for (int64_t t = blk_lo / BK; t <= blk_hi / BK; ++t) {
           const int64_t j0 = t * BK, nk = std::min(BK, sq.sk - j0);
-          const float* Kt = kbuf.data() + ps.k_off + (h * ps.ntile + t - ps.t0) * D * BK;
-          const float* Vt = vbuf.data() + ps.v_off + (h * ps.ntile + t - ps.t0) * BK * DvP;
+          const float* Kt = kbuf.get() + ps.k_off + (h * ps.ntile + t - ps.t0) * D * BK;
+          const float* Vt = vbuf.get() + ps.v_off + (h * ps.ntile + t - ps.t0) * BK * DvP;
           bool full = nk == BK;
           for (int64_t ii = 0; ii < nq && full; ++ii) full = rows[ii].lo <= j0 && rows[ii].hi >= j0 + BK - 1;
           qk_block(Qp.data(), M, D, Kt, S.data());
