@@ -325,21 +325,39 @@ def test_paged_op_gradients_and_sinks():
     testing.assert_grads_match(fn, oracle, inputs, name="paged_sliding_window_attention")
 
 
-@pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.UserError,
-                   reason="known gap: the paged/varlen input checks read cu_seqlens on the host (.item()), a "
-                          "data-dependent guard under fullgraph tracing")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_paged_op_traces_under_compile_fullgraph(backend):
-    """torch.compile(fullgraph=True) (aot_eager): no graph break, the eager result."""
+    """torch.compile(fullgraph=True) (aot_eager): no graph break (the value checks of the offsets and the block
+    table run in eager mode only; the op is opaque with its fake kernel), the eager result."""
     _cpp_or_skip(backend)
     q, kc, vc, table, cu, lens = paged_inputs()
 
-    def fn(q, kc, vc):
+    def fn(q, kc, vc, table, cu, lens):
         return dsattn.paged_sliding_window_attention(q, kc, vc, table, cu, lens, max(LENS_Q), 6, backend=backend)
 
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    testing.assert_close(compiled(q, kc, vc), fn(q, kc, vc), 1e-6)
+    testing.assert_close(compiled(q, kc, vc, table, cu, lens), fn(q, kc, vc, table, cu, lens), 1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_op_traces_under_compile_fullgraph(backend):
+    """sliding_window_attention_varlen shares the offsets' checks: it traces without a graph break too."""
+    _cpp_or_skip(backend)
+    g = torch.Generator().manual_seed(5)
+    lens_q, lens_k = (5, 1, 13), (5, 9, 20)
+    q = torch.randn(sum(lens_q), 4, 16, generator=g)
+    k, v = torch.randn(2, sum(lens_k), 2, 16, generator=g)
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
+
+    def fn(q, k, v, cu_q, cu_k):
+        return dsattn.sliding_window_attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), 6,
+                                                      backend=backend)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    testing.assert_close(compiled(q, k, v, cu_q, cu_k), fn(q, k, v, cu_q, cu_k), 1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -64,6 +64,33 @@ def _check_index_tensor(name: str, t, ndim: int, device) -> None:
         raise ValueError(f"dsattn.{OP}: {name} is on {t.device} but q is on {device}")
 
 
+def _check_table_values(block_table, cu_seqlens_q, seqlens_k, max_seqlen_q: int, num_blocks: int,
+                        block_size: int) -> None:
+    """The checks that read the index tensors' values (one small host read): a block id out of range would make
+    the kernels read outside the cache."""
+    num_seqs = seqlens_k.shape[0]
+    lengths = seqlens_k.cpu()
+    queries = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).cpu()
+    if (lengths < queries).any():
+        s = int((lengths < queries).nonzero()[0])
+        raise ValueError(f"dsattn.{OP}: seqlens_k[{s}] = {int(lengths[s])} is shorter than the sequence's "
+                         f"{int(queries[s])} queries (its queries are the last of its keys)")
+    capacity = block_table.shape[1] * block_size
+    if num_seqs and int(lengths.max()) > capacity:
+        raise ValueError(f"dsattn.{OP}: seqlens_k up to {int(lengths.max())} keys but block_table has "
+                         f"{block_table.shape[1]} blocks of {block_size} ({capacity} keys) per sequence")
+    if num_seqs:
+        used = torch.arange(block_table.shape[1]) < ((lengths + block_size - 1) // block_size)[:, None]
+        ids = block_table.cpu()[used]
+        bad = (ids < 0) | (ids >= num_blocks)
+        if bad.any():
+            raise ValueError(f"dsattn.{OP}: block_table holds block id {int(ids[bad][0])} for a block in use; "
+                             f"the cache has blocks 0..{num_blocks - 1}")
+    if num_seqs and int(queries.max()) > max_seqlen_q:
+        raise ValueError(f"dsattn.{OP}: max_seqlen_q={max_seqlen_q} is shorter than the longest sequence's "
+                         f"{int(queries.max())} queries")
+
+
 def paged_sliding_window_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_k, max_seqlen_q, window,
                                    *, scale=None, sinks=None, backend="auto"):
     """Causal sliding-window attention of packed queries over a paged KV cache.
@@ -101,28 +128,9 @@ def paged_sliding_window_attention(q, k_cache, v_cache, block_table, cu_seqlens_
         raise ValueError(f"dsattn.{OP}: cu_seqlens_q ({cu_seqlens_q.shape[0]} offsets), seqlens_k ({num_seqs}) and "
                          f"block_table ({block_table.shape[0]} rows) must describe the same sequences "
                          "(num_seqs + 1, num_seqs, num_seqs)")
-    # One small host read: a block id out of range would make the kernels read outside the cache.
-    lengths = seqlens_k.cpu()
-    queries = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).cpu()
-    if (lengths < queries).any():
-        s = int((lengths < queries).nonzero()[0])
-        raise ValueError(f"dsattn.{OP}: seqlens_k[{s}] = {int(lengths[s])} is shorter than the sequence's "
-                         f"{int(queries[s])} queries (its queries are the last of its keys)")
-    capacity = block_table.shape[1] * block_size
-    if num_seqs and int(lengths.max()) > capacity:
-        raise ValueError(f"dsattn.{OP}: seqlens_k up to {int(lengths.max())} keys but block_table has "
-                         f"{block_table.shape[1]} blocks of {block_size} ({capacity} keys) per sequence")
-    if num_seqs:
-        used = torch.arange(block_table.shape[1]) < ((lengths + block_size - 1) // block_size)[:, None]
-        ids = block_table.cpu()[used]
-        bad = (ids < 0) | (ids >= num_blocks)
-        if bad.any():
-            raise ValueError(f"dsattn.{OP}: block_table holds block id {int(ids[bad][0])} for a block in use; "
-                             f"the cache has blocks 0..{num_blocks - 1}")
     max_seqlen_q = _checks.check_int(OP, "max_seqlen_q", max_seqlen_q, minimum=0)
-    if num_seqs and int(queries.max()) > max_seqlen_q:
-        raise ValueError(f"dsattn.{OP}: max_seqlen_q={max_seqlen_q} is shorter than the longest sequence's "
-                         f"{int(queries.max())} queries")
+    if not torch.compiler.is_compiling():  # host reads of the values: eager only (traced, they break the graph)
+        _check_table_values(block_table, cu_seqlens_q, seqlens_k, max_seqlen_q, num_blocks, block_size)
     scale = _checks.check_scale(OP, scale, dqk**-0.5)
     sinks = _check_sinks(OP, sinks, hq, q)
     request = capabilities.Request(dtype=q.dtype, grad=_backend.needs_grad(q, k_cache, v_cache, sinks),
