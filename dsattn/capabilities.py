@@ -76,8 +76,12 @@ CAPABILITIES: dict[str, dict[str, Capability]] = {
     # 64-bit offsets where they can pass int32 (LONG_OFFSETS): no offset limit.
     # Triton backward: FlashAttention-2 style over the listed (topk: selected) keys, dk/dv by fp32 atomics.
     # Paged KV cache read through a block table (continuous batching).
-    "paged_sliding_window_attention": {"torch": TORCH,
-                                       "cpp": Capability(dtypes=KERNEL_FLOATS, kernel="sliding_window_attention")},
+    # triton: split-K forward over the blocks in place; its backward is the torch backend's (a correct gradient).
+    "paged_sliding_window_attention": {"triton": Capability(dtypes=KERNEL_FLOATS, backward=True, max_head_dim=256,
+                                                            max_offset=INT32_OFFSETS),
+                                       "torch": TORCH,
+                                       "cpp": Capability(dtypes=KERNEL_FLOATS,
+                                                         kernel="paged_sliding_window_attention")},
     "sparse_attention": {"triton": Capability(dtypes=KERNEL_FLOATS, backward=True), "torch": TORCH,
                          "cpp": Capability(dtypes=KERNEL_FLOATS, kernel="sparse_attention")},
     "topk_sparse_attention": {"triton": Capability(dtypes=KERNEL_FLOATS, backward=True), "torch": TORCH},

@@ -246,21 +246,22 @@ LENS_K = (5, 40, 7, 18, 30, 1)
 BLOCK = 8
 
 
-def paged_inputs(hq=4, hkv=2, dqk=24, dv=16, dtype=torch.float32, seed=0, spare=3):
+def paged_inputs(hq=4, hkv=2, dqk=24, dv=16, dtype=torch.float32, seed=0, spare=3, block=BLOCK, lens_q=LENS_Q,
+                 lens_k=LENS_K):
     """(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_k): every sequence's blocks at shuffled places
     of the cache, spare blocks unused; block-table entries past a sequence's blocks are -1."""
     g = torch.Generator().manual_seed(seed)
-    need = [-(-n // BLOCK) for n in LENS_K]
+    need = [-(-n // block) for n in lens_k]
     num_blocks = sum(need) + spare
     order = torch.randperm(num_blocks, generator=g).tolist()
-    table = torch.full((len(LENS_K), max(need) + 1), -1, dtype=torch.int32)
+    table = torch.full((len(lens_k), max(need) + 1), -1, dtype=torch.int32)
     for s, n in enumerate(need):
         table[s, :n] = torch.tensor([order.pop() for _ in range(n)], dtype=torch.int32)
-    q = torch.randn(sum(LENS_Q), hq, dqk, generator=g).to(dtype)
-    k_cache = torch.randn(num_blocks, BLOCK, hkv, dqk, generator=g).to(dtype)
-    v_cache = torch.randn(num_blocks, BLOCK, hkv, dv, generator=g).to(dtype)
-    cu = torch.tensor([0, *torch.tensor(LENS_Q).cumsum(0).tolist()], dtype=torch.int32)
-    return q, k_cache, v_cache, table, cu, torch.tensor(LENS_K, dtype=torch.int32)
+    q = torch.randn(sum(lens_q), hq, dqk, generator=g).to(dtype)
+    k_cache = torch.randn(num_blocks, block, hkv, dqk, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, block, hkv, dv, generator=g).to(dtype)
+    cu = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k_cache, v_cache, table, cu, torch.tensor(lens_k, dtype=torch.int32)
 
 
 def test_oracle_equals_dense_sliding_window_per_sequence():
@@ -275,13 +276,17 @@ def test_oracle_equals_dense_sliding_window_per_sequence():
 
 
 def _cpp_or_skip(backend):
+    """Skips the cpp backend without dsattn._C's attention kernels, and triton where it cannot run on CPU
+    tensors (TRITON_INTERPRET unset: a GPU machine runs the Triton tests below on its device)."""
     from dsattn import _backend
 
     if backend == "cpp" and _backend.unusable_reason("cpp", torch.device("cpu"), "sliding_window_attention"):
         pytest.skip("dsattn._C has no attention kernels in this build")
+    if backend == "triton" and _backend.unusable_reason("triton", torch.device("cpu")):
+        pytest.skip(_backend.unusable_reason("triton", torch.device("cpu")))
 
 
-BACKENDS = ["torch", "cpp"]
+BACKENDS = ["torch", "cpp", "triton"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -310,14 +315,17 @@ def test_auto_takes_the_cpp_kernel_on_cpu_and_torch_for_gradients():
     assert chosen["paged_sliding_window_attention"] == {"torch"}
 
 
-def test_paged_op_gradients_and_sinks():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_paged_op_gradients_and_sinks(backend):
+    """The triton backend's forward with the torch backend's backward: the gradient is still the oracle's."""
+    _cpp_or_skip(backend)
     q, kc, vc, table, cu, lens = paged_inputs()
     sinks = torch.randn(q.shape[1])
     inputs = [t.requires_grad_(True) for t in (q, kc, vc, sinks)]
 
     def fn(q, kc, vc, sinks):
         return dsattn.paged_sliding_window_attention(testing.non_contiguous(q), kc, vc, table, cu, lens,
-                                                     max(LENS_Q), 6, sinks=sinks, backend="torch")
+                                                     max(LENS_Q), 6, sinks=sinks, backend=backend)
 
     def oracle(q, kc, vc, sinks):
         return paged_oracle(q, kc, vc, table, cu, lens, 6, sinks=sinks)
@@ -393,13 +401,77 @@ def test_blocks_outside_every_window_are_not_read(monkeypatch):
             kc[b], vc[b] = float("nan"), float("nan")
             poisoned += 1
     assert poisoned >= 5  # spare blocks and the long sequences' early blocks
-    for backend in ("torch", "cpp"):
-        if backend == "torch" or not _backend.unusable_reason("cpp", torch.device("cpu"), "sliding_window_attention"):
+    for backend in ("torch", "cpp", "triton"):
+        kernel = "sliding_window_attention" if backend == "cpp" else None
+        if backend == "torch" or not _backend.unusable_reason(backend, torch.device("cpu"), kernel):
             out = dsattn.paged_sliding_window_attention(q, kc, vc, table, cu, lens, max(LENS_Q), window, backend=backend)
             testing.assert_close(out, expected, 1e-5)
     # 40 keys, 1 query, window 3: keys 37..39 visible, block 4 (keys 32..39) alone is read; 18 keys, 1 query:
     # blocks 1..2 (keys 8..17); 30 keys, 13 queries: keys 15.. visible, blocks 1..3 (keys 8..29).
     assert read == [5, 8, 10, 22, 1]
+
+
+# ---------------------------------------------------------------- the Triton paged kernel (split-K)
+def _poison_unread_blocks(kc, vc, table, lens_q, lens_k, window, block):
+    """NaN into every block no row can see (spare blocks, blocks wholly before a sequence's windows), and the
+    table entries of the blocks before a sequence's windows pointed at a poisoned block: a kernel that reads any
+    of them puts NaN into a row."""
+    first_read = {}
+    for s in range(len(lens_k)):
+        first, last = visible_blocks(lens_q[s], lens_k[s], window, block) if lens_q[s] else (0, 0)
+        for j in range(first, last):
+            first_read[int(table[s, j])] = True
+    unread = [b for b in range(kc.shape[0]) if b not in first_read]
+    kc[unread], vc[unread] = float("nan"), float("nan")
+    for s in range(len(lens_k)):
+        first = visible_blocks(lens_q[s], lens_k[s], window, block)[0] if lens_q[s] else -(-lens_k[s] // block)
+        table[s, :first] = unread[0]
+    return len(unread)
+
+
+# (dtype, (Hq, Hkv), page size, splits, window, sinks, query lengths): decode rows alone (the hot path), mixed
+# prefill chunks; pages smaller and larger than the key tile; forced splits (some of them empty); a KV group wider
+# than the row tile (20 query heads per KV head: head chunks); MHA with window 1.
+TRITON_CASES = [
+    (torch.float32, (4, 2), 8, None, 6, True, LENS_Q),
+    (torch.float32, (4, 2), 8, 3, 17, True, LENS_Q),
+    (torch.float32, (4, 1), 16, 2, 4096, False, (1, 1, 0, 1, 1, 1)),
+    (torch.bfloat16, (4, 2), 16, 4, 9, True, (1, 1, 1, 1, 1, 1)),
+    (torch.bfloat16, (8, 2), 64, None, 4096, False, LENS_Q),
+    (torch.float32, (20, 1), 8, 2, 9, True, LENS_Q),
+    (torch.float32, (3, 3), 8, None, 1, False, LENS_Q),
+]
+
+
+@pytest.mark.parametrize("dtype,heads,page,splits,window,with_sinks,lens_q", TRITON_CASES,
+                         ids=lambda x: str(x).replace("torch.", "") if not isinstance(x, tuple) or len(x) < 3
+                         else "q" + "-".join(map(str, x)))
+def test_triton_paged_kernel_matches_the_oracle(triton_device, dtype, heads, page, splits, window, with_sinks, lens_q):
+    """Blocks in shuffled order, partial last blocks, Dqk 24 != Dv 16, GQA; NaN in every block no row can see
+    (and the table entries before the windows pointed at one) never reaches a row."""
+    from dsattn.triton_kernels import paged_sliding_window_attention as kernel
+
+    q, kc, vc, table, cu, lens = paged_inputs(*heads, dtype=dtype, block=page, lens_q=lens_q, seed=page + window)
+    sinks = torch.randn(heads[0]) if with_sinks else None
+    expected = paged_oracle(q.double(), kc.double(), vc.double(), table, cu, lens, window, scale=0.3,
+                            sinks=None if sinks is None else sinks.double())
+    assert _poison_unread_blocks(kc, vc, table, lens_q, LENS_K, window, page) >= 3
+    args = [t.to(triton_device) for t in (testing.non_contiguous(q), kc, vc, table, cu, lens)]
+    out = kernel.paged_sliding_window_attention(*args, max(lens_q), window, 0.3,
+                                                None if sinks is None else sinks.to(triton_device), num_splits=splits)
+    assert out.dtype == dtype and out.shape == (sum(lens_q), heads[0], 16)
+    testing.assert_close(out.cpu(), expected, 1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_auto_takes_triton_on_cuda():
+    from dsattn import _backend, capabilities
+
+    request = capabilities.Request(dtype=torch.bfloat16, head_dim=128)
+    assert _backend.select_backend("paged_sliding_window_attention", "auto", torch.device("cuda"), request,
+                                   auto_order=("triton", "torch")) == "triton"
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        _backend.select_backend("paged_sliding_window_attention", "triton", torch.device("cuda"),
+                                capabilities.Request(dtype=torch.bfloat16, head_dim=576))
 
 
 def _bad(**changes):

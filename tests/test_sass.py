@@ -44,6 +44,8 @@ ROWS = (
     Row("sliding_window_attention", "bwd_dkdv_bfloat16_d128x128", "HGMMA"),
     Row("sliding_window_attention", "bwd_dq_bfloat16_d64x64", "HGMMA"),
     Row("sliding_window_attention", "bwd_dq_bfloat16_d128x128", "HGMMA"),
+    Row("paged_sliding_window_attention", "direct_m16_bfloat16_d128", "HMMA"),
+    Row("paged_sliding_window_attention", "split_m64_bfloat16_d128", "HGMMA"),
     Row("lightning_indexer_topk", "indexer_h64_bf16_d128_kp128", "HGMMA"),
     Row("lightning_indexer_topk", "indexer_h64_bf16_d128_kp2048", "HGMMA"),
     Row("sparse_attention", "fwd_bf16_h64_dv128", "HGMMA"),

@@ -15,6 +15,7 @@ KERNEL_MODULES = (
     "int8_matmul",
     "lightning_indexer_topk",
     "linear_attention",
+    "paged_sliding_window_attention",
     "sliding_window_attention",
     "sparse_attention",
 )

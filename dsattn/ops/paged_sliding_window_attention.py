@@ -3,8 +3,9 @@ functional entry (validate, pick a backend from dsattn.capabilities, call the op
 packed queries (prefill chunks and decode rows mixed) over a paged KV cache read through a block table, in
 FlashAttention's layout (flash_attn_varlen_func(..., block_table=) / flash_attn_with_kvcache); gradients
 reach q, the caches and sinks (the torch backend's backward scatters dk/dv into the blocks). Backends: "torch"
-(per sequence, with a backward) and "cpp" (CPU, forward: the visible blocks packed, one varlen call of the
-C++ sliding-window kernel); "auto" takes cpp on the CPU when it can."""
+(per sequence, with a backward), "cpp" (CPU, forward: the C++ sliding-window kernel reading the
+blocks through the block table) and "triton" (split-K paged kernel reading the blocks in place; its backward is
+the torch backend's); "auto" takes triton on CUDA and cpp on the CPU when it can."""
 
 from typing import Optional
 
@@ -22,12 +23,15 @@ def _paged_sliding_window_attention(q: torch.Tensor, k_cache: torch.Tensor, v_ca
                                     block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, seqlens_k: torch.Tensor,
                                     max_seqlen_q: int, window: int, scale: float, sinks: Optional[torch.Tensor],
                                     backend: str) -> torch.Tensor:
+    if backend == "triton":
+        from dsattn.triton_kernels import paged_sliding_window_attention as _triton
+
+        return _triton.paged_sliding_window_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_k,
+                                                      max_seqlen_q, window, scale, _triton_sinks(sinks))
     if backend == "cpp":
-        # The visible blocks of every sequence packed once, then one varlen call of the CPU sliding-window kernel.
-        k, v, cu_seqlens_k = _torch.gather_visible(k_cache, v_cache, block_table, cu_seqlens_q, seqlens_k, window)
-        return torch.ops.dsattn_C.sliding_window_attention(q.contiguous(), k, v, _triton_sinks(sinks), cu_seqlens_q,
-                                                           cu_seqlens_k,
-                                                           window, True, scale)
+        # The CPU sliding-window kernel reads K/V through the block table (blocks outside every window unread).
+        return torch.ops.dsattn_C.paged_sliding_window_attention(q, k_cache, v_cache, block_table, cu_seqlens_q,
+                                                                 seqlens_k, _triton_sinks(sinks), window, scale)
     return _torch.paged_sliding_window_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_k, window,
                                                  scale=scale, sinks=sinks)
 
@@ -133,8 +137,10 @@ def paged_sliding_window_attention(q, k_cache, v_cache, block_table, cu_seqlens_
         _check_table_values(block_table, cu_seqlens_q, seqlens_k, max_seqlen_q, num_blocks, block_size)
     scale = _checks.check_scale(OP, scale, dqk**-0.5)
     sinks = _check_sinks(OP, sinks, hq, q)
+    # offset: the Triton kernel's int32 offsets within q and the output (the cache's page bases are 64-bit).
     request = capabilities.Request(dtype=q.dtype, grad=_backend.needs_grad(q, k_cache, v_cache, sinks),
-                                   head_dim=max(dqk, v_cache.shape[3]))
+                                   head_dim=max(dqk, v_cache.shape[3]),
+                                   offset=max(capabilities.max_offset(q), total_q * hq * v_cache.shape[3]))
     chosen = _backend.select_backend(OP, backend, q.device, request, auto_order=AUTO_ORDER.get(q.device.type))
     return paged_sliding_window_attention_op(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_k, max_seqlen_q,
                                              window, scale, sinks, chosen)

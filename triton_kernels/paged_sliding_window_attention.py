@@ -1,0 +1,258 @@
+"""Paged sliding-window attention (flash-decoding split-K) for dsattn.paged_sliding_window_attention.
+
+Packed query rows (decode rows and prefill chunks alike, as transformers' continuous batching mixes them) read
+K/V in place through the block table, as FlashAttention's flash_attn_with_kvcache(block_table=) and vLLM's
+paged attention do: no gather of the cache.
+
+- `paged_sliding_window_attention_kernel`: one program per (row tile, KV head (and head chunk), key split).
+  A row tile holds all query heads of the KV group (GQA) for BLOCK_Q consecutive queries of one sequence
+  (rows ordered query-major, so a tile's windows overlap); tiles are numbered over the packed queries as
+  cu_seqlens_q[s] // BLOCK_Q + s for sequence s (vLLM's unified-attention numbering: no host read of the
+  offsets), and a program finds its sequence by binary search. Its keys are only those the tile's windows
+  reach, [first query's position - window + 1, last query's position], cut into splits; each key tile's pages
+  come from the block table, so blocks wholly outside every row's window are never read. Online softmax in
+  base 2. With one split (DIRECT) it writes the output (sinks joined) itself; otherwise it writes normalized
+  partials and their log-sum-exp, which the sliding-window decode combine kernel merges with the sink.
+Visibility is the op's: query i of a sequence with Sq queries and Sk keys sits at p = i + Sk - Sq and sees
+p - window < j <= p. A NaN/Inf in a key or value a row does not see never reaches it (masked loads outside
+the tile's key range; a non-finite value row inside it enters the dot zeroed). Page bases are 64-bit.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import AOTSpec, interpreting, launch, ptr
+from .sliding_window_attention import (
+    LOG2E,
+    MAX_SPLITS,
+    _aligned,
+    _finish_rows,
+    _num_splits,
+    _pow2,
+    _unit_head_strides,
+    check_head_dims,
+    decode_config,
+    decode_row_tiles,
+    sliding_window_attention_decode_combine_kernel,
+)
+
+
+@triton.jit
+def _sequence_of_tile(cu_seqlens_q_ptr, tile, NUM_SEQS, BLOCK_Q):
+    """The sequence whose row tiles hold `tile`: sequence s's tiles start at cu_seqlens_q[s] // BLOCK_Q + s (a
+    strictly increasing start, so the last sequence starting at or before `tile` owns it)."""
+    lo = 0
+    hi = NUM_SEQS
+    while lo < hi:
+        mid = (lo + hi) // 2
+        start = tl.load(cu_seqlens_q_ptr + mid) // BLOCK_Q + mid
+        if start <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def paged_sliding_window_attention_kernel(
+    q_ptr, k_ptr, v_ptr, block_table_ptr, cu_seqlens_q_ptr, seqlens_k_ptr, o_ptr, o_part_ptr, lse_part_ptr,
+    sinks_ptr,
+    stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_ot, stride_oh, stride_od,
+    table_row_stride, NUM_SEQS, TOTAL_Q, GROUPS, HEADS_PER_TILE, BLOCK_Q, PAGE_SIZE, DQK, DV, window,
+    qk_scale_log2, keys_per_split, NUM_SPLITS,
+    HAS_SINKS: tl.constexpr, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, TF32X3: tl.constexpr,
+):
+    """DIRECT: out [TOTAL_Q, HQ, DV] (q's dtype, any strides) written here. Else partials o_part [HQ, TOTAL_Q,
+    NUM_SPLITS, BLOCK_DV] (normalized) and lse_part [HQ, TOTAL_Q, NUM_SPLITS] (base 2, -inf for a split that
+    saw nothing), fp32 and contiguous: the decode combine kernel's layout with one batch of TOTAL_Q rows."""
+    tile = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    split = tl.program_id(2)
+    head_chunks = tl.cdiv(GROUPS, HEADS_PER_TILE)
+    kv_head = pid_h // head_chunks
+    seq = _sequence_of_tile(cu_seqlens_q_ptr, tile, NUM_SEQS, BLOCK_Q)
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    seqlen_q = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    seqlen_k = tl.load(seqlens_k_ptr + seq)
+    q_first = (tile - (q_start // BLOCK_Q + seq)) * BLOCK_Q  # the tile's first query within its sequence
+
+    rows = tl.arange(0, BLOCK_M)
+    qi = q_first + rows // HEADS_PER_TILE
+    group = (pid_h % head_chunks) * HEADS_PER_TILE + rows % HEADS_PER_TILE
+    row_valid = (rows < BLOCK_Q * HEADS_PER_TILE) & (group < GROUPS) & (qi < seqlen_q)
+    head = kv_head * GROUPS + group
+    token = (q_start + qi).to(tl.int64)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_dqk[None, :] * stride_qd,
+                mask=row_valid[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
+    if UPCAST:  # the interpreter's tl.dot is wrong on bf16 operands
+        q = q.to(tl.float32)
+    shift = seqlen_k - seqlen_q
+    pos = qi + shift
+    # Keys the tile's windows reach, then this split's share of them.
+    lo = tl.maximum(q_first + shift - window + 1, 0) + split * keys_per_split
+    hi = tl.minimum(tl.minimum(q_first + BLOCK_Q, seqlen_q) + shift, lo + keys_per_split)
+    hi = tl.where(q_first < seqlen_q, hi, lo)  # tiles past the sequence's queries are idle
+
+    table_row = block_table_ptr + seq.to(tl.int64) * table_row_stride
+    k_base = k_ptr + kv_head * stride_kh
+    v_base = v_ptr + kv_head * stride_vh
+    offs_n = tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + offs_n
+        col_ok = cols < hi
+        page = tl.load(table_row + cols // PAGE_SIZE, mask=col_ok, other=0).to(tl.int64)
+        slot = cols % PAGE_SIZE
+        k = tl.load(k_base + page[None, :] * stride_kb + slot[None, :] * stride_ks + offs_dqk[:, None] * stride_kd,
+                    mask=col_ok[None, :] & (offs_dqk[:, None] < DQK), other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        if TF32X3:
+            s = tl.dot(q, k, input_precision="tf32x3", out_dtype=tl.float32)
+        else:
+            s = tl.dot(q, k, out_dtype=tl.float32)
+        visible = row_valid[:, None] & col_ok[None, :] & (cols[None, :] > pos[:, None] - window) \
+            & (cols[None, :] <= pos[:, None])
+        s = tl.where(visible, s * qk_scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + page[:, None] * stride_vb + slot[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
+                    mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        # p = 0 times a non-finite value is NaN: such a value row enters the dot zeroed, its NaN put into p only
+        # where a row sees that key (a prefill tile's later rows see keys its earlier rows do not).
+        v_bad = tl.sum(v.to(tl.float32) * 0.0, 1)
+        v_bad = v_bad != v_bad
+        v = tl.where(v_bad[:, None], 0.0, v)
+        p = tl.where(visible & v_bad[None, :], float("nan"), p)
+        acc = acc * alpha[:, None]
+        if TF32X3:
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="tf32x3", out_dtype=tl.float32)
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc, out_dtype=tl.float32)
+        m_i = m_new
+
+    if DIRECT:
+        sink_log2 = 0.0
+        if HAS_SINKS:
+            sink_log2 = tl.load(sinks_ptr + head, mask=row_valid, other=0.0).to(tl.float32) * 1.4426950408889634
+        out = _finish_rows(acc, l_i, m_i, sink_log2, HAS_SINKS)
+        tl.store(o_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :] * stride_od,
+                 out.to(o_ptr.dtype.element_ty), mask=row_valid[:, None] & (offs_dv[None, :] < DV))
+    else:
+        has_key = l_i > 0
+        out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+        lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("-inf"))
+        part_row = (head.to(tl.int64) * TOTAL_Q + token) * NUM_SPLITS + split
+        tl.store(o_part_ptr + part_row[:, None] * BLOCK_DV + offs_dv[None, :], out, mask=row_valid[:, None])
+        tl.store(lse_part_ptr + part_row, lse, mask=row_valid)
+
+
+# ----------------------------------------------------------------------------------------- launcher
+def config(rows: int, block_dqk: int, block_dv: int, dtype: torch.dtype) -> dict:
+    """The sliding-window decode tiles: a 16-row tile while a KV group's rows (groups x longest query count)
+    fit in it, else 64 rows (16 in fp32, whose 64-row tile spills)."""
+    return decode_config(min(rows, decode_row_tiles(dtype)[-1]), block_dqk, block_dv, dtype)
+
+
+def paged_sliding_window_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_k, max_seqlen_q, window,
+                                   scale, sinks, num_splits=None):
+    """q [total_q, Hq, Dqk] (any strides), k_cache [num_blocks, page, Hkv, Dqk], v_cache [.., Dv] (any strides),
+    block_table int32 [num_seqs, max_blocks], cu_seqlens_q int32 [num_seqs + 1], seqlens_k int32 [num_seqs]
+    (validated by the op) -> [total_q, Hq, Dv]. sinks: fp32 [Hq] or None. num_splits: key splits per row tile
+    (default: enough programs for the device, from the key range bound min(window + BLOCK_Q - 1, max_blocks x
+    page): no host read of the offsets)."""
+    total_q, hq, dqk = q.shape
+    page, hkv, dv = v_cache.shape[1], v_cache.shape[2], v_cache.shape[3]
+    check_head_dims(dqk, dv)
+    out = torch.empty(total_q, hq, dv, dtype=q.dtype, device=q.device)
+    num_seqs = seqlens_k.shape[0]
+    if out.numel() == 0:
+        return out
+    if num_seqs == 0 or max_seqlen_q == 0 or block_table.shape[1] == 0:
+        return out.zero_()
+    groups = hq // hkv
+    block_dqk, block_dv = _pow2(dqk), _pow2(dv)
+    cfg = config(groups * max_seqlen_q, block_dqk, block_dv, q.dtype)
+    heads_per_tile = min(groups, cfg["BLOCK_M"])
+    head_chunks = triton.cdiv(groups, heads_per_tile)
+    block_q = cfg["BLOCK_M"] // heads_per_tile
+    tiles = total_q // block_q + num_seqs
+    window = min(window, 2**30)  # keeps int32 arithmetic in range; larger windows see the same keys
+    keys = max(1, min(window + min(block_q, max_seqlen_q) - 1, block_table.shape[1] * page))
+    if num_splits is None:
+        num_splits = _num_splits(keys, hkv * head_chunks * max(triton.cdiv(total_q, block_q), min(num_seqs, total_q)),
+                                 q.device)
+    num_splits = max(1, min(num_splits, MAX_SPLITS))
+    keys_per_split = triton.cdiv(triton.cdiv(keys, num_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    num_splits = triton.cdiv(keys, keys_per_split)
+    direct = num_splits == 1
+    o_part = lse_part = None
+    if not direct:
+        o_part = torch.empty(hq, total_q, num_splits, block_dv, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(hq, total_q, num_splits, dtype=torch.float32, device=q.device)
+    block_table, cu_seqlens_q, seqlens_k = block_table.contiguous(), cu_seqlens_q.contiguous(), seqlens_k.contiguous()
+    launch(paged_sliding_window_attention_kernel)[(tiles, hkv * head_chunks, num_splits)](
+        q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_k, out if direct else None, o_part, lse_part,
+        sinks if direct else None, *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+        block_table.stride(0), num_seqs, total_q, groups, heads_per_tile, block_q, page, dqk, dv, window,
+        scale * LOG2E, keys_per_split, num_splits,
+        HAS_SINKS=direct and sinks is not None, DIRECT=direct, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, UPCAST=interpreting() and q.dtype == torch.bfloat16,
+        TF32X3=q.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if not direct:
+        # One batch of total_q rows: the combine kernel's row (head, t) is o_part[head, t].
+        launch(sliding_window_attention_decode_combine_kernel)[(hq * total_q,)](
+            o_part, lse_part, out, sinks, 0, out.stride(1), out.stride(0), out.stride(2), hq, total_q, dv, num_splits,
+            HAS_SINKS=sinks is not None, BLOCK_SPLITS=MAX_SPLITS, BLOCK_DV=block_dv,
+            num_warps=4 if block_dv >= 128 else 2,
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------------- AOT
+# Hot configs: 16-bit at head dims 64 and 128, both row tiles (16: decode with groups up to 16; 64: MQA-like
+# groups and prefill chunks), the direct and the split variant. The combine kernel is the sliding-window
+# decode combine, whose specs that module lists. The page size is a runtime argument (transformers' default
+# page is 256 tokens, vLLM's 16): one spec serves every page size.
+def aot_specs() -> list[AOTSpec]:
+    specs = []
+    for dtype in (torch.float16, torch.bfloat16):
+        p = ptr(dtype)
+        for d in (64, 128):
+            for rows in decode_row_tiles(dtype):
+                cfg = config(rows, d, d, dtype)
+                for direct in (True, False):
+                    signature = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "block_table_ptr": "*i32",
+                                 "cu_seqlens_q_ptr": "*i32", "seqlens_k_ptr": "*i32", "o_ptr": p,
+                                 "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "sinks_ptr": "*fp32",
+                                 **{f"stride_q{n}": "i32" for n in "th"}, **{f"stride_k{n}": "i32" for n in "bsh"},
+                                 **{f"stride_v{n}": "i32" for n in "bsh"}, **{f"stride_o{n}": "i32" for n in "th"},
+                                 "table_row_stride": "i32", "NUM_SEQS": "i32", "TOTAL_Q": "i32", "GROUPS": "i32",
+                                 "HEADS_PER_TILE": "i32", "BLOCK_Q": "i32", "PAGE_SIZE": "i32", "DQK": "i32",
+                                 "DV": "i32", "window": "i32", "qk_scale_log2": "fp32", "keys_per_split": "i32",
+                                 "NUM_SPLITS": "i32"}
+                    specs.append(AOTSpec(
+                        name=f"{'direct' if direct else 'split'}_m{rows}_{str(dtype).replace('torch.', '')}_d{d}",
+                        kernel=paged_sliding_window_attention_kernel, signature=signature,
+                        constexprs=dict(**_unit_head_strides("q", "k", "v", "o"), HAS_SINKS=direct, DIRECT=direct,
+                                        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DQK=d, BLOCK_DV=d,
+                                        UPCAST=False, TF32X3=False),
+                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                        divisible_by_16=(*_aligned(signature), "PAGE_SIZE"),
+                    ))
+    return specs
