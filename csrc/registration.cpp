@@ -34,6 +34,10 @@ TORCH_LIBRARY(dsattn_C, m) {
   // float32 [Hq] or None.
   m.def("sliding_window_attention(Tensor q, Tensor k, Tensor v, Tensor? sinks, Tensor? cu_seqlens_q, "
         "Tensor? cu_seqlens_k, int window, bool causal, float scale, int isa=-1) -> Tensor");
+  // The same kernel over a paged KV cache (causal): q [T, Hq, D] packed by cu_seqlens_q int32 [n + 1],
+  // k_cache / v_cache [num_blocks, block_size, Hkv, D], block_table int32 [n, max_blocks], seqlens_k int32 [n].
+  m.def("paged_sliding_window_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
+        "Tensor cu_seqlens_q, Tensor seqlens_k, Tensor? sinks, int window, float scale, int isa=-1) -> Tensor");
   // Sparse: indices int32/int64 [B, Sq, topk] (shared by the heads) or [B, Hkv, Sq, topk]; entries outside
   // [0, Sk) and, causal, after the query's position are skipped.
   m.def("sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, bool causal, float scale, int isa=-1) "

@@ -191,6 +191,169 @@ def test_threads_give_identical_results():
     assert all(torch.equal(a, b) for a, b in zip(one, many))
 
 
+# Decode-sized sequences take the row path (K/V read in place, no packing; Sq == 1 or G x Sq <= 16 with
+# whole-vector head dims), long windows split over keys and merged by log-sum-exp.
+# (B, Hq, Hkv, Sq, Sk, D, Dv, window, causal)
+DECODE_SHAPES = [
+    (2, 8, 2, 1, 2500, 32, 48, 2100, True),   # split in 4 per (batch, head)
+    (1, 4, 1, 4, 1900, 64, 16, 1500, True),   # 4 query rows x 4 heads, diagonal inside a split
+    (3, 2, 2, 1, 700, 16, 32, 5000, True),    # window past every key
+    (1, 6, 3, 2, 1200, 48, 64, 600, False),
+]
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: ISA_IDS[i])
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "-".join(map(str, s)))
+def test_sliding_window_decode(isa, shape):
+    b, hq, hkv, sq, sk, d, dv, window, causal = shape
+    q, k, v, sinks = _rand(b, hq, sq, d), _rand(b, hkv, sk, d), _rand(b, hkv, sk, dv), _rand(hq)
+    for s in (None, sinks):
+        out = _swa(q, k, v, window, causal, sinks=s, isa=isa)
+        testing.assert_close(out, _swa_oracle(q, k, v, window, causal, sinks=s), 1e-5)
+    kb, vb = _rand(b, hkv, sk, d, dtype=torch.bfloat16), _rand(b, hkv, sk, dv, dtype=torch.bfloat16)
+    qb = q.to(torch.bfloat16)
+    testing.assert_close(_swa(qb, kb, vb, window, causal, sinks=sinks, isa=isa),
+                         _swa_oracle(qb, kb, vb, window, causal, sinks=sinks), 1e-2)
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: ISA_IDS[i])
+@pytest.mark.parametrize("sq", [1, 3])
+def test_sliding_window_decode_invisible_nonfinite(isa, sq):
+    """Row path: NaN keys and values before the window (in the W-key group of its first key, and in its first
+    BK chunk) and after it (non-causal rows: the last query's future) never reach a row."""
+    b, hq, hkv, sk, d, window = 1, 4, 1, 1300, 32, 1100
+    q, k, v = _rand(b, hq, sq, d), _rand(b, hkv, sk, d), _rand(b, hkv, sk, d)
+    first = sk - sq - window + 1  # the first query's first key
+    planted = [0, first - 1, first - 5]
+    kb, vb = k.clone(), v.clone()
+    kb[:, :, planted] = float("nan")
+    vb[:, :, planted] = float("nan")
+    testing.assert_close(_swa(q, kb, vb, window, isa=isa), _swa_oracle(q, k, v, window), 1e-5)
+    kb[:, :, first] = float("nan")  # the first query's first key: its row only (other rows start later)
+    out = _swa(q, kb, vb, window, isa=isa)
+    assert torch.isnan(out[:, :, 0]).all()
+    if sq > 1:
+        testing.assert_close(out[:, :, 1:], _swa_oracle(q, k, v, window)[:, :, 1:], 1e-5)
+
+
+def test_decode_threads_give_identical_results():
+    """The decode split depends on the shape only: the result does not depend on the thread count."""
+    q, k, v = _rand(1, 8, 1, 64), _rand(1, 2, 3000, 64), _rand(1, 2, 3000, 64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _swa(q, k, v, 2800)
+        torch.set_num_threads(max(2, threads))
+        many = _swa(q, k, v, 2800)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+# ----------------------------------------------------------------------------------------------- paged
+ref_paged = importlib.import_module("dsattn.reference.paged_sliding_window_attention")
+
+
+def _paged_inputs(lens_q, lens_k, hq, hkv, d, dv, block_size, dtype=torch.float32, spare=3, seed=0):
+    """Packed q and a paged cache holding each sequence's keys in shuffled blocks (plus spare blocks nobody
+    uses); block table rows padded with -1 past each sequence's blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    nblk = [(n + block_size - 1) // block_size for n in lens_k]
+    total = sum(nblk) + spare
+    perm = torch.randperm(total, generator=gen)
+    table = torch.full((len(lens_k), max(nblk + [1])), -1, dtype=torch.int32)
+    at = 0
+    for s, n in enumerate(nblk):
+        table[s, :n] = perm[at:at + n].to(torch.int32)
+        at += n
+    k_cache = torch.randn(total, block_size, hkv, d, generator=gen).to(dtype)
+    v_cache = torch.randn(total, block_size, hkv, dv, generator=gen).to(dtype)
+    q = torch.randn(sum(lens_q), hq, d, generator=gen).to(dtype)
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k_cache, v_cache, table, cu_q, torch.tensor(lens_k, dtype=torch.int32)
+
+
+def _paged(q, kc, vc, table, cu_q, lens, window, sinks=None, isa=-1):
+    return OPS.paged_sliding_window_attention(q, kc, vc, table, cu_q, lens, sinks, window, q.shape[-1] ** -0.5, isa)
+
+
+def _paged_oracle(q, kc, vc, table, cu_q, lens, window, sinks=None):
+    return ref_paged.paged_sliding_window_attention(q.double(), kc.double(), vc.double(), table, cu_q, lens, window,
+                                                    sinks=None if sinks is None else sinks.double())
+
+
+# Mixed batches: prefill chunks (tile path), decode rows (row path, split when the window is long), a chunk
+# continuing a cached prefix, an empty query range, partial last blocks.
+PAGED_CASES = [
+    # lens_q, lens_k, hq, hkv, d, dv, block_size, window
+    ([7, 1, 0, 1, 40], [7, 1300, 20, 93, 75], 8, 2, 32, 32, 16, 1100),
+    ([1, 1, 1], [33, 17, 64], 4, 4, 16, 16, 8, 20),
+    ([13, 1, 5], [30, 41, 5], 6, 2, 24, 40, 7, 9),  # head dims off the vector width: tile path only
+]
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: ISA_IDS[i])
+@pytest.mark.parametrize("case", range(len(PAGED_CASES)))
+def test_paged_sliding_window(isa, case):
+    lens_q, lens_k, hq, hkv, d, dv, bs, window = PAGED_CASES[case]
+    q, kc, vc, table, cu_q, lens = _paged_inputs(lens_q, lens_k, hq, hkv, d, dv, bs)
+    sinks = _rand(hq)
+    for s in (None, sinks):
+        testing.assert_close(_paged(q, kc, vc, table, cu_q, lens, window, s, isa=isa),
+                             _paged_oracle(q, kc, vc, table, cu_q, lens, window, s), 1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: ISA_IDS[i])
+def test_paged_sliding_window_bf16_strided_q(isa):
+    lens_q, lens_k = [9, 1, 1], [9, 700, 150]
+    q, kc, vc, table, cu_q, lens = _paged_inputs(lens_q, lens_k, 8, 2, 64, 64, 32, dtype=torch.bfloat16)
+    qs = testing.non_contiguous(q)
+    out = _paged(qs, kc, vc, table, cu_q, lens, 600, isa=isa)
+    assert out.dtype == torch.bfloat16
+    testing.assert_close(out, _paged_oracle(q, kc, vc, table, cu_q, lens, 600), 1e-2)
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: ISA_IDS[i])
+def test_paged_invisible_blocks_never_read(isa):
+    """NaN in every cache row no query can see (blocks before each window, spare blocks, the unused tail of a
+    partial last block): the output equals the oracle on the clean cache."""
+    lens_q, lens_k, bs, window = [1, 6, 1], [900, 60, 37], 16, 200
+    q, kc, vc, table, cu_q, lens = _paged_inputs(lens_q, lens_k, 4, 2, 32, 32, bs)
+    expected = _paged_oracle(q, kc, vc, table, cu_q, lens, window)
+    seen = torch.zeros(kc.shape[0], bs, dtype=torch.bool)
+    for s, (nq, nk) in enumerate(zip(lens_q, lens_k)):
+        for j in range(max(0, nk - nq - window + 1), nk):
+            seen[int(table[s, j // bs]), j % bs] = True
+    kb, vb = kc.clone(), vc.clone()
+    kb[~seen] = float("nan")
+    vb[~seen] = float("nan")
+    out = _paged(q, kb, vb, table, cu_q, lens, window, isa=isa)
+    testing.assert_close(out, expected, 1e-5)
+
+
+def test_paged_equals_gathered_varlen():
+    """The paged entry equals the varlen entry on the same keys gathered densely, bit for bit."""
+    lens_q, lens_k, bs = [5, 1, 12], [20, 300, 12], 16
+    q, kc, vc, table, cu_q, lens = _paged_inputs(lens_q, lens_k, 4, 2, 32, 32, bs)
+    k = torch.cat([ref_paged.gather_sequence(kc, table[s], n) for s, n in enumerate(lens_k)])
+    v = torch.cat([ref_paged.gather_sequence(vc, table[s], n) for s, n in enumerate(lens_k)])
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
+    dense = OPS.sliding_window_attention(q, k, v, None, cu_q, cu_k, 50, True, 32**-0.5)
+    assert torch.equal(_paged(q, kc, vc, table, cu_q, lens, 50), dense)
+
+
+def test_paged_bad_tables_are_errors():
+    q, kc, vc, table, cu_q, lens = _paged_inputs([1, 3], [40, 20], 4, 2, 16, 16, 8)
+    bad = table.clone()
+    bad[0, 1] = kc.shape[0]
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        _paged(q, kc, vc, bad, cu_q, lens, 8)
+    with pytest.raises(RuntimeError, match="keys"):
+        _paged(q, kc, vc, table, cu_q, torch.tensor([40, 2], dtype=torch.int32), 8)
+    with pytest.raises(RuntimeError, match="keys"):
+        _paged(q, kc, vc, table, cu_q, torch.tensor([40, 10**4], dtype=torch.int32), 8)
+
+
 # ----------------------------------------------------------------------------------------------- sparse
 def _sparse_oracle(q, k, v, idx, causal, scale=None):
     return ref_sparse.sparse_attention(q.double(), k.double(), v.double(), idx, causal=causal, scale=scale)

@@ -27,6 +27,44 @@ inline const T* typed(const void* p) {
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+template <typename T>
+struct IsF32 {
+  static constexpr bool value = false;
+};
+template <>
+struct IsF32<float> {
+  static constexpr bool value = true;
+};
+
+// W consecutive elements of p as fp32.
+template <typename T, typename V = Vec>
+inline typename V::reg load_f32(const T* p) {
+  if constexpr (IsF32<T>::value) {
+    return V::load(p);
+  } else if constexpr (V::kTranspose16) {
+    return V::load16(p);
+  } else {
+    float t[V::W];
+    for (int64_t i = 0; i < V::W; ++i) t[i] = static_cast<float>(p[i]);
+    return V::load(t);
+  }
+}
+
+// acc[j] (j < W) -> one vector whose lane j is the sum of acc[j]'s lanes.
+template <typename V = Vec>
+inline typename V::reg lane_sums(typename V::reg acc[]) {
+  if constexpr (V::kTranspose16 && V::W == 16) {
+    V::transpose16(acc);
+    typename V::reg s[4];
+    for (int c = 0; c < 4; ++c) s[c] = V::add(V::add(acc[c], acc[c + 4]), V::add(acc[c + 8], acc[c + 12]));
+    return V::add(V::add(s[0], s[1]), V::add(s[2], s[3]));
+  } else {
+    float t[V::W];
+    for (int64_t j = 0; j < V::W; ++j) t[j] = V::reduce_add(acc[j]);
+    return V::load(t);
+  }
+}
+
 // S[r][0..BK) = Q[r][0..D) . Kt[0..D)[0..BK) for r < RM (Q rows ldq apart).
 template <int RM>
 inline void qk_rows(const float* Q, int64_t ldq, const float* Kt, int64_t D, float* S) {
@@ -55,16 +93,27 @@ inline void qk_block(const float* Q, int64_t M, int64_t D, const float* Kt, floa
   for (; r < M; ++r) qk_rows<1>(Q + r * D, D, Kt, D, S + r * BK);
 }
 
-// O[r][dv0 .. dv0 + C*W) += sum_{ja <= j < jb} P[r][j] * Vt[j][..] for r < RM (P rows BK apart, O rows ldo).
-template <int RM, int C>
-inline void pv_chunk(const float* P, const float* Vt, int64_t ja, int64_t jb, int64_t ldv, float* O, int64_t ldo,
-                     int64_t dv0) {
+// Where P . V reads V row j: a packed tile (fp32 rows ldv apart) or the rows themselves (any dtype, unit stride).
+struct PackedV {
+  const float* Vt;
+  int64_t ldv;
+  inline reg load(int64_t j, int64_t off) const { return Vec::load(Vt + j * ldv + off); }
+};
+template <typename T>
+struct DirectV {
+  const T* const* rows;
+  inline reg load(int64_t j, int64_t off) const { return load_f32(rows[j] + off); }
+};
+
+// O[r][dv0 .. dv0 + C*W) += sum_{ja <= j < jb} P[r][j] * V[j][..] for r < RM (P rows BK apart, O rows ldo).
+template <int RM, int C, typename VA>
+inline void pv_chunk(const float* P, const VA& V, int64_t ja, int64_t jb, float* O, int64_t ldo, int64_t dv0) {
   reg acc[RM][C];
   for (int r = 0; r < RM; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = Vec::load(O + r * ldo + dv0 + c * Vec::W);
   for (int64_t j = ja; j < jb; ++j) {
     reg vv[C];
-    for (int c = 0; c < C; ++c) vv[c] = Vec::load(Vt + j * ldv + dv0 + c * Vec::W);
+    for (int c = 0; c < C; ++c) vv[c] = V.load(j, dv0 + c * Vec::W);
     for (int r = 0; r < RM; ++r) {
       const reg pb = Vec::set1(P[r * BK + j]);
       for (int c = 0; c < C; ++c) acc[r][c] = Vec::fma(pb, vv[c], acc[r][c]);
@@ -74,24 +123,26 @@ inline void pv_chunk(const float* P, const float* Vt, int64_t ja, int64_t jb, in
     for (int c = 0; c < C; ++c) Vec::store(O + r * ldo + dv0 + c * Vec::W, acc[r][c]);
 }
 
-template <int RM>
-inline void pv_rows(const float* P, const float* Vt, int64_t ja, int64_t jb, int64_t DvP, float* O) {
+// O rows are DvP (a whole number of vectors) apart.
+template <int RM, typename VA>
+inline void pv_rows(const float* P, const VA& V, int64_t ja, int64_t jb, int64_t DvP, float* O) {
   const int64_t nv = DvP / Vec::W;
   int64_t c0 = 0;
-  for (; c0 + 4 <= nv; c0 += 4) pv_chunk<RM, 4>(P, Vt, ja, jb, DvP, O, DvP, c0 * Vec::W);
+  for (; c0 + 4 <= nv; c0 += 4) pv_chunk<RM, 4>(P, V, ja, jb, O, DvP, c0 * Vec::W);
   switch (nv - c0) {
-    case 3: pv_chunk<RM, 3>(P, Vt, ja, jb, DvP, O, DvP, c0 * Vec::W); break;
-    case 2: pv_chunk<RM, 2>(P, Vt, ja, jb, DvP, O, DvP, c0 * Vec::W); break;
-    case 1: pv_chunk<RM, 1>(P, Vt, ja, jb, DvP, O, DvP, c0 * Vec::W); break;
+    case 3: pv_chunk<RM, 3>(P, V, ja, jb, O, DvP, c0 * Vec::W); break;
+    case 2: pv_chunk<RM, 2>(P, V, ja, jb, O, DvP, c0 * Vec::W); break;
+    case 1: pv_chunk<RM, 1>(P, V, ja, jb, O, DvP, c0 * Vec::W); break;
     default: break;
   }
 }
 
 // Every row of the block sees keys [ja, jb) of the tile.
-inline void pv_block(const float* P, int64_t M, const float* Vt, int64_t ja, int64_t jb, int64_t DvP, float* O) {
+template <typename VA>
+inline void pv_block(const float* P, int64_t M, const VA& V, int64_t ja, int64_t jb, int64_t DvP, float* O) {
   int64_t r = 0;
-  for (; r + Vec::RM <= M; r += Vec::RM) pv_rows<Vec::RM>(P + r * BK, Vt, ja, jb, DvP, O + r * DvP);
-  for (; r < M; ++r) pv_rows<1>(P + r * BK, Vt, ja, jb, DvP, O + r * DvP);
+  for (; r + Vec::RM <= M; r += Vec::RM) pv_rows<Vec::RM>(P + r * BK, V, ja, jb, DvP, O + r * DvP);
+  for (; r < M; ++r) pv_rows<1>(P + r * BK, V, ja, jb, DvP, O + r * DvP);
 }
 
 // Tasks [0, total) in chunks claimed from a shared counter by at most torch.get_num_threads() workers, each
@@ -249,42 +300,71 @@ inline Range visible(int64_t i, int64_t sq, int64_t sk, int64_t window, bool cau
   return r;
 }
 
+// Where key j of sequence s, KV head h lives. Both sliding-window paths read K/V rows only through these, so
+// the padded, varlen and paged ops share one kernel: dense K/V (per-sequence offsets) or a paged cache (row
+// j % block_size of block block_table[s][j / block_size]; only blocks holding visible keys are ever read).
+template <typename T>
+struct DenseKV {
+  const T* k;
+  const T* v;
+  const Seq* seqs;
+  Strides ks, vs;
+  inline const T* krow(int64_t s, int64_t h, int64_t j) const { return k + seqs[s].k_off + h * ks.h + j * ks.r; }
+  inline const T* vrow(int64_t s, int64_t h, int64_t j) const { return v + seqs[s].v_off + h * vs.h + j * vs.r; }
+};
+
+template <typename T>
+struct PagedKV {
+  const T* k;
+  const T* v;
+  const int32_t* table;
+  int64_t table_stride, block_size, kblk, vblk;
+  Strides ks, vs;
+  inline int64_t block(int64_t s, int64_t j) const { return table[s * table_stride + j / block_size]; }
+  inline const T* krow(int64_t s, int64_t h, int64_t j) const {
+    return k + block(s, j) * kblk + (j % block_size) * ks.r + h * ks.h;
+  }
+  inline const T* vrow(int64_t s, int64_t h, int64_t j) const {
+    return v + block(s, j) * vblk + (j % block_size) * vs.r + h * vs.h;
+  }
+};
+
+// The keys any query of sequence sq sees: one range, since both bounds of the rows' ranges are non-decreasing
+// and step by at most 1 (empty: hi < lo).
+inline Range seq_keys(const Seq& sq, int64_t window, bool causal) {
+  Range u{INT64_MAX, -1};
+  for (int64_t i = 0; i < sq.sq; ++i) {
+    const Range r = visible(i, sq.sq, sq.sk, window, causal);
+    if (r.lo <= r.hi) {
+      u.lo = std::min(u.lo, r.lo);
+      u.hi = std::max(u.hi, r.hi);
+    }
+  }
+  return u;
+}
+
 struct PackedSeq {
   int64_t t0, ntile, k_off, v_off;  // first key tile, tile count, offsets into the packed K and V buffers
 };
 
-template <typename T>
-void sliding_window_typed(const SlidingArgs& a) {
+// Tile path (prefill): the sequences marked in on_tiles.
+template <typename T, typename KV>
+void sliding_tiles(const SlidingArgs& a, const KV& kv, const std::vector<char>& on_tiles, int64_t window) {
   const int64_t G = a.hq / a.hkv, D = a.dqk, Dv = a.dv, DvP = round_up(std::max<int64_t>(Dv, 1), Vec::W);
-  // window clamped so that p +- window cannot overflow (a window past every key changes nothing).
-  int64_t max_len = 0;
-  for (int64_t s = 0; s < a.nseq; ++s) max_len = std::max(max_len, a.seqs[s].sq + a.seqs[s].sk);
-  const int64_t window = std::min<int64_t>(a.window, max_len + 1);
   const T* q = typed<T>(a.q);
-  const T* k = typed<T>(a.k);
-  const T* v = typed<T>(a.v);
   T* out = static_cast<T*>(a.out);
 
   // 1. The key tiles any query of a sequence sees, per KV head, converted to fp32 once: Kt [tile][D][BK],
   //    V [tile * BK][DvP] (keys outside [0, Sk) zero). Tiles are aligned to BK in key index, so query blocks
-  //    share them; keys before the first / after the last visible one are never packed (decode at a long
-  //    cache packs only the window).
+  //    share them; keys before the first / after the last visible one are never packed.
   std::vector<PackedSeq> packed(a.nseq);
   std::vector<int64_t> tile_prefix(a.nseq * a.hkv + 1, 0);
   int64_t k_total = 0, v_total = 0;
   for (int64_t s = 0; s < a.nseq; ++s) {
-    const Seq& sq = a.seqs[s];
-    int64_t lo = INT64_MAX, hi = -1;
-    for (int64_t i = 0; i < sq.sq; ++i) {
-      const Range r = visible(i, sq.sq, sq.sk, window, a.causal);
-      if (r.lo <= r.hi) {
-        lo = std::min(lo, r.lo);
-        hi = std::max(hi, r.hi);
-      }
-    }
+    const Range u = on_tiles[s] ? seq_keys(a.seqs[s], window, a.causal) : Range{INT64_MAX, -1};
     PackedSeq& ps = packed[s];
-    ps.t0 = hi >= 0 ? lo / BK : 0;
-    ps.ntile = hi >= 0 ? hi / BK - lo / BK + 1 : 0;
+    ps.t0 = u.hi >= 0 ? u.lo / BK : 0;
+    ps.ntile = u.hi >= 0 ? u.hi / BK - u.lo / BK + 1 : 0;
     ps.k_off = k_total;
     ps.v_off = v_total;
     k_total += a.hkv * ps.ntile * D * BK;
@@ -307,16 +387,15 @@ void sliding_window_typed(const SlidingArgs& a) {
         const T* krows[16];
         const T* vrows[16];
         for (int i = 0; i < 16; ++i) {
-          krows[i] = k + sq.k_off + h * a.ks.h + (j0 + jj + i) * a.ks.r;
-          vrows[i] = v + sq.v_off + h * a.vs.h + (j0 + jj + i) * a.vs.r;
+          krows[i] = kv.krow(s, h, j0 + jj + i);
+          vrows[i] = kv.vrow(s, h, j0 + jj + i);
         }
         pack_kv_16(krows, a.ks.d, vrows, a.vs.d, D, Dv, DvP, Kt, Vt, jj);
       }
       for (; jj < BK; ++jj) {
         const int64_t j = j0 + jj;
         if (j < sq.sk)
-          pack_kv_row(k + sq.k_off + h * a.ks.h + j * a.ks.r, a.ks.d, v + sq.v_off + h * a.vs.h + j * a.vs.r, a.vs.d,
-                      D, Dv, DvP, Kt, Vt, jj);
+          pack_kv_row(kv.krow(s, h, j), a.ks.d, kv.vrow(s, h, j), a.vs.d, D, Dv, DvP, Kt, Vt, jj);
         else
           zero_kv_row(D, DvP, Kt, Vt, jj);
       }
@@ -328,7 +407,7 @@ void sliding_window_typed(const SlidingArgs& a) {
   const int64_t BQ = std::max<int64_t>(1, kRowsPerBlock / G);
   std::vector<int64_t> task_prefix(a.nseq + 1, 0);
   for (int64_t s = 0; s < a.nseq; ++s)
-    task_prefix[s + 1] = task_prefix[s] + a.hkv * ((a.seqs[s].sq + BQ - 1) / BQ);
+    task_prefix[s + 1] = task_prefix[s] + (on_tiles[s] ? a.hkv * ((a.seqs[s].sq + BQ - 1) / BQ) : 0);
   const int64_t MaxM = G * BQ;
   struct Scratch {
     std::vector<float> Qp, S, O, m, l;
@@ -342,81 +421,285 @@ void sliding_window_typed(const SlidingArgs& a) {
   parallel_tasks(task_prefix.back(), 2, make_scratch, [&](int64_t task, Scratch& sc) {
     auto &Qp = sc.Qp, &S = sc.S, &O = sc.O, &m = sc.m, &l = sc.l;
     auto &rows = sc.rows, &seen = sc.seen;
-    {
-      const int64_t s = std::upper_bound(task_prefix.begin(), task_prefix.end(), task) - task_prefix.begin() - 1;
-      const Seq& sq = a.seqs[s];
-      const int64_t local = task - task_prefix[s], nblk = (sq.sq + BQ - 1) / BQ;
-      const int64_t h = local / nblk, i0 = (local % nblk) * BQ, nq = std::min(BQ, sq.sq - i0), M = G * nq;
-      int64_t blk_lo = INT64_MAX, blk_hi = -1;
-      for (int64_t ii = 0; ii < nq; ++ii) {
-        rows[ii] = visible(i0 + ii, sq.sq, sq.sk, window, a.causal);
-        if (rows[ii].lo <= rows[ii].hi) {
-          blk_lo = std::min(blk_lo, rows[ii].lo);
-          blk_hi = std::max(blk_hi, rows[ii].hi);
-        }
+    const int64_t s = std::upper_bound(task_prefix.begin(), task_prefix.end(), task) - task_prefix.begin() - 1;
+    const Seq& sq = a.seqs[s];
+    const int64_t local = task - task_prefix[s], nblk = (sq.sq + BQ - 1) / BQ;
+    const int64_t h = local / nblk, i0 = (local % nblk) * BQ, nq = std::min(BQ, sq.sq - i0), M = G * nq;
+    int64_t blk_lo = INT64_MAX, blk_hi = -1;
+    for (int64_t ii = 0; ii < nq; ++ii) {
+      rows[ii] = visible(i0 + ii, sq.sq, sq.sk, window, a.causal);
+      if (rows[ii].lo <= rows[ii].hi) {
+        blk_lo = std::min(blk_lo, rows[ii].lo);
+        blk_hi = std::max(blk_hi, rows[ii].hi);
       }
-      for (int64_t r = 0; r < M; ++r) {
-        m[r] = kNegInf;
-        l[r] = 0.f;
-      }
-      std::fill(O.begin(), O.begin() + M * DvP, 0.f);
-      if (blk_hi >= 0) {
-        for (int64_t g = 0; g < G; ++g)
-          for (int64_t ii = 0; ii < nq; ++ii)
-            pack_q_row(q + sq.q_off + (h * G + g) * a.qs.h + (i0 + ii) * a.qs.r, a.qs.d, D, a.scale,
-                       Qp.data() + (g * nq + ii) * D);
-        const PackedSeq& ps = packed[s];
-        for (int64_t t = blk_lo / BK; t <= blk_hi / BK; ++t) {
-          const int64_t j0 = t * BK, nk = std::min(BK, sq.sk - j0);
-          const float* Kt = kbuf.get() + ps.k_off + (h * ps.ntile + t - ps.t0) * D * BK;
-          const float* Vt = vbuf.get() + ps.v_off + (h * ps.ntile + t - ps.t0) * BK * DvP;
-          bool full = nk == BK;
-          for (int64_t ii = 0; ii < nq && full; ++ii) full = rows[ii].lo <= j0 && rows[ii].hi >= j0 + BK - 1;
-          qk_block(Qp.data(), M, D, Kt, S.data());
-          for (int64_t r = 0; r < M; ++r) {
-            const Range& rr = rows[r % nq];
-            seen[r] = Range{std::max(rr.lo, j0) - j0, std::min(rr.hi, j0 + nk - 1) - j0};
-            if (seen[r].lo > seen[r].hi) continue;
-            float* srow = S.data() + r * BK;
-            if (!full) {
-              for (int64_t jj = 0; jj < seen[r].lo; ++jj) srow[jj] = kNegInf;
-              for (int64_t jj = seen[r].hi + 1; jj < BK; ++jj) srow[jj] = kNegInf;
-            }
-            softmax_row(srow, m[r], l[r], O.data() + r * DvP, DvP);
-          }
-          // Keys every row of the block sees go through the register-blocked product; each row's other
-          // visible keys (window edges, the causal diagonal) through its own loop.
-          int64_t ca = 0, cb = BK - 1;
-          for (int64_t r = 0; r < M; ++r) {
-            ca = std::max(ca, seen[r].lo);
-            cb = std::min(cb, seen[r].hi);
-          }
-          if (ca <= cb) pv_block(S.data(), M, Vt, ca, cb + 1, DvP, O.data());
+    }
+    for (int64_t r = 0; r < M; ++r) {
+      m[r] = kNegInf;
+      l[r] = 0.f;
+    }
+    std::fill(O.begin(), O.begin() + M * DvP, 0.f);
+    if (blk_hi >= 0) {
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t ii = 0; ii < nq; ++ii)
+          pack_q_row(q + sq.q_off + (h * G + g) * a.qs.h + (i0 + ii) * a.qs.r, a.qs.d, D, a.scale,
+                     Qp.data() + (g * nq + ii) * D);
+      const PackedSeq& ps = packed[s];
+      for (int64_t t = blk_lo / BK; t <= blk_hi / BK; ++t) {
+        const int64_t j0 = t * BK, nk = std::min(BK, sq.sk - j0);
+        const float* Kt = kbuf.get() + ps.k_off + (h * ps.ntile + t - ps.t0) * D * BK;
+        const PackedV Vt{vbuf.get() + ps.v_off + (h * ps.ntile + t - ps.t0) * BK * DvP, DvP};
+        bool full = nk == BK;
+        for (int64_t ii = 0; ii < nq && full; ++ii) full = rows[ii].lo <= j0 && rows[ii].hi >= j0 + BK - 1;
+        qk_block(Qp.data(), M, D, Kt, S.data());
+        for (int64_t r = 0; r < M; ++r) {
+          const Range& rr = rows[r % nq];
+          seen[r] = Range{std::max(rr.lo, j0) - j0, std::min(rr.hi, j0 + nk - 1) - j0};
+          if (seen[r].lo > seen[r].hi) continue;
+          float* srow = S.data() + r * BK;
           if (!full) {
-            for (int64_t r = 0; r < M; ++r) {
-              if (seen[r].lo > seen[r].hi) continue;
-              float* orow = O.data() + r * DvP;
-              const float* prow = S.data() + r * BK;
-              if (ca > cb) {
-                pv_rows<1>(prow, Vt, seen[r].lo, seen[r].hi + 1, DvP, orow);
-              } else {
-                if (seen[r].lo < ca) pv_rows<1>(prow, Vt, seen[r].lo, ca, DvP, orow);
-                if (seen[r].hi > cb) pv_rows<1>(prow, Vt, cb + 1, seen[r].hi + 1, DvP, orow);
-              }
+            for (int64_t jj = 0; jj < seen[r].lo; ++jj) srow[jj] = kNegInf;
+            for (int64_t jj = seen[r].hi + 1; jj < BK; ++jj) srow[jj] = kNegInf;
+          }
+          softmax_row(srow, m[r], l[r], O.data() + r * DvP, DvP);
+        }
+        // Keys every row of the block sees go through the register-blocked product; each row's other
+        // visible keys (window edges, the causal diagonal) through its own loop.
+        int64_t ca = 0, cb = BK - 1;
+        for (int64_t r = 0; r < M; ++r) {
+          ca = std::max(ca, seen[r].lo);
+          cb = std::min(cb, seen[r].hi);
+        }
+        if (ca <= cb) pv_block(S.data(), M, Vt, ca, cb + 1, DvP, O.data());
+        if (!full) {
+          for (int64_t r = 0; r < M; ++r) {
+            if (seen[r].lo > seen[r].hi) continue;
+            float* orow = O.data() + r * DvP;
+            const float* prow = S.data() + r * BK;
+            if (ca > cb) {
+              pv_rows<1>(prow, Vt, seen[r].lo, seen[r].hi + 1, DvP, orow);
+            } else {
+              if (seen[r].lo < ca) pv_rows<1>(prow, Vt, seen[r].lo, ca, DvP, orow);
+              if (seen[r].hi > cb) pv_rows<1>(prow, Vt, cb + 1, seen[r].hi + 1, DvP, orow);
             }
           }
-        }
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t hq = h * G + g;
-        for (int64_t ii = 0; ii < nq; ++ii) {
-          const int64_t r = g * nq + ii;
-          const float mult = row_multiplier(m[r], l[r], a.sinks ? a.sinks + hq : nullptr);
-          store_row(out + sq.o_off + hq * a.os.h + (i0 + ii) * a.os.r, a.os.d, O.data() + r * DvP, Dv, mult);
         }
       }
     }
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t hq = h * G + g;
+      for (int64_t ii = 0; ii < nq; ++ii) {
+        const int64_t r = g * nq + ii;
+        const float mult = row_multiplier(m[r], l[r], a.sinks ? a.sinks + hq : nullptr);
+        store_row(out + sq.o_off + hq * a.os.h + (i0 + ii) * a.os.r, a.os.d, O.data() + r * DvP, Dv, mult);
+      }
+    }
   });
+}
+
+// Row path (decode): a sequence whose query rows (all G heads of the KV group) fit one small block. Nothing
+// is packed: each task reads its K and V rows where they are, once for all its rows, BK keys at a time: per
+// row the W-key groups it sees as W dot products reduced across lanes together, an online softmax step, then
+// O += P . V over its visible keys with the G rows of a position blocked in registers. Few tasks (B x Hkv small
+// against the threads): each window is split into key ranges computed as separate items and merged by their
+// log-sum-exp (flash-decoding). The split depends on the shape only, so results do not depend on threads.
+constexpr int64_t kRowPathRows = 16;     // a sequence takes the row path when Sq == 1 or G x Sq <= this
+constexpr int64_t kSplitMinKeys = 512;   // keys per split item at least
+constexpr int64_t kSplitItems = 32;      // split until the row path has about this many items
+
+inline bool row_path_ok(const SlidingArgs& a) {
+  return a.ks.d == 1 && a.vs.d == 1 && a.dqk > 0 && a.dv > 0 && a.dqk % Vec::W == 0 && a.dv % Vec::W == 0;
+}
+
+// s[0..BK) = q . K row kp[jj] (q: D floats, scaled) for lo <= jj <= hi, -inf elsewhere. kp[jj] must point to
+// a readable row for every jj of the W-groups [lo, hi] touches (scores outside [lo, hi] are overwritten).
+template <typename T>
+inline void qk_direct_row(const float* q, const T* const* kp, int64_t lo, int64_t hi, int64_t D, float* s) {
+  constexpr int64_t W = Vec::W;
+  const int64_t g_lo = lo / W * W;
+  for (int64_t c = 0; c < BK; c += W) Vec::store(s + c, Vec::set1(kNegInf));
+  for (int64_t g0 = g_lo; g0 <= hi; g0 += W) {
+    reg acc[W];
+    for (int64_t j = 0; j < W; ++j) {
+      const T* kr = kp[g0 + j];
+      reg a0 = Vec::zero(), a1 = Vec::zero();
+      int64_t d = 0;
+      for (; d + 2 * W <= D; d += 2 * W) {
+        a0 = Vec::fma(Vec::load(q + d), load_f32(kr + d), a0);
+        a1 = Vec::fma(Vec::load(q + d + W), load_f32(kr + d + W), a1);
+      }
+      if (d < D) a0 = Vec::fma(Vec::load(q + d), load_f32(kr + d), a0);
+      acc[j] = Vec::add(a0, a1);
+    }
+    Vec::store(s + g0, lane_sums(acc));
+  }
+  for (int64_t jj = g_lo; jj < lo; ++jj) s[jj] = kNegInf;
+  for (int64_t jj = hi + 1; jj < std::min(BK, (hi / W + 1) * W); ++jj) s[jj] = kNegInf;
+}
+
+template <typename T, typename KV>
+void sliding_rows(const SlidingArgs& a, const KV& kv, const std::vector<int64_t>& seqs, int64_t window) {
+  const int64_t G = a.hq / a.hkv, D = a.dqk, Dv = a.dv;
+  const T* q = typed<T>(a.q);
+  T* out = static_cast<T*>(a.out);
+  struct Group {
+    int64_t s, h, item0, nsplit, part0;  // part0: first partial row slot (nsplit > 1)
+  };
+  struct Item {
+    int64_t group, ja, jb, split;  // keys [ja, jb)
+  };
+  std::vector<Group> groups;
+  std::vector<Item> items;
+  const int64_t base = static_cast<int64_t>(seqs.size()) * a.hkv;
+  const int64_t want = std::max<int64_t>(1, (kSplitItems + base - 1) / base);
+  int64_t parts = 0, max_rows = 1;
+  for (int64_t s : seqs) {
+    const Range u = seq_keys(a.seqs[s], window, a.causal);
+    const int64_t len = u.hi >= u.lo ? u.hi - u.lo + 1 : 0;
+    const int64_t nsplit = std::max<int64_t>(1, std::min(want, len / kSplitMinKeys));
+    const int64_t step = round_up((len + nsplit - 1) / std::max<int64_t>(nsplit, 1), BK);
+    const int64_t M = G * a.seqs[s].sq;
+    max_rows = std::max(max_rows, M);
+    for (int64_t h = 0; h < a.hkv; ++h) {
+      groups.push_back(Group{s, h, static_cast<int64_t>(items.size()), nsplit, parts});
+      if (nsplit > 1) parts += nsplit * M;
+      for (int64_t sp = 0; sp < nsplit; ++sp) {
+        const int64_t ja = len ? u.lo + sp * step : 0, jb = len ? std::min(u.hi + 1, ja + step) : 0;
+        items.push_back(Item{static_cast<int64_t>(groups.size()) - 1, ja, std::max(ja, jb), sp});
+      }
+    }
+  }
+  std::vector<float> part_ml(parts * 2), part_o(parts * Dv);
+  struct Scratch {
+    std::vector<float> Qp, S, O, m, l;
+    std::vector<Range> rows;
+    std::vector<const T*> kp, vp;
+  };
+  const auto make_scratch = [&] {
+    return Scratch{std::vector<float>(max_rows * D), std::vector<float>(max_rows * BK), std::vector<float>(max_rows * Dv),
+                   std::vector<float>(max_rows), std::vector<float>(max_rows), std::vector<Range>(max_rows),
+                   std::vector<const T*>(BK), std::vector<const T*>(BK)};
+  };
+  parallel_tasks(static_cast<int64_t>(items.size()), 1, make_scratch, [&](int64_t idx, Scratch& sc) {
+    const Item& it = items[idx];
+    const Group& gr = groups[it.group];
+    const int64_t s = gr.s, h = gr.h;
+    const Seq& sq = a.seqs[s];
+    const int64_t nq = sq.sq, M = G * nq;  // row r = ii * G + g: a position's G rows are adjacent
+    float *Qp = sc.Qp.data(), *S = sc.S.data(), *O = sc.O.data(), *m = sc.m.data(), *l = sc.l.data();
+    for (int64_t r = 0; r < M; ++r) {
+      m[r] = kNegInf;
+      l[r] = 0.f;
+    }
+    std::fill(O, O + M * Dv, 0.f);
+    if (it.ja < it.jb) {
+      for (int64_t ii = 0; ii < nq; ++ii) {
+        const Range r = visible(ii, sq.sq, sq.sk, window, a.causal);
+        sc.rows[ii] = Range{std::max(r.lo, it.ja), std::min(r.hi, it.jb - 1)};
+        for (int64_t g = 0; g < G; ++g)
+          pack_q_row(q + sq.q_off + (h * G + g) * a.qs.h + ii * a.qs.r, a.qs.d, D, a.scale, Qp + (ii * G + g) * D);
+      }
+      for (int64_t j0 = it.ja; j0 < it.jb; j0 += BK) {
+        const int64_t nk = std::min(BK, it.jb - j0);
+        for (int64_t jj = 0; jj < BK; ++jj) {
+          const int64_t j = j0 + std::min(jj, nk - 1);
+          sc.kp[jj] = kv.krow(s, h, j);
+          sc.vp[jj] = kv.vrow(s, h, j);
+        }
+        const DirectV<T> V{sc.vp.data()};
+        for (int64_t ii = 0; ii < nq; ++ii) {
+          const int64_t lo = std::max(sc.rows[ii].lo, j0) - j0, hi = std::min(sc.rows[ii].hi, j0 + nk - 1) - j0;
+          if (lo > hi) continue;
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t r = ii * G + g;
+            qk_direct_row(Qp + r * D, sc.kp.data(), lo, hi, D, S + r * BK);
+            softmax_row(S + r * BK, m[r], l[r], O + r * Dv, Dv);
+          }
+          pv_block(S + ii * G * BK, G, V, lo, hi + 1, Dv, O + ii * G * Dv);
+        }
+      }
+    }
+    if (gr.nsplit > 1) {
+      const int64_t slot = gr.part0 + it.split * M;
+      for (int64_t r = 0; r < M; ++r) {
+        part_ml[(slot + r) * 2] = m[r];
+        part_ml[(slot + r) * 2 + 1] = l[r];
+      }
+      std::copy(O, O + M * Dv, part_o.begin() + slot * Dv);
+      return;
+    }
+    for (int64_t ii = 0; ii < nq; ++ii)
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t r = ii * G + g, hq = h * G + g;
+        store_row(out + sq.o_off + hq * a.os.h + ii * a.os.r, a.os.d, O + r * Dv, Dv,
+                  row_multiplier(m[r], l[r], a.sinks ? a.sinks + hq : nullptr));
+      }
+  });
+  if (parts == 0) return;
+  // Merge the splits of each row: each partial sum rescaled to the common max.
+  at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> o(Dv);
+    for (int64_t gi = begin; gi < end; ++gi) {
+      const Group& gr = groups[gi];
+      if (gr.nsplit == 1) continue;
+      const Seq& sq = a.seqs[gr.s];
+      const int64_t M = G * sq.sq;
+      for (int64_t r = 0; r < M; ++r) {
+        const int64_t ii = r / G, hq = gr.h * G + r % G;
+        float mx = kNegInf;
+        for (int64_t sp = 0; sp < gr.nsplit; ++sp) mx = std::max(mx, part_ml[(gr.part0 + sp * M + r) * 2]);
+        float total = 0.f;
+        std::fill(o.begin(), o.end(), 0.f);
+        if (mx != kNegInf) {
+          for (int64_t sp = 0; sp < gr.nsplit; ++sp) {
+            const int64_t at = gr.part0 + sp * M + r;
+            const float ms = part_ml[at * 2];
+            if (ms == kNegInf) continue;  // a split with no weight (its O is 0)
+            const float f = std::exp(ms - mx);
+            total += part_ml[at * 2 + 1] * f;
+            const float* po = part_o.data() + at * Dv;
+            for (int64_t d = 0; d < Dv; ++d) o[d] += f * po[d];
+          }
+        }
+        store_row(out + sq.o_off + hq * a.os.h + ii * a.os.r, a.os.d, o.data(), Dv,
+                  row_multiplier(mx, total, a.sinks ? a.sinks + hq : nullptr));
+      }
+    }
+  });
+}
+
+template <typename T, typename KV>
+void sliding_window_run(const SlidingArgs& a, const KV& kv) {
+  const int64_t G = a.hq / a.hkv;
+  // window clamped so that p +- window cannot overflow (a window past every key changes nothing).
+  int64_t max_len = 0;
+  for (int64_t s = 0; s < a.nseq; ++s) max_len = std::max(max_len, a.seqs[s].sq + a.seqs[s].sk);
+  const int64_t window = std::min<int64_t>(a.window, max_len + 1);
+  const bool rows_ok = row_path_ok(a);
+  std::vector<char> on_tiles(a.nseq, 0);
+  std::vector<int64_t> on_rows;
+  bool any_tiles = false;
+  for (int64_t s = 0; s < a.nseq; ++s) {
+    const int64_t n = a.seqs[s].sq;
+    if (n == 0) continue;
+    if (rows_ok && (n == 1 || n * G <= kRowPathRows)) {
+      on_rows.push_back(s);
+    } else {
+      on_tiles[s] = 1;
+      any_tiles = true;
+    }
+  }
+  if (any_tiles) sliding_tiles<T>(a, kv, on_tiles, window);
+  if (!on_rows.empty()) sliding_rows<T>(a, kv, on_rows, window);
+}
+
+template <typename T>
+void sliding_window_typed(const SlidingArgs& a) {
+  const T* k = typed<T>(a.k);
+  const T* v = typed<T>(a.v);
+  if (a.block_table != nullptr)
+    sliding_window_run<T>(a, PagedKV<T>{k, v, a.block_table, a.table_stride, a.block_size, a.kblk, a.vblk, a.ks, a.vs});
+  else
+    sliding_window_run<T>(a, DenseKV<T>{k, v, a.seqs, a.ks, a.vs});
 }
 
 void sliding_window(const SlidingArgs& a) {
@@ -437,44 +720,6 @@ void sliding_window(const SlidingArgs& a) {
 // A task is (batch, block of query rows, group of KV heads); its rows' lists are bucketed by key chunks of
 // about L2 size, and the chunks are the outer loop, so every row of the task reads the chunk's K/V rows from
 // cache instead of the whole K/V per row. Only listed visible keys are ever read (NaN hygiene for free).
-
-template <typename T>
-struct IsF32 {
-  static constexpr bool value = false;
-};
-template <>
-struct IsF32<float> {
-  static constexpr bool value = true;
-};
-
-// W consecutive elements of p as fp32.
-template <typename T, typename V = Vec>
-inline typename V::reg load_f32(const T* p) {
-  if constexpr (IsF32<T>::value) {
-    return V::load(p);
-  } else if constexpr (V::kTranspose16) {
-    return V::load16(p);
-  } else {
-    float t[V::W];
-    for (int64_t i = 0; i < V::W; ++i) t[i] = static_cast<float>(p[i]);
-    return V::load(t);
-  }
-}
-
-// acc[j] (j < W) -> one vector whose lane j is the sum of acc[j]'s lanes.
-template <typename V = Vec>
-inline typename V::reg lane_sums(typename V::reg acc[]) {
-  if constexpr (V::kTranspose16 && V::W == 16) {
-    V::transpose16(acc);
-    typename V::reg s[4];
-    for (int c = 0; c < 4; ++c) s[c] = V::add(V::add(acc[c], acc[c + 4]), V::add(acc[c + 8], acc[c + 12]));
-    return V::add(V::add(s[0], s[1]), V::add(s[2], s[3]));
-  } else {
-    float t[V::W];
-    for (int64_t j = 0; j < V::W; ++j) t[j] = V::reduce_add(acc[j]);
-    return V::load(t);
-  }
-}
 
 // One row (q: D floats, scaled) over its n listed keys `keys` of one KV head: the online softmax state (m, the
 // per-lane denominators lsum[W], o[Dv]) is updated.
@@ -727,7 +972,7 @@ void sparse_typed(const SparseArgs& a) {
             for (int64_t jj = nk; jj < BK; ++jj) srow[jj] = kNegInf;
             softmax_row(srow, m[g], l[g], O.data() + g * DvP, DvP);
           }
-          pv_block(S.data(), G, Vt.data(), 0, nk, DvP, O.data());
+          pv_block(S.data(), G, PackedV{Vt.data(), DvP}, 0, nk, DvP, O.data());
         }
       }
       if (nsplit > 1) {

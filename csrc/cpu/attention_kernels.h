@@ -39,6 +39,10 @@ struct SlidingArgs {
   bool causal;
   float scale;
   Strides qs, ks, vs, os;
+  // Paged K/V (block_table non-null): key j of sequence s is row j % block_size of block
+  // block_table[s * table_stride + j / block_size], blocks kblk / vblk elements apart (Seq's k_off / v_off unused).
+  const int32_t* block_table = nullptr;
+  int64_t table_stride = 0, block_size = 1, kblk = 0, vblk = 0;
 };
 
 struct SparseArgs {

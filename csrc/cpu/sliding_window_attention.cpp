@@ -1,7 +1,9 @@
 // torch.ops.dsattn_C.sliding_window_attention on CPU tensors: the "cpp" backend of dsattn's
 // sliding_window_attention and sliding_window_attention_varlen (forward only). Checks the arguments, describes
 // the sequences (one per batch entry, or per packed sequence with cu_seqlens) and runs the flash-style kernel
-// of attention_impl.h for the ISA resolve_isa() picks. Also home of resolve_isa (shared with sparse_attention).
+// of attention_impl.h for the ISA resolve_isa() picks; torch.ops.dsattn_C.paged_sliding_window_attention runs the
+// same kernel over a paged KV cache read through its block table. Also home of resolve_isa (shared with
+// sparse_attention).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
@@ -73,6 +75,50 @@ void check_qkv_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor
               ": q, k, v must share a dtype");
 }
 
+at::Tensor checked_sinks(const c10::optional<at::Tensor>& sinks, int64_t hq, const char* op) {
+  if (!sinks.has_value()) return at::Tensor();
+  const at::Tensor& t = *sinks;
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == hq && t.is_contiguous() &&
+                  t.device().is_cpu(),
+              "dsattn_C::", op, ": sinks must be a contiguous float32 [Hq] CPU tensor");
+  return t;
+}
+
+// The kernel's arguments; hd / rd: the head and row (token) dims of q, k, v and out.
+SlidingArgs sliding_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                         const at::Tensor& sinks_f, const std::vector<Seq>& seqs, int64_t window, bool causal,
+                         double scale, int64_t hd, int64_t rd, const char* op) {
+  SlidingArgs a;
+  a.q = q.data_ptr();
+  a.k = k.data_ptr();
+  a.v = v.data_ptr();
+  a.out = out.data_ptr();
+  a.dtype = dtype_of(q, op);
+  a.sinks = sinks_f.defined() ? sinks_f.data_ptr<float>() : nullptr;
+  a.seqs = seqs.data();
+  a.nseq = static_cast<int64_t>(seqs.size());
+  a.hq = q.size(hd);
+  a.hkv = k.size(hd);
+  a.dqk = q.size(-1);
+  a.dv = v.size(-1);
+  a.window = window;
+  a.causal = causal;
+  a.scale = static_cast<float>(scale);
+  a.qs = Strides{q.stride(hd), q.stride(rd), q.stride(-1)};
+  a.ks = Strides{k.stride(hd), k.stride(rd), k.stride(-1)};
+  a.vs = Strides{v.stride(hd), v.stride(rd), v.stride(-1)};
+  a.os = Strides{out.stride(hd), out.stride(rd), out.stride(-1)};
+  return a;
+}
+
+void run_sliding(const SlidingArgs& a, int64_t isa) {
+  switch (resolve_isa(isa)) {
+    case kAvx512: isa_avx512::sliding_window(a); break;
+    case kAvx2: isa_avx2::sliding_window(a); break;
+    default: isa_portable::sliding_window(a); break;
+  }
+}
+
 at::Tensor sliding_window_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                         const c10::optional<at::Tensor>& sinks,
                                         const c10::optional<at::Tensor>& cu_seqlens_q,
@@ -90,13 +136,7 @@ at::Tensor sliding_window_attention_cpu(const at::Tensor& q, const at::Tensor& k
   const int64_t hq = q.size(hd), hkv = k.size(hd), dqk = q.size(-1), dv = v.size(-1);
   TORCH_CHECK(hkv > 0 && hq % hkv == 0 && v.size(hd) == hkv, "dsattn_C::", op, ": bad head counts");
   TORCH_CHECK(k.size(-1) == dqk && v.size(rd) == k.size(rd), "dsattn_C::", op, ": k/v shapes disagree");
-  at::Tensor sinks_f;
-  if (sinks.has_value()) {
-    sinks_f = *sinks;
-    TORCH_CHECK(sinks_f.scalar_type() == at::kFloat && sinks_f.dim() == 1 && sinks_f.size(0) == hq &&
-                    sinks_f.is_contiguous() && sinks_f.device().is_cpu(),
-                "dsattn_C::", op, ": sinks must be a contiguous float32 [Hq] CPU tensor");
-  }
+  const at::Tensor sinks_f = checked_sinks(sinks, hq, op);
   at::Tensor out;
   std::vector<Seq> seqs;
   if (varlen) {
@@ -124,31 +164,72 @@ at::Tensor sliding_window_attention_cpu(const at::Tensor& q, const at::Tensor& k
       seqs.push_back(Seq{b * q.stride(0), b * k.stride(0), b * v.stride(0), b * out.stride(0), q.size(2), k.size(2)});
   }
   if (out.numel() == 0) return out;
-  SlidingArgs a;
-  a.q = q.data_ptr();
-  a.k = k.data_ptr();
-  a.v = v.data_ptr();
-  a.out = out.data_ptr();
-  a.dtype = dtype_of(q, op);
-  a.sinks = sinks_f.defined() ? sinks_f.data_ptr<float>() : nullptr;
-  a.seqs = seqs.data();
-  a.nseq = static_cast<int64_t>(seqs.size());
-  a.hq = hq;
-  a.hkv = hkv;
-  a.dqk = dqk;
-  a.dv = dv;
-  a.window = window;
-  a.causal = causal;
-  a.scale = static_cast<float>(scale);
-  a.qs = Strides{q.stride(hd), q.stride(rd), q.stride(-1)};
-  a.ks = Strides{k.stride(hd), k.stride(rd), k.stride(-1)};
-  a.vs = Strides{v.stride(hd), v.stride(rd), v.stride(-1)};
-  a.os = Strides{out.stride(hd), out.stride(rd), out.stride(-1)};
-  switch (resolve_isa(isa)) {
-    case kAvx512: isa_avx512::sliding_window(a); break;
-    case kAvx2: isa_avx2::sliding_window(a); break;
-    default: isa_portable::sliding_window(a); break;
+  SlidingArgs a = sliding_args(q, k, v, out, sinks_f, seqs, window, causal, scale, hd, rd, op);
+  run_sliding(a, isa);
+  return out;
+}
+
+// The paged cache's entry: q [T, Hq, D] packed with cu_seqlens_q, k_cache / v_cache [num_blocks, block_size,
+// Hkv, D], block_table int32 [num_seqs, max_blocks], seqlens_k int32 [num_seqs] (sequence s's queries are the
+// last of its seqlens_k[s] keys). Causal. Every block id a sequence's keys use is checked against the cache.
+at::Tensor paged_sliding_window_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+                                              const at::Tensor& v_cache, const at::Tensor& block_table,
+                                              const at::Tensor& cu_seqlens_q, const at::Tensor& seqlens_k,
+                                              const c10::optional<at::Tensor>& sinks, int64_t window, double scale,
+                                              int64_t isa) {
+  const char* op = "paged_sliding_window_attention";
+  check_qkv_common(q, k_cache, v_cache, op);
+  TORCH_CHECK(window >= 1, "dsattn_C::", op, ": window must be >= 1, got ", window);
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4, "dsattn_C::", op,
+              ": q must be [T, Hq, D], k_cache / v_cache [num_blocks, block_size, Hkv, D]");
+  const int64_t hq = q.size(1), hkv = k_cache.size(2), dqk = q.size(2), dv = v_cache.size(3);
+  const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1);
+  TORCH_CHECK(hkv > 0 && hq % hkv == 0 && k_cache.size(3) == dqk && v_cache.size(0) == num_blocks &&
+                  v_cache.size(1) == block_size && v_cache.size(2) == hkv && block_size > 0,
+              "dsattn_C::", op, ": q, k_cache, v_cache shapes disagree");
+  for (const at::Tensor* t : {&block_table, &cu_seqlens_q, &seqlens_k})
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->device().is_cpu(), "dsattn_C::", op,
+                ": block_table, cu_seqlens_q, seqlens_k must be int32 CPU tensors");
+  const int64_t n = seqlens_k.numel();
+  TORCH_CHECK(seqlens_k.dim() == 1 && cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) == n + 1 &&
+                  block_table.dim() == 2 && block_table.size(0) == n,
+              "dsattn_C::", op, ": cu_seqlens_q [n + 1], seqlens_k [n], block_table [n, max_blocks] expected");
+  const at::Tensor sinks_f = checked_sinks(sinks, hq, op);
+  const at::Tensor cqc = cu_seqlens_q.contiguous(), skc = seqlens_k.contiguous(), btc = block_table.contiguous();
+  const int32_t* cqp = cqc.data_ptr<int32_t>();
+  const int32_t* skp = skc.data_ptr<int32_t>();
+  const int32_t* btp = btc.data_ptr<int32_t>();
+  const int64_t max_blocks = btc.size(1);
+  TORCH_CHECK(cqp[0] == 0 && cqp[n] == q.size(0), "dsattn_C::", op, ": cu_seqlens_q must run from 0 to T");
+  at::Tensor out = at::empty({q.size(0), hq, dv}, q.options());
+  std::vector<Seq> seqs;
+  for (int64_t s = 0; s < n; ++s) {
+    const int64_t nq = cqp[s + 1] - cqp[s], nk = skp[s];
+    TORCH_CHECK(nq >= 0 && nk >= nq && nk <= max_blocks * block_size, "dsattn_C::", op, ": sequence ", s,
+                " has ", nq, " queries and ", nk, " keys (queries must not decrease and be the last of the keys, keys "
+                "within the block table)");
+    for (int64_t b = 0; b < (nk + block_size - 1) / block_size; ++b) {
+      const int32_t id = btp[s * max_blocks + b];
+      TORCH_CHECK(id >= 0 && id < num_blocks, "dsattn_C::", op, ": block_table[", s, ", ", b, "] = ", id,
+                  " is outside the cache's ", num_blocks, " blocks");
+    }
+    seqs.push_back(Seq{cqp[s] * q.stride(0), 0, 0, cqp[s] * out.stride(0), nq, nk});
   }
+  if (out.numel() == 0) return out;
+  // The caches [num_blocks, block_size, H, D]: head, row (in a block) and dim strides; blocks stride(0) apart.
+  SlidingArgs a = sliding_args(q, q, q, out, sinks_f, seqs, window, true, scale, 1, 0, op);
+  a.k = k_cache.data_ptr();
+  a.v = v_cache.data_ptr();
+  a.hkv = hkv;
+  a.dv = dv;
+  a.ks = Strides{k_cache.stride(2), k_cache.stride(1), k_cache.stride(3)};
+  a.vs = Strides{v_cache.stride(2), v_cache.stride(1), v_cache.stride(3)};
+  a.block_table = btp;
+  a.table_stride = max_blocks;
+  a.block_size = block_size;
+  a.kblk = k_cache.stride(0);
+  a.vblk = v_cache.stride(0);
+  run_sliding(a, isa);
   return out;
 }
 
@@ -158,7 +239,10 @@ int64_t attention_isa_cpu(int64_t isa) { return resolve_isa(isa); }
 }  // namespace
 }  // namespace cpu_attn
 
-TORCH_LIBRARY_IMPL(dsattn_C, CPU, m) { m.impl("sliding_window_attention", &cpu_attn::sliding_window_attention_cpu); }
+TORCH_LIBRARY_IMPL(dsattn_C, CPU, m) {
+  m.impl("sliding_window_attention", &cpu_attn::sliding_window_attention_cpu);
+  m.impl("paged_sliding_window_attention", &cpu_attn::paged_sliding_window_attention_cpu);
+}
 TORCH_LIBRARY_IMPL(dsattn_C, CompositeExplicitAutograd, m) { m.impl("attention_isa", &cpu_attn::attention_isa_cpu); }
 
 }  // namespace dsattn
