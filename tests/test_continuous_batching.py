@@ -463,6 +463,27 @@ def test_triton_paged_kernel_matches_the_oracle(triton_device, dtype, heads, pag
     testing.assert_close(out.cpu(), expected, 1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
+def test_generate_batch_on_the_triton_paged_kernel(prompts, monkeypatch):
+    """generate_batch with the paged reads on the Triton kernel (transformers' own page views and the block table
+    rebuilt from its read index; a prefill split in chunks beside decode rows): each request's tokens are those of
+    per-request generate of the patched model."""
+    import functools
+
+    from dsattn import _backend
+
+    _cpp_or_skip("triton")
+    model = tiny_model("llama", attn_implementation="sdpa")
+    dsattn.patch(model, attention="sliding_window", window=7)
+    some = [prompts[0], prompts[3]]  # 5 and 21 tokens: the 21-token prefill is split
+    reference = per_request(model, some)
+    monkeypatch.setattr(dsattn, "paged_sliding_window_attention",
+                        functools.partial(dsattn.paged_sliding_window_attention, backend="triton"))
+    with _backend.recording() as chosen:
+        tokens = batched(model, some)
+    assert chosen["paged_sliding_window_attention"] == {"triton"}
+    assert tokens == reference
+
+
 def test_auto_takes_triton_on_cuda():
     from dsattn import _backend, capabilities
 
