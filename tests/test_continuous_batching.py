@@ -131,6 +131,70 @@ def test_sliding_window_reads_the_paged_cache_without_a_gather(prompts, monkeypa
     assert any(t.shape[0] > 1 and (t >= 0).sum() > 2 for t in tables)  # several requests, several pages
 
 
+def test_sliding_layers_read_their_ring_of_pages_in_place(prompts, monkeypatch):
+    """Qwen2's sliding layers (window 8, pages of 4: the page size divides the window) under continuous batching:
+    decode rows (the ring full and wrapped for the long prompts) and chunks that do not wrap read the ring in place
+    through a block table; each request still gets unpatched per-request generate's tokens."""
+    from transformers.generation.continuous_batching.cache_allocators.sliding_attention import \
+        SlidingAttentionCacheAllocator
+
+    from dsattn.patching import paged_batching
+
+    model = tiny_model("qwen2", attn_implementation="sdpa", use_sliding_window=True, sliding_window=8,
+                       layer_types=["sliding_attention", "full_attention"])
+    unpatched = per_request(model, prompts)
+    gathers, rings = [], []
+    _count_calls(monkeypatch, SlidingAttentionCacheAllocator, "update",
+                 lambda self, k, v, layer, read_index, write_index: gathers.append(read_index.numel()))
+    ring_block_table = paged_batching.ring_block_table
+    monkeypatch.setattr(paged_batching, "ring_block_table",
+                        lambda *a: rings.append(ring_block_table(*a)) or rings[-1])
+    config = transformers.ContinuousBatchingConfig(page_size=4, num_blocks=64, max_batch_tokens=MAX_BATCH_TOKENS,
+                                                   use_cuda_graph=False)
+    dsattn.patch(model, attention="sliding_window", window=4096)
+    try:
+        out = model.generate_batch(prompts, generation_config=generation_config(), continuous_batching_config=config)
+    finally:
+        dsattn.unpatch(model)
+    assert [out[f"req_{i}"].generated_tokens for i in range(len(prompts))] == unpatched
+    in_place = [r for r in rings if r is not None]
+    # The batches holding a chunk that wraps the ring (37-token prompt) gather; the decode-only ones after do not.
+    assert len(in_place) >= NEW - 1
+    assert any(n > 8 for _, lens in in_place for n in lens.tolist())  # virtual lengths past the window: wrapped
+    assert len(gathers) - gathers.count(0) == len(rings) - len(in_place)  # the others: transformers' gather
+
+
+def test_ring_block_table_reads_the_window_in_place():
+    """ring_block_table against the ring's own layout: request 0 decodes with a full, wrapped ring (past 13,
+    window 8, pages of 4), request 1 a chunk of 3 after 2 cached keys, request 2 has no keys; a chunk that would
+    wrap the ring, or a page size not dividing the window, gives None."""
+    from dsattn.patching.paged_batching import ring_block_table
+
+    window, page = 8, 4
+    pages = {0: [5, 2], 1: [7, 0], 2: []}  # ring pages of each request (window // page per full ring)
+
+    def slot(s, a):
+        r = a % window
+        return pages[s][r // page] * page + r % page
+
+    past = {0: 13, 1: 2}
+    reads = [slot(0, a) for a in range(past[0] - window + 1, past[0])] + [-1] \
+        + [slot(1, a) for a in range(past[1])] + [-1] * 3
+    writes = [slot(0, 13)] + [slot(1, a) for a in range(2, 5)]
+    cu_q, cu_k = torch.tensor([0, 1, 4, 4]), torch.tensor([0, 8, 13, 13], dtype=torch.int32)
+    table, lens = ring_block_table(torch.tensor(reads), torch.tensor(writes), cu_q, cu_k, page, window)
+    # request 0: keys 6..13, key 6 at offset 2 of its page -> virtual 2..9 over 3 pages; request 1: keys 0..4.
+    assert lens.tolist() == [10, 5, 0]
+    assert table.tolist() == [[2, 5, 2], [7, 0, -1], [-1, -1, -1]]
+    for s, first in ((0, 6), (1, 0)):  # every virtual key j maps to the slot of position first + j - offset
+        v0 = first % page
+        for j in range(v0, int(lens[s])):
+            assert int(table[s, j // page]) * page + j % page == slot(s, first + j - v0)
+    long_chunk = torch.tensor([0, 1, 4, 4]), torch.tensor([0, 8, 17, 17], dtype=torch.int32)
+    assert ring_block_table(torch.tensor(reads + [0] * 4), torch.tensor(writes), *long_chunk, page, window) is None
+    assert ring_block_table(torch.tensor(reads), torch.tensor(writes), cu_q, cu_k, 3, window) is None
+
+
 def test_linear_state_is_kept_per_request_and_freed(prompts, monkeypatch):
     """linear under continuous batching folds only each step's new keys into the request's state (one state per
     request and layer), and drops a request's states when transformers frees its blocks."""

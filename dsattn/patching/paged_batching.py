@@ -6,6 +6,10 @@ PagedAttentionCache, installed once at class level, that act only for a model pa
   (sliding_window), the hook writes only and hands the attention function the layer's page views and a block
   table instead, so the kernel reads the blocks in place and skips those outside every row's window. The decode
   fast path (ContinuousBatchingConfig.max_blocks_per_request > 0) passes the page views and block table itself.
+  Layers with their own sliding window (Qwen2's sliding layers) keep a ring of window / page pages per request;
+  they are read in place too when the page size divides the window and no request's new keys overwrite keys its
+  rows still see (decode rows, and chunks that do not wrap the ring): see ring_block_table. Else, and for MLA's
+  latents (which the attention needs expanded through kv_b_proj), transformers' own gather runs.
 - Per-request state: the request ids of each batch are recorded on the cache (in batch order) so stateful modes
   (linear) can keep one state per request and layer; the state is dropped when transformers frees the request's
   blocks (finished, cancelled or preempted: a preempted request restarts its prefill and recomputes it).
@@ -58,29 +62,85 @@ def block_table_from_read_index(read_index: torch.Tensor, cu_seqlens_k: torch.Te
     return table
 
 
+def ring_block_table(read_index: torch.Tensor, write_index: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, page_size: int, window: int):
+    """(block table int32 [num_seqs, max_pages], seqlens_k int32 [num_seqs]) that read a sliding layer's ring of
+    pages in place after the step's keys are written, or None where that is not possible.
+
+    transformers' sliding allocator keeps the key at position a in ring slot a % window, lists the <= window - 1
+    cached keys of request s in position order in read_index (rows cu_seqlens_k[s]:, then one placeholder per new
+    key) and the new keys' slots in write_index (rows cu_seqlens_q[s]:[s+1]). With window % page_size == 0 a
+    page of the ring holds page-aligned positions, so the request's keys, placed at virtual positions
+    v0 .. v0 + keys - 1 with v0 the first key's offset in its page, fill virtual pages that each map to one ring
+    page: a block table. v0 < page_size, and the first key is position 0 (v0 = 0) unless the ring is full
+    (window - 1 cached keys, which then are all its rows can see): no row sees a virtual position before v0.
+    Writing first is safe where no new key overwrites a key the request's rows see: one query, or keys <= window
+    (the ring does not wrap)."""
+    if window % page_size:
+        return None
+    bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    lens_q = [b - a for a, b in zip(bq[:-1], bq[1:])]
+    lens_k = [b - a for a, b in zip(bk[:-1], bk[1:])]
+    if any(nq > 1 and nk > window for nq, nk in zip(lens_q, lens_k)):
+        return None
+    rows = torch.cat((read_index, write_index))  # key t of request s: a read row if cached, else a written one
+
+    def row(s, t):
+        cached = lens_k[s] - lens_q[s]
+        return bk[s] + t if t < cached else read_index.shape[0] + bq[s] + t - cached
+
+    used = [s for s, n in enumerate(lens_k) if n]
+    device = read_index.device
+    v0 = [0] * len(lens_k)
+    if used:
+        firsts = rows[torch.tensor([row(s, 0) for s in used], device=device)].tolist()
+        for s, first in zip(used, firsts):
+            v0[s] = first % page_size
+    pages = [-(-(v0[s] + n) // page_size) for s, n in enumerate(lens_k)]
+    table = torch.full((len(lens_k), max(pages, default=0)), -1, dtype=torch.int32, device=device)
+    starts = [row(s, max(j * page_size - v0[s], 0)) for s in used for j in range(pages[s])]
+    if starts:
+        taken = torch.arange(table.shape[1]) < torch.tensor(pages)[:, None]
+        table[taken.to(device)] = (rows[torch.tensor(starts, device=device)] // page_size).to(torch.int32)
+    seqlens_k = torch.tensor([v + n for v, n in zip(v0, lens_k)], dtype=torch.int32, device=device)
+    return table, seqlens_k
+
+
 def _paged_update(cache, key_states, value_states, layer_idx, kwargs):
-    """Write-only update for a full-attention layer; None where transformers' own update must run."""
+    """Write-only update for a full-attention layer, or a sliding one whose ring can be read in place; None where
+    transformers' own update must run."""
     from transformers.generation.continuous_batching.cache_allocators.full_attention import \
         FullAttentionCacheAllocator
+    from transformers.generation.continuous_batching.cache_allocators.sliding_attention import \
+        SlidingAttentionCacheAllocator
 
     allocator = cache.layer_to_allocator[layer_idx]
-    # Sliding and MLA allocators store a different layout (a ring of window pages; latents): they keep the gather
-    # (bounded by the window for sliding layers).
-    if type(allocator) is not FullAttentionCacheAllocator or kwargs.get("block_table") is not None:
+    sliding = type(allocator) is SlidingAttentionCacheAllocator
+    # MLA allocators store latents, which the attention needs expanded: they keep the gather.
+    if (type(allocator) is not FullAttentionCacheAllocator and not sliding) or kwargs.get("block_table") is not None:
         return None
     read_index = kwargs["read_index"][allocator.index]
     if read_index.numel() == 0:  # no cache to read: transformers returns the new keys without a gather
         return None
-    kwargs["cu_seq_lens_k"] = kwargs["cu_seq_lens_k"][allocator.layer_type].to(torch.int32)
+    cu_k = kwargs["cu_seq_lens_k"][allocator.layer_type].to(torch.int32)
+    write_index = kwargs["write_index"][allocator.index]
+    if sliding:
+        ring = ring_block_table(read_index, write_index, kwargs["cu_seq_lens_q"], cu_k, allocator.tokens_per_page,
+                                allocator.sliding_window)
+        if ring is None:  # the ring would wrap under a chunk's rows (or pages straddle it): transformers' gather
+            return None
+        table, seqlens_k = ring
+        k_pages, v_pages = allocator._kv_page_views[layer_idx]  # its get_cache_for_block_table is not implemented
+    else:
+        table = block_table_from_read_index(read_index, cu_k, allocator.tokens_per_page)
+        seqlens_k = (cu_k[1:] - cu_k[:-1]).to(torch.int32)
+        k_pages, v_pages = allocator.get_cache_for_block_table(layer_idx)
+    kwargs["cu_seq_lens_k"] = cu_k
     kwargs["max_length_k"] = kwargs["max_length_k"][allocator.layer_type]
     k_tokens, v_tokens = allocator._kv_token_views[layer_idx]
-    write_index = kwargs["write_index"][allocator.index]
     k_tokens.index_copy_(0, write_index, key_states[0].transpose(0, 1))
     v_tokens.index_copy_(0, write_index, value_states[0].transpose(0, 1))
-    k_pages, v_pages = allocator.get_cache_for_block_table(layer_idx)
-    cu_k = kwargs["cu_seq_lens_k"]
-    table = block_table_from_read_index(read_index, cu_k, allocator.tokens_per_page)
-    kwargs[PAGED_KWARG] = PagedKV(k_pages, v_pages, table, (cu_k[1:] - cu_k[:-1]).to(torch.int32))
+    kwargs[PAGED_KWARG] = PagedKV(k_pages, v_pages, table, seqlens_k)
     return key_states, value_states
 
 
