@@ -42,6 +42,11 @@ TORCH_LIBRARY(dsattn_C, m) {
   // [0, Sk) and, causal, after the query's position are skipped.
   m.def("sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, bool causal, float scale, int isa=-1) "
         "-> Tensor");
+  // Linear attention forward (csrc/cpu/linear_attention.cpp): q [B, Hq, Sq, Dk], k [B, Hkv, Sk, Dk], v [B, Hkv,
+  // Sk, Dv] float32/bfloat16/float16, S0 [B, Hq, Dk, Dv] / z0 [B, Hq, Dk] contiguous float32 or None; feature_map
+  // 0 elu, 1 relu, 2 identity -> (out in q's dtype, final S, final z float32); isa as the attention ops'.
+  m.def("linear_attention(Tensor q, Tensor k, Tensor v, Tensor? S0, Tensor? z0, int feature_map, bool causal, "
+        "bool normalize, float eps, int isa=-1) -> (Tensor, Tensor, Tensor)");
   // The ISA the attention kernels run for `isa` (-1: auto): 0 portable, 1 avx2, 2 avx512; errors as above.
   m.def("attention_isa(int isa=-1) -> int");
 }

@@ -19,13 +19,15 @@ from typing import Optional
 
 import torch
 
-from dsattn import _backend, _checks, capabilities
+from dsattn import _backend, _checks, _ext, capabilities
 from dsattn._library import define_op
 from dsattn.reference.linear_attention import FEATURE_MAPS, LinearAttentionState
 from dsattn.torch_backend import linear_attention as _torch
 
 OP = "linear_attention"
-AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
+AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpp", "torch")}
+# The cpp kernel's feature_map codes (csrc/cpu/linear_attention.cpp); "exp" (a shifted state) stays on torch.
+CPP_FEATURE_MAPS = {"elu": 0, "relu": 1, "identity": 2}
 
 
 def _check_bool(name: str, value) -> None:
@@ -73,10 +75,25 @@ def _linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, S0: Opt
         o, (S, z, m) = _triton.linear_attention(q, k, v, feature_map=feature_map, causal=causal,
                                                 normalize=normalize, eps=eps, initial_state=initial,
                                                 output_final_state=True)
+    elif backend == "cpp":
+        state = (None, None) if S0 is None else (S0.to(torch.float32).contiguous(), z0.to(torch.float32).contiguous())
+        o, S, z = torch.ops.dsattn_C.linear_attention(q, k, v, *state, CPP_FEATURE_MAPS[feature_map], causal,
+                                                      normalize, eps)
+        m = None
     else:
         o, S, z, m = _torch.linear_attention(q, k, v, S0, z0, m0, feature_map=feature_map, causal=causal,
                                              normalize=normalize, eps=eps)
     return o, S, z, torch.zeros_like(z) if m is None else m
+
+
+if _ext.cpp_loaded() and hasattr(torch.ops.dsattn_C, "linear_attention"):  # builds before it lack the kernel
+
+    @torch.library.register_fake("dsattn_C::linear_attention")
+    def _(q, k, v, S0, z0, feature_map, causal, normalize, eps, isa=-1):
+        b, hq, sq, dk = q.shape
+        dv = v.shape[-1]
+        return (q.new_empty((b, hq, sq, dv)), q.new_empty((b, hq, dk, dv), dtype=torch.float32),
+                q.new_empty((b, hq, dk), dtype=torch.float32))
 
 
 linear_attention_op = define_op(OP, _linear_attention)
@@ -175,7 +192,13 @@ def linear_attention(
         m0 = m0.detach()
     request = capabilities.Request(dtype=q.dtype, grad=_backend.needs_grad(q, k, v, S0, z0), head_dim=shape.dim_qk,
                                    offset=capabilities.max_offset(q, k, v))
-    chosen = _backend.select_backend(OP, backend, q.device, request, auto_order=AUTO_ORDER.get(q.device.type))
+    auto_order = AUTO_ORDER.get(q.device.type)
+    if feature_map not in CPP_FEATURE_MAPS and auto_order is not None:
+        auto_order = tuple(b for b in auto_order if b != "cpp")
+    chosen = _backend.select_backend(OP, backend, q.device, request, auto_order=auto_order)
+    if chosen == "cpp" and feature_map not in CPP_FEATURE_MAPS:
+        raise ValueError(f"dsattn.{OP}: backend='cpp' takes feature_map {tuple(CPP_FEATURE_MAPS)}, got "
+                         f"{feature_map!r}; use backend='auto' or 'torch'")
     o, S, z, m = linear_attention_op(q, k, v, S0, z0, m0, feature_map, causal, normalize, float(eps), chosen)
     if output_final_state:
         return o, LinearAttentionState(S, z, m if feature_map == "exp" else None)

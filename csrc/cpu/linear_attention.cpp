@@ -1,0 +1,242 @@
+// torch.ops.dsattn_C.linear_attention on CPU tensors: the "cpp" backend of dsattn.linear_attention (forward
+// only; the "elu", "relu" and "identity" feature maps). Checks the arguments and runs the chunked kernel of
+// linear_attention_impl.h, compiled here once per ISA (AVX-512, AVX2 + FMA under GCC target pragmas, and the
+// build's baseline), picked at run time by cpu_attn::resolve_isa like the attention kernels. Tasks are
+// (batch, q head) pairs over torch's intra-op threads; GQA maps q head h to kv head h / (Hq / Hkv).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#include "cpu/attention_kernels.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define DSATTN_LA_X86 1
+#endif
+
+namespace dsattn {
+namespace linear_cpu {
+
+// The op's feature_map argument (dsattn/ops/linear_attention.py passes these codes).
+enum FeatureMap : int { kElu = 0, kRelu = 1, kIdentity = 2 };
+
+struct LinArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  cpu_attn::Dtype dtype;
+  const float* S0;  // [B, Hq, Dk, Dv] contiguous, or nullptr (zero)
+  const float* z0;  // [B, Hq, Dk] contiguous, or nullptr
+  float* S;         // the final state, same layouts
+  float* z;
+  int64_t batch, hq, hkv, sq, sk, dk, dv;
+  int fmap;
+  bool causal, normalize;
+  float eps;
+  int64_t qb, kb, vb, ob;  // batch strides
+  cpu_attn::Strides qs, ks, vs, os;
+};
+
+// Scalar feature maps (the portable path and the vector paths' tails). NaN stays NaN.
+inline float scalar_relu(float x) { return x < 0.f ? 0.f : x; }
+inline float scalar_elu1(float x) { return x > 0.f ? x + 1.f : std::exp(x); }
+
+namespace isa_portable {
+struct Vec {
+  using reg = float;
+  static constexpr int64_t W = 1;
+  static inline reg load(const float* p) { return *p; }
+  static inline void store(float* p, reg x) { *p = x; }
+  static inline reg set1(float x) { return x; }
+  static inline reg zero() { return 0.f; }
+  static inline reg fma(reg a, reg b, reg c) { return a * b + c; }
+  static inline reg mul(reg a, reg b) { return a * b; }
+  static inline reg max0(reg x) { return scalar_relu(x); }
+  static inline reg elu1(reg x) { return scalar_elu1(x); }
+};
+#include "cpu/linear_attention_impl.h"
+}  // namespace isa_portable
+
+#ifdef DSATTN_LA_X86
+// e^x for x in [-87, 0] (elu's negative side): n = round(x log2 e), r = x - n ln 2 in two parts, e^r by its
+// degree-7 Taylor polynomial (|r| <= 0.35: error below 1e-8), times 2^n. Below -87 it is 0; NaN stays NaN.
+#define DSATTN_LA_EXP_POLY(FMA, SET1, r)                                                                   \
+  FMA(FMA(FMA(FMA(FMA(FMA(FMA(SET1(1.f / 5040), r, SET1(1.f / 720)), r, SET1(1.f / 120)), r, SET1(1.f / 24)), \
+                  r, SET1(1.f / 6)),                                                                        \
+              r, SET1(0.5f)),                                                                               \
+          r, SET1(1.f)),                                                                                    \
+      r, SET1(1.f))
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+namespace isa_avx2 {
+struct Vec {
+  using reg = __m256;
+  static constexpr int64_t W = 8;
+  static inline reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline void store(float* p, reg x) { _mm256_storeu_ps(p, x); }
+  static inline reg set1(float x) { return _mm256_set1_ps(x); }
+  static inline reg zero() { return _mm256_setzero_ps(); }
+  static inline reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  // max/min return their second operand when either is NaN: x goes second.
+  static inline reg max0(reg x) { return _mm256_max_ps(_mm256_setzero_ps(), x); }
+  static inline reg exp_nonpositive(reg x) {
+    const reg under = _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_LT_OQ);
+    x = _mm256_max_ps(_mm256_set1_ps(-87.f), x);
+    const reg n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    reg r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    const reg p = DSATTN_LA_EXP_POLY(_mm256_fmadd_ps, _mm256_set1_ps, r);
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+  }
+  static inline reg elu1(reg x) {
+    const reg zero = _mm256_setzero_ps();
+    return _mm256_add_ps(_mm256_max_ps(zero, x), exp_nonpositive(_mm256_min_ps(zero, x)));
+  }
+};
+#include "cpu/linear_attention_impl.h"
+}  // namespace isa_avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma,avx2"))), apply_to = function)
+#else
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,fma,avx2")
+#endif
+namespace isa_avx512 {
+struct Vec {
+  using reg = __m512;
+  static constexpr int64_t W = 16;
+  static inline reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline void store(float* p, reg x) { _mm512_storeu_ps(p, x); }
+  static inline reg set1(float x) { return _mm512_set1_ps(x); }
+  static inline reg zero() { return _mm512_setzero_ps(); }
+  static inline reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+  static inline reg max0(reg x) { return _mm512_max_ps(_mm512_setzero_ps(), x); }
+  static inline reg exp_nonpositive(reg x) {
+    const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_LT_OQ);
+    x = _mm512_max_ps(_mm512_set1_ps(-87.f), x);
+    const reg n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    reg r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    const reg p = DSATTN_LA_EXP_POLY(_mm512_fmadd_ps, _mm512_set1_ps, r);
+    return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~under), p, n);
+  }
+  static inline reg elu1(reg x) {
+    const reg zero = _mm512_setzero_ps();
+    return _mm512_add_ps(_mm512_max_ps(zero, x), exp_nonpositive(_mm512_min_ps(zero, x)));
+  }
+};
+#include "cpu/linear_attention_impl.h"
+}  // namespace isa_avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#undef DSATTN_LA_EXP_POLY
+#endif  // DSATTN_LA_X86
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& S0,
+    const c10::optional<at::Tensor>& z0, int64_t feature_map, bool causal, bool normalize, double eps,
+    int64_t isa) {
+  const char* op = "dsattn_C::linear_attention: ";
+  for (const at::Tensor* t : {&q, &k, &v}) TORCH_CHECK(t->device().is_cpu(), op, "CPU tensors only");
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+                   "q, k, v must share a dtype");
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+                   op, "q, k, v must be float32, bfloat16 or float16, got ", q.scalar_type());
+  const cpu_attn::Dtype dtype = q.scalar_type() == at::kBFloat16 ? cpu_attn::kBFloat16
+                                : q.scalar_type() == at::kHalf   ? cpu_attn::kFloat16
+                                                                 : cpu_attn::kFloat32;
+  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, "q, k, v must be 4-D [B, H, S, D]");
+  const int64_t b = q.size(0), hq = q.size(1), sq = q.size(2), dk = q.size(3);
+  const int64_t hkv = k.size(1), sk = k.size(2), dv = v.size(3);
+  TORCH_CHECK_VALUE(k.size(0) == b && v.size(0) == b && v.size(1) == hkv && v.size(2) == sk && k.size(3) == dk, op,
+                    "q, k, v shapes disagree");
+  TORCH_CHECK_VALUE(hkv > 0 && hq % hkv == 0, op, "Hq must be a multiple of Hkv");
+  TORCH_CHECK_VALUE(dk >= 1 && dv >= 1, op, "head dims must be >= 1");
+  TORCH_CHECK_VALUE(!causal || sq <= sk, op, "causal needs Sq <= Sk");
+  TORCH_CHECK_VALUE(feature_map >= kElu && feature_map <= kIdentity, op,
+                    "feature_map must be 0 (elu), 1 (relu) or 2 (identity), got ", feature_map);
+  TORCH_CHECK_VALUE(S0.has_value() == z0.has_value(), op, "S0 and z0 go together");
+  if (S0.has_value()) {
+    for (const at::Tensor* t : {&*S0, &*z0})
+      TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device().is_cpu(), op,
+                  "S0, z0 must be contiguous float32 CPU tensors");
+    TORCH_CHECK_VALUE(S0->sizes() == at::IntArrayRef({b, hq, dk, dv}) && z0->sizes() == at::IntArrayRef({b, hq, dk}),
+                      op, "S0 must be [B, Hq, Dk, Dv] and z0 [B, Hq, Dk]");
+  }
+  at::Tensor out = at::empty({b, hq, sq, dv}, q.options());
+  at::Tensor S = at::empty({b, hq, dk, dv}, q.options().dtype(at::kFloat));
+  at::Tensor z = at::empty({b, hq, dk}, q.options().dtype(at::kFloat));
+  if (b * hq == 0) return {out, S, z};
+  LinArgs a;
+  a.q = q.data_ptr();
+  a.k = k.data_ptr();
+  a.v = v.data_ptr();
+  a.out = out.data_ptr();
+  a.dtype = dtype;
+  a.S0 = S0.has_value() ? S0->data_ptr<float>() : nullptr;
+  a.z0 = z0.has_value() ? z0->data_ptr<float>() : nullptr;
+  a.S = S.data_ptr<float>();
+  a.z = z.data_ptr<float>();
+  a.batch = b;
+  a.hq = hq;
+  a.hkv = hkv;
+  a.sq = sq;
+  a.sk = sk;
+  a.dk = dk;
+  a.dv = dv;
+  a.fmap = static_cast<int>(feature_map);
+  a.causal = causal;
+  a.normalize = normalize;
+  a.eps = static_cast<float>(eps);
+  a.qb = q.stride(0);
+  a.kb = k.stride(0);
+  a.vb = v.stride(0);
+  a.ob = out.stride(0);
+  a.qs = cpu_attn::Strides{q.stride(1), q.stride(2), q.stride(3)};
+  a.ks = cpu_attn::Strides{k.stride(1), k.stride(2), k.stride(3)};
+  a.vs = cpu_attn::Strides{v.stride(1), v.stride(2), v.stride(3)};
+  a.os = cpu_attn::Strides{out.stride(1), out.stride(2), out.stride(3)};
+  switch (cpu_attn::resolve_isa(isa)) {
+#ifdef DSATTN_LA_X86
+    case cpu_attn::kAvx512: isa_avx512::linear_attention(a); break;
+    case cpu_attn::kAvx2: isa_avx2::linear_attention(a); break;
+#endif
+    default: isa_portable::linear_attention(a); break;
+  }
+  return {out, S, z};
+}
+
+}  // namespace
+}  // namespace linear_cpu
+
+TORCH_LIBRARY_IMPL(dsattn_C, CPU, m) { m.impl("linear_attention", &linear_cpu::linear_attention_cpu); }
+
+}  // namespace dsattn
