@@ -12,8 +12,9 @@ Sizes (the same tests; the device picks them). GPU: hidden 2048, 16 heads (MLA: 
 64k; a size that runs out of memory is skipped with the reason recorded. CPU: hidden 256, 2 layers, fp32,
 S = 1k, 2k, decode caches 256, 2k, so that the file finishes in about 2 minutes on 2 cores.
 DSATTN_BENCH_MODEL_SIZE=wide (CPU): issue 16's model-level goals: DeepSeek-V3 attention dims at hidden 2048,
-2 layers, fp32, decode on a 16k cache for dense, sliding window 512, int4 g128 (V3) and V3.2 dense vs sparse
-(caches of random latents, _fill_cache); no prefill cases unless DSATTN_BENCH_MODEL_CONTEXTS is set.
+2 layers, fp32, decode on a 4k cache (int4 vs dense at a moderate context) and a 16k cache (sliding / sparse vs
+dense) for dense, sliding window 512, int4 g128 (V3) and V3.2 dense vs sparse (caches of random latents,
+_fill_cache); no prefill cases unless DSATTN_BENCH_MODEL_CONTEXTS is set.
 DSATTN_BENCH_MODEL_CONTEXTS="1024,2048,4096,8192" runs every mode at those sizes (on either device);
 DSATTN_BENCH_MODEL_DECODE="256,2048" sets the decode cache lengths. Few rounds per case (pytestmark below):
 one model call takes 10 ms .. seconds.
@@ -64,14 +65,15 @@ if ON_GPU:
     WINDOW, TOP_K, PREFIX, HYBRID_WINDOW = 4096, 2048, 512, 4096
 elif os.environ.get("DSATTN_BENCH_MODEL_SIZE", "").strip().lower() == "wide":
     # Issue 16's model-level CPU goals in one run: DeepSeek-V3's attention dims (16 MLA heads, qk 128+64, v 128,
-    # kv_lora 512), hidden 2048, 2 layers, fp32; decode on a 16k cache, dense vs sliding window vs V3.2 sparse
-    # vs int4. The indexer has 8 heads of 128 (V3.2: 64) so that prefilling the 16k cache stays in seconds.
+    # kv_lora 512), hidden 2048, 2 layers, fp32; decode on a 4k cache (int4 vs dense) and a 16k cache (dense vs
+    # sliding window vs V3.2 sparse). The indexer has 8 heads of 128 (V3.2: 64) so that prefilling the 16k cache
+    # stays in seconds.
     SIZE = dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=1536,
                 kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
                 intermediate_size=8192, moe_intermediate_size=1408, n_routed_experts=8, num_experts_per_tok=2,
                 num_hidden_layers=2, vocab_size=32768, index_n_heads=8, index_head_dim=128, index_topk=2048)
     CONTEXTS = _contexts([])
-    DECODE_CACHES = _contexts([16384], "DSATTN_BENCH_MODEL_DECODE")
+    DECODE_CACHES = _contexts([4096, 16384], "DSATTN_BENCH_MODEL_DECODE")
     WINDOW, TOP_K, PREFIX, HYBRID_WINDOW = 512, 2048, 512, 512
 else:
     SIZE = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=128,
@@ -84,6 +86,7 @@ else:
 
 # label -> dsattn.patch options (None: the unpatched model, transformers' SDPA attention: the baseline).
 # int4 covers every decoder layer (keep_first_last=False): a 2-layer model would otherwise keep all in 16 bit.
+# lm_head stays in the model's dtype (quantize's default skip); DeepSeek-V3 decodes in MLA's latent form.
 MODES = {
     "dense-sdpa": None,
     f"sliding_window w={WINDOW}": dict(attention="sliding_window", window=WINDOW),

@@ -11,6 +11,7 @@ pytest.importorskip("transformers")
 
 import dsattn  # noqa: E402
 from dsattn.models import prefill_cache, tiny_model, with_cache  # noqa: E402
+from dsattn.testing import assert_close  # noqa: E402
 from dsattn.patching import families, mla_latent  # noqa: E402
 from tests.test_patching_masks import MASKS, SEQ, assert_close_rel  # noqa: E402
 
@@ -140,3 +141,180 @@ def test_falls_back_and_unpatches(v3, ids, latent_calls):
     finally:
         dsattn.unpatch(v3)
     assert "forward" not in attn.__dict__ and families.WINDOW_ATTR not in attn.__dict__
+
+
+# --- quantize="int4": dense decode in latent form (mla_latent.dense_forward), int4 kv_b_proj absorbed ---------
+
+INT4 = dict(quantize="int4", group_size=16, keep_first_last=False)  # 16 divides every in-dim, kv_b_proj's too
+
+
+@pytest.fixture
+def dense_latent_calls(monkeypatch):
+    """The key shapes of the dense attention calls in latent form."""
+    calls = []
+    real = mla_latent.dense_latent_attend
+
+    def spy(q_lat, q_rot, kv_nope, k_rot, scale):
+        calls.append(tuple(kv_nope.shape[:3]) + (kv_nope.shape[3] + k_rot.shape[3],))
+        return real(q_lat, q_rot, kv_nope, k_rot, scale)
+
+    monkeypatch.setattr(mla_latent, "dense_latent_attend", spy)
+    return calls
+
+
+def _generate_int4(model, ids, mask, **patch):
+    kw = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+              attention_mask=torch.ones_like(ids) if mask is None else mask)
+    dsattn.patch(model, **patch)
+    try:
+        assert type(model.model.layers[0].self_attn.kv_b_proj) is dsattn.nn.Int4Linear
+        with torch.no_grad():
+            return model.generate(ids, **kw)
+    finally:
+        dsattn.unpatch(model)
+
+
+@pytest.mark.parametrize("mask", [None, "left"])
+def test_int4_generation_equals_expanded_path(v3, ids, mask, dense_latent_calls):
+    """quantize="int4" alone: unpadded decode steps attend in latent form over every cached latent through the
+    dequantized int4 kv_b_proj; left padding falls back. Tokens equal the expanded path (latent_decode=False),
+    logits within fp32 rounding."""
+    m = None if mask is None else MASKS[mask]
+    out = _generate_int4(v3, ids, m, **INT4)
+    taken = list(dense_latent_calls)
+    dense_latent_calls.clear()
+    ref = _generate_int4(v3, ids, m, **INT4, latent_decode=False)
+    assert not dense_latent_calls
+    assert torch.equal(out.sequences, ref.sequences)
+    assert_close_rel(torch.stack(out.logits), torch.stack(ref.logits), 1e-5)
+    latent = v3.config.kv_lora_rank + v3.config.qk_rope_head_dim
+    if mask is None:  # 4 decode steps x 2 layers, all cached keys each
+        assert taken == [(3, 1, SEQ + i, latent) for i in range(1, 5) for _ in range(v3.config.num_hidden_layers)]
+    else:
+        assert not taken
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 16])
+def test_int4_chunk_on_cache_equals_expanded_path(v3, chunk, dense_latent_calls):
+    """A chunk of rows on a cache: each row sees its causal prefix (the chunk's later keys are hidden)."""
+    ctx = SEQ + 16 - chunk
+    x = torch.randint(0, 100, (2, ctx + chunk), generator=torch.Generator().manual_seed(chunk))
+
+    def run(**patch):
+        dsattn.patch(v3, **INT4, **patch)
+        try:
+            with torch.no_grad():
+                _, cache = prefill_cache(v3, x[:, :ctx])
+                return v3(x[:, ctx:], **with_cache(v3, cache), use_cache=True).logits
+        finally:
+            dsattn.unpatch(v3)
+
+    out = run()
+    assert len(dense_latent_calls) == v3.config.num_hidden_layers
+    assert_close_rel(out, run(latent_decode=False), 1e-5)
+
+
+def test_dense_latent_attend_equals_causal_softmax():
+    """The S newest rows of H heads on one shared KV head (keys [values, rope part]) vs float64 softmax
+    attention, one row and several, non-contiguous rope parts, bf16 too."""
+    for s in (1, 5):
+        b, h, t, r, rope = 2, 3, 13, 16, 8
+        q_lat, q_rot = torch.randn(b, h, s, r), torch.randn(b, h, s, 2 * rope)[..., ::2]
+        kv_nope, k_rot = torch.randn(b, 1, t, r), torch.randn(b, 1, t, rope)
+        q, k = torch.cat((q_lat, q_rot), -1).double(), torch.cat((kv_nope, k_rot), -1).double()
+        visible = torch.arange(t) <= torch.arange(t - s, t)[:, None]
+        scores = (q @ k.transpose(-1, -2) * 0.3).masked_fill(~visible, float("-inf"))
+        ref = scores.softmax(-1) @ kv_nope.double()
+        assert_close(mla_latent.dense_latent_attend(q_lat, q_rot, kv_nope, k_rot, 0.3), ref, 1e-5)
+        out = mla_latent.dense_latent_attend(*(x.bfloat16() for x in (q_lat, q_rot, kv_nope, k_rot)), 0.3)
+        assert out.dtype == torch.bfloat16
+        assert_close(out, ref, 2e-2)
+
+
+def test_sliding_window_decodes_in_latent_form_with_int4(v3, ids, latent_calls, monkeypatch):
+    """attention="sliding_window" + quantize="int4": the latent path is taken with an int4 kv_b_proj and equals
+    the expanded path."""
+    out = _generate(v3, ids, None, window=WINDOW, **INT4)
+    assert len(latent_calls) == 4 * v3.config.num_hidden_layers
+    monkeypatch.setattr(mla_latent, "LATENT_MAX_QUERIES", 0)
+    ref = _generate(v3, ids, None, window=WINDOW, **INT4)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert_close_rel(torch.stack(out.logits), torch.stack(ref.logits), 1e-5)
+
+
+def test_absorbed_int4_weights_follow_the_buffers(v3):
+    """The dequantized absorbed matrices are made once and remade when kv_b_proj's int4 buffers change."""
+    dsattn.patch(v3, **INT4)
+    try:
+        attn = v3.model.layers[0].self_attn
+        kv_b = attn.kv_b_proj
+        shape = (attn.num_heads, attn.qk_nope_head_dim + attn.v_head_dim, attn.kv_lora_rank)
+
+        def expect():
+            w = kv_b.int4_weight().dequantize(torch.float32).view(shape)
+            return w[:, : attn.qk_nope_head_dim], w[:, attn.qk_nope_head_dim :]
+
+        w_uk, w_uv = mla_latent.absorbed_weights(attn, torch.float32)
+        assert all(torch.equal(a, e) for a, e in zip((w_uk, w_uv), expect()))
+        assert mla_latent.absorbed_weights(attn, torch.float32)[0] is w_uk  # kept
+        with torch.no_grad():
+            kv_b.qweight.bitwise_xor_(0x11111111)  # in place: every nibble changes
+        again = mla_latent.absorbed_weights(attn, torch.float32)
+        assert all(torch.equal(a, e) for a, e in zip(again, expect())) and not torch.equal(again[0], w_uk)
+        kv_b.load_int4(dsattn.quantize_int4(torch.randn(kv_b.out_features, kv_b.in_features), group_size=16))
+        assert all(torch.equal(a, e) for a, e in zip(mla_latent.absorbed_weights(attn, torch.float32), expect()))
+        assert mla_latent.absorbed_weights(attn, torch.float64)[0].dtype == torch.float64
+    finally:
+        dsattn.unpatch(v3)
+
+
+def test_int4_latent_decode_installs_only_where_it_applies(v3, ids, dense_latent_calls):
+    """dense_forward is installed for DeepSeek-V3 with dense attention only (not with latent_decode=False, an
+    attention mode, or another model type) and removed by unpatch; another attention implementation set after
+    the patch, training (QAT: gradients equal the expanded path's) and a train_mode kv_b_proj fall back."""
+    attn = v3.model.layers[0].self_attn
+    with pytest.raises(TypeError, match="latent_decode"):
+        dsattn.patch(v3, **INT4, latent_decode="yes")
+    for patch in (dict(latent_decode=False), dict(attention="sliding_window")):
+        dsattn.patch(v3, **INT4, **patch)
+        assert getattr(attn.forward, "__func__", None) is not mla_latent.dense_forward
+        dsattn.unpatch(v3)
+    llama = tiny_model("llama")
+    dsattn.patch(llama, **INT4)
+    assert all("forward" not in m.__dict__ for m in llama.modules())
+    dsattn.unpatch(llama)
+
+    dsattn.patch(v3, **INT4)
+    try:
+        assert attn.forward.__func__ is mla_latent.dense_forward
+        with torch.no_grad():
+            _, cache = prefill_cache(v3, ids)
+            v3.set_attn_implementation("sdpa")
+            try:
+                v3(ids[:, :1], **with_cache(v3, cache), use_cache=True)
+            finally:
+                v3.set_attn_implementation("eager")
+        assert not dense_latent_calls
+    finally:
+        dsattn.unpatch(v3)
+    assert "forward" not in attn.__dict__ and mla_latent.DENSE_IMPLEMENTATION_ATTR not in attn.__dict__
+
+    def grads(**patch):
+        dsattn.patch(v3, **INT4, train_mode=True, **patch)
+        try:
+            v3.train()
+            v3.zero_grad()
+            v3(ids, labels=ids).loss.backward()
+            kv_b = v3.model.layers[0].self_attn.kv_b_proj
+            with torch.no_grad():  # eval decode with a train_mode kv_b_proj: the expanded path
+                v3.eval()
+                _, cache = prefill_cache(v3, ids)
+                v3(ids[:, :1], **with_cache(v3, cache), use_cache=True)
+            return [p.grad.clone() for p in (kv_b.weight, v3.model.layers[1].self_attn.o_proj.weight)]
+        finally:
+            v3.eval()
+            dsattn.unpatch(v3)
+
+    for a, b in zip(grads(), grads(latent_decode=False)):
+        assert torch.equal(a, b)
+    assert not dense_latent_calls

@@ -9,11 +9,17 @@ keeps whole groups; a row shard (Shard(1), input columns) needs group_size to di
 groups are the whole weight's groups (a ValueError otherwise, raised alike on every rank); int8 per output
 channel takes each row's absmax over all shards (one all-reduce). The shards together then hold exactly the
 single-process quantization.
+
+DeepSeek-V3 under quantize="int4" with dense attention decodes in MLA's latent form (mla_latent.dense_forward,
+latent_decode=True by default): transformers expands every cached latent through kv_b_proj each step, which as
+an int4 GEMM of cache-length rows costs more than the whole int4 decode saves.
 """
 
 import dataclasses
 import fnmatch
 import inspect
+
+import types
 
 import torch
 from torch import nn
@@ -21,6 +27,7 @@ from torch import nn
 from dsattn._checks import check_int
 from dsattn.nn.int4_linear import Int4Experts, Int4Linear
 from dsattn.nn.int8_linear import Int8Linear
+from dsattn.patching import mla_latent
 from dsattn.patching.core import replace_module
 from dsattn.quant.int8 import quantize_int8_rows
 from dsattn.registry import register_quantizer
@@ -208,10 +215,28 @@ def _expert_parallel(model, name, module):
     return install
 
 
-@register_quantizer("int4", options=("group_size", "symmetric", "skip", "keep_first_last", "train_mode"))
+def _install_dense_latent_decode(model, state):
+    """DeepSeek-V3 with dense attention: its MLA modules decode in latent form (mla_latent.dense_forward) under
+    the attention implementation they have now; unpatch removes it."""
+    from dsattn.patching.families import _is_v3_mla
+
+    if state.attention is not None or getattr(model.config, "model_type", None) != "deepseek_v3":
+        return
+    implementation = str(model.config._attn_implementation)
+    for module in model.modules():
+        if _is_v3_mla(module):
+            module.__dict__[mla_latent.DENSE_IMPLEMENTATION_ATTR] = implementation
+            module.forward = types.MethodType(mla_latent.dense_forward, module)
+            state.restore.append(lambda m=module: (m.__dict__.pop("forward", None),
+                                                   m.__dict__.pop(mla_latent.DENSE_IMPLEMENTATION_ATTR, None)))
+
+
+@register_quantizer("int4", options=("group_size", "symmetric", "skip", "keep_first_last", "train_mode",
+                                     "latent_decode"))
 def quantize_int4_model(model, state, options):
     """Replace every nn.Linear and fused-experts module the options allow; record each candidate left out, with
-    why, in state.skipped (patch_summary shows them; patch refuses a quantization that replaces nothing)."""
+    why, in state.skipped (patch_summary shows them; patch refuses a quantization that replaces nothing).
+    latent_decode (default True): a DeepSeek-V3 with dense attention decodes in MLA's latent form."""
     group_size = options.get("group_size", 128)
     check_int("patch", "group_size", group_size, minimum=1)
     symmetric = options.get("symmetric", False)
@@ -219,6 +244,9 @@ def quantize_int4_model(model, state, options):
     train_mode = options.get("train_mode", False)  # quantization-aware training: float weights, int4 kernels, STE
     if not isinstance(train_mode, bool):
         raise TypeError(f"dsattn.patch: train_mode must be a bool, got {type(train_mode).__name__}")
+    latent_decode = options.get("latent_decode", True)
+    if not isinstance(latent_decode, bool):
+        raise TypeError(f"dsattn.patch: latent_decode must be a bool, got {type(latent_decode).__name__}")
     for name, module, parent, attr, is_linear in _candidates(model, state, skip, keep_first_last):
         dims = (module.in_features,) if is_linear else (module.gate_up_proj.shape[-1], module.down_proj.shape[-1])
         if any(d % group_size for d in dims):
@@ -241,6 +269,8 @@ def quantize_int4_model(model, state, options):
             _install_shard(model, new, module, shard)
         replace_module(state, parent, attr, new)
         state.quantized.append(name)
+    if latent_decode:
+        _install_dense_latent_decode(model, state)
 
 
 @register_quantizer("int8", options=("group_size", "skip", "keep_first_last"))
