@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsattn.torch_backend.indexer_kl_loss import clean_indices, row_count
+from dsattn.torch_backend.indexer_kl_loss import prepare
 
 from ._common import AOTSpec, TRITON_DTYPE, interpreting, launch, ptr
 
@@ -230,14 +230,13 @@ def _config(groups: int, dqk: int, hi: int, di: int) -> dict:
                 HI_PAD=_pow2(hi), BLOCK_DI=_pow2(di))
 
 
-def _common(q_idx, k_idx, indices, causal):
-    """(the cleaned lists or None, what idx_ptr gets (int32; a placeholder when dense), the loss's row count)."""
-    b, sq = q_idx.shape[:2]
-    sk = k_idx.shape[1]
-    clean = None if indices is None else clean_indices(indices, sq, sk, causal)
-    rows = row_count(clean, b, sq, sk, causal)
+def _common(q_idx, k_idx, q, k, indices, causal):
+    """The forward's and the backward's preamble: (q_idx, k_idx, q, k in one dtype (_same_dtype), what idx_ptr
+    gets (the cleaned lists as int32; a placeholder when dense), sparse, topk, the loss's row count)."""
+    q_idx, k_idx, q, k = _same_dtype(q_idx, k_idx, q, k)
+    clean, rows = prepare(q_idx, k_idx, indices, causal)
     idx = q_idx.new_empty((1,), dtype=torch.int32) if clean is None else clean.to(torch.int32).contiguous()
-    return clean, idx, rows
+    return q_idx, k_idx, q, k, idx, clean is not None, 0 if clean is None else clean.shape[-1], rows
 
 
 def _flags(dtype, causal, sparse):
@@ -287,10 +286,8 @@ def num_warps(cfg: dict, backward: bool) -> int:
 
 def indexer_kl_loss_fwd(q_idx, k_idx, weights, q, k, indices=None, *, scale, index_scale, causal=True):
     """Launcher (inputs validated by the op): (loss fp32 scalar, L fp32 [B, H, Sq], lse_I fp32 [B, Sq])."""
-    q_idx, k_idx, q, k = _same_dtype(q_idx, k_idx, q, k)
+    q_idx, k_idx, q, k, idx, sparse, topk, rows = _common(q_idx, k_idx, q, k, indices, causal)
     b, sq = q_idx.shape[:2]
-    clean, idx, rows = _common(q_idx, k_idx, indices, causal)
-    sparse, topk = clean is not None, 0 if clean is None else clean.shape[-1]
     cfg = _config(q.shape[1] // k.shape[1], q.shape[3], q_idx.shape[2], q_idx.shape[3])
     lse = _lse(q, k, idx, sparse, topk, causal, scale, cfg, _flags(q.dtype, causal, sparse), 4)
     lse_i = torch.empty((b, sq), dtype=torch.float32, device=q.device)
@@ -305,9 +302,7 @@ def indexer_kl_loss_backward(grad, q_idx, k_idx, weights, q, k, indices, lse, ls
                              causal=True):
     """Launcher: (dq_idx, dk_idx, dweights) of loss * grad in their inputs' dtypes, from the forward's lse."""
     dtypes = (q_idx.dtype, k_idx.dtype, weights.dtype)
-    q_idx, k_idx, q, k = _same_dtype(q_idx, k_idx, q, k)
-    clean, idx, rows = _common(q_idx, k_idx, indices, causal)
-    sparse, topk = clean is not None, 0 if clean is None else clean.shape[-1]
+    q_idx, k_idx, q, k, idx, sparse, topk, rows = _common(q_idx, k_idx, q, k, indices, causal)
     g = (grad.float() / rows).reshape(1)
     dqi = torch.empty(q_idx.shape, dtype=torch.float32, device=q.device)
     dki = torch.zeros(k_idx.shape, dtype=torch.float32, device=q.device)

@@ -42,6 +42,15 @@ def row_count(clean, batch: int, seq_q: int, seq_k: int, causal: bool):
     return max(1, batch * rows)
 
 
+def prepare(q_idx, k_idx, indices, causal: bool):
+    """(the cleaned lists or None for the dense stage, the loss's row count): what the forward and the backward
+    of both backends start from."""
+    b, sq = q_idx.shape[:2]
+    sk = k_idx.shape[1]
+    clean = None if indices is None else clean_indices(indices, sq, sk, causal)
+    return clean, row_count(clean, b, sq, sk, causal)
+
+
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -149,8 +158,7 @@ def indexer_kl_loss_fwd(q_idx, k_idx, weights, q, k, *, indices=None, scale: flo
     """(loss (scalar, float32; float64 for float64 q_idx), L [B, H, Sq], lse_I [B, Sq]) with the log-sum-exps
     in the loss's dtype (-inf for rows that see no key): what the backward reuses."""
     b, sq = q_idx.shape[:2]
-    sk = k_idx.shape[1]
-    clean = None if indices is None else clean_indices(indices, sq, sk, causal)
+    clean, rows = prepare(q_idx, k_idx, indices, causal)
     tiles = _Tiles(q_idx, k_idx, weights, q, k, clean, scale, index_scale, causal, query_chunk, key_chunk)
     kw = dict(dtype=tiles.compute, device=q_idx.device)
     lse_s = torch.full((b, tiles.h, sq), float("-inf"), **kw)
@@ -165,7 +173,7 @@ def indexer_kl_loss_fwd(q_idx, k_idx, weights, q, k, *, indices=None, scale: flo
             p = _target(s, ls, valid)
             acc += torch.where(valid, torch.xlogy(p, p) - p * torch.where(valid, scores, 0.0), 0.0).sum(dim=-1)
         kl[:, qs:qe] = torch.where(torch.isfinite(li), acc + li, 0.0)
-    loss = kl.sum() / row_count(clean, b, sq, sk, causal)
+    loss = kl.sum() / rows
     return loss, lse_s, lse_i
 
 
@@ -174,11 +182,10 @@ def indexer_kl_loss_bwd(grad, q_idx, k_idx, weights, q, k, lse_s, lse_i, *, indi
                         key_chunk: int = KEY_CHUNK):
     """Gradients (q_idx, k_idx, weights) of loss * grad, each in its input's dtype, from the forward's
     log-sum-exps (pass 2 again, with dI = grad * (softmax(I) - p) / rows per key chunk)."""
-    b, sq = q_idx.shape[:2]
-    sk = k_idx.shape[1]
-    clean = None if indices is None else clean_indices(indices, sq, sk, causal)
+    b, sk = q_idx.shape[0], k_idx.shape[1]
+    clean, rows = prepare(q_idx, k_idx, indices, causal)
     tiles = _Tiles(q_idx, k_idx, weights, q, k, clean, scale, index_scale, causal, query_chunk, key_chunk)
-    g = grad.to(tiles.compute) / row_count(clean, b, sq, sk, causal)
+    g = grad.to(tiles.compute) / rows
     dq = torch.zeros(q_idx.shape, dtype=tiles.compute, device=q_idx.device)
     dk = torch.zeros(k_idx.shape, dtype=tiles.compute, device=q_idx.device)
     dw = torch.zeros(weights.shape, dtype=tiles.compute, device=q_idx.device)
