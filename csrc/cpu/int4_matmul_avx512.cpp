@@ -39,6 +39,8 @@ void pair_x(const float* x, int64_t ldx_in, int64_t m, int64_t k, float* dst) {
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,fma,avx2")
 #endif
 
+#include "cpu/int_tile_schedule.h"  // compiled for the target above
+
 namespace dsattn {
 namespace int4_cpu {
 namespace avx512 {
@@ -79,14 +81,6 @@ inline void tile(const Args& a, int64_t r0, int64_t n0) {
     for (int j = 0; j < NB; ++j)
       a.out[(r0 + r) * a.n + n0 + j] =
           _mm512_reduce_add_ps(acc[r][j]) + (a.bias != nullptr ? a.bias[n0 + j] : 0.f);
-}
-
-template <int NB>
-inline void rows(const Args& a, int64_t n0) {
-  int64_t r = 0;
-  for (; r + 4 <= a.m; r += 4) tile<4, NB>(a, r, n0);
-  for (; r + 2 <= a.m; r += 2) tile<2, NB>(a, r, n0);
-  for (; r < a.m; ++r) tile<1, NB>(a, r, n0);
 }
 
 }  // namespace
@@ -171,17 +165,8 @@ void dequant_rows(const uint8_t* q, const float* s, const uint8_t* z, int64_t n0
 }
 
 void matmul(const Args& a) {
-  const int64_t blocks = (a.n + kNB - 1) / kNB;
-  // Tasks of whole weight-row tiles over N; each output element is written by exactly one task.
-  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * kNB;
-      if (n0 + kNB <= a.n) {
-        rows<kNB>(a, n0);
-      } else {
-        for (int64_t row = n0; row < a.n; ++row) rows<1>(a, row);
-      }
-    }
+  tile_schedule::run<kNB, 4, 2, 1>(a.m, a.n, [&](auto r, auto nb, int64_t r0, int64_t n0) {
+    tile<decltype(r)::value, decltype(nb)::value>(a, r0, n0);
   });
 }
 

@@ -28,7 +28,8 @@
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,avx2")
 #endif
 
-#include "cpu/vnni_quantize.h"  // compiled for the target above
+#include "cpu/int_tile_schedule.h"  // compiled for the target above
+#include "cpu/vnni_quantize.h"
 
 namespace dsattn {
 namespace int8_vnni {
@@ -95,26 +96,10 @@ inline void tile(const Args& a, int64_t r0, int64_t n0) {
   }
 }
 
-template <int L, int NB>
-inline void rows(const Args& a, int64_t n0) {
-  int64_t r = 0;
-  for (; r + 2 <= a.m; r += 2) tile<L, 2, NB>(a, r, n0);
-  for (; r < a.m; ++r) tile<L, 1, NB>(a, r, n0);
-}
-
 template <int L>
 void run(const Args& a) {
-  const int64_t tiles = (a.n + kNB - 1) / kNB;
-  // Tasks of whole weight-row tiles over N; each output element is written by exactly one task.
-  at::parallel_for(0, tiles, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * kNB;
-      if (n0 + kNB <= a.n) {
-        rows<L, kNB>(a, n0);
-      } else {
-        for (int64_t row = n0; row < a.n; ++row) rows<L, 1>(a, row);
-      }
-    }
+  tile_schedule::run<kNB, 2, 1>(a.m, a.n, [&](auto r, auto nb, int64_t r0, int64_t n0) {
+    tile<L, decltype(r)::value, decltype(nb)::value>(a, r0, n0);
   });
 }
 
