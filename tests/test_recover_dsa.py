@@ -122,6 +122,51 @@ def test_recipe_stages_train_only_their_parameters():
     assert dsattn.patch_summary(model) is None and not model.training
 
 
+def test_sparse_stage_distills_from_a_teacher_and_lr_0_freezes_the_model():
+    """teacher=: the model's loss is the distillation toward the dense teacher (the teacher is left as it
+    was); lr=0: only the indexer learns (sparse KL), the model's weights stay."""
+    from dsattn.recover.distill import model_distill_loss
+
+    teacher = make_model("llama", seed=3)  # another model: its loss is far from the LM loss
+    model = dsa.add_indexer(make_model("llama"), n_heads=4)
+    dsa.warmup_indexer(model, tokens(), steps=2, lr=1e-2)
+    dsattn.patch(model, attention="sparse", top_k=TOP_K)
+    with torch.no_grad():
+        expected = model_distill_loss(model, teacher, {"input_ids": tokens()}).item()
+        lm_loss = model(tokens(), labels=tokens()).loss.item()
+    dsattn.unpatch(model)
+    frozen = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    teacher.train()
+    q_proj = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    report = dsa.train_sparse(model, tokens(), steps=2, top_k=TOP_K, lr=1e-3, teacher=teacher)
+    first = report.stages["lm"].first_loss
+    assert first == pytest.approx(expected, rel=1e-4) and abs(first - lm_loss) > 0.1, (first, expected, lm_loss)
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, q_proj)
+    assert teacher.training and all(torch.equal(p, frozen[n]) for n, p in teacher.named_parameters())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dsa.train_sparse(model, tokens(), steps=2, top_k=TOP_K, lr=0.0, teacher=teacher)
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], before[n]) for n in before if ".indexer." not in n)
+    assert not torch.equal(after["model.layers.0.self_attn.indexer.wq_b.weight"],
+                           before["model.layers.0.self_attn.indexer.wq_b.weight"])
+    with pytest.raises(ValueError, match="lr must be a number >= 0"):
+        dsa.train_sparse(model, tokens(), steps=1, lr=-1.0)
+
+
+def test_cosine_schedule_runs_from_lr_down_to_a_tenth():
+    model = dsa.add_indexer(make_model("qwen2"))
+    records = []
+    dsa.warmup_indexer(model, tokens(), steps=5, lr=1e-2, schedule="cosine", progress=records.append)
+    lrs = [r["lr"] for r in records]
+    assert lrs[0] == pytest.approx(1e-2) and lrs[-1] == pytest.approx(1e-3) and lrs[2] == pytest.approx(5.5e-3)
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    records.clear()
+    dsa.train_sparse(model, tokens(), steps=2, top_k=TOP_K, lr=1e-3, indexer_lr=1e-2, progress=records.append)
+    assert [r["lr"] for r in records] == [1e-2, 1e-2]  # constant by default
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        dsa.warmup_indexer(model, tokens(), steps=1, schedule="linear")
+
+
 def test_warmup_kl_falls(trained):
     _, report, records = trained
     warm = report.stages["warmup"]

@@ -6,8 +6,12 @@
    mean over heads of its softmax over the post-rotary q/k the attention function receives) with the dense KL
    loss dsattn.indexer_kl_loss.
 3. train_sparse(model, data, top_k=): the model on dsattn.sparse_attention over the indexer's top-k with its LM
-   loss, the indexer with the sparse KL loss over the same keys. The indexer's input is detached and the KL
-   target is a constant, so the LM loss never reaches the indexer and the KL loss never the model.
+   loss (or, teacher=, distilled from the dense model), the indexer with the sparse KL loss over the same keys.
+   The indexer's input is detached and the KL target is a constant, so the model's loss never reaches the
+   indexer and the KL loss never the model.
+Both stages take a learning-rate schedule ("constant", or "cosine" down to a tenth). A larger indexer (n_heads)
+and a long warm-up at a high lr are what close the gap to the best shared top-k; the warm-up is cheap (the model
+frozen, no logits).
 dsa_from_dense runs all three. Afterwards dsattn.patch(model, attention="sparse", top_k=...) runs the model on
 dsattn's indexer and sparse kernels; model.save_pretrained saves the indexer with the model, and load_dsa(path)
 loads it back (plain from_pretrained builds the dense model: it keeps config.dsattn_indexer but drops the
@@ -22,6 +26,7 @@ RecoveryReport (steps, seconds, first_loss, last_loss, losses, stages).
 
 import contextlib
 import json
+import math
 import os
 import time
 
@@ -30,7 +35,7 @@ import torch
 import dsattn
 from dsattn.patching import deepseek_v32 as _dsa
 from dsattn.patching.deepseek_v32 import CONFIG_ATTR, LightningIndexer
-from dsattn.recover.distill import RecoveryReport, _batches, logger, run_steps, training
+from dsattn.recover.distill import RecoveryReport, _batches, logger, model_distill_loss, training
 
 MODEL_TYPES = ("deepseek_v3", "llama", "qwen2")
 # DeepSeek-V3.2: 64 index heads (half its 128 attention heads) of dim 128 (its attention's 192 capped at 128),
@@ -140,11 +145,77 @@ def _observing(model, observer):
             m.__dict__.pop(_dsa.OBSERVER_ATTR, None)
 
 
-def warmup_indexer(model, batches, *, steps=100, lr=1e-3, max_grad_norm=1.0, progress=None, log_every=10):
-    """V3.2's dense warm-up: the model frozen (eval mode), each layer's indexer trained (AdamW, lr) with
-    dsattn.indexer_kl_loss(indices=None) against that layer's attention distribution (the model's post-rotary
-    q/k, GQA and its scaling as the attention function receives them); the loss is the mean over layers.
-    Returns a RecoveryReport ("dsa.warmup")."""
+SCHEDULES = ("constant", "cosine")
+
+
+def _lr_factor(schedule, step, steps):
+    """Multiplier of the base learning rate at `step` (1-based) of `steps`: "constant" 1; "cosine" from 1 at
+    the first step down to 0.1 at the last (a high indexer lr learns fast early and settles late)."""
+    if schedule == "constant" or steps <= 1:
+        return 1.0
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - 1) / (steps - 1)))
+
+
+def _optimize(name, groups, step_fn, batches, *, steps, schedule, max_grad_norm, progress, log_every):
+    """`steps` AdamW steps over the parameter groups (each with its base lr, scaled by the schedule; gradients
+    clipped per group: no loss reaches two groups); step_fn(batch) -> (loss, {part: tensor}). Returns a
+    RecoveryReport(name) with one stage per part; progress(dict(recipe, step, steps, loss, seconds, lr,
+    <part>_loss)) after every step."""
+    dsattn._checks.check_int(f"recover.{name}", "steps", steps, minimum=0)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"dsattn.recover.{name}: schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
+    groups = [g for g in groups if g["params"]]
+    if steps and not groups:
+        raise ValueError(f"dsattn.recover.{name}: nothing to train")
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0) if groups else None
+    report, parts = RecoveryReport(name), {}
+    feed = _batches(batches)
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        factor = _lr_factor(schedule, step, steps)
+        for group in optimizer.param_groups:
+            group.setdefault("base_lr", group["lr"])
+            group["lr"] = group["base_lr"] * factor
+        loss, values = step_fn(next(feed))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"dsattn.recover.{name}: loss is {loss.item()} at step {step}; lower the "
+                                     "learning rates")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm is not None:
+            for group in optimizer.param_groups:
+                torch.nn.utils.clip_grad_norm_(group["params"], max_grad_norm)
+        optimizer.step()
+        seconds = time.perf_counter() - start
+        report.losses.append(loss.item())
+        report.steps, report.seconds = step, seconds
+        for part, value in values.items():
+            r = parts.setdefault(part, RecoveryReport(f"{name}.{part}"))
+            r.losses.append(value.item())
+            r.steps, r.seconds = step, seconds
+        info = dict(recipe=name, step=step, steps=steps, loss=report.losses[-1], seconds=seconds,
+                    lr=optimizer.param_groups[0]["lr"], **{f"{k}_loss": r.losses[-1] for k, r in parts.items()})
+        if progress is not None:
+            progress(info)
+        if step % log_every == 0 or step == steps:
+            logger.info("dsattn.recover.%s: step %d/%d loss %.5f%s %.1f s", name, step, steps, info["loss"],
+                        "".join(f" {k} {r.losses[-1]:.5f}" for k, r in parts.items()), seconds)
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    for r in (report, *parts.values()):
+        if r.losses:
+            r.first_loss, r.last_loss = r.losses[0], r.losses[-1]
+    report.stages.update(parts)
+    return report
+
+
+def warmup_indexer(model, batches, *, steps=100, lr=1e-3, schedule="constant", max_grad_norm=1.0, progress=None,
+                   log_every=10):
+    """V3.2's dense warm-up: the model frozen (eval mode), each layer's indexer trained (AdamW, lr under
+    `schedule`: "constant" or "cosine" down to lr/10) with dsattn.indexer_kl_loss(indices=None) against that
+    layer's attention distribution (the model's post-rotary q/k, GQA and its scaling as the attention function
+    receives them); the loss is the mean over layers. It costs a frozen forward plus the indexer: far less than
+    a sparse step, so it can run for many more steps. Returns a RecoveryReport ("dsa.warmup")."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -161,12 +232,12 @@ def warmup_indexer(model, batches, *, steps=100, lr=1e-3, max_grad_norm=1.0, pro
 
     base = getattr(model, model.base_model_prefix, model)  # the logits are not needed
 
-    def loss_fn(batch):
+    def step_fn(batch):
         ids = _input_ids(batch, "warmup_indexer").to(params[0].device)
         losses.clear()
         with torch.no_grad():
             base(input_ids=ids, use_cache=False)
-        return torch.stack(losses).mean()
+        return torch.stack(losses).mean(), {}
 
     name = f"dsattn_dsa_warmup_{id(model):x}"
     AttentionInterface.register(name, attention)
@@ -177,98 +248,84 @@ def warmup_indexer(model, batches, *, steps=100, lr=1e-3, max_grad_norm=1.0, pro
         model.set_attn_implementation(name)
         with training(model, params):
             model.eval()  # the target is the model's inference-time attention
-            return run_steps("dsa.warmup", params, loss_fn, batches, steps=steps, lr=lr,
-                             max_grad_norm=max_grad_norm, progress=progress, log_every=log_every)
+            return _optimize("dsa.warmup", [dict(params=params, lr=lr)], step_fn, batches, steps=steps,
+                             schedule=schedule, max_grad_norm=max_grad_norm, progress=progress, log_every=log_every)
     finally:
         for fn in undo:
             fn()
         model.set_attn_implementation(original)
 
 
-def train_sparse(model, batches, *, steps=100, top_k=None, lr=1e-5, indexer_lr=1e-3, kl_weight=1.0,
-                 max_grad_norm=1.0, progress=None, log_every=10):
+def train_sparse(model, batches, *, steps=100, top_k=None, lr=1e-5, indexer_lr=1e-3, kl_weight=1.0, teacher=None,
+                 schedule="constant", max_grad_norm=1.0, progress=None, log_every=10):
     """V3.2's sparse training: the model runs patched with attention="sparse" (each query attends to its
-    top_k indexer-selected keys) and its trainable parameters learn from the LM loss (lr); the indexers learn
-    from the sparse dsattn.indexer_kl_loss over the selected keys (indexer_lr) against the model's attention
-    restricted to them. loss = lm + kl_weight * kl (kl the mean over layers); AdamW, train mode, gradients
-    clipped to max_grad_norm (the model's and the indexers' apart: no loss reaches both). The model comes back
-    unpatched, its mode and requires_grad flags restored. top_k defaults to the indexer's. Returns a
-    RecoveryReport ("dsa.sparse", loss = the total) whose stages "lm" and "kl" hold the two parts' losses.
-    progress(dict(recipe, step, steps, loss, seconds, lm_loss, kl_loss)) after every step."""
+    top_k indexer-selected keys) and its trainable parameters learn (lr) from the LM loss, or with `teacher`
+    (the dense model, frozen) from dsattn.recover.distill_loss toward it, which keeps the model at the dense
+    predictions; lr=0 leaves the model as it is. The indexers keep learning from the sparse
+    dsattn.indexer_kl_loss over the selected keys (indexer_lr) against the model's attention restricted to
+    them. loss = model loss + kl_weight * kl (kl the mean over layers); AdamW, train mode, both lrs under
+    `schedule` ("constant" or "cosine" down to a tenth), gradients clipped to max_grad_norm (the model's and the
+    indexers' apart: no loss reaches both). The model comes back unpatched, its mode and requires_grad flags
+    restored. top_k defaults to the indexer's. Returns a RecoveryReport ("dsa.sparse", loss = the total) whose
+    stages "lm" (the model's loss, distillation with a teacher) and "kl" hold the two parts' losses.
+    progress(dict(recipe, step, steps, loss, seconds, lr, lm_loss, kl_loss)) after every step."""
     _check_indexed(model, "train_sparse")
     top_k = getattr(model.config, CONFIG_ATTR)["top_k"] if top_k is None else top_k
     dsattn._checks.check_int("recover.train_sparse", "top_k", top_k, minimum=1)
-    dsattn._checks.check_int("recover.train_sparse", "steps", steps, minimum=0)
+    if not (isinstance(lr, (int, float)) and lr >= 0):
+        raise ValueError(f"dsattn.recover.train_sparse: lr must be a number >= 0, got {lr!r}")
     indexer_params = _indexer_parameters(model)
     known = {id(p) for p in indexer_params}
-    model_params = [p for p in model.parameters() if p.requires_grad and id(p) not in known]
-    groups = [dict(params=indexer_params, lr=indexer_lr)] + ([dict(params=model_params, lr=lr)] if model_params else [])
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    model_params = [p for p in model.parameters() if p.requires_grad and id(p) not in known] if lr else []
     kls = []
 
     def observe(module, query, key, attention_mask, scaling, q, k, w, idx):
         if torch.is_grad_enabled():
             kls.append(dsattn.indexer_kl_loss(q, k, w, query, key, indices=idx, scale=scaling))
 
-    report = RecoveryReport("dsa.sparse")
-    parts = dict(lm=RecoveryReport("dsa.sparse.lm"), kl=RecoveryReport("dsa.sparse.kl"))
-    feed = _batches(batches)
-    start = time.perf_counter()
+    def step_fn(batch):
+        ids = _input_ids(batch, "train_sparse").to(indexer_params[0].device)
+        kls.clear()
+        if teacher is None:
+            lm = model(input_ids=ids, labels=batch["labels"].to(ids.device), use_cache=False).loss
+        else:
+            lm = model_distill_loss(model, teacher, {"input_ids": ids})
+        kl = torch.stack(kls).mean()
+        return lm + kl_weight * kl, dict(lm=lm, kl=kl)
+
+    groups = [dict(params=indexer_params, lr=indexer_lr), dict(params=model_params, lr=lr)]
     dsattn.patch(model, attention="sparse", top_k=top_k)
+    teacher_mode = teacher.training if teacher is not None else None
     try:
+        if teacher is not None:
+            teacher.eval()
         with training(model, indexer_params + model_params), _observing(model, observe):
-            for step in range(1, steps + 1):
-                batch = next(feed)
-                ids = _input_ids(batch, "train_sparse").to(indexer_params[0].device)
-                kls.clear()
-                lm = model(input_ids=ids, labels=batch["labels"].to(ids.device), use_cache=False).loss
-                kl = torch.stack(kls).mean()
-                loss = lm + kl_weight * kl
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"dsattn.recover.dsa.sparse: loss is {loss.item()} at step {step}; "
-                                             "lower lr= / indexer_lr=")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if max_grad_norm is not None:
-                    for group in groups:
-                        torch.nn.utils.clip_grad_norm_(group["params"], max_grad_norm)
-                optimizer.step()
-                seconds = time.perf_counter() - start
-                for r, value in ((report, loss.item()), (parts["lm"], lm.item()), (parts["kl"], kl.item())):
-                    r.losses.append(value)
-                    r.steps, r.seconds = step, seconds
-                info = dict(recipe=report.recipe, step=step, steps=steps, loss=report.losses[-1], seconds=seconds,
-                            lm_loss=parts["lm"].losses[-1], kl_loss=parts["kl"].losses[-1])
-                if progress is not None:
-                    progress(info)
-                if step % log_every == 0 or step == steps:
-                    logger.info("dsattn.recover.%s: step %d/%d loss %.5f (lm %.5f, kl %.5f) %.1f s", report.recipe,
-                                step, steps, info["loss"], info["lm_loss"], info["kl_loss"], seconds)
-        optimizer.zero_grad(set_to_none=True)
+            return _optimize("dsa.sparse", groups, step_fn, batches, steps=steps, schedule=schedule,
+                             max_grad_norm=max_grad_norm, progress=progress, log_every=log_every)
     finally:
         dsattn.unpatch(model)
-    for r in (report, *parts.values()):
-        if r.losses:
-            r.first_loss, r.last_loss = r.losses[0], r.losses[-1]
-    report.stages.update(parts)
-    return report
+        if teacher is not None:
+            teacher.train(teacher_mode)
 
 
 def dsa_from_dense(model, batches, *, top_k=None, warmup_steps=100, sparse_steps=100, warmup_lr=1e-3, lr=1e-5,
-                   indexer_lr=1e-3, kl_weight=1.0, max_grad_norm=1.0, progress=None, log_every=10,
-                   **indexer_options):
+                   indexer_lr=1e-3, kl_weight=1.0, teacher=None, schedule="constant", max_grad_norm=1.0,
+                   progress=None, log_every=10, **indexer_options):
     """The whole recipe: add_indexer(model, top_k=..., **indexer_options) unless it has one, warmup_indexer,
-    train_sparse. Returns a RecoveryReport ("dsa") whose stages are "warmup" and "sparse"; its steps and
-    seconds are their sums, its losses run from the warm-up's KL on to the sparse stage's total loss."""
+    train_sparse (teacher: the dense model to distill from instead of the LM loss, e.g. a copy taken before;
+    schedule: both stages' learning-rate schedule). Returns a RecoveryReport ("dsa") whose stages are "warmup"
+    and "sparse"; its steps and seconds are their sums, its losses run from the warm-up's KL on to the sparse
+    stage's total loss."""
     if not getattr(model.config, CONFIG_ATTR, None):
         add_indexer(model, top_k=DEFAULT_TOP_K if top_k is None else top_k, **indexer_options)
     elif indexer_options:
         raise ValueError(f"dsattn.recover.dsa_from_dense: the model already has an indexer; options "
                          f"{sorted(indexer_options)} would change nothing")
-    warm = warmup_indexer(model, batches, steps=warmup_steps, lr=warmup_lr, max_grad_norm=max_grad_norm,
-                          progress=progress, log_every=log_every)
+    warm = warmup_indexer(model, batches, steps=warmup_steps, lr=warmup_lr, schedule=schedule,
+                          max_grad_norm=max_grad_norm, progress=progress, log_every=log_every)
     sparse = train_sparse(model, batches, steps=sparse_steps, top_k=top_k, lr=lr, indexer_lr=indexer_lr,
-                          kl_weight=kl_weight, max_grad_norm=max_grad_norm, progress=progress, log_every=log_every)
+                          kl_weight=kl_weight, teacher=teacher, schedule=schedule, max_grad_norm=max_grad_norm,
+                          progress=progress, log_every=log_every)
     report = RecoveryReport("dsa", steps=warm.steps + sparse.steps, seconds=warm.seconds + sparse.seconds,
                             losses=warm.losses + sparse.losses, stages=dict(warmup=warm, sparse=sparse))
     if report.losses:
