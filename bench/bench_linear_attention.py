@@ -1,5 +1,5 @@
-"""linear_attention: causal torch SDPA (the baseline it replaces) vs dsattn (Triton on a GPU, the PyTorch
-reference on CPU), and flash-linear-attention's chunk kernel when installed.
+"""linear_attention: causal torch SDPA (the baseline it replaces) vs dsattn (Triton on a GPU; on CPU the C++
+kernel and the chunked PyTorch backend), and flash-linear-attention's chunk kernel when installed.
 
 Issue goals on a GPU (B=1, H=32, D=128, bf16): time(S=65536) / time(S=32768) <= 2.1, faster than causal
 SDPA from S=4096 on, within 1.2x of fla's chunk_linear_attn. fla's kernel gets the feature-mapped q/k
@@ -60,13 +60,57 @@ def test_linear_attention_decode_gpu(run_bench, bench_device, provider):
               dtype=q.dtype)
 
 
+def _skip_without_cpp():
+    from dsattn._backend import unusable_reason
+
+    reason = unusable_reason("cpp", torch.device("cpu"), OP)
+    if reason is not None:
+        pytest.skip(reason)
+
+
 @pytest.mark.parametrize("seq", [1024, 4096])
-@pytest.mark.parametrize("provider", ["torch-sdpa", "dsattn-torch"])
+@pytest.mark.parametrize("provider", ["torch-sdpa", "dsattn-torch", "dsattn-cpp"])
 def test_linear_attention_cpu(run_bench, bench_device, provider, seq):
     if bench_device != "cpu":
         pytest.skip("CPU-size case")
+    if provider == "dsattn-cpp":
+        _skip_without_cpp()
     q, k, v = _inputs(1, 4, seq, 64, torch.float32, "cpu")
     _bench(run_bench, provider, q, k, v, {"B": 1, "H": 4, "S": seq, "D": 64}, "cpu")
+
+
+@pytest.mark.parametrize("shape", [(8, 8192, 64, torch.float32), (32, 2048, 128, torch.bfloat16)],
+                         ids=["h8-s8192-d64-fp32", "h32-s2048-d128-bf16"])
+@pytest.mark.parametrize("provider", ["dsattn-torch", "dsattn-cpp"])
+def test_linear_attention_prefill_cpu_issue16(run_bench, bench_device, provider, shape):
+    """Issue 16's CPU prefill shapes: the C++ kernel against the chunked torch backend (the baseline)."""
+    if bench_device != "cpu":
+        pytest.skip("CPU-size case")
+    if provider == "dsattn-cpp":
+        _skip_without_cpp()
+    h, s, d, dtype = shape
+    q, k, v = _inputs(1, h, s, d, dtype, "cpu")
+    backend = provider.removeprefix("dsattn-")
+    run_bench(lambda: linear_attention(q, k, v, feature_map="elu", backend=backend), op=OP,  # noqa: E731
+              provider=provider, shape={"B": 1, "H": h, "S": s, "D": d}, device="cpu", dtype=dtype,
+              baseline=provider == "dsattn-torch")
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("provider", ["dsattn-torch", "dsattn-cpp"])
+def test_linear_attention_decode_cpu(run_bench, bench_device, provider, batch):
+    """One new token on a carried state, H=32, D=128, fp32: the state is read and the new one written once."""
+    if bench_device != "cpu":
+        pytest.skip("CPU-size case")
+    if provider == "dsattn-cpp":
+        _skip_without_cpp()
+    q, k, v = _inputs(batch, 32, 1, 128, torch.float32, "cpu")
+    _, state = linear_attention(*_inputs(batch, 32, 16, 128, torch.float32, "cpu"), output_final_state=True,
+                                backend="torch")
+    backend = provider.removeprefix("dsattn-")
+    run_bench(lambda: linear_attention(q, k, v, initial_state=state, output_final_state=True, backend=backend),
+              op=OP + "_decode", provider=provider, shape={"B": batch, "H": 32, "D": 128}, device="cpu",
+              dtype=q.dtype, baseline=provider == "dsattn-torch")
 
 
 def _training_forward(provider, q, k, v):

@@ -56,6 +56,7 @@ namespace isa_portable {
 struct Vec {
   using reg = float;
   static constexpr int64_t W = 1;
+  static constexpr int MR = 4;
   static inline reg load(const float* p) { return *p; }
   static inline void store(float* p, reg x) { *p = x; }
   static inline reg set1(float x) { return x; }
@@ -88,6 +89,7 @@ namespace isa_avx2 {
 struct Vec {
   using reg = __m256;
   static constexpr int64_t W = 8;
+  static constexpr int MR = 2;  // 2 x 4 accumulators + 4 loads of 16 ymm registers
   static inline reg load(const float* p) { return _mm256_loadu_ps(p); }
   static inline void store(float* p, reg x) { _mm256_storeu_ps(p, x); }
   static inline reg set1(float x) { return _mm256_set1_ps(x); }
@@ -126,6 +128,7 @@ namespace isa_avx512 {
 struct Vec {
   using reg = __m512;
   static constexpr int64_t W = 16;
+  static constexpr int MR = 6;  // 6 x 4 accumulators + 4 loads of 32 zmm registers
   static inline reg load(const float* p) { return _mm512_loadu_ps(p); }
   static inline void store(float* p, reg x) { _mm512_storeu_ps(p, x); }
   static inline reg set1(float x) { return _mm512_set1_ps(x); }

@@ -73,14 +73,17 @@ inline void tile_rows(const float* A, int64_t lda, const float* B, int64_t ldb, 
   }
 }
 
-// C[M][N] (+)= A[M][T] . B[T][N], N a multiple of W.
+// C[M][N] (+)= A[M][T] . B[T][N], N a multiple of W; Vec::MR rows per register tile (up to 6).
 inline void gemm(int64_t M, int64_t N, int64_t T, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                  int64_t ldc, bool accumulate) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) tile_rows<4>(A + m * lda, lda, B, ldb, C + m * ldc, ldc, T, N, accumulate);
+  for (; m + Vec::MR <= M; m += Vec::MR)
+    tile_rows<Vec::MR>(A + m * lda, lda, B, ldb, C + m * ldc, ldc, T, N, accumulate);
   const float* a = A + m * lda;
   float* c = C + m * ldc;
   switch (M - m) {
+    case 5: tile_rows<5>(a, lda, B, ldb, c, ldc, T, N, accumulate); break;
+    case 4: tile_rows<4>(a, lda, B, ldb, c, ldc, T, N, accumulate); break;
     case 3: tile_rows<3>(a, lda, B, ldb, c, ldc, T, N, accumulate); break;
     case 2: tile_rows<2>(a, lda, B, ldb, c, ldc, T, N, accumulate); break;
     case 1: tile_rows<1>(a, lda, B, ldb, c, ldc, T, N, accumulate); break;
@@ -141,8 +144,8 @@ struct Task {
   // Adds the chunk's own keys (row i sees keys j <= i) to O and den.
   void causal_block(int64_t n) {
     float* A = w.a.data();
-    for (int64_t i0 = 0; i0 < n; i0 += 4) {
-      const int64_t mr = std::min<int64_t>(4, n - i0);
+    for (int64_t i0 = 0; i0 < n; i0 += Vec::MR) {
+      const int64_t mr = std::min<int64_t>(Vec::MR, n - i0);
       const int64_t cols = std::min(cp, round_up(i0 + mr, Vec::W));
       gemm(mr, cols, a.dk, w.q.data() + i0 * a.dk, a.dk, w.kt.data(), cp, A + i0 * cp, cp, false);
       for (int64_t r = 0; r < mr; ++r) {
@@ -271,7 +274,11 @@ template <typename T>
 void run_typed(const LinArgs& a) {
   const int64_t dvp = round_up(a.dv, Vec::W), cp = round_up(kChunk, Vec::W);
   const bool one_step = a.sq == 1 && a.sk == 1;
-  at::parallel_for(0, a.batch * a.hq, 1, [&](int64_t begin, int64_t end) {
+  // Tasks per thread: at least ~2^20 multiply-adds each, so that a small call (decode of a few heads) runs on
+  // the calling thread instead of waiting at a barrier for threads that other work holds.
+  const int64_t cost = a.dk * a.dv * (a.sq + a.sk) + 1;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / cost);
+  at::parallel_for(0, a.batch * a.hq, grain, [&](int64_t begin, int64_t end) {
     Buffers w(a.dk, dvp, cp);
     Task<T> t{a, w, dvp, cp};
     for (int64_t u = begin; u < end; ++u) {

@@ -165,9 +165,11 @@ def linear_attention(
 
     Backends: "triton" (CUDA; fp16/bf16/fp32, Dk up to 256; chunked, segmented and recurrent decode kernels;
     a chunked backward: a forward walk for dq, a reverse one for dk, dv and the initial state's gradient,
-    except for "exp", whose backward is the torch backend's), "torch" (chunked over the sequence with a
-    carried state, with a backward). "auto": Triton on CUDA, the torch backend on CPU and for what the
-    kernels do not take (float64, wider heads)."""
+    except for "exp", whose backward is the torch backend's), "cpp" (CPU, forward only: fp32/fp16/bf16 with an
+    fp32 state, feature maps elu / relu / identity; chunks of 64 rows per (batch, head) task, a one-pass
+    decode step), "torch" (chunked over the sequence with a carried state, with a backward). "auto": Triton
+    on CUDA, cpp on CPU without a gradient, the torch backend for the rest (a gradient, "exp", float64, wider
+    heads on CUDA)."""
     shape = _checks.check_qkv(OP, q, k, v)
     if not isinstance(feature_map, str) or feature_map not in FEATURE_MAPS:
         raise ValueError(f"dsattn.{OP}: feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
