@@ -65,6 +65,21 @@ inline typename V::reg lane_sums(typename V::reg acc[]) {
   }
 }
 
+// acc[j] (j < W) -> one vector whose lane j is the max of acc[j]'s lanes.
+template <typename V = Vec>
+inline typename V::reg lane_maxes(typename V::reg acc[]) {
+  if constexpr (V::kTranspose16 && V::W == 16) {
+    V::transpose16(acc);
+    typename V::reg s[4];
+    for (int c = 0; c < 4; ++c) s[c] = V::max(V::max(acc[c], acc[c + 4]), V::max(acc[c + 8], acc[c + 12]));
+    return V::max(V::max(s[0], s[1]), V::max(s[2], s[3]));
+  } else {
+    float t[V::W];
+    for (int64_t j = 0; j < V::W; ++j) t[j] = V::reduce_max(acc[j]);
+    return V::load(t);
+  }
+}
+
 // S[r][0..BK) = Q[r][0..D) . Kt[0..D)[0..BK) for r < RM (Q rows ldq apart).
 template <int RM>
 inline void qk_rows(const float* Q, int64_t ldq, const float* Kt, int64_t D, float* S) {
@@ -111,7 +126,20 @@ inline void pv_chunk(const float* P, const VA& V, int64_t ja, int64_t jb, float*
   reg acc[RM][C];
   for (int r = 0; r < RM; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = Vec::load(O + r * ldo + dv0 + c * Vec::W);
-  for (int64_t j = ja; j < jb; ++j) {
+  int64_t j = ja;
+  if constexpr (RM == 1) {  // one row: two keys at a time into two accumulator sets (FMA latency)
+    reg acc2[C];
+    for (int c = 0; c < C; ++c) acc2[c] = Vec::zero();
+    for (; j + 2 <= jb; j += 2) {
+      const reg p0 = Vec::set1(P[j]), p1 = Vec::set1(P[j + 1]);
+      for (int c = 0; c < C; ++c) {
+        acc[0][c] = Vec::fma(p0, V.load(j, dv0 + c * Vec::W), acc[0][c]);
+        acc2[c] = Vec::fma(p1, V.load(j + 1, dv0 + c * Vec::W), acc2[c]);
+      }
+    }
+    for (int c = 0; c < C; ++c) acc[0][c] = Vec::add(acc[0][c], acc2[c]);
+  }
+  for (; j < jb; ++j) {
     reg vv[C];
     for (int c = 0; c < C; ++c) vv[c] = V.load(j, dv0 + c * Vec::W);
     for (int r = 0; r < RM; ++r) {
@@ -186,6 +214,48 @@ inline void softmax_row(float* s, float& m, float& l, float* o, int64_t DvP) {
     for (int64_t c = 0; c < DvP; c += Vec::W) Vec::store(o + c, Vec::mul(av, Vec::load(o + c)));
   }
   m = m_new;
+}
+
+// softmax_row for rows [0, M) of a tile at once (S rows BK apart, O rows DvP apart; m, l and the scratch
+// ms, alpha hold round_up(M, W) floats): the per-row maxima, new maxima, rescale factors and sums are taken
+// W rows at a time across lanes, without a branch per row. A row with no weight yet (new max -inf) subtracts
+// 0 instead, so its -inf scores give weight 0.
+inline void softmax_block(float* S, int64_t M, float* m, float* l, float* O, int64_t DvP, float* ms, float* alpha) {
+  constexpr int64_t W = Vec::W;
+  const reg ninf = Vec::set1(kNegInf);
+  for (int64_t r0 = 0; r0 < M; r0 += W) {
+    const int64_t n = std::min<int64_t>(W, M - r0);
+    reg red[W];
+    for (int64_t i = 0; i < W; ++i) {
+      const float* s = S + (r0 + std::min(i, n - 1)) * BK;
+      reg mx = ninf;
+      for (int64_t c = 0; c < NVK; ++c) mx = Vec::max(mx, Vec::load(s + c * W));
+      red[i] = mx;
+    }
+    const reg mold = Vec::load(m + r0);
+    const reg mnew = Vec::max(lane_maxes(red), mold);  // a NaN maximum keeps the old one (std::max(m, NaN))
+    Vec::store(m + r0, mnew);
+    Vec::store(ms, mnew);
+    for (int64_t i = 0; i < W; ++i) ms[i] = ms[i] == kNegInf ? 0.f : ms[i];
+    const reg msv = Vec::load(ms);
+    Vec::store(alpha + r0, Vec::exp(Vec::sub(mold, msv)));  // mold = -inf: 0 (O and l are still 0)
+    for (int64_t i = 0; i < n; ++i) {
+      float* s = S + (r0 + i) * BK;
+      const reg mv = Vec::set1(ms[i]);
+      reg sum = Vec::zero();
+      for (int64_t c = 0; c < NVK; ++c) {
+        const reg p = Vec::exp(Vec::sub(Vec::load(s + c * W), mv));
+        Vec::store(s + c * W, p);
+        sum = Vec::add(sum, p);
+      }
+      red[i] = sum;
+      const reg av = Vec::set1(alpha[r0 + i]);
+      float* o = O + (r0 + i) * DvP;
+      for (int64_t c = 0; c < DvP; c += W) Vec::store(o + c, Vec::mul(av, Vec::load(o + c)));
+    }
+    for (int64_t i = n; i < W; ++i) red[i] = Vec::zero();
+    Vec::store(l + r0, Vec::fma(Vec::load(l + r0), Vec::load(alpha + r0), lane_sums(red)));
+  }
 }
 
 template <typename T>
@@ -408,15 +478,16 @@ void sliding_tiles(const SlidingArgs& a, const KV& kv, const std::vector<char>& 
   std::vector<int64_t> task_prefix(a.nseq + 1, 0);
   for (int64_t s = 0; s < a.nseq; ++s)
     task_prefix[s + 1] = task_prefix[s] + (on_tiles[s] ? a.hkv * ((a.seqs[s].sq + BQ - 1) / BQ) : 0);
-  const int64_t MaxM = G * BQ;
+  const int64_t MaxM = G * BQ, MaxMP = round_up(MaxM, Vec::W);
   struct Scratch {
-    std::vector<float> Qp, S, O, m, l;
+    std::vector<float> Qp, S, O, m, l, ms, alpha;
     std::vector<Range> rows, seen;
   };
   const auto make_scratch = [&] {
     return Scratch{std::vector<float>(MaxM * std::max<int64_t>(D, 1)), std::vector<float>(MaxM * BK),
-                   std::vector<float>(MaxM * DvP), std::vector<float>(MaxM), std::vector<float>(MaxM),
-                   std::vector<Range>(BQ), std::vector<Range>(MaxM)};
+                   std::vector<float>(MaxM * DvP), std::vector<float>(MaxMP), std::vector<float>(MaxMP),
+                   std::vector<float>(Vec::W), std::vector<float>(MaxMP), std::vector<Range>(BQ),
+                   std::vector<Range>(MaxM)};
   };
   parallel_tasks(task_prefix.back(), 2, make_scratch, [&](int64_t task, Scratch& sc) {
     auto &Qp = sc.Qp, &S = sc.S, &O = sc.O, &m = sc.m, &l = sc.l;
@@ -454,14 +525,15 @@ void sliding_tiles(const SlidingArgs& a, const KV& kv, const std::vector<char>& 
         for (int64_t r = 0; r < M; ++r) {
           const Range& rr = rows[r % nq];
           seen[r] = Range{std::max(rr.lo, j0) - j0, std::min(rr.hi, j0 + nk - 1) - j0};
-          if (seen[r].lo > seen[r].hi) continue;
           float* srow = S.data() + r * BK;
-          if (!full) {
+          if (seen[r].lo > seen[r].hi) {  // the row sees none of the tile: weights 0, its state unchanged
+            for (int64_t c = 0; c < BK; c += Vec::W) Vec::store(srow + c, Vec::set1(kNegInf));
+          } else if (!full) {
             for (int64_t jj = 0; jj < seen[r].lo; ++jj) srow[jj] = kNegInf;
             for (int64_t jj = seen[r].hi + 1; jj < BK; ++jj) srow[jj] = kNegInf;
           }
-          softmax_row(srow, m[r], l[r], O.data() + r * DvP, DvP);
         }
+        softmax_block(S.data(), M, m.data(), l.data(), O.data(), DvP, sc.ms.data(), sc.alpha.data());
         // Keys every row of the block sees go through the register-blocked product; each row's other
         // visible keys (window edges, the causal diagonal) through its own loop.
         int64_t ca = 0, cb = BK - 1;

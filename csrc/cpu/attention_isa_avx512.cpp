@@ -43,25 +43,26 @@ struct Vec {
   static inline reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
   static inline float reduce_max(reg x) { return _mm512_reduce_max_ps(x); }
   static inline float reduce_add(reg x) { return _mm512_reduce_add_ps(x); }
-  // e^x (Cephes expf polynomial, ~1 ulp), 0 below -87.3 (so e^-inf = 0); NaN stays NaN (min/max return their
-  // second operand when either is NaN, so x goes second).
+  // e^x = 2^n 2^f with n = round(x log2 e), f = x log2 e - n in [-1/2, 1/2] (two FMAs): 2^f by its degree-6
+  // Taylor polynomial (relative error < 2e-7), 2^n by vscalefps. 0 below -87.3 (so e^-inf = 0) by the zeroing
+  // mask; NaN stays NaN (the unordered compare keeps it, and min/max return their second operand when either
+  // is NaN, so x goes second).
   static inline reg exp(reg x) {
-    const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3365447505f), _CMP_LT_OQ);
+    const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3365447505f), _CMP_NLT_UQ);
     x = _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), x);
     x = _mm512_max_ps(_mm512_set1_ps(-87.3365447505f), x);
-    const reg n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    reg r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    reg p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mask_blend_ps(under, _mm512_mul_ps(p, _mm512_castsi512_ps(e)), _mm512_setzero_ps());
+    const reg l2e = _mm512_set1_ps(1.44269504088896341f);
+    const reg n = _mm512_roundscale_ps(_mm512_mul_ps(x, l2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    // log2 e's float rounding error added back (x up to 88 makes it visible)
+    const reg f = _mm512_fmadd_ps(x, _mm512_set1_ps(1.9259629911e-8f), _mm512_fmsub_ps(x, l2e, n));
+    reg p = _mm512_set1_ps(1.5403530393381610e-4f);  // ln2^k / k!, k = 6 .. 0
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return _mm512_maskz_scalef_ps(keep, p, n);
   }
   // 16 consecutive elements as fp32 (bf16: the bits shifted up; fp16: vcvtph2ps).
   static constexpr bool kTranspose16 = true;
