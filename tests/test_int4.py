@@ -160,3 +160,52 @@ def test_float64_never_goes_to_the_float32_kernel():
     assert_close(dsattn.int4_matmul(x, q), brute_force_matmul(x, q.dequantize(torch.float64)), 1e-10)
     with pytest.raises(TypeError, match="backend='cpp' takes float16, bfloat16, float32 inputs, got float64"):
         dsattn.int4_matmul(x, q, backend="cpp")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_int4_linear_inference_equals_int4_matmul(dtype, monkeypatch):
+    """Int4Linear without a gradient wanted skips the custom op's dispatch: the same values as dsattn.int4_matmul
+    (bit for bit), the backend recorded; with a gradient wanted x and the bias still get theirs."""
+    lin = nn.Linear(256, 40).to(dtype)
+    act = torch.rand(256, dtype=dtype) + 0.5
+    for scale in (None, act):
+        layer = dsattn.nn.Int4Linear.from_linear(lin, group_size=128, act_scales=scale)
+        for shape in ((1, 256), (2, 3, 256)):
+            x = torch.randn(*shape, dtype=dtype)
+            with torch.no_grad():
+                with dsattn._backend.recording() as chosen:
+                    out = layer(x)
+                assert torch.equal(out, dsattn.int4_matmul(x, layer.int4_weight(), layer.bias))
+            assert chosen == {"int4_matmul": {"cpp" if dtype != torch.float64 and dsattn._ext.cpp_loaded() else "torch"}}
+    import dsattn.nn.int4_linear as module
+
+    with monkeypatch.context() as mp, torch.no_grad():
+        mp.setattr(module, "int4_matmul", None)  # the public entry is not called without a gradient wanted
+        layer(x)
+    x = torch.randn(3, 256, dtype=dtype, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and layer.bias.grad is not None
+    with torch.no_grad(), pytest.raises(ValueError, match="last dim must be K=256"):
+        layer(torch.randn(2, 128, dtype=dtype))  # the public op's checks name a wrong x
+
+
+def test_int4_experts_inference_equals_int4_grouped_matmul(monkeypatch):
+    """Int4Experts without a gradient wanted skips the grouped op's dispatch: the same values as
+    the op path taken with a gradient wanted (torch backend: equal within fp32 rounding; gradients reach x)."""
+    import dsattn.nn.int4_linear as module
+
+    experts = dsattn.nn.Int4Experts(4, 128, 64, torch.nn.functional.silu, group_size=64, dtype=torch.float32)
+    for e in range(4):
+        experts.load_int4("gate_up", e, dsattn.quantize_int4(torch.randn(128, 128), group_size=64))
+        experts.load_int4("down", e, dsattn.quantize_int4(torch.randn(128, 64), group_size=64))
+    x, ids, w = torch.randn(3, 128), torch.tensor([[0, 2], [3, 4], [1, 1]]), torch.rand(3, 2)
+    with torch.no_grad():
+        expect = experts(x, ids, w)
+        with monkeypatch.context() as mp:
+            mp.setattr(module, "int4_grouped_matmul", None)  # not called without a gradient wanted
+            assert torch.equal(experts(x, ids, w), expect)
+    x.requires_grad_(True)
+    out = experts(x, ids, w)
+    assert_close(out.detach(), expect, 1e-5)
+    out.sum().backward()
+    assert x.grad is not None
