@@ -16,11 +16,8 @@ import math
 import torch
 from torch import nn
 
-from dsattn.ops import int4_grouped_matmul as _grouped_ops
-from dsattn.ops import int4_matmul as _int4_ops
 from dsattn.ops.int4_grouped_matmul import (int4_grouped_matmul, int4_grouped_matmul_backward_op,
                                             int4_grouped_matmul_weight_grad_ste_op)
-from dsattn import _backend, _checks
 from dsattn.ops.int4_matmul import int4_matmul
 from dsattn.quant.int4 import Int4Weight, check_group_size, quantize_int4, quantize_int4_unchecked
 from dsattn.torch_backend import int4_matmul as _torch_int4
@@ -147,17 +144,7 @@ class Int4Linear(nn.Module):
     def forward(self, x):
         if self.train_mode:
             return Int4QATMatmul.apply(x, self.weight, self.bias, self.group_size, self.symmetric)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        if (x.dtype in _checks.FLOAT_DTYPES and x.shape[-1] == self.in_features
-                and not _backend.needs_grad(x, bias) and not torch.compiler.is_compiling()):
-            # Inference (decode: one row): the op on the selected backend without re-checking the Int4Weight's
-            # fields on every call (they cost as much as a small projection's kernel): the buffers are this
-            # module's own, shaped at construction, and the kernels check them again.
-            chosen = _int4_ops.select(_int4_ops.OP, "auto", x.device, x.dtype, False, self.group_size,
-                                      _int4_ops._auto_order(x.device, x.numel() // self.in_features))
-            return _int4_ops.int4_matmul_op(x, self.qweight, self.scales, self.zeros, self.group_size,
-                                            self.input_scale, bias, chosen)
-        return int4_matmul(x, self.int4_weight(), bias)
+        return int4_matmul(x, self.int4_weight(), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -295,17 +282,8 @@ class Int4Experts(nn.Module):
         if self.train_mode:
             return Int4QATGroupedMatmul.apply(x, getattr(self, f"{projection}_proj"), expert_ids, weights,
                                               self.group_size, self.symmetric)
-        qweight, scales, zeros = (getattr(self, f"{projection}_{name}") for name in ("qweight", "scales", "zeros"))
-        if (x.dtype in _checks.FLOAT_DTYPES and x.dim() == 2 and x.shape[1] == qweight.shape[2] * 8
-                and expert_ids.dim() in (1, 2) and expert_ids.shape[0] == x.shape[0]
-                and (weights is None or weights.shape == expert_ids.shape)
-                and not _backend.needs_grad(x, weights) and not torch.compiler.is_compiling()):
-            # Inference: the op without re-checking this module's own buffers on every call (as Int4Linear).
-            chosen = _int4_ops.select(_grouped_ops.OP, "auto", x.device, x.dtype, False, self.group_size,
-                                      _grouped_ops.AUTO_ORDER.get(x.device.type))
-            return _grouped_ops.int4_grouped_matmul_op(x, qweight, scales, zeros, self.group_size, expert_ids,
-                                                       weights, chosen)
-        return int4_grouped_matmul(x, qweight, scales, zeros, self.group_size, expert_ids, weights)
+        return int4_grouped_matmul(x, getattr(self, f"{projection}_qweight"), getattr(self, f"{projection}_scales"),
+                                   getattr(self, f"{projection}_zeros"), self.group_size, expert_ids, weights)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         tokens, slots = top_k_index.shape
