@@ -313,6 +313,22 @@ RECOVERY_LR = dict(dense=1e-4, distill=1e-4, transfer=1e-2, finetune=1e-3, warmu
 # LM loss is noisier at this batch size.
 RECOVERY_TEACHER = dict(attention=True, linearize=True, qat=True, dsa=True)
 LORA_RANK = 8
+# The pure linear mode ("linear ..." rows) gets a budget of its own in the full run (linear_transfer +
+# linear_finetune steps, on top of the shared count; the dense baseline keeps that count) and its own recipe
+# (LINEAR_RECIPE). Without a softmax window the whole model must adapt: with LoRA on the attention projections
+# (30 + 50 steps) the row stayed at 5.4x dense; every weight distilled at lr 3e-3 (the rate the model was trained
+# at; 1e-3: 2.1x at 200 steps) reached 1.9x dense after 100 + 200 steps and 1.42x after 100 + 400 (48 held-out
+# windows). Without these keys (--quick, a budget override) linear takes transfer + finetune steps, as hybrid
+# does, and its weights train at their own rate (RECOVERY_LR["distill"]): a few steps at 3e-3 only disturb them.
+RECOVERY_BUDGET["full"].update(linear_transfer=100, linear_finetune=400)
+RECOVERY_LR.update(linear_transfer=1e-2, linear_finetune=3e-3)
+# dsattn.recover.linearize options for the linear rows: Hedgehog feature maps trained by attention transfer on
+# the attention outputs (output MSE: 5.1x dense after 200 steps alone, where Hedgehog's attention-weight KL gave
+# 8.2x), then every parameter (feature maps included) distilled from the dense model on the logits' KL alone
+# (the attention-output and hidden-state terms pull the linear layers toward what they cannot compute), cosine
+# schedule after a short warm-up.
+LINEAR_RECIPE = dict(feature_dim=128, transfer_loss="output", lora=False, finetune_params=["*"],
+                     schedule="cosine", weights=(1.0, 0.0, 0.0))
 # issue 15 item 4: recovered perplexity / dense perplexity at most this, per mode (label prefix)
 GOALS = {"hybrid": 1.05, "linear": 1.15, "topk": 1.01, "indexer": 1.01, "int4 g128": 1.005}
 
@@ -354,7 +370,8 @@ def recover_mode(model, label: str, options: dict, batches: list, budget: dict, 
     attention transfer, then LoRA); indexer: dsattn.recover.dsa_from_dense (dense KL warm-up of an INDEXER-sized
     indexer, then sparse training: the model distilled from the dense one, the indexer on the sparse KL) and
     patch(attention="sparse"); int4: dsattn.recover.qat (STE), frozen to int4.
-    RECOVERY_TEACHER says which recipes learn from the dense model (distill_loss) instead of the LM loss."""
+    RECOVERY_TEACHER says which recipes learn from the dense model (distill_loss) instead of the LM loss. The
+    linear rows fine-tune every weight after the transfer (LINEAR_RECIPE), not LoRA, for their own budget."""
     import copy
 
     from dsattn import recover
@@ -377,6 +394,17 @@ def recover_mode(model, label: str, options: dict, batches: list, budget: dict, 
                              teacher=model if RECOVERY_TEACHER["qat"] else None, progress=progress,
                              log_every=log_every)
         return student, report, "qat"
+    if options.get("attention") == "linear":
+        own = "linear_finetune" in budget  # a short budget trains the weights at their own rate ("distill")
+        transfer = budget.get("linear_transfer", budget["transfer"])
+        finetune = budget["linear_finetune"] if own else budget["finetune"]
+        report = recover.linearize(student, batches, attention="linear", **LINEAR_RECIPE,
+                                   warmup_steps=max(1, finetune // 20), transfer_steps=transfer,
+                                   transfer_lr=RECOVERY_LR["linear_transfer"], finetune_steps=finetune,
+                                   finetune_lr=RECOVERY_LR["linear_finetune" if own else "distill"],
+                                   teacher=model if RECOVERY_TEACHER["linearize"] else None, progress=progress,
+                                   log_every=log_every)
+        return student, report, "linearize: Hedgehog maps + all weights"
     if options.get("attention") in ("linear", "hybrid"):
         extra = {k: options[k] for k in ("prefix", "window") if k in options}
         report = recover.linearize(student, batches, attention=options["attention"], **extra,

@@ -5,6 +5,7 @@ afterwards, save_pretrained + dsattn.recover.from_pretrained give back the same 
 and int4 buffers included)."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -216,11 +217,16 @@ def peaky(model, factor=4.0):
     return model
 
 
-# The tiny DeepSeek-V3's small queries give near-flat softmax features at first: a larger transfer lr.
-@pytest.mark.parametrize("model_type,mode,options,lora,transfer_lr", [
-    ("llama", "linear", {}, None, 5e-2), ("deepseek_v3", "hybrid", {"prefix": 2, "window": 4}, False, 2e-1)])
+# The tiny DeepSeek-V3's small queries give near-flat softmax features at first: a larger transfer lr. The third
+# case is the fidelity report's linear recipe: Hedgehog's attention-weight transfer loss, then every parameter
+# fine-tuned under the cosine schedule.
+@pytest.mark.parametrize("model_type,mode,options,lora,transfer_lr,extra", [
+    ("llama", "linear", {}, None, 5e-2, {}),
+    ("deepseek_v3", "hybrid", {"prefix": 2, "window": 4}, False, 2e-1, {}),
+    ("deepseek_v3", "linear", {}, False, 2e-1, dict(transfer_loss="weights", transfer_chunk=8, feature_dim=12,
+                                                    finetune_params=["*"], schedule="cosine", warmup_steps=2))])
 def test_linearize_recipe_transfer_and_finetune_losses_fall_and_reload(model_type, mode, options, lora, transfer_lr,
-                                                                       tmp_path):
+                                                                       extra, tmp_path):
     model = peaky(tiny_model(model_type))
     ids = pattern_batch()
     dense = logits(model, ids)
@@ -228,7 +234,7 @@ def test_linearize_recipe_transfer_and_finetune_losses_fall_and_reload(model_typ
     mask[1, :3] = 0  # left padding: the transfer loss counts the valid tokens only
     batches = [{"input_ids": ids, "attention_mask": mask}] if mode == "linear" else [ids]
     report = recover.linearize(model, batches, attention=mode, **options, transfer_steps=8, transfer_lr=transfer_lr,
-                               finetune_steps=8, finetune_lr=1e-2, lora=lora)
+                               finetune_steps=8, finetune_lr=1e-2, lora=lora, **extra)
     transfer, finetune = report.stages["attention_transfer"], report.stages["finetune"]
     assert transfer.steps == 8 and finetune.steps == 8 and report.steps == 16
     assert transfer.last_loss < 0.7 * transfer.first_loss, transfer.losses
@@ -243,6 +249,8 @@ def test_linearize_recipe_transfer_and_finetune_losses_fall_and_reload(model_typ
     maps = {k: v for k, v in model.state_dict().items() if "dsattn_feature_map" in k}
     again = reloaded.state_dict()
     assert maps and all(torch.equal(v, again[k]) for k, v in maps.items())
+    if extra.get("feature_dim"):
+        assert all(v.shape[-1] == extra["feature_dim"] for k, v in maps.items() if k.endswith("bias"))
     assert torch.equal(logits(reloaded, ids), ours)
     # Generation (decode with a cache) runs; unpatch / patch_linearized give back the same model.
     out = reloaded.generate(ids[:1, :8], max_new_tokens=3, do_sample=False)
@@ -251,6 +259,68 @@ def test_linearize_recipe_transfer_and_finetune_losses_fall_and_reload(model_typ
     assert (logits(reloaded, ids) - ours).abs().max() > 1e-3  # softmax again
     recover.patch_linearized(reloaded, attention=mode, **options)
     assert torch.equal(logits(reloaded, ids), ours)
+
+
+def brute_weight_kl(q, k, maps, rows, scale, chunk):
+    """Hedgehog's transfer loss for one layer by dense masks (float64): sum over counted rows and heads of
+    KL(softmax(scale q.k) || phi_q.phi_k normalized), both over the causal keys of the query's chunk."""
+    hq, hkv, s = q.shape[1], k.shape[1], q.shape[2]
+    fq, fk = maps.q(q), maps.k(k).repeat_interleave(hq // hkv, 1)
+    kf = k.repeat_interleave(hq // hkv, 1)
+    i, j = torch.arange(s)[:, None], torch.arange(s)[None]
+    see = (j <= i) & ((j // chunk == i // chunk) if chunk else True)
+    log_p = torch.log_softmax((scale * q @ kf.transpose(-1, -2)).masked_fill(~see, float("-inf")), -1)
+    a = (fq @ fk.transpose(-1, -2)).masked_fill(~see, 0)
+    log_a = torch.log((a / a.sum(-1, keepdim=True)).masked_fill(~see, 1))  # masked: 0 * finite, no NaN gradient
+    kl = (log_p.exp() * (log_p.masked_fill(~see, 0) - log_a)).sum(-1)  # [B, H, S]
+    return (kl * rows[:, None]).sum(), int(rows.sum()) * hq
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_attention_weight_transfer_loss_matches_a_brute_force(chunk):
+    from dsattn.recover.linearize import _weight_kl
+
+    torch.manual_seed(chunk)
+    maps = QKFeatureMaps(4, 2, 8, 6)
+    with torch.no_grad():
+        for p in maps.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    maps64 = copy.deepcopy(maps).double()
+    q, k = torch.randn(2, 4, 11, 8), torch.randn(2, 2, 11, 8)
+    rows = torch.ones(2, 11, dtype=torch.bool)
+    rows[1, :3] = False  # padding rows do not count
+    allowed = torch.ones(11, 11, dtype=torch.bool).tril().expand(2, 11, 11)
+    got, n = _weight_kl(q, k, maps, allowed, rows, 0.4, chunk)
+    want, m = brute_weight_kl(q.double(), k.double(), maps64, rows, 0.4, chunk)
+    assert n == m == 4 * 19
+    assert_close(got, want, 1e-5, name="weight KL")
+    got.backward()
+    want.backward()
+    for (name, p), p64 in zip(maps.named_parameters(), maps64.parameters()):
+        assert_close(p.grad, p64.grad, 1e-5, name=f"grad {name}")
+
+
+def test_cosine_schedule_sets_the_learning_rate_of_the_recipe_optimizer_only():
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from dsattn.recover.distill import run_steps
+    from dsattn.recover.linearize import _lr_schedule
+
+    w, other = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    seen = []
+    handle = register_optimizer_step_post_hook(lambda opt, a, kw: seen.append((opt, opt.param_groups[0]["lr"])))
+    try:
+        with _lr_schedule([w], 1.0, 6, "cosine", 2):
+            run_steps("t", [w], lambda b: (w * w).sum(), [torch.zeros(1, 1, dtype=torch.long)], steps=6, lr=1.0)
+            bystander = torch.optim.SGD([other], lr=0.5)
+            (other * other).sum().backward()
+            bystander.step()
+    finally:
+        handle.remove()
+    lrs = [lr for opt, lr in seen if opt is not bystander]
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.1 + 0.45 * (1 + math.cos(math.pi / 4)), 0.55,
+                                 0.1 + 0.45 * (1 + math.cos(3 * math.pi / 4))])
+    assert [lr for opt, lr in seen if opt is bystander] == [0.5]
 
 
 def test_from_pretrained_of_a_distilled_dsa_model(tmp_path):

@@ -2,12 +2,15 @@
 
 1. attention transfer: every attention layer gets learnable feature maps (Hedgehog: per head a linear
    projection, then a softmax over the features of +x and -x; dsattn.nn.linear_attention.QKFeatureMaps), and
-   only those train, per layer, to make the patched layer's output match the softmax layer's output on the same
-   inputs (the inputs each layer sees in the unpatched model; MSE of the attention modules' outputs, relative
-   to the softmax output's mean square);
-2. a short fine-tune of a small parameter subset on the LM loss (or distill_loss against a teacher): LoRA on the
-   attention projections through peft when it is installed (merged into the weights afterwards), else the
-   attention projections' own weights.
+   only those train, per layer, on the inputs each layer sees in the unpatched model: transfer_loss="output"
+   makes the patched layer's output match the softmax layer's (MSE of the attention modules' outputs, relative
+   to the softmax output's mean square; LoLCATs), "weights" makes the maps' normalized linear attention weights
+   match the softmax attention weights (KL per query row, on blocks of transfer_chunk queries and keys;
+   Hedgehog's loss);
+2. a fine-tune on the LM loss (or distill_loss against a teacher): LoRA on the attention projections through
+   peft when it is installed (merged into the weights afterwards), else the parameters finetune_params names
+   (default the attention projections; ["*"]: every weight, the feature maps included), at a constant
+   learning rate or schedule="cosine" (linear warm-up, then cosine down to a tenth).
 
     report = dsattn.recover.linearize(model, batches, attention="hybrid", prefix=64, window=64)
     model.save_pretrained(path)                     # weights + feature maps, config.dsattn_recover
@@ -22,6 +25,7 @@ dsattn.recover.patch_linearized.
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable
 
 import torch
@@ -216,6 +220,125 @@ def attention_transfer_loss(model, batch) -> torch.Tensor:
                         for o, t in zip(out, target)]).mean()
 
 
+def _weight_kl(q, k, maps, allowed, rows, scale, chunk: int):
+    """(sum over the counted query rows of KL(softmax attention || linear attention weights), row count) of one
+    layer: the teacher's row is softmax(scale q.k) over the keys the query sees, the student's the feature maps'
+    phi_q(q).phi_k(k) normalized over the same keys. chunk > 0: within blocks of `chunk` queries and the same
+    `chunk` keys only (O(S x chunk) memory; the ratio phi_q.phi_k / exp(q.k) the maps must learn is the same
+    in every block, so blocks teach it as well as whole rows do)."""
+    b, hq, s, d = q.shape
+    group = hq // k.shape[1]
+    fq = maps.q(q)
+    fk = maps.k(k).repeat_interleave(group, dim=1)
+    kk = k.repeat_interleave(group, dim=1).to(fq.dtype)
+    qq = q.to(fq.dtype)
+    c = s if chunk <= 0 else min(chunk, s)
+    total, count = fq.new_zeros(()), 0
+    for i in range(0, s, c):
+        j0 = 0 if chunk <= 0 else i
+        see = allowed[:, None, i:i + c, j0:i + c] & rows[:, None, i:i + c, None]
+        live = see.any(-1)  # [B, 1, C] rows with at least one visible key
+        teacher = (scale * qq[:, :, i:i + c] @ kk[:, :, j0:i + c].transpose(-1, -2)).masked_fill(~see, float("-inf"))
+        log_p = torch.log_softmax(teacher.masked_fill(~live[..., None], 0.0), dim=-1)
+        scores = (fq[:, :, i:i + c] @ fk[:, :, j0:i + c].transpose(-1, -2)).masked_fill(~see, 0.0)
+        log_q = torch.log(scores.clamp_min(1e-30)) - torch.log(scores.sum(-1, keepdim=True).clamp_min(1e-30))
+        p = log_p.exp().masked_fill(~see, 0.0)
+        kl = (p * (log_p - log_q).masked_fill(~see, 0.0)).sum(-1)
+        total = total + (kl * live).sum()
+        count += int(live.sum()) * hq
+    return total, count
+
+
+def attention_weight_loss(model, batch, *, chunk: int = 64) -> torch.Tensor:
+    """Hedgehog's attention-transfer loss (Zhang et al. 2024): mean over layers of the mean over valid query
+    rows and heads of KL(softmax attention weights || the learned maps' normalized linear attention weights),
+    both from the queries and keys each layer computes in the softmax model (one forward of it, up to the last
+    attention layer; the maps' gradient only). KL is the cross entropy less the softmax rows' entropy (a
+    constant): zero when the maps reproduce softmax attention. chunk: see _weight_kl."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from dsattn.patching.masks import allowed_mask
+
+    modules = [model.get_submodule(n) for n in _attention_modules(model)]
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    valid = valid_tokens(batch)
+    terms = []
+
+    def record_weights(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+        b, _, sq, d = query.shape
+        sk = key.shape[2]
+        if sq != sk:
+            raise ValueError(f"dsattn.recover.linearize: attention transfer runs whole sequences (queries = keys), "
+                             f"got {sq} queries and {sk} keys")
+        scale = d ** -0.5 if scaling is None else scaling
+        if attention_mask is None:
+            pos = torch.arange(sq, device=query.device)[:, None] + (sk - sq)
+            allowed = (torch.arange(sk, device=query.device)[None] <= pos).expand(b, sq, sk)
+        else:
+            allowed = allowed_mask(attention_mask, b, sq, sk)
+        rows = torch.ones(b, sq, dtype=torch.bool, device=query.device) if valid is None else valid[:, -sq:]
+        q, k = query.detach(), key.detach()
+        terms.append(_weight_kl(q, k, getattr(module, FEATURE_MAP_ATTR), allowed, rows, scale, chunk))
+        with torch.no_grad():  # the softmax layer's output: later layers see what the softmax model computes
+            group = q.shape[1] // k.shape[1]
+            out = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1),
+                                                 value.repeat_interleave(group, 1), attn_mask=allowed[:, None],
+                                                 scale=scale)
+        return out.nan_to_num(0.0).transpose(1, 2).contiguous(), None
+
+    name = "dsattn_attention_transfer"
+    AttentionInterface.register(name, record_weights)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    previous = model.config._attn_implementation
+    try:
+        model.set_attn_implementation(name)
+        _run_layers(model, inputs, modules)
+    finally:
+        model.set_attn_implementation(previous)
+    if len(terms) != len(modules):
+        raise ValueError(f"dsattn.recover.linearize: {len(terms)} of {len(modules)} attention modules went through "
+                         "the model's attention function")
+    return torch.stack([t / max(n, 1) for t, n in terms]).mean()
+
+
+TRANSFER_LOSSES = ("weights", "output")
+SCHEDULES = ("constant", "cosine")
+
+
+@contextlib.contextmanager
+def _lr_schedule(params, lr: float, steps: int, schedule: str, warmup: int):
+    """Inside the block, the optimizer run_steps builds for `params` follows `schedule`: "cosine" is a linear
+    warm-up over `warmup` steps, then a cosine from lr down to lr / 10; "constant" leaves it alone. (A
+    step-pre hook on the optimizer that holds exactly these parameters: run_steps builds its own.)"""
+    if schedule == "constant" or not steps:
+        yield
+        return
+    ids = {id(p) for p in params}
+    count = {}
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    def hook(opt, args, kwargs):
+        if {id(p) for g in opt.param_groups for p in g["params"]} != ids:
+            return
+        step = count.get(id(opt), 0)
+        count[id(opt)] = step + 1
+        for g in opt.param_groups:
+            g["lr"] = lr * factor(min(step, steps - 1))
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _attention_linears(model) -> list[str]:
     """Names of the nn.Linear projections inside the attention modules (V3.2's indexer left out)."""
     prefixes = tuple(n + "." for n in _attention_modules(model))
@@ -233,10 +356,11 @@ def _peft_available() -> bool:
 
 def linearize(model, batches, *, attention: str = "linear", prefix: int | None = None, window: int | None = None,
               feature_map: str = "hedgehog", feature_dim: int | None = None, transfer_steps: int = 100,
-              transfer_lr: float = 1e-2, finetune_steps: int = 100, finetune_lr: float = 1e-4, lora=None,
-              lora_rank: int = 8, finetune_params=None, teacher=None, temperature: float = 2.0,
-              weights=DEFAULT_WEIGHTS, max_grad_norm: float | None = 1.0, progress: Callable | None = None,
-              log_every: int = 10) -> RecoveryReport:
+              transfer_lr: float = 1e-2, transfer_loss: str = "output", transfer_chunk: int = 64,
+              finetune_steps: int = 100, finetune_lr: float = 1e-4, lora=None, lora_rank: int = 8,
+              finetune_params=None, schedule: str = "constant", warmup_steps: int = 0, teacher=None,
+              temperature: float = 2.0, weights=DEFAULT_WEIGHTS, max_grad_norm: float | None = 1.0,
+              progress: Callable | None = None, log_every: int = 10) -> RecoveryReport:
     """Linearize `model` in place for attention="linear" or "hybrid" (prefix=, window=: dsattn.patch's
     options) and return a RecoveryReport whose stages are "attention_transfer" and "finetune" (its own steps
     and seconds are their sums, its first/last loss the fine-tune's, else the transfer's).
@@ -246,10 +370,18 @@ def linearize(model, batches, *, attention: str = "linear", prefix: int | None =
     (nothing to train). Then finetune_steps at finetune_lr on the LM loss, or distill_loss against `teacher`
     (the unpatched model): lora=None uses LoRA (rank lora_rank, on the attention projections; merged into the
     weights afterwards) when peft is installed, lora=False trains `finetune_params` (glob patterns of parameter
-    names; default the attention projections) directly. batches: input-id tensors or dicts (a list is cycled).
+    names; default the attention projections) directly. transfer_loss ("output" or "weights", transfer_chunk)
+    and schedule ("constant" or "cosine" with warmup_steps, for both stages): see the module doc; weights are
+    distill_loss's (logits KL, attention-output MSE, hidden-state MSE). batches: input-id tensors or dicts (a
+    list is cycled).
     progress(dict(recipe, step, steps, loss, seconds)) after every step; INFO logs on "dsattn.recover"."""
     if attention not in MODES:
         raise ValueError(f"dsattn.recover.linearize: attention must be one of {MODES}, got {attention!r}")
+    if transfer_loss not in TRANSFER_LOSSES:
+        raise ValueError(f"dsattn.recover.linearize: transfer_loss must be one of {TRANSFER_LOSSES}, got "
+                         f"{transfer_loss!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"dsattn.recover.linearize: schedule must be one of {SCHEDULES}, got {schedule!r}")
     options = {k: v for k, v in (("prefix", prefix), ("window", window)) if v is not None}
     if attention == "linear" and options:
         raise TypeError(f"dsattn.recover.linearize: attention='linear' takes no {sorted(options)}")
@@ -265,11 +397,15 @@ def linearize(model, batches, *, attention: str = "linear", prefix: int | None =
     report = RecoveryReport("linearize")
 
     maps = [p for n, p in model.named_parameters() if f".{FEATURE_MAP_ATTR}." in n] if learned else []
-    with training(model, maps):
+    if transfer_loss == "weights":
+        transfer_fn = lambda b: attention_weight_loss(model, b, chunk=transfer_chunk)  # noqa: E731
+    else:
+        transfer_fn = lambda b: attention_transfer_loss(model, b)  # noqa: E731
+    transfer_steps = transfer_steps if learned else 0
+    with training(model, maps), _lr_schedule(maps, transfer_lr, transfer_steps, schedule, warmup_steps):
         report.stages["attention_transfer"] = run_steps(
-            "linearize.attention_transfer", maps, lambda b: attention_transfer_loss(model, b), batches,
-            steps=transfer_steps if learned else 0, lr=transfer_lr, max_grad_norm=max_grad_norm,
-            progress=progress, log_every=log_every)
+            "linearize.attention_transfer", maps, transfer_fn, batches, steps=transfer_steps, lr=transfer_lr,
+            max_grad_norm=max_grad_norm, progress=progress, log_every=log_every)
 
     flags = {p: p.requires_grad for p in model.parameters()}
     student = model
@@ -284,7 +420,8 @@ def linearize(model, batches, *, attention: str = "linear", prefix: int | None =
         params = [p for _, p in select_parameters(model, patterns)]
     try:
         with recovery_loss(student, teacher, temperature=temperature, weights=weights) as loss_fn, \
-                training(student, params):
+                training(student, params), \
+                _lr_schedule(params, finetune_lr, finetune_steps, schedule, warmup_steps):
             report.stages["finetune"] = run_steps("linearize.finetune", params, loss_fn, batches,
                                                   steps=finetune_steps, lr=finetune_lr,
                                                   max_grad_norm=max_grad_norm, progress=progress,
