@@ -161,6 +161,35 @@ def test_per_expert_backends(backend, dtype, tokens):
     assert_close(got, expected(x, ws, ids, weights), tolerance(dtype))
 
 
+def test_cpp_bf16_prefill_per_expert_takes_the_amx_path(monkeypatch):
+    """bf16 x with >= 16 rows per expert: the cpp backend hands each expert's rows to int4_matmul in bf16 (so an
+    AMX CPU runs the fused brgemm there: tests/test_int4_matmul.py shows it is taken); with it and with
+    DSATTN_INT4_AMX=0 (the panel path) against the float64 per-pair oracle."""
+    requires_backend("cpp", "cpu", "int4_matmul")
+    num_experts, n, k, g = 4, 45, 256, 128
+    ws, qw, sc, ze = stacked(num_experts, n, k, g)
+    tokens = 40
+    x = non_contiguous(torch.randn(tokens, k)).to(torch.bfloat16)
+    t = torch.arange(tokens)
+    ids = torch.stack([t % 3, (t + 1) % 3], 1)  # 26 or 27 rows for each of experts 0-2, none for expert 3
+    ids[0, 1] = num_experts  # one dropped slot
+    weights = torch.rand(tokens, 2)
+    calls = []
+    real = torch.ops.dsattn_C.int4_matmul
+
+    def spy(x_rows, *args):
+        calls.append((x_rows.dtype, x_rows.shape[0]))
+        return real(x_rows, *args)
+
+    monkeypatch.setattr(torch.ops.dsattn_C, "int4_matmul", spy)
+    for amx in ("1", "0"):
+        monkeypatch.setenv("DSATTN_INT4_AMX", amx)
+        got = dsattn.int4_grouped_matmul(x, qw, sc, ze, g, ids, weights, backend="cpp")
+        assert got.dtype == torch.bfloat16
+        assert_close(got, expected(x, ws, ids, weights), tolerance(torch.bfloat16))
+    assert sorted(calls) == [(torch.bfloat16, 26)] * 4 + [(torch.bfloat16, 27)] * 2
+
+
 def test_auto_on_cpu_and_float64():
     num_experts, n, k, g = 3, 16, 64, 32
     ws, qw, sc, ze = stacked(num_experts, n, k, g)

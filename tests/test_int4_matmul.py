@@ -504,3 +504,63 @@ def test_compiled_cpu_vnni_is_the_default_where_the_cpu_has_it(monkeypatch):
     except OSError:
         pytest.skip("no /proc/cpuinfo to tell whether the CPU has VNNI")
     assert torch.equal(default, exact) != vnni
+
+
+# ----------------------------------------------------------------------------------------- compiled CPU, AMX
+def _cpu_has_amx():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_bf16" in f.read()
+    except OSError:
+        return False
+
+
+def _op(x, w, bias):
+    return torch.ops.dsattn_C.int4_matmul(x, w.qweight, w.scales.float(), w.zeros, w.group_size, bias)
+
+
+@pytest.mark.parametrize("group_size,k", [(64, 320), (128, 384), (32, 96)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_compiled_cpu_amx_bf16_prefill(monkeypatch, group_size, k, symmetric):
+    """bf16 x from 16 rows on an AMX CPU: the dequantization fused into oneDNN's brgemm (fp32 accumulation, the
+    bias added in fp32, one rounding); DSATTN_INT4_AMX=0 (and CPUs without AMX) the panel path. Both against
+    the float64 oracle: M 16/17/64/100 and 300 (two passes of 256 rows), N 37 and 301 (partial tasks and
+    sub-blocks), bias and none, non-contiguous x through the API. On AMX the two paths differ (the fused one ran)."""
+    requires_backend("cpp", "cpu", "int4_matmul")
+    monkeypatch.delenv("DSATTN_CPU_ISA", raising=False)
+    results = {}
+    for amx in ("1", "0"):
+        monkeypatch.setenv("DSATTN_INT4_AMX", amx)
+        torch.manual_seed(0)
+        for n in (37, 301):
+            w = quantized(n, k, group_size, symmetric)
+            bias = torch.randn(n)
+            for m in (16, 17, 64, 100, 300):
+                x = torch.randn(m, k).to(torch.bfloat16)
+                out = _op(x, w, bias)
+                assert out.dtype == torch.bfloat16 and out.shape == (m, n) and out.is_contiguous()
+                assert_close(out, expected(x, w, bias), tolerance(torch.bfloat16), name=f"M={m} N={n} amx={amx}")
+                results[amx, n, m] = out
+            assert_close(_op(x, w, None), expected(x, w), tolerance(torch.bfloat16), name=f"N={n} no bias")
+        xn = non_contiguous(torch.randn(2, 20, k)).to(torch.bfloat16)
+        assert_close(dsattn.int4_matmul(xn, w, bias, backend="cpp"), expected(xn, w, bias), tolerance(torch.bfloat16))
+    differs = any(not torch.equal(results["1", key[1], key[2]], v) for key, v in results.items() if key[0] == "0")
+    assert differs == (_cpu_has_amx() and ("avx512", "1") in CPU_PATHS)
+
+
+def test_compiled_cpu_amx_nan_reaches_only_its_row(monkeypatch):
+    """bf16 x, 20 rows: a NaN in row 3 (and an Inf in row 11) makes those output rows non-finite and no other
+    (a row of x is one column of the brgemm's B); all-zero rows give the bias rounded once."""
+    requires_backend("cpp", "cpu", "int4_matmul")
+    w = quantized(45, 256, 128)
+    bias = torch.randn(45)
+    x = torch.randn(20, 256).to(torch.bfloat16)
+    x[3, 7] = float("nan")
+    x[11, 200] = float("inf")
+    x[5] = 0
+    got = _op(x, w, bias)
+    assert got[3].isnan().all() and not got[11].isfinite().any()
+    rest = [r for r in range(20) if r not in (3, 11)]
+    assert got[rest].isfinite().all()
+    assert_close(got[rest], expected(x[rest], w, bias), tolerance(torch.bfloat16))
+    assert torch.equal(got[5], bias.to(torch.bfloat16))

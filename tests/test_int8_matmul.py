@@ -395,11 +395,13 @@ def test_cpp_kernel_every_isa_equals_dequantized_matmul(isa, group_size, k, m):
 @needs_cpp
 @pytest.mark.parametrize("group_size,k", [(None, 165), (32, 160)])
 @pytest.mark.parametrize("m", [16, 65])
-def test_cpp_avx512_fused_panels_equal_the_aten_dequant(group_size, k, m):
+def test_cpp_avx512_fused_panels_equal_the_aten_dequant(monkeypatch, group_size, k, m):
     """AVX-512 dequantizes the GEMM panels (M >= 64) in one fused pass: the same weight values and bf16 rounding
-    as the ATen path (AVX2), so one panel gives bit-equal GEMM results; M=16 bf16 stays on the decode kernels."""
+    as the ATen path (AVX2), so one panel gives bit-equal GEMM results; M=16 bf16 stays on the decode kernels
+    (AMX's fused brgemm off: its own test below)."""
     if 2 not in CPP_ISAS or 1 not in CPP_ISAS:
         pytest.skip("needs AVX-512 and AVX2")
+    monkeypatch.setenv("DSATTN_INT8_AMX", "0")
     w = quantized(37, k, group_size)
     bias = torch.randn(37)
     for dtype in (torch.float32, torch.bfloat16) if m >= 64 else (torch.bfloat16,):
@@ -521,3 +523,53 @@ def test_cpp_vnni_nan_reaches_only_its_row_and_env_isa():
         env = {**__import__("os").environ, "DSATTN_CPU_ISA": "avx2"}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert out.stdout.strip().endswith("True"), out.stderr[-2000:]
+
+
+# ------------------------------------------------------------------- cpp AMX prefill (bf16 x, fused brgemm)
+def _cpu_has_amx():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_bf16" in f.read()
+    except OSError:
+        return False
+
+
+@needs_cpp
+@pytest.mark.parametrize("group_size,k", [(None, 320), (64, 320), (128, 384), (16, 96)])
+def test_cpp_amx_bf16_prefill(monkeypatch, group_size, k):
+    """bf16 x from 16 rows on an AMX CPU: q * s fused into oneDNN's brgemm (fp32 accumulation, the bias added in
+    fp32, one rounding); DSATTN_INT8_AMX=0 (and CPUs without AMX) the decode kernels / panels. Both against the
+    float64 oracle: M 16/17/64/100/300, N 37 and 301, bias and none, non-contiguous x; on AMX they differ."""
+    results = {}
+    for amx in ("1", "0"):
+        monkeypatch.setenv("DSATTN_INT8_AMX", amx)
+        torch.manual_seed(0)
+        for n in (37, 301):
+            w = quantized(n, k, group_size)
+            bias = torch.randn(n)
+            for m in (16, 17, 64, 100, 300):
+                x = non_contiguous(torch.randn(m, k)).to(torch.bfloat16) if m == 17 else \
+                    torch.randn(m, k).to(torch.bfloat16)
+                out = _cpp(x, w, bias, -1)
+                assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+                assert_close(out, expected(x, w, bias), tolerance(torch.bfloat16), name=f"M={m} N={n} amx={amx}")
+                results[amx, n, m] = out
+            assert_close(_cpp(x, w, None, -1), expected(x, w), tolerance(torch.bfloat16), name=f"N={n} no bias")
+    differs = any(not torch.equal(results["1", key[1], key[2]], v) for key, v in results.items() if key[0] == "0")
+    assert differs == (_cpu_has_amx() and 2 in CPP_ISAS)
+
+
+@needs_cpp
+def test_cpp_amx_nan_reaches_only_its_row():
+    """bf16 x, 20 rows: a NaN in row 3 makes that output row NaN and no other; a zero row gives the bias."""
+    w = quantized(45, 256, 128)
+    bias = torch.randn(45)
+    x = torch.randn(20, 256).to(torch.bfloat16)
+    x[3, 7] = float("nan")
+    x[5] = 0
+    got = _cpp(x, w, bias, -1)
+    assert got[3].isnan().all()
+    rest = [r for r in range(20) if r != 3]
+    assert got[rest].isfinite().all()
+    assert_close(got[rest], expected(x[rest], w, bias), tolerance(torch.bfloat16))
+    assert torch.equal(got[5], bias.to(torch.bfloat16))

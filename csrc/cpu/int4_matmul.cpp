@@ -21,6 +21,9 @@
 //   where the CPU has them: 4.9x the fp32 GEMM at M=256, 4096x4096 on a Zen 4 core); the bias is added after
 //   the GEMM's rounding to bf16; from kBf16GemmMinRows rows, as the bf16 GEMM is that much faster. bf16 x with
 //   fewer rows runs the fp32 paths and is rounded once at the end.
+// - bf16 x from amx::kMinRows rows on AVX-512 CPUs with AMX (brgemm_dequant.h; group_size % 32 == 0): the
+//   dequantization fused into oneDNN's AMX brgemm per weight tile, fp32 accumulation, the bias added in fp32
+//   and one rounding; DSATTN_INT4_AMX=0 keeps the panel path.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
@@ -37,6 +40,7 @@
 #include <vector>
 
 #include "cpu/attention_kernels.h"
+#include "cpu/brgemm_dequant.h"
 #include "cpu/int4_kernels.h"
 
 namespace dsattn {
@@ -231,6 +235,14 @@ at::Tensor int4_matmul_impl(const at::Tensor& x, const at::Tensor& qweight, cons
   const uint8_t* zp = zc.data_ptr<uint8_t>();
   const cpu_attn::Isa isa = cpu_attn::resolve_isa(-1);
   const bool avx2 = isa >= cpu_attn::kAvx2;
+  if (bf16 && m >= amx::kMinRows && k > 0 && group_size % 32 == 0 && isa == cpu_attn::kAvx512 &&
+      amx::available("DSATTN_INT4_AMX")) {
+    // AMX: dequantization fused into the brgemm (int4_matmul_amx.cpp).
+    const amx::Int4Weight w{reinterpret_cast<const uint8_t*>(qp), sp, zp, k, group_size};
+    amx::gemm(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), k, m, n, k,
+              amx::dequant_int4, &w, bp, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+    return out;
+  }
   if (m >= (bf16 ? kBf16GemmMinRows : kGemmMinRows)) {
     // AVX-512: dequantized straight into the GEMM's dtype (bf16 x: a bf16 panel, no fp32 pass).
     const bool wide = isa == cpu_attn::kAvx512 && int4_cpu::avx512::compiled() && group_size % 32 == 0;

@@ -1,0 +1,46 @@
+// Quantized-weight GEMM with bf16 activations on oneDNN's AMX micro-kernel (torch's cpublas::brgemm):
+// int4_matmul.cpp and int8_matmul.cpp take it for bf16 x from kMinRows rows where available() (AMX; other CPUs
+// keep their dequant-panel + torch GEMM path). Raw pointers only: the implementation file
+// (int4_matmul_amx.cpp) is the one that includes the oneDNN-facing torch header.
+#pragma once
+
+#include <cstdint>
+
+namespace dsattn {
+namespace amx {
+
+// Rows of x from which the fused path runs (below, the decode kernels; see int4_matmul.cpp).
+constexpr int64_t kMinRows = 16;
+
+// One weight tile in bf16: dst[r * len + i] = w[n0 + r, k0 + i] rounded to nearest-even bf16, r < rows,
+// i < len (len % 32 == 0, k0 % 32 == 0).
+using DequantFn = void (*)(const void* weight, int64_t n0, int64_t rows, int64_t k0, int64_t len, uint16_t* dst);
+
+// int4: packed q [N, K/2] bytes (even k low nibble), s float32 / z uint8 [N, K/group]; group % 32 == 0.
+struct Int4Weight {
+  const uint8_t* q;
+  const float* s;
+  const uint8_t* z;
+  int64_t k, group;
+};
+void dequant_int4(const void* weight, int64_t n0, int64_t rows, int64_t k0, int64_t len, uint16_t* dst);
+
+// int8: q [N, K], s float32 [N] (group 0) or [N, K/group] (group % 16 == 0).
+struct Int8Weight {
+  const int8_t* q;
+  const float* s;
+  int64_t k, group;
+};
+void dequant_int8(const void* weight, int64_t n0, int64_t rows, int64_t k0, int64_t len, uint16_t* dst);
+
+// Compiled with torch's bf16 brgemm, the CPU has AMX-BF16 (cpublas::could_pack) and AVX-512 BW, and the
+// environment switch `env` ("DSATTN_INT4_AMX" / "DSATTN_INT8_AMX") is not "0".
+bool available(const char* env);
+
+// out[m, n] (bf16 bits, row stride n) = x[m, :] . w[n, :] (+ bias[n]), fp32 accumulation, one rounding.
+// x bf16 bits [m, k] with row stride ldx, unit column stride; k % 32 == 0. Parallel over N blocks.
+void gemm(const uint16_t* x, int64_t ldx, int64_t m, int64_t n, int64_t k, DequantFn dequant, const void* weight,
+          const float* bias, uint16_t* out);
+
+}  // namespace amx
+}  // namespace dsattn

@@ -1,0 +1,261 @@
+// bf16 x times an int4 / int8 weight on AMX (brgemm_dequant.h): the dequantization fused into the GEMM.
+//
+// The dequantized weight is the brgemm's A operand (plain rows, K contiguous: what the packed weight gives
+// without a transpose) and x the B operand in the VNNI layout ([K/2][M][2]: x's pairs of K values, a 32-bit
+// transpose of x done once per call); C = W x^T in fp32, transposed into out with the bias and one rounding.
+// Per task (up to kTaskRows weight rows, parallel over N): per K block, each kSubRows x kKB weight tile is
+// dequantized into a thread-local buffer (L1) and multiplied by that K block of x^T for all rows of x at once
+// (add_C accumulates over K blocks into the task's C in L2), so each weight is dequantized once per kMaxCols
+// rows of x, and x^T's K block stays in L2 while the task's tiles pass over it.
+// int4: the 16 values of a (row, group) are looked up as bf16 by VPERMW from a table held twice (32 entries):
+// the index of a byte's even value is the byte itself (low 5 bits: the low nibble, or 16 + it), that of its odd
+// value the byte >> 4, both made by one shift and OR of the zero-extended byte; the 32-bit result is the pair
+// in K order. The table is bf16((q - z) * s) of the fp32 product: the values of the panel path.
+// NaN: a row of x is one column of B and reaches only its column of C, i.e. its own output row; padding columns
+// are zeros.
+#include "cpu/brgemm_dequant.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+namespace dsattn {
+namespace amx {
+namespace {
+// Weight rows per task (at most; at least one task per thread), per brgemm call (its M; the A tile, 32 x 256
+// bf16 = 16 KiB, stays in L1), K values per block (brgemm's K) and rows of x per pass (brgemm's N, padded to 16):
+// x^T's K block (256 x 256 bf16, 128 KiB) and the task's fp32 C (256 x 256, 256 KiB) stay in L2. A 64 x 512
+// tile measured slower at 16 rows of x (the tile leaves L1); the GEMM's share grows with the rows of x.
+constexpr int64_t kTaskRows = 256;
+constexpr int64_t kSubRows = 32;
+constexpr int64_t kKB = 256;
+constexpr int64_t kMaxCols = 256;
+}  // namespace
+}  // namespace amx
+}  // namespace dsattn
+
+#if defined(__x86_64__) && defined(__GNUC__) && defined(CPUBLAS_BRGEMM_BF16BF16F32)
+#include <immintrin.h>
+
+namespace dsattn {
+namespace amx {
+// Outside the AVX-512 region: runs on any CPU.
+bool available(const char* env) {
+  const char* v = std::getenv(env);
+  if (v != nullptr && std::strcmp(v, "0") == 0) return false;
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16") &&
+                         at::native::cpublas::could_pack(at::kBFloat16);
+  return ok;
+}
+}  // namespace amx
+}  // namespace dsattn
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma,avx2"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma,avx2")
+#endif
+
+namespace dsattn {
+namespace amx {
+
+namespace {
+// 2 x 16 fp32 -> 32 bf16 bits in order (lo, hi), nearest even (VCVTNE2PS2BF16).
+inline __m512i to_bf16(__m512 lo, __m512 hi) { return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)); }
+
+// The tile after this one (gemm's next call: the next `rows` weight rows, same K range) is requested while
+// this one is dequantized and multiplied: each row's K block is only a few cache lines, too short for the
+// hardware prefetcher, so the weight stream was latency-bound. (A prefetch past the weight's end is harmless.)
+inline void prefetch_next(const void* p, int64_t bytes) {
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(static_cast<const char*>(p) + i, _MM_HINT_T1);
+}
+}  // namespace
+
+void dequant_int4(const void* weight, int64_t n0, int64_t rows, int64_t k0, int64_t len, uint16_t* dst) {
+  const Int4Weight& w = *static_cast<const Int4Weight*>(weight);
+  const int64_t groups = w.k / w.group, row_bytes = w.k / 2;
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row = n0 + r;
+    const uint8_t* qr = w.q + row * row_bytes;
+    uint16_t* d = dst + r * len;
+    prefetch_next(qr + rows * row_bytes + k0 / 2, len / 2);
+    for (int64_t g0 = k0; g0 < k0 + len;) {
+      const int64_t g = g0 / w.group, g1 = std::min((g + 1) * w.group, k0 + len);
+      const __m512 zero = _mm512_set1_ps(static_cast<float>(w.z[row * groups + g]));
+      const __m512 vals = _mm512_mul_ps(_mm512_sub_ps(iota, zero), _mm512_set1_ps(w.s[row * groups + g]));
+      const __m512i table = to_bf16(vals, vals);  // the 16 values twice
+      for (int64_t kk = g0; kk < g1; kk += 32) {
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qr + kk / 2)));
+        const __m512i idx = _mm512_or_si512(v, _mm512_slli_epi32(v, 12));
+        _mm512_storeu_si512(d + (kk - k0), _mm512_permutexvar_epi16(idx, table));
+      }
+      g0 = g1;
+    }
+  }
+}
+
+void dequant_int8(const void* weight, int64_t n0, int64_t rows, int64_t k0, int64_t len, uint16_t* dst) {
+  const Int8Weight& w = *static_cast<const Int8Weight*>(weight);
+  const int64_t groups = w.group > 0 ? w.k / w.group : 1;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row = n0 + r;
+    const int8_t* qr = w.q + row * w.k;
+    const float* sr = w.s + row * groups;
+    uint16_t* d = dst + r * len;
+    prefetch_next(qr + rows * w.k + k0, len);
+    for (int64_t kk = k0; kk < k0 + len; kk += 32) {  // group % 16 == 0: two scales per 32 values at most
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr + kk));
+      const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b))),
+                                      _mm512_set1_ps(sr[w.group > 0 ? kk / w.group : 0]));
+      const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1))),
+                                      _mm512_set1_ps(sr[w.group > 0 ? (kk + 16) / w.group : 0]));
+      _mm512_storeu_si512(d + (kk - k0), to_bf16(lo, hi));
+    }
+  }
+}
+
+namespace {
+// 16 x 16 32-bit transpose: out[j] lane i = in[i] lane j.
+inline void transpose16(__m512i v[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    v[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    v[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // Each 128-bit lane now holds a 4 x 4 block transposed; two 128-bit shuffle stages put the blocks in place.
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(v[i], v[4 + i], 0x88);
+    t[4 + i] = _mm512_shuffle_i32x4(v[i], v[4 + i], 0xDD);
+    t[8 + i] = _mm512_shuffle_i32x4(v[8 + i], v[12 + i], 0x88);
+    t[12 + i] = _mm512_shuffle_i32x4(v[8 + i], v[12 + i], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0x88);
+    v[8 + i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0xDD);
+    v[4 + i] = _mm512_shuffle_i32x4(t[4 + i], t[12 + i], 0x88);
+    v[12 + i] = _mm512_shuffle_i32x4(t[4 + i], t[12 + i], 0xDD);
+  }
+}
+
+// x rows [m0, m0 + rows) as brgemm's VNNI B: xt[(k / 2) * cols + c] = 32-bit pair (x[m0 + c, k], x[.., k + 1]),
+// columns rows..cols zero. 16 x 16 tiles of pairs (16 rows of x by one cache line each).
+void pack_x(const uint16_t* x, int64_t ldx, int64_t m0, int64_t rows, int64_t cols, int64_t k, uint32_t* xt) {
+  at::parallel_for(0, k / 32, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+        __m512i v[16];
+        for (int i = 0; i < 16; ++i)
+          v[i] = c0 + i < rows ? _mm512_loadu_si512(x + (m0 + c0 + i) * ldx + 32 * b) : _mm512_setzero_si512();
+        transpose16(v);
+        for (int i = 0; i < 16; ++i) _mm512_storeu_si512(xt + (16 * b + i) * cols + c0, v[i]);
+      }
+    }
+  });
+}
+
+// out rows [m0, m0 + rows_x), columns [n0, n0 + rows) = bf16(C^T + bias): 16 x 16 tiles of C (fp32, [rows,
+// cols]) transposed, rounded by VCVTNEPS2BF16 (nearest even, NaN kept).
+void store_out(const float* acc, int64_t cols, int64_t rows, int64_t rows_x, const float* bias, int64_t m0,
+               int64_t n0, int64_t n, uint16_t* out) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const int64_t nr = std::min<int64_t>(16, rows - r0);
+    const __mmask16 rmask = static_cast<__mmask16>((1u << nr) - 1);
+    const __m512 b = bias != nullptr ? _mm512_maskz_loadu_ps(rmask, bias + n0 + r0) : _mm512_setzero_ps();
+    for (int64_t c0 = 0; c0 < rows_x; c0 += 16) {
+      __m512i v[16];
+      for (int i = 0; i < 16; ++i)
+        v[i] = i < nr ? _mm512_loadu_si512(acc + (r0 + i) * cols + c0) : _mm512_setzero_si512();
+      transpose16(v);
+      for (int i = 0; i < 16 && c0 + i < rows_x; ++i) {
+        const __m256bh h = _mm512_cvtneps_pbh(_mm512_add_ps(_mm512_castsi512_ps(v[i]), b));
+        _mm256_mask_storeu_epi16(out + (m0 + c0 + i) * n + n0 + r0, rmask, reinterpret_cast<const __m256i&>(h));
+      }
+    }
+  }
+}
+
+// Per-thread scratch reused across calls (no page faults per call).
+struct Scratch {
+  std::vector<uint16_t> a;
+  std::vector<float> c;
+};
+Scratch& scratch() {
+  static thread_local Scratch s;
+  return s;
+}
+}  // namespace
+
+void gemm(const uint16_t* x, int64_t ldx, int64_t m, int64_t n, int64_t k, DequantFn dequant, const void* weight,
+          const float* bias, uint16_t* out) {
+  constexpr int64_t sub = kSubRows, max_cols = kMaxCols;
+  const int64_t kb = std::min(kKB, k);
+  std::vector<uint32_t> xt(static_cast<size_t>(std::min(m + 15, max_cols) / 16 * 16 * (k / 2)));
+  // Task rows: at most kTaskRows, whole sub-blocks, at least one task per thread (torch.get_num_threads()).
+  const int64_t threads = at::get_num_threads();
+  const int64_t per_thread = (n + threads - 1) / threads;
+  const int64_t tn = std::max<int64_t>(sub, std::min(kTaskRows, (per_thread + sub - 1) / sub * sub));
+  const int64_t tasks = (n + tn - 1) / tn;
+  for (int64_t m0 = 0; m0 < m; m0 += max_cols) {
+    const int64_t rows_x = std::min(max_cols, m - m0), cols = (rows_x + 15) / 16 * 16;
+    pack_x(x, ldx, m0, rows_x, cols, k, xt.data());
+    const auto* xtb = reinterpret_cast<const at::BFloat16*>(xt.data());
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      Scratch& s = scratch();
+      if (static_cast<int64_t>(s.a.size()) < sub * kb) s.a.resize(sub * kb);
+      if (static_cast<int64_t>(s.c.size()) < tn * cols) s.c.resize(tn * cols);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * tn, rows = std::min(tn, n - n0);
+        // x^T's K block stays in L2 while every sub-block of the task's weight rows passes over it.
+        for (int64_t k0 = 0; k0 < k; k0 += kb) {
+          const int64_t len = std::min(kb, k - k0);
+          for (int64_t j0 = 0; j0 < rows; j0 += sub) {
+            const int64_t jr = std::min(sub, rows - j0);
+            dequant(weight, n0 + j0, jr, k0, len, s.a.data());
+            at::native::cpublas::brgemm(jr, cols, len, len, cols, cols, k0 > 0,
+                                        reinterpret_cast<const at::BFloat16*>(s.a.data()), xtb + k0 * cols,
+                                        s.c.data() + j0 * cols, /*is_vnni=*/true);
+          }
+        }
+        store_out(s.c.data(), cols, rows, rows_x, bias, m0, n0, n, out);
+      }
+      at::native::cpublas::brgemm_release(true);
+    });
+  }
+}
+
+}  // namespace amx
+}  // namespace dsattn
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#else  // no AMX brgemm in this torch / not x86-64: never selected
+
+namespace dsattn {
+namespace amx {
+bool available(const char*) { return false; }
+void dequant_int4(const void*, int64_t, int64_t, int64_t, int64_t, uint16_t*) {}
+void dequant_int8(const void*, int64_t, int64_t, int64_t, int64_t, uint16_t*) {}
+void gemm(const uint16_t*, int64_t, int64_t, int64_t, int64_t, DequantFn, const void*, const float*, uint16_t*) {}
+}  // namespace amx
+}  // namespace dsattn
+
+#endif
