@@ -317,10 +317,11 @@ LORA_RANK = 8
 # linear_finetune steps, on top of the shared count; the dense baseline keeps that count) and its own recipe
 # (LINEAR_RECIPE). Without a softmax window the whole model must adapt: with LoRA on the attention projections
 # (30 + 50 steps) the row stayed at 5.4x dense; every weight distilled at lr 3e-3 (the rate the model was trained
-# at; 1e-3: 2.1x at 200 steps) reached 1.9x dense after 100 + 200 steps and 1.42x after 100 + 400 (48 held-out
-# windows). Without these keys (--quick, a budget override) linear takes transfer + finetune steps, as hybrid
-# does, and its weights train at their own rate (RECOVERY_LR["distill"]): a few steps at 3e-3 only disturb them.
-RECOVERY_BUDGET["full"].update(linear_transfer=100, linear_finetune=400)
+# at; 1e-3: 2.1x at 200 steps) reached 1.9x dense after 100 + 200 steps, 1.42x after 100 + 400 and 1.22x after
+# 100 + 600 (48 held-out windows; ~15 min on the loaded 2-core CPU, 400 CPU s). Without these keys (--quick, a
+# budget override) linear takes transfer + finetune steps, as hybrid does, and its weights train at their own
+# rate (RECOVERY_LR["distill"]): a few steps at 3e-3 only disturb them.
+RECOVERY_BUDGET["full"].update(linear_transfer=100, linear_finetune=600)
 RECOVERY_LR.update(linear_transfer=1e-2, linear_finetune=3e-3)
 # dsattn.recover.linearize options for the linear rows: Hedgehog feature maps trained by attention transfer on
 # the attention outputs (output MSE: 5.1x dense after 200 steps alone, where Hedgehog's attention-weight KL gave
