@@ -569,7 +569,7 @@ void sliding_tiles(const SlidingArgs& a, const KV& kv, const std::vector<char>& 
 }
 
 // Row path (decode): a sequence whose query rows (all G heads of the KV group) fit one small block. Nothing
-// is packed: each task reads its K and V rows where they are, once for all its rows, BK keys at a time: per
+// is packed: each task reads its K and V rows where they are, once for all its rows (and heads), BK keys at a time: per
 // row the W-key groups it sees as W dot products reduced across lanes together, an online softmax step, then
 // O += P . V over its visible keys with the G rows of a position blocked in registers. Few tasks (B x Hkv small
 // against the threads): each window is split into key ranges computed as separate items and merged by their
@@ -613,15 +613,18 @@ void sliding_rows(const SlidingArgs& a, const KV& kv, const std::vector<int64_t>
   const int64_t G = a.hq / a.hkv, D = a.dqk, Dv = a.dv;
   const T* q = typed<T>(a.q);
   T* out = static_cast<T*>(a.out);
+  // KV heads side by side within a key row ([.., S, H, D]: paged caches, packed varlen): a task takes all of
+  // them, so that it reads whole rows instead of one head's slice of each.
+  const int64_t nh = a.ks.h < a.ks.r && a.vs.h < a.vs.r ? a.hkv : 1;
   struct Group {
-    int64_t s, h, item0, nsplit, part0;  // part0: first partial row slot (nsplit > 1)
+    int64_t s, h0, item0, nsplit, part0;  // heads [h0, h0 + nh); part0: first partial row slot (nsplit > 1)
   };
   struct Item {
     int64_t group, ja, jb, split;  // keys [ja, jb)
   };
   std::vector<Group> groups;
   std::vector<Item> items;
-  const int64_t base = static_cast<int64_t>(seqs.size()) * a.hkv;
+  const int64_t base = static_cast<int64_t>(seqs.size()) * (a.hkv / nh);
   const int64_t want = std::max<int64_t>(1, (kSplitItems + base - 1) / base);
   int64_t parts = 0, max_rows = 1;
   for (int64_t s : seqs) {
@@ -629,11 +632,11 @@ void sliding_rows(const SlidingArgs& a, const KV& kv, const std::vector<int64_t>
     const int64_t len = u.hi >= u.lo ? u.hi - u.lo + 1 : 0;
     const int64_t nsplit = std::max<int64_t>(1, std::min(want, len / kSplitMinKeys));
     const int64_t step = round_up((len + nsplit - 1) / std::max<int64_t>(nsplit, 1), BK);
-    const int64_t M = G * a.seqs[s].sq;
-    max_rows = std::max(max_rows, M);
-    for (int64_t h = 0; h < a.hkv; ++h) {
-      groups.push_back(Group{s, h, static_cast<int64_t>(items.size()), nsplit, parts});
-      if (nsplit > 1) parts += nsplit * M;
+    const int64_t R = nh * G * a.seqs[s].sq;
+    max_rows = std::max(max_rows, R);
+    for (int64_t h0 = 0; h0 < a.hkv; h0 += nh) {
+      groups.push_back(Group{s, h0, static_cast<int64_t>(items.size()), nsplit, parts});
+      if (nsplit > 1) parts += nsplit * R;
       for (int64_t sp = 0; sp < nsplit; ++sp) {
         const int64_t ja = len ? u.lo + sp * step : 0, jb = len ? std::min(u.hi + 1, ja + step) : 0;
         items.push_back(Item{static_cast<int64_t>(groups.size()) - 1, ja, std::max(ja, jb), sp});
@@ -644,67 +647,76 @@ void sliding_rows(const SlidingArgs& a, const KV& kv, const std::vector<int64_t>
   struct Scratch {
     std::vector<float> Qp, S, O, m, l;
     std::vector<Range> rows;
-    std::vector<const T*> kp, vp;
+    std::vector<const T*> kp0, vp0, kp, vp;
   };
   const auto make_scratch = [&] {
     return Scratch{std::vector<float>(max_rows * D), std::vector<float>(max_rows * BK), std::vector<float>(max_rows * Dv),
                    std::vector<float>(max_rows), std::vector<float>(max_rows), std::vector<Range>(max_rows),
-                   std::vector<const T*>(BK), std::vector<const T*>(BK)};
+                   std::vector<const T*>(BK), std::vector<const T*>(BK), std::vector<const T*>(BK),
+                   std::vector<const T*>(BK)};
   };
   parallel_tasks(static_cast<int64_t>(items.size()), 1, make_scratch, [&](int64_t idx, Scratch& sc) {
     const Item& it = items[idx];
     const Group& gr = groups[it.group];
-    const int64_t s = gr.s, h = gr.h;
+    const int64_t s = gr.s, h0 = gr.h0;
     const Seq& sq = a.seqs[s];
-    const int64_t nq = sq.sq, M = G * nq;  // row r = ii * G + g: a position's G rows are adjacent
+    // Row hh * M + ii * G + g: head h0 + hh's query head g at position ii (a position's G rows adjacent).
+    const int64_t nq = sq.sq, M = G * nq, R = nh * M;
     float *Qp = sc.Qp.data(), *S = sc.S.data(), *O = sc.O.data(), *m = sc.m.data(), *l = sc.l.data();
-    for (int64_t r = 0; r < M; ++r) {
+    for (int64_t r = 0; r < R; ++r) {
       m[r] = kNegInf;
       l[r] = 0.f;
     }
-    std::fill(O, O + M * Dv, 0.f);
+    std::fill(O, O + R * Dv, 0.f);
     if (it.ja < it.jb) {
       for (int64_t ii = 0; ii < nq; ++ii) {
         const Range r = visible(ii, sq.sq, sq.sk, window, a.causal);
         sc.rows[ii] = Range{std::max(r.lo, it.ja), std::min(r.hi, it.jb - 1)};
-        for (int64_t g = 0; g < G; ++g)
-          pack_q_row(q + sq.q_off + (h * G + g) * a.qs.h + ii * a.qs.r, a.qs.d, D, a.scale, Qp + (ii * G + g) * D);
+        for (int64_t hh = 0; hh < nh; ++hh)
+          for (int64_t g = 0; g < G; ++g)
+            pack_q_row(q + sq.q_off + ((h0 + hh) * G + g) * a.qs.h + ii * a.qs.r, a.qs.d, D, a.scale,
+                       Qp + (hh * M + ii * G + g) * D);
       }
       for (int64_t j0 = it.ja; j0 < it.jb; j0 += BK) {
         const int64_t nk = std::min(BK, it.jb - j0);
         for (int64_t jj = 0; jj < BK; ++jj) {
           const int64_t j = j0 + std::min(jj, nk - 1);
-          sc.kp[jj] = kv.krow(s, h, j);
-          sc.vp[jj] = kv.vrow(s, h, j);
+          sc.kp0[jj] = kv.krow(s, h0, j);
+          sc.vp0[jj] = kv.vrow(s, h0, j);
         }
-        const DirectV<T> V{sc.vp.data()};
-        for (int64_t ii = 0; ii < nq; ++ii) {
-          const int64_t lo = std::max(sc.rows[ii].lo, j0) - j0, hi = std::min(sc.rows[ii].hi, j0 + nk - 1) - j0;
-          if (lo > hi) continue;
-          for (int64_t g = 0; g < G; ++g) {
-            const int64_t r = ii * G + g;
-            qk_direct_row(Qp + r * D, sc.kp.data(), lo, hi, D, S + r * BK);
-            softmax_row(S + r * BK, m[r], l[r], O + r * Dv, Dv);
+        for (int64_t hh = 0; hh < nh; ++hh) {
+          for (int64_t jj = 0; jj < BK; ++jj) {
+            sc.kp[jj] = sc.kp0[jj] + hh * a.ks.h;
+            sc.vp[jj] = sc.vp0[jj] + hh * a.vs.h;
           }
-          pv_block(S + ii * G * BK, G, V, lo, hi + 1, Dv, O + ii * G * Dv);
+          const DirectV<T> V{sc.vp.data()};
+          for (int64_t ii = 0; ii < nq; ++ii) {
+            const int64_t lo = std::max(sc.rows[ii].lo, j0) - j0, hi = std::min(sc.rows[ii].hi, j0 + nk - 1) - j0;
+            if (lo > hi) continue;
+            const int64_t r0 = hh * M + ii * G;
+            for (int64_t g = 0; g < G; ++g) {
+              qk_direct_row(Qp + (r0 + g) * D, sc.kp.data(), lo, hi, D, S + g * BK);
+              softmax_row(S + g * BK, m[r0 + g], l[r0 + g], O + (r0 + g) * Dv, Dv);
+            }
+            pv_block(S, G, V, lo, hi + 1, Dv, O + r0 * Dv);
+          }
         }
       }
     }
     if (gr.nsplit > 1) {
-      const int64_t slot = gr.part0 + it.split * M;
-      for (int64_t r = 0; r < M; ++r) {
+      const int64_t slot = gr.part0 + it.split * R;
+      for (int64_t r = 0; r < R; ++r) {
         part_ml[(slot + r) * 2] = m[r];
         part_ml[(slot + r) * 2 + 1] = l[r];
       }
-      std::copy(O, O + M * Dv, part_o.begin() + slot * Dv);
+      std::copy(O, O + R * Dv, part_o.begin() + slot * Dv);
       return;
     }
-    for (int64_t ii = 0; ii < nq; ++ii)
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t r = ii * G + g, hq = h * G + g;
-        store_row(out + sq.o_off + hq * a.os.h + ii * a.os.r, a.os.d, O + r * Dv, Dv,
-                  row_multiplier(m[r], l[r], a.sinks ? a.sinks + hq : nullptr));
-      }
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t ii = (r % M) / G, hq = (h0 + r / M) * G + r % G;
+      store_row(out + sq.o_off + hq * a.os.h + ii * a.os.r, a.os.d, O + r * Dv, Dv,
+                row_multiplier(m[r], l[r], a.sinks ? a.sinks + hq : nullptr));
+    }
   });
   if (parts == 0) return;
   // Merge the splits of each row: each partial sum rescaled to the common max.
@@ -714,16 +726,16 @@ void sliding_rows(const SlidingArgs& a, const KV& kv, const std::vector<int64_t>
       const Group& gr = groups[gi];
       if (gr.nsplit == 1) continue;
       const Seq& sq = a.seqs[gr.s];
-      const int64_t M = G * sq.sq;
-      for (int64_t r = 0; r < M; ++r) {
-        const int64_t ii = r / G, hq = gr.h * G + r % G;
+      const int64_t M = G * sq.sq, R = nh * M;
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t ii = (r % M) / G, hq = (gr.h0 + r / M) * G + r % G;
         float mx = kNegInf;
-        for (int64_t sp = 0; sp < gr.nsplit; ++sp) mx = std::max(mx, part_ml[(gr.part0 + sp * M + r) * 2]);
+        for (int64_t sp = 0; sp < gr.nsplit; ++sp) mx = std::max(mx, part_ml[(gr.part0 + sp * R + r) * 2]);
         float total = 0.f;
         std::fill(o.begin(), o.end(), 0.f);
         if (mx != kNegInf) {
           for (int64_t sp = 0; sp < gr.nsplit; ++sp) {
-            const int64_t at = gr.part0 + sp * M + r;
+            const int64_t at = gr.part0 + sp * R + r;
             const float ms = part_ml[at * 2];
             if (ms == kNegInf) continue;  // a split with no weight (its O is 0)
             const float f = std::exp(ms - mx);
