@@ -274,10 +274,11 @@ template <typename T>
 void run_typed(const LinArgs& a) {
   const int64_t dvp = round_up(a.dv, Vec::W), cp = round_up(kChunk, Vec::W);
   const bool one_step = a.sq == 1 && a.sk == 1;
-  // Tasks per thread: at least ~2^20 multiply-adds each, so that a small call (decode of a few heads) runs on
-  // the calling thread instead of waiting at a barrier for threads that other work holds.
+  // Tasks per thread: at least ~2^22 multiply-adds (a millisecond or two) each, so that a small call (a decode
+  // step of up to ~128 heads of 128 x 128) runs on the calling thread instead of waiting at a barrier for a
+  // thread that other work holds (10+ ms on a loaded machine, for a step that takes 0.3 ms on one core).
   const int64_t cost = a.dk * a.dv * (a.sq + a.sk) + 1;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / cost);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 22) / cost);
   at::parallel_for(0, a.batch * a.hq, grain, [&](int64_t begin, int64_t end) {
     Buffers w(a.dk, dvp, cp);
     Task<T> t{a, w, dvp, cp};
