@@ -104,8 +104,25 @@ def cpu_info() -> dict:
         pass
     isa = None
     if has_kernel("sliding_window_attention", "CPU"):
-        isa = ("portable", "avx2", "avx512")[torch.ops.dsattn_C.attention_isa(-1)]
+        isa = CPU_ISA_NAMES[torch.ops.dsattn_C.attention_isa(-1)]
     return {"cpu_model": model, "cpu_threads": torch.get_num_threads(), "attention_isa": isa}
+
+
+CPU_ISA_NAMES = ("portable", "avx2", "avx512")
+
+
+def cpu_isas() -> list:
+    """The CPU kernels' ISA paths (0 portable, 1 avx2, 2 avx512) this CPU and build can run; [] without them."""
+    if not has_kernel("sliding_window_attention", "CPU"):
+        return []
+    found = []
+    for isa in range(len(CPU_ISA_NAMES)):
+        try:
+            torch.ops.dsattn_C.attention_isa(isa)
+        except RuntimeError:
+            continue
+        found.append(isa)
+    return found
 
 
 def build_info() -> dict:

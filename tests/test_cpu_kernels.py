@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dsattn
-from dsattn import _backend, testing
+from dsattn import _backend, _ext, testing
 
 # The modules (dsattn.reference re-exports their functions under the same names).
 ref_swa = importlib.import_module("dsattn.reference.sliding_window_attention")
@@ -22,18 +22,7 @@ if _backend.unusable_reason("cpp", torch.device("cpu"), "sliding_window_attentio
 OPS = torch.ops.dsattn_C
 
 
-def _isas():
-    found = []
-    for isa in (0, 1, 2):
-        try:
-            OPS.attention_isa(isa)
-            found.append(isa)
-        except RuntimeError:
-            pass
-    return found
-
-
-ISAS = _isas()
+ISAS = _ext.cpu_isas()
 ISA_IDS = {0: "portable", 1: "avx2", 2: "avx512"}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

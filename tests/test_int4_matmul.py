@@ -213,7 +213,7 @@ def test_auto_on_cpu_uses_the_compiled_kernel_and_float64_the_reference():
 
 
 # ----------------------------------------------------------------------------------------- the custom op
-from dsattn import _backend  # noqa: E402
+from dsattn import _backend, _ext  # noqa: E402
 from dsattn.reference.int4_matmul import int4_matmul as oracle  # noqa: E402
 from dsattn.testing import assert_compiles, assert_grads_match  # noqa: E402
 from dsattn.torch_backend import int4_matmul as torch_backend  # noqa: E402
@@ -420,11 +420,8 @@ def _cpu_paths():
     if unusable_reason("cpp", torch.device("cpu"), "int4_matmul"):
         return []
     found = []
-    for isa, name in ((2, "avx512"), (1, "avx2"), (0, "portable")):
-        try:
-            torch.ops.dsattn_C.attention_isa(isa)
-        except RuntimeError:
-            continue
+    for isa in reversed(_ext.cpu_isas()):
+        name = _ext.CPU_ISA_NAMES[isa]
         found += [(name, "1"), (name, "0")] if name == "avx512" else [(name, "1")]
     return found
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dsattn
-from dsattn import _backend
+from dsattn import _backend, _ext
 from dsattn.reference.int8_matmul import int8_matmul as oracle
 from dsattn.testing import assert_close, assert_grads_match, non_contiguous, poisoned, tolerance
 from dsattn.torch_backend import int8_matmul as torch_backend
@@ -354,14 +354,7 @@ def _cpp_isas():
     """The ISA paths (0 portable, 1 avx2, 2 avx512) this CPU and build run; [] without the compiled kernel."""
     if _backend.unusable_reason("cpp", torch.device("cpu"), "int8_matmul"):
         return []
-    found = []
-    for isa in (0, 1, 2):
-        try:
-            torch.ops.dsattn_C.attention_isa(isa)
-            found.append(isa)
-        except RuntimeError:
-            pass
-    return found
+    return _ext.cpu_isas()
 
 
 CPP_ISAS = _cpp_isas()

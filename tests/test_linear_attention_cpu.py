@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dsattn
-from dsattn import _backend, testing
+from dsattn import _backend, _ext, testing
 from dsattn.reference.linear_attention import LinearAttentionState
 
 # The module (dsattn.reference re-exports its function under the same name).
@@ -23,18 +23,7 @@ OPS = torch.ops.dsattn_C
 CODES = {"elu": 0, "relu": 1, "identity": 2}
 
 
-def _isas():
-    found = []
-    for isa in (0, 1, 2):
-        try:
-            OPS.attention_isa(isa)
-            found.append(isa)
-        except RuntimeError:
-            pass
-    return found
-
-
-ISAS = _isas()
+ISAS = _ext.cpu_isas()
 ISA_IDS = {0: "portable", 1: "avx2", 2: "avx512"}
 
 
