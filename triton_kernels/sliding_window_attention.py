@@ -647,10 +647,11 @@ def fwd_config(block_dqk: int, block_dv: int, dtype: torch.dtype) -> dict:
 
 def decode_config(rows: int, block_dqk: int, block_dv: int, dtype: torch.dtype) -> dict:
     """Decode tiles: one row tile holding all groups x Sq rows of a kv head (16, or 64 for MQA-like head
-    counts such as DeepSeek's), wide key blocks to stream K/V; 8 warps where the tile is wide."""
+    counts such as DeepSeek's), wide key blocks to stream K/V; 8 warps where the tile is wide, and for every
+    64-row 16-bit tile (4 warps with 3 stages spill on sm_80 at head dim 64)."""
     block_m = DECODE_ROW_TILES[0] if rows <= DECODE_ROW_TILES[0] else DECODE_ROW_TILES[1]
     widest = max(block_dqk, block_dv)
-    wide = widest > 64 if dtype == torch.float32 else (block_m > 16 and widest > 64)
+    wide = widest > 64 if dtype == torch.float32 else block_m > 16
     block_n = 32 if dtype == torch.float32 or widest > 128 else 64
     stages = 1 if dtype == torch.float32 else (2 if widest > 128 else 3)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if wide else 4, num_stages=stages)
