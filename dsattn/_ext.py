@@ -85,6 +85,21 @@ def _register_fakes() -> None:
     def _(q, k, v, indices, causal, scale, isa=-1):
         return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
+    if hasattr(torch.ops.dsattn_C, "paged_sliding_window_attention"):  # builds before it lack the op
+
+        @torch.library.register_fake("dsattn_C::paged_sliding_window_attention")
+        def _(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_k, sinks, window, scale, isa=-1):
+            return q.new_empty((*q.shape[:-1], v_cache.shape[-1]))
+
+    if hasattr(torch.ops.dsattn_C, "linear_attention"):  # builds before it lack the op
+
+        @torch.library.register_fake("dsattn_C::linear_attention")
+        def _(q, k, v, S0, z0, feature_map, causal, normalize, eps, isa=-1):
+            b, hq, sq, dk = q.shape
+            dv = v.shape[-1]
+            return (q.new_empty((b, hq, sq, dv)), q.new_empty((b, hq, dk, dv), dtype=torch.float32),
+                    q.new_empty((b, hq, dk), dtype=torch.float32))
+
 
 def load_errors() -> dict[str, str]:
     cuda_loaded()

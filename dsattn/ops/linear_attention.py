@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from dsattn import _backend, _checks, _ext, capabilities
+from dsattn import _backend, _checks, capabilities
 from dsattn._library import define_op
 from dsattn.reference.linear_attention import FEATURE_MAPS, LinearAttentionState
 from dsattn.torch_backend import linear_attention as _torch
@@ -84,16 +84,6 @@ def _linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, S0: Opt
         o, S, z, m = _torch.linear_attention(q, k, v, S0, z0, m0, feature_map=feature_map, causal=causal,
                                              normalize=normalize, eps=eps)
     return o, S, z, torch.zeros_like(z) if m is None else m
-
-
-if _ext.cpp_loaded() and hasattr(torch.ops.dsattn_C, "linear_attention"):  # builds before it lack the kernel
-
-    @torch.library.register_fake("dsattn_C::linear_attention")
-    def _(q, k, v, S0, z0, feature_map, causal, normalize, eps, isa=-1):
-        b, hq, sq, dk = q.shape
-        dv = v.shape[-1]
-        return (q.new_empty((b, hq, sq, dv)), q.new_empty((b, hq, dk, dv), dtype=torch.float32),
-                q.new_empty((b, hq, dk), dtype=torch.float32))
 
 
 linear_attention_op = define_op(OP, _linear_attention)
