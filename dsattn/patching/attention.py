@@ -169,13 +169,19 @@ def check_offsets(name: str, offsets: torch.Tensor, total: int) -> list:
 
 
 def run_continuous_batching(kernel, q, k, v, cu_seqlens_q, cu_seqlens_k, max_length_q, max_length_k, *, mode,
-                            paged_kv=None, cache=None, layer_idx=None, **kw):
+                            paged_kv=None, cache=None, layer_idx=None, module=None, **kw):
     """Continuous batching: q [1, Hq, Tq, D] holds packed requests (request s: query rows cu_seqlens_q[s]:[s+1],
     its queries the last of its keys: prefill chunks and decode rows mixed). Its keys: k/v [1, Hkv, Tk, D]
     gathered by transformers (request s: cu_seqlens_k[s]:[s+1]), or paged_kv (paged_batching.PagedKV) for kernels
-    that read the paged cache in place (then k/v hold only the new keys, already in the cache). Stateful kernels
-    keep one state per request and layer in the cache's store. Returns [1, Tq, Hq, Dv]."""
-    from dsattn.patching import paged_batching
+    that read the paged cache in place (then k/v hold only the new keys, already in the cache). MLA latent pages
+    (paged_kv.latent) are read by the query absorbed through `module`'s kv_b_proj (mla_latent); a kv_b_proj that
+    cannot be absorbed reads transformers' gather of them, expanded. Stateful kernels keep one state per request
+    and layer in the cache's store. Returns [1, Tq, Hq, Dv]."""
+    from dsattn.patching import mla_latent, paged_batching
+
+    if paged_kv is not None and paged_kv.latent and not mla_latent.absorbable(module):
+        k, v = module.expand_kv(*paged_kv.gather())
+        paged_kv = None
 
     if q.shape[0] != 1:
         raise ValueError(f"dsattn: continuous batching packs requests into batch 1, got a query batch of {q.shape[0]}")
@@ -194,9 +200,12 @@ def run_continuous_batching(kernel, q, k, v, cu_seqlens_q, cu_seqlens_k, max_len
     out = q.new_zeros(1, q.shape[2], q.shape[1], v.shape[-1])
     cu_q = cu_seqlens_q.to(torch.int32)
     if paged_kv is not None:
-        o = kernel.paged(q[0, :, :tq].transpose(0, 1), paged_kv, cu_q, int(max_length_q), scale=kw["scale"],
-                         sinks=kw.get("sinks"), model_window=kw.get("model_window"))
-        out[0, :tq] = o
+        def attend(query):
+            return kernel.paged(query, paged_kv, cu_q, int(max_length_q), scale=kw["scale"], sinks=kw.get("sinks"),
+                                model_window=kw.get("model_window"))
+
+        query = q[0, :, :tq].transpose(0, 1)
+        out[0, :tq] = mla_latent.absorbed_attention(module, query, attend) if paged_kv.latent else attend(query)
         return out
     varlen = getattr(kernel, "varlen", None)
     if varlen is not None:
@@ -286,7 +295,8 @@ def transformers_attention(kernel, mode=None):
                                           kwargs.get("max_length_k"), mode=mode,
                                           paged_kv=kwargs.get(paged_batching.PAGED_KWARG),
                                           cache=kwargs.get(paged_batching.CACHE_KWARG),
-                                          layer_idx=getattr(module, "layer_idx", None), scale=scaling,
+                                          layer_idx=getattr(module, "layer_idx", None), module=module,
+                                          scale=scaling,
                                           sinks=kwargs.get("s_aux"), model_window=kwargs.get("sliding_window"),
                                           layer=None)
             return out, None

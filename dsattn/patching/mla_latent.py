@@ -41,6 +41,13 @@ def _absorbable(module) -> bool:
     return type(kv_b) is nn.Linear and kv_b.bias is None and type(kv_b.weight) in (torch.Tensor, nn.Parameter)
 
 
+def absorbable(module) -> bool:
+    """An MLA attention module (DeepseekV3Attention-like) whose kv_b_proj can be absorbed (_absorbable)."""
+    return module is not None and all(hasattr(module, name) for name in (
+        "kv_b_proj", "num_heads", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank")) \
+        and _absorbable(module)
+
+
 def latent_ok(module, hidden_states, cache, kwargs, implementation: str) -> bool:
     """Whether this call may take the latent path: the attention `implementation` (name prefix) still set (a
     dsattn mode not switched back to eager / sdpa), inference (no dropout), a KV cache, few query rows, eager
@@ -133,6 +140,50 @@ def latent_attention(module, q_pass, q_rot, kv_nope, k_rot, attend):
     return module.o_proj(out.reshape(b, s, -1))
 
 
+def absorbed_attention(module, query, attend):
+    """latent_attention's math for packed rows (continuous batching), without o_proj: query [T, H, nope + rope]
+    (transformers' query, rope applied); attend(latent query [T, H, kv_lora + rope]) -> [T, H, kv_lora] runs the
+    kernel on the latent cache as one shared KV head (keys [kv_nope, k_rot], values kv_nope). Returns [T, H, v]."""
+    w_uk, w_uv = absorbed_weights(module, query.dtype)
+    q_pass, q_rot = torch.split(query, [module.qk_nope_head_dim, module.qk_rope_head_dim], dim=-1)
+    out_lat = attend(torch.cat((torch.einsum("thd,hdr->thr", q_pass, w_uk), q_rot), dim=-1))
+    return torch.einsum("thr,hvr->thv", out_lat, w_uv.to(out_lat.dtype))
+
+
+def _paged_ok(module, kwargs, implementation) -> bool:
+    """dense_forward's continuous-batching call that can read the latent pages in place: the implementation it was
+    patched under, index-based paged update (no decode fast path), inference, an absorbable kv_b_proj, eager, no
+    sinks or layer window."""
+    return ("write_index" in kwargs and kwargs.get("block_table") is None and not module.training
+            and module.config._attn_implementation == implementation and _absorbable(module)
+            and not torch.compiler.is_compiling() and kwargs.get("s_aux") is None
+            and kwargs.get("sliding_window") is None)
+
+
+def paged_dense_forward(module, hidden_states, position_embeddings, attention_mask, cache, kwargs):
+    """dense_forward under transformers' continuous batching: the paged-cache hook writes the new latents and
+    hands back the layer's latent pages and block table (paged_batching.LATENT_KWARG), and the packed query rows
+    attend in absorbed form through dsattn.paged_sliding_window_attention with a window spanning every key (full
+    causal attention; transformers would gather every request's latents and expand them through kv_b_proj each
+    step). A batch without cache reads (prefills only) runs transformers' attention on the new latents."""
+    import dsattn
+    from dsattn.patching import paged_batching
+
+    kwargs[paged_batching.LATENT_KWARG] = True
+    _, q_pass, q_rot, kv_nope, k_rot = project(module, hidden_states, position_embeddings, cache, kwargs)
+    paged = kwargs.pop(paged_batching.PAGED_KWARG, None)
+    if paged is None:
+        return expanded_attention(module, q_pass, q_rot, kv_nope, k_rot, attention_mask, **kwargs)
+    cu_q = kwargs["cu_seq_lens_q"].to(torch.int32)
+    tq, s = int(cu_q[-1]), q_pass.shape[2]
+    query = torch.cat((q_pass, q_rot), dim=-1)[0, :, :tq].transpose(0, 1)
+    out = q_pass.new_zeros(s, module.num_heads, module.v_head_dim)  # rows past tq: padding (static shapes)
+    out[:tq] = absorbed_attention(module, query, lambda q_lat: dsattn.paged_sliding_window_attention(
+        q_lat, paged.k_pages, paged.v_pages, paged.block_table, cu_q, paged.seqlens_k, int(kwargs["max_length_q"]),
+        max(1, paged.max_seqlen_k), scale=module.scaling))
+    return module.o_proj(out.reshape(1, s, -1))
+
+
 def dense_latent_attend(q_lat, q_rot, kv_nope, k_rot, scale):
     """Causal softmax attention of the S newest positions' query rows of H heads (q_lat [B, H, S, kv_lora],
     q_rot [B, H, S, rope]) on one shared KV head (keys [kv_nope, k_rot] [B, 1, T, *], values kv_nope; row i sees
@@ -159,10 +210,13 @@ def dense_forward(self, hidden_states, position_embeddings, attention_mask, cach
     Decode on a filled cache (latent_ok, plainly causal mask) attends in latent form over every cached latent
     (dense_latent_attend, latent_attention's math): the same attention as transformers' path, without expanding
     the whole cache through kv_b_proj each step.
+    Under continuous batching the packed rows read the paged latent cache in place (paged_dense_forward).
     Anything else (a prompt on an empty cache, another attention implementation set since, sinks, padding masks,
     training, long chunks) runs transformers' forward: a model that is only prefilled computes as unpatched."""
     cache = cache if cache is not None else kwargs.pop("past_key_values", None)
     implementation = self.__dict__[DENSE_IMPLEMENTATION_ATTR]
+    if cache is not None and _paged_ok(self, kwargs, implementation):
+        return paged_dense_forward(self, hidden_states, position_embeddings, attention_mask, cache, kwargs), None
     if (self.config._attn_implementation != implementation
             or not latent_ok(self, hidden_states, cache, kwargs, implementation)
             or kwargs.get("s_aux") is not None or kwargs.get("sliding_window") is not None

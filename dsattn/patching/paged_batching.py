@@ -8,8 +8,14 @@ PagedAttentionCache, installed once at class level, that act only for a model pa
   fast path (ContinuousBatchingConfig.max_blocks_per_request > 0) passes the page views and block table itself.
   Layers with their own sliding window (Qwen2's sliding layers) keep a ring of window / page pages per request;
   they are read in place too when the page size divides the window and no request's new keys overwrite keys its
-  rows still see (decode rows, and chunks that do not wrap the ring): see ring_block_table. Else, and for MLA's
-  latents (which the attention needs expanded through kv_b_proj), transformers' own gather runs.
+  rows still see (decode rows, and chunks that do not wrap the ring): see ring_block_table. Else transformers'
+  own gather runs.
+- MLA (DeepSeek-V3): transformers' MLA allocator keeps one row [kv_nope | k_rot] per token; its latent pages are
+  one shared KV head (keys the whole row, values its kv_nope columns) that the attention reads in MLA's absorbed
+  form (mla_latent.absorbed_attention): sliding_window through the attention adapter, dense attention under
+  quantize="int4" through mla_latent.dense_forward (which asks for the pages with LATENT_KWARG). The hook then
+  writes the new latents only and returns them (transformers' forward expands just those, which the attention
+  does not read).
 - Per-request state: the request ids of each batch are recorded on the cache (in batch order) so stateful modes
   (linear) can keep one state per request and layer; the state is dropped when transformers frees the request's
   blocks (finished, cancelled or preempted: a preempted request restarts its prefill and recomputes it).
@@ -17,6 +23,7 @@ PagedAttentionCache, installed once at class level, that act only for a model pa
 
 import functools
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -27,6 +34,9 @@ CACHE_KWARG = "dsattn_cache"
 # Attributes the hooks keep on transformers' PagedAttentionCache.
 STATES_ATTR = "_dsattn_states"  # request id -> {layer index: state}
 REQUESTS_ATTR = "_dsattn_requests"  # request ids of the batch being run, in cu_seq_lens order
+# Set in the update kwargs by a caller that reads MLA's latent pages itself whatever the attention implementation
+# (mla_latent.dense_forward); the hook pops it.
+LATENT_KWARG = "dsattn_latent_pages"
 
 
 @dataclass
@@ -39,6 +49,15 @@ class PagedKV:
     v_pages: torch.Tensor
     block_table: torch.Tensor
     seqlens_k: torch.Tensor
+    # MLA: the pages hold latents (k_pages [.., 1, kv_lora + rope], v_pages its first kv_lora columns), read by the
+    # absorbed query; gather() gives transformers' read of them ((kv_nope, k_rot) [1, 1, keys, *], request after
+    # request) for a layer whose kv_b_proj cannot be absorbed. None for other layers.
+    gather: Optional[Callable] = None
+    max_seqlen_k: int = 0  # the longest sequence's keys
+
+    @property
+    def latent(self) -> bool:
+        return self.gather is not None
 
 
 def _mode(cache):
@@ -106,9 +125,21 @@ def ring_block_table(read_index: torch.Tensor, write_index: torch.Tensor, cu_seq
     return table, seqlens_k
 
 
-def _paged_update(cache, key_states, value_states, layer_idx, kwargs):
-    """Write-only update for a full-attention layer, or a sliding one whose ring can be read in place; None where
-    transformers' own update must run."""
+def _latent_pages(allocator, layer_idx):
+    """(pages [num_pages, page_size, 1, kv_lora + rope], latent row views (kv_nope [rows, kv_lora], k_rot
+    [rows, rope])) of an MLA layer: its rows start at its shifted token view, as transformers' update reads them."""
+    kv_rows, rot_rows = allocator._latent_token_views[layer_idx]
+    page = allocator.tokens_per_page
+    num_pages = kv_rows.shape[0] // page
+    pages = kv_rows.as_strided((num_pages, page, 1, allocator.row_numel),
+                               (page * kv_rows.stride(0), kv_rows.stride(0), allocator.row_numel, 1))
+    return pages, (kv_rows, rot_rows)
+
+
+def _paged_update(cache, key_states, value_states, layer_idx, kwargs, latent: bool):
+    """Write-only update for a full-attention layer, a sliding one whose ring can be read in place, or (latent) an
+    MLA layer; None where transformers' own update must run."""
+    from transformers.generation.continuous_batching.cache_allocators.compressed_latents import MLACacheAllocator
     from transformers.generation.continuous_batching.cache_allocators.full_attention import \
         FullAttentionCacheAllocator
     from transformers.generation.continuous_batching.cache_allocators.sliding_attention import \
@@ -116,14 +147,29 @@ def _paged_update(cache, key_states, value_states, layer_idx, kwargs):
 
     allocator = cache.layer_to_allocator[layer_idx]
     sliding = type(allocator) is SlidingAttentionCacheAllocator
-    # MLA allocators store latents, which the attention needs expanded: they keep the gather.
-    if (type(allocator) is not FullAttentionCacheAllocator and not sliding) or kwargs.get("block_table") is not None:
+    mla = type(allocator) is MLACacheAllocator
+    if not (type(allocator) is FullAttentionCacheAllocator or sliding or (mla and latent)) or \
+            kwargs.get("block_table") is not None:
         return None
     read_index = kwargs["read_index"][allocator.index]
     if read_index.numel() == 0:  # no cache to read: transformers returns the new keys without a gather
         return None
     cu_k = kwargs["cu_seq_lens_k"][allocator.layer_type].to(torch.int32)
     write_index = kwargs["write_index"][allocator.index]
+    if mla:
+        pages, (kv_rows, rot_rows) = _latent_pages(allocator, layer_idx)
+        kv_rows.index_copy_(0, write_index, key_states[0, 0])
+        rot_rows.index_copy_(0, write_index, value_states[0, 0])
+        kwargs["cu_seq_lens_k"] = cu_k
+        kwargs["max_length_k"] = kwargs["max_length_k"][allocator.layer_type]
+        lengths = cu_k[1:] - cu_k[:-1]
+        kwargs[PAGED_KWARG] = PagedKV(
+            pages, pages[..., :allocator.kv_lora_rank],
+            block_table_from_read_index(read_index, cu_k, allocator.tokens_per_page), lengths.to(torch.int32),
+            gather=lambda: (kv_rows.index_select(0, read_index)[None, None],
+                            rot_rows.index_select(0, read_index)[None, None]),
+            max_seqlen_k=int(lengths.max()) if lengths.numel() else 0)
+        return key_states, value_states
     if sliding:
         ring = ring_block_table(read_index, write_index, kwargs["cu_seq_lens_q"], cu_k, allocator.tokens_per_page,
                                 allocator.sliding_window)
@@ -159,13 +205,16 @@ def install() -> None:
     @functools.wraps(update)
     def wrapped_update(self, key_states, value_states, layer_idx, kwargs):
         mode = _mode(self)
-        if mode is None:
+        latent = bool(kwargs.pop(LATENT_KWARG, False))
+        if mode is None and not latent:
             return update(self, key_states, value_states, layer_idx, kwargs)
-        kwargs[CACHE_KWARG] = self
+        if mode is not None:
+            kwargs[CACHE_KWARG] = self
         from dsattn.patching.attention import PAGED_MODES
 
-        if mode in PAGED_MODES:
-            out = _paged_update(self, key_states, value_states, layer_idx, kwargs)
+        if mode in PAGED_MODES or latent:
+            # The sliding_window adapter reads MLA latent pages in absorbed form (attention.run_continuous_batching).
+            out = _paged_update(self, key_states, value_states, layer_idx, kwargs, latent or mode == "sliding_window")
             if out is not None:
                 return out
         return update(self, key_states, value_states, layer_idx, kwargs)
