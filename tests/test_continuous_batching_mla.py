@@ -52,18 +52,23 @@ def _spy(monkeypatch):
     return seen
 
 
-# (options, exact): exact settings also give the unpatched model's tokens.
-CASES = [(dict(attention="sliding_window", window=7), False), (dict(attention="sliding_window", window=4096), True),
-         (INT4, False), (dict(attention="sliding_window", window=7, **INT4), False)]
+# (options, exact, attention implementation): exact settings also give the unpatched model's tokens; int4 with
+# dense attention on an eager model runs under transformers' paged|eager.
+CASES = [(dict(attention="sliding_window", window=7), False, "sdpa"),
+         (dict(attention="sliding_window", window=4096), True, "sdpa"),
+         (INT4, False, "eager"), (dict(attention="sliding_window", window=7, **INT4), False, "sdpa")]
 
 
-@pytest.mark.parametrize("options,exact", CASES, ids=["sliding7", "sliding4096", "int4-dense", "sliding7-int4"])
-def test_generate_batch_reads_the_latent_pages_in_place(model_and_unpatched, prompts, options, exact, monkeypatch):
+@pytest.mark.parametrize("options,exact,implementation", CASES,
+                         ids=["sliding7", "sliding4096", "int4-dense-eager", "sliding7-int4"])
+def test_generate_batch_reads_the_latent_pages_in_place(model_and_unpatched, prompts, options, exact, implementation,
+                                                        monkeypatch):
     """Each request's tokens equal per-request generate of the same patched model (window 4096: of the unpatched
     model too); no batch gathers the cached latents (only the all-prefill first batch reaches transformers'
     update, reading nothing), expand_kv never expands more than a batch's new tokens, and every reading batch of
     both layers runs the paged op on the latent pages (Dqk = kv_lora + rope = 24, Dv = kv_lora = 16)."""
     model, unpatched = model_and_unpatched
+    model.set_attn_implementation(implementation)
     dsattn.patch(model, **options)
     try:
         reference = per_request(model, prompts)
@@ -71,6 +76,7 @@ def test_generate_batch_reads_the_latent_pages_in_place(model_and_unpatched, pro
         tokens = batched(model, prompts)
     finally:
         dsattn.unpatch(model)
+        model.set_attn_implementation("sdpa")
     assert tokens == reference
     if exact:
         assert tokens == unpatched

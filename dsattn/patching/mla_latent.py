@@ -152,10 +152,11 @@ def absorbed_attention(module, query, attend):
 
 def _paged_ok(module, kwargs, implementation) -> bool:
     """dense_forward's continuous-batching call that can read the latent pages in place: the implementation it was
-    patched under, index-based paged update (no decode fast path), inference, an absorbable kv_b_proj, eager, no
-    sinks or layer window."""
+    patched under (or transformers' paged|eager for eager), index-based paged update (no decode fast path),
+    inference, an absorbable kv_b_proj, eager mode, no sinks or layer window."""
     return ("write_index" in kwargs and kwargs.get("block_table") is None and not module.training
-            and module.config._attn_implementation == implementation and _absorbable(module)
+            and module.config._attn_implementation in (implementation, "paged|" + implementation)
+            and _absorbable(module)
             and not torch.compiler.is_compiling() and kwargs.get("s_aux") is None
             and kwargs.get("sliding_window") is None)
 
@@ -169,6 +170,7 @@ def paged_dense_forward(module, hidden_states, position_embeddings, attention_ma
     import dsattn
     from dsattn.patching import paged_batching
 
+    paged_batching.install()  # once (a model only quantized has not installed the hooks)
     kwargs[paged_batching.LATENT_KWARG] = True
     _, q_pass, q_rot, kv_nope, k_rot = project(module, hidden_states, position_embeddings, cache, kwargs)
     paged = kwargs.pop(paged_batching.PAGED_KWARG, None)
