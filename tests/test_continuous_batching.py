@@ -133,8 +133,10 @@ def test_sliding_window_reads_the_paged_cache_without_a_gather(prompts, monkeypa
 
 def test_sliding_layers_read_their_ring_of_pages_in_place(prompts, monkeypatch):
     """Qwen2's sliding layers (window 8, pages of 4: the page size divides the window) under continuous batching:
-    decode rows (the ring full and wrapped for the long prompts) and chunks that do not wrap read the ring in place
-    through a block table; each request still gets unpatched per-request generate's tokens."""
+    decode rows (the ring full and wrapped for the long prompts) and chunks read the ring in place through a block
+    table, except a chunk that wraps the ring (the 37-token prompt's later chunks), whose request alone reads its
+    keys gathered before the write while the rest of its batch reads the pages; transformers' update never gathers.
+    Each request still gets unpatched per-request generate's tokens."""
     from transformers.generation.continuous_batching.cache_allocators.sliding_attention import \
         SlidingAttentionCacheAllocator
 
@@ -143,12 +145,14 @@ def test_sliding_layers_read_their_ring_of_pages_in_place(prompts, monkeypatch):
     model = tiny_model("qwen2", attn_implementation="sdpa", use_sliding_window=True, sliding_window=8,
                        layer_types=["sliding_attention", "full_attention"])
     unpatched = per_request(model, prompts)
-    gathers, rings = [], []
+    gathers, rings, wrapped = [], [], []
     _count_calls(monkeypatch, SlidingAttentionCacheAllocator, "update",
                  lambda self, k, v, layer, read_index, write_index: gathers.append(read_index.numel()))
     ring_block_table = paged_batching.ring_block_table
     monkeypatch.setattr(paged_batching, "ring_block_table",
-                        lambda *a: rings.append(ring_block_table(*a)) or rings[-1])
+                        lambda *a, **kw: rings.append(ring_block_table(*a, **kw)) or rings[-1])
+    _count_calls(monkeypatch, paged_batching, "gather_wrapping",
+                 lambda requests, *a: wrapped.append((len(requests), len(a[5]) - 1)))
     config = transformers.ContinuousBatchingConfig(page_size=4, num_blocks=64, max_batch_tokens=MAX_BATCH_TOKENS,
                                                    use_cuda_graph=False)
     dsattn.patch(model, attention="sliding_window", window=4096)
@@ -157,11 +161,10 @@ def test_sliding_layers_read_their_ring_of_pages_in_place(prompts, monkeypatch):
     finally:
         dsattn.unpatch(model)
     assert [out[f"req_{i}"].generated_tokens for i in range(len(prompts))] == unpatched
-    in_place = [r for r in rings if r is not None]
-    # The batches holding a chunk that wraps the ring (37-token prompt) gather; the decode-only ones after do not.
-    assert len(in_place) >= NEW - 1
-    assert any(n > 8 for _, lens in in_place for n in lens.tolist())  # virtual lengths past the window: wrapped
-    assert len(gathers) - gathers.count(0) == len(rings) - len(in_place)  # the others: transformers' gather
+    assert rings and all(r is not None for r in rings) and sum(gathers) == 0
+    assert any(n > 8 for _, lens in rings for n in lens.tolist())  # virtual lengths past the window: wrapped
+    # the long prompts' chunks after their first: only their requests gathered, beside others reading the pages
+    assert wrapped and all(n < batch for n, batch in wrapped)
 
 
 def test_ring_block_table_reads_the_window_in_place():
@@ -193,6 +196,32 @@ def test_ring_block_table_reads_the_window_in_place():
     long_chunk = torch.tensor([0, 1, 4, 4]), torch.tensor([0, 8, 17, 17], dtype=torch.int32)
     assert ring_block_table(torch.tensor(reads + [0] * 4), torch.tensor(writes), *long_chunk, page, window) is None
     assert ring_block_table(torch.tensor(reads), torch.tensor(writes), cu_q, cu_k, 3, window) is None
+    # the wrapping request skipped (it reads a gather): the others' pages as before, none for it
+    table, lens = ring_block_table(torch.tensor(reads + [0] * 4), torch.tensor(writes), *long_chunk, page, window,
+                                   skip={1})
+    assert lens.tolist() == [10, 0, 0] and table.tolist() == [[2, 5, 2], [-1, -1, -1], [-1, -1, -1]]
+
+
+def test_gather_wrapping_reads_like_transformers():
+    """gather_wrapping against transformers' sliding update on the same ring (read before the write): request 1's
+    chunk of 5 after 7 cached keys wraps a ring of 8 (12 keys); request 0 decodes, request 2 has no keys. Only
+    request 1 is gathered: its 12 keys (7 cached, 5 new), its query rows; the others keep their rows on the pages."""
+    from dsattn.patching.paged_batching import gather_wrapping, wrapping_requests
+
+    g = torch.Generator().manual_seed(2)
+    ring = torch.randn(40, 2, 4, generator=g)  # [slots, Hkv, D]
+    cu_q, cu_k = torch.tensor([0, 1, 6, 6]), torch.tensor([0, 8, 20, 20], dtype=torch.int32)
+    assert wrapping_requests(cu_q, cu_k, 8) == [1]
+    read_index = torch.cat((torch.randperm(40, generator=g)[:7], torch.full((1,), -1),  # request 0: 7 cached
+                            torch.randperm(40, generator=g)[:7], torch.full((5,), -1)))  # request 1: 7 cached + 5
+    new_k, new_v = torch.randn(2, 2, 6, 4, generator=g)  # [Hkv, Tq, D]
+    got = gather_wrapping([1], ring, ring * 2, new_k, new_v, read_index, cu_q, cu_k)
+    expected_k = torch.cat((ring[read_index[8:15]], new_k[:, 1:6].transpose(0, 1)))
+    expected_v = torch.cat((2 * ring[read_index[8:15]], new_v[:, 1:6].transpose(0, 1)))
+    assert torch.equal(got.k, expected_k) and torch.equal(got.v, expected_v)
+    assert got.rows.tolist() == [1, 2, 3, 4, 5] and got.cu_seqlens_q.tolist() == [0, 5]
+    assert got.cu_seqlens_k.tolist() == [0, 12] and (got.max_seqlen_q, got.max_seqlen_k) == (5, 12)
+    assert got.paged_rows.tolist() == [0] and got.paged_cu_seqlens_q.tolist() == [0, 1, 1, 1]
 
 
 def test_linear_state_is_kept_per_request_and_freed(prompts, monkeypatch):

@@ -200,12 +200,21 @@ def run_continuous_batching(kernel, q, k, v, cu_seqlens_q, cu_seqlens_k, max_len
     out = q.new_zeros(1, q.shape[2], q.shape[1], v.shape[-1])
     cu_q = cu_seqlens_q.to(torch.int32)
     if paged_kv is not None:
-        def attend(query):
-            return kernel.paged(query, paged_kv, cu_q, int(max_length_q), scale=kw["scale"], sinks=kw.get("sinks"),
+        def attend(query, cu=cu_q):
+            return kernel.paged(query, paged_kv, cu, int(max_length_q), scale=kw["scale"], sinks=kw.get("sinks"),
                                 model_window=kw.get("model_window"))
 
         query = q[0, :, :tq].transpose(0, 1)
-        out[0, :tq] = mla_latent.absorbed_attention(module, query, attend) if paged_kv.latent else attend(query)
+        split = paged_kv.gathered
+        if split is None:
+            out[0, :tq] = mla_latent.absorbed_attention(module, query, attend) if paged_kv.latent else attend(query)
+            return out
+        # Requests whose chunk wrapped a sliding layer's ring read their gathered keys; the others read the pages.
+        if split.paged_rows.numel():
+            out[0, split.paged_rows] = attend(query[split.paged_rows], split.paged_cu_seqlens_q)
+        out[0, split.rows] = kernel.varlen(query[split.rows], split.k, split.v, split.cu_seqlens_q, split.cu_seqlens_k,
+                                           split.max_seqlen_q, split.max_seqlen_k, scale=kw["scale"],
+                                           sinks=kw.get("sinks"), model_window=kw.get("model_window"))
         return out
     varlen = getattr(kernel, "varlen", None)
     if varlen is not None:

@@ -7,9 +7,10 @@ PagedAttentionCache, installed once at class level, that act only for a model pa
   table instead, so the kernel reads the blocks in place and skips those outside every row's window. The decode
   fast path (ContinuousBatchingConfig.max_blocks_per_request > 0) passes the page views and block table itself.
   Layers with their own sliding window (Qwen2's sliding layers) keep a ring of window / page pages per request;
-  they are read in place too when the page size divides the window and no request's new keys overwrite keys its
-  rows still see (decode rows, and chunks that do not wrap the ring): see ring_block_table. Else transformers'
-  own gather runs.
+  they are read in place too when the page size divides the window (see ring_block_table), except for the
+  requests whose prefill chunk wraps the ring: its new keys overwrite keys its own rows still see, so those
+  requests alone read their keys gathered before the write (wrapping_requests, gather_wrapping) while the rest of
+  the batch reads the pages. Pages that do not divide the window keep transformers' own gather.
 - MLA (DeepSeek-V3): transformers' MLA allocator keeps one row [kv_nope | k_rot] per token; its latent pages are
   one shared KV head (keys the whole row, values its kv_nope columns) that the attention reads in MLA's absorbed
   form (mla_latent.absorbed_attention): sliding_window through the attention adapter, dense attention under
@@ -54,6 +55,8 @@ class PagedKV:
     # request) for a layer whose kv_b_proj cannot be absorbed. None for other layers.
     gather: Optional[Callable] = None
     max_seqlen_k: int = 0  # the longest sequence's keys
+    # Sliding layers: the requests whose chunk wraps the ring, read from a gather (their rows none of the pages').
+    gathered: Optional["Gathered"] = None
 
     @property
     def latent(self) -> bool:
@@ -81,8 +84,62 @@ def block_table_from_read_index(read_index: torch.Tensor, cu_seqlens_k: torch.Te
     return table
 
 
+def wrapping_requests(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, window: int) -> list:
+    """The requests of a sliding layer's batch whose new keys, written into the ring, would overwrite keys their own
+    rows still see: more than one query and more than window keys. Row i of such a chunk sees the cached keys that
+    the chunk's keys after it overwrite, so no order of the ring's pages holds its keys once the chunk is written;
+    these requests read their keys gathered before the write (gather_wrapping)."""
+    bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    return [s for s in range(len(bq) - 1) if bq[s + 1] - bq[s] > 1 and bk[s + 1] - bk[s] > window]
+
+
+@dataclass
+class Gathered:
+    """A batch split between the paged read and a gather (gather_wrapping): query rows `rows` (int64) attend over
+    k/v [keys, Hkv, D] packed by cu_seqlens_q / cu_seqlens_k (int32, one entry per gathered request); the other
+    rows, `paged_rows`, read the pages with paged_cu_seqlens_q (the gathered requests there with no query)."""
+
+    paged_rows: torch.Tensor
+    paged_cu_seqlens_q: torch.Tensor
+    rows: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+def gather_wrapping(requests, k_tokens, v_tokens, key_states, value_states, read_index, cu_seqlens_q,
+                    cu_seqlens_k) -> Gathered:
+    """transformers' read for `requests` only, done before the write: each one's cached keys (rows of read_index
+    up to its new keys) then its new keys (key_states [Hkv, Tq, D] columns of its queries)."""
+    bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    device = read_index.device
+    ks, vs, rows, lens_q, lens_k = [], [], [], [], []
+    for s in requests:
+        nq, nk = bq[s + 1] - bq[s], bk[s + 1] - bk[s]
+        cached = read_index[bk[s]:bk[s] + nk - nq]
+        ks.append(torch.cat((k_tokens.index_select(0, cached), key_states[:, bq[s]:bq[s + 1]].transpose(0, 1))))
+        vs.append(torch.cat((v_tokens.index_select(0, cached), value_states[:, bq[s]:bq[s + 1]].transpose(0, 1))))
+        rows.append(torch.arange(bq[s], bq[s + 1]))
+        lens_q.append(nq)
+        lens_k.append(nk)
+    taken = set(requests)
+    paged_lens = [0 if s in taken else bq[s + 1] - bq[s] for s in range(len(bq) - 1)]
+    paged_rows = [torch.arange(bq[s], bq[s + 1]) for s in range(len(bq) - 1) if s not in taken]
+
+    def offsets(lengths):
+        return torch.tensor([0, *torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist()], dtype=torch.int32,
+                            device=device)
+
+    return Gathered(torch.cat(paged_rows or [torch.zeros(0, dtype=torch.long)]).to(device), offsets(paged_lens),
+                    torch.cat(rows).to(device), torch.cat(ks), torch.cat(vs), offsets(lens_q), offsets(lens_k),
+                    max(lens_q), max(lens_k))
+
+
 def ring_block_table(read_index: torch.Tensor, write_index: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                     cu_seqlens_k: torch.Tensor, page_size: int, window: int):
+                     cu_seqlens_k: torch.Tensor, page_size: int, window: int, skip=()):
     """(block table int32 [num_seqs, max_pages], seqlens_k int32 [num_seqs]) that read a sliding layer's ring of
     pages in place after the step's keys are written, or None where that is not possible.
 
@@ -94,18 +151,19 @@ def ring_block_table(read_index: torch.Tensor, write_index: torch.Tensor, cu_seq
     page: a block table. v0 < page_size, and the first key is position 0 (v0 = 0) unless the ring is full
     (window - 1 cached keys, which then are all its rows can see): no row sees a virtual position before v0.
     Writing first is safe where no new key overwrites a key the request's rows see: one query, or keys <= window
-    (the ring does not wrap)."""
+    (the ring does not wrap; see wrapping_requests). Requests in `skip` get no pages (seqlens_k 0): those read
+    their keys otherwise."""
     if window % page_size:
         return None
     bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     lens_q = [b - a for a, b in zip(bq[:-1], bq[1:])]
-    lens_k = [b - a for a, b in zip(bk[:-1], bk[1:])]
+    lens_k = [0 if s in skip else b - a for s, (a, b) in enumerate(zip(bk[:-1], bk[1:]))]
     if any(nq > 1 and nk > window for nq, nk in zip(lens_q, lens_k)):
         return None
     rows = torch.cat((read_index, write_index))  # key t of request s: a read row if cached, else a written one
 
     def row(s, t):
-        cached = lens_k[s] - lens_q[s]
+        cached = lens_k[s] - lens_q[s]  # (only for requests not skipped)
         return bk[s] + t if t < cached else read_index.shape[0] + bq[s] + t - cached
 
     used = [s for s, n in enumerate(lens_k) if n]
@@ -170,12 +228,19 @@ def _paged_update(cache, key_states, value_states, layer_idx, kwargs, latent: bo
                             rot_rows.index_select(0, read_index)[None, None]),
             max_seqlen_k=int(lengths.max()) if lengths.numel() else 0)
         return key_states, value_states
+    gathered = None
+    k_tokens, v_tokens = allocator._kv_token_views[layer_idx]
     if sliding:
-        ring = ring_block_table(read_index, write_index, kwargs["cu_seq_lens_q"], cu_k, allocator.tokens_per_page,
-                                allocator.sliding_window)
-        if ring is None:  # the ring would wrap under a chunk's rows (or pages straddle it): transformers' gather
+        cu_q = kwargs["cu_seq_lens_q"]
+        wrapping = wrapping_requests(cu_q, cu_k, allocator.sliding_window)
+        ring = ring_block_table(read_index, write_index, cu_q, cu_k, allocator.tokens_per_page,
+                                allocator.sliding_window, skip=set(wrapping))
+        if ring is None:  # pages straddle the ring's wrap (the page size does not divide the window): transformers
             return None
         table, seqlens_k = ring
+        if wrapping:  # these requests' chunks would overwrite keys their rows see: read before the write
+            gathered = gather_wrapping(wrapping, k_tokens, v_tokens, key_states[0], value_states[0], read_index,
+                                       cu_q, cu_k)
         k_pages, v_pages = allocator._kv_page_views[layer_idx]  # its get_cache_for_block_table is not implemented
     else:
         table = block_table_from_read_index(read_index, cu_k, allocator.tokens_per_page)
@@ -183,10 +248,9 @@ def _paged_update(cache, key_states, value_states, layer_idx, kwargs, latent: bo
         k_pages, v_pages = allocator.get_cache_for_block_table(layer_idx)
     kwargs["cu_seq_lens_k"] = cu_k
     kwargs["max_length_k"] = kwargs["max_length_k"][allocator.layer_type]
-    k_tokens, v_tokens = allocator._kv_token_views[layer_idx]
     k_tokens.index_copy_(0, write_index, key_states[0].transpose(0, 1))
     v_tokens.index_copy_(0, write_index, value_states[0].transpose(0, 1))
-    kwargs[PAGED_KWARG] = PagedKV(k_pages, v_pages, table, seqlens_k)
+    kwargs[PAGED_KWARG] = PagedKV(k_pages, v_pages, table, seqlens_k, gathered=gathered)
     return key_states, value_states
 
 
