@@ -1,15 +1,16 @@
 """hybrid_attention: causal torch SDPA (baseline) vs dsattn's fused Triton kernel on a GPU (B=1, H=32, D=128,
-bf16, S 4096..65536, SPEC's default prefix=2048 with and without a 512-key window); small CPU cases time the
-PyTorch reference against SDPA."""
+bf16, S 4096..65536, SPEC's default prefix=2048 with and without a 512-key window); CPU cases (prefix 256, window
+128) time the torch backend and the C++ kernel (backend "cpp", forward only) against causal SDPA."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from dsattn import _backend
 from dsattn.ops.hybrid_attention import hybrid_attention
 
 GPU_LENGTHS = [4096, 8192, 16384, 32768, 65536]
-CPU_LENGTHS = [512, 1024]
+CPU_LENGTHS = [512, 1024, 4096]
 PREFIX = 2048
 
 
@@ -36,13 +37,16 @@ def test_hybrid_attention_gpu(run_bench, provider, s, window):
 
 
 @pytest.mark.parametrize("s", CPU_LENGTHS)
-@pytest.mark.parametrize("provider", ["torch-sdpa", "dsattn-torch"])
+@pytest.mark.parametrize("provider", ["torch-sdpa", "dsattn-torch", "dsattn-cpp"])
 def test_hybrid_attention_cpu(run_bench, provider, s):
+    if provider == "dsattn-cpp" and _backend.unusable_reason("cpp", torch.device("cpu"), "hybrid_attention"):
+        pytest.skip("dsattn._C has no hybrid_attention kernel in this build")
     q, k, v = _qkv(s, 4, 64, torch.float32, "cpu")
     if provider == "torch-sdpa":
         fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
     else:
-        fn = lambda: hybrid_attention(q, k, v, prefix=256, window=128, backend="torch")  # noqa: E731
+        backend = provider.removeprefix("dsattn-")
+        fn = lambda: hybrid_attention(q, k, v, prefix=256, window=128, backend=backend)  # noqa: E731
     run_bench(fn, op="hybrid_attention", provider=provider, shape=_shape(s, 4, 64, 128, prefix=256), device="cpu",
               dtype=torch.float32, baseline=provider == "torch-sdpa")
 

@@ -47,6 +47,11 @@ TORCH_LIBRARY(dsattn_C, m) {
   // 0 elu, 1 relu, 2 identity -> (out in q's dtype, final S, final z float32); isa as the attention ops'.
   m.def("linear_attention(Tensor q, Tensor k, Tensor v, Tensor? S0, Tensor? z0, int feature_map, bool causal, "
         "bool normalize, float eps, int isa=-1) -> (Tensor, Tensor, Tensor)");
+  // Hybrid attention forward (csrc/cpu/hybrid_attention.cpp): q [B, Hq, Sq, Dqk], k [B, Hkv, Sk, Dqk], v [B, Hkv,
+  // Sk, Dv] float32/bfloat16/float16, causal; exact softmax over the first `prefix` and last `window` keys of each
+  // query, feature-map weights (0 elu, 1 relu, 2 identity) over the rest, one normalizer; isa as the attention ops'.
+  m.def("hybrid_attention(Tensor q, Tensor k, Tensor v, int prefix, int window, int feature_map, float scale, "
+        "int isa=-1) -> Tensor");
   // The ISA the attention kernels run for `isa` (-1: auto): 0 portable, 1 avx2, 2 avx512; errors as above.
   m.def("attention_isa(int isa=-1) -> int");
 }

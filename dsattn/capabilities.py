@@ -101,7 +101,9 @@ CAPABILITIES: dict[str, dict[str, Capability]] = {
     # cpp: csrc/cpu/linear_attention.cpp forward (elu / relu / identity; no backward: training keeps the torch path).
     "linear_attention": {"triton": Capability(dtypes=KERNEL_FLOATS, backward=True, max_head_dim=256), "torch": TORCH,
                          "cpp": Capability(dtypes=KERNEL_FLOATS, kernel="linear_attention")},
-    "hybrid_attention": {"triton": Capability(dtypes=KERNEL_FLOATS, max_head_dim=256, backward=True), "torch": TORCH},
+    # cpp: csrc/cpu/hybrid_attention.cpp forward (elu / relu / identity; no backward: training keeps the torch path).
+    "hybrid_attention": {"triton": Capability(dtypes=KERNEL_FLOATS, max_head_dim=256, backward=True), "torch": TORCH,
+                         "cpp": Capability(dtypes=KERNEL_FLOATS, kernel="hybrid_attention")},
     # int4: the weight is frozen (torch's backward: x, bias, routing weights). The Triton kernels use 64-bit row
     # offsets (no offset limit); group_size_multiple is tl.dot's smallest K (triton_kernels/int4_matmul.py).
     "int4_matmul": {

@@ -268,7 +268,7 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="backend must be one of"):
         hybrid_attention(q, k, v, backend="cuda-graph")
     with pytest.raises(ValueError, match="not implemented for this op"):
-        hybrid_attention(q, k, v, backend="cpp")
+        hybrid_attention(q, k, v, backend="cuda")
 
 
 def test_triton_rejects_what_it_cannot_run(triton_device):

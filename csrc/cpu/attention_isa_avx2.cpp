@@ -75,6 +75,7 @@ struct Vec {
 };
 
 #include "cpu/attention_impl.h"
+#include "cpu/hybrid_attention_impl.h"
 
 // 8 int8 codes sign-extended to int32 and converted (exact).
 static inline __m256 q8_load(const int8_t* p) {
@@ -100,6 +101,7 @@ namespace isa_avx2 {
 void sliding_window(const SlidingArgs&) {}
 void sparse(const SparseArgs&) {}
 void int8_matmul(const Int8Args&) {}
+void hybrid(const HybridArgs&) {}
 bool compiled() { return false; }
 }  // namespace isa_avx2
 }  // namespace cpu_attn

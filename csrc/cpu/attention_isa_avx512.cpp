@@ -105,6 +105,7 @@ struct Vec {
 };
 
 #include "cpu/attention_impl.h"
+#include "cpu/hybrid_attention_impl.h"
 
 // 16 int8 codes sign-extended to int32 and converted (exact).
 static inline __m512 q8_load(const int8_t* p) {
@@ -130,6 +131,7 @@ namespace isa_avx512 {
 void sliding_window(const SlidingArgs&) {}
 void sparse(const SparseArgs&) {}
 void int8_matmul(const Int8Args&) {}
+void hybrid(const HybridArgs&) {}
 bool compiled() { return false; }
 }  // namespace isa_avx512
 }  // namespace cpu_attn

@@ -90,6 +90,7 @@ struct Vec {
 };
 
 #include "cpu/attention_impl.h"
+#include "cpu/hybrid_attention_impl.h"
 
 // W int8 codes as fp32 (exact).
 static inline Vec::reg q8_load(const int8_t* p) {

@@ -61,6 +61,22 @@ struct SparseArgs {
   Strides qs, ks, vs, os;
 };
 
+// Hybrid attention (hybrid_attention_impl.h): q [B, Hq, Sq, Dqk], k [B, Hkv, Sk, Dqk], v [B, Hkv, Sk, Dv]; exact
+// softmax over the first `prefix` and the last `window` keys of each query, phi(q).phi(k) weights over the rest.
+enum HybridFeatureMap : int { kHybridElu = 0, kHybridRelu = 1, kHybridIdentity = 2 };
+struct HybridArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  Dtype dtype;
+  int64_t batch, hq, hkv, sq, sk, dqk, dv, prefix, window;
+  int fmap;  // HybridFeatureMap
+  float scale;
+  int64_t qb, kb, vb, ob;  // batch strides
+  Strides qs, ks, vs, os;
+};
+
 // int8_matmul (int8_matmul_impl.h): out[M, N] (row stride n) = x[M, K] (row stride ldx) @ dequant(q[N, K]).T
 // (+ bias); s [N] per output channel (group 0) or [N, K/group]. All fp32 but q.
 struct Int8Args {
@@ -83,6 +99,7 @@ bool isa_available(Isa isa);
   void sliding_window(const SlidingArgs& a);   \
   void sparse(const SparseArgs& a);            \
   void int8_matmul(const Int8Args& a);         \
+  void hybrid(const HybridArgs& a);            \
   bool compiled();                             \
   }
 DSATTN_DECLARE_ISA(isa_portable)

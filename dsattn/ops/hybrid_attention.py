@@ -5,13 +5,16 @@ edge cases in dsattn.reference.hybrid_attention)."""
 
 import torch
 
-from dsattn import _backend, _checks, capabilities
+from dsattn import _backend, _checks, _ext, capabilities
 from dsattn._library import define_op
 from dsattn.reference.linear_attention import FEATURE_MAPS
 from dsattn.torch_backend import hybrid_attention as _torch
 
 OP = "hybrid_attention"
-AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
+AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpp", "torch")}
+# The cpp kernel's feature_map codes (csrc/cpu/attention_kernels.h, HybridFeatureMap); "exp" (whose far state
+# needs shifts that cancel) stays on torch.
+CPP_FEATURE_MAPS = {"elu": 0, "relu": 1, "identity": 2}
 
 
 def _check_feature_map(name) -> str:
@@ -28,10 +31,31 @@ def _hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix:
         from dsattn.triton_kernels import hybrid_attention as _triton
 
         return _triton.hybrid_attention(q, k, v, prefix=prefix, window=window, feature_map=feature_map, scale=scale)
+    if backend == "cpp":
+        return torch.ops.dsattn_C.hybrid_attention(q, k, v, prefix, window, CPP_FEATURE_MAPS[feature_map], scale)
     return _torch.hybrid_attention(q, k, v, prefix=prefix, window=window, feature_map=feature_map, scale=scale)
 
 
 hybrid_attention_op = define_op(OP, _hybrid_attention)
+
+_cpp_fake_registered = False
+
+
+# Run, not traced, by torch.compile (as dsattn._backend.unusable_reason): registering is a side effect.
+@torch.compiler.assume_constant_result
+def _register_cpp_fake() -> bool:
+    """The fake kernel of torch.ops.dsattn_C.hybrid_attention (so that backend "cpp" traces under torch.compile),
+    registered once the extension is loaded; it belongs with the others in dsattn._ext._register_fakes."""
+    global _cpp_fake_registered
+    if _cpp_fake_registered:
+        return True
+    _cpp_fake_registered = True
+
+    @torch.library.register_fake("dsattn_C::hybrid_attention")
+    def _(q, k, v, prefix, window, feature_map, scale, isa=-1):
+        return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+    return True
 
 
 def _hybrid_attention_fwd_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, window: int,
@@ -110,8 +134,11 @@ def hybrid_attention(q, k, v, *, prefix=2048, window=0, feature_map="elu", scale
 
     Backends: "triton" (CUDA; fp16/bf16/fp32, head dims up to 256; a backward that recomputes the weights from
     per-row statistics, FlashAttention-2 style for the exact keys and by chunk states for the far keys), "torch"
-    (chunked over queries, O(chunk x (prefix + window)) memory, with a backward). "auto": Triton on CUDA, the
-    torch backend on CPU and for what the kernel does not take (float64, wider heads)."""
+    (chunked over queries, O(chunk x (prefix + window)) memory, with a backward), "cpp" (CPU, forward only:
+    fp32/fp16/bf16 with fp32 accumulation, feature maps elu / relu / identity; per block of query rows the exact
+    keys by online softmax over packed K/V tiles and the far keys by a running phi(K)^T V state). "auto": Triton
+    on CUDA, cpp on CPU without a gradient, the torch backend for the rest (a gradient, "exp", float64, wider
+    heads on CUDA)."""
     shape = _checks.check_qkv(OP, q, k, v)
     prefix = _checks.check_int(OP, "prefix", prefix, minimum=0)
     window = _checks.check_int(OP, "window", window, minimum=0)
@@ -119,7 +146,15 @@ def hybrid_attention(q, k, v, *, prefix=2048, window=0, feature_map="elu", scale
     scale = _checks.check_scale(OP, scale, shape.dim_qk**-0.5)
     request = capabilities.Request(dtype=q.dtype, grad=_backend.needs_grad(q, k, v),
                                    head_dim=max(shape.dim_qk, shape.dim_v), offset=capabilities.max_offset(q, k, v))
-    chosen = _backend.select_backend(OP, backend, q.device, request, auto_order=AUTO_ORDER.get(q.device.type))
+    auto_order = AUTO_ORDER.get(q.device.type)
+    if feature_map not in CPP_FEATURE_MAPS and auto_order is not None:
+        auto_order = tuple(b for b in auto_order if b != "cpp")
+    chosen = _backend.select_backend(OP, backend, q.device, request, auto_order=auto_order)
+    if chosen == "cpp":
+        if feature_map not in CPP_FEATURE_MAPS:
+            raise ValueError(f"dsattn.{OP}: backend='cpp' takes feature_map {tuple(CPP_FEATURE_MAPS)}, got "
+                             f"{feature_map!r}; use backend='auto' or 'torch'")
+        _register_cpp_fake()
     # int32 arithmetic inside the kernel; the clamp keeps "prefix = everything" values like 2**40 harmless
     prefix, window = min(prefix, shape.seq_k + 1), min(window, shape.seq_k + 1)
     if chosen == "triton" and request.grad:
