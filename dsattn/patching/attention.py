@@ -173,10 +173,11 @@ def run_continuous_batching(kernel, q, k, v, cu_seqlens_q, cu_seqlens_k, max_len
     """Continuous batching: q [1, Hq, Tq, D] holds packed requests (request s: query rows cu_seqlens_q[s]:[s+1],
     its queries the last of its keys: prefill chunks and decode rows mixed). Its keys: k/v [1, Hkv, Tk, D]
     gathered by transformers (request s: cu_seqlens_k[s]:[s+1]), or paged_kv (paged_batching.PagedKV) for kernels
-    that read the paged cache in place (then k/v hold only the new keys, already in the cache). MLA latent pages
-    (paged_kv.latent) are read by the query absorbed through `module`'s kv_b_proj (mla_latent); a kv_b_proj that
-    cannot be absorbed reads transformers' gather of them, expanded. Stateful kernels keep one state per request
-    and layer in the cache's store. Returns [1, Tq, Hq, Dv]."""
+    that read the paged cache in place (then k/v hold only the new keys, already in the cache; requests listed in
+    paged_kv.gathered, whose chunk wrapped a sliding layer's ring, read their keys gathered before the write with
+    the varlen kernel). MLA latent pages (paged_kv.latent) are read by the query absorbed through `module`'s
+    kv_b_proj (mla_latent); a kv_b_proj that cannot be absorbed reads transformers' gather of them, expanded.
+    Stateful kernels keep one state per request and layer in the cache's store. Returns [1, Tq, Hq, Dv]."""
     from dsattn.patching import mla_latent, paged_batching
 
     if paged_kv is not None and paged_kv.latent and not mla_latent.absorbable(module):
