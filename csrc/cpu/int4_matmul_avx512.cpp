@@ -6,7 +6,8 @@
 // packed bytes -> vpmovzxbd -> low nibbles are the lanes as they are, high nibbles the lanes >> 4; no masks, no
 // int -> float conversion, no zero-point term. x comes in pair_x() order (even K values, then odd), so the two
 // lookups meet their x values with plain loads.
-// Tiles: NB weight rows x R rows of x; each 16-byte load and its lookups are shared by the R rows.
+// Tiles: NB weight rows x R rows of x; each 16-byte load and its lookups are shared by the R rows. Per 64 bytes
+// of a row, the same offset of the next tile's rows is prefetched into L1 (see int4_matmul_vnni.cpp).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -56,6 +57,7 @@ inline void tile(const Args& a, int64_t r0, int64_t n0) {
   const int64_t groups = a.k / a.group, row_bytes = a.k / 2;
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const float* x = a.x + r0 * a.ldx;
+  const uint8_t* next = a.q + (n0 + 2 * NB <= a.n ? n0 + NB : n0) * row_bytes;
   for (int64_t g = 0; g < groups; ++g) {
     __m512 table[NB];
     for (int j = 0; j < NB; ++j) {
@@ -67,6 +69,7 @@ inline void tile(const Args& a, int64_t r0, int64_t n0) {
       __m512 lo[NB], hi[NB];
       for (int j = 0; j < NB; ++j) {
         const uint8_t* bytes = a.q + (n0 + j) * row_bytes + kk / 2;
+        if (kk % 128 == 0) _mm_prefetch(reinterpret_cast<const char*>(next + j * row_bytes + kk / 2), _MM_HINT_T0);
         const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
         lo[j] = _mm512_permutexvar_ps(v, table[j]);
         hi[j] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table[j]);

@@ -11,6 +11,9 @@
 // far below bf16's 2^-9 relative rounding of x itself). The digit arithmetic is exact (|u - d| <= 1/2 scaled
 // by powers of two); the only other rounding is u = x / sx in fp32.
 // Zero points: sum_k (q - z) s x = s (sum q x) - s z (sum x), the second from exact fp32 group sums of x.
+// Memory: the packed weight streams from L3 once per call (a row tile reads NB rows of K / 2 bytes side by
+// side, short streams the hardware prefetcher ramps up late), so each 64-byte load also prefetches the same
+// offset of the next tile's rows into L1: that tile is read right after this one.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -54,12 +57,17 @@ inline void tile(const VnniArgs& a, int64_t r0, int64_t n0) {
                                                                     _mm512_set1_epi32(8)),
                                                wide ? 0 : __builtin_ctzll(static_cast<uint64_t>(a.group)));
   const __mmask16 gmask = wide ? 1 : static_cast<__mmask16>((1u << (128 / a.group)) - 1);
+  // The next tile's rows (this tile's again at the end of N: prefetches never leave the weight).
+  const uint8_t* next = a.q + (n0 + 2 * NB <= a.n ? n0 + NB : n0) * row_bytes;
+  // Group of block c, c * 128 / group, counted instead of divided per block.
+  const int64_t per_block = wide ? 0 : 128 / a.group, blocks_per_group = wide ? a.group / 128 : 1;
+  int64_t g0 = 0, in_group = 0;
   for (int64_t c = 0; c < blocks; ++c) {
-    const int64_t g0 = c * 128 / a.group;
     __m512i lo[NB], hi[NB];
     __m512 s[NB];
     for (int j = 0; j < NB; ++j) {
       const __m512i w = _mm512_loadu_si512(a.q + (n0 + j) * row_bytes + 64 * c);
+      _mm_prefetch(reinterpret_cast<const char*>(next + j * row_bytes + 64 * c), _MM_HINT_T0);
       lo[j] = _mm512_and_si512(w, nib);
       hi[j] = _mm512_and_si512(_mm512_srli_epi16(w, 4), nib);
       const float* sp = a.s + (n0 + j) * groups + g0;
@@ -81,17 +89,29 @@ inline void tile(const VnniArgs& a, int64_t r0, int64_t n0) {
         acc[r][j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(t), sx), s[j], acc[r][j]);
       }
     }
+    if (wide) {
+      if (++in_group == blocks_per_group) in_group = 0, ++g0;
+    } else {
+      g0 += per_block;
+    }
   }
+  // Zero-point terms sum_g s z xsum, 16 groups per vector (masked tail).
   for (int j = 0; j < NB; ++j) {
     const int64_t row = n0 + j;
-    float zt[R] = {};
-    for (int64_t g = 0; g < groups; ++g) {
-      const float sz = a.s[row * groups + g] * static_cast<float>(a.z[row * groups + g]);
-      for (int r = 0; r < R; ++r) zt[r] += sz * a.xsum[(r0 + r) * groups + g];
+    __m512 zt[R];
+    for (int r = 0; r < R; ++r) zt[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g += 16) {
+      const __mmask16 mask = groups - g >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                              : static_cast<__mmask16>((1u << (groups - g)) - 1);
+      const __m512 sz = _mm512_mul_ps(
+          _mm512_maskz_loadu_ps(mask, a.s + row * groups + g),
+          _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, a.z + row * groups + g))));
+      for (int r = 0; r < R; ++r)
+        zt[r] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(mask, a.xsum + (r0 + r) * groups + g), zt[r]);
     }
     for (int r = 0; r < R; ++r)
-      a.out[(r0 + r) * a.n + row] =
-          _mm512_reduce_add_ps(acc[r][j]) - zt[r] + (a.bias != nullptr ? a.bias[row] : 0.f);
+      a.out[(r0 + r) * a.n + row] = _mm512_reduce_add_ps(acc[r][j]) - _mm512_reduce_add_ps(zt[r]) +
+                                    (a.bias != nullptr ? a.bias[row] : 0.f);
   }
 }
 
