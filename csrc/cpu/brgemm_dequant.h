@@ -24,6 +24,9 @@ struct Int4Weight {
   int64_t k, group;
 };
 void dequant_int4(const void* weight, int64_t n0, int64_t rows, int64_t k0, int64_t len, uint16_t* dst);
+// The same values for group % 128 == 0 and len % 128 == 0, each 128 of a row in the K order gemm(k4 = true)
+// packs x in: position 32r + j (r < 4, j < 32) holds k = 4j + r (four lookups per 64-byte load).
+void dequant_int4_k4(const void* weight, int64_t n0, int64_t rows, int64_t k0, int64_t len, uint16_t* dst);
 
 // int8: q [N, K], s float32 [N] (group 0) or [N, K/group] (group % 16 == 0).
 struct Int8Weight {
@@ -38,9 +41,10 @@ void dequant_int8(const void* weight, int64_t n0, int64_t rows, int64_t k0, int6
 bool available(const char* env);
 
 // out[m, n] (bf16 bits, row stride n) = x[m, :] . w[n, :] (+ bias[n]), fp32 accumulation, one rounding.
-// x bf16 bits [m, k] with row stride ldx, unit column stride; k % 32 == 0. Parallel over N blocks.
-void gemm(const uint16_t* x, int64_t ldx, int64_t m, int64_t n, int64_t k, DequantFn dequant, const void* weight,
-          const float* bias, uint16_t* out);
+// x bf16 bits [m, k] with row stride ldx, unit column stride; k % 32 == 0 (k % 128 == 0 with k4: dequant's tiles
+// are in dequant_int4_k4's K order). Parallel over N blocks; the result does not depend on the thread count.
+void gemm(const uint16_t* x, int64_t ldx, int64_t m, int64_t n, int64_t k, DequantFn dequant, bool k4,
+          const void* weight, const float* bias, uint16_t* out);
 
 }  // namespace amx
 }  // namespace dsattn

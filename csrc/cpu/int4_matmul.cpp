@@ -239,8 +239,10 @@ at::Tensor int4_matmul_impl(const at::Tensor& x, const at::Tensor& qweight, cons
       amx::available("DSATTN_INT4_AMX")) {
     // AMX: dequantization fused into the brgemm (int4_matmul_amx.cpp).
     const amx::Int4Weight w{reinterpret_cast<const uint8_t*>(qp), sp, zp, k, group_size};
+    const bool k4 = group_size % 128 == 0;  // then k % 128 == 0 too
     amx::gemm(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), k, m, n, k,
-              amx::dequant_int4, &w, bp, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+              k4 ? amx::dequant_int4_k4 : amx::dequant_int4, k4, &w, bp,
+              reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
     return out;
   }
   if (m >= (bf16 ? kBf16GemmMinRows : kGemmMinRows)) {

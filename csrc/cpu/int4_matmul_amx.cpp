@@ -2,15 +2,22 @@
 //
 // The dequantized weight is the brgemm's A operand (plain rows, K contiguous: what the packed weight gives
 // without a transpose) and x the B operand in the VNNI layout ([K/2][M][2]: x's pairs of K values, a 32-bit
-// transpose of x done once per call); C = W x^T in fp32, transposed into out with the bias and one rounding.
-// Per task (up to kTaskRows weight rows, parallel over N): per K block, each kSubRows x kKB weight tile is
-// dequantized into a thread-local buffer (L1) and multiplied by that K block of x^T for all rows of x at once
-// (add_C accumulates over K blocks into the task's C in L2), so each weight is dequantized once per kMaxCols
-// rows of x, and x^T's K block stays in L2 while the task's tiles pass over it.
-// int4: the 16 values of a (row, group) are looked up as bf16 by VPERMW from a table held twice (32 entries):
-// the index of a byte's even value is the byte itself (low 5 bits: the low nibble, or 16 + it), that of its odd
-// value the byte >> 4, both made by one shift and OR of the zero-extended byte; the 32-bit result is the pair
-// in K order. The table is bf16((q - z) * s) of the fp32 product: the values of the panel path.
+// transpose of x); C = W x^T in fp32, transposed into out with the bias and one rounding.
+// Tasks of up to kTaskRows weight rows, taken from a shared counter by one parallel region per call (per
+// kMaxCols rows of x): a thread that starts late (the 2 cores are shared) finds fewer tasks left instead of
+// holding up the call with a fixed half, and each thread packs its own x^T on its first task (no second
+// fork/join for the pack). Per task, per K block, each weight tile is dequantized into a thread-local buffer
+// (L1) and multiplied by that K block of x^T for all rows of x at once (add_C accumulates over K blocks into the
+// task's C in L2), so each weight is dequantized once per kMaxCols rows of x.
+// int4: the 16 values of a (row, group) are looked up as bf16 by VPERMW from a table held twice (32 entries;
+// VPERMW reads the low 5 bits of each 16-bit index). The table is bf16((q - z) * s) of the fp32 product: the
+// values of the panel path. With group % 128 == 0 (dequant_int4_k4) one 64-byte load of packed codes (128
+// values) is four lookups of the same word vector shifted by 0, 4, 8 and 12 bits: word j's low 5 bits are then
+// the code of k = 4j, 4j + 1, 4j + 2, 4j + 3 (the bit above the nibble only picks the table's copy). A's K order
+// within each 128 values is thus position 32r + j = k 4j + r; the products do not depend on the order of K, so
+// x^T is packed in the same order (pack_x_k4). Otherwise (group 32 / 64) one lookup per 32 values in K order:
+// the index of a byte's even value is the byte itself, that of its odd value the byte >> 4 (one shift and OR
+// of the zero-extended byte), the 32-bit result the pair in K order.
 // NaN: a row of x is one column of B and reaches only its column of C, i.e. its own output row; padding columns
 // are zeros.
 #include "cpu/brgemm_dequant.h"
@@ -20,6 +27,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -27,13 +35,17 @@
 namespace dsattn {
 namespace amx {
 namespace {
-// Weight rows per task (at most; at least one task per thread), per brgemm call (its M; the A tile, 32 x 256
-// bf16 = 16 KiB, stays in L1), K values per block (brgemm's K) and rows of x per pass (brgemm's N, padded to 16):
-// x^T's K block (256 x 256 bf16, 128 KiB) and the task's fp32 C (256 x 256, 256 KiB) stay in L2. A 64 x 512
-// tile measured slower at 16 rows of x (the tile leaves L1); the GEMM's share grows with the rows of x.
+// Weight rows per task (at most; at least kTasksPerThread tasks per thread), per brgemm call (its M), K values
+// per block (brgemm's K), and rows of x per pass (brgemm's N, padded to 16). The A tile (kSubRows x kKB bf16, or
+// twice the rows at half the K for up to kNarrowCols rows of x) is 32 KiB and stays in L1; the task's fp32 C
+// (256 x 256: 256 KiB) and x^T's K block (512 x 256 bf16: 256 KiB) stay in L2. Measured (4096 x 4096): with 16
+// rows of x the 64 x 256 tile beats 32 x 256 (the brgemm's C is one tile column there, so more rows per call
+// amortize its fixed cost), from 64 rows 32 x 512 beats 32 x 256; 64-KiB tiles are slower.
 constexpr int64_t kTaskRows = 256;
+constexpr int64_t kTasksPerThread = 2;
 constexpr int64_t kSubRows = 32;
-constexpr int64_t kKB = 256;
+constexpr int64_t kKB = 512;
+constexpr int64_t kNarrowCols = 32;
 constexpr int64_t kMaxCols = 256;
 }  // namespace
 }  // namespace amx
@@ -103,6 +115,33 @@ void dequant_int4(const void* weight, int64_t n0, int64_t rows, int64_t k0, int6
   }
 }
 
+void dequant_int4_k4(const void* weight, int64_t n0, int64_t rows, int64_t k0, int64_t len, uint16_t* dst) {
+  const Int4Weight& w = *static_cast<const Int4Weight*>(weight);
+  const int64_t groups = w.k / w.group, row_bytes = w.k / 2;
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row = n0 + r;
+    const uint8_t* qr = w.q + row * row_bytes;
+    uint16_t* d = dst + r * len;
+    prefetch_next(qr + rows * row_bytes + k0 / 2, len / 2);
+    for (int64_t g0 = k0; g0 < k0 + len;) {
+      const int64_t g = g0 / w.group, g1 = std::min((g + 1) * w.group, k0 + len);
+      const __m512 zero = _mm512_set1_ps(static_cast<float>(w.z[row * groups + g]));
+      const __m512 vals = _mm512_mul_ps(_mm512_sub_ps(iota, zero), _mm512_set1_ps(w.s[row * groups + g]));
+      const __m512i table = to_bf16(vals, vals);  // the 16 values twice
+      for (int64_t kk = g0; kk < g1; kk += 128) {
+        const __m512i v = _mm512_loadu_si512(qr + kk / 2);
+        uint16_t* o = d + (kk - k0);
+        _mm512_storeu_si512(o, _mm512_permutexvar_epi16(v, table));
+        _mm512_storeu_si512(o + 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table));
+        _mm512_storeu_si512(o + 64, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), table));
+        _mm512_storeu_si512(o + 96, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), table));
+      }
+      g0 = g1;
+    }
+  }
+}
+
 void dequant_int8(const void* weight, int64_t n0, int64_t rows, int64_t k0, int64_t len, uint16_t* dst) {
   const Int8Weight& w = *static_cast<const Int8Weight*>(weight);
   const int64_t groups = w.group > 0 ? w.k / w.group : 1;
@@ -155,17 +194,47 @@ inline void transpose16(__m512i v[16]) {
 // x rows [m0, m0 + rows) as brgemm's VNNI B: xt[(k / 2) * cols + c] = 32-bit pair (x[m0 + c, k], x[.., k + 1]),
 // columns rows..cols zero. 16 x 16 tiles of pairs (16 rows of x by one cache line each).
 void pack_x(const uint16_t* x, int64_t ldx, int64_t m0, int64_t rows, int64_t cols, int64_t k, uint32_t* xt) {
-  at::parallel_for(0, k / 32, 4, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+  for (int64_t b = 0; b < k / 32; ++b) {
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      __m512i v[16];
+      for (int i = 0; i < 16; ++i)
+        v[i] = c0 + i < rows ? _mm512_loadu_si512(x + (m0 + c0 + i) * ldx + 32 * b) : _mm512_setzero_si512();
+      transpose16(v);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(xt + (16 * b + i) * cols + c0, v[i]);
+    }
+  }
+}
+
+// pack_x in dequant_int4_k4's K order: within each 128 values, position 32r + j holds x[.., 4j + r]. Row vector
+// r is x's words 4j + r of the first 64 values (j < 16, VPERMT2W on two cache lines) and of the last 64 (j >= 16,
+// the same index on the next two), merged by a blend; then the 16 x 16 transposes of pack_x.
+void pack_x_k4(const uint16_t* x, int64_t ldx, int64_t m0, int64_t rows, int64_t cols, int64_t k, uint32_t* xt) {
+  __m512i idx[4];
+  for (int r = 0; r < 4; ++r) {
+    alignas(64) uint16_t t[32];
+    for (int j = 0; j < 32; ++j) t[j] = static_cast<uint16_t>(4 * (j % 16) + r);
+    idx[r] = _mm512_load_si512(t);
+  }
+  for (int64_t c = 0; c < k / 128; ++c) {
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      for (int r = 0; r < 4; ++r) {
         __m512i v[16];
-        for (int i = 0; i < 16; ++i)
-          v[i] = c0 + i < rows ? _mm512_loadu_si512(x + (m0 + c0 + i) * ldx + 32 * b) : _mm512_setzero_si512();
+        for (int i = 0; i < 16; ++i) {
+          if (c0 + i < rows) {
+            const uint16_t* xr = x + (m0 + c0 + i) * ldx + 128 * c;
+            const __m512i lo = _mm512_permutex2var_epi16(_mm512_loadu_si512(xr), idx[r], _mm512_loadu_si512(xr + 32));
+            const __m512i hi =
+                _mm512_permutex2var_epi16(_mm512_loadu_si512(xr + 64), idx[r], _mm512_loadu_si512(xr + 96));
+            v[i] = _mm512_mask_blend_epi16(0xFFFF0000u, lo, hi);
+          } else {
+            v[i] = _mm512_setzero_si512();
+          }
+        }
         transpose16(v);
-        for (int i = 0; i < 16; ++i) _mm512_storeu_si512(xt + (16 * b + i) * cols + c0, v[i]);
+        for (int i = 0; i < 16; ++i) _mm512_storeu_si512(xt + (64 * c + 16 * r + i) * cols + c0, v[i]);
       }
     }
-  });
+  }
 }
 
 // out rows [m0, m0 + rows_x), columns [n0, n0 + rows) = bf16(C^T + bias): 16 x 16 tiles of C (fp32, [rows,
@@ -193,6 +262,7 @@ void store_out(const float* acc, int64_t cols, int64_t rows, int64_t rows_x, con
 struct Scratch {
   std::vector<uint16_t> a;
   std::vector<float> c;
+  std::vector<uint32_t> xt;
 };
 Scratch& scratch() {
   static thread_local Scratch s;
@@ -200,25 +270,32 @@ Scratch& scratch() {
 }
 }  // namespace
 
-void gemm(const uint16_t* x, int64_t ldx, int64_t m, int64_t n, int64_t k, DequantFn dequant, const void* weight,
-          const float* bias, uint16_t* out) {
-  constexpr int64_t sub = kSubRows, max_cols = kMaxCols;
-  const int64_t kb = std::min(kKB, k);
-  std::vector<uint32_t> xt(static_cast<size_t>(std::min(m + 15, max_cols) / 16 * 16 * (k / 2)));
-  // Task rows: at most kTaskRows, whole sub-blocks, at least one task per thread (torch.get_num_threads()).
+void gemm(const uint16_t* x, int64_t ldx, int64_t m, int64_t n, int64_t k, DequantFn dequant, bool k4,
+          const void* weight, const float* bias, uint16_t* out) {
+  const bool narrow = std::min(m, kMaxCols) <= kNarrowCols;
+  const int64_t sub = narrow ? 2 * kSubRows : kSubRows, kb = std::min(narrow ? kKB / 2 : kKB, k);
+  // Task rows: at most kTaskRows, whole sub-blocks (the tiling, hence every result, is the same for any thread
+  // count), at least kTasksPerThread tasks per thread (torch.get_num_threads()).
   const int64_t threads = at::get_num_threads();
-  const int64_t per_thread = (n + threads - 1) / threads;
-  const int64_t tn = std::max<int64_t>(sub, std::min(kTaskRows, (per_thread + sub - 1) / sub * sub));
+  const int64_t per_task = (n + threads * kTasksPerThread - 1) / (threads * kTasksPerThread);
+  const int64_t tn = std::max<int64_t>(sub, std::min(kTaskRows, (per_task + sub - 1) / sub * sub));
   const int64_t tasks = (n + tn - 1) / tn;
-  for (int64_t m0 = 0; m0 < m; m0 += max_cols) {
-    const int64_t rows_x = std::min(max_cols, m - m0), cols = (rows_x + 15) / 16 * 16;
-    pack_x(x, ldx, m0, rows_x, cols, k, xt.data());
-    const auto* xtb = reinterpret_cast<const at::BFloat16*>(xt.data());
-    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+  for (int64_t m0 = 0; m0 < m; m0 += kMaxCols) {
+    const int64_t rows_x = std::min(kMaxCols, m - m0), cols = (rows_x + 15) / 16 * 16;
+    std::atomic<int64_t> next{0};
+    // One invocation per thread (or one for all where already inside a parallel region); tasks by the counter.
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
       Scratch& s = scratch();
-      if (static_cast<int64_t>(s.a.size()) < sub * kb) s.a.resize(sub * kb);
-      if (static_cast<int64_t>(s.c.size()) < tn * cols) s.c.resize(tn * cols);
-      for (int64_t t = t0; t < t1; ++t) {
+      bool packed = false;
+      for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) {
+        if (!packed) {
+          if (static_cast<int64_t>(s.a.size()) < sub * kb) s.a.resize(sub * kb);
+          if (static_cast<int64_t>(s.c.size()) < tn * cols) s.c.resize(tn * cols);
+          if (static_cast<int64_t>(s.xt.size()) < cols * k / 2) s.xt.resize(cols * k / 2);
+          (k4 ? pack_x_k4 : pack_x)(x, ldx, m0, rows_x, cols, k, s.xt.data());
+          packed = true;
+        }
+        const auto* xtb = reinterpret_cast<const at::BFloat16*>(s.xt.data());
         const int64_t n0 = t * tn, rows = std::min(tn, n - n0);
         // x^T's K block stays in L2 while every sub-block of the task's weight rows passes over it.
         for (int64_t k0 = 0; k0 < k; k0 += kb) {
@@ -233,7 +310,7 @@ void gemm(const uint16_t* x, int64_t ldx, int64_t m, int64_t n, int64_t k, Dequa
         }
         store_out(s.c.data(), cols, rows, rows_x, bias, m0, n0, n, out);
       }
-      at::native::cpublas::brgemm_release(true);
+      if (packed) at::native::cpublas::brgemm_release(true);
     });
   }
 }
@@ -253,8 +330,10 @@ namespace dsattn {
 namespace amx {
 bool available(const char*) { return false; }
 void dequant_int4(const void*, int64_t, int64_t, int64_t, int64_t, uint16_t*) {}
+void dequant_int4_k4(const void*, int64_t, int64_t, int64_t, int64_t, uint16_t*) {}
 void dequant_int8(const void*, int64_t, int64_t, int64_t, int64_t, uint16_t*) {}
-void gemm(const uint16_t*, int64_t, int64_t, int64_t, int64_t, DequantFn, const void*, const float*, uint16_t*) {}
+void gemm(const uint16_t*, int64_t, int64_t, int64_t, int64_t, DequantFn, bool, const void*, const float*,
+          uint16_t*) {}
 }  // namespace amx
 }  // namespace dsattn
 

@@ -91,7 +91,7 @@ at::Tensor int8_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     at::Tensor out = at::empty({m, n}, x.options());
     const amx::Int8Weight w{qp, sp, k, group};
     amx::gemm(reinterpret_cast<const uint16_t*>(xs.data_ptr<at::BFloat16>()), xs.stride(0), m, n, k,
-              amx::dequant_int8, &w, bp, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+              amx::dequant_int8, false, &w, bp, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
     return out;
   }
   // AVX-512: q * scale in one pass straight into the GEMM's dtype, L2-sized panels (the values and rounding of
