@@ -69,7 +69,39 @@ inline void pv_seen(const float* P, int64_t M, const PackedV& V, const Range* se
 struct HybridScratch {
   std::vector<float> Qp, Fq, Fqs, S, Oe, Of, m, l, ms, alpha, den, Sf, z, Fk;
   std::vector<Range> pre, band, far, seen;
+  std::unique_ptr<PackBuffer> K, V;  // the packed tiles of (batch, KV head) `head`: tiles [0, packed)
+  int64_t head = -1, packed = 0;
 };
+
+// Key tiles [t0, t1) of one (batch, KV head) in fp32: Kt [D][BK] and V [BK][DvP] per tile (keys past Sk zero),
+// as the sliding-window tile path packs them.
+template <typename T>
+inline void hybrid_pack(const T* kh, const T* vh, const HybridArgs& a, int64_t t0, int64_t t1, int64_t DvP, float* K,
+                        float* V) {
+  const int64_t D = a.dqk, Dv = a.dv, sk = a.sk;
+  for (int64_t t = t0; t < t1; ++t) {
+    float* Kt = K + t * D * BK;
+    float* Vt = V + t * BK * DvP;
+    const int64_t j0 = t * BK;
+    int64_t jj = 0;
+    for (; jj + 16 <= BK && j0 + jj + 16 <= sk; jj += 16) {
+      const T* krows[16];
+      const T* vrows[16];
+      for (int i = 0; i < 16; ++i) {
+        krows[i] = kh + (j0 + jj + i) * a.ks.r;
+        vrows[i] = vh + (j0 + jj + i) * a.vs.r;
+      }
+      pack_kv_16(krows, a.ks.d, vrows, a.vs.d, D, Dv, DvP, Kt, Vt, jj);
+    }
+    for (; jj < BK; ++jj) {
+      const int64_t j = j0 + jj;
+      if (j < sk)
+        pack_kv_row(kh + j * a.ks.r, a.ks.d, vh + j * a.vs.r, a.vs.d, D, Dv, DvP, Kt, Vt, jj);
+      else
+        zero_kv_row(D, DvP, Kt, Vt, jj);
+    }
+  }
+}
 
 template <typename T>
 void hybrid_typed(const HybridArgs& a) {
@@ -83,39 +115,10 @@ void hybrid_typed(const HybridArgs& a) {
   const T* v = typed<T>(a.v);
   T* out = static_cast<T*>(a.out);
 
-  // 1. Every key tile of every (batch, KV head) in fp32: Kt [D][BK], V [BK][DvP] (keys past Sk zero). Every key
-  //    is read by some row (prefix, band or far), most of them by many.
-  PackBuffer kbuf(heads * ntile * D * BK, 0), vbuf(heads * ntile * BK * DvP, 1);
-  at::parallel_for(0, heads * ntile, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t bh = u / ntile, t = u % ntile, b = bh / a.hkv, h = bh % a.hkv;
-      const T* kh = k + b * a.kb + h * a.ks.h;
-      const T* vh = v + b * a.vb + h * a.vs.h;
-      float* Kt = kbuf.get() + u * D * BK;
-      float* Vt = vbuf.get() + u * BK * DvP;
-      const int64_t j0 = t * BK;
-      int64_t jj = 0;
-      for (; jj + 16 <= BK && j0 + jj + 16 <= sk; jj += 16) {
-        const T* krows[16];
-        const T* vrows[16];
-        for (int i = 0; i < 16; ++i) {
-          krows[i] = kh + (j0 + jj + i) * a.ks.r;
-          vrows[i] = vh + (j0 + jj + i) * a.vs.r;
-        }
-        pack_kv_16(krows, a.ks.d, vrows, a.vs.d, D, Dv, DvP, Kt, Vt, jj);
-      }
-      for (; jj < BK; ++jj) {
-        const int64_t j = j0 + jj;
-        if (j < sk)
-          pack_kv_row(kh + j * a.ks.r, a.ks.d, vh + j * a.vs.r, a.vs.d, D, Dv, DvP, Kt, Vt, jj);
-        else
-          zero_kv_row(D, DvP, Kt, Vt, jj);
-      }
-    }
-  });
-
-  // 2. Tasks: (batch, KV head, run of blocks). With few heads the blocks are split into runs (each rebuilds the
-  //    far state up to its first block: O(Sk Dqk Dv), small against the exact part) so that every thread has work.
+  // Tasks: (batch, KV head, run of blocks). With few heads the blocks are split into runs (each rebuilds the far
+  // state up to its first block: O(Sk Dqk Dv), small against the exact part) so that every thread has work. A task
+  // packs the key tiles it reads into its worker's buffers, up to each block's last key (the tiles of a head are
+  // reused by the worker's next run of that head): one parallel region, no barrier between packing and use.
   const int64_t BQ = std::max<int64_t>(1, kRowsPerBlock / G), nblk = (sq + BQ - 1) / BQ;
   const int64_t want = 4 * std::max<int64_t>(1, at::get_num_threads());
   const int64_t nrun = heads >= want ? 1 : std::max<int64_t>(1, std::min(nblk, (want + heads - 1) / heads));
@@ -140,13 +143,19 @@ void hybrid_typed(const HybridArgs& a) {
     sc.band.resize(BQ);
     sc.far.resize(BQ);
     sc.seen.resize(MaxM);
+    sc.K = std::make_unique<PackBuffer>(ntile * D * BK, 0);
+    sc.V = std::make_unique<PackBuffer>(ntile * BK * DvP, 1);
     return sc;
   };
-  parallel_tasks(heads * nrun, 1, make_scratch, [&](int64_t task, HybridScratch& sc) {
+  const auto body = [&](int64_t task, HybridScratch& sc) {
     const int64_t run = task % nrun, bh = task / nrun, b = bh / a.hkv, h = bh % a.hkv;
     const int64_t blk0 = run * nblk / nrun, blk1 = (run + 1) * nblk / nrun;
-    const float* Kh = kbuf.get() + bh * ntile * D * BK;
-    const float* Vh = vbuf.get() + bh * ntile * BK * DvP;
+    const float* Kh = sc.K->get();
+    const float* Vh = sc.V->get();
+    if (sc.head != bh) {
+      sc.head = bh;
+      sc.packed = 0;
+    }
     float *Qp = sc.Qp.data(), *Fq = sc.Fq.data(), *S = sc.S.data(), *Oe = sc.Oe.data(), *Of = sc.Of.data();
     float *den = sc.den.data(), *Sf = sc.Sf.data(), *z = sc.z.data();
     Range* seen = sc.seen.data();
@@ -164,6 +173,12 @@ void hybrid_typed(const HybridArgs& a) {
     for (int64_t blk = blk0; blk < blk1; ++blk) {
       const int64_t i0 = blk * BQ, nq = std::min(BQ, sq - i0), M = G * nq;
       const int64_t p_first = i0 + sk - sq, p_last = p_first + nq - 1;
+      const int64_t need = std::min(ntile, std::max<int64_t>(0, p_last / BK + 1));  // every key the block sees
+      if (need > sc.packed) {
+        hybrid_pack(k + b * a.kb + h * a.ks.h, v + b * a.vb + h * a.vs.h, a, sc.packed, need, DvP, sc.K->get(),
+                    sc.V->get());
+        sc.packed = need;
+      }
       for (int64_t ii = 0; ii < nq; ++ii) {
         const int64_t p = p_first + ii;  // empty ranges: lo > hi (p < 0 sees nothing)
         sc.pre[ii] = Range{0, std::min(prefix, p + 1) - 1};
@@ -277,7 +292,16 @@ void hybrid_typed(const HybridArgs& a) {
                     total == 0.f ? 0.f : 1.f / total);
         }
     }
-  });
+  };
+  // A small call runs on the calling thread: waiting at a barrier for a thread that other work holds costs more.
+  const int64_t exact_keys = std::min(sk, prefix + window + BK);
+  const int64_t macs = heads * G * sq * (exact_keys + 2 * D + BK) * (D + Dv) + heads * sk * D * Dv;
+  if (macs < (int64_t{1} << 23)) {
+    HybridScratch sc = make_scratch();
+    for (int64_t task = 0; task < heads * nrun; ++task) body(task, sc);
+  } else {
+    parallel_tasks(heads * nrun, 1, make_scratch, body);
+  }
 }
 
 void hybrid(const HybridArgs& a) {
