@@ -49,6 +49,7 @@ SHAPES = [
     (2, 2, 1, 1, 129, 48, 64, 17, 19),  # decode
     (1, 2, 1, 60, 40, 16, 16, 7, 5),  # Sq > Sk: the first rows see no key (zeros)
     (1, 1, 1, 300, 300, 130, 20, 5, 3),  # one head: the blocks split into runs; Dqk over two 64-slices
+    (1, 4, 2, 200, 260, 32, 48, 30, 40),  # big enough for the parallel path
 ]
 
 
@@ -142,8 +143,8 @@ def test_env_forces_portable(monkeypatch):
 
 def test_threads_give_identical_results():
     """The far state grows by whole tiles whatever the split of the query blocks into tasks (which follows the
-    thread count)."""
-    q, k, v = _inputs(1, 2, 1, 300, 300, 32, 32)
+    thread count); a call this size takes the parallel path (smaller ones run on the calling thread)."""
+    q, k, v = _inputs(1, 2, 1, 600, 600, 32, 32)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -153,6 +154,7 @@ def test_threads_give_identical_results():
     finally:
         torch.set_num_threads(old)
     assert torch.equal(one, two)
+    testing.assert_close(two, _expected(q, k, v, 5, 3, "elu"), 2e-5)
 
 
 # ----------------------------------------------------------------------------------------------- wiring
