@@ -98,3 +98,27 @@ def test_decode_same_bits_at_any_thread_count(monkeypatch, path):
         torch.set_num_threads(before)
     for a, b in zip(one, two):
         assert torch.equal(a, b)
+
+
+def test_decode_bf16_rows_take_the_vnni_kernel_below_the_gemm(monkeypatch):
+    """bf16 x below 16 rows takes the two-digit VNNI kernel at every row count on a VNNI CPU (fp32 x only below
+    4): its result differs from the exact kernel's (DSATTN_INT4_VNNI=0) by the digits' rounding only."""
+    requires_backend("cpp", "cpu", "int4_matmul")
+    if ("avx512", "0") not in CPU_PATHS:
+        pytest.skip("no AVX-512 on this CPU")
+    try:
+        with open("/proc/cpuinfo") as f:
+            vnni = "avx512_vnni" in f.read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to tell whether the CPU has VNNI")
+    monkeypatch.delenv("DSATTN_CPU_ISA", raising=False)
+    w = quantized(256, 1024, 128)  # enough outputs that some bf16 rounding must differ
+    for m in (4, 9, 15):
+        x = torch.randn(m, 1024)
+        monkeypatch.setenv("DSATTN_INT4_VNNI", "1")
+        default_bf16, default_fp32 = _op(x.bfloat16(), w), _op(x, w)
+        monkeypatch.setenv("DSATTN_INT4_VNNI", "0")
+        exact_bf16, exact_fp32 = _op(x.bfloat16(), w), _op(x, w)
+        assert torch.equal(default_fp32, exact_fp32)
+        assert torch.equal(default_bf16, exact_bf16) != vnni
+        assert_close(default_bf16, expected(x.bfloat16(), w), tolerance(torch.bfloat16))

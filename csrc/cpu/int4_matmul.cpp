@@ -1,8 +1,8 @@
 // CPU int4 GEMV / small GEMM: out[m, n] = sum_k x[m, k] * (q[n, k] - z[n, k/g]) * s[n, k/g] (+ bias[n]).
 // The ISA is resolve_isa()'s (DSATTN_CPU_ISA as for the attention kernels). Paths, parallel over output rows n:
-// - AVX-512 with VNNI, K % 128 == 0 and group_size 32, 64 or a multiple of 128, M < kVnniMaxRows:
-//   int4_matmul_vnni.cpp (x split into int8 digits per 128 values: 3 for fp32 x, 2 for bf16 x; VPDPBUSD;
-//   error bounds in int4_kernels.h / the file).
+// - AVX-512 with VNNI, K % 128 == 0 and group_size 32, 64 or a multiple of 128, fp32 x with M < kVnniMaxRows,
+//   bf16 x below the bf16 GEMM paths: int4_matmul_vnni.cpp (x split into int8 digits per 128 values: 3 for
+//   fp32 x, 2 for bf16 x; VPDPBUSD; error bounds in int4_kernels.h / the file).
 // - AVX-512 otherwise and group_size % 32 == 0, M below the GEMM paths': int4_matmul_avx512.cpp (weights
 //   looked up from a per-group table of the 16 dequantized values, exact fp32 products); its panel dequant
 //   (straight to bf16 for bf16 x) feeds the GEMM paths.
@@ -78,8 +78,10 @@ __attribute__((target("avx2,fma"))) float group_dot_avx2(const uint32_t* words, 
 }
 
 
-// VNNI digit kernel below this many rows of x: per row it runs three VPDPBUSD chains (one per digit) where the
-// exact kernel runs two FMAs per 32 weights; the shared nibble unpack decides at 1-3 rows (measured).
+// VNNI digit kernel for fp32 x below this many rows of x: per row it runs three VPDPBUSD chains (one per digit)
+// where the exact kernel runs two FMAs per 32 weights; the shared nibble unpack decides at 1-3 rows, from 4 rows
+// the two are about even (measured). bf16 x (two digits) takes it at every row count below kBf16GemmMinRows:
+// 1.2-1.4x the exact kernel at 4-15 rows (4096 x 4096 g128, measured).
 constexpr int64_t kVnniMaxRows = 4;
 constexpr int64_t kBlockedMinRows = 4;  // measured: below this the unpack-per-row path is faster
 constexpr int64_t kRowBlock = 4;        // weight rows dequantized together (the register tile's width)
@@ -277,7 +279,7 @@ at::Tensor int4_matmul_impl(const at::Tensor& x, const at::Tensor& qweight, cons
   // DSATTN_INT4_VNNI=0 keeps AVX-512 CPUs with VNNI on the exact-lookup kernel (tests, benchmarks).
   const char* vnni_env = std::getenv("DSATTN_INT4_VNNI");
   const bool vnni_off = vnni_env != nullptr && std::string(vnni_env) == "0";
-  if (isa == cpu_attn::kAvx512 && !vnni_off && m < kVnniMaxRows && int4_cpu::vnni::compiled() &&
+  if (isa == cpu_attn::kAvx512 && !vnni_off && (m < kVnniMaxRows || digits == 2) && int4_cpu::vnni::compiled() &&
       int4_cpu::vnni::supported() && int4_cpu::vnni::eligible(k, group_size) && m > 0 && n > 0) {
     const int64_t blocks = k / 128;
     at::Tensor xq = at::empty({m, blocks, digits, 128}, x.options().dtype(at::kChar));
