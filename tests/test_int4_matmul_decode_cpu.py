@@ -122,3 +122,21 @@ def test_decode_bf16_rows_take_the_vnni_kernel_below_the_gemm(monkeypatch):
         assert torch.equal(default_fp32, exact_fp32)
         assert torch.equal(default_bf16, exact_bf16) != vnni
         assert_close(default_bf16, expected(x.bfloat16(), w), tolerance(torch.bfloat16))
+
+
+@pytest.mark.parametrize("path", PATHS, ids=_path_id)
+def test_decode_nan_and_inf_stay_in_their_row(monkeypatch, path):
+    """A NaN or an Inf in one row of x makes that output row non-finite and leaves the other rows exact (the
+    VNNI kernel's NaN / Inf digit scales and zero-point sums included), fp32 x at 3 rows and bf16 x at 5."""
+    requires_backend("cpp", "cpu", "int4_matmul")
+    monkeypatch.setenv("DSATTN_CPU_ISA", path[0])
+    monkeypatch.setenv("DSATTN_INT4_VNNI", path[1])
+    k, n = 640, 13
+    w = quantized(n, k, 128)
+    for m, dtype in ((3, torch.float32), (5, torch.bfloat16)):
+        x = torch.randn(m, k).to(dtype)
+        x[0, 300] = float("nan")
+        x[1, 7] = float("inf")
+        got = _op(x, w)
+        assert got[0].isnan().all() and not got[1].isfinite().any()
+        assert_close(got[2:], expected(x[2:], w), tolerance(dtype))
