@@ -24,6 +24,8 @@
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,fma,avx2")
 #endif
 
+#include "cpu/transpose16x16.h"
+
 namespace dsattn {
 namespace cpu_attn {
 namespace isa_avx512 {
@@ -74,34 +76,8 @@ struct Vec {
   static inline reg load16(const c10::Half* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
-  // r[i] = row i of a 16 x 16 block -> r[c] = column c: unpack within 128-bit lanes, then move lanes.
-  static inline void transpose16(reg r[16]) {
-    reg t[16];
-    for (int i = 0; i < 8; ++i) {
-      t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-      t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; ++i) {
-      const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
-      const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
-      r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
-      r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
-      r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
-      r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
-    }
-    for (int i = 0; i < 4; ++i) {
-      t[i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0x88);
-      t[4 + i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0xdd);
-      t[8 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0x88);
-      t[12 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0xdd);
-    }
-    for (int i = 0; i < 4; ++i) {
-      r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
-      r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xdd);
-      r[4 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0x88);
-      r[12 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0xdd);
-    }
-  }
+  // r[i] = row i of a 16 x 16 block -> r[c] = column c.
+  static inline void transpose16(reg r[16]) { transpose16x16(r); }
 };
 
 #include "cpu/attention_impl.h"

@@ -76,6 +76,8 @@ bool available(const char* env) {
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma,avx2")
 #endif
 
+#include "cpu/transpose16x16.h"
+
 namespace dsattn {
 namespace amx {
 
@@ -163,34 +165,6 @@ void dequant_int8(const void* weight, int64_t n0, int64_t rows, int64_t k0, int6
 }
 
 namespace {
-// 16 x 16 32-bit transpose: out[j] lane i = in[i] lane j.
-inline void transpose16(__m512i v[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    v[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    v[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  // Each 128-bit lane now holds a 4 x 4 block transposed; two 128-bit shuffle stages put the blocks in place.
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_i32x4(v[i], v[4 + i], 0x88);
-    t[4 + i] = _mm512_shuffle_i32x4(v[i], v[4 + i], 0xDD);
-    t[8 + i] = _mm512_shuffle_i32x4(v[8 + i], v[12 + i], 0x88);
-    t[12 + i] = _mm512_shuffle_i32x4(v[8 + i], v[12 + i], 0xDD);
-  }
-  for (int i = 0; i < 4; ++i) {
-    v[i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0x88);
-    v[8 + i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0xDD);
-    v[4 + i] = _mm512_shuffle_i32x4(t[4 + i], t[12 + i], 0x88);
-    v[12 + i] = _mm512_shuffle_i32x4(t[4 + i], t[12 + i], 0xDD);
-  }
-}
-
 // x rows [m0, m0 + rows) as brgemm's VNNI B: xt[(k / 2) * cols + c] = 32-bit pair (x[m0 + c, k], x[.., k + 1]),
 // columns rows..cols zero. 16 x 16 tiles of pairs (16 rows of x by one cache line each).
 void pack_x(const uint16_t* x, int64_t ldx, int64_t m0, int64_t rows, int64_t cols, int64_t k, uint32_t* xt) {
@@ -199,7 +173,7 @@ void pack_x(const uint16_t* x, int64_t ldx, int64_t m0, int64_t rows, int64_t co
       __m512i v[16];
       for (int i = 0; i < 16; ++i)
         v[i] = c0 + i < rows ? _mm512_loadu_si512(x + (m0 + c0 + i) * ldx + 32 * b) : _mm512_setzero_si512();
-      transpose16(v);
+      transpose16x16(v);
       for (int i = 0; i < 16; ++i) _mm512_storeu_si512(xt + (16 * b + i) * cols + c0, v[i]);
     }
   }
@@ -230,7 +204,7 @@ void pack_x_k4(const uint16_t* x, int64_t ldx, int64_t m0, int64_t rows, int64_t
             v[i] = _mm512_setzero_si512();
           }
         }
-        transpose16(v);
+        transpose16x16(v);
         for (int i = 0; i < 16; ++i) _mm512_storeu_si512(xt + (64 * c + 16 * r + i) * cols + c0, v[i]);
       }
     }
@@ -249,7 +223,7 @@ void store_out(const float* acc, int64_t cols, int64_t rows, int64_t rows_x, con
       __m512i v[16];
       for (int i = 0; i < 16; ++i)
         v[i] = i < nr ? _mm512_loadu_si512(acc + (r0 + i) * cols + c0) : _mm512_setzero_si512();
-      transpose16(v);
+      transpose16x16(v);
       for (int i = 0; i < 16 && c0 + i < rows_x; ++i) {
         const __m256bh h = _mm512_cvtneps_pbh(_mm512_add_ps(_mm512_castsi512_ps(v[i]), b));
         _mm256_mask_storeu_epi16(out + (m0 + c0 + i) * n + n0 + r0, rmask, reinterpret_cast<const __m256i&>(h));
