@@ -29,6 +29,7 @@ from .sliding_window_attention import (
     _aligned,
     _finish_rows,
     _num_splits,
+    _online_softmax_step,
     _pow2,
     _unit_head_strides,
     check_head_dims,
@@ -123,27 +124,10 @@ def paged_sliding_window_attention_kernel(
         visible = row_valid[:, None] & col_ok[None, :] & (cols[None, :] > pos[:, None] - window) \
             & (cols[None, :] <= pos[:, None])
         s = tl.where(visible, s * qk_scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + page[:, None] * stride_vb + slot[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
-                    mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-        # p = 0 times a non-finite value is NaN: such a value row enters the dot zeroed, its NaN put into p only
-        # where a row sees that key (a prefill tile's later rows see keys its earlier rows do not).
-        v_bad = tl.sum(v.to(tl.float32) * 0.0, 1)
-        v_bad = v_bad != v_bad
-        v = tl.where(v_bad[:, None], 0.0, v)
-        p = tl.where(visible & v_bad[None, :], float("nan"), p)
-        acc = acc * alpha[:, None]
-        if TF32X3:
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="tf32x3", out_dtype=tl.float32)
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc, out_dtype=tl.float32)
-        m_i = m_new
+        v_ptrs = v_base + page[:, None] * stride_vb + slot[:, None] * stride_vs + offs_dv[None, :] * stride_vd
+        # Masked step: a prefill tile's later rows see keys its earlier rows do not.
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v_ptrs, col_ok[:, None] & (offs_dv[None, :] < DV),
+                                             visible, True, UPCAST, TF32X3)
 
     if DIRECT:
         sink_log2 = 0.0

@@ -73,34 +73,45 @@ def _attend_key_range(
             else:
                 visible = visible & (cols[None, :] < q_pos[:, None] + window)
             s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASKED:
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+            v_mask = col_ok[:, None] & (offs_dv[None, :] < DV)
         else:
-            m_safe = m_new
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:
-            v = tl.load(v_ptrs, mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        else:
-            v = tl.load(v_ptrs, mask=offs_dv[None, :] < DV, other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-        if MASKED:
-            # p = 0 times a NaN/Inf value is NaN: a value row that is not finite enters the dot zeroed, and its
-            # NaN moves into p where a row sees it (only those rows' outputs get it).
-            v_nan = tl.sum(v.to(tl.float32) * 0.0, 1)  # NaN where the key's value row is not finite
-            v_bad = v_nan != v_nan
-            v = tl.where(v_bad[:, None], 0.0, v)
-            p = tl.where(visible & v_bad[None, :], float("nan"), p)
-        acc = acc * alpha[:, None]
-        if TF32X3:
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="tf32x3", out_dtype=tl.float32)
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc, out_dtype=tl.float32)
-        m_i = m_new
+            visible = None
+            v_mask = offs_dv[None, :] < DV
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v_ptrs, v_mask, visible, MASKED, UPCAST, TF32X3)
     return acc, l_i, m_i
+
+
+@triton.jit
+def _online_softmax_step(acc, l_i, m_i, s, v_ptrs, v_mask, visible, MASKED: tl.constexpr, UPCAST: tl.constexpr,
+                         TF32X3: tl.constexpr):
+    """One key tile of the online softmax (base 2): s the tile's scaled scores, its values loaded from v_ptrs
+    (after the scores' exponentials: the value tile is not live across them). MASKED: s is -inf where
+    `visible` is False (a row may have seen no key yet) and a value row may not be finite; else every row
+    sees every key of the tile. Returns the new (acc, l_i, m_i)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    else:
+        m_safe = m_new
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+    if UPCAST:  # the interpreter's tl.dot is wrong on bf16 operands
+        v = v.to(tl.float32)
+    if MASKED:
+        # p = 0 times a NaN/Inf value is NaN: a value row that is not finite enters the dot zeroed, and its
+        # NaN moves into p only where a row sees that key (only those rows' outputs get it).
+        v_nan = tl.sum(v.to(tl.float32) * 0.0, 1)  # NaN where the key's value row is not finite
+        v_bad = v_nan != v_nan
+        v = tl.where(v_bad[:, None], 0.0, v)
+        p = tl.where(visible & v_bad[None, :], float("nan"), p)
+    acc = acc * alpha[:, None]
+    if TF32X3:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="tf32x3", out_dtype=tl.float32)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc, out_dtype=tl.float32)
+    return acc, l_i, m_new
 
 
 @triton.jit
