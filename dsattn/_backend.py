@@ -103,6 +103,61 @@ def select_backend(
     torch backend takes everything. An explicit backend that the op lacks, that cannot run here or that
     refuses the request is an error naming the op, the backend and the limit.
     """
+    return select(op, backend, device, request.dtype, request.grad, auto_order=auto_order,
+                  head_dim=request.head_dim, top_k=request.top_k, group_size=request.group_size,
+                  offset=request.offset)
+
+
+def _env_values() -> tuple:
+    """The raw values of the env vars the selection reads (DSATTN_BACKEND, TRITON_INTERPRET), read per call.
+    os.environ's own store (what os.environ[...] = / monkeypatch.setenv / del write) where it has one:
+    os.environ.get costs microseconds per name on the hot path."""
+    environ = os.environ
+    data = getattr(environ, "_data", None)
+    if isinstance(data, dict) and getattr(environ, "encodekey", None) is not None:
+        return data.get(_ENV_KEYS[0]), data.get(_ENV_KEYS[1])
+    return environ.get(ENV_VAR), environ.get("TRITON_INTERPRET")
+
+
+_ENV_KEYS = tuple(os.environ.encodekey(name) if hasattr(os.environ, "encodekey") else name
+                  for name in (ENV_VAR, "TRITON_INTERPRET"))
+
+
+# Successful selections, keyed by everything select_backend reads: its arguments, the env vars it reads and
+# the device type (unusable_reason's answers otherwise depend only on the installation, fixed once asked).
+# Errors are not kept: a refused call raises from the full selection every time.
+_SELECTED: dict[tuple, str] = {}
+_SELECTED_MAX = 4096
+
+
+def select(op: str, backend: str, device: torch.device, dtype: torch.dtype, grad: bool = False, *,
+           auto_order: Sequence[str] | None = None, head_dim: int | None = None, top_k: int | None = None,
+           group_size: int | None = None, offset: int = 0) -> str:
+    """select_backend for a Request of these fields, without building it when the answer is cached."""
+    if torch.compiler.is_compiling():  # traced once per graph: no cache for dynamo to guard on
+        request = capabilities.Request(dtype=dtype, grad=grad, head_dim=head_dim, top_k=top_k,
+                                       group_size=group_size, offset=offset)
+        return _record(op, _select(op, backend, device, request, auto_order))
+    key = (op, backend, device.type, dtype, grad, auto_order, head_dim, top_k, group_size, offset, *_env_values())
+    try:
+        chosen = _SELECTED.get(key)
+    except TypeError:  # an unhashable argument (a list order, a bad backend): the full selection judges it
+        key, chosen = None, None
+    if chosen is None:
+        request = capabilities.Request(dtype=dtype, grad=grad, head_dim=head_dim, top_k=top_k,
+                                       group_size=group_size, offset=offset)
+        chosen = _select(op, backend, device, request, auto_order)
+        if key is not None:
+            if len(_SELECTED) >= _SELECTED_MAX:
+                _SELECTED.clear()
+            _SELECTED[key] = chosen
+    if _RECORDINGS:
+        _record(op, chosen)
+    return chosen
+
+
+def _select(op: str, backend: str, device: torch.device, request: capabilities.Request,
+            auto_order: Sequence[str] | None) -> str:
     declared = capabilities.of(op)
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"dsattn.{op}: backend must be one of {BACKENDS}, got {backend!r}")
@@ -122,15 +177,33 @@ def select_backend(
         refusal = declared[backend].refusal(request)
         if refusal is not None:
             raise type(refusal)(f"dsattn.{op}: {source}={backend!r} {refusal}")
-        return _record(op, backend)
+        return backend
     order = auto_order or AUTO_ORDER.get(device.type, ("torch",))
     for candidate in (*order, "torch"):
         capability = declared.get(candidate)
         if capability is not None and unusable_reason(candidate, device, capability.kernel) is None \
                 and capability.refusal(request) is None:
-            return _record(op, candidate)
+            return candidate
     raise ValueError(f"dsattn.{op}: no backend takes this call on {device}: "
                      + "; ".join(f"{name} {declared[name].refusal(request)}" for name in declared))
+
+
+def plain_eager(*tensors) -> bool:
+    """Whether a call on `tensors` (None allowed) may run an op's implementation without the custom op's
+    dispatch: eager, plain tensors (no subclass, fake or DTensor), no torch function / dispatch mode and no
+    functorch transform for the op's dispatch to serve. The caller still goes through the op when autograd
+    wants a gradient, so that the op's backward is recorded."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() \
+            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active():
+        return False
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN_TENSORS:
+            return False
+    return True
+
+
+# nn.Parameter's __torch_function__ is disabled: it dispatches as a plain tensor.
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def check_backward(op: str, backend: str) -> None:

@@ -21,11 +21,14 @@ def check_tensor(op: str, name: str, t, *, ndim: int | None = None, dtypes=None)
 
 
 def check_same_device(op: str, **tensors) -> None:
-    items = [(n, t) for n, t in tensors.items() if t is not None]
-    first_name, first = items[0]
-    for name, t in items[1:]:
-        if t.device != first.device:
-            raise ValueError(f"dsattn.{op}: {name} is on {t.device} but {first_name} is on {first.device}")
+    first_name = device = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if device is None:
+            first_name, device = name, t.device
+        elif t.device != device:
+            raise ValueError(f"dsattn.{op}: {name} is on {t.device} but {first_name} is on {device}")
 
 
 def check_same_dtype(op: str, **tensors) -> None:

@@ -78,3 +78,125 @@ def test_needs_grad():
     with torch.no_grad():
         assert not _backend.needs_grad(x)
     assert not _backend.needs_grad(x.detach())
+
+
+def _cpp_or_torch():
+    return "cpp" if _backend.unusable_reason("cpp", CPU, "int4_matmul") is None else "torch"
+
+
+def test_cached_selection_follows_every_input(monkeypatch):
+    """select caches each answer keyed by what it reads: changing dtype, grad, backend=, the group size, the env
+    (DSATTN_BACKEND, TRITON_INTERPRET) changes the answer, errors are raised every time, recording sees hits."""
+    monkeypatch.delenv("DSATTN_BACKEND", raising=False)
+    order = ("cpp", "torch")
+    pick = lambda dtype=torch.float32, grad=False, backend="auto", **kw: _backend.select(  # noqa: E731
+        "int4_matmul", backend, CPU, dtype, grad, auto_order=order, group_size=128, **kw)
+    for _ in range(2):
+        assert pick() == _cpp_or_torch()
+        assert pick(torch.float64) == "torch"
+        assert pick(grad=True) == "torch"
+        assert pick(backend="torch") == "torch"
+    monkeypatch.setenv("DSATTN_BACKEND", "torch")
+    assert pick() == "torch"
+    monkeypatch.setenv("DSATTN_BACKEND", "cuda")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="env DSATTN_BACKEND='cuda' cannot run here"):
+            pick()
+    monkeypatch.delenv("DSATTN_BACKEND")
+    assert pick() == _cpp_or_torch()
+    with _backend.recording() as chosen:
+        pick()
+        pick(torch.float64)
+    assert chosen == {"int4_matmul": {_cpp_or_torch(), "torch"}}
+    if _backend.triton_installed():
+        triton = lambda group_size: _backend.select("int4_matmul", "triton", CPU, torch.float32,  # noqa: E731
+                                                    group_size=group_size)
+        for interpret in ("1", "0", "1"):
+            monkeypatch.setenv("TRITON_INTERPRET", interpret)
+            if interpret == "1":
+                assert triton(16) == "triton"
+                with pytest.raises(ValueError, match="group_size % 16 == 0, got 8"):
+                    triton(8)
+            else:
+                with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+                    triton(16)
+
+
+def test_cached_selection_takes_a_request_and_refuses_bad_backends():
+    assert _backend.select_backend("int4_matmul", "auto", CPU, FP32) == _backend.select(
+        "int4_matmul", "auto", CPU, torch.float32)
+    for bad in (["cpp"], None, "fast"):
+        for _ in range(2):
+            with pytest.raises(ValueError, match="backend must be one of"):
+                _backend.select("int4_matmul", bad, CPU, torch.float32)
+
+
+def test_entry_fast_path_matches_the_op_and_keeps_modes_and_gradients():
+    """int4_matmul / int8_matmul without a gradient run their kernel without the custom op's dispatch; the
+    answer equals the op's, a dispatch mode (what fake tensors, export and profilers use) still sees the op,
+    and a gradient still goes through the op's autograd."""
+    import dsattn
+    from dsattn.ops import int4_matmul as int4_ops
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    w4 = dsattn.quantize_int4(torch.randn(24, 64), group_size=32)
+    w8 = dsattn.quantize_int8(torch.randn(24, 64))
+    x, bias = torch.randn(2, 3, 64), torch.randn(24)
+    for w, call, name in ((w4, dsattn.int4_matmul, "int4_matmul"), (w8, dsattn.int8_matmul, "int8_matmul")):
+        with _backend.recording() as chosen:
+            out = call(x, w, bias)
+        backend = chosen[name].pop()
+        op = getattr(torch.ops.dsattn, name)
+        args = (w.qweight, w.scales, w.zeros, w.group_size, w.input_scale) if name == "int4_matmul" \
+            else (w.qweight, w.scales, w.group_size)
+        torch.testing.assert_close(out, op(x, *args, bias, backend), rtol=0, atol=0)
+        with Seen() as seen:
+            call(x, w, bias)
+        assert f"dsattn.{name}.default" in seen.ops, seen.ops
+        xg = x.clone().requires_grad_()
+        with _backend.recording() as chosen:
+            call(xg, w, bias).sum().backward()
+        assert chosen == {name: {"torch"}}
+        torch.testing.assert_close(xg.grad, w.dequantize(torch.float32).sum(0).expand_as(x), rtol=1e-5, atol=1e-5)
+    assert int4_ops.int4_matmul_op is int4_ops._REGISTERED
+
+
+def test_weight_checks_fast_path_accepts_only_what_the_full_check_accepts():
+    """check_int4_weight / check_int8_weight accept a well-formed weight in one expression; every malformed
+    field still reaches the full check and its error."""
+    import dataclasses
+
+    import dsattn
+    from dsattn.quant.int4 import check_int4_weight
+    from dsattn.quant.int8 import check_int8_weight
+
+    w4 = dsattn.quantize_int4(torch.randn(8, 64), group_size=32, act_scales=torch.rand(64) + 0.5)
+    assert check_int4_weight("t", w4) == (8, 64)
+    bad4 = {"qweight": w4.qweight.to(torch.int64), "scales": w4.scales.double(), "zeros": w4.zeros.int(),
+            "group_size": True, "input_scale": w4.input_scale[:-1]}
+    for field, value in bad4.items():
+        with pytest.raises((TypeError, ValueError), match=f"dsattn.t: .*{field}"):
+            check_int4_weight("t", dataclasses.replace(w4, **{field: value}))
+    for group_size in (16, 24, 128):  # the fields disagree with it / it does not divide K / exceeds K
+        with pytest.raises(ValueError, match="group_size|w.scales"):
+            check_int4_weight("t", dataclasses.replace(w4, group_size=group_size))
+    with pytest.raises(ValueError, match="w.zeros must be"):
+        check_int4_weight("t", dataclasses.replace(w4, zeros=w4.zeros[:, :1]))
+    with pytest.raises(ValueError, match="is on meta"):
+        check_int4_weight("t", dataclasses.replace(w4, scales=w4.scales.to("meta")))
+    w8 = dsattn.quantize_int8(torch.randn(8, 64))
+    assert check_int8_weight("t", w8) == (8, 64)
+    for field, value in {"qweight": w8.qweight.int(), "scales": w8.scales[:-1], "group_size": 32}.items():
+        with pytest.raises((TypeError, ValueError), match=f"dsattn.t: .*{field}|w.scales"):
+            check_int8_weight("t", dataclasses.replace(w8, **{field: value}))
+    with pytest.raises(ValueError, match="is on meta"):
+        check_int8_weight("t", dataclasses.replace(w8, scales=w8.scales.to("meta")))

@@ -46,6 +46,9 @@ def check_not_dtensor(op: str, weight) -> None:
 def check_int4_weight(op: str, w) -> tuple[int, int]:
     """That w is an Int4Weight whose fields agree (dtypes, [N, K/8] / [N, K/g] / [K] shapes, a group size the
     format takes, one device): (N, K). Shapes and dtypes only (no host read), so it traces."""
+    shape = _well_formed(w)
+    if shape is not None:
+        return shape
     if not isinstance(w, Int4Weight):
         raise TypeError(f"dsattn.{op}: w must be a dsattn.Int4Weight, got {type(w).__name__}")
     _checks.check_tensor(op, "w.qweight", w.qweight, ndim=2, dtypes=(torch.int32,))
@@ -64,6 +67,32 @@ def check_int4_weight(op: str, w) -> tuple[int, int]:
             raise ValueError(f"dsattn.{op}: w.input_scale must be [K={k}], got {list(w.input_scale.shape)}")
     _checks.check_same_device(op, **{"w.qweight": w.qweight, "w.scales": w.scales, "w.zeros": w.zeros,
                                      "w.input_scale": w.input_scale})
+    return n, k
+
+
+def _well_formed(w) -> tuple[int, int] | None:
+    """(N, K) when w passes every check of check_int4_weight, else None (which then names the problem): one
+    expression on the per-call path instead of a call per check."""
+    if not isinstance(w, Int4Weight):
+        return None
+    qweight, scales, zeros, group_size, input_scale = w.qweight, w.scales, w.zeros, w.group_size, w.input_scale
+    tensor = torch.Tensor
+    if not (isinstance(qweight, tensor) and isinstance(scales, tensor) and isinstance(zeros, tensor)
+            and qweight.dtype == torch.int32 and zeros.dtype == torch.uint8 and scales.dtype in SCALE_DTYPES
+            and qweight.dim() == 2 and type(group_size) is int and group_size >= 8 and group_size % 8 == 0):
+        return None
+    n, k = qweight.shape[0], qweight.shape[1] * 8
+    if k % group_size != 0:
+        return None
+    groups = (n, k // group_size)
+    if scales.shape != groups or zeros.shape != groups:
+        return None
+    device = qweight.device
+    if scales.device != device or zeros.device != device:
+        return None
+    if input_scale is not None and not (isinstance(input_scale, tensor) and input_scale.dtype in SCALE_DTYPES
+                                        and input_scale.shape == (k,) and input_scale.device == device):
+        return None
     return n, k
 
 

@@ -33,6 +33,9 @@ def check_group_size(op: str, group_size, k: int) -> int | None:
 def check_int8_weight(op: str, w) -> tuple[int, int]:
     """That w is an Int8Weight whose fields agree (dtypes, [N, K] / [N] or [N, K/g] shapes, a group size
     dividing K, one device): (N, K). Shapes and dtypes only (no host read), so it traces."""
+    shape = _well_formed(w)
+    if shape is not None:
+        return shape
     if not isinstance(w, Int8Weight):
         raise TypeError(f"dsattn.{op}: w must be a dsattn.Int8Weight, got {type(w).__name__}")
     _checks.check_tensor(op, "w.qweight", w.qweight, ndim=2, dtypes=(torch.int8,))
@@ -45,6 +48,23 @@ def check_int8_weight(op: str, w) -> tuple[int, int]:
         raise ValueError(f"dsattn.{op}: w.scales must be {what} = {list(expected)} for qweight "
                          f"{list(w.qweight.shape)} and group_size {w.group_size}, got {list(w.scales.shape)}")
     _checks.check_same_device(op, **{"w.qweight": w.qweight, "w.scales": w.scales})
+    return n, k
+
+
+def _well_formed(w) -> tuple[int, int] | None:
+    """(N, K) when w passes every check of check_int8_weight, else None (which then names the problem): one
+    expression on the per-call path instead of a call per check."""
+    if not isinstance(w, Int8Weight):
+        return None
+    qweight, scales, group_size = w.qweight, w.scales, w.group_size
+    if not (isinstance(qweight, torch.Tensor) and isinstance(scales, torch.Tensor) and qweight.dtype == torch.int8
+            and scales.dtype in SCALE_DTYPES and qweight.dim() == 2 and scales.device == qweight.device):
+        return None
+    n, k = qweight.shape
+    if group_size is None:
+        return (n, k) if scales.shape == (n,) else None
+    if type(group_size) is not int or group_size < 1 or k % group_size != 0 or scales.shape != (n, k // group_size):
+        return None
     return n, k
 
 
