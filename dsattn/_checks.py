@@ -79,6 +79,15 @@ def check_matmul_x_bias(op: str, x, bias, n: int, k: int) -> None:
             raise ValueError(f"dsattn.{op}: bias must have N={n} elements, got {bias.shape[0]}")
 
 
+def matmul_call_ok(x, bias, n: int, k: int, device: torch.device) -> bool:
+    """True when check_tensor(x), check_matmul_x_bias(x, bias, n, k) and x and bias on `device` all pass: one
+    expression on a per-call path; the checks themselves name what fails."""
+    return (isinstance(x, torch.Tensor) and x.dtype in FLOAT_DTYPES and x.dim() >= 1 and x.shape[-1] == k
+            and x.device == device
+            and (bias is None or (isinstance(bias, torch.Tensor) and bias.dtype in FLOAT_DTYPES
+                                  and bias.shape == (n,) and bias.device == device)))
+
+
 @dataclass(frozen=True)
 class AttentionShape:
     batch: int

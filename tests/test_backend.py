@@ -200,3 +200,29 @@ def test_weight_checks_fast_path_accepts_only_what_the_full_check_accepts():
             check_int8_weight("t", dataclasses.replace(w8, **{field: value}))
     with pytest.raises(ValueError, match="is on meta"):
         check_int8_weight("t", dataclasses.replace(w8, scales=w8.scales.to("meta")))
+
+
+def test_entry_fast_checks_accept_only_what_the_full_checks_accept():
+    """int4_matmul / int8_matmul check a well-formed call in one expression; each malformed argument still gets
+    the full checks' error (the fast path would otherwise run the kernel on it)."""
+    import dataclasses
+
+    import dsattn
+
+    w4 = dsattn.quantize_int4(torch.randn(8, 64), group_size=32)
+    w8 = dsattn.quantize_int8(torch.randn(8, 64))
+    x = torch.randn(3, 64)
+    for w, call in ((w4, dsattn.int4_matmul), (w8, dsattn.int8_matmul)):
+        cases = {"x's last dim must be K=64": (x[:, :63], None), "bias must have N=8": (x, torch.randn(7)),
+                 "bias must be 1-D": (x, torch.randn(8, 1)), "x must have dtype": (x.int(), None),
+                 "bias must have dtype": (x, torch.ones(8, dtype=torch.int32)),
+                 "x must be a torch.Tensor": (x.tolist(), None), "qweight is on cpu but x is on meta": (x.to("meta"), None),
+                 "bias is on meta": (x, torch.randn(8, device="meta"))}
+        for message, (xi, bias) in cases.items():
+            with pytest.raises((TypeError, ValueError), match=message):
+                call(xi, w, bias)
+        frozen = dataclasses.replace(w, scales=w.scales.clone().requires_grad_())
+        with pytest.raises(ValueError, match="w.scales requires grad"):
+            call(x, frozen)
+        with torch.no_grad():
+            call(x, frozen)

@@ -14,7 +14,7 @@ import torch
 
 from dsattn import _backend, _checks
 from dsattn._library import define_op
-from dsattn.quant.int4 import check_int4_weight
+from dsattn.quant.int4 import check_int4_weight, well_formed_shape
 from dsattn.torch_backend import int4_matmul as _torch
 
 OP = "int4_matmul"
@@ -50,15 +50,19 @@ def _int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     n, k = qweight.shape[0], x.shape[-1]
     if backend == "torch":
         return _torch.int4_matmul(x, qweight, scales, zeros, group_size, input_scale, bias)
-    x2 = x.reshape(-1, k)
+    two_d = x.dim() == 2
+    x2 = x if two_d else x.reshape(-1, k)
     if backend == "cpp":
         # bf16 stays bf16 (the kernel's prefill path runs a bf16 GEMM); everything else computes in fp32.
-        x2 = x2 if x2.dtype == torch.bfloat16 else x2.float()
+        # Conversions only where a dtype differs: each call is a dispatch on the decode path.
+        if x2.dtype != torch.bfloat16:
+            x2 = as_float32(x2)
         if input_scale is not None:
             x2 = x2 * input_scale.to(x2.dtype)
-        out = _kernel()(x2, qweight, scales.float(), zeros, group_size, None if bias is None else bias.float())
-        out = out.to(x.dtype)
-        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
+        out = _kernel()(x2, qweight, as_float32(scales), zeros, group_size, as_float32(bias))
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        return out if two_d else out.reshape(*x.shape[:-1], n)
     if input_scale is not None:
         x2 = x2 * input_scale.to(x2.dtype)
     if backend == "cuda":
@@ -68,6 +72,10 @@ def _int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
 
         out = _triton.int4_matmul(x2, qweight, scales, zeros, group_size, bias)
     return out.reshape(*x.shape[:-1], n)
+
+
+def as_float32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return t if t is None or t.dtype == torch.float32 else t.float()
 
 
 _KERNEL = []
@@ -118,15 +126,20 @@ def int4_matmul(x, w, bias=None, *, backend="auto"):
     for float64 and the one with a backward). "auto" on CUDA: cuda for M <= 16 rows, else triton; on CPU cpp; torch when a gradient
     (x or bias requiring grad) is wanted.
     """
-    _checks.check_tensor(OP, "x", x, dtypes=_checks.FLOAT_DTYPES)
-    n, k = check_int4_weight(OP, w)
-    _checks.check_matmul_x_bias(OP, x, bias, n, k)
+    grad_enabled = torch.is_grad_enabled()
+    shape = well_formed_shape(w)
+    if shape is None or not _checks.matmul_call_ok(x, bias, *shape, w.qweight.device) or grad_enabled and (
+            w.scales.requires_grad or w.input_scale is not None and w.input_scale.requires_grad):
+        _checks.check_tensor(OP, "x", x, dtypes=_checks.FLOAT_DTYPES)
+        shape = check_int4_weight(OP, w)
+        _checks.check_matmul_x_bias(OP, x, bias, *shape)
+        _checks.check_same_device(OP, x=x, qweight=w.qweight, bias=bias)
+        check_frozen(OP, **{"w.scales": w.scales, "w.input_scale": w.input_scale})
+    k = shape[1]
     qweight, scales, zeros, group_size, input_scale = w.qweight, w.scales, w.zeros, w.group_size, w.input_scale
     device = x.device
-    _checks.check_same_device(OP, x=x, qweight=qweight, bias=bias)
-    check_frozen(OP, **{"w.scales": scales, "w.input_scale": input_scale})
     m = x.numel() // k if k else 0
-    grad = _backend.needs_grad(x, bias)
+    grad = grad_enabled and (x.requires_grad or bias is not None and bias.requires_grad)  # _backend.needs_grad
     chosen = select(OP, backend, device, x.dtype, grad, group_size, _auto_order(device.type, m))
     if not grad and chosen in ("cpp", "cuda") and int4_matmul_op is _REGISTERED \
             and _backend.plain_eager(x, qweight, scales, zeros, input_scale, bias):

@@ -14,8 +14,8 @@ import torch
 
 from dsattn import _backend, _checks
 from dsattn._library import define_op
-from dsattn.ops.int4_matmul import select
-from dsattn.quant.int8 import check_int8_weight
+from dsattn.ops.int4_matmul import as_float32, select
+from dsattn.quant.int8 import check_int8_weight, well_formed_shape
 from dsattn.torch_backend import int8_matmul as _torch
 from dsattn.torch_backend.int4_matmul import bias_backward
 
@@ -43,11 +43,14 @@ def _int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, g
     n, k = qweight.shape[0], x.shape[-1]
     if backend == "cpp":
         # bf16 stays bf16 (the kernel's prefill path runs a bf16 GEMM); everything else computes in fp32.
-        x2 = x.reshape(-1, k)
-        x2 = x2 if x2.dtype == torch.bfloat16 else x2.float()
-        out = _kernel()(x2, qweight, scales.float(), group_size, None if bias is None else bias.float())
-        out = out.to(x.dtype)
-        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
+        two_d = x.dim() == 2
+        x2 = x if two_d else x.reshape(-1, k)
+        if x2.dtype != torch.bfloat16:
+            x2 = as_float32(x2)
+        out = _kernel()(x2, qweight, as_float32(scales), group_size, as_float32(bias))
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        return out if two_d else out.reshape(*x.shape[:-1], n)
     from dsattn.triton_kernels import int8_matmul as _triton
 
     out = _triton.int8_matmul(x.reshape(-1, k), qweight, scales, group_size, bias)
@@ -102,14 +105,18 @@ def int8_matmul(x, w, bias=None, *, backend="auto"):
     from 64 rows dequantized panels into torch's GEMM, bf16 for bf16 x). "auto": triton on CUDA, cpp on the CPU (where built), else torch; torch when a gradient (x or bias
     requiring grad) is wanted.
     """
-    _checks.check_tensor(OP, "x", x, dtypes=_checks.FLOAT_DTYPES)
-    n, k = check_int8_weight(OP, w)
-    _checks.check_matmul_x_bias(OP, x, bias, n, k)
+    grad_enabled = torch.is_grad_enabled()
+    shape = well_formed_shape(w)
+    if shape is None or not _checks.matmul_call_ok(x, bias, *shape, w.qweight.device) \
+            or grad_enabled and w.scales.requires_grad:
+        _checks.check_tensor(OP, "x", x, dtypes=_checks.FLOAT_DTYPES)
+        shape = check_int8_weight(OP, w)
+        _checks.check_matmul_x_bias(OP, x, bias, *shape)
+        _checks.check_same_device(OP, x=x, qweight=w.qweight, bias=bias)
+        check_frozen(**{"w.scales": w.scales})
     qweight, scales, group_size = w.qweight, w.scales, w.group_size
     device = x.device
-    _checks.check_same_device(OP, x=x, qweight=qweight, bias=bias)
-    check_frozen(**{"w.scales": scales})
-    grad = _backend.needs_grad(x, bias)
+    grad = grad_enabled and (x.requires_grad or bias is not None and bias.requires_grad)  # _backend.needs_grad
     chosen = select(OP, backend, device, x.dtype, grad, group_size, _auto_order(device.type))
     if not grad and chosen == "cpp" and int8_matmul_op is _REGISTERED \
             and _backend.plain_eager(x, qweight, scales, bias):

@@ -46,7 +46,7 @@ def check_not_dtensor(op: str, weight) -> None:
 def check_int4_weight(op: str, w) -> tuple[int, int]:
     """That w is an Int4Weight whose fields agree (dtypes, [N, K/8] / [N, K/g] / [K] shapes, a group size the
     format takes, one device): (N, K). Shapes and dtypes only (no host read), so it traces."""
-    shape = _well_formed(w)
+    shape = well_formed_shape(w)
     if shape is not None:
         return shape
     if not isinstance(w, Int4Weight):
@@ -70,7 +70,7 @@ def check_int4_weight(op: str, w) -> tuple[int, int]:
     return n, k
 
 
-def _well_formed(w) -> tuple[int, int] | None:
+def well_formed_shape(w) -> tuple[int, int] | None:
     """(N, K) when w passes every check of check_int4_weight, else None (which then names the problem): one
     expression on the per-call path instead of a call per check."""
     if not isinstance(w, Int4Weight):

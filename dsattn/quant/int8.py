@@ -33,7 +33,7 @@ def check_group_size(op: str, group_size, k: int) -> int | None:
 def check_int8_weight(op: str, w) -> tuple[int, int]:
     """That w is an Int8Weight whose fields agree (dtypes, [N, K] / [N] or [N, K/g] shapes, a group size
     dividing K, one device): (N, K). Shapes and dtypes only (no host read), so it traces."""
-    shape = _well_formed(w)
+    shape = well_formed_shape(w)
     if shape is not None:
         return shape
     if not isinstance(w, Int8Weight):
@@ -51,7 +51,7 @@ def check_int8_weight(op: str, w) -> tuple[int, int]:
     return n, k
 
 
-def _well_formed(w) -> tuple[int, int] | None:
+def well_formed_shape(w) -> tuple[int, int] | None:
     """(N, K) when w passes every check of check_int8_weight, else None (which then names the problem): one
     expression on the per-call path instead of a call per check."""
     if not isinstance(w, Int8Weight):
