@@ -16,12 +16,9 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#endif
+#include "cpu/isa_target.h"
+
+DSATTN_TARGET_PUSH("avx2,fma")
 
 namespace dsattn {
 namespace cpu_attn {
@@ -87,11 +84,7 @@ static inline __m256 q8_load(const int8_t* p) {
 }  // namespace cpu_attn
 }  // namespace dsattn
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+DSATTN_TARGET_POP()
 
 #else  // not x86-64 with GCC/clang: never selected
 

@@ -17,12 +17,9 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma,avx2"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,fma,avx2")
-#endif
+#include "cpu/isa_target.h"
+
+DSATTN_TARGET_PUSH("avx512f,avx512bw,avx512dq,avx512vl,fma,avx2")
 
 #include "cpu/transpose16x16.h"
 
@@ -93,11 +90,7 @@ static inline __m512 q8_load(const int8_t* p) {
 }  // namespace cpu_attn
 }  // namespace dsattn
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+DSATTN_TARGET_POP()
 
 #else  // not x86-64 with GCC/clang: never selected
 

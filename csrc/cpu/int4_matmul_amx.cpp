@@ -54,6 +54,8 @@ constexpr int64_t kMaxCols = 256;
 #if defined(__x86_64__) && defined(__GNUC__) && defined(CPUBLAS_BRGEMM_BF16BF16F32)
 #include <immintrin.h>
 
+#include "cpu/isa_target.h"
+
 namespace dsattn {
 namespace amx {
 // Outside the AVX-512 region: runs on any CPU.
@@ -68,13 +70,7 @@ bool available(const char* env) {
 }  // namespace amx
 }  // namespace dsattn
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma,avx2"))), \
-                             apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma,avx2")
-#endif
+DSATTN_TARGET_PUSH("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma,avx2")
 
 #include "cpu/transpose16x16.h"
 
@@ -292,11 +288,7 @@ void gemm(const uint16_t* x, int64_t ldx, int64_t m, int64_t n, int64_t k, Dequa
 }  // namespace amx
 }  // namespace dsattn
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+DSATTN_TARGET_POP()
 
 #else  // no AMX brgemm in this torch / not x86-64: never selected
 

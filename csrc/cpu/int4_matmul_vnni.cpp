@@ -25,13 +25,9 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,avx2"))), \
-                             apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,avx2")
-#endif
+#include "cpu/isa_target.h"
+
+DSATTN_TARGET_PUSH("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,avx2")
 
 #include "cpu/int_tile_schedule.h"  // compiled for the target above
 #include "cpu/vnni_quantize.h"
@@ -151,11 +147,7 @@ void matmul(const VnniArgs& a, int levels) {
 }  // namespace int4_cpu
 }  // namespace dsattn
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+DSATTN_TARGET_POP()
 
 #else  // not x86-64 with GCC/clang: never selected
 

@@ -17,10 +17,12 @@
 #include <tuple>
 #include <vector>
 
-#include "cpu/attention_kernels.h"
+#include "cpu/attention_args.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+
+#include "cpu/isa_target.h"
 #define DSATTN_LA_X86 1
 #endif
 
@@ -79,12 +81,7 @@ struct Vec {
           r, SET1(1.f)),                                                                                    \
       r, SET1(1.f))
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#endif
+DSATTN_TARGET_PUSH("avx2,fma")
 namespace isa_avx2 {
 struct Vec {
   using reg = __m256;
@@ -116,14 +113,8 @@ struct Vec {
 };
 #include "cpu/linear_attention_impl.h"
 }  // namespace isa_avx2
-#if defined(__clang__)
-#pragma clang attribute pop
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma,avx2"))), apply_to = function)
-#else
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,fma,avx2")
-#endif
+DSATTN_TARGET_POP()
+DSATTN_TARGET_PUSH("avx512f,avx512bw,avx512dq,avx512vl,fma,avx2")
 namespace isa_avx512 {
 struct Vec {
   using reg = __m512;
@@ -153,11 +144,7 @@ struct Vec {
 };
 #include "cpu/linear_attention_impl.h"
 }  // namespace isa_avx512
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+DSATTN_TARGET_POP()
 #undef DSATTN_LA_EXP_POLY
 #endif  // DSATTN_LA_X86
 
@@ -168,21 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_cpu(
     const c10::optional<at::Tensor>& z0, int64_t feature_map, bool causal, bool normalize, double eps,
     int64_t isa) {
   const char* op = "dsattn_C::linear_attention: ";
-  for (const at::Tensor* t : {&q, &k, &v}) TORCH_CHECK(t->device().is_cpu(), op, "CPU tensors only");
-  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-                   "q, k, v must share a dtype");
-  TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
-                   op, "q, k, v must be float32, bfloat16 or float16, got ", q.scalar_type());
-  const cpu_attn::Dtype dtype = q.scalar_type() == at::kBFloat16 ? cpu_attn::kBFloat16
-                                : q.scalar_type() == at::kHalf   ? cpu_attn::kFloat16
-                                                                 : cpu_attn::kFloat32;
-  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, "q, k, v must be 4-D [B, H, S, D]");
-  const int64_t b = q.size(0), hq = q.size(1), sq = q.size(2), dk = q.size(3);
-  const int64_t hkv = k.size(1), sk = k.size(2), dv = v.size(3);
-  TORCH_CHECK_VALUE(k.size(0) == b && v.size(0) == b && v.size(1) == hkv && v.size(2) == sk && k.size(3) == dk, op,
-                    "q, k, v shapes disagree");
-  TORCH_CHECK_VALUE(hkv > 0 && hq % hkv == 0, op, "Hq must be a multiple of Hkv");
-  TORCH_CHECK_VALUE(dk >= 1 && dv >= 1, op, "head dims must be >= 1");
+  const auto [b, hq, sq, dk, hkv, sk, dv] = cpu_attn::checked_bhsd(q, k, v, op);
   TORCH_CHECK_VALUE(!causal || sq <= sk, op, "causal needs Sq <= Sk");
   TORCH_CHECK_VALUE(feature_map >= kElu && feature_map <= kIdentity, op,
                     "feature_map must be 0 (elu), 1 (relu) or 2 (identity), got ", feature_map);
@@ -199,11 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_cpu(
   at::Tensor z = at::empty({b, hq, dk}, q.options().dtype(at::kFloat));
   if (b * hq == 0) return {out, S, z};
   LinArgs a;
-  a.q = q.data_ptr();
-  a.k = k.data_ptr();
-  a.v = v.data_ptr();
-  a.out = out.data_ptr();
-  a.dtype = dtype;
+  cpu_attn::set_qkvo_bhsd(a, q, k, v, out, "linear_attention");
   a.S0 = S0.has_value() ? S0->data_ptr<float>() : nullptr;
   a.z0 = z0.has_value() ? z0->data_ptr<float>() : nullptr;
   a.S = S.data_ptr<float>();
@@ -219,14 +188,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_cpu(
   a.causal = causal;
   a.normalize = normalize;
   a.eps = static_cast<float>(eps);
-  a.qb = q.stride(0);
-  a.kb = k.stride(0);
-  a.vb = v.stride(0);
-  a.ob = out.stride(0);
-  a.qs = cpu_attn::Strides{q.stride(1), q.stride(2), q.stride(3)};
-  a.ks = cpu_attn::Strides{k.stride(1), k.stride(2), k.stride(3)};
-  a.vs = cpu_attn::Strides{v.stride(1), v.stride(2), v.stride(3)};
-  a.os = cpu_attn::Strides{out.stride(1), out.stride(2), out.stride(3)};
   switch (cpu_attn::resolve_isa(isa)) {
 #ifdef DSATTN_LA_X86
     case cpu_attn::kAvx512: isa_avx512::linear_attention(a); break;

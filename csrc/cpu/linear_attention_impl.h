@@ -177,13 +177,24 @@ struct Task {
     }
   }
 
-  void run(int64_t b, int64_t h) {
+  // Where task (b, h) reads and writes: q head h, its kv head (GQA), its output, and its index into the
+  // [B, Hq, ...] state tensors.
+  struct Heads {
+    const T *q, *k, *v;
+    T* o;
+    int64_t task;
+  };
+  Heads heads(int64_t b, int64_t h) const {
     const int64_t hk = h / (a.hq / a.hkv);
-    const T* qb = static_cast<const T*>(a.q) + b * a.qb + h * a.qs.h;
-    const T* kb = static_cast<const T*>(a.k) + b * a.kb + hk * a.ks.h;
-    const T* vb = static_cast<const T*>(a.v) + b * a.vb + hk * a.vs.h;
-    T* ob = static_cast<T*>(a.out) + b * a.ob + h * a.os.h;
-    const int64_t dk = a.dk, dv = a.dv, task = b * a.hq + h;
+    return Heads{static_cast<const T*>(a.q) + b * a.qb + h * a.qs.h,
+                 static_cast<const T*>(a.k) + b * a.kb + hk * a.ks.h,
+                 static_cast<const T*>(a.v) + b * a.vb + hk * a.vs.h, static_cast<T*>(a.out) + b * a.ob + h * a.os.h,
+                 b * a.hq + h};
+  }
+
+  void run(int64_t b, int64_t h) {
+    const Heads p = heads(b, h);
+    const int64_t dk = a.dk, dv = a.dv, task = p.task;
     for (int64_t d = 0; d < dk; ++d) {
       float* s = w.s.data() + d * dvp;
       if (a.S0 != nullptr) {
@@ -197,19 +208,19 @@ struct Task {
     const int64_t absorbed = a.causal ? a.sk - a.sq : a.sk;
     for (int64_t k0 = 0; k0 < absorbed; k0 += kChunk) {
       const int64_t n = std::min(kChunk, absorbed - k0);
-      load_kv(kb, vb, k0, n);
+      load_kv(p.k, p.v, k0, n);
       absorb(n);
     }
     for (int64_t q0 = 0; q0 < a.sq; q0 += kChunk) {
       const int64_t n = std::min(kChunk, a.sq - q0);
-      load_q(qb, q0, n);
+      load_q(p.q, q0, n);
       apply_state(n);
       if (a.causal) {
-        load_kv(kb, vb, absorbed + q0, n);
+        load_kv(p.k, p.v, absorbed + q0, n);
         causal_block(n);
         absorb(n);
       }
-      store_out(ob, q0, n);
+      store_out(p.o, q0, n);
     }
     for (int64_t d = 0; d < dk; ++d) {
       std::copy(w.s.data() + d * dvp, w.s.data() + d * dvp + dv, a.S + (task * dk + d) * dv);
@@ -220,11 +231,11 @@ struct Task {
   // One key and one query (decode on a carried state): S' = S0 + phi(k) v^T and o = phi(q) S' in one pass
   // over the state, z' = z0 + phi(k).
   void decode(int64_t b, int64_t h) {
-    const int64_t hk = h / (a.hq / a.hkv);
-    const int64_t dk = a.dk, dv = a.dv, task = b * a.hq + h;
-    load_rows(static_cast<const T*>(a.q) + b * a.qb + h * a.qs.h, 0, a.qs.d, 1, dk, w.q.data(), dk);
-    load_rows(static_cast<const T*>(a.k) + b * a.kb + hk * a.ks.h, 0, a.ks.d, 1, dk, w.k.data(), dk);
-    load_rows(static_cast<const T*>(a.v) + b * a.vb + hk * a.vs.h, 0, a.vs.d, 1, dv, w.v.data(), dvp);
+    const Heads p = heads(b, h);
+    const int64_t dk = a.dk, dv = a.dv, task = p.task;
+    load_rows(p.q, 0, a.qs.d, 1, dk, w.q.data(), dk);
+    load_rows(p.k, 0, a.ks.d, 1, dk, w.k.data(), dk);
+    load_rows(p.v, 0, a.vs.d, 1, dv, w.v.data(), dvp);
     feature_map(w.q.data(), dk, a.fmap);
     feature_map(w.k.data(), dk, a.fmap);
     const float* fq = w.q.data();
@@ -266,7 +277,7 @@ struct Task {
       den += fq[d] * zd;
     }
     w.den[0] = den;
-    store_out(static_cast<T*>(a.out) + b * a.ob + h * a.os.h, 0, 1);
+    store_out(p.o, 0, 1);
   }
 };
 

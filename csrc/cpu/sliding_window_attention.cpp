@@ -14,7 +14,7 @@
 #include <string>
 #include <vector>
 
-#include "cpu/attention_kernels.h"
+#include "cpu/attention_args.h"
 
 namespace dsattn {
 namespace cpu_attn {
@@ -57,23 +57,7 @@ Isa resolve_isa(int64_t requested) {
   return isa;
 }
 
-Dtype dtype_of(const at::Tensor& t, const char* op) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return kFloat32;
-    case at::kBFloat16: return kBFloat16;
-    case at::kHalf: return kFloat16;
-    default: TORCH_CHECK(false, "dsattn_C::", op, ": q, k, v must be float32, bfloat16 or float16, got ", t.scalar_type());
-  }
-  return kFloat32;
-}
-
 namespace {
-
-void check_qkv_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
-  for (const at::Tensor* t : {&q, &k, &v}) TORCH_CHECK(t->device().is_cpu(), "dsattn_C::", op, ": CPU tensors only");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "dsattn_C::", op,
-              ": q, k, v must share a dtype");
-}
 
 at::Tensor checked_sinks(const c10::optional<at::Tensor>& sinks, int64_t hq, const char* op) {
   if (!sinks.has_value()) return at::Tensor();
@@ -89,11 +73,7 @@ SlidingArgs sliding_args(const at::Tensor& q, const at::Tensor& k, const at::Ten
                          const at::Tensor& sinks_f, const std::vector<Seq>& seqs, int64_t window, bool causal,
                          double scale, int64_t hd, int64_t rd, const char* op) {
   SlidingArgs a;
-  a.q = q.data_ptr();
-  a.k = k.data_ptr();
-  a.v = v.data_ptr();
-  a.out = out.data_ptr();
-  a.dtype = dtype_of(q, op);
+  set_qkvo(a, q, k, v, out, hd, rd, op);
   a.sinks = sinks_f.defined() ? sinks_f.data_ptr<float>() : nullptr;
   a.seqs = seqs.data();
   a.nseq = static_cast<int64_t>(seqs.size());
@@ -104,10 +84,6 @@ SlidingArgs sliding_args(const at::Tensor& q, const at::Tensor& k, const at::Ten
   a.window = window;
   a.causal = causal;
   a.scale = static_cast<float>(scale);
-  a.qs = Strides{q.stride(hd), q.stride(rd), q.stride(-1)};
-  a.ks = Strides{k.stride(hd), k.stride(rd), k.stride(-1)};
-  a.vs = Strides{v.stride(hd), v.stride(rd), v.stride(-1)};
-  a.os = Strides{out.stride(hd), out.stride(rd), out.stride(-1)};
   return a;
 }
 

@@ -7,23 +7,19 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
-#include "cpu/attention_kernels.h"
+#include "cpu/attention_args.h"
 
 namespace dsattn {
 namespace cpu_attn {
-
-Dtype dtype_of(const at::Tensor& t, const char* op);  // sliding_window_attention.cpp
 
 namespace {
 
 at::Tensor sparse_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& indices, bool causal, double scale, int64_t isa) {
   const char* op = "sparse_attention";
-  for (const at::Tensor* t : {&q, &k, &v, &indices})
-    TORCH_CHECK(t->device().is_cpu(), "dsattn_C::", op, ": CPU tensors only");
+  check_qkv_common(q, k, v, op);
+  TORCH_CHECK(indices.device().is_cpu(), "dsattn_C::", op, ": CPU tensors only");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "dsattn_C::", op, ": q, k, v must be 4-D [B, H, S, D]");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "dsattn_C::", op,
-              ": q, k, v must share a dtype");
   const int64_t b = q.size(0), hq = q.size(1), sq = q.size(2), dqk = q.size(3);
   const int64_t hkv = k.size(1), sk = k.size(2), dv = v.size(3);
   TORCH_CHECK(k.size(0) == b && v.size(0) == b && v.size(1) == hkv && v.size(2) == sk && k.size(3) == dqk,
@@ -38,11 +34,7 @@ at::Tensor sparse_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   at::Tensor out = at::empty({b, hq, sq, dv}, q.options());
   if (out.numel() == 0) return out;
   SparseArgs a;
-  a.q = q.data_ptr();
-  a.k = k.data_ptr();
-  a.v = v.data_ptr();
-  a.out = out.data_ptr();
-  a.dtype = dtype_of(q, op);
+  set_qkvo_bhsd(a, q, k, v, out, op);
   a.indices = indices.data_ptr();
   a.idx64 = indices.scalar_type() == at::kLong;
   a.idx_sb = indices.stride(0);
@@ -59,14 +51,6 @@ at::Tensor sparse_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   a.topk = indices.size(-1);
   a.causal = causal;
   a.scale = static_cast<float>(scale);
-  a.qb = q.stride(0);
-  a.kb = k.stride(0);
-  a.vb = v.stride(0);
-  a.ob = out.stride(0);
-  a.qs = Strides{q.stride(1), q.stride(2), q.stride(3)};
-  a.ks = Strides{k.stride(1), k.stride(2), k.stride(3)};
-  a.vs = Strides{v.stride(1), v.stride(2), v.stride(3)};
-  a.os = Strides{out.stride(1), out.stride(2), out.stride(3)};
   switch (resolve_isa(isa)) {
     case kAvx512: isa_avx512::sparse(a); break;
     case kAvx2: isa_avx2::sparse(a); break;
