@@ -216,7 +216,8 @@ def test_entry_fast_checks_accept_only_what_the_full_checks_accept():
         cases = {"x's last dim must be K=64": (x[:, :63], None), "bias must have N=8": (x, torch.randn(7)),
                  "bias must be 1-D": (x, torch.randn(8, 1)), "x must have dtype": (x.int(), None),
                  "bias must have dtype": (x, torch.ones(8, dtype=torch.int32)),
-                 "x must be a torch.Tensor": (x.tolist(), None), "qweight is on cpu but x is on meta": (x.to("meta"), None),
+                 "x must be a torch.Tensor": (x.tolist(), None),
+                 "qweight is on cpu but x is on meta": (x.to("meta"), None),
                  "bias is on meta": (x, torch.randn(8, device="meta"))}
         for message, (xi, bias) in cases.items():
             with pytest.raises((TypeError, ValueError), match=message):
