@@ -1,6 +1,6 @@
 // The tensor side of the CPU attention entries (sliding_window_attention.cpp, sparse_attention.cpp,
-// linear_attention.cpp): the checks and the tensor-to-kernel-argument packing they share. Apart from
-// attention_kernels.h because the ISA files that include that one must not include ATen's tensor headers.
+// linear_attention.cpp, hybrid_attention.cpp): the checks and the tensor-to-kernel-argument packing they share.
+// Apart from attention_kernels.h because the ISA files that include that one must not include ATen's tensor headers.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -30,7 +30,7 @@ inline Dtype dtype_of(const at::Tensor& t, const char* op) {
   return kFloat32;
 }
 
-// The [B, H, S, D] ops' checks (linear_attention; hybrid_attention words them alike): q [B, Hq, Sq, Dqk],
+// The [B, H, S, D] ops' checks (linear_attention, hybrid_attention): q [B, Hq, Sq, Dqk],
 // k [B, Hkv, Sk, Dqk], v [B, Hkv, Sk, Dv] on the CPU, of one float dtype (else TypeError), Hq a multiple of Hkv
 // (else ValueError). `prefix` starts every message ("dsattn_C::<op>: ").
 struct BhsdSizes {
