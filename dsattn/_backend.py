@@ -109,18 +109,8 @@ def select_backend(
 
 
 def _env_values() -> tuple:
-    """The raw values of the env vars the selection reads (DSATTN_BACKEND, TRITON_INTERPRET), read per call.
-    os.environ's own store (what os.environ[...] = / monkeypatch.setenv / del write) where it has one:
-    os.environ.get costs microseconds per name on the hot path."""
-    environ = os.environ
-    data = getattr(environ, "_data", None)
-    if isinstance(data, dict) and getattr(environ, "encodekey", None) is not None:
-        return data.get(_ENV_KEYS[0]), data.get(_ENV_KEYS[1])
-    return environ.get(ENV_VAR), environ.get("TRITON_INTERPRET")
-
-
-_ENV_KEYS = tuple(os.environ.encodekey(name) if hasattr(os.environ, "encodekey") else name
-                  for name in (ENV_VAR, "TRITON_INTERPRET"))
+    """The raw values of the env vars the selection reads (DSATTN_BACKEND, TRITON_INTERPRET), read per call."""
+    return os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET")
 
 
 # Successful selections, keyed by everything select_backend reads: its arguments, the env vars it reads and
