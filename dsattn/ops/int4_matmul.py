@@ -118,13 +118,15 @@ def int4_matmul(x, w, bias=None, *, backend="auto"):
 
     Backends: "cuda" (GEMV / small-M kernel, fp16/bf16/fp32 x), "triton" (dequant GEMM with split-K for
     few output tiles; fp16/bf16 x, fp32 x as tf32x3; group_size % 16 == 0), "cpp" (CPU, fp32 accuracy:
-    exact fp32 products of the dequantized weight, AVX-512 / AVX2 / portable by DSATTN_CPU_ISA; decode with
-    M < 4 rows on AVX512-VNNI CPUs (K % 128 == 0, group 32, 64 or a multiple of 128) splits x into int8 digits
-    per 128 values for VPDPBUSD: three for fp32 x (|x - digits| <= 2^-15 of the block scale, 2.4e-7 of its
-    largest |x|), two for bf16 x (3.1e-5 of it, below bf16's rounding; DSATTN_INT4_VNNI=0 turns it off); from
-    64 rows dequantized panels + GEMM, bf16 x from 16 rows a bf16 GEMM), "torch" (chunked dequant; the only one
-    for float64 and the one with a backward). "auto" on CUDA: cuda for M <= 16 rows, else triton; on CPU cpp; torch when a gradient
-    (x or bias requiring grad) is wanted.
+    exact fp32 products of the dequantized weight, AVX-512 / AVX2 / portable by DSATTN_CPU_ISA; decode on
+    AVX512-VNNI CPUs (K % 128 == 0, group 32, 64 or a multiple of 128), fp32 x below 4 rows and bf16 x below
+    16, splits x into int8 digits per 128 values for VPDPBUSD: three for fp32 x (|x - digits| <= 2^-15 of the
+    block scale, 2.4e-7 of its largest |x|), two for bf16 x (3.1e-5 of it, below bf16's rounding;
+    DSATTN_INT4_VNNI=0 turns it off); bf16 x from 16 rows on AMX CPUs dequantizes weight tiles into oneDNN's
+    AMX brgemm (DSATTN_INT4_AMX=0 turns it off), else from 64 rows dequantized panels + GEMM, bf16 x from 16
+    rows a bf16 GEMM), "torch" (chunked dequant; the only one for float64 and the one with a backward).
+    "auto" on CUDA: cuda for M <= 16 rows, else triton; on CPU cpp; torch when a gradient (x or bias requiring
+    grad) is wanted.
     """
     grad_enabled = torch.is_grad_enabled()
     shape = well_formed_shape(w)
