@@ -984,6 +984,8 @@ def aot_specs() -> list[AOTSpec]:
             kinds = [(mode_name, fmap) for mode_name in MODES for fmap in ("exp", "elu")
                      if fmap == "exp" or configs(mode_name, fmap) != configs(mode_name, "exp")]
             for mode_name, fmap in kinds:
+                if dtype == torch.float16 and block_dk > 128:
+                    continue  # not hot: compiles and sizes shared memory as its bf16 twin (same tiles) does
                 per_cap = {cap: {"num_warps": num_warps, "num_stages": num_stages,
                                  "constexprs": {"BLOCK_T": block_t, "BLOCK_DV": block_dv}}
                            for cap, (block_t, block_dv, num_warps, num_stages) in configs(mode_name, fmap).items()}
