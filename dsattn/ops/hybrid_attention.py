@@ -38,26 +38,6 @@ def _hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix:
 
 hybrid_attention_op = define_op(OP, _hybrid_attention)
 
-_cpp_fake_registered = False
-
-
-# Run, not traced, by torch.compile (as dsattn._backend.unusable_reason): registering is a side effect.
-@torch.compiler.assume_constant_result
-def _register_cpp_fake() -> bool:
-    """The fake kernel of torch.ops.dsattn_C.hybrid_attention (so that backend "cpp" traces under torch.compile),
-    registered once the extension is loaded; it belongs with the others in dsattn._ext._register_fakes."""
-    global _cpp_fake_registered
-    if _cpp_fake_registered:
-        return True
-    _cpp_fake_registered = True
-
-    @torch.library.register_fake("dsattn_C::hybrid_attention")
-    def _(q, k, v, prefix, window, feature_map, scale, isa=-1):
-        return q.new_empty((*q.shape[:-1], v.shape[-1]))
-
-    return True
-
-
 def _hybrid_attention_fwd_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, window: int,
                                 feature_map: str, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton's training forward: (out, per-row stats fp32 [B, Hq, Sq, 3], amax int32 [B, Hq, Sq]); internal
@@ -154,7 +134,6 @@ def hybrid_attention(q, k, v, *, prefix=2048, window=0, feature_map="elu", scale
         if feature_map not in CPP_FEATURE_MAPS:
             raise ValueError(f"dsattn.{OP}: backend='cpp' takes feature_map {tuple(CPP_FEATURE_MAPS)}, got "
                              f"{feature_map!r}; use backend='auto' or 'torch'")
-        _register_cpp_fake()
     # int32 arithmetic inside the kernel; the clamp keeps "prefix = everything" values like 2**40 harmless
     prefix, window = min(prefix, shape.seq_k + 1), min(window, shape.seq_k + 1)
     if chosen == "triton" and request.grad:
