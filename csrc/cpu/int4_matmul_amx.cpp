@@ -87,10 +87,12 @@ inline __m512i to_bf16(__m512 lo, __m512 hi) { return reinterpret_cast<__m512i>(
 inline void prefetch_next(const void* p, int64_t bytes) {
   for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(static_cast<const char*>(p) + i, _MM_HINT_T1);
 }
-}  // namespace
 
-void dequant_int4(const void* weight, int64_t n0, int64_t rows, int64_t k0, int64_t len, uint16_t* dst) {
-  const Int4Weight& w = *static_cast<const Int4Weight*>(weight);
+// The int4 dequant walk: per weight row and group, the group's 16 values as a bf16 table held twice, then
+// body(table, packed codes, out) for each kStep values of the group.
+template <int64_t kStep, typename Body>
+inline void dequant_int4_rows(const Int4Weight& w, int64_t n0, int64_t rows, int64_t k0, int64_t len, uint16_t* dst,
+                              Body body) {
   const int64_t groups = w.k / w.group, row_bytes = w.k / 2;
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t r = 0; r < rows; ++r) {
@@ -102,42 +104,32 @@ void dequant_int4(const void* weight, int64_t n0, int64_t rows, int64_t k0, int6
       const int64_t g = g0 / w.group, g1 = std::min((g + 1) * w.group, k0 + len);
       const __m512 zero = _mm512_set1_ps(static_cast<float>(w.z[row * groups + g]));
       const __m512 vals = _mm512_mul_ps(_mm512_sub_ps(iota, zero), _mm512_set1_ps(w.s[row * groups + g]));
-      const __m512i table = to_bf16(vals, vals);  // the 16 values twice
-      for (int64_t kk = g0; kk < g1; kk += 32) {
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qr + kk / 2)));
-        const __m512i idx = _mm512_or_si512(v, _mm512_slli_epi32(v, 12));
-        _mm512_storeu_si512(d + (kk - k0), _mm512_permutexvar_epi16(idx, table));
-      }
+      const __m512i table = to_bf16(vals, vals);
+      for (int64_t kk = g0; kk < g1; kk += kStep) body(table, qr + kk / 2, d + (kk - k0));
       g0 = g1;
     }
   }
 }
+}  // namespace
+
+void dequant_int4(const void* weight, int64_t n0, int64_t rows, int64_t k0, int64_t len, uint16_t* dst) {
+  dequant_int4_rows<32>(*static_cast<const Int4Weight*>(weight), n0, rows, k0, len, dst,
+                        [](__m512i table, const uint8_t* q, uint16_t* o) {
+                          const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+                          const __m512i idx = _mm512_or_si512(v, _mm512_slli_epi32(v, 12));
+                          _mm512_storeu_si512(o, _mm512_permutexvar_epi16(idx, table));
+                        });
+}
 
 void dequant_int4_k4(const void* weight, int64_t n0, int64_t rows, int64_t k0, int64_t len, uint16_t* dst) {
-  const Int4Weight& w = *static_cast<const Int4Weight*>(weight);
-  const int64_t groups = w.k / w.group, row_bytes = w.k / 2;
-  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t row = n0 + r;
-    const uint8_t* qr = w.q + row * row_bytes;
-    uint16_t* d = dst + r * len;
-    prefetch_next(qr + rows * row_bytes + k0 / 2, len / 2);
-    for (int64_t g0 = k0; g0 < k0 + len;) {
-      const int64_t g = g0 / w.group, g1 = std::min((g + 1) * w.group, k0 + len);
-      const __m512 zero = _mm512_set1_ps(static_cast<float>(w.z[row * groups + g]));
-      const __m512 vals = _mm512_mul_ps(_mm512_sub_ps(iota, zero), _mm512_set1_ps(w.s[row * groups + g]));
-      const __m512i table = to_bf16(vals, vals);  // the 16 values twice
-      for (int64_t kk = g0; kk < g1; kk += 128) {
-        const __m512i v = _mm512_loadu_si512(qr + kk / 2);
-        uint16_t* o = d + (kk - k0);
-        _mm512_storeu_si512(o, _mm512_permutexvar_epi16(v, table));
-        _mm512_storeu_si512(o + 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table));
-        _mm512_storeu_si512(o + 64, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), table));
-        _mm512_storeu_si512(o + 96, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), table));
-      }
-      g0 = g1;
-    }
-  }
+  dequant_int4_rows<128>(*static_cast<const Int4Weight*>(weight), n0, rows, k0, len, dst,
+                         [](__m512i table, const uint8_t* q, uint16_t* o) {
+                           const __m512i v = _mm512_loadu_si512(q);
+                           _mm512_storeu_si512(o, _mm512_permutexvar_epi16(v, table));
+                           _mm512_storeu_si512(o + 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table));
+                           _mm512_storeu_si512(o + 64, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), table));
+                           _mm512_storeu_si512(o + 96, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), table));
+                         });
 }
 
 void dequant_int8(const void* weight, int64_t n0, int64_t rows, int64_t k0, int64_t len, uint16_t* dst) {
