@@ -197,10 +197,9 @@ def test_cuda_3d_awq_and_misaligned_x():
 
 # ----------------------------------------------------------------------------------------- selection
 def test_auto_order_decode_to_cuda_prefill_to_triton():
-    cuda = torch.device("cuda")
-    assert ops._auto_order(cuda, 1)[0] == "cuda" and ops._auto_order(cuda, ops.CUDA_GEMV_MAX_M)[0] == "cuda"
-    assert ops._auto_order(cuda, ops.CUDA_GEMV_MAX_M + 1)[0] == "triton"
-    assert ops._auto_order(torch.device("cpu"), 1) == ("cpp", "torch")
+    assert ops._auto_order("cuda", 1)[0] == "cuda" and ops._auto_order("cuda", ops.CUDA_GEMV_MAX_M)[0] == "cuda"
+    assert ops._auto_order("cuda", ops.CUDA_GEMV_MAX_M + 1)[0] == "triton"
+    assert ops._auto_order("cpu", 1) == ("cpp", "torch")
 
 
 def test_auto_on_cpu_uses_the_compiled_kernel_and_float64_the_reference():
