@@ -12,6 +12,8 @@ import os
 from collections.abc import Sequence
 
 import torch
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch.autograd import forward_ad
 
 from dsattn import _ext, capabilities
 
@@ -84,8 +86,24 @@ def _record(op: str, backend: str) -> str:
 
 
 def needs_grad(*tensors) -> bool:
-    """Whether autograd will want gradients of an op called on `tensors` now."""
+    """Whether autograd will want gradients of an op called on `tensors` now (a forward-mode tangent on one of
+    them is an error: check_no_forward_ad)."""
+    check_no_forward_ad(*tensors)
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def check_no_forward_ad(*tensors) -> None:
+    """dsattn's ops have no forward-mode AD rule, and a torch.library custom op called on a dual tensor (or under
+    torch.func.jvp) returns a result without its tangent: refuse rather than return a silently wrong jvp."""
+    if torch.compiler.is_compiling():
+        return
+    dual = forward_ad._current_level >= 0 and any(
+        t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    if dual or torch._C._are_functorch_transforms_active() and any(
+            i.key() == torch._C._functorch.TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
+        raise NotImplementedError(
+            "dsattn: forward-mode AD (torch.autograd.forward_ad dual tensors, torch.func.jvp) is not supported by "
+            "dsattn's ops: the tangent would be dropped; use reverse mode (backward, torch.func.grad/vjp)")
 
 
 def select_backend(

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import dsattn
 from dsattn import _backend, capabilities
 
 CPU = torch.device("cpu")
@@ -227,3 +228,33 @@ def test_entry_fast_checks_accept_only_what_the_full_checks_accept():
             call(x, frozen)
         with torch.no_grad():
             call(x, frozen)
+
+
+def _forward_ad_calls():
+    q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
+    w4 = dsattn.quantize_int4(torch.randn(24, 64), group_size=32)
+    w8 = dsattn.quantize_int8(torch.randn(24, 64))
+    x = torch.randn(3, 64)
+    return {
+        "sliding_window_attention": (lambda q: dsattn.sliding_window_attention(q, k, v, window=4), q),
+        "linear_attention": (lambda q: dsattn.linear_attention(q, k, v), q),
+        "hybrid_attention": (lambda q: dsattn.hybrid_attention(q, k, v, prefix=2, window=2), q),
+        "int4_matmul": (lambda x: dsattn.int4_matmul(x, w4), x),
+        "int8_matmul": (lambda x: dsattn.int8_matmul(x, w8), x),
+    }
+
+
+@pytest.mark.parametrize("name", ["sliding_window_attention", "linear_attention", "hybrid_attention", "int4_matmul",
+                                  "int8_matmul"])
+def test_forward_mode_ad_is_refused_not_dropped(name):
+    """A custom op drops a dual tensor's tangent (the jvp would be zero): every entry refuses forward mode."""
+    from torch.autograd import forward_ad
+
+    fn, arg = _forward_ad_calls()[name]
+    with forward_ad.dual_level():
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            fn(forward_ad.make_dual(arg, torch.randn_like(arg)))
+        fn(arg)  # a plain tensor inside the dual level still runs
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(fn, (arg,), (torch.randn_like(arg),))
+    assert torch.func.vmap(fn)(arg.unsqueeze(0)).shape[1:] == fn(arg).shape  # other transforms still run

@@ -141,6 +141,7 @@ def int4_matmul(x, w, bias=None, *, backend="auto"):
     qweight, scales, zeros, group_size, input_scale = w.qweight, w.scales, w.zeros, w.group_size, w.input_scale
     device = x.device
     m = x.numel() // k if k else 0
+    _backend.check_no_forward_ad(x, bias)
     grad = grad_enabled and (x.requires_grad or bias is not None and bias.requires_grad)  # _backend.needs_grad
     chosen = select(OP, backend, device, x.dtype, grad, group_size, _auto_order(device.type, m))
     if not grad and chosen in ("cpp", "cuda") and int4_matmul_op is _REGISTERED \

@@ -116,6 +116,7 @@ def int8_matmul(x, w, bias=None, *, backend="auto"):
         check_frozen(**{"w.scales": w.scales})
     qweight, scales, group_size = w.qweight, w.scales, w.group_size
     device = x.device
+    _backend.check_no_forward_ad(x, bias)
     grad = grad_enabled and (x.requires_grad or bias is not None and bias.requires_grad)  # _backend.needs_grad
     chosen = select(OP, backend, device, x.dtype, grad, group_size, _auto_order(device.type))
     if not grad and chosen == "cpp" and int8_matmul_op is _REGISTERED \
