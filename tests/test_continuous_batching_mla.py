@@ -59,6 +59,18 @@ CASES = [(dict(attention="sliding_window", window=7), False, "sdpa"),
          (INT4, False, "eager"), (dict(attention="sliding_window", window=7, **INT4), False, "sdpa")]
 
 
+def _patched_runs(model, prompts, monkeypatch, options):
+    """(per-request generate's tokens, generate_batch's tokens, what _spy saw during generate_batch) of the model
+    patched with `options`, unpatched afterwards."""
+    dsattn.patch(model, **options)
+    try:
+        reference = per_request(model, prompts)
+        seen = _spy(monkeypatch)
+        return reference, batched(model, prompts), seen
+    finally:
+        dsattn.unpatch(model)
+
+
 @pytest.mark.parametrize("options,exact,implementation", CASES,
                          ids=["sliding7", "sliding4096", "int4-dense-eager", "sliding7-int4"])
 def test_generate_batch_reads_the_latent_pages_in_place(model_and_unpatched, prompts, options, exact, implementation,
@@ -69,13 +81,9 @@ def test_generate_batch_reads_the_latent_pages_in_place(model_and_unpatched, pro
     both layers runs the paged op on the latent pages (Dqk = kv_lora + rope = 24, Dv = kv_lora = 16)."""
     model, unpatched = model_and_unpatched
     model.set_attn_implementation(implementation)
-    dsattn.patch(model, **options)
     try:
-        reference = per_request(model, prompts)
-        seen = _spy(monkeypatch)
-        tokens = batched(model, prompts)
+        reference, tokens, seen = _patched_runs(model, prompts, monkeypatch, options)
     finally:
-        dsattn.unpatch(model)
         model.set_attn_implementation("sdpa")
     assert tokens == reference
     if exact:
@@ -96,13 +104,7 @@ def test_kv_b_proj_that_cannot_be_absorbed_reads_the_gathered_latents(model_and_
 
     model, _ = model_and_unpatched
     monkeypatch.setattr(mla_latent, "_absorbable", lambda module: False)
-    dsattn.patch(model, attention="sliding_window", window=7)
-    try:
-        reference = per_request(model, prompts)
-        seen = _spy(monkeypatch)
-        tokens = batched(model, prompts)
-    finally:
-        dsattn.unpatch(model)
+    reference, tokens, seen = _patched_runs(model, prompts, monkeypatch, dict(attention="sliding_window", window=7))
     assert tokens == reference
     assert not seen["latent_calls"] and max(seen["expanded"]) > MAX_BATCH_TOKENS  # the whole history expanded
 
