@@ -4,6 +4,7 @@ The package works without them: every op then runs on its Triton or PyTorch path
 `python -m dsattn info` instead of being raised.
 """
 
+import functools
 import importlib
 
 import torch
@@ -44,6 +45,13 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"dsattn_C::{op}", dispatch_key)
     except RuntimeError:  # op not declared in this build
         return False
+
+
+@functools.cache
+def compiled_op(name: str):
+    """torch.ops.dsattn_C.<name>.default, looked up once, so that per-call entries skip the attribute walk (called
+    after the backend selection has loaded the extension)."""
+    return getattr(torch.ops.dsattn_C, name).default
 
 
 _fakes_registered = False

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from dsattn import _backend, _checks
+from dsattn import _backend, _checks, _ext
 from dsattn._library import define_op
 from dsattn.quant.int4 import check_int4_weight, well_formed_shape
 from dsattn.torch_backend import int4_matmul as _torch
@@ -59,14 +59,14 @@ def _int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
             x2 = as_float32(x2)
         if input_scale is not None:
             x2 = x2 * input_scale.to(x2.dtype)
-        out = _kernel()(x2, qweight, as_float32(scales), zeros, group_size, as_float32(bias))
+        out = _ext.compiled_op("int4_matmul")(x2, qweight, as_float32(scales), zeros, group_size, as_float32(bias))
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
         return out if two_d else out.reshape(*x.shape[:-1], n)
     if input_scale is not None:
         x2 = x2 * input_scale.to(x2.dtype)
     if backend == "cuda":
-        out = _kernel()(x2, qweight, scales, zeros, group_size, bias)
+        out = _ext.compiled_op("int4_matmul")(x2, qweight, scales, zeros, group_size, bias)
     else:
         from dsattn.triton_kernels import int4_matmul as _triton
 
@@ -76,16 +76,6 @@ def _int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
 
 def as_float32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t if t is None or t.dtype == torch.float32 else t.float()
-
-
-_KERNEL = []
-
-
-def _kernel():
-    """torch.ops.dsattn_C.int4_matmul.default, looked up once (the extension loads on first use)."""
-    if not _KERNEL:
-        _KERNEL.append(torch.ops.dsattn_C.int4_matmul.default)
-    return _KERNEL[0]
 
 
 int4_matmul_op = define_op(OP, _int4_matmul)

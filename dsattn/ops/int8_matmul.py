@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from dsattn import _backend, _checks
+from dsattn import _backend, _checks, _ext
 from dsattn._library import define_op
 from dsattn.ops.int4_matmul import as_float32, select
 from dsattn.quant.int8 import check_int8_weight, well_formed_shape
@@ -47,7 +47,7 @@ def _int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, g
         x2 = x if two_d else x.reshape(-1, k)
         if x2.dtype != torch.bfloat16:
             x2 = as_float32(x2)
-        out = _kernel()(x2, qweight, as_float32(scales), group_size, as_float32(bias))
+        out = _ext.compiled_op("int8_matmul")(x2, qweight, as_float32(scales), group_size, as_float32(bias))
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
         return out if two_d else out.reshape(*x.shape[:-1], n)
@@ -55,16 +55,6 @@ def _int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, g
 
     out = _triton.int8_matmul(x.reshape(-1, k), qweight, scales, group_size, bias)
     return out.reshape(*x.shape[:-1], n)
-
-
-_KERNEL = []
-
-
-def _kernel():
-    """torch.ops.dsattn_C.int8_matmul.default, looked up once (the extension loads on first use)."""
-    if not _KERNEL:
-        _KERNEL.append(torch.ops.dsattn_C.int8_matmul.default)
-    return _KERNEL[0]
 
 
 int8_matmul_op = define_op(OP, _int8_matmul)
