@@ -22,6 +22,8 @@
 // are zeros.
 #include "cpu/brgemm_dequant.h"
 
+#include "cpu/aligned_buffer.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
@@ -30,7 +32,6 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <vector>
 
 namespace dsattn {
 namespace amx {
@@ -222,9 +223,9 @@ void store_out(const float* acc, int64_t cols, int64_t rows, int64_t rows_x, con
 
 // Per-thread scratch reused across calls (no page faults per call).
 struct Scratch {
-  std::vector<uint16_t> a;
-  std::vector<float> c;
-  std::vector<uint32_t> xt;
+  AlignedBuffer<uint16_t> a;
+  AlignedBuffer<float> c;
+  AlignedBuffer<uint32_t> xt;
 };
 Scratch& scratch() {
   static thread_local Scratch s;
@@ -251,9 +252,9 @@ void gemm(const uint16_t* x, int64_t ldx, int64_t m, int64_t n, int64_t k, Dequa
       bool packed = false;
       for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) {
         if (!packed) {
-          if (static_cast<int64_t>(s.a.size()) < sub * kb) s.a.resize(sub * kb);
-          if (static_cast<int64_t>(s.c.size()) < tn * cols) s.c.resize(tn * cols);
-          if (static_cast<int64_t>(s.xt.size()) < cols * k / 2) s.xt.resize(cols * k / 2);
+          s.a.reserve(sub * kb);
+          s.c.reserve(tn * cols);
+          s.xt.reserve(cols * k / 2);
           (k4 ? pack_x_k4 : pack_x)(x, ldx, m0, rows_x, cols, k, s.xt.data());
           packed = true;
         }
