@@ -79,7 +79,6 @@ def as_float32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 int4_matmul_op = define_op(OP, _int4_matmul)
-_REGISTERED = int4_matmul_op
 
 
 def _setup_context(ctx, inputs, output):
@@ -134,9 +133,8 @@ def int4_matmul(x, w, bias=None, *, backend="auto"):
     _backend.check_no_forward_ad(x, bias)
     grad = grad_enabled and (x.requires_grad or bias is not None and bias.requires_grad)  # _backend.needs_grad
     chosen = select(OP, backend, device, x.dtype, grad, group_size, _auto_order(device.type, m))
-    if not grad and chosen in ("cpp", "cuda") and int4_matmul_op is _REGISTERED \
-            and _backend.plain_eager(x, qweight, scales, zeros, input_scale, bias):
-        # No gradient, no tracer or mode for the op's dispatch to serve: the op would only forward here. A
-        # replaced int4_matmul_op (a test's spy) still sees every call.
+    if not grad and chosen in ("cpp", "cuda") and _backend.plain_eager(x, qweight, scales, zeros, input_scale, bias):
+        # No gradient, no tracer or mode for the op's dispatch to serve: the op would only forward here. The
+        # selection above recorded the backend (_backend.recording sees this call too).
         return _int4_matmul(x, qweight, scales, zeros, group_size, input_scale, bias, chosen)
     return int4_matmul_op(x, qweight, scales, zeros, group_size, input_scale, bias, chosen)
