@@ -9,7 +9,7 @@ bf16 weight): dsattn-cpp-bf16 runs the kernel's bf16 GEMM path (from 16 rows; fe
 GPU (gpu_only): dsattn's Triton and CUDA kernels vs torch fp16 matmul (baseline), torchao int4 weight-only
 (tinygemm, bf16) and gemlite A16W4 when importable, M in {1, 16, 128, 4096}, N=K=8192, g128, fp16 x. M=1 records
 the achieved weight-streaming bandwidth (packed weight + scales + zeros + x + out bytes / median) as gbps.
-MoE experts (gpu_only, op int4_experts): one layer of DeepSeek-V2-Lite-sized experts (H=2048, I=1408, top-6
+MoE experts (op int4_experts; test_int4_experts_cpu on the CPU with E=8 and T in {1, 16, 128}): one layer of DeepSeek-V2-Lite-sized experts (H=2048, I=1408, top-6
 routing, g128, bf16) for E in {8, 64} and T in {1, 16, 128, 512} tokens: Int4Experts' grouped Triton kernel
 (every expert in one launch per projection) vs the per-expert loop over int4_matmul (Int4Experts before
 the grouped kernel) vs the same loop with torch bf16 matmuls on the dequantized weights (baseline,
@@ -142,6 +142,7 @@ def test_int4_matmul_gpu(run_bench, benchmark, provider, m, n, k):
 
 MOE_HIDDEN, MOE_INTER, MOE_TOP_K = 2048, 1408, 6
 MOE_SHAPES = [(e, t) for e in (8, 64) for t in (1, 16, 128, 512)]
+MOE_CPU_SHAPES = [(8, t) for t in (1, 16, 128)]
 
 
 def _expert_loop(h, top_k_index, top_k_weights, gate_up, down, act_fn):
@@ -155,13 +156,11 @@ def _expert_loop(h, top_k_index, top_k_weights, gate_up, down, act_fn):
     return out
 
 
-@pytest.mark.gpu_only
-@pytest.mark.parametrize("experts,tokens", MOE_SHAPES)
-@pytest.mark.parametrize("provider", ["torch-bf16-loop", "dsattn-int4-loop", "dsattn-triton"])
-def test_int4_experts_gpu(run_bench, provider, experts, tokens):
-    device, dtype = "cuda", torch.bfloat16
-    if unusable_reason("triton", torch.device(device)):
-        pytest.skip(unusable_reason("triton", torch.device(device)))
+def _experts_fn(provider, experts, tokens, device):
+    """One DeepSeek-V2-Lite-sized expert layer on `device` in bf16 and the call `provider` times: the module's
+    grouped op ("dsattn-triton" / "dsattn-cpp": every expert in one call), the per-expert int4_matmul loop, or
+    transformers' eager loop on the dequantized bf16 weights (torch-bf16-loop)."""
+    dtype = torch.bfloat16
     act_fn = torch.nn.SiLU()
     module = dsattn.nn.Int4Experts(experts, MOE_HIDDEN, MOE_INTER, act_fn, group_size=GROUP, dtype=dtype,
                                    device=device)
@@ -172,17 +171,40 @@ def test_int4_experts_gpu(run_bench, provider, experts, tokens):
     h = torch.randn(tokens, MOE_HIDDEN, device=device, dtype=dtype)
     top_k_weights, top_k_index = torch.randn(tokens, experts, device=device).softmax(-1).topk(
         min(MOE_TOP_K, experts), dim=-1)
-    if provider == "dsattn-triton":
-        fn = lambda: module(h, top_k_index, top_k_weights)  # noqa: E731
-    elif provider == "dsattn-int4-loop":
-        fn = lambda: _expert_loop(  # noqa: E731
+    if provider in ("dsattn-triton", "dsattn-cpp"):
+        return lambda: module(h, top_k_index, top_k_weights)
+    if provider == "dsattn-int4-loop":
+        return lambda: _expert_loop(
             h, top_k_index, top_k_weights, lambda e, x: dsattn.int4_matmul(x, module.int4_weight("gate_up", e)),
             lambda e, x: dsattn.int4_matmul(x, module.int4_weight("down", e)), act_fn)
-    else:
-        gate_up = torch.stack([module.int4_weight("gate_up", e).dequantize(dtype) for e in range(experts)])
-        down = torch.stack([module.int4_weight("down", e).dequantize(dtype) for e in range(experts)])
-        fn = lambda: _expert_loop(h, top_k_index, top_k_weights, lambda e, x: x @ gate_up[e].T,  # noqa: E731
-                                  lambda e, x: x @ down[e].T, act_fn)
+    gate_up = torch.stack([module.int4_weight("gate_up", e).dequantize(dtype) for e in range(experts)])
+    down = torch.stack([module.int4_weight("down", e).dequantize(dtype) for e in range(experts)])
+    return lambda: _expert_loop(h, top_k_index, top_k_weights, lambda e, x: x @ gate_up[e].T,
+                                lambda e, x: x @ down[e].T, act_fn)
+
+
+def _bench_experts(run_bench, fn, provider, experts, tokens, device):
     run_bench(fn, op="int4_experts", provider=provider,
               shape={"E": experts, "T": tokens, "top_k": min(MOE_TOP_K, experts), "H": MOE_HIDDEN, "I": MOE_INTER,
-                     "g": GROUP}, device=device, dtype=dtype, baseline=provider == "torch-bf16-loop")
+                     "g": GROUP}, device=device, dtype=torch.bfloat16, baseline=provider == "torch-bf16-loop")
+
+
+@pytest.mark.gpu_only
+@pytest.mark.parametrize("experts,tokens", MOE_SHAPES)
+@pytest.mark.parametrize("provider", ["torch-bf16-loop", "dsattn-int4-loop", "dsattn-triton"])
+def test_int4_experts_gpu(run_bench, provider, experts, tokens):
+    if unusable_reason("triton", torch.device("cuda")):
+        pytest.skip(unusable_reason("triton", torch.device("cuda")))
+    _bench_experts(run_bench, _experts_fn(provider, experts, tokens, "cuda"), provider, experts, tokens, "cuda")
+
+
+@pytest.mark.parametrize("experts,tokens", MOE_CPU_SHAPES)
+@pytest.mark.parametrize("provider", ["torch-bf16-loop", "dsattn-cpp"])
+def test_int4_experts_cpu(run_bench, bench_device, provider, experts, tokens):
+    """The CPU expert layer: int4_grouped_matmul's compiled backend (per expert the kernel's bf16 paths: decode
+    below 16 rows, the AMX GEMM from there) vs transformers' eager loop on bf16 weights."""
+    if bench_device != "cpu":
+        pytest.skip("CPU providers; the GPU ones are in test_int4_experts_gpu")
+    if unusable_reason("cpp", torch.device("cpu"), "int4_matmul"):
+        pytest.skip("compiled CPU kernel not built")
+    _bench_experts(run_bench, _experts_fn(provider, experts, tokens, "cpu"), provider, experts, tokens, "cpu")
