@@ -77,7 +77,8 @@ CAPABILITIES: dict[str, dict[str, Capability]] = {
     # Triton backward: FlashAttention-2 style over the listed (topk: selected) keys, dk/dv by fp32 atomics.
     # Paged KV cache read through a block table (continuous batching).
     # triton: split-K forward over the blocks in place; its backward is the torch backend's (a correct gradient).
-    "paged_sliding_window_attention": {"triton": Capability(dtypes=KERNEL_FLOATS, backward=True, max_head_dim=256,
+    # Head dims over 256 (MLA's latent pages, 576 / 512) take its second kernel (q/k in two column chunks).
+    "paged_sliding_window_attention": {"triton": Capability(dtypes=KERNEL_FLOATS, backward=True, max_head_dim=576,
                                                             max_offset=INT32_OFFSETS),
                                        "torch": TORCH,
                                        "cpp": Capability(dtypes=KERNEL_FLOATS,

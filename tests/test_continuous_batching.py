@@ -583,9 +583,9 @@ def test_auto_takes_triton_on_cuda():
     request = capabilities.Request(dtype=torch.bfloat16, head_dim=128)
     assert _backend.select_backend("paged_sliding_window_attention", "auto", torch.device("cuda"), request,
                                    auto_order=("triton", "torch")) == "triton"
-    with pytest.raises(ValueError, match="head dims up to 256"):
+    with pytest.raises(ValueError, match="head dims up to 576"):
         _backend.select_backend("paged_sliding_window_attention", "triton", torch.device("cuda"),
-                                capabilities.Request(dtype=torch.bfloat16, head_dim=576))
+                                capabilities.Request(dtype=torch.bfloat16, head_dim=640))
 
 
 def _bad(**changes):

@@ -14,7 +14,7 @@ from dsattn import testing  # noqa: E402
 from dsattn.models import tiny_model  # noqa: E402
 from dsattn.reference.paged_sliding_window_attention import paged_sliding_window_attention as paged_oracle  # noqa: E402
 from tests.test_continuous_batching import (LENS_Q, MAX_BATCH_TOKENS, PROMPT_LENGTHS, _count_calls,  # noqa: E402
-                                            _cpp_or_skip, batched, paged_inputs, per_request)
+                                            _cpp_or_skip, _poison_unread_blocks, batched, paged_inputs, per_request)
 
 INT4 = dict(quantize="int4", group_size=16, keep_first_last=False)  # 16 divides every in-dim of the tiny model
 
@@ -116,11 +116,9 @@ def test_kv_b_proj_that_cannot_be_absorbed_reads_the_gathered_latents(model_and_
 def test_paged_op_on_latent_pages(backend, dims, window):
     """Latent pages as the hook passes them: one KV head, keys the rows [kv_nope | k_rot] (Dqk = r + rope), values
     their first r columns (a strided view of the same pages, Dv = r); blocks shuffled, partial last blocks, 4
-    query heads; DeepSeek-V3's 512 + 64 on the backends that take head dims over 256."""
+    query heads; DeepSeek-V3's 512 + 64 on every backend (Triton: its latent kernel)."""
     _cpp_or_skip(backend)
     r, rope = dims
-    if backend == "triton" and r + rope > 256:
-        pytest.skip("the Triton kernel takes head dims up to 256 (see test_wide_latent_heads_pick_a_backend)")
     q, k_pages, _, table, cu, lens = paged_inputs(hq=4, hkv=1, dqk=r + rope, dv=r, seed=r)
     v_pages = k_pages[..., :r]
     out = dsattn.paged_sliding_window_attention(testing.non_contiguous(q), k_pages, v_pages, table, cu, lens,
@@ -130,13 +128,105 @@ def test_paged_op_on_latent_pages(backend, dims, window):
 
 
 def test_wide_latent_heads_pick_a_backend():
-    """DeepSeek-V3's latent heads (576 / 512) are over the Triton kernel's 256: auto on CUDA takes the torch backend
-    (which reads only the visible blocks), an explicit triton is a ValueError naming the limit."""
+    """DeepSeek-V3's latent heads (576 / 512): auto on CUDA takes the Triton latent kernel; heads wider than it covers
+    take the torch backend (which reads only the visible blocks), and an explicit triton is a ValueError naming the
+    limit."""
     from dsattn import _backend, capabilities
     from dsattn.ops.sliding_window_attention import AUTO_ORDER
 
+    op, cuda = "paged_sliding_window_attention", torch.device("cuda")
     request = capabilities.Request(dtype=torch.bfloat16, head_dim=576)
-    assert _backend.select_backend("paged_sliding_window_attention", "auto", torch.device("cuda"), request,
-                                   auto_order=AUTO_ORDER["cuda"]) == "torch"
-    with pytest.raises(ValueError, match="head dims up to 256"):
-        _backend.select_backend("paged_sliding_window_attention", "triton", torch.device("cuda"), request)
+    assert _backend.select_backend(op, "auto", cuda, request, auto_order=AUTO_ORDER["cuda"]) == "triton"
+    request = capabilities.Request(dtype=torch.bfloat16, head_dim=640)
+    assert _backend.select_backend(op, "auto", cuda, request, auto_order=AUTO_ORDER["cuda"]) == "torch"
+    with pytest.raises(ValueError, match="head dims up to 576"):
+        _backend.select_backend(op, "triton", cuda, request)
+
+
+def test_triton_values_wider_than_the_latent_tile(triton_device):
+    """Values over the latent kernel's 512 columns (Dqk = Dv = 576, keys and values the same rows) run as one
+    launch per column slice: the same as the oracle."""
+    q, k_pages, _, table, cu, lens = paged_inputs(hq=2, hkv=1, dqk=576, dv=576, lens_q=(2, 1), lens_k=(7, 12), seed=9)
+    expected = paged_oracle(q.double(), k_pages.double(), k_pages.double(), table, cu, lens, 5, scale=0.05)
+    out = dsattn.paged_sliding_window_attention(*(t.to(triton_device) for t in (q, k_pages, k_pages, table, cu, lens)),
+                                                2, 5, scale=0.05, backend="triton")
+    testing.assert_close(out.cpu(), expected, 1e-5)
+
+
+def _poison_unseen_rows(k_pages, table, lens_q, lens_k, window, page):
+    """NaN / Inf into the key rows (latent and rope columns, hence the value view too) that no query of their
+    sequence sees: before every query's window and past the sequence's keys in its last block."""
+    poisoned = 0
+    for s, (nq, nk) in enumerate(zip(lens_q, lens_k)):
+        first_seen = max(0, nk - nq - window + 1) if nq else nk
+        for j in [*range(first_seen), *range(nk, -(-nk // page) * page)]:
+            k_pages[int(table[s, j // page]), j % page] = float("nan") if j % 2 else float("inf")
+            poisoned += 1
+    return poisoned
+
+
+# (dtype, query heads over one KV head, (latent r, rope), page, splits, window, sinks, query lengths): Dqk over
+# 256 in the latent kernel's two column chunks (256 + 32, DeepSeek-V3's 512 + 64); decode rows alone and beside
+# prefill chunks (16-bit row tiles of 16 heads x 2 queries); windows that skip blocks and dense ones; forced key
+# splits (the combine kernel at Dv 256 / 512); 32 heads over the fp32 16-row tile (two head chunks).
+LATENT_CASES = [
+    (torch.bfloat16, 16, (256, 32), 8, None, 6, True, LENS_Q),
+    (torch.float32, 32, (256, 32), 16, 3, 20, False, (1, 1, 0, 1, 1, 1)),
+    (torch.bfloat16, 16, (512, 64), 8, 2, 4096, True, LENS_Q),
+    (torch.float32, 16, (512, 64), 16, None, 4096, True, LENS_Q),
+]
+
+
+@pytest.mark.parametrize("dtype,hq,dims,page,splits,window,with_sinks,lens_q", LATENT_CASES,
+                         ids=["bf16-288-w6", "fp32-288-h32-decode-split-w20", "bf16-576-split-dense",
+                              "fp32-576-dense"])
+def test_triton_latent_kernel_matches_the_oracle(triton_device, dtype, hq, dims, page, splits, window, with_sinks,
+                                                 lens_q):
+    """The latent kernel on MLA-shaped pages (one KV head; values the first r columns of the key rows, a strided
+    view of the same storage; q non-contiguous) against the float64 oracle; blocks shuffled, partial last blocks,
+    NaN / Inf in every key row no query sees (in read blocks too) and in every unread block, and the table entries
+    before the windows pointed at a poisoned block: none reaches an output."""
+    from dsattn.triton_kernels import paged_sliding_window_attention as kernel
+
+    r, rope = dims
+    q, k_pages, _, table, cu, lens = paged_inputs(hq=hq, hkv=1, dqk=r + rope, dv=r, dtype=dtype, block=page,
+                                                  lens_q=lens_q, seed=r + page + window)
+    sinks = torch.randn(hq) if with_sinks else None
+    expected = paged_oracle(q.double(), k_pages.double(), k_pages[..., :r].double(), table, cu, lens, window,
+                            scale=0.05, sinks=None if sinks is None else sinks.double())
+    lens_k = lens.tolist()
+    assert _poison_unseen_rows(k_pages, table, lens_q, lens_k, window, page) >= 5
+    assert _poison_unread_blocks(k_pages, k_pages[..., :r], table, lens_q, lens_k, window, page) >= 3
+    k_pages, table, cu, lens = (t.to(triton_device) for t in (k_pages, table, cu, lens))
+    v_pages = k_pages[..., :r]
+    assert v_pages.data_ptr() == k_pages.data_ptr() and not v_pages.is_contiguous()
+    out = kernel.paged_sliding_window_attention(testing.non_contiguous(q).to(triton_device), k_pages, v_pages, table,
+                                                cu, lens, max(lens_q), window, 0.05,
+                                                None if sinks is None else sinks.to(triton_device), num_splits=splits)
+    assert out.dtype == dtype and out.shape == (sum(lens_q), hq, r)
+    testing.assert_close(out.cpu(), expected, 1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_gradient_through_the_triton_latent_forward(triton_device):
+    """The op on latent pages with backend="triton" (the latent kernel's forward, the torch backend's backward):
+    gradients of q, the pages (through both the keys and their value view) and sinks match float64 autograd of
+    the oracle."""
+    from dsattn import _backend
+
+    r, rope, lens_q, lens_k = 256, 32, (1, 3, 2), (9, 5, 12)
+    q, k_pages, _, table, cu, lens = paged_inputs(hq=16, hkv=1, dqk=r + rope, dv=r, block=4, lens_q=lens_q,
+                                                  lens_k=lens_k, seed=5)
+    q, k_pages, table, cu, lens = (t.to(triton_device) for t in (q, k_pages, table, cu, lens))
+    sinks = torch.randn(16, device=triton_device)
+
+    def op(q, k_pages, sinks):
+        return dsattn.paged_sliding_window_attention(q, k_pages, k_pages[..., :r], table, cu, lens, max(lens_q), 4,
+                                                     scale=0.05, sinks=sinks, backend="triton")
+
+    def oracle(q, k_pages, sinks):
+        return paged_oracle(q, k_pages, k_pages[..., :r], table, cu, lens, 4, scale=0.05, sinks=sinks)
+
+    with _backend.recording() as chosen:
+        testing.assert_grads_match(op, oracle, [t.requires_grad_() for t in (q, k_pages, sinks)], 1e-5,
+                                   name="paged latent")
+    assert chosen["paged_sliding_window_attention"] == {"triton"}
