@@ -334,24 +334,21 @@ inline void zero_kv_row(int64_t D, int64_t DvP, float* Kt, float* Vt, int64_t jj
 
 // The packed K / V tiles of one call. Uninitialized: the packing writes every element (zero rows outside
 // [0, Sk)). Up to kKeepFloats per slot are kept per calling thread and reused: a fresh buffer of this size comes
-// from mmap and page-faults on first touch at every call, which costs more than a decode call's arithmetic.
+// from mmap and page-faults on first touch at every call, which costs more than a decode call's arithmetic. On a
+// 4 KiB boundary (AlignedBuffer), so that the tiles' rows sit on whole cache lines.
 struct PackBuffer {
   static constexpr int64_t kKeepFloats = int64_t(1) << 23;  // 32 MiB per slot
   float* ptr;
-  std::unique_ptr<float[]> own;
+  AlignedBuffer<float> own;
   PackBuffer(int64_t n, int slot) {
-    thread_local std::unique_ptr<float[]> kept[2];
-    thread_local int64_t kept_n[2] = {0, 0};
+    thread_local AlignedBuffer<float> kept[2];
     if (n > kKeepFloats) {
-      own.reset(new float[n]);
-      ptr = own.get();
+      own.reserve(n);
+      ptr = own.data();
       return;
     }
-    if (kept_n[slot] < n) {
-      kept[slot].reset(new float[n]);
-      kept_n[slot] = n;
-    }
-    ptr = kept[slot].get();
+    kept[slot].reserve(n);
+    ptr = kept[slot].data();
   }
   float* get() const { return ptr; }
 };
@@ -480,14 +477,14 @@ void sliding_tiles(const SlidingArgs& a, const KV& kv, const std::vector<char>& 
     task_prefix[s + 1] = task_prefix[s] + (on_tiles[s] ? a.hkv * ((a.seqs[s].sq + BQ - 1) / BQ) : 0);
   const int64_t MaxM = G * BQ, MaxMP = round_up(MaxM, Vec::W);
   struct Scratch {
-    std::vector<float> Qp, S, O, m, l, ms, alpha;
-    std::vector<Range> rows, seen;
+    ScratchVec<float> Qp, S, O, m, l, ms, alpha;
+    ScratchVec<Range> rows, seen;
   };
   const auto make_scratch = [&] {
-    return Scratch{std::vector<float>(MaxM * std::max<int64_t>(D, 1)), std::vector<float>(MaxM * BK),
-                   std::vector<float>(MaxM * DvP), std::vector<float>(MaxMP), std::vector<float>(MaxMP),
-                   std::vector<float>(Vec::W), std::vector<float>(MaxMP), std::vector<Range>(BQ),
-                   std::vector<Range>(MaxM)};
+    return Scratch{ScratchVec<float>(MaxM * std::max<int64_t>(D, 1)), ScratchVec<float>(MaxM * BK),
+                   ScratchVec<float>(MaxM * DvP), ScratchVec<float>(MaxMP), ScratchVec<float>(MaxMP),
+                   ScratchVec<float>(Vec::W), ScratchVec<float>(MaxMP), ScratchVec<Range>(BQ),
+                   ScratchVec<Range>(MaxM)};
   };
   parallel_tasks(task_prefix.back(), 2, make_scratch, [&](int64_t task, Scratch& sc) {
     auto &Qp = sc.Qp, &S = sc.S, &O = sc.O, &m = sc.m, &l = sc.l;
@@ -645,15 +642,15 @@ void sliding_rows(const SlidingArgs& a, const KV& kv, const std::vector<int64_t>
   }
   std::vector<float> part_ml(parts * 2), part_o(parts * Dv);
   struct Scratch {
-    std::vector<float> Qp, S, O, m, l;
-    std::vector<Range> rows;
-    std::vector<const T*> kp0, vp0, kp, vp;
+    ScratchVec<float> Qp, S, O, m, l;
+    ScratchVec<Range> rows;
+    ScratchVec<const T*> kp0, vp0, kp, vp;
   };
   const auto make_scratch = [&] {
-    return Scratch{std::vector<float>(max_rows * D), std::vector<float>(max_rows * BK), std::vector<float>(max_rows * Dv),
-                   std::vector<float>(max_rows), std::vector<float>(max_rows), std::vector<Range>(max_rows),
-                   std::vector<const T*>(BK), std::vector<const T*>(BK), std::vector<const T*>(BK),
-                   std::vector<const T*>(BK)};
+    return Scratch{ScratchVec<float>(max_rows * D), ScratchVec<float>(max_rows * BK), ScratchVec<float>(max_rows * Dv),
+                   ScratchVec<float>(max_rows), ScratchVec<float>(max_rows), ScratchVec<Range>(max_rows),
+                   ScratchVec<const T*>(BK), ScratchVec<const T*>(BK), ScratchVec<const T*>(BK),
+                   ScratchVec<const T*>(BK)};
   };
   parallel_tasks(static_cast<int64_t>(items.size()), 1, make_scratch, [&](int64_t idx, Scratch& sc) {
     const Item& it = items[idx];
@@ -900,14 +897,14 @@ void sparse_rows_typed(const SparseArgs& a) {
   const int64_t tasks = a.batch * nblk * ngroup;
   const int64_t states = hgroup * G * BQ;
   struct Scratch {
-    std::vector<int32_t> keys;   // [BQ][topk] bucketed by chunk
-    std::vector<int64_t> start;  // [BQ][nchunk + 1]
-    std::vector<float> Qp, O, L, M;
+    ScratchVec<int32_t> keys;   // [BQ][topk] bucketed by chunk
+    ScratchVec<int64_t> start;  // [BQ][nchunk + 1]
+    ScratchVec<float> Qp, O, L, M;
   };
   const auto make_scratch = [&] {
-    return Scratch{std::vector<int32_t>(BQ * std::max<int64_t>(a.topk, 1)), std::vector<int64_t>(BQ * (nchunk + 1)),
-                   std::vector<float>(states * D), std::vector<float>(states * Dv), std::vector<float>(states * W),
-                   std::vector<float>(states)};
+    return Scratch{ScratchVec<int32_t>(BQ * std::max<int64_t>(a.topk, 1)), ScratchVec<int64_t>(BQ * (nchunk + 1)),
+                   ScratchVec<float>(states * D), ScratchVec<float>(states * Dv), ScratchVec<float>(states * W),
+                   ScratchVec<float>(states)};
   };
   parallel_tasks(tasks, 1, make_scratch, [&](int64_t task, Scratch& sc) {
     const int64_t hg = task % ngroup, blk = (task / ngroup) % nblk, b = task / (ngroup * nblk);
@@ -993,14 +990,14 @@ void sparse_typed(const SparseArgs& a) {
   T* out = static_cast<T*>(a.out);
   const int64_t tasks = a.batch * a.hkv * a.sq;
   struct Scratch {
-    std::vector<float> Qp, S, O, m, l, Kt, Vt;
-    std::vector<int64_t> keys;
+    ScratchVec<float> Qp, S, O, m, l, Kt, Vt;
+    ScratchVec<int64_t> keys;
   };
   const auto make_scratch = [&] {
-    return Scratch{std::vector<float>(G * std::max<int64_t>(D, 1)), std::vector<float>(G * BK),
-                   std::vector<float>(G * DvP), std::vector<float>(G), std::vector<float>(G),
-                   std::vector<float>(std::max<int64_t>(D, 1) * BK), std::vector<float>(BK * DvP),
-                   std::vector<int64_t>(a.topk)};
+    return Scratch{ScratchVec<float>(G * std::max<int64_t>(D, 1)), ScratchVec<float>(G * BK),
+                   ScratchVec<float>(G * DvP), ScratchVec<float>(G), ScratchVec<float>(G),
+                   ScratchVec<float>(std::max<int64_t>(D, 1) * BK), ScratchVec<float>(BK * DvP),
+                   ScratchVec<int64_t>(a.topk)};
   };
   // Decode (few tasks, long lists): each task's list is split into chunks of kSplitKeys listings, computed as
   // separate items and merged (flash-decoding). The split depends on the shape only, never on the thread

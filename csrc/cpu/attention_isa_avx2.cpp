@@ -11,7 +11,9 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/aligned_buffer.h"
 #include "cpu/attention_kernels.h"
+#include "cpu/attention_scratch.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>

@@ -12,7 +12,9 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/aligned_buffer.h"
 #include "cpu/attention_kernels.h"
+#include "cpu/attention_scratch.h"
 
 namespace dsattn {
 namespace cpu_attn {

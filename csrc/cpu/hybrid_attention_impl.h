@@ -67,8 +67,8 @@ inline void pv_seen(const float* P, int64_t M, const PackedV& V, const Range* se
 }
 
 struct HybridScratch {
-  std::vector<float> Qp, Fq, Fqs, S, Oe, Of, m, l, ms, alpha, den, Sf, z, Fk;
-  std::vector<Range> pre, band, far, seen;
+  ScratchVec<float> Qp, Fq, Fqs, S, Oe, Of, m, l, ms, alpha, den, Sf, z, Fk;
+  ScratchVec<Range> pre, band, far, seen;
   std::unique_ptr<PackBuffer> K, V;  // the packed tiles of (batch, KV head) `head`: tiles [0, packed)
   int64_t head = -1, packed = 0;
 };
@@ -206,7 +206,7 @@ void hybrid_typed(const HybridArgs& a) {
         }
 
       // Exact keys: each row's range of `ranges`, tile by tile through the online softmax.
-      const auto exact = [&](const std::vector<Range>& ranges) {
+      const auto exact = [&](const ScratchVec<Range>& ranges) {
         int64_t lo = INT64_MAX, hi = -1;
         for (int64_t ii = 0; ii < nq; ++ii)
           if (ranges[ii].lo <= ranges[ii].hi) {

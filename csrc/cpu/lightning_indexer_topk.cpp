@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cpu/attention_kernels.h"
+#include "cpu/attention_scratch.h"
 #include "cpu/topk_select_row.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -109,7 +110,7 @@ at::Tensor lightning_indexer_topk_cpu(const at::Tensor& q, const at::Tensor& k, 
   const float* wp = w.data_ptr<float>();
   const int64_t nblk = (sk + KB - 1) / KB;
   // 1. Keys transposed per block of KB: kt[b][blk][D][KB], zero past Sk.
-  std::vector<float> kt(static_cast<size_t>(b * nblk * d * KB), 0.f);
+  ScratchVec<float> kt(static_cast<size_t>(b * nblk * d * KB), 0.f);
   at::parallel_for(0, b * nblk, 16, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t bi = u / nblk, blk = u % nblk;
@@ -125,7 +126,7 @@ at::Tensor lightning_indexer_topk_cpu(const at::Tensor& q, const at::Tensor& k, 
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
   std::atomic<int64_t> next{0};
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<float> scores(static_cast<size_t>(RB * nblk * KB));
+    ScratchVec<float> scores(static_cast<size_t>(RB * nblk * KB));
     topk_cpu::Scratch sc;
     for (int64_t t = next.fetch_add(1); t < total; t = next.fetch_add(1)) {
       const int64_t bi = t / nrb, i0 = (t % nrb) * RB, nr = std::min(RB, sq - i0);

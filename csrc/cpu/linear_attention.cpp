@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cpu/attention_args.h"
+#include "cpu/attention_scratch.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>

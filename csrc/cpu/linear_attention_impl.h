@@ -92,7 +92,7 @@ inline void gemm(int64_t M, int64_t N, int64_t T, const float* A, int64_t lda, c
 }
 
 struct Buffers {
-  std::vector<float> q, k, kt, v, a, o, s, z, den;
+  ScratchVec<float> q, k, kt, v, a, o, s, z, den;
   Buffers(int64_t dk, int64_t dvp, int64_t cp)
       : q(kChunk * dk), k(kChunk * dk), kt(dk * cp), v(kChunk * dvp), a(kChunk * cp), o(kChunk * dvp), s(dk * dvp),
         z(dk), den(kChunk) {}
