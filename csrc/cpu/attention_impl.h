@@ -1,4 +1,4 @@
-// Flash-style CPU attention, included by attention_isa_*.cpp inside namespace dsattn::cpu_attn::isa_<name>
+// Flash-style CPU attention, included by cpu_isa_*.cpp inside namespace dsattn::cpu_attn::isa_<name>
 // after `struct Vec` (the ISA's fp32 vector: W lanes, RM register rows, load/store/set1/fma/max/exp/...).
 // No includes here: the including file provides <algorithm>, <cmath>, <limits>, <vector>, ATen/Parallel.h
 // and c10's BFloat16/Half before its target pragma.
@@ -783,7 +783,7 @@ void sliding_window_typed(const SlidingArgs& a) {
     sliding_window_run<T>(a, DenseKV<T>{k, v, a.seqs, a.ks, a.vs});
 }
 
-void sliding_window(const SlidingArgs& a) {
+void sliding_window(Tag, const SlidingArgs& a) {
   switch (a.dtype) {
     case kFloat32: sliding_window_typed<float>(a); break;
     case kBFloat16: sliding_window_typed<c10::BFloat16>(a); break;
@@ -1105,7 +1105,7 @@ void sparse_dtype(const SparseArgs& a) {
     sparse_typed<T, int32_t>(a);
 }
 
-void sparse(const SparseArgs& a) {
+void sparse(Tag, const SparseArgs& a) {
   switch (a.dtype) {
     case kFloat32: sparse_dtype<float>(a); break;
     case kBFloat16: sparse_dtype<c10::BFloat16>(a); break;

@@ -1,9 +1,9 @@
 // Shared declarations of the CPU attention kernels (sliding_window_attention.cpp, sparse_attention.cpp).
 //
-// The arithmetic lives in attention_impl.h, compiled three times: attention_isa_avx512.cpp and
-// attention_isa_avx2.cpp (each under its own `#pragma GCC target`, in its own namespace so that no inline
-// function built for one ISA is merged into another's callers) and attention_isa_portable.cpp (the baseline
-// ISA of the build, any architecture). resolve_isa() picks one at run time from the CPU's features.
+// The arithmetic lives in attention_impl.h, compiled three times: cpu_isa_avx512.cpp and cpu_isa_avx2.cpp (each
+// under its own `#pragma GCC target`, in its own namespace so that no inline function built for one ISA is merged
+// into another's callers) and cpu_isa_portable.cpp (the baseline ISA of the build, any architecture).
+// resolve_isa() picks one at run time from the CPU's features; dispatch_isa (isa_dispatch.h) calls it.
 // Arguments are raw pointers and element strides (int64): the ISA files include no ATen tensor headers.
 #pragma once
 
@@ -94,17 +94,22 @@ struct Int8Args {
 Isa resolve_isa(int64_t requested);
 bool isa_available(Isa isa);
 
-#define DSATTN_DECLARE_ISA(ns)                 \
-  namespace ns {                               \
-  void sliding_window(const SlidingArgs& a);   \
-  void sparse(const SparseArgs& a);            \
-  void int8_matmul(const Int8Args& a);         \
-  void hybrid(const HybridArgs& a);            \
-  bool compiled();                             \
+// One namespace per ISA. Its Tag (dispatch_isa passes it) selects the ISA's entry points, overloads of one name
+// found by argument-dependent lookup: sliding_window(tag, a), sparse(tag, a), hybrid(tag, a).
+#define DSATTN_DECLARE_ISA(ns, isa)                 \
+  namespace ns {                                    \
+  struct Tag {                                      \
+    static constexpr Isa value = isa;               \
+  };                                                \
+  void sliding_window(Tag, const SlidingArgs& a);   \
+  void sparse(Tag, const SparseArgs& a);            \
+  void hybrid(Tag, const HybridArgs& a);            \
+  void int8_matmul(const Int8Args& a);              \
+  bool compiled();                                  \
   }
-DSATTN_DECLARE_ISA(isa_portable)
-DSATTN_DECLARE_ISA(isa_avx2)
-DSATTN_DECLARE_ISA(isa_avx512)
+DSATTN_DECLARE_ISA(isa_portable, kPortable)
+DSATTN_DECLARE_ISA(isa_avx2, kAvx2)
+DSATTN_DECLARE_ISA(isa_avx512, kAvx512)
 #undef DSATTN_DECLARE_ISA
 
 }  // namespace cpu_attn

@@ -1,6 +1,6 @@
 // torch.ops.dsattn_C.hybrid_attention on CPU tensors: the "cpp" backend of dsattn.hybrid_attention (forward only;
 // the "elu", "relu" and "identity" feature maps). Checks the arguments and runs hybrid_attention_impl.h, compiled
-// with the attention kernels once per ISA (attention_isa_*.cpp) and picked at run time by resolve_isa.
+// with the attention kernels once per ISA (cpu_isa_*.cpp) and picked at run time by dispatch_isa.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -12,6 +12,7 @@
 
 #include "cpu/attention_args.h"
 #include "cpu/attention_kernels.h"
+#include "cpu/isa_dispatch.h"
 
 namespace dsattn {
 namespace cpu_attn {
@@ -41,11 +42,7 @@ at::Tensor hybrid_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   a.window = std::min(window, sk + sq + 1);
   a.fmap = static_cast<int>(feature_map);
   a.scale = static_cast<float>(scale);
-  switch (resolve_isa(isa)) {
-    case kAvx512: isa_avx512::hybrid(a); break;
-    case kAvx2: isa_avx2::hybrid(a); break;
-    default: isa_portable::hybrid(a); break;
-  }
+  dispatch_isa(isa, [&](auto tag) { hybrid(tag, a); });
   return out;
 }
 

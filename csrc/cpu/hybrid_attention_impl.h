@@ -1,4 +1,4 @@
-// Hybrid (layered) attention forward, included by attention_isa_*.cpp right after attention_impl.h, inside the
+// Hybrid (layered) attention forward, included by cpu_isa_*.cpp right after attention_impl.h, inside the
 // same ISA namespace: it is built from that file's Vec, packed tiles, register-blocked products and online
 // softmax. Semantics: dsattn/reference/hybrid_attention.py. No include guard: included once per ISA.
 //
@@ -304,7 +304,7 @@ void hybrid_typed(const HybridArgs& a) {
   }
 }
 
-void hybrid(const HybridArgs& a) {
+void hybrid(Tag, const HybridArgs& a) {
   switch (a.dtype) {
     case kFloat32: hybrid_typed<float>(a); break;
     case kBFloat16: hybrid_typed<c10::BFloat16>(a); break;

@@ -1,7 +1,7 @@
 // torch.ops.dsattn_C.linear_attention on CPU tensors: the "cpp" backend of dsattn.linear_attention (forward
 // only; the "elu", "relu" and "identity" feature maps). Checks the arguments and runs the chunked kernel of
 // linear_attention_impl.h, compiled here once per ISA (AVX-512, AVX2 + FMA under GCC target pragmas, and the
-// build's baseline), picked at run time by cpu_attn::resolve_isa like the attention kernels. Tasks are
+// build's baseline), picked at run time by cpu_attn::dispatch_isa like the attention kernels. Tasks are
 // (batch, q head) pairs over torch's intra-op threads; GQA maps q head h to kv head h / (Hq / Hkv).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -19,6 +19,7 @@
 
 #include "cpu/attention_args.h"
 #include "cpu/attention_scratch.h"
+#include "cpu/isa_dispatch.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -56,6 +57,7 @@ inline float scalar_relu(float x) { return x < 0.f ? 0.f : x; }
 inline float scalar_elu1(float x) { return x > 0.f ? x + 1.f : std::exp(x); }
 
 namespace isa_portable {
+using Tag = cpu_attn::isa_portable::Tag;
 struct Vec {
   using reg = float;
   static constexpr int64_t W = 1;
@@ -84,6 +86,7 @@ struct Vec {
 
 DSATTN_TARGET_PUSH("avx2,fma")
 namespace isa_avx2 {
+using Tag = cpu_attn::isa_avx2::Tag;
 struct Vec {
   using reg = __m256;
   static constexpr int64_t W = 8;
@@ -117,6 +120,7 @@ struct Vec {
 DSATTN_TARGET_POP()
 DSATTN_TARGET_PUSH("avx512f,avx512bw,avx512dq,avx512vl,fma,avx2")
 namespace isa_avx512 {
+using Tag = cpu_attn::isa_avx512::Tag;
 struct Vec {
   using reg = __m512;
   static constexpr int64_t W = 16;
@@ -148,6 +152,19 @@ struct Vec {
 DSATTN_TARGET_POP()
 #undef DSATTN_LA_EXP_POLY
 #endif  // DSATTN_LA_X86
+
+// The per-ISA builds as overloads of one name, for dispatch_isa's tags.
+using isa_portable::linear_attention;
+#ifdef DSATTN_LA_X86
+using isa_avx2::linear_attention;
+using isa_avx512::linear_attention;
+#else
+// Only the baseline build here (resolve_isa picks nothing else).
+template <typename Tag>
+void linear_attention(Tag, const LinArgs& a) {
+  linear_attention(isa_portable::Tag{}, a);
+}
+#endif
 
 namespace {
 
@@ -189,13 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_cpu(
   a.causal = causal;
   a.normalize = normalize;
   a.eps = static_cast<float>(eps);
-  switch (cpu_attn::resolve_isa(isa)) {
-#ifdef DSATTN_LA_X86
-    case cpu_attn::kAvx512: isa_avx512::linear_attention(a); break;
-    case cpu_attn::kAvx2: isa_avx2::linear_attention(a); break;
-#endif
-    default: isa_portable::linear_attention(a); break;
-  }
+  cpu_attn::dispatch_isa(isa, [&](auto tag) { linear_attention(tag, a); });
   return {out, S, z};
 }
 

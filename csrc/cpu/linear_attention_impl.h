@@ -303,7 +303,7 @@ void run_typed(const LinArgs& a) {
   });
 }
 
-void linear_attention(const LinArgs& a) {
+void linear_attention(Tag, const LinArgs& a) {
   switch (a.dtype) {
     case cpu_attn::kBFloat16: run_typed<c10::BFloat16>(a); break;
     case cpu_attn::kFloat16: run_typed<c10::Half>(a); break;

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cpu/attention_args.h"
+#include "cpu/isa_dispatch.h"
 
 namespace dsattn {
 namespace cpu_attn {
@@ -88,11 +89,7 @@ SlidingArgs sliding_args(const at::Tensor& q, const at::Tensor& k, const at::Ten
 }
 
 void run_sliding(const SlidingArgs& a, int64_t isa) {
-  switch (resolve_isa(isa)) {
-    case kAvx512: isa_avx512::sliding_window(a); break;
-    case kAvx2: isa_avx2::sliding_window(a); break;
-    default: isa_portable::sliding_window(a); break;
-  }
+  dispatch_isa(isa, [&](auto tag) { sliding_window(tag, a); });
 }
 
 at::Tensor sliding_window_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "cpu/attention_args.h"
+#include "cpu/isa_dispatch.h"
 
 namespace dsattn {
 namespace cpu_attn {
@@ -51,11 +52,7 @@ at::Tensor sparse_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   a.topk = indices.size(-1);
   a.causal = causal;
   a.scale = static_cast<float>(scale);
-  switch (resolve_isa(isa)) {
-    case kAvx512: isa_avx512::sparse(a); break;
-    case kAvx2: isa_avx2::sparse(a); break;
-    default: isa_portable::sparse(a); break;
-  }
+  dispatch_isa(isa, [&](auto tag) { sparse(tag, a); });
   return out;
 }
 

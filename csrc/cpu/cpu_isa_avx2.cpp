@@ -1,5 +1,5 @@
 // The attention kernels (attention_impl.h) built for AVX2 + FMA: 8 fp32 lanes, 2 x 4 register tiles (16 ymm
-// registers). As attention_isa_avx512.cpp: ATen/c10 included before the target pragma.
+// registers). As cpu_isa_avx512.cpp: ATen/c10 included before the target pragma.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -93,10 +93,10 @@ DSATTN_TARGET_POP()
 namespace dsattn {
 namespace cpu_attn {
 namespace isa_avx2 {
-void sliding_window(const SlidingArgs&) {}
-void sparse(const SparseArgs&) {}
+void sliding_window(Tag, const SlidingArgs&) {}
+void sparse(Tag, const SparseArgs&) {}
 void int8_matmul(const Int8Args&) {}
-void hybrid(const HybridArgs&) {}
+void hybrid(Tag, const HybridArgs&) {}
 bool compiled() { return false; }
 }  // namespace isa_avx2
 }  // namespace cpu_attn

@@ -99,10 +99,10 @@ DSATTN_TARGET_POP()
 namespace dsattn {
 namespace cpu_attn {
 namespace isa_avx512 {
-void sliding_window(const SlidingArgs&) {}
-void sparse(const SparseArgs&) {}
+void sliding_window(Tag, const SlidingArgs&) {}
+void sparse(Tag, const SparseArgs&) {}
 void int8_matmul(const Int8Args&) {}
-void hybrid(const HybridArgs&) {}
+void hybrid(Tag, const HybridArgs&) {}
 bool compiled() { return false; }
 }  // namespace isa_avx512
 }  // namespace cpu_attn
