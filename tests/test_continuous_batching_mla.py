@@ -143,13 +143,72 @@ def test_wide_latent_heads_pick_a_backend():
         _backend.select_backend(op, "triton", cuda, request)
 
 
-def test_triton_values_wider_than_the_latent_tile(triton_device):
+def _latent_launches(monkeypatch):
+    """The V_IS_K_PREFIX flag of every launch of the latent kernel (whether it took the values from its loaded key
+    chunk), in launch order."""
+    from dsattn.triton_kernels import paged_sliding_window_attention as kernel
+
+    flags, launch = [], kernel.launch
+
+    class Spy(launch):
+        def __getitem__(self, grid):
+            run = super().__getitem__(grid)
+            if self.kernel is not kernel.paged_latent_attention_kernel:
+                return run
+            return lambda *args, **kwargs: (flags.append(kwargs["V_IS_K_PREFIX"]), run(*args, **kwargs))[1]
+
+    monkeypatch.setattr(kernel, "launch", Spy)
+    return flags
+
+
+def test_triton_values_wider_than_the_latent_tile(triton_device, monkeypatch):
     """Values over the latent kernel's 512 columns (Dqk = Dv = 576, keys and values the same rows) run as one
-    launch per column slice: the same as the oracle."""
+    launch per column slice (the first a view of the keys' first 512 columns, which the kernel takes from its key
+    tile; the rest read as values): the same as the oracle."""
     q, k_pages, _, table, cu, lens = paged_inputs(hq=2, hkv=1, dqk=576, dv=576, lens_q=(2, 1), lens_k=(7, 12), seed=9)
     expected = paged_oracle(q.double(), k_pages.double(), k_pages.double(), table, cu, lens, 5, scale=0.05)
+    flags = _latent_launches(monkeypatch)
     out = dsattn.paged_sliding_window_attention(*(t.to(triton_device) for t in (q, k_pages, k_pages, table, cu, lens)),
                                                 2, 5, scale=0.05, backend="triton")
+    testing.assert_close(out.cpu(), expected, 1e-5)
+    assert flags == [True, False]
+
+
+def _latent_values(k_pages, r, values):
+    """Values [num_blocks, page, 1, r] for the latent kernel: "view" the keys' first r columns (MLA's pages);
+    "copy" the same values in their own storage; "strided" a view that starts where the keys do, in the same
+    storage, but takes every other column of a wider row (keys = its first Dqk columns)."""
+    if values == "view":
+        return k_pages, k_pages[..., :r]
+    if values == "copy":
+        return k_pages, k_pages[..., :r].clone()
+    more = torch.randn(*k_pages.shape[:-1], 2 * r - k_pages.shape[-1], generator=torch.Generator().manual_seed(1))
+    wide = torch.cat([k_pages, more.to(k_pages.dtype)], dim=-1)
+    return wide[..., :k_pages.shape[-1]], wide[..., 0:2 * r:2]
+
+
+@pytest.mark.parametrize("values,splits", [("view", None), ("view", 3), ("copy", None), ("strided", 3)])
+def test_triton_latent_values_from_the_key_tile(triton_device, monkeypatch, values, splits):
+    """The latent kernel takes the values from its loaded first key chunk (FlashMLA's V = K[:, :r]: each latent row
+    read once) exactly when v_cache is the view of k_cache's first r columns, and reads them through their own
+    pointers for a separate copy of the same values and for a view at the same address with other strides; every
+    variant (direct and split) writes each element of a NaN-filled, non-contiguous output buffer and matches the
+    float64 oracle."""
+    from dsattn.triton_kernels import paged_sliding_window_attention as kernel
+
+    r, rope, lens_q = 256, 32, (1, 3, 1, 0, 1)
+    q, k_pages, _, table, cu, lens = paged_inputs(hq=16, hkv=1, dqk=r + rope, dv=r, lens_q=lens_q,
+                                                  lens_k=(9, 20, 1, 4, 33), seed=11)
+    k_pages, v_pages = (t.to(triton_device) for t in _latent_values(k_pages, r, values))
+    assert (v_pages.data_ptr() == k_pages.data_ptr()) == (values != "copy")
+    expected = paged_oracle(q.double(), k_pages.double().cpu(), v_pages.double().cpu(), table, cu, lens, 12,
+                            scale=0.05)
+    flags = _latent_launches(monkeypatch)
+    out = testing.poisoned((16, sum(lens_q), r), q.dtype, triton_device).transpose(0, 1)
+    table, cu, lens = (t.to(triton_device) for t in (table, cu, lens))
+    kernel.paged_sliding_window_attention(testing.non_contiguous(q).to(triton_device), k_pages, v_pages, table, cu,
+                                          lens, max(lens_q), 12, 0.05, None, num_splits=splits, out=out)
+    assert flags == [values == "view"]
     testing.assert_close(out.cpu(), expected, 1e-5)
 
 

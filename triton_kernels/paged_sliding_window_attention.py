@@ -17,8 +17,10 @@ paged attention do: no gather of the cache.
   read in place (one KV head, keys [c_kv | k_pe] of 512 + 64 columns, values a column view of the first 512,
   16..128 query heads sharing it, as FlashMLA's decode): a row tile is a block of query heads of one or a few
   queries, each key tile is loaded once for all of them, and q/k are split in two column chunks (512 + 64) with a
-  dot each, so that registers hold no 1024-wide padded head. For head dims up to 256 the first kernel's tile is
-  already this schedule (its row tile holds up to 64 heads of the group), so it stays.
+  dot each, so that registers hold no 1024-wide padded head. When the values are the view of the keys' first
+  512 columns (the launcher checks the pointers and strides), the kernel takes them from the loaded first key
+  chunk, as FlashMLA does (V = K[:, :512]): each latent row is read once. For head dims up to 256 the first
+  kernel's tile is already this schedule (its row tile holds up to 64 heads of the group), so it stays.
 Visibility is the op's: query i of a sequence with Sq queries and Sk keys sits at p = i + Sk - Sq and sees
 p - window < j <= p. A NaN/Inf in a key or value a row does not see never reaches it (masked loads outside
 the tile's key range; a non-finite value row inside it enters the dot zeroed). Page bases are 64-bit.
@@ -182,14 +184,15 @@ def paged_latent_attention_kernel(
     qk_scale_log2, keys_per_split, NUM_SPLITS,
     HAS_SINKS: tl.constexpr, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr,
-    TF32X3: tl.constexpr,
+    TF32X3: tl.constexpr, V_IS_K_PREFIX: tl.constexpr,
 ):
     """The paged kernel for head dims over 256 (MLA's latent pages: Dqk = kv_lora_rank + rope, e.g. 512 + 64, one
     KV head shared by every query head). Same rows, key ranges and outputs as paged_sliding_window_attention_kernel;
     q/k split in two column chunks, [0, BLOCK_DA) (the latent part) and [BLOCK_DA, BLOCK_DA + BLOCK_DB) (the
     rope part), each its own dot, so that no padded power of two of Dqk (1024 for 576) is held. Each key tile is
-    loaded once for all the tile's query heads; the values are read through their own strides (on latent pages
-    a column view of the same rows)."""
+    loaded once for all the tile's query heads. V_IS_K_PREFIX (the launcher's check: v is the view of k's first
+    DV = BLOCK_DA columns, MLA's latent pages): the values are the loaded first key chunk, as FlashMLA does, so
+    each latent row is read once; else they are read through their own strides."""
     split = tl.program_id(2)
     kv_head, seq, pos, head, token, row_valid, lo, hi = _row_tile(
         cu_seqlens_q_ptr, seqlens_k_ptr, tl.program_id(0), tl.program_id(1), split, NUM_SEQS, GROUPS,
@@ -231,9 +234,14 @@ def paged_latent_attention_kernel(
         visible = row_valid[:, None] & col_ok[None, :] & (cols[None, :] > pos[:, None] - window) \
             & (cols[None, :] <= pos[:, None])
         s = tl.where(visible, s * qk_scale_log2, float("-inf"))
-        v_ptrs = v_base + page[:, None] * stride_vb + slot[:, None] * stride_vs + offs_dv[None, :] * stride_vd
-        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v_ptrs, col_ok[:, None] & (offs_dv[None, :] < DV),
-                                             visible, True, UPCAST, TF32X3)
+        if V_IS_K_PREFIX:  # k_a's rows past the tile's keys loaded as zeros, as a value load would
+            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, tl.trans(k_a), None, visible, True, UPCAST, TF32X3,
+                                                 V_LOADED=True)
+        else:
+            v_ptrs = v_base + page[:, None] * stride_vb + slot[:, None] * stride_vs + offs_dv[None, :] * stride_vd
+            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v_ptrs,
+                                                 col_ok[:, None] & (offs_dv[None, :] < DV), visible, True, UPCAST,
+                                                 TF32X3)
     _store_rows(acc, l_i, m_i, head, token, row_valid, o_ptr, o_part_ptr, lse_part_ptr, sinks_ptr, stride_ot,
                 stride_oh, stride_od, TOTAL_Q, DV, NUM_SPLITS, split, HAS_SINKS, DIRECT, BLOCK_DV)
 
@@ -252,8 +260,8 @@ LATENT_MAX_SPLITS = 16  # the combine kernel holds splits x BLOCK_DV (512) parti
 def latent_config(rows: int, dtype: torch.dtype) -> dict:
     """The latent kernel's tiles: rows of (query, head) pairs, 16 while a KV group's rows fit, else 32 (with 512-wide
     fp32 accumulators a 64-row tile spills, as does the 16-row tile on 4 warps); 8 warps, 32-key tiles, 2 stages
-    (K 576 and V 512 columns per stage in shared memory). fp32 (tf32x3 dots, twice the bytes) keeps 16 x 16 tiles
-    in one stage."""
+    (K's 576 columns per stage in shared memory, and V's 512 unless they are K's first 512). fp32 (tf32x3 dots,
+    twice the bytes) keeps 16 x 16 tiles in one stage."""
     if dtype == torch.float32:
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
     block_m = LATENT_ROW_TILES[0] if rows <= LATENT_ROW_TILES[0] else LATENT_ROW_TILES[1]
@@ -279,13 +287,22 @@ def _check_head_dims(dqk: int, dv: int) -> None:
                          f"(got q/k {dqk}, v {dv}); use backend='torch'")
 
 
+def values_are_key_prefix(k_cache, v_cache, block_da: int) -> bool:
+    """v_cache is the view of k_cache's first block_da columns (MLA's latent pages: the same storage, start and
+    block/token/head/column strides), so the latent kernel may take the values from its first key chunk."""
+    return (v_cache.shape[3] == block_da and v_cache.dtype == k_cache.dtype and v_cache.stride() == k_cache.stride()
+            and v_cache.shape[:3] == k_cache.shape[:3] and v_cache.data_ptr() == k_cache.data_ptr()
+            and v_cache.untyped_storage().data_ptr() == k_cache.untyped_storage().data_ptr())
+
+
 def paged_sliding_window_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_k, max_seqlen_q, window,
-                                   scale, sinks, num_splits=None):
+                                   scale, sinks, num_splits=None, out=None):
     """q [total_q, Hq, Dqk] (any strides), k_cache [num_blocks, page, Hkv, Dqk], v_cache [.., Dv] (any strides,
     e.g. a column view of k_cache), block_table int32 [num_seqs, max_blocks], cu_seqlens_q int32 [num_seqs + 1],
     seqlens_k int32 [num_seqs] (validated by the op) -> [total_q, Hq, Dv]. sinks: fp32 [Hq] or None. num_splits:
     key splits per row tile (default: enough programs for the device, from the key range bound
-    min(window + BLOCK_Q - 1, max_blocks x page): no host read of the offsets). Head dims up to 256 take
+    min(window + BLOCK_Q - 1, max_blocks x page): no host read of the offsets). out: optional [total_q, Hq, Dv]
+    buffer (q's dtype, any strides) every element of which is written. Head dims up to 256 take
     paged_sliding_window_attention_kernel, wider ones (MLA's latent pages) paged_latent_attention_kernel."""
     total_q, hq, dqk = q.shape
     page, hkv, dv = v_cache.shape[1], v_cache.shape[2], v_cache.shape[3]
@@ -294,13 +311,15 @@ def paged_sliding_window_attention(q, k_cache, v_cache, block_table, cu_seqlens_
         _check_head_dims(dqk, dv)
     else:
         check_head_dims(dqk, dv)
+    if out is None:
+        out = torch.empty(total_q, hq, dv, dtype=q.dtype, device=q.device)
     if latent and dv > LATENT_MAX_DV:
         # Wider values (no model's): one launch per column slice of them, each the same softmax over its slice.
-        return torch.cat([paged_sliding_window_attention(q, k_cache, v_cache[..., c:c + LATENT_MAX_DV], block_table,
-                                                         cu_seqlens_q, seqlens_k, max_seqlen_q, window, scale, sinks,
-                                                         num_splits)
-                          for c in range(0, dv, LATENT_MAX_DV)], dim=-1)
-    out = torch.empty(total_q, hq, dv, dtype=q.dtype, device=q.device)
+        for c in range(0, dv, LATENT_MAX_DV):
+            paged_sliding_window_attention(q, k_cache, v_cache[..., c:c + LATENT_MAX_DV], block_table, cu_seqlens_q,
+                                           seqlens_k, max_seqlen_q, window, scale, sinks, num_splits,
+                                           out[..., c:c + LATENT_MAX_DV])
+        return out
     num_seqs = seqlens_k.shape[0]
     if out.numel() == 0:
         return out
@@ -311,7 +330,9 @@ def paged_sliding_window_attention(q, k_cache, v_cache, block_table, cu_seqlens_
     if latent:
         cfg = latent_config(groups * max_seqlen_q, q.dtype)
         kernel, max_splits = paged_latent_attention_kernel, LATENT_MAX_SPLITS
-        head_dims = dict(zip(("BLOCK_DA", "BLOCK_DB"), latent_chunks(dqk)))
+        block_da, block_db = latent_chunks(dqk)
+        head_dims = dict(BLOCK_DA=block_da, BLOCK_DB=block_db,
+                         V_IS_K_PREFIX=values_are_key_prefix(k_cache, v_cache, block_da))
     else:
         cfg = config(groups * max_seqlen_q, block_dqk, block_dv, q.dtype)
         kernel, max_splits = paged_sliding_window_attention_kernel, MAX_SPLITS
@@ -361,8 +382,9 @@ def combine_warps(block_dv: int) -> int:
 # Hot configs: 16-bit at head dims 64 and 128, both row tiles (16: decode with groups up to 16; 64: MQA-like
 # groups and prefill chunks), the direct and the split variant. The combine kernel is the sliding-window
 # decode combine, whose specs that module lists. The page size is a runtime argument (transformers' default
-# page is 256 tokens, vLLM's 16): one spec serves every page size. The latent kernel: MLA's 576 / 512 in 16 bit,
-# both row tiles, direct and split, and the combine at 512 value columns with its LATENT_MAX_SPLITS.
+# page is 256 tokens, vLLM's 16): one spec serves every page size. The latent kernel: MLA's 576 / 512 in 16 bit
+# with the values taken from the key tile (MLA's pages: v_cache is the view of k_cache's first 512 columns), both
+# row tiles, direct and split, and the combine at 512 value columns with its LATENT_MAX_SPLITS.
 def _signature(p: str) -> dict:
     return {"q_ptr": p, "k_ptr": p, "v_ptr": p, "block_table_ptr": "*i32", "cu_seqlens_q_ptr": "*i32",
             "seqlens_k_ptr": "*i32", "o_ptr": p, "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "sinks_ptr": "*fp32",
@@ -400,7 +422,8 @@ def aot_specs() -> list[AOTSpec]:
                     kernel=paged_latent_attention_kernel, signature=signature,
                     constexprs=dict(**_unit_head_strides("q", "k", "v", "o"), HAS_SINKS=direct, DIRECT=direct,
                                     BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DA=block_da,
-                                    BLOCK_DB=block_db, BLOCK_DV=512, UPCAST=False, TF32X3=False),
+                                    BLOCK_DB=block_db, BLOCK_DV=512, UPCAST=False, TF32X3=False,
+                                    V_IS_K_PREFIX=True),
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                     divisible_by_16=(*_aligned(signature), "PAGE_SIZE"),
                 ))

@@ -83,11 +83,13 @@ def _attend_key_range(
 
 @triton.jit
 def _online_softmax_step(acc, l_i, m_i, s, v_ptrs, v_mask, visible, MASKED: tl.constexpr, UPCAST: tl.constexpr,
-                         TF32X3: tl.constexpr):
+                         TF32X3: tl.constexpr, V_LOADED: tl.constexpr = False):
     """One key tile of the online softmax (base 2): s the tile's scaled scores, its values loaded from v_ptrs
     (after the scores' exponentials: the value tile is not live across them). MASKED: s is -inf where
     `visible` is False (a row may have seen no key yet) and a value row may not be finite; else every row
-    sees every key of the tile. Returns the new (acc, l_i, m_i)."""
+    sees every key of the tile. V_LOADED: v_ptrs is the value tile [BLOCK_N, BLOCK_DV] itself, already loaded
+    (zero where it holds no value; e.g. a view of the key tile: MLA's values are the keys' first columns), and
+    v_mask is unused. Returns the new (acc, l_i, m_i)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     if MASKED:
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
@@ -96,7 +98,10 @@ def _online_softmax_step(acc, l_i, m_i, s, v_ptrs, v_mask, visible, MASKED: tl.c
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+    if V_LOADED:
+        v = v_ptrs
+    else:
+        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
     if UPCAST:  # the interpreter's tl.dot is wrong on bf16 operands
         v = v.to(tl.float32)
     if MASKED:
