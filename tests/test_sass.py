@@ -46,6 +46,9 @@ ROWS = (
     Row("sliding_window_attention", "bwd_dq_bfloat16_d128x128", "HGMMA"),
     Row("paged_sliding_window_attention", "direct_m16_bfloat16_d128", "HMMA"),
     Row("paged_sliding_window_attention", "split_m64_bfloat16_d128", "HGMMA"),
+    # MLA's latent pages (576 / 512): 16 or 32 rows over 8 warps, too few rows per warpgroup for wgmma.
+    Row("paged_sliding_window_attention", "latent_direct_m16_bfloat16_d576x512", "HMMA"),
+    Row("paged_sliding_window_attention", "latent_split_m32_bfloat16_d576x512", "HMMA"),
     Row("lightning_indexer_topk", "indexer_h64_bf16_d128_kp128", "HGMMA"),
     Row("lightning_indexer_topk", "indexer_h64_bf16_d128_kp2048", "HGMMA"),
     Row("sparse_attention", "fwd_bf16_h64_dv128", "HGMMA"),
