@@ -1,6 +1,7 @@
-// Quantized-weight GEMM with bf16 activations on oneDNN's AMX micro-kernel (torch's cpublas::brgemm):
-// int4_matmul.cpp and int8_matmul.cpp take it for bf16 x from kMinRows rows where available() (AMX; other CPUs
-// keep their dequant-panel + torch GEMM path). Raw pointers only: the implementation file
+// Quantized-weight GEMM with bf16 activations on oneDNN's brgemm micro-kernel (torch's cpublas::brgemm):
+// int4_matmul.cpp and int8_matmul.cpp take it for bf16 x where available(): on AMX from kMinRows rows; on
+// AVX512-BF16 CPUs without AMX (Zen 4: oneDNN's avx512_core_bf16 brgemm, VDPBF16PS) where the callers' panel
+// paths (dequantize + torch bf16 GEMM) ran, which it replaces. Raw pointers only: the implementation file
 // (int4_matmul_amx.cpp) is the one that includes the oneDNN-facing torch header.
 #pragma once
 
@@ -9,7 +10,8 @@
 namespace dsattn {
 namespace amx {
 
-// Rows of x from which the fused path runs (below, the decode kernels; see int4_matmul.cpp).
+// Rows of x from which the fused path runs on AMX (below, the decode kernels; see int4_matmul.cpp). Without
+// AMX it starts where the callers' panel paths did: there the brgemm loses to the decode kernels below.
 constexpr int64_t kMinRows = 16;
 
 // One weight tile in bf16: dst[r * len + i] = w[n0 + r, k0 + i] rounded to nearest-even bf16, r < rows,
@@ -36,9 +38,12 @@ struct Int8Weight {
 };
 void dequant_int8(const void* weight, int64_t n0, int64_t rows, int64_t k0, int64_t len, uint16_t* dst);
 
-// Compiled with torch's bf16 brgemm, the CPU has AMX-BF16 (cpublas::could_pack) and AVX-512 BW, and the
-// environment switch `env` ("DSATTN_INT4_AMX" / "DSATTN_INT8_AMX") is not "0".
-bool available(const char* env);
+// Which brgemm gemm() runs on: none where torch lacks the bf16 brgemm, the CPU lacks AVX-512 BW/BF16, oneDNN is
+// off (torch.backends.mkldnn) or the environment switch `env` ("DSATTN_INT4_AMX" / "DSATTN_INT8_AMX") is "0";
+// AMX where the CPU has AMX-BF16 (cpublas::could_pack); otherwise AVX512-BF16 where torch's brgemm accepts the
+// VNNI layout there (probed once; ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 selects it on an AMX CPU).
+enum class Kind { kNone, kAmx, kAvx512Bf16 };
+Kind available(const char* env);
 
 // out[m, n] (bf16 bits, row stride n) = x[m, :] . w[n, :] (+ bias[n]), fp32 accumulation, one rounding.
 // x bf16 bits [m, k] with row stride ldx, unit column stride; k % 32 == 0 (k % 128 == 0 with k4: dequant's tiles

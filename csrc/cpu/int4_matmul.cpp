@@ -21,9 +21,10 @@
 //   where the CPU has them: 4.9x the fp32 GEMM at M=256, 4096x4096 on a Zen 4 core); the bias is added after
 //   the GEMM's rounding to bf16; from kBf16GemmMinRows rows, as the bf16 GEMM is that much faster. bf16 x with
 //   fewer rows runs the fp32 paths and is rounded once at the end.
-// - bf16 x from amx::kMinRows rows on AVX-512 CPUs with AMX (brgemm_dequant.h; group_size % 32 == 0): the
-//   dequantization fused into oneDNN's AMX brgemm per weight tile, fp32 accumulation, the bias added in fp32
-//   and one rounding; DSATTN_INT4_AMX=0 keeps the panel path.
+// - bf16 x from amx::kMinRows rows on AVX-512 CPUs with AMX, and from kBf16GemmMinRows rows on AVX512-BF16
+//   CPUs without it (Zen 4; brgemm_dequant.h; group_size % 32 == 0): the dequantization fused into oneDNN's
+//   brgemm per weight tile, fp32 accumulation, the bias added in fp32 and one rounding; DSATTN_INT4_AMX=0 keeps
+//   the decode and panel paths.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
@@ -36,6 +37,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -210,7 +212,16 @@ at::Tensor int4_matmul_impl(const at::Tensor& x, const at::Tensor& qweight, cons
   TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "int4_matmul: x must be float32 or bfloat16 [M, K]");
   const bool bf16 = x.scalar_type() == at::kBFloat16;
-  if (bf16 && x.size(0) < kBf16GemmMinRows)  // decode sizes: the fp32 kernels, one rounding at the end
+  const cpu_attn::Isa isa = cpu_attn::resolve_isa(-1);
+  // Rows of bf16 x from which the fused brgemm runs (none: never).
+  amx::Kind fused = amx::Kind::kNone;
+  if (bf16 && x.size(1) > 0 && group_size > 0 && group_size % 32 == 0 && isa == cpu_attn::kAvx512)
+    fused = amx::available("DSATTN_INT4_AMX");
+  const int64_t fused_min = fused == amx::Kind::kAmx          ? amx::kMinRows
+                            : fused == amx::Kind::kAvx512Bf16 ? kBf16GemmMinRows
+                                                              : std::numeric_limits<int64_t>::max();
+  // decode sizes: the fp32 kernels, one rounding at the end
+  if (bf16 && x.size(0) < std::min(kBf16GemmMinRows, fused_min))
     return int4_matmul_impl(x.to(at::kFloat), qweight, scales, zeros, group_size, bias, 2).to(at::kBFloat16);
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kInt, "int4_matmul: qweight must be int32 [N, K/8]");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kByte,
@@ -235,11 +246,9 @@ at::Tensor int4_matmul_impl(const at::Tensor& x, const at::Tensor& qweight, cons
   const uint32_t* qp = reinterpret_cast<const uint32_t*>(qc.data_ptr<int32_t>());
   const float* sp = sc.data_ptr<float>();
   const uint8_t* zp = zc.data_ptr<uint8_t>();
-  const cpu_attn::Isa isa = cpu_attn::resolve_isa(-1);
   const bool avx2 = isa >= cpu_attn::kAvx2;
-  if (bf16 && m >= amx::kMinRows && k > 0 && group_size % 32 == 0 && isa == cpu_attn::kAvx512 &&
-      amx::available("DSATTN_INT4_AMX")) {
-    // AMX: dequantization fused into the brgemm (int4_matmul_amx.cpp).
+  if (m >= fused_min) {
+    // Dequantization fused into the brgemm (int4_matmul_amx.cpp).
     const amx::Int4Weight w{reinterpret_cast<const uint8_t*>(qp), sp, zp, k, group_size};
     const bool k4 = group_size % 128 == 0;  // then k % 128 == 0 too
     amx::gemm(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), k, m, n, k,

@@ -1,4 +1,5 @@
-// bf16 x times an int4 / int8 weight on AMX (brgemm_dequant.h): the dequantization fused into the GEMM.
+// bf16 x times an int4 / int8 weight on oneDNN's brgemm, AMX or AVX512-BF16 (brgemm_dequant.h): the
+// dequantization fused into the GEMM.
 //
 // The dequantized weight is the brgemm's A operand (plain rows, K contiguous: what the packed weight gives
 // without a transpose) and x the B operand in the VNNI layout ([K/2][M][2]: x's pairs of K values, a 32-bit
@@ -24,6 +25,7 @@
 
 #include "cpu/aligned_buffer.h"
 
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
@@ -32,6 +34,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 namespace dsattn {
 namespace amx {
@@ -39,10 +42,12 @@ namespace {
 // Weight rows per task (at most; at least kTasksPerThread tasks per thread), per brgemm call (its M), K values
 // per block (brgemm's K), and rows of x per pass (brgemm's N, padded to 16). The A tile (kSubRows x kKB bf16, or
 // twice the rows at half the K for up to kNarrowCols rows of x) is 32 KiB and stays in L1; the task's fp32 C
-// (256 x 256: 256 KiB) and x^T's K block (512 x 256 bf16: 256 KiB) stay in L2. Measured (4096 x 4096): with 16
+// (512 x 256: 512 KiB) and x^T's K block (512 x 256 bf16: 256 KiB) stay in L2. Measured (4096 x 4096): with 16
 // rows of x the 64 x 256 tile beats 32 x 256 (the brgemm's C is one tile column there, so more rows per call
-// amortize its fixed cost), from 64 rows 32 x 512 beats 32 x 256; 64-KiB tiles are slower.
-constexpr int64_t kTaskRows = 256;
+// amortize its fixed cost), from 64 rows 32 x 512 beats 32 x 256; 64-KiB tiles are slower. 512-row tasks pass
+// x^T's K blocks through L2 half as often as 256-row ones (faster at 256 and 1024 rows of x, the same at 16);
+// more rows of x per pass measured no better (kMaxCols 512) or slower (1024: C and x^T overflow L2).
+constexpr int64_t kTaskRows = 512;
 constexpr int64_t kTasksPerThread = 2;
 constexpr int64_t kSubRows = 32;
 constexpr int64_t kKB = 512;
@@ -59,14 +64,35 @@ constexpr int64_t kMaxCols = 256;
 
 namespace dsattn {
 namespace amx {
+namespace {
+// Without AMX, torch runs the VNNI-layout bf16 brgemm where oneDNN's ISA is at least avx512_core and raises
+// otherwise (e.g. a lower ONEDNN_MAX_CPU_ISA); oneDNN's ISA is not exported, so one small call tells.
+bool brgemm_runs() {
+  try {
+    std::vector<at::BFloat16> a(16 * 32), b(32 * 16);
+    std::vector<float> c(16 * 16);
+    at::native::cpublas::brgemm(16, 16, 32, 32, 16, 16, false, a.data(), b.data(), c.data(), /*is_vnni=*/true);
+    at::native::cpublas::brgemm_release(true);
+    return true;
+  } catch (const c10::Error&) {
+    return false;
+  }
+}
+}  // namespace
+
 // Outside the AVX-512 region: runs on any CPU.
-bool available(const char* env) {
+Kind available(const char* env) {
   const char* v = std::getenv(env);
-  if (v != nullptr && std::strcmp(v, "0") == 0) return false;
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16") &&
-                         at::native::cpublas::could_pack(at::kBFloat16);
-  return ok;
+  if (v != nullptr && std::strcmp(v, "0") == 0) return Kind::kNone;
+  // Checked per call: torch.backends.mkldnn can be switched off at any time, and brgemm then raises.
+  if (!at::globalContext().userEnabledMkldnn()) return Kind::kNone;
+  static const Kind kind = !(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16"))
+                               ? Kind::kNone
+                           : at::native::cpublas::could_pack(at::kBFloat16) ? Kind::kAmx
+                           : brgemm_runs()                                  ? Kind::kAvx512Bf16
+                                                                            : Kind::kNone;
+  return kind;
 }
 }  // namespace amx
 }  // namespace dsattn
@@ -287,7 +313,7 @@ DSATTN_TARGET_POP()
 
 namespace dsattn {
 namespace amx {
-bool available(const char*) { return false; }
+Kind available(const char*) { return Kind::kNone; }
 void dequant_int4(const void*, int64_t, int64_t, int64_t, int64_t, uint16_t*) {}
 void dequant_int4_k4(const void*, int64_t, int64_t, int64_t, int64_t, uint16_t*) {}
 void dequant_int8(const void*, int64_t, int64_t, int64_t, int64_t, uint16_t*) {}

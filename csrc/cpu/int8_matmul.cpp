@@ -11,9 +11,10 @@
 //   int8_matmul_vnni.cpp, x as int8 digits (3 for fp32 x, 2 for bf16 x), VPDPBUSD with exact int32 sums;
 //   DSATTN_INT8_VNNI=0 keeps the widening kernels. isa= / DSATTN_CPU_ISA other than avx512 never take it.
 //   Prefill stays on the GEMM: there the bf16 GEMM (AMX) beats an int8 dot product.
-// - bf16 x from amx::kMinRows rows on AVX-512 CPUs with AMX (brgemm_dequant.h; K % 32 == 0, per channel or
-//   group % 16 == 0): q * s fused into oneDNN's AMX brgemm per weight tile, the bias added in fp32 and one
-//   rounding; DSATTN_INT8_AMX=0 keeps the paths above.
+// - bf16 x from amx::kMinRows rows on AVX-512 CPUs with AMX, and from kGemmMinRows rows on AVX512-BF16 CPUs
+//   without it (Zen 4; brgemm_dequant.h; K % 32 == 0, per channel or group % 16 == 0): q * s fused into
+//   oneDNN's brgemm per weight tile, the bias added in fp32 and one rounding; DSATTN_INT8_AMX=0 keeps the paths
+//   above.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
@@ -84,9 +85,11 @@ at::Tensor int8_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   const at::Tensor qc = qweight.contiguous(), sc = scales.contiguous();
   const int8_t* qp = qc.data_ptr<int8_t>();
   const float* sp = sc.data_ptr<float>();
-  if (bf16 && m >= amx::kMinRows && n > 0 && k > 0 && k % 32 == 0 && (group == 0 || group % 16 == 0) &&
-      chosen == cpu_attn::kAvx512 && amx::available("DSATTN_INT8_AMX")) {
-    // AMX: q * scale fused into the brgemm (int4_matmul_amx.cpp); x rows may be strided.
+  amx::Kind brgemm = amx::Kind::kNone;
+  if (bf16 && n > 0 && k > 0 && k % 32 == 0 && (group == 0 || group % 16 == 0) && chosen == cpu_attn::kAvx512)
+    brgemm = amx::available("DSATTN_INT8_AMX");
+  if ((brgemm == amx::Kind::kAmx && m >= amx::kMinRows) || (brgemm == amx::Kind::kAvx512Bf16 && m >= kGemmMinRows)) {
+    // q * scale fused into the brgemm (int4_matmul_amx.cpp); x rows may be strided.
     const at::Tensor xs = x.stride(1) == 1 && x.stride(0) >= k ? x : x.contiguous();
     at::Tensor out = at::empty({m, n}, x.options());
     const amx::Int8Weight w{qp, sp, k, group};
