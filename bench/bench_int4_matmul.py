@@ -1,6 +1,6 @@
 """int4_matmul vs dense matmul on the same (dequantized) weight.
 
-CPU: dsattn's compiled kernel vs torch fp32 (baseline) / bf16, M=1, 16 (decode), 64 and 256 (prefill),
+CPU: dsattn's compiled kernel vs torch fp32 (baseline) / bf16, M=1, 8, 16 (decode), 64 and 256 (prefill),
 4096x4096 g128. Goals (issues 7, 16): M=1 >= 3x faster than torch fp32 matvec and >= 1.2x torch's own int4 CPU
 kernel (torch-int4pack: `torch._weight_int4pack_mm_for_cpu`, the path of torchao's Int4CPULayout, bf16 x, the
 same weight in its tinygemm layout); M <= 16 faster than it; M >= 64 with bf16 x at least torch bf16 speed.
@@ -22,7 +22,7 @@ import torch
 import dsattn
 from dsattn._backend import unusable_reason
 
-CPU_SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (64, 4096, 4096), (256, 4096, 4096)]
+CPU_SHAPES = [(1, 4096, 4096), (8, 4096, 4096), (16, 4096, 4096), (64, 4096, 4096), (256, 4096, 4096)]
 GPU_SHAPES = [(m, 8192, 8192) for m in (1, 16, 128, 4096)]
 GROUP = 128
 

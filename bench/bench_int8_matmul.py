@@ -1,6 +1,6 @@
 """int8_matmul vs dense matmul on the same (dequantized) weight, per output channel (int8's default scales).
 
-CPU: M=1, 16 (decode) and 256 (prefill), 4096x4096. dsattn's backends vs torch fp32 (baseline) / bf16 on the
+CPU: M=1, 8, 16 (decode) and 256 (prefill), 4096x4096. dsattn's backends vs torch fp32 (baseline) / bf16 on the
 dequantized weight. "-bf16" providers take bf16 x and a weight quantized from bf16 (scales in bf16) and form
 their own group (dtype bfloat16, baseline torch-bf16): there dsattn-torch runs torch's int8 weight-only GEMM
 (torch._weight_int8pack_mm), in fp32 the row-chunked product. dsattn-cpp runs where the compiled extension has
@@ -17,7 +17,7 @@ import dsattn
 from dsattn import capabilities
 from dsattn._backend import unusable_reason
 
-CPU_SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (256, 4096, 4096)]
+CPU_SHAPES = [(1, 4096, 4096), (8, 4096, 4096), (16, 4096, 4096), (256, 4096, 4096)]
 GPU_SHAPES = [(m, 8192, 8192) for m in (1, 16, 128, 4096)]
 OP = "int8_matmul"
 
