@@ -1,13 +1,21 @@
-// Grow-only scratch on a 4 KiB boundary for the CPU kernels' per-thread buffers. A large malloc'd block starts
-// 16 bytes past a page, so every 64-byte row of a vector or AMX tile load from it straddles two cache lines; how
-// much that costs depended on the process (the allocator's state), which made the kernels' speed vary by run.
+// Aligned scratch for the CPU kernels' per-thread buffers. A std::vector's block starts 16 bytes past a 64-byte
+// line (a large one 16 bytes past a page), so every 64-byte row of a vector or AMX tile load from it straddles two
+// cache lines; how much that cost depended on where the allocator put the block, so the kernels' speed varied by
+// process.
+// - AlignedBuffer<T>: grow-only, on a 4 KiB boundary, uninitialized (packed tiles, the AMX GEMM's A / C / x^T).
+// - ScratchVec<T>: a std::vector on a 64-byte boundary, same interface and zero-initialization (query / score /
+//   output tiles, feature-map rows, index buckets).
+// Nothing here depends on the ISA: include it before any target pragma.
 #pragma once
 
 #include <c10/util/Exception.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <new>
+#include <vector>
 
 namespace dsattn {
 
@@ -31,5 +39,27 @@ class AlignedBuffer {
   std::unique_ptr<T, Free> ptr_;
   int64_t size_ = 0;
 };
+
+template <typename T>
+struct CacheLineAllocator {
+  using value_type = T;
+  static constexpr std::size_t kAlign = 64;
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{kAlign})); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t{kAlign}); }
+  template <typename U>
+  bool operator==(const CacheLineAllocator<U>&) const {
+    return true;
+  }
+  template <typename U>
+  bool operator!=(const CacheLineAllocator<U>&) const {
+    return false;
+  }
+};
+
+template <typename T>
+using ScratchVec = std::vector<T, CacheLineAllocator<T>>;
 
 }  // namespace dsattn

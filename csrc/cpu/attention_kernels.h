@@ -95,7 +95,7 @@ Isa resolve_isa(int64_t requested);
 bool isa_available(Isa isa);
 
 // One namespace per ISA. Its Tag (dispatch_isa passes it) selects the ISA's entry points, overloads of one name
-// found by argument-dependent lookup: sliding_window(tag, a), sparse(tag, a), hybrid(tag, a).
+// found by argument-dependent lookup: sliding_window(tag, a), sparse(tag, a), hybrid(tag, a), int8_matmul(tag, a).
 #define DSATTN_DECLARE_ISA(ns, isa)                 \
   namespace ns {                                    \
   struct Tag {                                      \
@@ -104,7 +104,7 @@ bool isa_available(Isa isa);
   void sliding_window(Tag, const SlidingArgs& a);   \
   void sparse(Tag, const SparseArgs& a);            \
   void hybrid(Tag, const HybridArgs& a);            \
-  void int8_matmul(const Int8Args& a);              \
+  void int8_matmul(Tag, const Int8Args& a);         \
   bool compiled();                                  \
   }
 DSATTN_DECLARE_ISA(isa_portable, kPortable)

@@ -13,7 +13,6 @@
 
 #include "cpu/aligned_buffer.h"
 #include "cpu/attention_kernels.h"
-#include "cpu/attention_scratch.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -95,7 +94,7 @@ namespace cpu_attn {
 namespace isa_avx2 {
 void sliding_window(Tag, const SlidingArgs&) {}
 void sparse(Tag, const SparseArgs&) {}
-void int8_matmul(const Int8Args&) {}
+void int8_matmul(Tag, const Int8Args&) {}
 void hybrid(Tag, const HybridArgs&) {}
 bool compiled() { return false; }
 }  // namespace isa_avx2

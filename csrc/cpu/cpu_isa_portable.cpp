@@ -14,7 +14,6 @@
 
 #include "cpu/aligned_buffer.h"
 #include "cpu/attention_kernels.h"
-#include "cpu/attention_scratch.h"
 
 namespace dsattn {
 namespace cpu_attn {

@@ -31,6 +31,7 @@
 #include "cpu/attention_kernels.h"
 #include "cpu/brgemm_dequant.h"
 #include "cpu/int4_kernels.h"
+#include "cpu/isa_dispatch.h"
 
 namespace dsattn {
 namespace int8_vnni {  // int8_matmul_vnni.cpp
@@ -150,11 +151,7 @@ at::Tensor int8_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     return bf16 ? out.to(at::kBFloat16) : out;
   }
   cpu_attn::Int8Args a{xf.data_ptr<float>(), xf.stride(0), qp, sp, bp, out.data_ptr<float>(), m, n, k, group};
-  switch (chosen) {
-    case cpu_attn::kAvx512: cpu_attn::isa_avx512::int8_matmul(a); break;
-    case cpu_attn::kAvx2: cpu_attn::isa_avx2::int8_matmul(a); break;
-    default: cpu_attn::isa_portable::int8_matmul(a); break;
-  }
+  cpu_attn::dispatch_isa(chosen, [&](auto tag) { int8_matmul(tag, a); });
   return bf16 ? out.to(at::kBFloat16) : out;
 }
 

@@ -1,4 +1,4 @@
-// int8 weight x fp32 activations, included by attention_isa_*.cpp inside namespace
+// int8 weight x fp32 activations, included by cpu_isa_*.cpp inside namespace
 // dsattn::cpu_attn::isa_<name> after `struct Vec` and `q8_load` (W int8 codes widened to a vector of fp32).
 //
 // The weight's int8 codes are widened to fp32 in registers and multiplied with fp32 x: every product q * x is
@@ -76,7 +76,7 @@ inline void q8_rows(const Int8Args& a, int64_t n0) {
   for (; r < a.m; ++r) q8_tile<1, NB>(a, r, n0);
 }
 
-void int8_matmul(const Int8Args& a) {
+void int8_matmul(Tag, const Int8Args& a) {
   const bool vector = a.group == 0 || a.group % Vec::W == 0;
   const int64_t blocks = (a.n + Q8_NB - 1) / Q8_NB;
   // Tasks of whole weight-row tiles over N; each output element is written by exactly one task.

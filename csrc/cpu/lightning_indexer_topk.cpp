@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "cpu/attention_kernels.h"
-#include "cpu/attention_scratch.h"
+#include "cpu/aligned_buffer.h"
 #include "cpu/topk_select_row.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)

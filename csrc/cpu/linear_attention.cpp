@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "cpu/attention_args.h"
-#include "cpu/attention_scratch.h"
+#include "cpu/aligned_buffer.h"
 #include "cpu/isa_dispatch.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)

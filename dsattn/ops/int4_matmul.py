@@ -111,9 +111,9 @@ def int4_matmul(x, w, bias=None, *, backend="auto"):
     AVX512-VNNI CPUs (K % 128 == 0, group 32, 64 or a multiple of 128), fp32 x below 4 rows and bf16 x below
     16, splits x into int8 digits per 128 values for VPDPBUSD: three for fp32 x (|x - digits| <= 2^-15 of the
     block scale, 2.4e-7 of its largest |x|), two for bf16 x (3.1e-5 of it, below bf16's rounding;
-    DSATTN_INT4_VNNI=0 turns it off); bf16 x from 16 rows on AMX CPUs dequantizes weight tiles into oneDNN's
-    AMX brgemm (DSATTN_INT4_AMX=0 turns it off), else from 64 rows dequantized panels + GEMM, bf16 x from 16
-    rows a bf16 GEMM), "torch" (chunked dequant; the only one for float64 and the one with a backward).
+    DSATTN_INT4_VNNI=0 turns it off); bf16 x from 16 rows dequantizes weight tiles into oneDNN's brgemm
+    micro-kernel, AMX where the CPU has it, else oneDNN's AVX512-BF16 kernel (Zen 4; DSATTN_INT4_AMX=0 turns
+    both off); otherwise from 64 rows dequantized panels + GEMM, bf16 x from 16 rows a bf16 GEMM), "torch" (chunked dequant; the only one for float64 and the one with a backward).
     "auto" on CUDA: cuda for M <= 16 rows, else triton; on CPU cpp; torch when a gradient (x or bias requiring
     grad) is wanted.
     """

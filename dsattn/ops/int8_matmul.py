@@ -91,8 +91,10 @@ def int8_matmul(x, w, bias=None, *, backend="auto"):
     and fp32 accumulation, x never quantized; on AVX512-VNNI CPUs below 4 rows with K % 128 == 0 and per-channel
     or group_size % 128 == 0 scales, x as int8 digits per 128 values (three for fp32 x: residual <= 2.4e-7 of
     the block max; two for bf16 x) in exact int32 VPDPBUSD sums, DSATTN_INT8_VNNI=0 keeps the widening kernels;
-    from 64 rows dequantized panels into torch's GEMM, bf16 for bf16 x). "auto": triton on CUDA, cpp on the CPU (where built), else torch; torch when a gradient (x or bias
-    requiring grad) is wanted.
+    bf16 x with per-channel or group_size % 16 == 0 scales: weight tiles dequantized into oneDNN's brgemm
+    micro-kernel, on AMX CPUs from 16 rows, on AVX512-BF16 CPUs without AMX (Zen 4) from 64 (DSATTN_INT8_AMX=0
+    turns it off); otherwise from 64 rows dequantized panels into torch's GEMM, bf16 for bf16 x). "auto": triton
+    on CUDA, cpp on the CPU (where built), else torch; torch when a gradient (x or bias requiring grad) is wanted.
     """
     grad_enabled = torch.is_grad_enabled()
     shape = well_formed_shape(w)
