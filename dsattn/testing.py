@@ -319,7 +319,8 @@ def aot_compile_modules(module_names, capabilities=(80, 90), *, one_per_kernel=F
                         ) -> dict[tuple[str, str, int], AOTReport]:
     """Compile every spec (one_per_kernel: one_spec_per_kernel's) of the given dsattn.triton_kernels modules, in a
     child process without TRITON_INTERPRET (under the interpreter triton.jit yields functions that cannot be
-    compiled). Returns {(module, spec name, capability): AOTReport}."""
+    compiled). An entry "module:spec" of module_names compiles that spec alone.
+    Returns {(module, spec name, capability): AOTReport}."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     args = [sys.executable, "-m", "dsattn.testing", ",".join(module_names), ",".join(map(str, capabilities)),
@@ -360,8 +361,9 @@ def _sass_one(job):
 
 
 def _aot_main(module_csv: str, caps_csv: str, which: str = "all") -> None:
-    """Compile every (module, spec, capability) on all cores: CI compiles a few hundred configs. which="sass":
-    module_csv names module:spec pairs, and each prints its SASS opcode counts."""
+    """Compile every (module, spec, capability) on all cores: CI compiles a few hundred configs. A module:spec
+    entry of module_csv compiles that spec alone. which="sass": module_csv names module:spec pairs, and each
+    prints its SASS opcode counts."""
     from concurrent.futures import ProcessPoolExecutor
 
     if which == "sass":
@@ -371,14 +373,20 @@ def _aot_main(module_csv: str, caps_csv: str, which: str = "all") -> None:
                 print("SASS " + json.dumps(row), flush=True)
         return
 
-    def indices(module_name):
+    def indices(entry):  # "module" (its specs, or one per kernel) or "module:spec" (that spec)
+        module_name, _, spec_name = entry.partition(":")
         specs = importlib.import_module(f"dsattn.triton_kernels.{module_name}").aot_specs()
-        return one_spec_per_kernel(specs) if which == "one-per-kernel" else range(len(specs))
+        if spec_name:
+            names = [spec.name for spec in specs]
+            if spec_name not in names:
+                raise KeyError(f"{module_name} has no AOT spec {spec_name!r}")
+            return module_name, [names.index(spec_name)]
+        return module_name, one_spec_per_kernel(specs) if which == "one-per-kernel" else range(len(specs))
 
     jobs = [
         (module_name, index, cap)
-        for module_name in module_csv.split(",")
-        for index in indices(module_name)
+        for module_name, chosen in map(indices, module_csv.split(","))
+        for index in chosen
         for cap in map(int, caps_csv.split(","))
     ]
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
