@@ -101,7 +101,7 @@ def test_decode_same_bits_at_any_thread_count(monkeypatch, path):
 
 
 def test_decode_bf16_rows_take_the_vnni_kernel_below_the_gemm(monkeypatch):
-    """bf16 x below 16 rows takes the two-digit VNNI kernel at every row count on a VNNI CPU (fp32 x only below
+    """bf16 x below 16 rows (the AMX GEMM off) takes the two-digit VNNI kernel at every row count on a VNNI CPU (fp32 x only below
     4): its result differs from the exact kernel's (DSATTN_INT4_VNNI=0) by the digits' rounding only."""
     requires_backend("cpp", "cpu", "int4_matmul")
     if ("avx512", "0") not in CPU_PATHS:
@@ -112,6 +112,7 @@ def test_decode_bf16_rows_take_the_vnni_kernel_below_the_gemm(monkeypatch):
     except OSError:
         pytest.skip("no /proc/cpuinfo to tell whether the CPU has VNNI")
     monkeypatch.delenv("DSATTN_CPU_ISA", raising=False)
+    monkeypatch.setenv("DSATTN_INT4_AMX", "0")  # on AMX CPUs the fused GEMM takes bf16 x from 8 rows
     w = quantized(256, 1024, 128)  # enough outputs that some bf16 rounding must differ
     for m in (4, 9, 15):
         x = torch.randn(m, 1024)

@@ -10,9 +10,10 @@
 namespace dsattn {
 namespace amx {
 
-// Rows of x from which the fused path runs on AMX (below, the decode kernels; see int4_matmul.cpp). Without
-// AMX it starts where the callers' panel paths did: there the brgemm loses to the decode kernels below.
-constexpr int64_t kMinRows = 16;
+// Rows of x from which the fused path runs on AMX (below, the decode kernels; see int4_matmul.cpp): from 6-7
+// rows it beats them (measured). Without AMX it starts where the callers' panel paths did: there the brgemm
+// loses to the decode kernels below.
+constexpr int64_t kMinRows = 8;
 
 // One weight tile in bf16: dst[r * len + i] = w[n0 + r, k0 + i] rounded to nearest-even bf16, r < rows,
 // i < len (len % 32 == 0, k0 % 32 == 0).

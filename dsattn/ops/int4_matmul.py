@@ -109,10 +109,10 @@ def int4_matmul(x, w, bias=None, *, backend="auto"):
     few output tiles; fp16/bf16 x, fp32 x as tf32x3; group_size % 16 == 0), "cpp" (CPU, fp32 accuracy:
     exact fp32 products of the dequantized weight, AVX-512 / AVX2 / portable by DSATTN_CPU_ISA; decode on
     AVX512-VNNI CPUs (K % 128 == 0, group 32, 64 or a multiple of 128), fp32 x below 4 rows and bf16 x below
-    16, splits x into int8 digits per 128 values for VPDPBUSD: three for fp32 x (|x - digits| <= 2^-15 of the
+    16 (8 on AMX CPUs), splits x into int8 digits per 128 values for VPDPBUSD: three for fp32 x (|x - digits| <= 2^-15 of the
     block scale, 2.4e-7 of its largest |x|), two for bf16 x (3.1e-5 of it, below bf16's rounding;
-    DSATTN_INT4_VNNI=0 turns it off); bf16 x from 16 rows dequantizes weight tiles into oneDNN's brgemm
-    micro-kernel, AMX where the CPU has it, else oneDNN's AVX512-BF16 kernel (Zen 4; DSATTN_INT4_AMX=0 turns
+    DSATTN_INT4_VNNI=0 turns it off); bf16 x dequantizes weight tiles into oneDNN's brgemm micro-kernel,
+    on AMX CPUs from 8 rows, else from 16 on oneDNN's AVX512-BF16 kernel (Zen 4; DSATTN_INT4_AMX=0 turns
     both off); otherwise from 64 rows dequantized panels + GEMM, bf16 x from 16 rows a bf16 GEMM), "torch" (chunked dequant; the only one for float64 and the one with a backward).
     "auto" on CUDA: cuda for M <= 16 rows, else triton; on CPU cpp; torch when a gradient (x or bias requiring
     grad) is wanted.

@@ -92,7 +92,7 @@ def int8_matmul(x, w, bias=None, *, backend="auto"):
     or group_size % 128 == 0 scales, x as int8 digits per 128 values (three for fp32 x: residual <= 2.4e-7 of
     the block max; two for bf16 x) in exact int32 VPDPBUSD sums, DSATTN_INT8_VNNI=0 keeps the widening kernels;
     bf16 x with per-channel or group_size % 16 == 0 scales: weight tiles dequantized into oneDNN's brgemm
-    micro-kernel, on AMX CPUs from 16 rows, on AVX512-BF16 CPUs without AMX (Zen 4) from 64 (DSATTN_INT8_AMX=0
+    micro-kernel, on AMX CPUs from 8 rows, on AVX512-BF16 CPUs without AMX (Zen 4) from 64 (DSATTN_INT8_AMX=0
     turns it off); otherwise from 64 rows dequantized panels into torch's GEMM, bf16 for bf16 x). "auto": triton
     on CUDA, cpp on the CPU (where built), else torch; torch when a gradient (x or bias requiring grad) is wanted.
     """
