@@ -12,7 +12,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <cstdlib>
 #include <memory>
 #include <new>
 #include <vector>
@@ -26,15 +25,17 @@ class AlignedBuffer {
   // Room for at least `count` elements; the contents are not kept when it grows.
   void reserve(int64_t count) {
     if (count <= size_) return;
-    const size_t bytes = (static_cast<size_t>(count) * sizeof(T) + 4095) / 4096 * 4096;
-    ptr_.reset(static_cast<T*>(std::aligned_alloc(4096, bytes)));
+    // Aligned operator new (C++17), as CacheLineAllocator: std::aligned_alloc is missing from MSVC's library.
+    const size_t bytes = static_cast<size_t>(count) * sizeof(T);
+    ptr_.reset(static_cast<T*>(::operator new(bytes, std::align_val_t{kAlign}, std::nothrow)));
     TORCH_CHECK(ptr_ != nullptr, "dsattn: out of memory for a kernel's scratch (", bytes, " bytes)");
     size_ = count;
   }
 
  private:
+  static constexpr std::size_t kAlign = 4096;
   struct Free {
-    void operator()(T* p) const { std::free(p); }
+    void operator()(T* p) const { ::operator delete(p, std::align_val_t{kAlign}); }
   };
   std::unique_ptr<T, Free> ptr_;
   int64_t size_ = 0;
